@@ -1,0 +1,50 @@
+# The two commands a newcomer needs are `make demo` and `make test`; each installs what it
+# needs. Python dependencies come from uv.lock, the cluster binaries from hack/cluster.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY_TOOLS := .tools/bin
+UV := $(PY_TOOLS)/uv
+UV_VERSION := 0.13.9
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: help venv lint typecheck layers unit test bench crd clean
+
+help:
+	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
+	@echo "make unit      the fast tests only (no cluster)"
+	@echo "make bench     the policy benchmark (docs/benchmarks.md)"
+	@echo "make crd       regenerate crds/ from the models"
+
+$(UV):
+	python3 -m venv .tools
+	$(PY_TOOLS)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.venv/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --all-extras
+	@touch $@
+
+venv: .venv/.synced
+
+lint: venv
+	$(RUN) ruff check operator tests
+	$(RUN) ruff format --check operator tests
+
+typecheck: venv
+	$(RUN) mypy
+
+layers: venv
+	$(RUN) lint-imports
+
+unit: venv
+	$(RUN) pytest -m "not e2e" -q
+
+crd: venv
+	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
+
+test: lint typecheck layers
+	$(RUN) pytest -q
+
+clean:
+	rm -rf .venv .tools .mypy_cache .pytest_cache .ruff_cache
+
+-include hack/cluster.mk

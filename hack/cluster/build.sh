@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds etcd, the Kubernetes control plane, kwok and kwokctl from their official Go
+# modules, pinned in this directory, into a cache keyed by version. A second run builds
+# nothing. Prints the bin directory on stdout's last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache=${TOWNSQUARE_CACHE:-$HOME/.cache/townsquare}
+bin="$cache/bin"
+mkdir -p "$bin"
+export CGO_ENABLED=0 GOFLAGS=-trimpath
+
+log() { printf '[cluster-build] %s\n' "$*" >&2; }
+
+build_into() {  # build_into DIR MODULE_DIR LDFLAGS PACKAGES...
+  local dest=$1 moddir=$2 ldflags=$3; shift 3
+  if [ -f "$dest/.complete" ]; then return; fi
+  log "building $(basename "$dest") (cached afterwards in $dest)"
+  local tmp; tmp=$(mktemp -d "$bin/.build.XXXXXX")
+  (cd "$moddir" && go build -ldflags "-s -w $ldflags" -o "$tmp/" "$@")
+  touch "$tmp/.complete"
+  rm -rf "$dest" && mv "$tmp" "$dest"
+}
+
+major=${KUBE_VERSION%%.*}
+minor=${KUBE_VERSION#*.}; minor=${minor%%.*}
+kube_ldflags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  kube_ldflags+=" -X $pkg.gitVersion=v$KUBE_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+  kube_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+
+build_into "$bin/etcd-v$ETCD_VERSION" "$here/etcd" "" .
+build_into "$bin/kwok-v$KWOK_VERSION" "$here/kwok" \
+  "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=$KUBE_VERSION" \
+  sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok/cmd/kwokctl
+build_into "$bin/kubernetes-v$KUBE_VERSION" "$here/kubernetes" "$kube_ldflags" \
+  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler
+echo "$bin"
