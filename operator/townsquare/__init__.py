@@ -1,0 +1,1 @@
+"""townsquare: a Kubernetes operator that pre-warms and autoscales relays for live audio rooms."""

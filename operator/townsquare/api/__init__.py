@@ -1,0 +1,1 @@
+"""The AudioRoom API: models, field types and the CRD generated from them."""

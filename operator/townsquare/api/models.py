@@ -1,0 +1,271 @@
+"""The AudioRoom resource (townsquare.dev/v1alpha1): the one source of its schema and defaults.
+
+The CRD in `crds/` is generated from these models, so `townsquare plan` and the API server
+refuse the same manifests for the same reasons.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+from townsquare.api.types import Duration, Quantity, Timestamp
+
+GROUP = "townsquare.dev"
+VERSION = "v1alpha1"
+KIND = "AudioRoom"
+PLURAL = "audiorooms"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MAX_ROOM_NAME_LENGTH = 40
+"""Longest room name whose children (`<room>-relay-<ordinal>`, `<room>-relays`) stay valid."""
+ROOM_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, stated once: CEL for the API server, a predicate for Python."""
+
+    cel: str
+    message: str
+    holds: Any  # Callable[[model], bool]; typed loosely so rules can be class attributes
+    field_path: str | None = None
+
+    def as_validation(self) -> dict[str, str]:
+        validation = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            validation["fieldPath"] = self.field_path
+        return validation
+
+
+class ApiModel(BaseModel):
+    """Base of every API model: camelCase on the wire, unknown fields refused, rules enforced."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        for rule in self.rules:
+            if not rule.holds(self):
+                context = {"field_path": rule.field_path} if rule.field_path else None
+                raise PydanticCustomError("rule", rule.message, context)
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: Any
+    ) -> JsonSchemaValue:
+        json_schema: JsonSchemaValue = handler(schema)
+        if cls.rules:
+            target = handler.resolve_ref_schema(json_schema)
+            target["x-kubernetes-validations"] = [rule.as_validation() for rule in cls.rules]
+        return json_schema
+
+
+class Resources(ApiModel):
+    """Compute resources of one relay pod, as in a container's `resources`."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class RelaySpec(ApiModel):
+    """The relay pods that carry listeners."""
+
+    image: str = Field(min_length=1, max_length=512)
+    """Container image of the relay."""
+    listeners_per_relay: int = Field(default=1000, ge=1, le=1_000_000)
+    """Hard capacity of one relay: listeners above it degrade everyone on that relay."""
+    startup_seconds: int = Field(default=45, ge=1, le=3600)
+    """Expected seconds from pod creation to Ready; a hint until the operator measures it."""
+    port: int = Field(default=7880, ge=1, le=65535)
+    """Port listeners connect to."""
+    metrics_port: int = Field(default=9090, ge=1, le=65535)
+    """Port serving the relay's Prometheus metrics."""
+    resources: Resources = Field(default_factory=Resources)
+
+    rules = (
+        Rule(
+            cel="self.port != self.metricsPort",
+            message="must differ from port",
+            holds=lambda r: r.port != r.metrics_port,
+            field_path=".metricsPort",
+        ),
+    )
+
+
+class ScalingSpec(ApiModel):
+    """How many relays, and how fast the count may change."""
+
+    target_utilization: float = Field(default=0.7, gt=0, le=1)
+    """Share of a relay's capacity to fill in steady state; the rest is headroom for joins."""
+    min_relays: int = Field(default=2, ge=0, le=100_000)
+    max_relays: int = Field(default=1000, ge=1, le=100_000)
+    prewarm_lead: Duration | None = None
+    """How long before the start to begin pre-warming; derived from the plan when empty."""
+    plan_hold: Duration = timedelta(minutes=15)
+    """How long after the start the declared plan stays a floor (audiences arrive late)."""
+    scale_down_stabilization: Duration = timedelta(minutes=10)
+    """Demand must stay low this long before relays are drained."""
+    drain_timeout: Duration = timedelta(minutes=30)
+    """Longest wait for a draining relay to empty before it is removed anyway."""
+
+    rules = (
+        Rule(
+            cel="self.minRelays <= self.maxRelays",
+            message="must not exceed maxRelays",
+            holds=lambda s: s.min_relays <= s.max_relays,
+            field_path=".minRelays",
+        ),
+    )
+
+
+class ShardingSpec(ApiModel):
+    """How listeners are spread over relays."""
+
+    shards: int = Field(default=4096, ge=1, le=65536)
+    """Virtual shards listeners hash to; shards, not listeners, are assigned to relays."""
+    fanout: int = Field(default=64, ge=2, le=4096)
+    """Most downstream relays one upstream relay (or the origin) feeds."""
+    max_migrations_per_minute: int = Field(default=20_000, ge=0, le=10_000_000)
+    """Cap on listeners moved between relays per minute, so a reshard is no reconnect storm."""
+
+
+class MetricsSpec(ApiModel):
+    """Where listener counts come from."""
+
+    preset: Literal["contract", "livekit"] = "contract"
+    """`contract`: townsquare's metric contract; `livekit`: livekit_participant_total by pod."""
+    listeners_query: str = Field(default="", max_length=4096)
+    """PromQL overriding the preset; `$namespace` and `$room` are replaced by escaped labels."""
+    prometheus_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://.+")
+    """Prometheus for this room; the operator's default when empty."""
+
+
+class AudioRoomSpec(ApiModel):
+    """An announced live audio event: when it starts and how many listeners are expected."""
+
+    start_time: Timestamp
+    """When the event starts (RFC 3339 with an offset)."""
+    duration: Duration
+    """How long the event lasts; relays drain after start + duration."""
+    expected_audience: int = Field(ge=0, le=100_000_000)
+    """Listeners the producer expects at peak."""
+    relay: RelaySpec
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    sharding: ShardingSpec = Field(default_factory=ShardingSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes metadata the operator reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+
+
+class AudioRoom(ApiModel):
+    """A whole AudioRoom manifest, as a producer writes it."""
+
+    model_config = ConfigDict(extra="ignore")
+    api_version: Literal["townsquare.dev/v1alpha1"]
+    kind: Literal["AudioRoom"]
+    metadata: ObjectMeta
+    spec: AudioRoomSpec
+
+    rules = (
+        Rule(
+            cel=(
+                f"self.metadata.name.size() <= {MAX_ROOM_NAME_LENGTH}"
+                f" && self.metadata.name.matches('{ROOM_NAME_PATTERN}')"
+            ),
+            message=(
+                f"metadata.name must be at most {MAX_ROOM_NAME_LENGTH} characters of a-z, 0-9"
+                " and '-', starting with a letter, so that the names of the room's relays and"
+                " service stay valid"
+            ),
+            holds=lambda room: (
+                len(room.metadata.name) <= MAX_ROOM_NAME_LENGTH
+                and re.fullmatch(ROOM_NAME_PATTERN, room.metadata.name) is not None
+            ),
+        ),
+    )
+
+
+# --- status ---------------------------------------------------------------------------
+
+Phase = Literal["Scheduled", "PreWarming", "Ready", "Live", "Draining", "Ended"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition; lastTransitionTime moves only when status flips."""
+
+    type: str = Field(max_length=316)
+    status: ConditionStatus
+    reason: str = Field(max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: Timestamp
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class PlanStatus(ApiModel):
+    """The plan derived from the declared audience."""
+
+    relays: int = Field(ge=0)
+    capacity: int = Field(ge=0)
+    prewarm_at: Timestamp
+    ready_by: Timestamp
+
+
+class RelayStatus(ApiModel):
+    """Relay counts, and the `ready/desired` text shown by `kubectl get`."""
+
+    desired: int = Field(default=0, ge=0)
+    ready: int = Field(default=0, ge=0)
+    draining: int = Field(default=0, ge=0)
+    summary: str = ""
+
+
+class ListenerStatus(ApiModel):
+    """Listener counts as the operator last saw them."""
+
+    current: int = Field(default=0, ge=0)
+    forecast: int = Field(default=0, ge=0)
+    capacity: int = Field(default=0, ge=0)
+    waiting: int = Field(default=0, ge=0)
+
+
+class ShardMapRef(ApiModel):
+    """Where the room's shard map is published."""
+
+    config_map: str
+    generation: int = Field(ge=0)
+
+
+class AudioRoomStatus(ApiModel):
+    """What the operator observed and decided, for people and for its own restarts."""
+
+    phase: Phase | None = None
+    observed_generation: int | None = Field(default=None, ge=0)
+    plan: PlanStatus | None = None
+    relays: RelayStatus | None = None
+    listeners: ListenerStatus | None = None
+    shard_map: ShardMapRef | None = None
+    conditions: list[Condition] = Field(default_factory=list)

@@ -1,0 +1,160 @@
+"""The `townsquare` command: plan a room, print the CRD, (later) run and simulate.
+
+Every user mistake ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import TypeAdapter, ValidationError
+
+from townsquare.api.crd import render_crd
+from townsquare.api.manifest import ManifestError, parse_room
+from townsquare.api.models import AudioRoom
+from townsquare.api.types import Timestamp, format_duration
+from townsquare.planning import Plan, plan_room
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def read_room(path: str) -> AudioRoom:
+    """Load and validate a manifest file, naming the file in any error."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file") from None
+    try:
+        return parse_room(text)
+    except ManifestError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time given on the command line."""
+    try:
+        return TypeAdapter(Timestamp).validate_python(text)
+    except ValidationError as exc:
+        reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise argparse.ArgumentTypeError(reason) from None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def plan_as_json(room: AudioRoom, plan: Plan) -> dict[str, Any]:
+    """The plan as `townsquare plan -o json` prints it."""
+    spec = room.spec
+    return {
+        "room": room.metadata.name,
+        "expectedAudience": spec.expected_audience,
+        "relays": plan.relays,
+        "capacity": plan.capacity,
+        "hardCapacity": plan.hard_capacity,
+        "prewarmAt": _iso(plan.prewarm_at),
+        "readyBy": _iso(plan.ready_by),
+        "startTime": _iso(spec.start_time),
+        "endTime": _iso(spec.start_time + spec.duration),
+        "prewarmLeadSeconds": int(plan.lead.total_seconds()),
+        "rolloutSeconds": int(plan.rollout.total_seconds()),
+        "shards": spec.sharding.shards,
+        "shardsPerRelay": round(plan.shards_per_relay, 2),
+        "fanoutTiers": plan.fanout_tiers,
+        "warnings": list(plan.warnings),
+    }
+
+
+def plan_as_table(room: AudioRoom, plan: Plan) -> str:
+    """The plan as a producer reads it before the day."""
+    spec = room.spec
+    where = f"{room.metadata.namespace}/" if room.metadata.namespace else ""
+    rows = [
+        ("expected audience", f"{spec.expected_audience:,} listeners"),
+        (
+            "relays",
+            f"{plan.relays:,} ({spec.relay.listeners_per_relay:,} listeners each, "
+            f"{spec.scaling.target_utilization:.0%} target utilization)",
+        ),
+        (
+            "capacity",
+            f"{plan.capacity:,} listeners at target, {plan.hard_capacity:,} when full",
+        ),
+        ("pre-warm at", f"{_iso(plan.prewarm_at)} ({format_duration(plan.lead)} before start)"),
+        ("ready by", f"{_iso(plan.ready_by)} (rollout about {format_duration(plan.rollout)})"),
+        ("start", f"{_iso(spec.start_time)}, for {format_duration(spec.duration)}"),
+        (
+            "shards",
+            f"{spec.sharding.shards:,} ({plan.shards_per_relay:.1f} per relay), "
+            f"fan-out {spec.sharding.fanout}: {plan.fanout_tiers} tier(s)",
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"AudioRoom {where}{room.metadata.name}"]
+    lines += [f"  {label.ljust(width)}  {value}" for label, value in rows]
+    if plan.warnings:
+        lines.append("warnings:")
+        lines += [f"  - {warning}" for warning in plan.warnings]
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    room = read_room(args.file)
+    now = args.now or datetime.now(UTC)
+    plan = plan_room(room.spec, now)
+    if args.output == "json":
+        print(json.dumps(plan_as_json(room, plan), indent=2))
+    else:
+        print(plan_as_table(room, plan))
+    return 0
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_crd())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, one sub-command per job."""
+    parser = _Parser(prog="townsquare", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    plan = commands.add_parser("plan", help="print the relay plan for an AudioRoom manifest")
+    plan.add_argument("-f", "--file", required=True, help="AudioRoom manifest (- for stdin)")
+    plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    plan.add_argument("--now", type=parse_time, help="plan as if it were this RFC 3339 time")
+    plan.set_defaults(handler=_cmd_plan)
+
+    crd = commands.add_parser("crd", help="print the AudioRoom CRD generated from the models")
+    crd.set_defaults(handler=_cmd_crd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of `python -m townsquare`."""
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except UsageError as exc:
+        print(f"townsquare: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
