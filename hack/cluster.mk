@@ -1,0 +1,26 @@
+# The local cluster and Prometheus for end-to-end tests (included by the Makefile).
+PROMETHEUS := /usr/bin/prometheus
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: cluster-binaries cluster-up cluster-down prometheus e2e-prerequisites e2e
+
+# Cached by version under ~/.cache/townsquare: only the first run builds (tens of minutes).
+cluster-binaries:
+	hack/cluster/build.sh >/dev/null
+
+cluster-up: venv cluster-binaries
+	@echo "export KUBECONFIG=$$(hack/cluster/cluster.sh up)"
+
+cluster-down:
+	hack/cluster/cluster.sh down
+
+# Debian's package; the tests start their own server, so the package's service stays off.
+prometheus: $(PROMETHEUS)
+$(PROMETHEUS):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+
+e2e-prerequisites: venv cluster-binaries prometheus
+
+e2e: e2e-prerequisites
+	$(RUN) pytest -m e2e -q

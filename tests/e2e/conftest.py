@@ -1,0 +1,140 @@
+"""Fixtures for end-to-end tests against a real kube-apiserver and a real Prometheus.
+
+The cluster is the local kwok cluster (hack/cluster/cluster.sh), started once per session
+unless it is already running, or any cluster that TOWNSQUARE_KUBECONFIG points at.
+Every test gets its own namespace and its own Prometheus, so tests never share state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import (
+    REPO,
+    Prometheus,
+    local_cluster_kubeconfig,
+    start_local_cluster,
+    stop_local_cluster,
+    wait_until,
+)
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+CRD_DIR = REPO / "crds"
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> Iterator[Path]:
+    """A kubeconfig for a live cluster; a local cluster this session starts, it also stops."""
+    given = os.environ.get("TOWNSQUARE_KUBECONFIG")
+    if given:
+        yield Path(given)
+        return
+    running = local_cluster_kubeconfig()
+    if running:
+        yield running
+        return
+    started = start_local_cluster()
+    yield started
+    if not os.environ.get("TOWNSQUARE_KEEP_CLUSTER"):
+        stop_local_cluster()
+
+
+@pytest.fixture(scope="session")
+def api_client(kubeconfig: Path) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def kwok_nodes(api_client: client.ApiClient) -> list[str]:
+    """Names of the nodes kwok simulates; the tests' pods are pinned to them."""
+    nodes = client.CoreV1Api(api_client).list_node(label_selector="type=kwok").items
+    names = [n.metadata.name for n in nodes if _is_ready(n.status.conditions)]
+    if not names:
+        if os.environ.get("TOWNSQUARE_KUBECONFIG"):
+            pytest.skip("this cluster has no Ready kwok nodes (label type=kwok)")
+        pytest.fail("the local cluster has no Ready kwok nodes: run 'make cluster-up' to see why")
+    return names
+
+
+@pytest.fixture(scope="session")
+def crds(api_client: client.ApiClient) -> list[str]:
+    """Installs every CustomResourceDefinition in crds/ and waits until each is served."""
+    api = client.ApiextensionsV1Api(api_client)
+    documents = [
+        doc
+        for path in sorted(CRD_DIR.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    ]
+    if not documents:
+        pytest.fail(f"no CustomResourceDefinition in {CRD_DIR}: run 'make crd'")
+    for body in documents:
+        _create_or_replace_crd(api, body)
+    names = [body["metadata"]["name"] for body in documents]
+    for name in names:
+        wait_until(
+            lambda name=name: _is_established(api.read_custom_resource_definition(name)),
+            30,
+            f"CRD {name} to be established",
+        )
+    return names
+
+
+def _create_or_replace_crd(api: client.ApiextensionsV1Api, body: dict[str, object]) -> None:
+    try:
+        api.create_custom_resource_definition(body)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+        name = body["metadata"]["name"]  # type: ignore[index]
+        current = api.read_custom_resource_definition(name)
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version  # type: ignore[index]
+        api.replace_custom_resource_definition(name, body)
+
+
+def _is_established(crd: client.V1CustomResourceDefinition) -> bool:
+    conditions = crd.status.conditions or []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+
+def _is_ready(conditions: list[client.V1NodeCondition] | None) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in conditions or [])
+
+
+@pytest.fixture
+def namespace(api_client: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (with everything in it) afterwards."""
+    core = client.CoreV1Api(api_client)
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"e2e-{slug}-{secrets.token_hex(3)}"
+    core.create_namespace(
+        client.V1Namespace(
+            metadata=client.V1ObjectMeta(name=name, labels={"townsquare.dev/e2e": "true"})
+        )
+    )
+    # Pods are refused until the namespace's default service account exists.
+    wait_until(
+        lambda: core.read_namespaced_service_account("default", name),
+        30,
+        f"the default service account in namespace {name}",
+    )
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
+    """A Prometheus server of this test's own, scraping every second; stopped afterwards."""
+    server = Prometheus(tmp_path / "prometheus")
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,195 @@
+"""The real components behind the e2e fixtures: the local cluster and a Prometheus server.
+
+Everything here starts real processes and talks to them over loopback; nothing is faked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from prometheus_api_client import PrometheusConnect
+from urllib3.util.retry import Retry
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "hack" / "cluster" / "cluster.sh"
+
+T = TypeVar("T")
+
+
+def wait_until(
+    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2
+) -> T:
+    """Polls until probe returns something truthy and returns it; fails naming `what`.
+
+    Exceptions from the probe count as "not yet"; the last one is shown on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            result = probe()
+            if result:
+                return result
+            last = result
+        except Exception as error:
+            last = error
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {last!r}")
+        time.sleep(interval)
+
+
+def start_local_cluster() -> Path:
+    """Starts the local kwok cluster (or reuses a running one) and returns its kubeconfig."""
+    done = subprocess.run(
+        [str(CLUSTER_SCRIPT), "up"], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{CLUSTER_SCRIPT} up failed with exit code {done.returncode}; see its log above"
+        )
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def local_cluster_kubeconfig() -> Path | None:
+    """The kubeconfig of the local cluster if it is already up, else None."""
+    done = subprocess.run(
+        [str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True, check=False
+    )
+    return Path(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def stop_local_cluster() -> None:
+    subprocess.run([str(CLUSTER_SCRIPT), "down"], check=True)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Prometheus:
+    """A real Prometheus server of our own: 1s scrapes, targets from a file we rewrite.
+
+    stop() and start() keep the port and the data, as a restarted server would.
+    """
+
+    SCRAPE_SECONDS = 1
+
+    def __init__(self, workdir: Path, binary: str | None = None) -> None:
+        found = binary or os.environ.get("TOWNSQUARE_PROMETHEUS") or shutil.which("prometheus")
+        if not found:
+            raise RuntimeError("prometheus is not installed: run 'make prometheus'")
+        self.binary = found
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.targets_file = workdir / "targets.json"
+        self.log_file = workdir / "prometheus.log"
+        self._targets: list[dict[str, object]] = []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._write_targets()
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(self._config()))
+
+    def _config(self) -> dict[str, object]:
+        interval = f"{self.SCRAPE_SECONDS}s"
+        return {
+            "global": {
+                "scrape_interval": interval,
+                "scrape_timeout": interval,
+                "evaluation_interval": interval,
+            },
+            "scrape_configs": [
+                {
+                    "job_name": "e2e",
+                    # Relays label their own series (namespace, room, pod): keep those.
+                    "honor_labels": True,
+                    "file_sd_configs": [
+                        {"files": [str(self.targets_file)], "refresh_interval": interval}
+                    ],
+                }
+            ],
+        }
+
+    def add_target(self, address: str, labels: dict[str, str] | None = None) -> None:
+        """Scrapes `address` (host:port on loopback) from now on, with extra target labels.
+
+        Prometheus batches discovery updates: a new target is scraped within about 6s.
+        """
+        self._targets.append({"targets": [address], "labels": labels or {}})
+        self._write_targets()
+
+    def remove_target(self, address: str) -> None:
+        self._targets = [t for t in self._targets if t["targets"] != [address]]
+        self._write_targets()
+
+    def _write_targets(self) -> None:
+        # Prometheus may read the file at any moment: replace it whole, never half-written.
+        partial = self.targets_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(self._targets))
+        partial.replace(self.targets_file)
+
+    def start(self, timeout: float = 30) -> None:
+        if self.running:
+            return
+        with self.log_file.open("ab") as log:
+            self._process = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={self.workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._ready, timeout, f"Prometheus to be ready at {self.url}")
+
+    def _ready(self) -> bool:
+        if self._process is None or self._process.poll() is not None:
+            tail = self.log_file.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"Prometheus exited; its log ends with:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def client(self) -> PrometheusConnect:
+        """A prometheus-api-client connection that fails fast instead of retrying."""
+        return PrometheusConnect(url=self.url, retry=Retry(total=0), timeout=5)
+
+    def value(self, query: str) -> float | None:
+        """The single value of an instant query, or None when the result is empty."""
+        result = self.client().custom_query(query)
+        if not result:
+            return None
+        if len(result) > 1:
+            raise AssertionError(f"{query} returned {len(result)} series, expected one")
+        return float(result[0]["value"][1])
