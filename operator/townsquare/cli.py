@@ -131,6 +131,25 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from townsquare import handlers
+    from townsquare.telemetry import configure_logging
+
+    configure_logging(args.log_format)
+    kopf.run(
+        registry=handlers.REGISTRY,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one sub-command per job."""
     parser = _Parser(prog="townsquare", description=__doc__)
@@ -144,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = commands.add_parser("crd", help="print the AudioRoom CRD generated from the models")
     crd.set_defaults(handler=_cmd_crd)
+
+    run = commands.add_parser("run", help="run the operator against the cluster in KUBECONFIG")
+    run.add_argument(
+        "-n", "--namespace", action="append", help="watch only this namespace (repeatable)"
+    )
+    run.add_argument("--liveness", help="serve health, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    run.add_argument("--peering", help="kopf peering object for high availability")
+    run.add_argument("--priority", type=int, default=0, help="distinct per replica when peering")
+    run.set_defaults(handler=_cmd_run)
     return parser
 
 

@@ -83,6 +83,16 @@ class Resources(ApiModel):
     limits: dict[str, Quantity] = Field(default_factory=dict)
 
 
+class Toleration(ApiModel):
+    """Lets relays run on tainted nodes (dedicated relay pools, simulated nodes)."""
+
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
 class RelaySpec(ApiModel):
     """The relay pods that carry listeners."""
 
@@ -97,6 +107,10 @@ class RelaySpec(ApiModel):
     metrics_port: int = Field(default=9090, ge=1, le=65535)
     """Port serving the relay's Prometheus metrics."""
     resources: Resources = Field(default_factory=Resources)
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra annotations on relay pods (service mesh, scraping, simulated start-up delay)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
 
     rules = (
         Rule(
@@ -228,6 +242,7 @@ class Condition(ApiModel):
 class PlanStatus(ApiModel):
     """The plan derived from the declared audience."""
 
+    expected_audience: int = Field(ge=0)
     relays: int = Field(ge=0)
     capacity: int = Field(ge=0)
     prewarm_at: Timestamp

@@ -1,0 +1,158 @@
+"""Manifests of a room's children, built from its spec. Pure: no client, no clock.
+
+Every child carries an owner reference to its AudioRoom, so deleting the room lets the
+garbage collector remove them, and the labels the metric contract and selectors need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from townsquare.api.models import API_VERSION, KIND, AudioRoomSpec
+
+Manifest = dict[str, Any]
+
+ROOM_LABEL = "townsquare.dev/room"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGER = "townsquare"
+SHARD_MAP_KEY = "shardmap.json"
+
+
+def relay_set_name(room: str) -> str:
+    """The StatefulSet whose pods are the room's relays (`<room>-relay-<ordinal>`)."""
+    return f"{room}-relay"
+
+
+def relay_service_name(room: str) -> str:
+    """The headless Service giving each relay a stable DNS name."""
+    return f"{room}-relays"
+
+
+def shard_map_name(room: str) -> str:
+    """The ConfigMap that publishes the room's shard map to the edge."""
+    return f"{room}-shards"
+
+
+def relay_selector(room: str) -> dict[str, str]:
+    """Labels that select exactly this room's relay pods."""
+    return {ROOM_LABEL: room, COMPONENT_LABEL: "relay"}
+
+
+def _metadata(room: str, namespace: str, uid: str, name: str, component: str) -> Manifest:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": {ROOM_LABEL: room, COMPONENT_LABEL: component, MANAGED_BY_LABEL: MANAGER},
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": room,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+
+
+def relay_stateful_set(
+    room: str, namespace: str, uid: str, spec: AudioRoomSpec, replicas: int
+) -> Manifest:
+    """Relays as a StatefulSet: stable ordinals for the shard map, started in parallel."""
+    relay = spec.relay
+    resources = relay.resources.model_dump(exclude_defaults=True)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(room, namespace, uid, relay_set_name(room), "relay"),
+        "spec": {
+            "replicas": replicas,
+            "serviceName": relay_service_name(room),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": relay_selector(room)},
+            "template": {
+                "metadata": {
+                    "labels": {**relay_selector(room), MANAGED_BY_LABEL: MANAGER},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(relay.metrics_port),
+                        **relay.pod_annotations,
+                    },
+                },
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "relay",
+                            "image": relay.image,
+                            "ports": [
+                                {"name": "listeners", "containerPort": relay.port},
+                                {"name": "metrics", "containerPort": relay.metrics_port},
+                            ],
+                            "env": [
+                                {"name": "TOWNSQUARE_ROOM", "value": room},
+                                {
+                                    "name": "TOWNSQUARE_CAPACITY",
+                                    "value": str(relay.listeners_per_relay),
+                                },
+                                _field_env("POD_NAME", "metadata.name"),
+                                _field_env("POD_NAMESPACE", "metadata.namespace"),
+                            ],
+                            "readinessProbe": {
+                                "tcpSocket": {"port": "listeners"},
+                                "periodSeconds": 5,
+                            },
+                            "resources": resources,
+                        }
+                    ],
+                    "tolerations": [
+                        t.model_dump(by_alias=True, exclude_none=True) for t in relay.tolerations
+                    ],
+                    "nodeSelector": dict(relay.node_selector),
+                },
+            },
+        },
+    }
+
+
+def _field_env(name: str, path: str) -> Manifest:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def relay_service(room: str, namespace: str, uid: str, spec: AudioRoomSpec) -> Manifest:
+    """Headless Service: one DNS name per relay, as the shard map refers to them."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(room, namespace, uid, relay_service_name(room), "relay"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": relay_selector(room),
+            "ports": [
+                {"name": "listeners", "port": spec.relay.port},
+                {"name": "metrics", "port": spec.relay.metrics_port},
+            ],
+        },
+    }
+
+
+def shard_map_config_map(room: str, namespace: str, uid: str, shard_map_json: str) -> Manifest:
+    """The published shard map; the edge routes joins by it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(room, namespace, uid, shard_map_name(room), "shard-map"),
+        "data": {SHARD_MAP_KEY: shard_map_json},
+    }
+
+
+def relay_disruption_budget(room: str, namespace: str, uid: str) -> Manifest:
+    """Voluntary disruptions (node drains) take one relay at a time, never a tier at once."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(room, namespace, uid, relay_set_name(room), "relay"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": relay_selector(room)}},
+    }

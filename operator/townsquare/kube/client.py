@@ -1,0 +1,115 @@
+"""The few Kubernetes calls the operator makes. Blocking: call them off the event loop.
+
+Children are written with server-side apply under one field manager, so applying twice
+changes nothing and a field changed by hand is taken back on the next reconcile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
+from townsquare.kube.children import MANAGER, Manifest, relay_set_name
+
+APPLY = "application/apply-patch+yaml"
+
+
+def load_config() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the KUBECONFIG context."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class Cluster:
+    """Reads and writes for rooms and their children."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.policy = client.PolicyV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._apply_by_kind: dict[str, Callable[..., Any]] = {
+            "StatefulSet": self.apps.patch_namespaced_stateful_set,
+            "Service": self.core.patch_namespaced_service,
+            "ConfigMap": self.core.patch_namespaced_config_map,
+            "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
+        }
+
+    def apply(self, manifest: Manifest) -> None:
+        """Server-side apply one child, taking back fields others changed."""
+        meta = manifest["metadata"]
+        self._apply_by_kind[manifest["kind"]](
+            meta["name"],
+            meta["namespace"],
+            manifest,
+            field_manager=MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+
+    def read_room(self, namespace: str, name: str) -> dict[str, Any]:
+        """The room as stored now (not a cached view), so decisions see our own writes."""
+        room: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        return room
+
+    def ready_relays(self, namespace: str, room: str) -> int:
+        """Relay pods Ready now, as the StatefulSet controller counts them."""
+        try:
+            relay_set = self.apps.read_namespaced_stateful_set_status(
+                relay_set_name(room), namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return 0
+            raise
+        return int(relay_set.status.ready_replicas or 0) if relay_set.status else 0
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Replace the room's status (merge patch on the status subresource)."""
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )
+
+    def post_event(
+        self,
+        room: dict[str, Any],
+        kind: str,
+        reason: str,
+        message: str,
+        now: datetime,
+    ) -> None:
+        """Post an Event on the room, as `kubectl describe audioroom` shows them."""
+        meta = room["metadata"]
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(
+                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+            ),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind=KIND,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta["uid"],
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=kind,
+            reason=reason,
+            message=message[:1024],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component=MANAGER),
+            reporting_component=f"{GROUP}/operator",
+            reporting_instance=MANAGER,
+        )
+        self.core.create_namespaced_event(meta["namespace"], body)

@@ -1,0 +1,151 @@
+"""A room's phases, relay counts, conditions and Events, driven by time alone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
+from townsquare.lifecycle import Observed, Outcome, reconcile
+
+START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
+
+
+def room(audience: int = 7000, **scaling: object) -> AudioRoomSpec:
+    return AudioRoomSpec.model_validate(
+        {
+            "startTime": START,
+            "duration": "10m",
+            "expectedAudience": audience,
+            "relay": {"image": "relay:1", "listenersPerRelay": 1000, "startupSeconds": 5},
+            "scaling": {"minRelays": 1, "prewarmLead": "2m", "drainTimeout": "1m", **scaling},
+        }
+    )
+
+
+def step(
+    spec: AudioRoomSpec,
+    previous: AudioRoomStatus,
+    at: timedelta,
+    ready: int = 0,
+    generation: int = 1,
+    listeners: int | None = None,
+) -> Outcome:
+    seen = Observed(START + at, generation, ready, listeners)
+    return reconcile(spec, previous, seen)
+
+
+def reasons(outcome: Outcome) -> list[str]:
+    return [event.reason for event in outcome.events]
+
+
+def condition(outcome: Outcome, kind: str) -> tuple[str, str]:
+    found = next(c for c in outcome.status.conditions if c.type == kind)
+    return found.status, found.reason
+
+
+def test_a_room_walks_through_every_phase_in_order() -> None:
+    spec = room()
+    status = AudioRoomStatus()
+    timeline = [
+        (timedelta(minutes=-10), 0, "Scheduled", 1, []),
+        (timedelta(minutes=-2), 1, "PreWarming", 10, ["PreWarmStarted"]),
+        (timedelta(minutes=-1), 10, "Ready", 10, ["PreWarmed"]),
+        (timedelta(seconds=1), 10, "Live", 10, ["Live"]),
+        (timedelta(minutes=10), 10, "Draining", 10, ["Draining"]),
+        (timedelta(minutes=11), 10, "Draining", 0, ["DrainTimedOut"]),
+        (timedelta(minutes=11, seconds=5), 0, "Ended", 0, ["Ended"]),
+        (timedelta(minutes=30), 0, "Ended", 0, []),
+    ]
+    for at, ready, phase, desired, events in timeline:
+        outcome = step(spec, status, at, ready)
+        assert (outcome.status.phase, outcome.desired_relays, reasons(outcome)) == (
+            phase,
+            desired,
+            events,
+        ), at
+        status = outcome.status
+    assert condition(outcome, "PreWarmed") == ("True", "AllRelaysReady")
+
+
+def test_scheduled_room_sleeps_until_prewarm() -> None:
+    outcome = step(room(), AudioRoomStatus(), timedelta(days=-30))
+    assert outcome.wake_at == START - timedelta(minutes=2)
+    assert outcome.status.plan is not None
+    assert outcome.status.plan.relays == 10
+
+
+def test_nothing_changes_when_nothing_happens() -> None:
+    spec = room()
+    first = step(spec, AudioRoomStatus(), timedelta(minutes=-1), ready=4)
+    again = step(spec, first.status, timedelta(minutes=-1, seconds=-30) + timedelta(seconds=50), 4)
+    assert again.status == first.status
+    assert again.events == ()
+
+
+def test_incomplete_prewarm_warns_with_numbers_at_the_start() -> None:
+    spec = room()
+    warming = step(spec, AudioRoomStatus(), timedelta(minutes=-1), ready=6)
+    live = step(spec, warming.status, timedelta(seconds=0), ready=6)
+    warning = next(e for e in live.events if e.reason == "PreWarmIncomplete")
+    assert warning.type == "Warning"
+    assert warning.message == "6/10 relays ready at the start"
+    assert condition(live, "PreWarmed") == ("False", "PreWarmIncomplete")
+
+
+def test_raising_the_audience_replans_and_says_so() -> None:
+    scheduled = step(room(7000), AudioRoomStatus(), timedelta(hours=-1))
+    replanned = step(room(14000), scheduled.status, timedelta(hours=-1), generation=2)
+    event = next(e for e in replanned.events if e.reason == "Replanned")
+    assert "expected audience 7,000 -> 14,000: 10 -> 20 relays" in event.message
+    assert replanned.status.observed_generation == 2
+
+
+def test_lowering_the_audience_never_drops_live_relays() -> None:
+    warming = step(room(7000), AudioRoomStatus(), timedelta(minutes=-1), ready=10)
+    lowered = step(room(700), warming.status, timedelta(minutes=-1), ready=10, generation=2)
+    assert lowered.desired_relays == 10
+
+
+def test_condition_transition_time_moves_only_on_a_flip() -> None:
+    spec = room()
+    a = step(spec, AudioRoomStatus(), timedelta(minutes=-2), ready=2)
+    b = step(spec, a.status, timedelta(minutes=-1), ready=3)
+    c = step(spec, b.status, timedelta(seconds=-30), ready=10)
+    ready = [next(x for x in o.status.conditions if x.type == "Ready") for o in (a, b, c)]
+    assert ready[0].last_transition_time == ready[1].last_transition_time
+    assert ready[2].status == "True"
+    assert ready[2].last_transition_time == START - timedelta(seconds=30)
+
+
+def test_start_already_past_runs_at_once_with_a_warning() -> None:
+    outcome = step(room(), AudioRoomStatus(), timedelta(minutes=3))
+    assert outcome.status.phase == "Live"
+    assert outcome.desired_relays == 10
+    assert "StartTimePassed" in reasons(outcome)
+
+
+def test_audience_beyond_max_relays_sets_capacity_exceeded() -> None:
+    outcome = step(room(50_000, maxRelays=20), AudioRoomStatus(), timedelta(hours=-1))
+    assert condition(outcome, "CapacityExceeded") == ("True", "AudienceBeyondMaxRelays")
+    warning = next(e for e in outcome.events if e.reason == "AudienceBeyondMaxRelays")
+    assert warning.type == "Warning"
+
+
+def test_drain_ends_early_when_listeners_have_left() -> None:
+    spec = room()
+    live = step(spec, AudioRoomStatus(), timedelta(minutes=5), ready=10)
+    draining = step(spec, live.status, timedelta(minutes=10), ready=10, listeners=300)
+    assert draining.desired_relays == 10
+    emptied = step(spec, draining.status, timedelta(minutes=10, seconds=20), 10, listeners=0)
+    assert emptied.desired_relays == 0
+    assert "DrainTimedOut" not in reasons(emptied)
+
+
+def test_restart_resumes_from_status_without_scaling_down() -> None:
+    spec = room()
+    live = step(spec, AudioRoomStatus(), timedelta(minutes=5), ready=10)
+    stored = AudioRoomStatus.model_validate(live.status.model_dump(by_alias=True, mode="json"))
+    resumed = step(spec, stored, timedelta(minutes=6), ready=10)
+    assert resumed.desired_relays == 10
+    assert resumed.events == ()
+    assert resumed.status == live.status.model_copy(update={})
