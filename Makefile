@@ -41,7 +41,7 @@ unit: venv
 crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
 
-test: lint typecheck layers
+test: lint typecheck layers e2e-prerequisites
 	$(RUN) pytest -q
 
 clean:

@@ -65,7 +65,7 @@ up() {
   elif exists; then
     log "cluster $name exists but does not answer: starting it"
     "$kwokctl" start cluster --name "$name" --wait 2m 9>&- >&2 ||
-      { log "start failed: recreating"; "$kwokctl" delete cluster --name "$name" --kubeconfig "" >&2; create; }
+      { log "start failed: recreating"; delete; create; }
   else
     create
   fi
@@ -75,9 +75,12 @@ up() {
   echo "$kubeconfig"
 }
 
+# kwokctl refuses an empty --kubeconfig here; the cluster's own file goes with it anyway.
+delete() { "$kwokctl" delete cluster --name "$name" --kubeconfig "$kubeconfig" >&2; }
+
 down() {
   if exists; then
-    "$kwokctl" delete cluster --name "$name" --kubeconfig ""
+    delete
   else
     log "no cluster $name"
   fi

@@ -7,11 +7,13 @@ Every test gets its own namespace and its own Prometheus, so tests never share s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -78,7 +80,9 @@ def crds(api_client: client.ApiClient) -> list[str]:
     if not documents:
         pytest.fail(f"no CustomResourceDefinition in {CRD_DIR}: run 'make crd'")
     for body in documents:
-        _create_or_replace_crd(api, body)
+        refusal = _install_crd(api, body)
+        if refusal:
+            pytest.fail(f"the API server refused the CRD {body['metadata']['name']}: {refusal}")
     names = [body["metadata"]["name"] for body in documents]
     for name in names:
         wait_until(
@@ -89,16 +93,23 @@ def crds(api_client: client.ApiClient) -> list[str]:
     return names
 
 
-def _create_or_replace_crd(api: client.ApiextensionsV1Api, body: dict[str, object]) -> None:
+def _install_crd(api: client.ApiextensionsV1Api, body: dict[str, Any]) -> str | None:
+    """Creates or replaces a CRD; returns the API server's message if it refuses it."""
+    name = body["metadata"]["name"]
     try:
-        api.create_custom_resource_definition(body)
+        try:
+            api.create_custom_resource_definition(body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            current = api.read_custom_resource_definition(name)
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version
+            api.replace_custom_resource_definition(name, body)
     except ApiException as error:
-        if error.status != 409:
+        if error.status != 422:
             raise
-        name = body["metadata"]["name"]  # type: ignore[index]
-        current = api.read_custom_resource_definition(name)
-        body["metadata"]["resourceVersion"] = current.metadata.resource_version  # type: ignore[index]
-        api.replace_custom_resource_definition(name, body)
+        return str(json.loads(error.body)["message"])
+    return None
 
 
 def _is_established(crd: client.V1CustomResourceDefinition) -> bool:
