@@ -1,0 +1,338 @@
+"""The shard map: which relay carries which listeners, and how that changes gently (pure).
+
+Listeners hash to a fixed number of virtual shards (`shard_of`); shards, not listeners, are
+assigned to relays. The map is what the edge reads: it sends a join to its shard's relay,
+queues it when the map says the relays are full, and tells each relay its upstream in the
+fan-out tree. It is published as a JSON document (`ShardMap.to_dict`) with a generation
+that advances on every change.
+
+`rebalance` moves as little as it can: shard counts are balanced to within one, and the
+relays that keep the extra shard are those that already hold the most, so growing from n to
+n+1 relays moves about 1/(n+1) of the shards (the least any balanced map can move) and
+removing a relay moves only that relay's shards. Moving a shard that has listeners means
+they reconnect elsewhere, so such moves spend a migration budget (maxMigrationsPerMinute
+times the time since the last call) and what does not fit waits for the next call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+RelayState = Literal["active", "draining"]
+Admission = Literal["open", "queueing"]
+
+
+def shard_of(listener_id: str, shards: int) -> int:
+    """The shard of a listener: a stable hash, the same in every process and release.
+
+    Python's `hash()` is salted per process, so two operator replicas (or an operator and an
+    edge) would disagree; BLAKE2b does not.
+    """
+    digest = hashlib.blake2b(listener_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """Shards to relay ordinals, relay states, admission and the fan-out tree."""
+
+    generation: int
+    assignment: tuple[int | None, ...]
+    """Relay ordinal of every shard; None while no relay can take it."""
+    relays: Mapping[int, RelayState]
+    parents: Mapping[int, int | None]
+    """Upstream relay of each relay; None means the origin feeds it."""
+    admission: Admission
+    """`queueing`: demand exceeds what the relays carry; the edge holds new joins."""
+    capacity: int
+    """Listeners one relay may carry; the edge never places more on it."""
+
+    @property
+    def shards(self) -> int:
+        return len(self.assignment)
+
+    def counts(self) -> dict[int, int]:
+        """Shards per relay, for every relay in the map (0 when it holds none)."""
+        counts = dict.fromkeys(self.relays, 0)
+        for relay in self.assignment:
+            if relay is not None:
+                counts[relay] = counts.get(relay, 0) + 1
+        return counts
+
+    def relay_for(self, listener_id: str) -> int | None:
+        """Where the edge sends a listener's join."""
+        return self.assignment[shard_of(listener_id, self.shards)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "capacity": self.capacity,
+            "admission": self.admission,
+            "relays": [
+                {"ordinal": o, "state": s, "parent": self.parents.get(o)}
+                for o, s in sorted(self.relays.items())
+            ],
+            "assignment": list(self.assignment),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardMap:
+        relays = {int(r["ordinal"]): cast(RelayState, r["state"]) for r in data["relays"]}
+        parents = {int(r["ordinal"]): r.get("parent") for r in data["relays"]}
+        return cls(
+            generation=int(data["generation"]),
+            assignment=tuple(None if a is None else int(a) for a in data["assignment"]),
+            relays=relays,
+            parents=parents,
+            admission=cast(Admission, data["admission"]),
+            capacity=int(data["capacity"]),
+        )
+
+
+def new_map(shards: int, capacity: int) -> ShardMap:
+    """A map with no relays yet: every shard waits for one."""
+    return ShardMap(0, (None,) * shards, {}, {}, "open", capacity)
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """The new map and what changing to it costs, for the `Resharded` Event."""
+
+    map: ShardMap
+    moved: int
+    """Shards given a new relay (including those of relays that are gone)."""
+    migrated: float
+    """Listeners on moved shards whose relay still ran: the reconnects this caused."""
+    pending: bool
+    """Moves were left for later because the migration budget ran out."""
+
+    @property
+    def reason(self) -> str:
+        shards = self.map.shards
+        text = f"moved {self.moved:,} of {shards:,} shards ({self.moved / shards:.1%})"
+        text += f", {math.ceil(self.migrated):,} listeners migrated"
+        return text + ("; more moves wait for the migration budget" if self.pending else "")
+
+
+def rebalance(
+    current: ShardMap,
+    *,
+    active: Iterable[int],
+    draining: Iterable[int] = (),
+    shard_listeners: Sequence[float] | None = None,
+    demand: float | None = None,
+    fanout: int,
+    budget: float = math.inf,
+) -> Rebalance:
+    """Assign shards to the `active` relays, moving as few listeners as possible.
+
+    `active` relays are Ready and accept joins; `draining` relays accept none and shed their
+    shards; a relay in neither has gone, and its shards move at once (their listeners lost
+    their connection anyway, so that costs no budget). `shard_listeners` are the connected
+    listeners per shard (unknown: none), `demand` all listeners wanting a relay, waiting ones
+    included (default: the connected ones). Moves off draining relays come first, then off
+    relays above capacity, then towards equal shard counts, each lightest shard first, while
+    `budget` listeners may still migrate.
+    """
+    shards = current.shards
+    weights = shard_listeners if shard_listeners is not None else (0.0,) * shards
+    active_set = set(active)
+    draining_set = set(draining) - active_set
+    live = active_set | draining_set
+    owned: dict[int, list[int]] = {r: [] for r in live}
+    orphans: list[int] = []
+    for shard, relay in enumerate(current.assignment):
+        if relay in owned:
+            owned[relay].append(shard)
+        else:
+            orphans.append(shard)
+
+    assignment = list(current.assignment)
+    load = {r: sum(weights[s] for s in owned[r]) for r in owned}
+    moved, migrated, pending = 0, 0.0, False
+    if active_set:
+        targets = _balanced_targets(shards, sorted(active_set), owned)
+        movers = [(s, False) for s in orphans]
+        for relay in sorted(draining_set):
+            movers += [(s, True) for s in sorted(owned[relay], key=weights.__getitem__)]
+        for relay in sorted(active_set):
+            excess = len(owned[relay]) - targets[relay]
+            if excess > 0:
+                lightest = sorted(owned[relay], key=weights.__getitem__)[:excess]
+                movers += [(s, True) for s in lightest]
+        # Receivers by remaining deficit, largest first (heap of -deficit, ordinal).
+        deficits = [
+            (len(owned[r]) - targets[r], r)
+            for r in sorted(active_set)
+            if len(owned[r]) < targets[r]
+        ]
+        heapq.heapify(deficits)
+        for shard, costs in movers:
+            cost = weights[shard] if costs else 0.0
+            if cost > budget or not deficits:
+                pending = pending or cost > budget
+                if not costs:
+                    assignment[shard] = None
+                continue
+            negative, relay = heapq.heappop(deficits)
+            if negative + 1 < 0:
+                heapq.heappush(deficits, (negative + 1, relay))
+            source = assignment[shard]
+            if source in load:
+                load[source] -= weights[shard]
+            load[relay] += weights[shard]
+            assignment[shard] = relay
+            budget -= cost
+            moved += 1
+            migrated += cost
+        shed_moved, shed_migrated, budget, shed_pending = _shed_overload(
+            assignment, weights, load, sorted(active_set), current.capacity, budget
+        )
+        moved += shed_moved
+        migrated += shed_migrated
+        pending = pending or shed_pending
+    else:
+        for shard in orphans:
+            assignment[shard] = None
+        moved = sum(1 for s in orphans if current.assignment[s] is not None)
+
+    admission = _admission(assignment, weights, load, active_set, current.capacity, demand)
+    states: dict[int, RelayState] = {r: "active" for r in sorted(active_set)}
+    states.update({r: "draining" for r in sorted(draining_set)})
+    parents = fanout_parents([*sorted(active_set), *sorted(draining_set)], fanout)
+    new_assignment = tuple(assignment)
+    changed = (
+        new_assignment != current.assignment
+        or states != dict(current.relays)
+        or parents != dict(current.parents)
+        or admission != current.admission
+    )
+    generation = current.generation + 1 if changed else current.generation
+    new = ShardMap(generation, new_assignment, states, parents, admission, current.capacity)
+    return Rebalance(map=new, moved=moved, migrated=migrated, pending=pending)
+
+
+def _admission(
+    assignment: Sequence[int | None],
+    weights: Sequence[float],
+    load: Mapping[int, float],
+    active: set[int],
+    capacity: int,
+    demand: float | None,
+) -> Admission:
+    """Queue when the demand, spread as the map spreads it, would fill any relay."""
+    connected = sum(weights)
+    wanted = connected if demand is None else demand
+    if wanted > len(active) * capacity:
+        return "queueing"
+    if connected > 0:
+        expected = {r: load[r] * wanted / connected for r in active}
+    else:
+        per_shard = wanted / len(assignment)
+        expected = dict.fromkeys(active, 0.0)
+        for relay in assignment:
+            if relay in expected:
+                expected[relay] += per_shard
+    return "queueing" if any(v > capacity for v in expected.values()) else "open"
+
+
+def _balanced_targets(
+    shards: int, active: list[int], owned: Mapping[int, list[int]]
+) -> dict[int, int]:
+    """Equal counts to within one; the extra shard stays where shards already are."""
+    base, extra = divmod(shards, len(active))
+    order = sorted(active, key=lambda r: (-len(owned[r]), r))
+    return {relay: base + (1 if i < extra else 0) for i, relay in enumerate(order)}
+
+
+def _shed_overload(
+    assignment: list[int | None],
+    weights: Sequence[float],
+    load: dict[int, float],
+    active: list[int],
+    capacity: int,
+    budget: float,
+) -> tuple[int, float, float, bool]:
+    """Move shards off relays above capacity to the least loaded relay with room."""
+    moved, migrated, pending = 0, 0.0, False
+    hot = [r for r in active if load[r] > capacity]
+    if not hot:
+        return moved, migrated, budget, pending
+    owned: dict[int, list[int]] = {r: [] for r in hot}
+    for shard, relay in enumerate(assignment):
+        if relay in owned:
+            owned[relay].append(shard)
+    for relay in hot:
+        for shard in sorted(owned[relay], key=weights.__getitem__):
+            if load[relay] <= capacity:
+                break
+            weight = weights[shard]
+            coolest = min(active, key=lambda r: (load[r], r))
+            if coolest == relay or load[coolest] + weight > capacity:
+                break
+            if weight > budget:
+                pending = True
+                break
+            assignment[shard] = coolest
+            load[relay] -= weight
+            load[coolest] += weight
+            budget -= weight
+            moved += 1
+            migrated += weight
+    return moved, migrated, budget, pending
+
+
+def fanout_parents(relays: Sequence[int], fanout: int) -> dict[int, int | None]:
+    """Upstreams forming a tree in which the origin and every relay feed at most `fanout`.
+
+    Relays are taken in the given order (active first, so draining relays end up leaves);
+    with no more relays than `fanout`, the origin feeds them all.
+    """
+    parents: dict[int, int | None] = {}
+    for index, relay in enumerate(relays):
+        parents[relay] = None if index < fanout else relays[index // fanout - 1]
+    return parents
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the edge puts the demand of each shard under a map."""
+
+    connected: dict[int, float]
+    """Listeners per relay, never above the map's capacity."""
+    waiting: float
+    """Listeners the admission queue holds."""
+
+
+def place(current: ShardMap, shard_demand: Sequence[float]) -> Placement:
+    """Connect each shard's listeners to its relay up to capacity; queue the rest."""
+    wanted: dict[int, float] = dict.fromkeys(current.relays, 0.0)
+    waiting = 0.0
+    for shard, listeners in enumerate(shard_demand):
+        relay = current.assignment[shard]
+        if relay is None:
+            waiting += listeners
+        else:
+            wanted[relay] = wanted.get(relay, 0.0) + listeners
+    connected = {r: min(float(current.capacity), w) for r, w in wanted.items()}
+    waiting += sum(wanted.values()) - sum(connected.values())
+    return Placement(connected=connected, waiting=waiting)
+
+
+def shard_listeners_from_relays(
+    current: ShardMap, relay_listeners: Mapping[int, float]
+) -> list[float]:
+    """Per-shard listeners estimated from per-relay counts (the metrics are per relay).
+
+    Hashing spreads a relay's listeners evenly over its shards, so each gets an equal share.
+    """
+    counts = current.counts()
+    return [
+        relay_listeners.get(r, 0.0) / counts[r] if r is not None and counts.get(r) else 0.0
+        for r in current.assignment
+    ]

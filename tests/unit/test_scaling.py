@@ -1,0 +1,199 @@
+"""The scaling policy: forecast, plan floor, bounded steps, stabilization, drain, fail-static."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from townsquare.api.models import AudioRoomSpec
+from townsquare.planning import plan_room
+from townsquare.scaling import (
+    Decision,
+    Observation,
+    ScalingState,
+    decide,
+    plan_floor,
+    startup_estimate,
+)
+
+START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
+EARLY = START - timedelta(days=1)
+
+
+def spec(audience: int = 500_000, **scaling: object) -> AudioRoomSpec:
+    return AudioRoomSpec.model_validate(
+        {
+            "startTime": START,
+            "duration": "90m",
+            "expectedAudience": audience,
+            "relay": {"image": "relay:1", "listenersPerRelay": 1000, "startupSeconds": 45},
+            "scaling": {"maxRelays": 1200, "prewarmLead": "15m", **scaling},
+        }
+    )
+
+
+def at(seconds: float) -> datetime:
+    return START + timedelta(seconds=seconds)
+
+
+def run(
+    room: AudioRoomSpec, state: ScalingState, steps: list[tuple[float, int | None]]
+) -> list[Decision]:
+    plan = plan_room(room, EARLY)
+    decisions = []
+    for t, listeners in steps:
+        decision = decide(room, plan, Observation(listeners=listeners), state, at(t))
+        decisions.append(decision)
+        state = decision.state
+    return decisions
+
+
+def test_forecast_adds_the_join_rate_over_the_relay_start_up() -> None:
+    room = spec(audience=0)
+    first, second = run(room, ScalingState.initial(200), [(3600, 100_000), (3630, 130_000)])
+    assert first.relays == 200  # 100,000 at 70% of 1,000 needs 143: lower, but not for 10m
+    assert second.forecast == 130_000 + 1_000 * (45 + 15)
+    assert second.relays == math.ceil(190_000 / 700) == 272
+    assert second.direction == "up"
+    assert "listeners 130,000, forecast 190,000 in 60s, capacity 140,000" in second.reason
+
+
+def test_scale_up_is_bounded_per_decision() -> None:
+    (decision,) = run(spec(audience=0), ScalingState.initial(2), [(3600, 500_000)])
+    assert decision.relays == 6  # max(2 x 2, 2 + 4)
+    assert "growing in bounded steps towards 715" in decision.reason
+
+
+def test_never_above_max_relays_and_says_capacity_is_exceeded() -> None:
+    state = ScalingState.initial(1000)
+    (decision,) = run(spec(audience=0, maxRelays=1100), state, [(3600, 2_000_000)])
+    assert decision.relays == 1100
+    assert decision.capacity_exceeded
+    assert "above maxRelays 1,100" in decision.reason
+
+
+def test_missing_metrics_hold_the_size() -> None:
+    decisions = run(spec(audience=0), ScalingState.initial(40), [(3600, None), (3700, None)])
+    assert [d.relays for d in decisions] == [40, 40]
+    assert not decisions[0].metrics_available
+    assert "metrics unavailable: holding 40 relays" in decisions[0].reason
+
+
+def test_missing_metrics_still_honour_the_plan_floor() -> None:
+    (decision,) = run(spec(), ScalingState.initial(2), [(-600, None)])
+    assert decision.relays == 6 and decision.floor == 715
+
+
+def test_plan_floor_holds_then_decays() -> None:
+    room = spec()  # 715 relays, planHold 15m
+    plan = plan_room(room, EARLY)
+    assert plan_floor(room, plan, at(-16 * 60), peak=0) == 0
+    assert plan_floor(room, plan, at(-15 * 60), peak=0) == 715
+    assert plan_floor(room, plan, at(14 * 60), peak=400_000) == 715
+    assert plan_floor(room, plan, at(22.5 * 60), peak=400_000) == math.ceil(715 / 2)
+    assert plan_floor(room, plan, at(30 * 60), peak=400_000) == 0
+
+
+def test_plan_floor_yields_to_a_no_show() -> None:
+    room = spec()
+    plan = plan_room(room, EARLY)
+    assert plan_floor(room, plan, at(4 * 60), peak=20_000) == 715  # too early to tell
+    assert plan_floor(room, plan, at(5 * 60), peak=20_000) == math.ceil(80_000 / 700)
+    assert plan_floor(room, plan, at(5 * 60), peak=125_000) == 715  # a quarter: still coming
+
+
+def test_start_up_estimate_uses_the_hint_as_a_prior() -> None:
+    assert startup_estimate(45) == 45
+    assert startup_estimate(45, (60.0, 60.0, 60.0)) == 52.5
+
+
+def test_scale_down_waits_a_full_window_then_drains_the_top_ordinals() -> None:
+    room = spec(audience=0, minRelays=2)  # stabilization 10m, drainTimeout 30m
+    steps: list[tuple[float, int | None]] = [(3600 + 5 * i, 70_000) for i in range(3)]
+    steps += [(3615 + 5 * i, 7_000) for i in range(140)]
+    decisions = run(room, ScalingState.initial(100), steps)
+    downs = [(t, d) for (t, _), d in zip(steps, decisions, strict=True) if d.direction == "down"]
+    first_down_at, first_down = downs[0]
+    # The last 100-relay target was at 3610; the window is kept in slices of a tenth.
+    assert 600 <= first_down_at - 3610 <= 600 + 60 + 5
+    assert first_down.relays == 10
+    assert first_down.draining == tuple(range(10, 100))
+    assert first_down.replicas == 100  # nobody removed before the relays are empty
+
+
+def test_drained_relays_leave_and_timeouts_are_reported() -> None:
+    room = spec(audience=0)
+    plan = plan_room(room, EARLY)
+    state = ScalingState(relays=10, draining=((10, at(0)), (11, at(0)), (12, at(0))))
+    empty_top = decide(
+        room, plan, Observation(7_000, relay_listeners={12: 0, 11: 0, 10: 50}), state, at(60)
+    )
+    assert empty_top.replicas == 11 and empty_top.draining == (10,)
+    assert empty_top.drain_timed_out == ()
+    late = decide(
+        room, plan, Observation(7_000, relay_listeners={10: 50}), empty_top.state, at(1800)
+    )
+    assert late.replicas == 10 and late.draining == ()
+    assert late.drain_timed_out == (10,)
+    assert "after drainTimeout 30m" in late.reason
+
+
+def test_scale_up_cancels_drains_first() -> None:
+    room = spec(audience=0)
+    plan = plan_room(room, EARLY)
+    state = ScalingState(relays=10, draining=((10, at(0)), (11, at(0))))
+    decision = decide(room, plan, Observation(7_700), state, at(60))
+    assert decision.relays == 11
+    assert decision.draining == (11,)
+    assert decision.replicas == 12
+
+
+def test_state_round_trips_through_json() -> None:
+    decisions = run(spec(), ScalingState.initial(2), [(-600 + 5 * i, 1000 * i) for i in range(30)])
+    state = decisions[-1].state
+    assert ScalingState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+observations = st.lists(
+    st.tuples(
+        st.integers(min_value=1, max_value=120),
+        st.one_of(st.none(), st.integers(min_value=0, max_value=1_500_000)),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(observations, st.integers(min_value=0, max_value=200_000), st.integers(60, 900))
+def test_never_above_max_and_never_down_without_a_full_window(
+    steps: list[tuple[int, int | None]], audience: int, window: int
+) -> None:
+    room = spec(audience=audience, minRelays=2, maxRelays=900, scaleDownStabilization=f"{window}s")
+    per_relay = 1000 * 0.7
+    t = -1200.0
+    timeline: list[tuple[float, int | None]] = []
+    for gap, listeners in steps:
+        t += gap
+        timeline.append((t, listeners))
+    decisions = run(room, ScalingState.initial(2), timeline)
+    previous = 2
+    for i, ((now, _), decision) in enumerate(zip(timeline, decisions, strict=True)):
+        assert 2 <= decision.relays <= 900
+        if decision.relays < previous:
+            assert decision.metrics_available
+            recent = [
+                (when, d)
+                for (when, _), d in zip(timeline[: i + 1], decisions[: i + 1], strict=True)
+                if now - when < window
+            ]
+            assert timeline[0][0] <= now - window
+            for _, earlier in recent:
+                assert earlier.metrics_available
+                needed = math.ceil((earlier.forecast or 0) / per_relay - 1e-9)
+                assert max(needed, earlier.floor) <= decision.relays
+        previous = decision.relays

@@ -1,0 +1,185 @@
+"""The shard map: minimal movement, exactly-once assignment, capacity and the fan-out tree."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from townsquare.sharding import (
+    ShardMap,
+    fanout_parents,
+    new_map,
+    place,
+    rebalance,
+    shard_listeners_from_relays,
+    shard_of,
+)
+
+FAST = settings(max_examples=40, deadline=None)
+shard_counts = st.integers(min_value=16, max_value=4096)
+relay_counts = st.integers(min_value=1, max_value=300)
+
+
+def balanced(shards: int, relays: int, capacity: int = 1000) -> ShardMap:
+    return rebalance(new_map(shards, capacity), active=range(relays), fanout=64).map
+
+
+def moves(before: ShardMap, after: ShardMap) -> int:
+    return sum(a != b for a, b in zip(before.assignment, after.assignment, strict=True))
+
+
+def test_listener_hash_is_stable_across_processes() -> None:
+    ids = [f"listener-{i}" for i in range(5)]
+    script = f"from townsquare.sharding import shard_of; print([shard_of(i, 4096) for i in {ids}])"
+    seen = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+        )
+        seen.add(out.stdout)
+    assert len(seen) == 1
+    assert seen.pop().strip() == str([shard_of(i, 4096) for i in ids])
+
+
+def test_listener_hash_spreads_evenly() -> None:
+    counts = Counter(shard_of(f"l{i}", 64) for i in range(64_000))
+    assert len(counts) == 64
+    assert max(counts.values()) < 1.15 * 1000 and min(counts.values()) > 0.85 * 1000
+
+
+@FAST
+@given(shard_counts, relay_counts)
+def test_every_shard_assigned_exactly_once_and_balanced(shards: int, relays: int) -> None:
+    shard_map = balanced(shards, relays)
+    counts = shard_map.counts()
+    assert all(relay in range(relays) for relay in shard_map.assignment)
+    assert sum(counts.values()) == shards
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+@FAST
+@given(shard_counts, relay_counts)
+def test_growth_moves_within_ten_percent_of_the_minimum(shards: int, relays: int) -> None:
+    before = balanced(shards, relays)
+    after = rebalance(before, active=range(relays + 1), fanout=64).map
+    minimum = shards / (relays + 1)
+    assert moves(before, after) <= math.ceil(1.1 * minimum)
+    assert after.counts()[relays] >= math.floor(minimum)
+
+
+@FAST
+@given(shard_counts, st.integers(min_value=2, max_value=300), st.data())
+def test_removing_a_relay_moves_only_its_shards(
+    shards: int, relays: int, data: st.DataObject
+) -> None:
+    before = balanced(shards, relays)
+    gone = data.draw(st.integers(min_value=0, max_value=relays - 1))
+    after = rebalance(before, active=[r for r in range(relays) if r != gone], fanout=64).map
+    for old, new in zip(before.assignment, after.assignment, strict=True):
+        assert (old == new) if old != gone else (new is not None and new != gone)
+    minimum = shards / relays
+    assert moves(before, after) <= math.ceil(1.1 * minimum)
+
+
+def test_a_balanced_map_is_left_alone() -> None:
+    shard_map = balanced(4096, 715)
+    again = rebalance(shard_map, active=range(715), fanout=64, shard_listeners=[100.0] * 4096)
+    assert again.moved == 0
+    assert again.map == shard_map
+
+
+def test_draining_relays_shed_within_the_migration_budget() -> None:
+    shard_map = balanced(4096, 10)
+    listeners = [10.0] * 4096
+    first = rebalance(
+        shard_map,
+        active=range(8),
+        draining=[8, 9],
+        shard_listeners=listeners,
+        budget=1000,
+        fanout=64,
+    )
+    assert first.migrated <= 1000
+    assert first.moved == 100
+    assert first.pending
+    assert first.map.relays[8] == "draining"
+    assert first.map.generation == shard_map.generation + 1
+    rest = rebalance(
+        first.map, active=range(8), draining=[8, 9], shard_listeners=listeners, fanout=64
+    )
+    assert not rest.pending
+    assert rest.map.counts()[8] == rest.map.counts()[9] == 0
+
+
+def test_relays_above_capacity_shed_to_relays_with_room() -> None:
+    shard_map = balanced(8, 2, capacity=100)  # relay 0: shards 0,2,4,6 ...
+    hot = [40.0 if r == 0 else 5.0 for r in shard_map.assignment]
+    result = rebalance(shard_map, active=[0, 1], shard_listeners=hot, fanout=64)
+    loads = Counter[int]()
+    for shard, relay in enumerate(result.map.assignment):
+        assert relay is not None
+        loads[relay] += hot[shard]
+    assert max(loads.values()) <= 100
+    assert result.map.admission == "open"
+
+
+def test_admission_queue_turns_on_when_demand_exceeds_capacity() -> None:
+    shard_map = balanced(64, 4, capacity=1000)
+    full = rebalance(shard_map, active=range(4), fanout=64, demand=4200)
+    assert full.map.admission == "queueing"
+    calm = rebalance(full.map, active=range(4), fanout=64, demand=2000)
+    assert calm.map.admission == "open"
+    assert calm.map.generation == full.map.generation + 1
+
+
+@FAST
+@given(
+    shard_counts,
+    relay_counts,
+    st.lists(st.floats(min_value=0, max_value=500), min_size=1, max_size=50),
+)
+def test_no_relay_above_capacity_while_the_queue_is_available(
+    shards: int, relays: int, demand_pattern: list[float]
+) -> None:
+    shard_map = balanced(shards, relays, capacity=700)
+    demand = [demand_pattern[s % len(demand_pattern)] for s in range(shards)]
+    placement = place(shard_map, demand)
+    assert all(v <= shard_map.capacity for v in placement.connected.values())
+    assert math.isclose(sum(placement.connected.values()) + placement.waiting, sum(demand))
+
+
+@FAST
+@given(st.integers(min_value=1, max_value=5000), st.integers(min_value=2, max_value=100))
+def test_fanout_tree_feeds_at_most_fanout_from_any_node(relays: int, fanout: int) -> None:
+    parents = fanout_parents(list(range(relays)), fanout)
+    fed = Counter(parents.values())
+    assert max(fed.values()) <= fanout
+    for relay in parents:  # every relay reaches the origin
+        hops, node = 0, parents[relay]
+        while node is not None:
+            node, hops = parents[node], hops + 1
+        assert hops < relays
+
+
+def test_map_round_trips_through_json() -> None:
+    shard_map = rebalance(
+        balanced(256, 70), active=range(68), draining=[68, 69], fanout=8, demand=10
+    ).map
+    text = json.dumps(shard_map.to_dict())
+    assert ShardMap.from_dict(json.loads(text)) == shard_map
+    assert shard_map.parents[0] is None and shard_map.parents[69] is not None
+
+
+def test_shard_listeners_estimated_from_relay_counts() -> None:
+    shard_map = balanced(8, 2)
+    estimate = shard_listeners_from_relays(shard_map, {0: 400, 1: 40})
+    assert sum(estimate) == 440
+    assert estimate[shard_map.assignment.index(0)] == 100
