@@ -17,14 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import (
-    REPO,
-    Prometheus,
-    local_cluster_kubeconfig,
-    start_local_cluster,
-    stop_local_cluster,
-    wait_until,
-)
+from harness import REPO, Prometheus, local_cluster, wait_until
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -33,19 +26,13 @@ CRD_DIR = REPO / "crds"
 
 @pytest.fixture(scope="session")
 def kubeconfig() -> Iterator[Path]:
-    """A kubeconfig for a live cluster; a local cluster this session starts, it also stops."""
+    """A kubeconfig for a live cluster: TOWNSQUARE_KUBECONFIG's, or the local one."""
     given = os.environ.get("TOWNSQUARE_KUBECONFIG")
     if given:
         yield Path(given)
         return
-    running = local_cluster_kubeconfig()
-    if running:
-        yield running
-        return
-    started = start_local_cluster()
-    yield started
-    if not os.environ.get("TOWNSQUARE_KEEP_CLUSTER"):
-        stop_local_cluster()
+    with local_cluster() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ Everything here starts real processes and talks to them over loopback; nothing i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,28 +50,42 @@ def wait_until(
         time.sleep(interval)
 
 
-def start_local_cluster() -> Path:
-    """Starts the local kwok cluster (or reuses a running one) and returns its kubeconfig."""
+@contextmanager
+def local_cluster() -> Iterator[Path]:
+    """The local cluster for one test session; yields its kubeconfig.
+
+    Starts it if it is not running. Sessions may run side by side: each holds a shared
+    lock while it uses the cluster, and the session that started the cluster deletes it
+    at the end only if no other session holds the lock. TOWNSQUARE_KEEP_CLUSTER keeps it.
+    """
+    cache = Path(os.environ.get("TOWNSQUARE_CACHE", Path.home() / ".cache" / "townsquare"))
+    name = os.environ.get("TOWNSQUARE_CLUSTER", "townsquare")
+    sessions = cache / "kwok" / f".sessions-{name}"
+    sessions.parent.mkdir(parents=True, exist_ok=True)
+    with sessions.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        running = _cluster_script("status")
+        yield Path(running or _cluster_script("up"))
+        if running or os.environ.get("TOWNSQUARE_KEEP_CLUSTER"):
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another session still uses it; the last one out leaves it running
+        _cluster_script("down")
+
+
+def _cluster_script(command: str) -> str:
+    """Runs hack/cluster/cluster.sh; its last line of output, or "" if `status` says down."""
     done = subprocess.run(
-        [str(CLUSTER_SCRIPT), "up"], stdout=subprocess.PIPE, text=True, check=False
+        [str(CLUSTER_SCRIPT), command], stdout=subprocess.PIPE, text=True, check=False
     )
     if done.returncode != 0:
-        raise RuntimeError(
-            f"{CLUSTER_SCRIPT} up failed with exit code {done.returncode}; see its log above"
-        )
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-def local_cluster_kubeconfig() -> Path | None:
-    """The kubeconfig of the local cluster if it is already up, else None."""
-    done = subprocess.run(
-        [str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True, check=False
-    )
-    return Path(done.stdout.strip()) if done.returncode == 0 else None
-
-
-def stop_local_cluster() -> None:
-    subprocess.run([str(CLUSTER_SCRIPT), "down"], check=True)
+        if command == "status":
+            return ""
+        raise RuntimeError(f"{CLUSTER_SCRIPT} {command} failed ({done.returncode}); see above")
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def free_loopback_port() -> int:
