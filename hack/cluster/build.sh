@@ -13,6 +13,10 @@ export CGO_ENABLED=0 GOFLAGS=-trimpath
 
 log() { printf '[cluster-build] %s\n' "$*" >&2; }
 
+# Two cold builds at once would each take the machine for tens of minutes: wait instead.
+exec 8>"$bin/.lock"
+flock -n 8 || { log "another build is running; waiting for it"; flock 8; }
+
 build_into() {  # build_into DIR MODULE_DIR LDFLAGS PACKAGES...
   local dest=$1 moddir=$2 ldflags=$3; shift 3
   if [ -f "$dest/.complete" ]; then return; fi
