@@ -40,6 +40,13 @@ class Runtime:
     """Per room, a digest of each child as last applied: unchanged children are not re-sent."""
 
 
+@kopf.on.login(registry=REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The same credentials the kubernetes client uses (in-cluster or KUBECONFIG)."""
+    info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+    return info
+
+
 @kopf.on.startup(registry=REGISTRY)
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Progress in annotations under our prefix (never pruned status), and one client."""

@@ -15,6 +15,21 @@ import structlog
 LogFormat = Literal["json", "console", "auto"]
 
 
+_KOPF_NOISE = ("settings", "k8s_skip")
+
+
+def _kopf_extras(
+    _logger: object, _method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """Keep kopf's object reference as `room`/`object`, drop its settings dump."""
+    for key in _KOPF_NOISE:
+        event.pop(key, None)
+    ref = event.pop("k8s_ref", None)
+    if isinstance(ref, dict):
+        event["object"] = f"{ref.get('kind')}/{ref.get('namespace')}/{ref.get('name')}"
+    return event
+
+
 def configure_logging(log_format: LogFormat = "auto", level: int = logging.INFO) -> None:
     """Route structlog and stdlib logging (kopf's) through one renderer."""
     if log_format == "auto":
@@ -39,7 +54,7 @@ def configure_logging(log_format: LogFormat = "auto", level: int = logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _kopf_extras],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
@@ -51,6 +66,8 @@ def configure_logging(log_format: LogFormat = "auto", level: int = logging.INFO)
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    # One line per child watch event is noise; our own Events and decisions are logged.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 

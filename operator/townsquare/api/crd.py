@@ -38,7 +38,7 @@ PRINTER_COLUMNS: list[Schema] = [
         "jsonPath": ".status.relays.summary",
         "description": "Ready relays / desired relays",
     },
-    {"name": "Start", "type": "date", "jsonPath": ".spec.startTime"},
+    {"name": "Start", "type": "string", "jsonPath": ".spec.startTime"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -101,11 +101,19 @@ def _structural(node: Any, definitions: dict[str, Schema], nested_defaults: bool
 
 
 def _default_nested_objects(schema: Schema) -> None:
-    """Optional sub-objects default to `{}` so the API server fills in their own defaults."""
+    """Optional sub-objects default to their fields' defaults, so omitting one is valid.
+
+    The API server checks a default against the object's CEL rules, so `{}` is not enough.
+    """
     required = set(schema.get("required", ()))
     for name, prop in schema.get("properties", {}).items():
         if name not in required and prop.get("type") == "object" and "properties" in prop:
-            prop.setdefault("default", {})
+            defaults = {
+                field: sub["default"]
+                for field, sub in prop["properties"].items()
+                if "default" in sub
+            }
+            prop.setdefault("default", defaults)
 
 
 def status_schema() -> Schema:

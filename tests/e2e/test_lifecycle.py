@@ -1,0 +1,356 @@
+"""A room's life on the real cluster, with `townsquare run` as the operator.
+
+Rooms are time-compressed: the start is under a minute ahead, relays take a few seconds to
+become Ready (kwok's per-pod delay), the event lasts seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import REPO, wait_until
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from operator_process import OperatorProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+GROUP, VERSION, PLURAL = "townsquare.dev", "v1alpha1", "audiorooms"
+READY_DELAY = "3s"
+PHASES = ["Scheduled", "PreWarming", "Ready", "Live", "Draining", "Ended"]
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def room_manifest(
+    name: str,
+    start_in: float,
+    *,
+    audience: int = 3000,
+    prewarm_lead: str = "20s",
+    duration: str = "20s",
+) -> dict[str, Any]:
+    start = datetime.now(UTC) + timedelta(seconds=start_in)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AudioRoom",
+        "metadata": {"name": name},
+        "spec": {
+            "startTime": rfc3339(start),
+            "duration": duration,
+            "expectedAudience": audience,
+            "relay": {
+                "image": "registry.example/relay:test",
+                "listenersPerRelay": 1000,
+                "startupSeconds": 3,
+                "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": READY_DELAY},
+                "nodeSelector": {"type": "kwok"},
+            },
+            "scaling": {
+                "targetUtilization": 0.75,
+                "minRelays": 1,
+                "maxRelays": 20,
+                "prewarmLead": prewarm_lead,
+                "drainTimeout": "3s",
+            },
+        },
+    }
+
+
+@dataclass
+class Rooms:
+    """AudioRooms and their children in one namespace, read through the real API server."""
+
+    api: client.ApiClient
+    namespace: str
+
+    def __post_init__(self) -> None:
+        self.custom = client.CustomObjectsApi(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.core = client.CoreV1Api(self.api)
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, manifest
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        room: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return room
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def phase(self, name: str) -> str | None:
+        return (self.get(name).get("status") or {}).get("phase")
+
+    def relays(self, name: str) -> tuple[int, int]:
+        """(replicas the StatefulSet asks for, pods Ready)."""
+        try:
+            relay_set = self.apps.read_namespaced_stateful_set(f"{name}-relay", self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return (0, 0)
+            raise
+        return (relay_set.spec.replicas or 0, relay_set.status.ready_replicas or 0)
+
+    def events(self, name: str) -> list[client.CoreV1Event]:
+        selector = f"involvedObject.name={name},involvedObject.kind=AudioRoom"
+        return self.core.list_namespaced_event(self.namespace, field_selector=selector).items
+
+    def reasons(self, name: str) -> list[str]:
+        ordered = sorted(self.events(name), key=lambda e: e.metadata.creation_timestamp)
+        return [e.reason for e in ordered]
+
+
+@dataclass
+class Recorder:
+    """Samples phase and relays every 200 ms in the background, as a watching person would."""
+
+    rooms: Rooms
+    name: str
+    samples: list[tuple[float, str | None, int, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            phase = self.rooms.phase(self.name)
+            replicas, ready = self.rooms.relays(self.name)
+            self.samples.append((time.time(), phase, replicas, ready))
+        except ApiException:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        """Stop sampling, with one last sample of the state the test waited for."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+    def phases(self) -> list[str]:
+        seen: list[str] = []
+        for _, phase, _, _ in self.samples:
+            if phase and (not seen or seen[-1] != phase):
+                seen.append(phase)
+        return seen
+
+    def in_phase(self, phase: str) -> list[tuple[float, str | None, int, int]]:
+        return [s for s in self.samples if s[1] == phase]
+
+
+@pytest.fixture
+def rooms(api_client: client.ApiClient, namespace: str, crds: list[str]) -> Rooms:
+    return Rooms(api_client, namespace)
+
+
+@pytest.fixture
+def operator(
+    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_phases_in_order_with_relays_ready_before_the_start(
+    rooms: Rooms, operator: OperatorProcess, kubeconfig: Path
+) -> None:
+    manifest = room_manifest("launch", start_in=35)
+    start = datetime.fromisoformat(manifest["spec"]["startTime"]).timestamp()
+    rooms.create(manifest)
+    recorder = Recorder(rooms, "launch")
+    try:
+        wait_until(lambda: rooms.phase("launch") == "Ended", 120, "the room to end")
+    finally:
+        recorder.stop()
+
+    assert recorder.phases() == PHASES, operator.log_text()[-3000:]
+    assert {replicas for _, _, replicas, _ in recorder.in_phase("Scheduled")} == {1}
+    ready_samples = recorder.in_phase("Ready")
+    assert ready_samples, "the room was seen Ready"
+    assert all(replicas == ready == 4 for _, _, replicas, ready in ready_samples)
+    assert ready_samples[0][0] < start, "every planned relay was Ready before the start"
+    assert all(ready == 4 for _, _, _, ready in recorder.in_phase("Live"))
+    assert recorder.samples[-1][2:] == (0, 0), "relays are gone once the room has ended"
+
+    reasons = rooms.reasons("launch")
+    for expected in ["PreWarmStarted", "PreWarmed", "Live", "Draining", "Ended"]:
+        assert reasons.count(expected) == 1, reasons
+    prewarmed = next(e for e in rooms.events("launch") if e.reason == "PreWarmed")
+    assert prewarmed.message.startswith("4/4 relays ready")
+
+    described = subprocess.run(
+        [
+            str(REPO / ".venv/bin/kubectl"),
+            "--kubeconfig",
+            str(kubeconfig),
+            "-n",
+            rooms.namespace,
+            "describe",
+            "audioroom",
+            "launch",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "PreWarmStarted" in described and "4 relays for 3,000 expected listeners" in described
+
+
+def test_printer_columns_show_phase_and_relays(
+    rooms: Rooms, operator: OperatorProcess, kubeconfig: Path
+) -> None:
+    rooms.create(room_manifest("columns", start_in=600))
+    wait_until(lambda: rooms.relays("columns") == (1, 1), 60, "the minimum relay to be Ready")
+    wait_until(lambda: rooms.get("columns")["status"]["relays"]["ready"] == 1, 30, "status")
+    table = subprocess.run(
+        [
+            str(REPO / ".venv/bin/kubectl"),
+            "--kubeconfig",
+            str(kubeconfig),
+            "-n",
+            rooms.namespace,
+            "get",
+            "ar",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert header[:6] == ["NAME", "PHASE", "EXPECTED", "LISTENERS", "RELAYS", "START"]
+    assert row[:3] == ["columns", "Scheduled", "3000"]
+    assert "1/1" in row
+
+
+def test_operator_killed_during_prewarm_and_live_resumes_without_a_trace(
+    rooms: Rooms, operator: OperatorProcess
+) -> None:
+    rooms.create(room_manifest("resilient", start_in=30, duration="25s"))
+    recorder = Recorder(rooms, "resilient")
+    try:
+        wait_until(lambda: rooms.phase("resilient") == "PreWarming", 60, "pre-warming")
+        operator.kill()
+        time.sleep(1)  # the gap a crash leaves; nothing may change because of it
+        operator.start()
+        wait_until(lambda: rooms.phase("resilient") == "Live", 90, "the event to go live")
+        operator.kill()
+        operator.start()
+        wait_until(lambda: rooms.phase("resilient") == "Ended", 90, "the room to end")
+    finally:
+        recorder.stop()
+
+    assert recorder.phases() == PHASES
+    live = [replicas for _, phase, replicas, _ in recorder.samples if phase in ("Ready", "Live")]
+    assert live and min(live) == 4, "relays never shrank while live, restarts included"
+    reasons = rooms.reasons("resilient")
+    for expected in ["PreWarmStarted", "Live", "Draining", "Ended"]:
+        assert reasons.count(expected) == 1, reasons
+    sets = rooms.apps.list_namespaced_stateful_set(rooms.namespace).items
+    assert [s.metadata.name for s in sets] == ["resilient-relay"], "no duplicate children"
+
+
+def test_deleting_the_room_removes_its_children(rooms: Rooms, operator: OperatorProcess) -> None:
+    rooms.create(room_manifest("brief", start_in=600))
+    wait_until(lambda: rooms.relays("brief")[0] == 1, 60, "the relay StatefulSet")
+    wait_until(
+        lambda: rooms.core.read_namespaced_config_map("brief-shards", rooms.namespace),
+        30,
+        "the shard map ConfigMap",
+    )
+    rooms.custom.delete_namespaced_custom_object(GROUP, VERSION, rooms.namespace, PLURAL, "brief")
+
+    def children_left() -> list[str]:
+        ns = rooms.namespace
+        return [
+            *(s.metadata.name for s in rooms.apps.list_namespaced_stateful_set(ns).items),
+            *(s.metadata.name for s in rooms.core.list_namespaced_service(ns).items),
+            *(
+                c.metadata.name
+                for c in rooms.core.list_namespaced_config_map(ns).items
+                if c.metadata.name.startswith("brief")
+            ),
+            *(
+                p.metadata.name
+                for p in client.PolicyV1Api(rooms.api)
+                .list_namespaced_pod_disruption_budget(ns)
+                .items
+            ),
+        ]
+
+    wait_until(lambda: children_left() == [], 60, "garbage collection of the children")
+
+
+def test_raising_the_audience_replans_at_once(rooms: Rooms, operator: OperatorProcess) -> None:
+    rooms.create(room_manifest("growing", start_in=600, audience=3000))
+    wait_until(lambda: rooms.phase("growing") == "Scheduled", 60, "the room to be scheduled")
+    assert rooms.get("growing")["status"]["plan"]["relays"] == 4
+    rooms.patch_spec("growing", {"expectedAudience": 6000})
+    wait_until(lambda: rooms.get("growing")["status"]["plan"]["relays"] == 8, 30, "the new plan")
+    replanned = wait_until(
+        lambda: [e for e in rooms.events("growing") if e.reason == "Replanned"], 30, "Replanned"
+    )
+    assert "expected audience 3,000 -> 6,000: 4 -> 8 relays" in replanned[0].message
+
+
+def test_a_child_changed_by_hand_is_brought_back(rooms: Rooms, operator: OperatorProcess) -> None:
+    rooms.create(room_manifest("stubborn", start_in=600))
+    wait_until(lambda: rooms.relays("stubborn")[0] == 1, 60, "the relay StatefulSet")
+    rooms.apps.patch_namespaced_stateful_set(
+        "stubborn-relay", rooms.namespace, {"spec": {"replicas": 5}}
+    )
+    wait_until(lambda: rooms.relays("stubborn")[0] == 1, 30, "replicas to be restored")
+    rooms.core.delete_namespaced_service("stubborn-relays", rooms.namespace)
+    wait_until(
+        lambda: rooms.core.read_namespaced_service("stubborn-relays", rooms.namespace),
+        30,
+        "the Service to be recreated",
+    )
+
+
+def test_unwise_rooms_run_with_warnings_and_do_not_stop_others(
+    rooms: Rooms, operator: OperatorProcess
+) -> None:
+    late = room_manifest("late", start_in=-30, duration="10m")
+    huge = room_manifest("huge", start_in=600, audience=1_000_000)
+    healthy = room_manifest("healthy", start_in=600)
+    for manifest in (late, huge, healthy):
+        rooms.create(manifest)
+
+    wait_until(lambda: rooms.phase("late") == "Live", 60, "the late room to go live")
+    late_warning = wait_until(
+        lambda: [e for e in rooms.events("late") if e.reason == "StartTimePassed"], 30, "warning"
+    )
+    assert late_warning[0].type == "Warning"
+    wait_until(lambda: rooms.relays("late") == (4, 4), 60, "the late room's relays")
+
+    huge_status = wait_until(lambda: rooms.get("huge").get("status"), 60, "huge's status")
+    capacity = next(c for c in huge_status["conditions"] if c["type"] == "CapacityExceeded")
+    assert capacity["status"] == "True"
+    assert "exceeds the 15,000 listeners that maxRelays (20) carries" in capacity["message"]
+    assert huge_status["plan"]["relays"] == 20
+
+    wait_until(lambda: rooms.phase("healthy") == "Scheduled", 60, "the healthy room")
