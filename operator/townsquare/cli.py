@@ -150,6 +150,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadgen(args: argparse.Namespace) -> int:
+    from townsquare import loadgen
+    from townsquare.sim.trace import TraceError, load_trace
+
+    namespace, _, name = args.room.rpartition("/")
+    if not namespace or not name:
+        raise UsageError(f"--room: expected NAMESPACE/NAME (got {args.room!r})")
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as exc:
+        raise UsageError(str(exc)) from None
+    start = args.start
+    if start is None:
+        from townsquare.kube.client import Cluster, load_config
+
+        room = Cluster(load_config()).read_room(namespace, name)
+        start = parse_time(room["spec"]["startTime"])
+    loadgen.run(namespace, name, trace, start, args.port, speed=args.speed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one sub-command per job."""
     parser = _Parser(prog="townsquare", description=__doc__)
@@ -173,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--peering", help="kopf peering object for high availability")
     run.add_argument("--priority", type=int, default=0, help="distinct per replica when peering")
     run.set_defaults(handler=_cmd_run)
+
+    load = commands.add_parser(
+        "loadgen", help="play an audience trace against a room's relays, serving /metrics"
+    )
+    load.add_argument("--room", required=True, help="NAMESPACE/NAME of the AudioRoom")
+    load.add_argument("--trace", required=True, help="CSV t_seconds,listeners")
+    load.add_argument("--port", type=int, default=9464, help="port of /metrics on 127.0.0.1")
+    load.add_argument("--speed", type=float, default=1.0, help="trace seconds per second")
+    load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")
+    load.set_defaults(handler=_cmd_loadgen)
     return parser
 
 

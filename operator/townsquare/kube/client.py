@@ -6,7 +6,9 @@ changes nothing and a field changed by hand is taken back on the next reconcile.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
-from townsquare.kube.children import MANAGER, Manifest, relay_set_name
+from townsquare.kube.children import MANAGER, ROOM_LABEL, Manifest, relay_set_name
 
 APPLY = "application/apply-patch+yaml"
 
@@ -26,6 +28,23 @@ def load_config() -> client.ApiClient:
     except config.ConfigException:
         config.load_kube_config()
     return client.ApiClient()
+
+
+@dataclass(frozen=True)
+class RelayPod:
+    """One relay pod as the scheduler and kubelet (here kwok) left it."""
+
+    ordinal: int
+    ready: bool
+    created: datetime
+    ready_since: datetime | None
+
+    @property
+    def startup_seconds(self) -> float | None:
+        """Creation to Ready: the start-up time the scaling policy plans with."""
+        if self.ready_since is None:
+            return None
+        return max(0.0, (self.ready_since - self.created).total_seconds())
 
 
 class Cluster:
@@ -73,6 +92,37 @@ class Cluster:
                 return 0
             raise
         return int(relay_set.status.ready_replicas or 0) if relay_set.status else 0
+
+    def relay_pods(self, namespace: str, room: str) -> list[RelayPod]:
+        """The room's relay pods with their ordinals and readiness."""
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{ROOM_LABEL}={room}").items
+        prefix = re.compile(rf"^{re.escape(relay_set_name(room))}-([0-9]+)$")
+        found: list[RelayPod] = []
+        for pod in pods:
+            match = prefix.match(pod.metadata.name)
+            if not match or pod.metadata.deletion_timestamp is not None:
+                continue
+            ready = next((c for c in (pod.status.conditions or []) if c.type == "Ready"), None)
+            ready_since = ready.last_transition_time if ready and ready.status == "True" else None
+            found.append(
+                RelayPod(
+                    ordinal=int(match.group(1)),
+                    ready=ready_since is not None,
+                    created=pod.metadata.creation_timestamp,
+                    ready_since=ready_since,
+                )
+            )
+        return sorted(found, key=lambda p: p.ordinal)
+
+    def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
+        """A ConfigMap's data; empty when it does not exist yet."""
+        try:
+            config_map = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return {}
+            raise
+        return dict(config_map.data or {})
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the room's status (merge patch on the status subresource)."""
