@@ -18,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from townsquare.api.crd import render_crd
 from townsquare.api.manifest import ManifestError, parse_room
 from townsquare.api.models import AudioRoom
-from townsquare.api.types import Timestamp, format_duration
+from townsquare.api.types import Timestamp, format_duration, parse_duration
 from townsquare.planning import Plan, plan_room
 
 EXIT_USAGE = 2
@@ -171,6 +171,53 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_seconds(text: str) -> float:
+    """A duration on the command line (`45s`, `1m30s`) or plain seconds."""
+    try:
+        return (
+            float(text)
+            if text.replace(".", "", 1).isdigit()
+            else float(parse_duration(text).total_seconds())
+        )
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from townsquare.sim import POLICIES, Settings, TraceError, load_trace, simulate
+    from townsquare.sim.report import as_json, as_table
+
+    room = read_room(args.room)
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as exc:
+        raise UsageError(str(exc)) from None
+    for name, value in (("--scrape-interval", args.scrape_interval), ("--control-interval",
+                        args.control_interval)):  # fmt: skip
+        if value < 1 or value != int(value):
+            raise UsageError(f"{name}: must be a whole number of seconds, at least 1s")
+    policies = POLICIES if args.policy == "all" else (args.policy,)
+    settings = Settings(
+        relay_startup=args.relay_startup,
+        scrape_interval=int(args.scrape_interval),
+        control_interval=int(args.control_interval),
+        keep_series=args.plot is not None,
+    )
+    results = simulate(room.spec, trace, policies, settings)
+    if args.plot:
+        from townsquare.sim.plot import plot
+
+        try:
+            plot(results, room.spec.relay.listeners_per_relay, room.metadata.name, args.plot)
+        except (RuntimeError, OSError) as exc:
+            raise UsageError(f"--plot: {exc}") from None
+    if args.output == "json":
+        print(json.dumps(as_json(results)))
+    else:
+        print(as_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one sub-command per job."""
     parser = _Parser(prog="townsquare", description=__doc__)
@@ -184,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = commands.add_parser("crd", help="print the AudioRoom CRD generated from the models")
     crd.set_defaults(handler=_cmd_crd)
+
+    sim = commands.add_parser(
+        "simulate", help="replay an audience trace through townsquare and the baselines"
+    )
+    sim.add_argument("--room", required=True, help="AudioRoom manifest")
+    sim.add_argument("--trace", required=True, help="CSV: t_seconds,listeners[,relay_failures]")
+    sim.add_argument(
+        "--policy", choices=["townsquare", "reactive", "keda", "oracle", "all"], default="all"
+    )
+    sim.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    sim.add_argument("--plot", metavar="FILE.png", help="also draw the runs (needs matplotlib)")
+    sim.add_argument(
+        "--relay-startup", type=parse_seconds, help="true relay start-up (default: the room's)"
+    )
+    sim.add_argument("--scrape-interval", type=parse_seconds, default=15.0)
+    sim.add_argument("--control-interval", type=parse_seconds, default=5.0)
+    sim.set_defaults(handler=_cmd_simulate)
 
     run = commands.add_parser("run", help="run the operator against the cluster in KUBECONFIG")
     run.add_argument(

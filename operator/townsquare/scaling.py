@@ -14,7 +14,9 @@ The rules, each for a reason a person on call would give:
   late), then it decays; if the audience is clearly absent it yields early (`plan_floor`).
 - Up at once (within a bounded step); down only after a full stabilization window of lower
   demand, and only by draining: relays that still carry listeners are never removed before
-  they empty or their drain timeout passes.
+  they empty or their drain timeout passes. The window guards against noisy demand; the plan
+  floor is a schedule, not a measurement, so it is not smoothed again: as it decays or
+  yields, the room follows it down to the highest demand-based need of the window.
 - Fail-static: without a fresh listener count the size is held, never lowered.
 """
 
@@ -37,9 +39,15 @@ SCALE_UP_FACTOR = 2
 SCALE_UP_MIN_STEP = 4
 """One decision grows the room to at most max(2 x current, current + 4) relays, so one bad
 sample cannot summon maxRelays; at a 5 s tick, 2 -> 1,000 relays still takes under a minute."""
+UP_TOLERANCE = 0.1
+"""A forecast within 10% above what the relays carry at the target utilization leaves the
+size alone (the HPA's tolerance): the headroom above the target absorbs it, and the room
+does not grow by one relay every tick. Beyond it the room grows to the full target at once."""
+DECAY_STEPS = 10
+"""The plan floor decays in this many steps, not one relay per tick."""
 STABILIZATION_BUCKETS = 10
 """The stabilization window is remembered as this many per-slice maxima (a small state)."""
-LATE_ARRIVAL_FACTOR = 4
+LATE_ARRIVAL_FACTOR = 3
 NO_SHOW_GRACE_SHARE = 1 / 3
 STARTUP_PRIOR_WEIGHT = 3
 """The spec's start-up hint counts as this many measured start-ups."""
@@ -72,7 +80,7 @@ class ScalingState:
     samples: tuple[tuple[datetime, int], ...] = ()
     """Recent (time, demand) samples within RATE_WINDOW, for the join rate."""
     targets: tuple[tuple[datetime, int], ...] = ()
-    """(slice start, highest target in the slice) over the stabilization window."""
+    """(slice start, highest demand-based target in the slice) over the stabilization window."""
     peak: int = 0
     """Highest demand seen so far: the evidence that an audience came."""
 
@@ -149,15 +157,16 @@ def plan_floor(spec: AudioRoomSpec, plan: Plan, now: datetime, peak: int) -> int
     Before `prewarmAt` there is no floor. From `prewarmAt` the plan holds: nothing is known
     about the audience yet, and the relays must be Ready when it arrives. After the start,
     audiences keep arriving late, so the plan holds until `start + planHold`, then decays
-    linearly to nothing over another `planHold`.
+    linearly (in DECAY_STEPS steps) to nothing over another `planHold`.
 
     A no-show must not pay for the whole hold, though (500,000 declared, 20,000 came). An
     audience that is coming shows up in large part within the first minutes, so once a third
-    of the hold has passed the floor covers only LATE_ARRIVAL_FACTOR times the peak seen so
-    far, never more than the plan: at a quarter of the declared audience the whole plan is
-    kept, a 4% audience keeps about a sixth of it. The floor only keeps insurance; demand
-    beyond it is still caught by the forecast within one relay start-up, and the admission
-    queue holds the rest meanwhile, so yielding costs waiting time, never overload.
+    of the hold has passed the floor covers only LATE_ARRIVAL_FACTOR (3) times the peak seen
+    so far, never more than the plan: at a third of the declared audience the whole plan is
+    kept, a 4% audience keeps an eighth of it. The floor only keeps insurance; demand beyond
+    it is still caught by the forecast within one relay start-up, and the admission queue
+    holds the rest meanwhile, so yielding costs waiting time, never overload. (On the shipped
+    traces a factor of 2, 3 or 4 left waiting unchanged; 3 keeps the insurance affordable.)
     """
     if now < plan.prewarm_at:
         return 0
@@ -168,8 +177,9 @@ def plan_floor(spec: AudioRoomSpec, plan: Plan, now: datetime, peak: int) -> int
         relays = min(relays, _relays_for(evidence, spec))
     if now < start + hold:
         return relays
-    remaining = 1 - (now - start - hold) / hold
-    return max(0, math.ceil(relays * remaining - 1e-9))
+    elapsed = (now - start - hold) / hold
+    remaining = max(0, DECAY_STEPS - math.floor(elapsed * DECAY_STEPS)) / DECAY_STEPS
+    return math.ceil(relays * remaining - 1e-9)
 
 
 def decide(
@@ -209,12 +219,16 @@ def decide(
     peak = max(state.peak, demand)
     floor = plan_floor(spec, plan, now, peak)
     needed = _relays_for(forecast, spec)
-    target = min(scaling.max_relays, max(scaling.min_relays, needed, floor))
-    targets = _remember_target(state.targets, now, target, scaling.scale_down_stabilization)
+    demanded = min(scaling.max_relays, max(scaling.min_relays, needed))
+    target = min(scaling.max_relays, max(demanded, floor))
+    window = scaling.scale_down_stabilization
+    targets = _remember_target(state.targets, now, demanded, window)
 
-    if target > current:
+    per_relay = spec.relay.listeners_per_relay * scaling.target_utilization
+    beyond_tolerance = forecast > current * per_relay * (1 + UP_TOLERANCE)
+    if target > current and (beyond_tolerance or max(floor, scaling.min_relays) > current):
         relays = _step_up(current, target)
-    elif target < current and _covers_window(targets, now, scaling.scale_down_stabilization):
+    elif target < current and _covers_window(targets, now, window):
         relays = min(current, max(target, max(n for _, n in targets)))
     else:
         relays = current
@@ -228,7 +242,7 @@ def decide(
     if floor > needed and floor >= target:
         why += f", plan floor {floor:,} relays"
     if relays < current:
-        why += f", lower for {_minutes(scaling.scale_down_stabilization)}"
+        why += f", lower for {_minutes(window)}"
     elif current < relays < target:
         why += f", growing in bounded steps towards {target:,}"
     capacity_exceeded = needed > scaling.max_relays

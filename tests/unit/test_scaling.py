@@ -102,8 +102,8 @@ def test_plan_floor_yields_to_a_no_show() -> None:
     room = spec()
     plan = plan_room(room, EARLY)
     assert plan_floor(room, plan, at(4 * 60), peak=20_000) == 715  # too early to tell
-    assert plan_floor(room, plan, at(5 * 60), peak=20_000) == math.ceil(80_000 / 700)
-    assert plan_floor(room, plan, at(5 * 60), peak=125_000) == 715  # a quarter: still coming
+    assert plan_floor(room, plan, at(5 * 60), peak=20_000) == math.ceil(60_000 / 700)
+    assert plan_floor(room, plan, at(5 * 60), peak=170_000) == 715  # a third: still coming
 
 
 def test_start_up_estimate_uses_the_hint_as_a_prior() -> None:
@@ -145,11 +145,18 @@ def test_drained_relays_leave_and_timeouts_are_reported() -> None:
 def test_scale_up_cancels_drains_first() -> None:
     room = spec(audience=0)
     plan = plan_room(room, EARLY)
-    state = ScalingState(relays=10, draining=((10, at(0)), (11, at(0))))
-    decision = decide(room, plan, Observation(7_700), state, at(60))
-    assert decision.relays == 11
-    assert decision.draining == (11,)
-    assert decision.replicas == 12
+    state = ScalingState(relays=10, draining=((10, at(0)), (11, at(0)), (12, at(0))))
+    decision = decide(room, plan, Observation(8_400), state, at(60))
+    assert decision.relays == 12
+    assert decision.draining == (12,)
+    assert decision.replicas == 13
+
+
+def test_small_rises_within_the_tolerance_leave_the_size_alone() -> None:
+    room = spec(audience=0)
+    plan = plan_room(room, EARLY)
+    decision = decide(room, plan, Observation(7_700), ScalingState.initial(10), at(60))
+    assert decision.relays == 10 and decision.direction == "hold"
 
 
 def test_state_round_trips_through_json() -> None:
@@ -192,8 +199,9 @@ def test_never_above_max_and_never_down_without_a_full_window(
                 if now - when < window
             ]
             assert timeline[0][0] <= now - window
+            assert decision.floor <= decision.relays
             for _, earlier in recent:
                 assert earlier.metrics_available
                 needed = math.ceil((earlier.forecast or 0) / per_relay - 1e-9)
-                assert max(needed, earlier.floor) <= decision.relays
+                assert min(needed, 900) <= decision.relays
         previous = decision.relays
