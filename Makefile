@@ -38,6 +38,9 @@ layers: venv
 unit: venv
 	$(RUN) pytest -m "not e2e" -q
 
+bench: venv
+	$(RUN) python -m townsquare.sim.bench examples/traces docs
+
 crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
 
