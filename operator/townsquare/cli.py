@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -138,8 +139,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from townsquare.telemetry import configure_logging
 
     configure_logging(args.log_format)
+    settings = handlers.Settings(
+        prometheus_url=args.prometheus_url,
+        metrics_interval=timedelta(seconds=args.metrics_interval),
+        metrics_max_age=timedelta(seconds=args.metrics_max_age),
+    )
     kopf.run(
         registry=handlers.REGISTRY,
+        memo=kopf.Memo(settings=settings),
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         standalone=args.peering is None,
@@ -257,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run.add_argument("--peering", help="kopf peering object for high availability")
     run.add_argument("--priority", type=int, default=0, help="distinct per replica when peering")
+    run.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("TOWNSQUARE_PROMETHEUS_URL"),
+        help="Prometheus to read listeners from (default: $TOWNSQUARE_PROMETHEUS_URL)",
+    )
+    run.add_argument(
+        "--metrics-interval", type=parse_seconds, default=15.0, help="seconds between reads"
+    )
+    run.add_argument(
+        "--metrics-max-age",
+        type=parse_seconds,
+        default=60.0,
+        help="older listener samples count as missing (fail-static)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     load = commands.add_parser(

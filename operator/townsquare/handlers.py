@@ -1,7 +1,8 @@
 """kopf wiring: read the room and its relays, call the core once, write what it decided.
 
 Each room has one daemon that sleeps until its next deadline (a room months ahead costs a
-sleeping coroutine) and wakes early when the room's spec or its children change.
+sleeping coroutine) and wakes early when its spec or children change, or when a new reading
+of listeners arrives. One poller reads Prometheus for all rooms per tick.
 """
 
 from __future__ import annotations
@@ -11,23 +12,39 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 
 from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
+from townsquare.api.names import shard_map_name
 from townsquare.kube import children
 from townsquare.kube.client import Cluster, load_config
-from townsquare.lifecycle import Observed, Outcome, reconcile
+from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
+from townsquare.metrics import PrometheusSource, room_metrics
+from townsquare.scaling import ScalingState
+from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
 
 ANNOTATION_PREFIX = GROUP
 RETRY_SECONDS = 5.0
+STARTUP_SAMPLES = 20
+"""Most recent relay start-ups the policy learns from."""
 Key = tuple[str, str]
 REGISTRY = kopf.OperatorRegistry()
 """The operator's handlers, kept apart from kopf's default registry."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide options, from the command line."""
+
+    prometheus_url: str | None = None
+    metrics_interval: timedelta = timedelta(seconds=15)
+    metrics_max_age: timedelta = timedelta(seconds=60)
 
 
 @dataclass
@@ -35,9 +52,25 @@ class Runtime:
     """Operator-wide state shared by every handler through kopf's memo."""
 
     cluster: Cluster
+    settings: Settings
     pokes: dict[Key, asyncio.Event] = field(default_factory=dict)
     applied: dict[Key, dict[str, str]] = field(default_factory=dict)
     """Per room, a digest of each child as last applied: unchanged children are not re-sent."""
+    watched: dict[Key, AudioRoomSpec] = field(default_factory=dict)
+    """Rooms whose listeners the poller reads."""
+    readings: dict[Key, Metrics] = field(default_factory=dict)
+    first_reading: asyncio.Event = field(default_factory=asyncio.Event)
+    scaling: dict[Key, ScalingState] = field(default_factory=dict)
+    maps: dict[Key, tuple[ShardMap, datetime]] = field(default_factory=dict)
+    sources: dict[str, PrometheusSource] = field(default_factory=dict)
+
+    def prometheus_for(self, spec: AudioRoomSpec) -> str | None:
+        return spec.metrics.prometheus_url or self.settings.prometheus_url
+
+    def forget(self, key: Key) -> None:
+        for table in (self.pokes, self.applied, self.watched, self.readings, self.scaling):
+            table.pop(key, None)
+        self.maps.pop(key, None)
 
 
 @kopf.on.login(registry=REGISTRY)
@@ -48,8 +81,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup(registry=REGISTRY)
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Progress in annotations under our prefix (never pruned status), and one client."""
+async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    """Progress in annotations under our prefix (never pruned status), one client, a poller."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
@@ -59,7 +92,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     api = load_config()
     api.configuration.connection_pool_maxsize = 32
-    memo.runtime = Runtime(cluster=Cluster(api))
+    options: Settings = getattr(memo, "settings", None) or Settings()
+    runtime = Runtime(cluster=Cluster(api), settings=options)
+    memo.runtime = runtime
+    memo.poller = asyncio.create_task(poll_metrics(runtime))
+
+
+@kopf.on.cleanup(registry=REGISTRY)
+async def stop_poller(memo: Any, **_: Any) -> None:
+    poller: asyncio.Task[None] | None = getattr(memo, "poller", None)
+    if poller is not None:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
 
 
 def _runtime(memo: Any) -> Runtime:
@@ -67,9 +112,47 @@ def _runtime(memo: Any) -> Runtime:
     return runtime
 
 
-def _poke(memo: Any, namespace: str | None, room: str | None) -> None:
+def _poke(runtime: Runtime, namespace: str | None, room: str | None) -> None:
     if namespace and room:
-        _runtime(memo).pokes.setdefault((namespace, room), asyncio.Event()).set()
+        runtime.pokes.setdefault((namespace, room), asyncio.Event()).set()
+
+
+async def poll_metrics(runtime: Runtime) -> None:
+    """Every tick: one batched query per Prometheus and preset, then wake the rooms read."""
+    log = room_logger("-", "-").bind(component="metrics")
+    while True:
+        try:
+            await asyncio.to_thread(read_listeners, runtime)
+        except Exception:
+            log.exception("reading listeners failed")
+        runtime.first_reading.set()
+        for key in list(runtime.readings):
+            _poke(runtime, *key)
+        await asyncio.sleep(runtime.settings.metrics_interval.total_seconds())
+
+
+def read_listeners(runtime: Runtime) -> None:
+    """Fill `runtime.readings` for every watched room (blocking: runs in a worker thread)."""
+    now = datetime.now(UTC)
+    groups: dict[tuple[str, str], list[Key]] = defaultdict(list)
+    for key, spec in list(runtime.watched.items()):
+        url = runtime.prometheus_for(spec)
+        if url is None:
+            continue
+        source = runtime.sources.setdefault(url, PrometheusSource(url))
+        if spec.metrics.listeners_query:
+            reading = source.read_room(spec.metrics, *key)
+            runtime.readings[key] = room_metrics(
+                reading, key, now, runtime.settings.metrics_max_age
+            )
+        else:
+            groups[(url, spec.metrics.preset)].append(key)
+    for (url, preset), keys in groups.items():
+        reading = runtime.sources[url].read(preset)
+        for key in keys:
+            runtime.readings[key] = room_metrics(
+                reading, key, now, runtime.settings.metrics_max_age
+            )
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, registry=REGISTRY)
@@ -82,6 +165,9 @@ async def run_room(
     key = (namespace, name)
     poke = runtime.pokes.setdefault(key, asyncio.Event())
     log = room_logger(namespace, name)
+    with contextlib.suppress(TimeoutError):
+        # Decide with data: a restarted operator must not report metrics missing meanwhile.
+        await asyncio.wait_for(runtime.first_reading.wait(), timeout=10)
     try:
         while not stopped:
             poke.clear()
@@ -94,8 +180,7 @@ async def run_room(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), timeout=delay)
     finally:
-        runtime.pokes.pop(key, None)
-        runtime.applied.pop(key, None)
+        runtime.forget(key)
 
 
 def _seconds_until(moment: datetime | None) -> float | None:
@@ -110,7 +195,7 @@ def room_changed(
 ) -> None:
     """A new generation of the spec is reconciled at once, not at the next deadline."""
     if meta.get("generation") != status.get("observedGeneration"):
-        _poke(memo, namespace, name)
+        _poke(_runtime(memo), namespace, name)
 
 
 def _on_child(kind: str) -> Any:
@@ -120,8 +205,9 @@ def _on_child(kind: str) -> Any:
         """A child changed (readiness, or by hand): re-apply it and reconcile its room."""
         room = labels.get(children.ROOM_LABEL)
         if room and namespace:
-            _runtime(memo).applied.get((namespace, room), {}).pop(f"{kind}/{name}", None)
-            _poke(memo, namespace, room)
+            runtime = _runtime(memo)
+            runtime.applied.get((namespace, room), {}).pop(f"{kind}/{name}", None)
+            _poke(runtime, namespace, room)
 
     return child_changed
 
@@ -142,17 +228,33 @@ for _group_version, _plural, _kind in [
 
 def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | None:
     """One pass for one room: read, decide, write. Returns when to look again."""
-    cluster = runtime.cluster
+    cluster, key = runtime.cluster, (namespace, name)
     room = cluster.read_room(namespace, name)
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
+    pods = cluster.relay_pods(namespace, name)
+    runtime.watched[key] = spec
     now = datetime.now(UTC)
+    metrics = None
+    if runtime.prometheus_for(spec):
+        metrics = runtime.readings.get(key, Metrics(listeners=None, problem="no reading yet"))
+    ready = frozenset(pod.ordinal for pod in pods if pod.ready)
+    shard_map, map_at = runtime.maps.get(key) or (_stored_map(cluster, namespace, name), None)
     seen = Observed(
         now=now,
         generation=room["metadata"]["generation"],
-        ready_relays=cluster.ready_relays(namespace, name),
+        ready_relays=len(ready),
+        ready_ordinals=ready,
+        metrics=metrics,
+        startup_samples=tuple(
+            s for pod in pods[-STARTUP_SAMPLES:] if (s := pod.startup_seconds) is not None
+        ),
     )
-    outcome = reconcile(spec, previous, seen)
+    state = runtime.scaling.get(key) or stored_scaling_state(previous)
+    outcome = reconcile(name, spec, previous, seen, state, shard_map, map_at)
+    runtime.scaling[key] = outcome.scaling_state
+    if shard_map is None or outcome.shard_map.generation != shard_map.generation:
+        runtime.maps[key] = (outcome.shard_map, now)
     _apply_children(runtime, room, spec, outcome)
     _write_status(cluster, namespace, name, previous, outcome)
     log = room_logger(namespace, name)
@@ -162,14 +264,21 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     return outcome.wake_at
 
 
+def _stored_map(cluster: Cluster, namespace: str, name: str) -> ShardMap | None:
+    """The map a previous operator process published, so a restart moves nobody."""
+    document = cluster.read_config_map(namespace, shard_map_name(name)).get(children.SHARD_MAP_KEY)
+    try:
+        return ShardMap.from_dict(json.loads(document)) if document else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _apply_children(
     runtime: Runtime, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
 ) -> None:
     meta = room["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-    shard_map = json.dumps(
-        {"relays": outcome.desired_relays, "draining": outcome.draining}, sort_keys=True
-    )
+    shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
     wanted = [
         children.relay_service(name, namespace, uid, spec),
         children.shard_map_config_map(name, namespace, uid, shard_map),

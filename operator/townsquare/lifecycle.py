@@ -1,26 +1,35 @@
-"""A room's life, from schedule to end: phases, relay counts, conditions and Events.
+"""A room's life, from schedule to end: phases, relay counts, shard map, conditions, Events.
 
-Pure: `reconcile` takes the room, what was last recorded in its status and what the cluster
-shows now, and returns the status to record, the Events to post and when to look again.
-Everything it needs to resume after a restart is in the status it returns.
+Pure: `reconcile` takes the room, what was last recorded (its status, the scaling state and
+the published shard map) and what the cluster and Prometheus show now, and returns what to
+record, the Events to post and when to look again. It calls the scaling policy and the shard
+map once each, so the operator and the simulator decide alike. Everything needed to resume
+after a restart is in what it returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from townsquare.api.models import (
     AudioRoomSpec,
     AudioRoomStatus,
     Condition,
     ConditionStatus,
+    ListenerStatus,
     Phase,
     PlanStatus,
     RelayStatus,
+    ShardMapRef,
 )
+from townsquare.api.names import shard_map_name
 from townsquare.api.types import format_duration
-from townsquare.planning import Plan, plan_room
+from townsquare.planning import Plan, capacity_of, plan_room
+from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
+from townsquare.sharding import ShardMap, new_map, rebalance, shard_listeners_from_relays
 
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -36,28 +45,60 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """Listener counts read from Prometheus for this room, or why there are none."""
+
+    listeners: int | None
+    """Connected listeners; None when missing or stale."""
+    waiting: int = 0
+    """Joins the edge holds in the admission queue."""
+    by_relay: Mapping[int, int] = field(default_factory=dict)
+    sampled_at: datetime | None = None
+    problem: str = ""
+    """Why `listeners` is None, for the MetricsAvailable condition."""
+
+
+@dataclass(frozen=True)
 class Observed:
-    """What the shell read from the cluster for this room."""
+    """What the shell read from the cluster (and Prometheus) for this room."""
 
     now: datetime
     generation: int
     ready_relays: int
     """Relay pods that are Ready."""
-    listeners: int | None = None
-    """Listeners connected now; None when unknown (no metrics yet, or unavailable)."""
+    ready_ordinals: frozenset[int] | None = None
+    """Which relays are Ready; None means ordinals 0..ready_relays-1."""
+    metrics: Metrics | None = None
+    """None: the operator reads no metrics (no Prometheus configured)."""
+    startup_samples: tuple[float, ...] = ()
+    """Measured relay start-ups (pod creation to Ready), seconds."""
+
+    @property
+    def listeners(self) -> int | None:
+        return self.metrics.listeners if self.metrics else None
+
+    def ready_set(self) -> frozenset[int]:
+        if self.ready_ordinals is not None:
+            return self.ready_ordinals
+        return frozenset(range(self.ready_relays))
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What to write: the new status, the Events, and when to reconcile again at the latest."""
+    """What to write: status, scaling state, shard map, Events, and when to look again."""
 
     status: AudioRoomStatus
     events: tuple[Event, ...]
     desired_relays: int
+    """StatefulSet replicas: accepting relays plus draining ones not yet empty."""
+    scaling_state: ScalingState
+    shard_map: ShardMap
     wake_at: datetime | None
     """None: nothing will happen with time alone (the room has ended)."""
-    draining: bool = False
-    """True once the room is past its end: relays accept no new listeners."""
+
+    @property
+    def draining(self) -> bool:
+        return self.status.phase in ("Draining", "Ended")
 
 
 def end_of(spec: AudioRoomSpec) -> datetime:
@@ -68,16 +109,6 @@ def end_of(spec: AudioRoomSpec) -> datetime:
 def drain_deadline(spec: AudioRoomSpec) -> datetime:
     """When draining relays are removed even if listeners remain."""
     return end_of(spec) + spec.scaling.drain_timeout
-
-
-def _plan_status(spec: AudioRoomSpec, plan: Plan) -> PlanStatus:
-    return PlanStatus(
-        expected_audience=spec.expected_audience,
-        relays=plan.relays,
-        capacity=plan.capacity,
-        prewarm_at=plan.prewarm_at,
-        ready_by=plan.ready_by,
-    )
 
 
 def set_condition(
@@ -112,14 +143,18 @@ class _Draft:
     """The status being assembled, and the Events that explain it."""
 
     conditions: list[Condition]
+    seen: Observed
     events: list[Event] = field(default_factory=list)
 
     def condition(
-        self, kind: str, status: ConditionStatus, reason: str, message: str, seen: Observed
-    ) -> None:
+        self, kind: str, status: ConditionStatus, reason: str, message: str
+    ) -> ConditionStatus | None:
+        """Set a condition; returns its status before (None when it is new)."""
+        before = next((c.status for c in self.conditions if c.type == kind), None)
         self.conditions = set_condition(
-            self.conditions, kind, status, reason, message, seen.now, seen.generation
+            self.conditions, kind, status, reason, message, self.seen.now, self.seen.generation
         )
+        return before
 
     def event(self, kind: str, reason: str, message: str) -> None:
         self.events.append(Event(kind, reason, message))
@@ -135,13 +170,24 @@ def _phase_by_clock(spec: AudioRoomSpec, plan: PlanStatus, now: datetime) -> Pha
     return "Scheduled"
 
 
+def _plan_status(spec: AudioRoomSpec, plan: Plan) -> PlanStatus:
+    return PlanStatus(
+        expected_audience=spec.expected_audience,
+        relays=plan.relays,
+        capacity=plan.capacity,
+        prewarm_at=plan.prewarm_at,
+        ready_by=plan.ready_by,
+    )
+
+
 def _replan(
-    spec: AudioRoomSpec, previous: AudioRoomStatus, seen: Observed, draft: _Draft
-) -> PlanStatus:
-    """The plan for this generation: kept while the spec is unchanged, so status stays still."""
+    spec: AudioRoomSpec, previous: AudioRoomStatus, draft: _Draft
+) -> tuple[Plan, PlanStatus]:
+    """The plan for this generation; its status form is kept while the spec is unchanged."""
+    seen = draft.seen
+    plan = plan_room(spec, seen.now, startup_of(spec, seen))
     if previous.plan is not None and previous.observed_generation == seen.generation:
-        return previous.plan
-    plan = plan_room(spec, seen.now)
+        return plan, previous.plan
     fresh = _plan_status(spec, plan)
     old = previous.plan
     if old is not None and (old.relays, old.prewarm_at) != (fresh.relays, fresh.prewarm_at):
@@ -149,29 +195,15 @@ def _replan(
             NORMAL,
             "Replanned",
             f"expected audience {old.expected_audience:,} -> {spec.expected_audience:,}: "
-            f"{old.relays:,} -> {fresh.relays:,} relays, pre-warm at "
-            f"{_clock(fresh.prewarm_at)}",
+            f"{old.relays:,} -> {fresh.relays:,} relays, pre-warm at {_clock(fresh.prewarm_at)}",
         )
-    _plan_warnings(spec, plan, seen, draft)
-    return fresh
-
-
-def _plan_warnings(spec: AudioRoomSpec, plan: Plan, seen: Observed, draft: _Draft) -> None:
-    beyond = spec.expected_audience > plan.capacity
-    if beyond:
-        draft.condition(
-            "CapacityExceeded",
-            "True",
+    if spec.expected_audience > plan.capacity:
+        draft.event(
+            WARNING,
             "AudienceBeyondMaxRelays",
             f"expected audience {spec.expected_audience:,} exceeds the {plan.capacity:,} "
             f"listeners that maxRelays ({spec.scaling.max_relays:,}) carries; excess joins "
             "wait in the admission queue",
-            seen,
-        )
-        draft.event(WARNING, "AudienceBeyondMaxRelays", draft.conditions[-1].message)
-    else:
-        draft.condition(
-            "CapacityExceeded", "False", "WithinCapacity", "the plan carries the audience", seen
         )
     if seen.now >= spec.start_time:
         draft.event(
@@ -181,58 +213,144 @@ def _plan_warnings(spec: AudioRoomSpec, plan: Plan, seen: Observed, draft: _Draf
             f"({format_duration(seen.now - spec.start_time)} ago); starting "
             f"{plan.relays:,} relays at once",
         )
+    return plan, fresh
 
 
-def reconcile(spec: AudioRoomSpec, previous: AudioRoomStatus, seen: Observed) -> Outcome:
-    """Decide the room's phase, relay count, conditions and Events at `seen.now`."""
-    draft = _Draft(conditions=list(previous.conditions))
-    plan = _replan(spec, previous, seen, draft)
+def reconcile(
+    room: str,
+    spec: AudioRoomSpec,
+    previous: AudioRoomStatus,
+    seen: Observed,
+    scaling_state: ScalingState | None = None,
+    shard_map: ShardMap | None = None,
+    shard_map_at: datetime | None = None,
+) -> Outcome:
+    """Decide the room's phase, relays, shard map, conditions and Events at `seen.now`.
+
+    `scaling_state` and `shard_map` are what the previous call returned (after a restart:
+    what was stored); `shard_map_at` is when that map was published, for the migration
+    budget.
+    """
+    draft = _Draft(conditions=list(previous.conditions), seen=seen)
+    plan, plan_status = _replan(spec, previous, draft)
     was: Phase | None = previous.phase
-    by_clock = _phase_by_clock(spec, plan, seen.now)
-    live_before = previous.relays.desired if previous.relays else 0
+    running = previous.relays.desired if previous.relays else 0
+    state = scaling_state or stored_scaling_state(previous) or ScalingState.initial(running)
+    current_map = shard_map or new_map(spec.sharding.shards, spec.relay.listeners_per_relay)
+    by_clock = _phase_by_clock(spec, plan_status, seen.now)
 
     phase: Phase
+    decision: Decision | None = None
     if was == "Ended":
-        phase, desired = "Ended", 0
-    elif by_clock == "Scheduled":
-        phase, desired = "Scheduled", spec.scaling.min_relays
+        phase, replicas, accepting = "Ended", 0, 0
     elif by_clock == "Draining":
-        phase, desired = _drain(spec, was, live_before, seen, draft)
+        phase, replicas = _drain(spec, was, running, seen, draft)
+        accepting = 0
     else:
-        desired = max(plan.relays, live_before if was not in (None, "Scheduled") else 0)
+        decision = decide(
+            spec,
+            plan,
+            _observation(seen),
+            state,
+            seen.now,
+            startup_seconds=startup_of(spec, seen),
+        )
+        state = decision.state
+        replicas, accepting = decision.replicas, decision.relays
         phase = by_clock
-        if by_clock == "PreWarming" and seen.ready_relays >= plan.relays:
+        if by_clock == "PreWarming" and seen.ready_relays >= plan_status.relays:
             phase = "Ready"
-        _announce_warmup(spec, plan, was, phase, seen, draft)
+        _announce_warmup(spec, plan_status, was, phase, draft)
+        _announce_scaling(decision, was, phase, running, draft)
 
+    rebalanced = rebalance(
+        current_map,
+        active=sorted(o for o in seen.ready_set() if o < accepting),
+        draining=sorted(o for o in seen.ready_set() if o >= accepting and o < replicas),
+        shard_listeners=_shard_listeners(current_map, seen),
+        demand=_demand(seen),
+        fanout=spec.sharding.fanout,
+        budget=_migration_budget(spec, seen.now, shard_map_at),
+    )
+    _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
+    _metrics_condition(seen, draft)
+    _capacity_condition(spec, plan, decision, draft)
     draft.condition(
         "Ready",
-        "True" if seen.ready_relays >= desired else "False",
-        "RelaysReady" if seen.ready_relays >= desired else "RelaysStarting",
-        f"{seen.ready_relays:,}/{desired:,} relays ready",
-        seen,
+        "True" if seen.ready_relays >= replicas else "False",
+        "RelaysReady" if seen.ready_relays >= replicas else "RelaysStarting",
+        f"{seen.ready_relays:,}/{replicas:,} relays ready",
     )
+    metrics = seen.metrics
     status = AudioRoomStatus(
         phase=phase,
         observed_generation=seen.generation,
-        plan=plan,
+        plan=plan_status,
         relays=RelayStatus(
-            desired=desired,
+            desired=replicas,
             ready=seen.ready_relays,
-            draining=desired if phase == "Draining" else 0,
-            summary=f"{seen.ready_relays}/{desired}",
+            draining=replicas - accepting,
+            summary=f"{seen.ready_relays}/{replicas}",
         ),
-        listeners=previous.listeners,
-        shard_map=previous.shard_map,
+        listeners=ListenerStatus(
+            current=(metrics.listeners or 0) if metrics else 0,
+            forecast=(decision.forecast or 0) if decision else 0,
+            capacity=capacity_of(accepting, spec),
+            waiting=metrics.waiting if metrics else 0,
+        ),
+        shard_map=ShardMapRef(
+            config_map=shard_map_name(room), generation=rebalanced.map.generation
+        ),
+        scaling_state=_persisted(state),
         conditions=draft.conditions,
     )
     return Outcome(
         status=status,
         events=tuple(draft.events),
-        desired_relays=desired,
-        wake_at=_next_deadline(spec, plan, phase, seen.now),
-        draining=phase in ("Draining", "Ended"),
+        desired_relays=replicas,
+        scaling_state=state,
+        shard_map=rebalanced.map,
+        wake_at=_next_deadline(spec, plan_status, phase, seen.now),
     )
+
+
+def startup_of(spec: AudioRoomSpec, seen: Observed) -> float:
+    """Relay start-up to plan with: measured times, with the spec's hint as a prior."""
+    return startup_estimate(spec.relay.startup_seconds, seen.startup_samples)
+
+
+def _observation(seen: Observed) -> Observation:
+    metrics = seen.metrics
+    if metrics is None or metrics.listeners is None:
+        return Observation(listeners=None)
+    return Observation(
+        listeners=metrics.listeners,
+        waiting=metrics.waiting,
+        sampled_at=metrics.sampled_at,
+        relay_listeners=dict(metrics.by_relay),
+    )
+
+
+def _shard_listeners(current: ShardMap, seen: Observed) -> list[float] | None:
+    if seen.metrics is None or seen.metrics.listeners is None:
+        return None
+    by_relay = {relay: float(n) for relay, n in seen.metrics.by_relay.items()}
+    return shard_listeners_from_relays(current, by_relay)
+
+
+def _demand(seen: Observed) -> float | None:
+    metrics = seen.metrics
+    if metrics is None or metrics.listeners is None:
+        return None
+    return float(metrics.listeners + metrics.waiting)
+
+
+def _migration_budget(spec: AudioRoomSpec, now: datetime, since: datetime | None) -> float:
+    """Listeners that may reconnect elsewhere now: the per-minute cap over the time passed."""
+    if since is None:
+        return float(spec.sharding.max_migrations_per_minute)
+    minutes = max(0.0, (now - since).total_seconds()) / 60
+    return spec.sharding.max_migrations_per_minute * min(minutes, 1.0)
 
 
 def _announce_warmup(
@@ -240,11 +358,10 @@ def _announce_warmup(
     plan: PlanStatus,
     was: Phase | None,
     phase: Phase,
-    seen: Observed,
     draft: _Draft,
 ) -> None:
     """Events and the PreWarmed condition for the way from Scheduled to Live."""
-    ready, planned = seen.ready_relays, plan.relays
+    ready, planned = draft.seen.ready_relays, plan.relays
     if was in (None, "Scheduled") and phase in ("PreWarming", "Ready", "Live"):
         draft.event(
             NORMAL,
@@ -253,28 +370,101 @@ def _announce_warmup(
             f"{_clock(plan.ready_by)}",
         )
     if phase == "Ready" and was != "Ready":
-        before = format_duration(spec.start_time - seen.now)
+        before = format_duration(spec.start_time - draft.seen.now)
         draft.event(
             NORMAL, "PreWarmed", f"{ready:,}/{planned:,} relays ready {before} before start"
         )
-        draft.condition("PreWarmed", "True", "AllRelaysReady", f"{ready:,}/{planned:,} ready", seen)
+        draft.condition("PreWarmed", "True", "AllRelaysReady", f"{ready:,}/{planned:,} ready")
     elif phase == "Live" and was != "Live":
         if was != "Ready" and ready < planned:
             message = f"{ready:,}/{planned:,} relays ready at the start"
             draft.event(WARNING, "PreWarmIncomplete", message)
-            draft.condition("PreWarmed", "False", "PreWarmIncomplete", message, seen)
+            draft.condition("PreWarmed", "False", "PreWarmIncomplete", message)
         elif was != "Ready":
-            draft.condition("PreWarmed", "True", "AllRelaysReady", f"{ready:,} ready", seen)
+            draft.condition("PreWarmed", "True", "AllRelaysReady", f"{ready:,} ready")
         draft.event(NORMAL, "Live", f"the event started with {ready:,}/{planned:,} relays ready")
     elif phase == "PreWarming" and not any(c.type == "PreWarmed" for c in draft.conditions):
-        message = f"{ready:,}/{planned:,} relays ready"
-        draft.condition("PreWarmed", "False", "PreWarming", message, seen)
+        draft.condition("PreWarmed", "False", "PreWarming", f"{ready:,}/{planned:,} relays ready")
+
+
+def _announce_scaling(
+    decision: Decision, was: Phase | None, phase: Phase, running: int, draft: _Draft
+) -> None:
+    """ScaledUp/ScaledDown with the numbers, except the pre-warm itself (it has its Event)."""
+    first_pass = was is None
+    prewarm = was == "Scheduled" and phase != "Scheduled"
+    if decision.replicas == running or first_pass or prewarm:
+        return
+    if decision.direction == "up":
+        draft.event(NORMAL, "ScaledUp", decision.reason)
+    elif decision.direction == "down":
+        draft.event(NORMAL, "ScaledDown", decision.reason)
+    if decision.drain_timed_out:
+        draft.event(WARNING, "DrainTimedOut", decision.reason)
+
+
+def _announce_shard_map(
+    before: ShardMap, after: ShardMap, moved: int, reason: str, draft: _Draft
+) -> None:
+    if moved and before.relays:
+        draft.event(NORMAL, "Resharded", reason)
+    if after.admission != before.admission:
+        if after.admission == "queueing":
+            draft.event(
+                WARNING,
+                "AdmissionQueueOn",
+                "demand exceeds what the relays carry; new joins wait in the admission queue",
+            )
+        elif before.relays:
+            draft.event(NORMAL, "AdmissionQueueOff", "relays carry the demand; joins flow again")
+
+
+def _metrics_condition(seen: Observed, draft: _Draft) -> None:
+    metrics = seen.metrics
+    if metrics is None:
+        draft.condition("MetricsAvailable", "Unknown", "NotConfigured", "no Prometheus configured")
+    elif metrics.listeners is None:
+        message = (
+            f"{metrics.problem or 'no listener data'}; holding the current relays "
+            "(never scaling down without data)"
+        )
+        if draft.condition("MetricsAvailable", "False", "MetricsUnavailable", message) != "False":
+            draft.event(WARNING, "MetricsUnavailable", message)
+    else:
+        message = f"{metrics.listeners:,} listeners observed"
+        if draft.condition("MetricsAvailable", "True", "ListenersObserved", message) == "False":
+            draft.event(NORMAL, "MetricsRecovered", f"listener counts are back: {message}")
+
+
+def _capacity_condition(
+    spec: AudioRoomSpec, plan: Plan, decision: Decision | None, draft: _Draft
+) -> None:
+    planned_beyond = spec.expected_audience > plan.capacity
+    demand_beyond = decision is not None and decision.capacity_exceeded
+    if demand_beyond:
+        assert decision is not None
+        before = draft.condition(
+            "CapacityExceeded", "True", "DemandBeyondMaxRelays", decision.reason
+        )
+        if before != "True":
+            draft.event(WARNING, "CapacityExceeded", decision.reason)
+    elif planned_beyond:
+        draft.condition(
+            "CapacityExceeded",
+            "True",
+            "AudienceBeyondMaxRelays",
+            f"expected audience {spec.expected_audience:,} exceeds the {plan.capacity:,} "
+            f"listeners that maxRelays ({spec.scaling.max_relays:,}) carries; excess joins "
+            "wait in the admission queue",
+        )
+    else:
+        draft.condition("CapacityExceeded", "False", "WithinCapacity", "relays carry the demand")
 
 
 def _drain(
     spec: AudioRoomSpec,
     was: Phase | None,
-    live_before: int,
+    running: int,
     seen: Observed,
     draft: _Draft,
 ) -> tuple[Phase, int]:
@@ -283,15 +473,15 @@ def _drain(
         draft.event(
             NORMAL,
             "Draining",
-            f"the event ended at {_clock(end_of(spec))}; draining {live_before:,} relays "
+            f"the event ended at {_clock(end_of(spec))}; draining {running:,} relays "
             f"(timeout {format_duration(spec.scaling.drain_timeout)})",
         )
     emptied = seen.listeners == 0
     timed_out = seen.now >= drain_deadline(spec)
     if not (emptied or timed_out):
-        return "Draining", live_before
+        return "Draining", running
     if seen.ready_relays > 0:
-        if timed_out and not emptied and live_before > 0:
+        if timed_out and not emptied and running > 0:
             left = "an unknown number of" if seen.listeners is None else f"{seen.listeners:,}"
             draft.event(
                 WARNING,
@@ -308,15 +498,26 @@ def _drain(
 def _next_deadline(
     spec: AudioRoomSpec, plan: PlanStatus, phase: Phase, now: datetime
 ) -> datetime | None:
-    """The next moment the clock alone changes the decision; relay changes wake us sooner."""
+    """The next moment the clock alone changes the decision; other changes wake us sooner."""
     deadlines = {
         "Scheduled": plan.prewarm_at,
         "PreWarming": spec.start_time,
         "Ready": spec.start_time,
-        "Live": end_of(spec),
+        "Live": min(end_of(spec), spec.start_time + 2 * spec.scaling.plan_hold),
         "Draining": drain_deadline(spec),
     }
     if phase == "Ended":
         return None
     deadline = deadlines[phase]
     return deadline if deadline > now else now + timedelta(seconds=5)
+
+
+def _persisted(state: ScalingState) -> dict[str, Any]:
+    """The state as stored: recent samples stay in memory, or every tick would write."""
+    return {key: value for key, value in state.to_dict().items() if key != "samples"}
+
+
+def stored_scaling_state(status: AudioRoomStatus) -> ScalingState | None:
+    """The scaling state a previous operator process left in the status, if any."""
+    data: Mapping[str, Any] | None = status.scaling_state
+    return ScalingState.from_dict(data) if data else None

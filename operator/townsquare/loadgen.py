@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from townsquare.api.names import relay_set_name, shard_map_name
 from townsquare.kube import children
 from townsquare.kube.client import Cluster, load_config
 from townsquare.sharding import ShardMap, shard_of
@@ -139,7 +140,7 @@ class EdgeCollector(Collector):
             labels=["namespace", "room"],
         )
         if now.state is not None:
-            set_name = children.relay_set_name(now.room)
+            set_name = relay_set_name(now.room)
             for relay, count in sorted(now.state.connected.items()):
                 pod = [now.namespace, now.room, f"{set_name}-{relay}"]
                 listeners.add_metric(pod, count)
@@ -181,7 +182,5 @@ def run(
 
 
 def _read_map(cluster: Cluster, namespace: str, room: str) -> ShardMap | None:
-    document = cluster.read_config_map(namespace, children.shard_map_name(room)).get(
-        children.SHARD_MAP_KEY
-    )
+    document = cluster.read_config_map(namespace, shard_map_name(room)).get(children.SHARD_MAP_KEY)
     return ShardMap.from_dict(json.loads(document)) if document else None

@@ -12,12 +12,15 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from townsquare.api.models import MetricsSpec
+from townsquare.api.names import relay_set_name
+from townsquare.lifecycle import Metrics
 
 RoomKey = tuple[str, str]
 """(namespace, room)"""
@@ -48,9 +51,27 @@ def room_query(metrics: MetricsSpec, namespace: str, room: str) -> str:
     )
 
 
+WAITING_QUERY = "sum by (namespace, room) (audioroom_edge_waiting_listeners)"
+"""Joins the edge holds in the admission queue, per room (optional in the contract)."""
+
+
+def _tagged(query: str, tag: str) -> str:
+    return f'label_replace({query}, "series", "{tag}", "", "")'
+
+
 def batched_query(preset: str) -> str:
-    """One query for every room of a preset, grouped by namespace, room and pod."""
-    return f"sum by (namespace, room, pod) ({PRESETS[preset]})"
+    """One query for every room of a preset: listeners and sample times by pod, waiting by room.
+
+    The three parts come back in one vector, told apart by the `series` label.
+    """
+    listeners = PRESETS[preset]
+    return " or ".join(
+        [
+            _tagged(f"sum by (namespace, room, pod) ({listeners})", "listeners"),
+            _tagged(f"max by (namespace, room, pod) (timestamp({listeners}))", "sampled"),
+            _tagged(WAITING_QUERY, "waiting"),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,7 @@ class RoomListeners:
     by_pod: Mapping[str, int]
     newest_sample: float
     """Unix time of the newest sample behind these figures."""
+    waiting: int = 0
 
     @property
     def total(self) -> int:
@@ -74,36 +96,35 @@ class Reading:
     error: str | None = None
 
 
-def parse_vector(
-    result: Iterable[Mapping[str, Any]], sample_times: Mapping[tuple[str, str, str], float]
-) -> dict[RoomKey, RoomListeners]:
-    """Group an instant vector by room; NaN and negative values count as missing."""
+def parse_vector(result: Iterable[Mapping[str, Any]]) -> dict[RoomKey, RoomListeners]:
+    """Group the batched answer by room; NaN and negative values count as missing."""
     pods: dict[RoomKey, dict[str, int]] = defaultdict(dict)
     newest: dict[RoomKey, float] = {}
+    evaluated: dict[RoomKey, float] = {}
+    waiting: dict[RoomKey, int] = {}
     for series in result:
         labels = series.get("metric", {})
-        namespace, room, pod = labels.get("namespace"), labels.get("room"), labels.get("pod", "")
-        if not namespace or not room:
-            continue
+        namespace, room = labels.get("namespace"), labels.get("room")
         value = float(series["value"][1])
-        if math.isnan(value) or value < 0:
+        if not namespace or not room or math.isnan(value) or value < 0:
             continue
         key = (namespace, room)
-        pods[key][pod] = round(value)
-        stamp = sample_times.get((namespace, room, pod), float(series["value"][0]))
-        newest[key] = max(newest.get(key, 0.0), stamp)
+        kind = labels.get("series", "listeners")
+        if kind == "waiting":
+            waiting[key] = round(value)
+        elif kind == "sampled":
+            newest[key] = max(newest.get(key, 0.0), value)
+        else:
+            pods[key][labels.get("pod", "")] = round(value)
+            evaluated[key] = float(series["value"][0])
     return {
-        key: RoomListeners(by_pod=dict(p), newest_sample=newest[key]) for key, p in pods.items()
+        key: RoomListeners(
+            by_pod=dict(p),
+            newest_sample=newest.get(key, evaluated[key]),
+            waiting=waiting.get(key, 0),
+        )
+        for key, p in pods.items()
     }
-
-
-def _sample_times(result: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], float]:
-    times: dict[tuple[str, str, str], float] = {}
-    for series in result:
-        labels = series.get("metric", {})
-        key = (labels.get("namespace", ""), labels.get("room", ""), labels.get("pod", ""))
-        times[key] = float(series["value"][1])
-    return times
 
 
 class PrometheusSource:
@@ -114,9 +135,7 @@ class PrometheusSource:
         self.timeout_seconds = timeout_seconds
         # One quick retry at most: a tick that fails is simply a tick without data.
         self._client = PrometheusConnect(
-            url=url,
-            retry=Retry(total=1, backoff_factor=0.1),
-            timeout=math.ceil(timeout_seconds),
+            url=url, retry=Retry(total=1, backoff_factor=0.1), timeout=math.ceil(timeout_seconds)
         )
 
     def _query(self, promql: str) -> list[dict[str, Any]]:
@@ -126,24 +145,54 @@ class PrometheusSource:
         return result
 
     def read(self, preset: str) -> Reading:
-        """Every room's listeners under one preset, with the newest sample time per room."""
-        query = batched_query(preset)
+        """Every room's listeners under one preset: one request to Prometheus."""
         try:
-            values = self._query(query)
-            stamps = self._query(f"max by (namespace, room, pod) (timestamp({PRESETS[preset]}))")
+            return Reading(rooms=parse_vector(self._query(batched_query(preset))))
         except Exception as exc:  # any transport or server failure means "no data"
-            return Reading(error=f"{type(exc).__name__}: {exc}"[:300])
-        return Reading(rooms=parse_vector(values, _sample_times(stamps)))
+            return Reading(error=_describe(exc))
 
     def read_room(self, metrics: MetricsSpec, namespace: str, room: str) -> Reading:
         """One room with its own query template (cannot be batched with the others)."""
-        query = f"sum by (namespace, room, pod) ({room_query(metrics, namespace, room)})"
+        query = _tagged(f"sum by (pod) ({room_query(metrics, namespace, room)})", "listeners")
         try:
             values = self._query(query)
         except Exception as exc:
-            return Reading(error=f"{type(exc).__name__}: {exc}"[:300])
+            return Reading(error=_describe(exc))
         relabelled = [
             {**series, "metric": {**series.get("metric", {}), "namespace": namespace, "room": room}}
             for series in values
         ]
-        return Reading(rooms=parse_vector(relabelled, {}))
+        return Reading(rooms=parse_vector(relabelled))
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"Prometheus unreachable: {type(error).__name__}: {text}"[:300]
+
+
+def room_metrics(reading: Reading, key: RoomKey, now: datetime, max_age: timedelta) -> Metrics:
+    """What one room's scaling sees of a reading: listeners by relay, or why there are none."""
+    if reading.error is not None:
+        return Metrics(listeners=None, problem=reading.error)
+    found = reading.rooms.get(key)
+    if found is None:
+        return Metrics(listeners=None, problem="no listener series for this room")
+    sampled_at = datetime.fromtimestamp(found.newest_sample, tz=UTC)
+    age = now - sampled_at
+    if age > max_age:
+        return Metrics(
+            listeners=None,
+            problem=f"newest listener sample is {int(age.total_seconds())}s old",
+        )
+    pattern = re.compile(rf"^{re.escape(relay_set_name(key[1]))}-([0-9]+)$")
+    by_relay: dict[int, int] = {}
+    for pod, count in found.by_pod.items():
+        match = pattern.match(pod)
+        if match:
+            by_relay[int(match.group(1))] = count
+    return Metrics(
+        listeners=found.total,
+        waiting=found.waiting,
+        by_relay=by_relay,
+        sampled_at=sampled_at,
+    )

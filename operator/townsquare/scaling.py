@@ -151,7 +151,7 @@ def startup_estimate(hint_seconds: float, measured_seconds: tuple[float, ...] = 
     return total / (STARTUP_PRIOR_WEIGHT + len(measured_seconds))
 
 
-def plan_floor(spec: AudioRoomSpec, plan: Plan, now: datetime, peak: int) -> int:
+def plan_floor(spec: AudioRoomSpec, plan: Plan, now: datetime, peak: int | None) -> int:
     """Relays the declared plan still guarantees at `now`, given the `peak` demand seen.
 
     Before `prewarmAt` there is no floor. From `prewarmAt` the plan holds: nothing is known
@@ -172,7 +172,7 @@ def plan_floor(spec: AudioRoomSpec, plan: Plan, now: datetime, peak: int) -> int
         return 0
     start, hold = spec.start_time, spec.scaling.plan_hold
     relays = plan.relays
-    if now >= start + hold * NO_SHOW_GRACE_SHARE:
+    if peak is not None and now >= start + hold * NO_SHOW_GRACE_SHARE:
         evidence = min(spec.expected_audience, peak * LATE_ARRIVAL_FACTOR)
         relays = min(relays, _relays_for(evidence, spec))
     if now < start + hold:
@@ -201,9 +201,10 @@ def decide(
     startup = startup_seconds if startup_seconds is not None else spec.relay.startup_seconds
 
     if observation.listeners is None:
-        floor = plan_floor(spec, plan, now, state.peak)
+        # Without a single reading there is no evidence of a no-show: keep the whole plan.
+        floor = plan_floor(spec, plan, now, state.peak if state.peak > 0 else None)
         target = min(scaling.max_relays, max(current, floor, scaling.min_relays))
-        relays = _step_up(current, target)
+        relays = _grow(current, target, floor, spec)
         next_state = replace(state, samples=(), targets=())
         why = f"metrics unavailable: holding {current:,} relays (never scaling down blind)"
         if relays > current:
@@ -227,7 +228,7 @@ def decide(
     per_relay = spec.relay.listeners_per_relay * scaling.target_utilization
     beyond_tolerance = forecast > current * per_relay * (1 + UP_TOLERANCE)
     if target > current and (beyond_tolerance or max(floor, scaling.min_relays) > current):
-        relays = _step_up(current, target)
+        relays = _grow(current, target, floor, spec)
     elif target < current and _covers_window(targets, now, window):
         relays = min(current, max(target, max(n for _, n in targets)))
     else:
@@ -311,6 +312,16 @@ def _finish(
 def _relays_for(listeners: float, spec: AudioRoomSpec) -> int:
     per_relay = spec.relay.listeners_per_relay * spec.scaling.target_utilization
     return math.ceil(listeners / per_relay - 1e-9) if listeners > 0 else 0
+
+
+def _grow(current: int, target: int, floor: int, spec: AudioRoomSpec) -> int:
+    """Demand grows the room in bounded steps; the declared plan (and minRelays) at once.
+
+    The step bound guards against one bad sample; the plan is no sample, and pre-warming
+    715 relays in eight doubling steps would only delay readiness.
+    """
+    declared = min(spec.scaling.max_relays, max(floor, spec.scaling.min_relays))
+    return min(target, max(_step_up(current, target), declared))
 
 
 def _step_up(current: int, target: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
-from townsquare.lifecycle import Observed, Outcome, reconcile
+from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
 
@@ -30,8 +30,9 @@ def step(
     generation: int = 1,
     listeners: int | None = None,
 ) -> Outcome:
-    seen = Observed(START + at, generation, ready, listeners)
-    return reconcile(spec, previous, seen)
+    metrics = None if listeners is None else Metrics(listeners=listeners, sampled_at=START + at)
+    seen = Observed(START + at, generation, ready, metrics=metrics)
+    return reconcile("room", spec, previous, seen)
 
 
 def reasons(outcome: Outcome) -> list[str]:

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 from townsquare.api.models import MetricsSpec
-from townsquare.metrics import batched_query, escape_label_value, parse_vector, room_query
+from townsquare.metrics import (
+    Reading,
+    batched_query,
+    escape_label_value,
+    parse_vector,
+    room_metrics,
+    room_query,
+)
 
 
 def test_label_values_cannot_change_the_query() -> None:
@@ -20,22 +30,53 @@ def test_backslashes_and_newlines_are_escaped() -> None:
     assert escape_label_value("a\\b\nc") == "a\\\\b\\nc"
 
 
-def test_batched_query_groups_by_room_and_pod() -> None:
-    assert batched_query("contract") == (
-        "sum by (namespace, room, pod) (audioroom_relay_listeners)"
-    )
+def test_batched_query_asks_for_everything_at_once() -> None:
+    query = batched_query("contract")
+    assert "sum by (namespace, room, pod) (audioroom_relay_listeners)" in query
+    assert "timestamp(audioroom_relay_listeners)" in query
+    assert "audioroom_edge_waiting_listeners" in query
     assert "livekit_participant_total" in batched_query("livekit")
 
 
+def _series(kind: str, ns: str, room: str, value: str, pod: str | None = None) -> dict[str, Any]:
+    labels = {"series": kind, "namespace": ns, "room": room}
+    if pod:
+        labels["pod"] = pod
+    return {"metric": labels, "value": [100.0, value]}
+
+
+ANSWER = [
+    _series("listeners", "a", "r", "700", "r-relay-0"),
+    _series("listeners", "a", "r", "650", "r-relay-1"),
+    _series("sampled", "a", "r", "97", "r-relay-0"),
+    _series("sampled", "a", "r", "99", "r-relay-1"),
+    _series("waiting", "a", "r", "40"),
+    _series("listeners", "b", "r", "NaN", "r-relay-0"),
+    {"metric": {"pod": "stray"}, "value": [100.0, "5"]},
+]
+
+
 def test_parse_groups_series_by_room_and_drops_nan() -> None:
-    vector = [
-        {"metric": {"namespace": "a", "room": "r", "pod": "r-relay-0"}, "value": [100.0, "700"]},
-        {"metric": {"namespace": "a", "room": "r", "pod": "r-relay-1"}, "value": [100.0, "650"]},
-        {"metric": {"namespace": "b", "room": "r", "pod": "r-relay-0"}, "value": [100.0, "NaN"]},
-        {"metric": {"pod": "stray"}, "value": [100.0, "5"]},
-    ]
-    stamps = {("a", "r", "r-relay-0"): 97.0, ("a", "r", "r-relay-1"): 99.0}
-    rooms = parse_vector(vector, stamps)
+    rooms = parse_vector(ANSWER)
     assert set(rooms) == {("a", "r")}
     assert rooms[("a", "r")].total == 1350
     assert rooms[("a", "r")].newest_sample == 99.0
+    assert rooms[("a", "r")].waiting == 40
+
+
+def test_room_metrics_by_relay_ordinal_and_staleness() -> None:
+    reading = Reading(rooms=parse_vector(ANSWER))
+    fresh = room_metrics(reading, ("a", "r"), NOW, timedelta(seconds=30))
+    assert fresh.listeners == 1350
+    assert dict(fresh.by_relay) == {0: 700, 1: 650}
+    assert fresh.waiting == 40
+    stale = room_metrics(reading, ("a", "r"), NOW + timedelta(minutes=5), timedelta(seconds=30))
+    assert stale.listeners is None
+    assert "old" in stale.problem
+    missing = room_metrics(reading, ("a", "other"), NOW, timedelta(seconds=30))
+    assert missing.listeners is None
+    down = room_metrics(Reading(error="Prometheus unreachable"), ("a", "r"), NOW, timedelta(1))
+    assert down.listeners is None and down.problem == "Prometheus unreachable"
+
+
+NOW = datetime.fromtimestamp(100, tz=UTC)

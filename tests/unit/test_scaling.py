@@ -83,9 +83,14 @@ def test_missing_metrics_hold_the_size() -> None:
     assert "metrics unavailable: holding 40 relays" in decisions[0].reason
 
 
-def test_missing_metrics_still_honour_the_plan_floor() -> None:
+def test_missing_metrics_still_honour_the_plan_floor_at_once() -> None:
     (decision,) = run(spec(), ScalingState.initial(2), [(-600, None)])
-    assert decision.relays == 6 and decision.floor == 715
+    assert decision.relays == 715 and decision.floor == 715
+
+
+def test_no_data_at_all_is_no_evidence_of_a_no_show() -> None:
+    (decision,) = run(spec(), ScalingState.initial(715), [(10 * 60, None)])
+    assert decision.relays == 715 and decision.floor == 715
 
 
 def test_plan_floor_holds_then_decays() -> None:

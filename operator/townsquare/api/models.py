@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
@@ -283,4 +283,15 @@ class AudioRoomStatus(ApiModel):
     relays: RelayStatus | None = None
     listeners: ListenerStatus | None = None
     shard_map: ShardMapRef | None = None
+    scaling_state: Annotated[
+        dict[str, Any] | None,
+        WithJsonSchema(
+            {
+                "type": "object",
+                "nullable": True,
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": "The scaling policy's memory, so a restarted operator resumes it.",
+            }
+        ),
+    ] = None
     conditions: list[Condition] = Field(default_factory=list)

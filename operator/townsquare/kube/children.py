@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from townsquare.api.models import API_VERSION, KIND, AudioRoomSpec
+from townsquare.api.names import relay_service_name, relay_set_name, shard_map_name
 
 Manifest = dict[str, Any]
 
@@ -17,21 +18,6 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "townsquare"
 SHARD_MAP_KEY = "shardmap.json"
-
-
-def relay_set_name(room: str) -> str:
-    """The StatefulSet whose pods are the room's relays (`<room>-relay-<ordinal>`)."""
-    return f"{room}-relay"
-
-
-def relay_service_name(room: str) -> str:
-    """The headless Service giving each relay a stable DNS name."""
-    return f"{room}-relays"
-
-
-def shard_map_name(room: str) -> str:
-    """The ConfigMap that publishes the room's shard map to the edge."""
-    return f"{room}-shards"
 
 
 def relay_selector(room: str) -> dict[str, str]:

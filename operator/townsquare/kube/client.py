@@ -16,7 +16,8 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
-from townsquare.kube.children import MANAGER, ROOM_LABEL, Manifest, relay_set_name
+from townsquare.api.names import relay_set_name
+from townsquare.kube.children import MANAGER, ROOM_LABEL, Manifest
 
 APPLY = "application/apply-patch+yaml"
 
