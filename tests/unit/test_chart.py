@@ -97,6 +97,7 @@ def test_helm_lint_strict_passes() -> None:
         ({"highAvailability": {"replicas": 1}}, "/highAvailability/replicas"),
         ({"metrics": {"port": "9090"}}, "/metrics/port"),
         ({"logFormat": "xml"}, "/logFormat"),
+        ({"prometheus": {"url": "prometheus:9090"}}, "/prometheus/url"),
     ],
 )
 def test_values_schema_refuses_unknown_and_wrong_values(
@@ -135,12 +136,19 @@ def _cli_has(flag: str) -> bool:
     strict=True,
 )
 def test_every_flag_the_chart_passes_is_one_townsquare_run_accepts() -> None:
-    docs = render({"watch": {"namespaces": ["a", "b"]}, "highAvailability": {"enabled": True}})
+    docs = render(
+        {
+            "watch": {"namespaces": ["a", "b"]},
+            "highAvailability": {"enabled": True},
+            "prometheus": {"url": "http://prometheus.monitoring:9090"},
+        }
+    )
     for deployment in of_kind(docs, "Deployment"):
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         parsed = build_parser().parse_args(args)
         assert parsed.command == "run"
         assert parsed.namespace == ["a", "b"]
+        assert parsed.prometheus_url == "http://prometheus.monitoring:9090"
 
 
 def test_rbac_is_least_privilege_in_both_modes() -> None:

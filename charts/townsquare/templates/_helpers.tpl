@@ -63,7 +63,8 @@ What the operator does in the namespaces it serves, and nothing more:
 - Children (StatefulSet, Service, ConfigMap, PodDisruptionBudget): written by server-side
   apply (create + patch) and watched by label; nothing is ever deleted by the operator
   (owner references let the garbage collector do it). StatefulSet status is read for
-  readiness; relay pods are watched for their start-up times.
+  readiness, the shard map ConfigMap to carry it across restarts, relay pods are listed
+  for their start-up times.
 - Events: created on AudioRooms.
 Secrets are absent on purpose.
 */}}
@@ -81,8 +82,11 @@ Secrets are absent on purpose.
   resources: ["statefulsets/status"]
   verbs: ["get"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["services"]
   verbs: ["list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "create", "patch"]
