@@ -1,0 +1,256 @@
+"""The chart on the real cluster: installed by a real helm, its RBAC checked by the real API server.
+
+The operator image is never run here (no container engine, no registry): kwok marks the
+chart's pod Ready without running it. What runs is `townsquare run` on this machine with
+a token of the chart's ServiceAccount (TokenRequest API), so every call the operator makes
+is authorized exactly as it would be in the pod.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import REPO, wait_until
+from kubernetes import client
+from operator_process import OperatorProcess
+from test_lifecycle import Rooms
+from test_lifecycle import (
+    test_phases_in_order_with_relays_ready_before_the_start as phases_scenario,
+)
+
+pytestmark = [pytest.mark.e2e]
+
+CHART = REPO / "charts" / "townsquare"
+KOPF_CRDS = CHART / "crds" / "kopf.dev-peerings.yaml"
+KUBECTL = REPO / ".venv" / "bin" / "kubectl"
+RELEASE = "ts"
+SERVICE_ACCOUNT = "ts-townsquare"
+
+
+@cache
+def helm_binary() -> str:
+    """The pinned helm (hack/helm/build.sh builds it once into ~/.cache/townsquare)."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "helm" / "build.sh")], capture_output=True, text=True, check=False
+    )
+    assert built.returncode == 0, f"building helm failed:\n{built.stderr[-3000:]}"
+    return built.stdout.strip().splitlines()[-1]
+
+
+def run(*command: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in command], input=stdin, capture_output=True, text=True, check=False
+    )
+
+
+@dataclass
+class Helm:
+    kubeconfig: Path
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run(helm_binary(), "--kubeconfig", self.kubeconfig, *args)
+
+    def template(self, namespace: str, *args: str) -> str:
+        result = self("template", RELEASE, str(CHART), "--namespace", namespace, *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    result = run(KUBECTL, "--kubeconfig", kubeconfig, *args, stdin=stdin)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def on_kwok(namespace: str) -> list[str]:
+    """Values for a release serving `namespace`, with its pod on kwok's simulated nodes."""
+    return ["--set-json", f'watch.namespaces=["{namespace}"]', "--set", "nodeSelector.type=kwok"]
+
+
+@pytest.fixture
+def helm(kubeconfig: Path) -> Helm:
+    return Helm(kubeconfig)
+
+
+@pytest.fixture
+def kopf_crds(kubeconfig: Path) -> None:
+    """The chart's CRDs, as `helm install` puts them (kopf's peering kinds among them)."""
+    kubectl(
+        kubeconfig, "apply", "--server-side", "-f", str(CHART / "crds" / "kopf.dev-peerings.yaml")
+    )
+    for name in ("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
+        kubectl(kubeconfig, "wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+
+
+@pytest.fixture
+def release(helm: Helm, namespace: str, crds: list[str], kwok_nodes: list[str]) -> Iterator[str]:
+    """The chart installed into the test namespace, serving that namespace only."""
+    installed = helm(
+        "install", RELEASE, str(CHART), "--namespace", namespace, *on_kwok(namespace),
+        "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    yield namespace
+    helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "60s")
+
+
+@pytest.fixture
+def service_account_kubeconfig(
+    kubeconfig: Path, api_client: client.ApiClient, release: str, tmp_path: Path
+) -> Path:
+    """A kubeconfig holding a token of the chart's ServiceAccount, minted by TokenRequest."""
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+    )
+    token = (
+        client.CoreV1Api(api_client)
+        .create_namespaced_service_account_token(SERVICE_ACCOUNT, release, request)
+        .status.token
+    )
+    admin = yaml.safe_load(
+        kubectl(kubeconfig, "config", "view", "--raw", "--minify", "--flatten", "-o", "yaml")
+    )
+    cluster = admin["clusters"][0]
+    path = tmp_path / "service-account.kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": SERVICE_ACCOUNT,
+                        "context": {"cluster": cluster["name"], "user": SERVICE_ACCOUNT},
+                    }
+                ],
+                "current-context": SERVICE_ACCOUNT,
+            }
+        )
+    )
+    return path
+
+
+def test_the_rendered_chart_is_accepted_by_the_api_server(
+    helm: Helm, kubeconfig: Path, namespace: str, kopf_crds: None
+) -> None:
+    """Every value combination a platform team would pick, validated by kube-apiserver."""
+    combinations = [
+        [],
+        on_kwok(namespace),
+        [*on_kwok(namespace), "--set", "highAvailability.enabled=true"],
+        ["--set", "highAvailability.enabled=true", "--set", "metrics.dashboard.enabled=true"],
+    ]
+    for values in combinations:
+        manifest = helm.template(namespace, *values)
+        out = kubectl(
+            kubeconfig, "apply", "--dry-run=server", "--namespace", namespace, "-f", "-",
+            stdin=manifest,
+        )  # fmt: skip
+        assert "deployment.apps/ts-townsquare created (server dry run)" in out, out
+        if "highAvailability.enabled=true" in values:
+            assert "deployment.apps/ts-townsquare-standby-1 created (server dry run)" in out
+            assert "kopfpeering.kopf.dev/ts-townsquare created (server dry run)" in out
+
+
+def test_helm_install_brings_the_operator_deployment_to_available(
+    release: str, api_client: client.ApiClient, helm: Helm
+) -> None:
+    apps = client.AppsV1Api(api_client)
+
+    def available() -> bool:
+        deployment = apps.read_namespaced_deployment("ts-townsquare", release)
+        conditions = deployment.status.conditions or []
+        return any(c.type == "Available" and c.status == "True" for c in conditions)
+
+    assert wait_until(available, 60, "the operator Deployment to be Available")
+    (pod,) = client.CoreV1Api(api_client).list_namespaced_pod(release).items
+    assert pod.spec.service_account_name == SERVICE_ACCOUNT
+    assert pod.spec.node_name.startswith("node-"), "placed on a kwok node"
+    assert pod.spec.containers[0].security_context.read_only_root_filesystem is True
+    status = helm("status", RELEASE, "--namespace", release)
+    assert "STATUS: deployed" in status.stdout
+
+
+def test_the_lifecycle_runs_under_the_chart_service_account(
+    service_account_kubeconfig: Path,
+    kubeconfig: Path,
+    release: str,
+    api_client: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """The main lifecycle scenario, with the operator holding only the chart's permissions.
+
+    The test's own reads (and `kubectl describe`, as on-call runs it) use the admin config.
+    """
+    operator = OperatorProcess(service_account_kubeconfig, release, tmp_path / "operator.log")
+    operator.start()
+    try:
+        phases_scenario(Rooms(api_client, release), operator, kubeconfig)
+    finally:
+        operator.stop()
+    log = operator.log_text()
+    assert "forbidden" not in log.lower(), log[-3000:]
+    assert "Not enough permissions" not in log, log[-3000:]
+
+
+CAN = [
+    ("patch", "audiorooms.townsquare.dev"),
+    ("patch", "audiorooms.townsquare.dev/status"),
+    ("watch", "audiorooms.townsquare.dev"),
+    ("create", "statefulsets.apps"),
+    ("patch", "statefulsets.apps"),
+    ("patch", "poddisruptionbudgets.policy"),
+    ("get", "configmaps"),
+    ("create", "events"),
+    ("list", "pods"),
+]
+CANNOT = [
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("delete", "statefulsets.apps"),
+    ("delete", "audiorooms.townsquare.dev"),
+    ("create", "pods"),
+    ("delete", "pods"),
+    ("create", "pods/exec"),
+    ("patch", "deployments.apps"),
+    ("create", "serviceaccounts/token"),
+    ("create", "roles.rbac.authorization.k8s.io"),
+    ("update", "configmaps"),
+    ("delete", "events"),
+]
+
+
+def can_i(kubeconfig: Path, verb: str, resource: str, *scope: str) -> str:
+    """`kubectl auth can-i` as the ServiceAccount itself: "yes" or "no"."""
+    result = run(KUBECTL, "--kubeconfig", kubeconfig, "auth", "can-i", verb, resource, *scope)
+    answer = result.stdout.strip()
+    assert answer in ("yes", "no"), result.stderr
+    return answer
+
+
+def test_the_service_account_cannot_read_secrets_or_touch_what_it_does_not_manage(
+    service_account_kubeconfig: Path, release: str
+) -> None:
+    here = ["--namespace", release]
+    for verb, resource in CAN:
+        assert can_i(service_account_kubeconfig, verb, resource, *here) == "yes", (verb, resource)
+    for verb, resource in CANNOT:
+        assert can_i(service_account_kubeconfig, verb, resource, *here) == "no", (verb, resource)
+    # Outside the namespaces it serves it may do nothing at all to rooms or their children.
+    for verb, resource in CAN:
+        assert can_i(service_account_kubeconfig, verb, resource, "--namespace", "default") == (
+            "no"
+        ), (verb, resource)
+    assert can_i(service_account_kubeconfig, "list", "secrets", "--all-namespaces") == "no"
+    assert can_i(service_account_kubeconfig, "list", "customresourcedefinitions") == "yes"
+    assert can_i(service_account_kubeconfig, "create", "customresourcedefinitions") == "no"
+    assert can_i(service_account_kubeconfig, "patch", "nodes") == "no"
