@@ -27,7 +27,8 @@ answers() {
     kubectl --kubeconfig "$kubeconfig" get --raw /readyz --request-timeout=5s >/dev/null 2>&1
 }
 
-exists() { [ -x "$kwokctl" ] && "$kwokctl" get clusters 2>/dev/null | grep -qx "$name"; }
+# Not grep -q: it would exit early, kwokctl would die of SIGPIPE, and pipefail says "no".
+exists() { [ -x "$kwokctl" ] && "$kwokctl" get clusters 2>/dev/null | grep -x "$name" >/dev/null; }
 
 # kwok's own stages for nodes and finished pods, from the pinned module; pod-ready is ours.
 stage_configs() {
@@ -63,9 +64,10 @@ up() {
   if answers; then
     log "cluster $name is already running"
   elif exists; then
-    log "cluster $name exists but does not answer: starting it"
-    "$kwokctl" start cluster --name "$name" --wait 2m 9>&- >&2 ||
-      { log "start failed: recreating"; delete; create; }
+    # Restarting would reuse ports fixed at creation, which another cluster may hold now.
+    log "cluster $name exists but does not answer: recreating it"
+    delete
+    create
   else
     create
   fi
