@@ -44,10 +44,11 @@ bench: venv
 crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
 
-test: lint typecheck layers e2e-prerequisites
+test: lint typecheck layers e2e-prerequisites chart-check
 	$(RUN) pytest -q
 
 clean:
 	rm -rf .venv .tools .mypy_cache .pytest_cache .ruff_cache
 
 -include hack/cluster.mk
+-include hack/chart.mk
