@@ -4,12 +4,12 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: cluster-binaries cluster-up cluster-down prometheus e2e-prerequisites e2e
 
-# Cached by version under ~/.cache/townsquare: only the first run builds (tens of minutes).
+# Cached by version under ~/.cache/townsquare: only the first run builds (~6 min on 2 cores).
 cluster-binaries:
 	hack/cluster/build.sh >/dev/null
 
 cluster-up: venv cluster-binaries
-	@echo "export KUBECONFIG=$$(hack/cluster/cluster.sh up)"
+	@kubeconfig=$$(hack/cluster/cluster.sh up) && echo "export KUBECONFIG=$$kubeconfig"
 
 cluster-down:
 	hack/cluster/cluster.sh down
@@ -19,8 +19,9 @@ prometheus: $(PROMETHEUS)
 $(PROMETHEUS):
 	$(SUDO) apt-get update -q
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+	if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus; fi
 
 e2e-prerequisites: venv cluster-binaries prometheus
 
 e2e: e2e-prerequisites
-	$(RUN) pytest -m e2e -q
+	$(RUN) pytest -m e2e -q tests/e2e
