@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from harness import REPO, wait_until
 from kubernetes import client
 from operator_process import OperatorProcess
-from test_lifecycle import Rooms
+from test_lifecycle import Rooms, room_manifest
 from test_lifecycle import (
     test_phases_in_order_with_relays_ready_before_the_start as phases_scenario,
 )
@@ -89,10 +90,21 @@ def kopf_crds(kubeconfig: Path) -> None:
 
 
 @pytest.fixture
-def release(helm: Helm, namespace: str, crds: list[str], kwok_nodes: list[str]) -> Iterator[str]:
-    """The chart installed into the test namespace, serving that namespace only."""
+def release(
+    helm: Helm,
+    namespace: str,
+    crds: list[str],
+    kwok_nodes: list[str],
+    kopf_crds: None,
+    request: pytest.FixtureRequest,
+) -> Iterator[str]:
+    """The chart installed into the test namespace, serving that namespace only.
+
+    Parametrize it indirectly with more `helm install` arguments to change values.
+    """
+    extra: list[str] = getattr(request, "param", [])
     installed = helm(
-        "install", RELEASE, str(CHART), "--namespace", namespace, *on_kwok(namespace),
+        "install", RELEASE, str(CHART), "--namespace", namespace, *on_kwok(namespace), *extra,
         "--wait", "--timeout", "120s",
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
@@ -254,3 +266,60 @@ def test_the_service_account_cannot_read_secrets_or_touch_what_it_does_not_manag
     assert can_i(service_account_kubeconfig, "list", "customresourcedefinitions") == "yes"
     assert can_i(service_account_kubeconfig, "create", "customresourcedefinitions") == "no"
     assert can_i(service_account_kubeconfig, "patch", "nodes") == "no"
+
+
+HIGH_AVAILABILITY = ["--set", "highAvailability.enabled=true"]
+
+
+@pytest.mark.parametrize("release", [HIGH_AVAILABILITY], indirect=True)
+def test_standby_replica_waits_then_takes_over_through_the_chart_peering_object(
+    service_account_kubeconfig: Path,
+    release: str,
+    api_client: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """Both replicas, with the flags the chart gives them, under the chart's permissions."""
+    apps = client.AppsV1Api(api_client)
+    deployments = {d.metadata.name: d for d in apps.list_namespaced_deployment(release).items}
+    assert set(deployments) == {"ts-townsquare", "ts-townsquare-standby-1"}
+    replicas = []
+    for name in sorted(deployments):
+        args = deployments[name].spec.template.spec.containers[0].args
+        peering = [a for a in args if a.startswith(("--peering=", "--priority="))]
+        replica = OperatorProcess(
+            service_account_kubeconfig, release, tmp_path / f"{name}.log", *peering
+        )
+        replica.start()
+        replicas.append(replica)
+    custom = client.CustomObjectsApi(api_client)
+    try:
+
+        def peers() -> dict[str, Any]:
+            peering = custom.get_namespaced_custom_object(
+                "kopf.dev", "v1", release, "kopfpeerings", "ts-townsquare"
+            )
+            return {k: v for k, v in (peering.get("status") or {}).items() if v}
+
+        both = wait_until(lambda: len(peers()) == 2 and peers(), 60, "both replicas in the peering")
+        assert sorted(p["priority"] for p in both.values()) == [99, 100]
+        rooms = Rooms(api_client, release)
+        rooms.create(room_manifest("peered", start_in=600))
+        wait_until(lambda: rooms.phase("peered") == "Scheduled", 60, "the room to be served")
+        primary, standby = replicas
+        resumed = "Resuming operations after the pause"
+        assert resumed in primary.log_text()
+        assert resumed not in standby.log_text(), "the standby waits while the primary lives"
+
+        primary.stop()
+        wait_until(lambda: resumed in standby.log_text(), 30, "the standby to take over")
+        rooms.patch_spec("peered", {"expectedAudience": 6000})
+        wait_until(
+            lambda: rooms.get("peered")["status"]["plan"]["relays"] == 8,
+            30,
+            "the standby to re-plan the room",
+        )
+    finally:
+        for replica in replicas:
+            replica.stop()
+    for replica in replicas:
+        assert "forbidden" not in replica.log_text().lower(), replica.log_text()[-3000:]
