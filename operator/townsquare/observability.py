@@ -8,6 +8,7 @@ tests (and the dashboard's test) see exactly what `/metrics` serves.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,7 @@ DecisionReason = Literal[
 DECISION_REASONS: tuple[DecisionReason, ...] = get_args(DecisionReason)
 Direction = Literal["up", "down", "hold"]
 Admission = Literal["open", "queueing"]
+_LABEL_SAFE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """Everything `/metrics` serves; tests read it directly."""
@@ -296,6 +298,17 @@ def time_reconcile() -> AbstractContextManager[None]:
 def time_prometheus_query() -> AbstractContextManager[None]:
     """Around one Prometheus query: its latency, and its exception class if it raises."""
     return _timed(QUERY_SECONDS, QUERY_ERRORS)
+
+
+def record_prometheus_query(seconds: float, error: str | None = None) -> None:
+    """One Prometheus query that was timed by the caller; `error` names its failure.
+
+    For callers that turn failures into values instead of raising. The name becomes a
+    label, so anything but a short identifier (an exception class, say) counts as "Other".
+    """
+    QUERY_SECONDS.observe(seconds)
+    if error is not None:
+        QUERY_ERRORS.labels(error=error if _LABEL_SAFE.fullmatch(error) else "Other").inc()
 
 
 def serve(port: int, address: str = "0.0.0.0") -> WSGIServer:

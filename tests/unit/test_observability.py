@@ -194,3 +194,18 @@ def test_metrics_are_served_over_http() -> None:
     assert 'townsquare_room_relays{namespace="spaces",room="launch",state="ready"} 600.0' in body
     assert "townsquare_build_info{" in body
     assert "process_resident_memory_bytes" in body
+
+
+def test_a_query_timed_by_its_caller_counts_its_error_under_a_safe_name() -> None:
+    def value(name: str, **labels: str) -> float:
+        return scrape().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    queries = value("townsquare_prometheus_query_duration_seconds_count")
+    unreachable = value("townsquare_prometheus_query_errors_total", error="Unreachable")
+    other = value("townsquare_prometheus_query_errors_total", error="Other")
+    observability.record_prometheus_query(0.02)
+    observability.record_prometheus_query(5.0, "Unreachable")
+    observability.record_prometheus_query(5.0, "Prometheus unreachable: 10.0.0.1 refused")
+    assert value("townsquare_prometheus_query_duration_seconds_count") == queries + 3
+    assert value("townsquare_prometheus_query_errors_total", error="Unreachable") == unreachable + 1
+    assert value("townsquare_prometheus_query_errors_total", error="Other") == other + 1
