@@ -59,7 +59,6 @@ class Runtime:
     watched: dict[Key, AudioRoomSpec] = field(default_factory=dict)
     """Rooms whose listeners the poller reads."""
     readings: dict[Key, Metrics] = field(default_factory=dict)
-    first_reading: asyncio.Event = field(default_factory=asyncio.Event)
     scaling: dict[Key, ScalingState] = field(default_factory=dict)
     maps: dict[Key, tuple[ShardMap, datetime]] = field(default_factory=dict)
     sources: dict[str, PrometheusSource] = field(default_factory=dict)
@@ -125,7 +124,6 @@ async def poll_metrics(runtime: Runtime) -> None:
             await asyncio.to_thread(read_listeners, runtime)
         except Exception:
             log.exception("reading listeners failed")
-        runtime.first_reading.set()
         for key in list(runtime.readings):
             _poke(runtime, *key)
         await asyncio.sleep(runtime.settings.metrics_interval.total_seconds())
@@ -155,9 +153,27 @@ def read_listeners(runtime: Runtime) -> None:
             )
 
 
+async def _first_reading(runtime: Runtime, key: Key, spec: AudioRoomSpec) -> None:
+    """Wait (briefly) until the poller has read this room, so that a restarted operator
+    decides with data instead of reporting metrics missing meanwhile."""
+    if runtime.prometheus_for(spec) is None:
+        return
+    runtime.watched[key] = spec
+    deadline = 3 * runtime.settings.metrics_interval.total_seconds() + 5
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(deadline):
+            while key not in runtime.readings:
+                await asyncio.sleep(0.1)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, registry=REGISTRY)
 async def run_room(
-    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
+    name: str,
+    namespace: str | None,
+    spec: kopf.Spec,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    **_: Any,
 ) -> None:
     """Reconcile the room, then sleep until its next deadline or a poke."""
     assert namespace is not None, "AudioRoom is namespaced"
@@ -165,9 +181,8 @@ async def run_room(
     key = (namespace, name)
     poke = runtime.pokes.setdefault(key, asyncio.Event())
     log = room_logger(namespace, name)
-    with contextlib.suppress(TimeoutError):
-        # Decide with data: a restarted operator must not report metrics missing meanwhile.
-        await asyncio.wait_for(runtime.first_reading.wait(), timeout=10)
+    with contextlib.suppress(ValueError):
+        await _first_reading(runtime, key, AudioRoomSpec.model_validate(dict(spec)))
     try:
         while not stopped:
             poke.clear()

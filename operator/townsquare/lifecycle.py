@@ -272,7 +272,8 @@ def reconcile(
         fanout=spec.sharding.fanout,
         budget=_migration_budget(spec, seen.now, shard_map_at),
     )
-    _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
+    if phase not in ("Draining", "Ended"):  # past the end, joins are closed: nothing to say
+        _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
     _metrics_condition(seen, draft)
     _capacity_condition(spec, plan, decision, draft)
     draft.condition(

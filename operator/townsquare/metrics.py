@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import requests
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
@@ -140,7 +141,7 @@ class PrometheusSource:
 
     def _query(self, promql: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._client.custom_query(
-            promql, params={"timeout": f"{self.timeout_seconds}s"}
+            promql, params={"timeout": f"{math.ceil(self.timeout_seconds)}s"}
         )
         return result
 
@@ -149,7 +150,7 @@ class PrometheusSource:
         try:
             return Reading(rooms=parse_vector(self._query(batched_query(preset))))
         except Exception as exc:  # any transport or server failure means "no data"
-            return Reading(error=_describe(exc))
+            return Reading(error=self._describe(exc))
 
     def read_room(self, metrics: MetricsSpec, namespace: str, room: str) -> Reading:
         """One room with its own query template (cannot be batched with the others)."""
@@ -157,17 +158,19 @@ class PrometheusSource:
         try:
             values = self._query(query)
         except Exception as exc:
-            return Reading(error=_describe(exc))
+            return Reading(error=self._describe(exc))
         relabelled = [
             {**series, "metric": {**series.get("metric", {}), "namespace": namespace, "room": room}}
             for series in values
         ]
         return Reading(rooms=parse_vector(relabelled))
 
-
-def _describe(error: Exception) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"Prometheus unreachable: {type(error).__name__}: {text}"[:300]
+    def _describe(self, error: Exception) -> str:
+        """One short line for the condition and the Event: what failed, not a traceback."""
+        if isinstance(error, requests.ConnectionError | requests.Timeout):
+            return f"Prometheus at {self.url} unreachable ({type(error).__name__})"
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"Prometheus at {self.url} failed: {text}"[:300]
 
 
 def room_metrics(reading: Reading, key: RoomKey, now: datetime, max_age: timedelta) -> Metrics:

@@ -20,8 +20,8 @@ import yaml
 from harness import REPO, wait_until
 from kubernetes import client
 from operator_process import OperatorProcess
-from test_lifecycle import Rooms, room_manifest
-from test_lifecycle import (
+from rooms import Rooms, room_manifest
+from test_room_lifecycle import (
     test_phases_in_order_with_relays_ready_before_the_start as phases_scenario,
 )
 

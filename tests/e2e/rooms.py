@@ -1,0 +1,148 @@
+"""AudioRooms as a test reads them: manifests, the API server's view, a sampling recorder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION, PLURAL = "townsquare.dev", "v1alpha1", "audiorooms"
+READY_DELAY = "3s"
+PHASES = ["Scheduled", "PreWarming", "Ready", "Live", "Draining", "Ended"]
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def room_manifest(
+    name: str,
+    start_in: float,
+    *,
+    audience: int = 3000,
+    prewarm_lead: str = "20s",
+    duration: str = "20s",
+) -> dict[str, Any]:
+    start = datetime.now(UTC) + timedelta(seconds=start_in)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AudioRoom",
+        "metadata": {"name": name},
+        "spec": {
+            "startTime": rfc3339(start),
+            "duration": duration,
+            "expectedAudience": audience,
+            "relay": {
+                "image": "registry.example/relay:test",
+                "listenersPerRelay": 1000,
+                "startupSeconds": 3,
+                "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": READY_DELAY},
+                "nodeSelector": {"type": "kwok"},
+            },
+            "scaling": {
+                "targetUtilization": 0.75,
+                "minRelays": 1,
+                "maxRelays": 20,
+                "prewarmLead": prewarm_lead,
+                "drainTimeout": "3s",
+            },
+        },
+    }
+
+
+@dataclass
+class Rooms:
+    """AudioRooms and their children in one namespace, read through the real API server."""
+
+    api: client.ApiClient
+    namespace: str
+
+    def __post_init__(self) -> None:
+        self.custom = client.CustomObjectsApi(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.core = client.CoreV1Api(self.api)
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, manifest
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        room: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return room
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def phase(self, name: str) -> str | None:
+        return (self.get(name).get("status") or {}).get("phase")
+
+    def relays(self, name: str) -> tuple[int, int]:
+        """(replicas the StatefulSet asks for, pods Ready)."""
+        try:
+            relay_set = self.apps.read_namespaced_stateful_set(f"{name}-relay", self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return (0, 0)
+            raise
+        return (relay_set.spec.replicas or 0, relay_set.status.ready_replicas or 0)
+
+    def events(self, name: str) -> list[client.CoreV1Event]:
+        selector = f"involvedObject.name={name},involvedObject.kind=AudioRoom"
+        return self.core.list_namespaced_event(self.namespace, field_selector=selector).items
+
+    def reasons(self, name: str) -> list[str]:
+        ordered = sorted(self.events(name), key=lambda e: e.metadata.creation_timestamp)
+        return [e.reason for e in ordered]
+
+
+@dataclass
+class Recorder:
+    """Samples phase and relays every 200 ms in the background, as a watching person would."""
+
+    rooms: Rooms
+    name: str
+    samples: list[tuple[float, str | None, int, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            phase = self.rooms.phase(self.name)
+            replicas, ready = self.rooms.relays(self.name)
+            self.samples.append((time.time(), phase, replicas, ready))
+        except ApiException:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        """Stop sampling, with one last sample of the state the test waited for."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+    def phases(self) -> list[str]:
+        seen: list[str] = []
+        for _, phase, _, _ in self.samples:
+            if phase and (not seen or seen[-1] != phase):
+                seen.append(phase)
+        return seen
+
+    def in_phase(self, phase: str) -> list[tuple[float, str | None, int, int]]:
+        return [s for s in self.samples if s[1] == phase]

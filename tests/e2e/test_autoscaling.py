@@ -1,0 +1,231 @@
+"""Live autoscaling against the real cluster and a real Prometheus, with the load generator.
+
+The load generator places listeners through the shard map the operator publishes and serves
+the metric contract; Prometheus scrapes it every second; the operator reads Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import REPO, Prometheus, free_loopback_port, wait_until
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from operator_process import OperatorProcess
+from rooms import GROUP, VERSION, Rooms, rfc3339
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CAPACITY = 100
+
+
+def scaling_room(name: str, start_in: float, duration: str, audience: int) -> dict[str, Any]:
+    start = datetime.now(UTC) + timedelta(seconds=start_in)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AudioRoom",
+        "metadata": {"name": name},
+        "spec": {
+            "startTime": rfc3339(start),
+            "duration": duration,
+            "expectedAudience": audience,
+            "relay": {
+                "image": "registry.example/relay:test",
+                "listenersPerRelay": CAPACITY,
+                "startupSeconds": 2,
+                "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": "2s"},
+                "nodeSelector": {"type": "kwok"},
+            },
+            "scaling": {
+                "targetUtilization": 0.7,
+                "minRelays": 1,
+                "maxRelays": 30,
+                "prewarmLead": "10s",
+                "planHold": "10s",
+                "scaleDownStabilization": "10s",
+                "drainTimeout": "20s",
+            },
+            "sharding": {"shards": 256, "fanout": 4, "maxMigrationsPerMinute": 100000},
+        },
+    }
+
+
+class LoadGenerator:
+    """`townsquare loadgen` for one room, scraped by the test's Prometheus."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, room: str, trace: Path) -> None:
+        self.port = free_loopback_port()
+        self.log = trace.with_suffix(".log")
+        command = [
+            sys.executable, "-m", "townsquare", "loadgen", "--room", f"{namespace}/{room}",
+            "--trace", str(trace), "--port", str(self.port),
+        ]  # fmt: skip
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@dataclass
+class Timeline:
+    """Samples of the StatefulSet and the published shard map every 300 ms."""
+
+    rooms: Rooms
+    name: str
+    samples: list[tuple[float, int, set[int]]] = field(default_factory=list)
+    """(time, StatefulSet replicas, ordinals marked draining in the shard map)."""
+    generations: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                replicas, _ = self.rooms.relays(self.name)
+                data = self.rooms.core.read_namespaced_config_map(
+                    f"{self.name}-shards", self.rooms.namespace
+                ).data
+                shard_map = json.loads(data["shardmap.json"])
+                draining = {r["ordinal"] for r in shard_map["relays"] if r["state"] == "draining"}
+                self.samples.append((time.time(), replicas, draining))
+                self.generations.append(shard_map["generation"])
+            except (ApiException, KeyError, TypeError):
+                pass
+            self._stop.wait(0.3)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def shrinks(self) -> list[tuple[int, int]]:
+        """Every (before, after) replica decrease of the StatefulSet."""
+        pairs = zip(self.samples, self.samples[1:], strict=False)
+        return [(a[1], b[1]) for a, b in pairs if b[1] < a[1]]
+
+
+def write_trace(path: Path, rows: list[tuple[int, int]]) -> Path:
+    path.write_text("t_seconds,listeners\n" + "".join(f"{t},{n}\n" for t, n in rows))
+    return path
+
+
+@pytest.fixture
+def scaling_operator(
+    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path, prometheus: Prometheus
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(
+        kubeconfig, namespace, tmp_path / "operator.log",
+        "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
+    )  # fmt: skip
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_rising_audience_scales_up_reshards_and_drains_before_shrinking(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    scaling_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    rooms = Rooms(api_client, namespace)
+    trace = write_trace(
+        tmp_path / "surge.csv",
+        [(-20, 0), (0, 60), (20, 1200), (35, 1200), (45, 100), (80, 100), (85, 0), (200, 0)],
+    )
+    rooms.create(scaling_room("surge", start_in=15, duration="75s", audience=140))
+    load = LoadGenerator(kubeconfig, namespace, "surge", trace)
+    prometheus.add_target(load.address)
+    timeline = Timeline(rooms, "surge")
+    try:
+        wait_until(lambda: rooms.relays("surge")[0] >= 18, 90, "scale-up to carry 1,200")
+        wait_until(lambda: timeline.shrinks(), 90, "the StatefulSet to shrink after the fall")
+        wait_until(lambda: rooms.phase("surge") == "Ended", 120, "the room to end")
+    finally:
+        timeline.stop()
+        load.stop()
+
+    reasons = rooms.reasons("surge")
+    assert "ScaledUp" in reasons and "Resharded" in reasons and "ScaledDown" in reasons
+    scaled_up = [e for e in rooms.events("surge") if e.reason == "ScaledUp"]
+    assert any("forecast" in e.message and "listeners" in e.message for e in scaled_up)
+    assert timeline.generations[-1] > timeline.generations[0] + 2, "the shard map advanced"
+
+    peak = prometheus.value(
+        f'max_over_time(max(audioroom_relay_listeners{{namespace="{namespace}"}})[5m:1s])'
+    )
+    assert peak is not None and 0 < peak <= CAPACITY, "no relay ever exceeded its capacity"
+
+    for before, after in timeline.shrinks():
+        marked = [
+            draining
+            for _, replicas, draining in timeline.samples
+            if replicas == before and set(range(after, before)) <= draining
+        ]
+        assert marked, f"relays {after}..{before - 1} were drained before the shrink"
+
+
+def test_prometheus_outage_holds_the_size_and_recovers_by_itself(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    scaling_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    rooms = Rooms(api_client, namespace)
+    trace = write_trace(tmp_path / "flat.csv", [(-20, 0), (0, 500), (300, 500)])
+    rooms.create(scaling_room("steady", start_in=5, duration="5m", audience=140))
+    load = LoadGenerator(kubeconfig, namespace, "steady", trace)
+    prometheus.add_target(load.address)
+
+    def condition() -> dict[str, Any]:
+        status = rooms.get("steady").get("status") or {}
+        return next(
+            (c for c in status.get("conditions", []) if c["type"] == "MetricsAvailable"), {}
+        )
+
+    try:
+        wait_until(lambda: condition().get("status") == "True", 90, "listeners observed")
+        wait_until(lambda: rooms.relays("steady") == (8, 8), 60, "relays for 500 listeners")
+        prometheus.stop()
+        wait_until(lambda: condition().get("status") == "False", 30, "MetricsAvailable False")
+        held_until = time.time() + 12  # longer than the stabilization window
+        while time.time() < held_until:
+            assert rooms.relays("steady")[0] == 8, "the size is held while data is missing"
+            time.sleep(0.5)
+        warning = [e for e in rooms.events("steady") if e.reason == "MetricsUnavailable"]
+        assert warning and warning[0].type == "Warning"
+        assert "never scaling down without data" in warning[0].message
+        prometheus.start()
+        wait_until(lambda: condition().get("status") == "True", 60, "recovery by itself")
+    finally:
+        load.stop()
+    assert rooms.relays("steady")[0] == 8
+    assert "MetricsRecovered" in rooms.reasons("steady")
