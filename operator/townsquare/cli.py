@@ -139,6 +139,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from townsquare.telemetry import configure_logging
 
     configure_logging(args.log_format)
+    if args.metrics_port:
+        from townsquare import observability
+
+        observability.serve(args.metrics_port)
     settings = handlers.Settings(
         prometheus_url=args.prometheus_url,
         metrics_interval=timedelta(seconds=args.metrics_interval),
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run.add_argument("--peering", help="kopf peering object for high availability")
     run.add_argument("--priority", type=int, default=0, help="distinct per replica when peering")
+    run.add_argument(
+        "--metrics-port", type=int, default=9090, help="serve /metrics on this port (0: off)"
+    )
     run.add_argument(
         "--prometheus-url",
         default=os.environ.get("TOWNSQUARE_PROMETHEUS_URL"),

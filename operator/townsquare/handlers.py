@@ -12,19 +12,22 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 
+from townsquare import observability
 from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
 from townsquare.api.names import shard_map_name
 from townsquare.kube import children
 from townsquare.kube.client import Cluster, load_config
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
-from townsquare.metrics import PrometheusSource, room_metrics
+from townsquare.metrics import PrometheusSource, Reading, room_metrics
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
@@ -139,14 +142,14 @@ def read_listeners(runtime: Runtime) -> None:
             continue
         source = runtime.sources.setdefault(url, PrometheusSource(url))
         if spec.metrics.listeners_query:
-            reading = source.read_room(spec.metrics, *key)
+            reading = _timed_read(source.read_room, spec.metrics, *key)
             runtime.readings[key] = room_metrics(
                 reading, key, now, runtime.settings.metrics_max_age
             )
         else:
             groups[(url, spec.metrics.preset)].append(key)
     for (url, preset), keys in groups.items():
-        reading = runtime.sources[url].read(preset)
+        reading = _timed_read(runtime.sources[url].read, preset)
         for key in keys:
             runtime.readings[key] = room_metrics(
                 reading, key, now, runtime.settings.metrics_max_age
@@ -164,6 +167,14 @@ async def _first_reading(runtime: Runtime, key: Key, spec: AudioRoomSpec) -> Non
         async with asyncio.timeout(deadline):
             while key not in runtime.readings:
                 await asyncio.sleep(0.1)
+
+
+def _timed_read(read: Callable[..., Reading], *args: Any) -> Reading:
+    began = time.perf_counter()
+    reading = read(*args)
+    failure = "Unreachable" if reading.error else None
+    observability.record_prometheus_query(time.perf_counter() - began, failure)
+    return reading
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, registry=REGISTRY)
@@ -187,7 +198,8 @@ async def run_room(
         while not stopped:
             poke.clear()
             try:
-                wake_at = await asyncio.to_thread(reconcile_room, runtime, namespace, name)
+                with observability.time_reconcile():
+                    wake_at = await asyncio.to_thread(reconcile_room, runtime, namespace, name)
                 delay = _seconds_until(wake_at)
             except Exception:
                 log.exception("reconcile failed; retrying", retry_seconds=RETRY_SECONDS)
@@ -196,6 +208,7 @@ async def run_room(
                 await asyncio.wait_for(poke.wait(), timeout=delay)
     finally:
         runtime.forget(key)
+        observability.forget_room(namespace, name)
 
 
 def _seconds_until(moment: datetime | None) -> float | None:
@@ -275,8 +288,26 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     log = room_logger(namespace, name)
     for event in outcome.events:
         cluster.post_event(room, event.type, event.reason, event.message, now)
+        observability.record_event(event.type, event.reason)
         log.info("event", type=event.type, reason=event.reason, message=event.message)
+    _observe(namespace, name, spec, outcome)
     return outcome.wake_at
+
+
+def _observe(namespace: str, name: str, spec: AudioRoomSpec, outcome: Outcome) -> None:
+    """The operator's own /metrics: the room as recorded, and the decision with its rule."""
+    admission = outcome.shard_map.admission
+    observability.observe_room(namespace, name, outcome.status, spec.start_time, admission)
+    decision = outcome.decision
+    if decision is not None:
+        reason = observability.decision_reason(
+            metrics_available=decision.metrics_available,
+            capacity_exceeded=decision.capacity_exceeded,
+            plan_floor_binding=decision.floor >= decision.relays,
+            drain_timed_out=bool(decision.drain_timed_out),
+            direction=decision.direction,
+        )
+        observability.record_decision(decision.direction, reason)
 
 
 def _stored_map(cluster: Cluster, namespace: str, name: str) -> ShardMap | None:

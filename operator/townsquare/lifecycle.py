@@ -93,6 +93,8 @@ class Outcome:
     """StatefulSet replicas: accepting relays plus draining ones not yet empty."""
     scaling_state: ScalingState
     shard_map: ShardMap
+    decision: Decision | None
+    """The scaling decision, when the phase asked for one."""
     wake_at: datetime | None
     """None: nothing will happen with time alone (the room has ended)."""
 
@@ -311,6 +313,7 @@ def reconcile(
         desired_relays=replicas,
         scaling_state=state,
         shard_map=rebalanced.map,
+        decision=decision,
         wake_at=_next_deadline(spec, plan_status, phase, seen.now),
     )
 

@@ -124,16 +124,6 @@ def test_the_operator_pod_is_locked_down() -> None:
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
 
 
-def _cli_has(flag: str) -> bool:
-    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
-    return any(flag in action.option_strings for action in run._actions)
-
-
-@pytest.mark.xfail(
-    not _cli_has("--metrics-port"),
-    reason="`townsquare run --metrics-port` is not wired yet (observability.serve)",
-    strict=True,
-)
 def test_every_flag_the_chart_passes_is_one_townsquare_run_accepts() -> None:
     docs = render(
         {
