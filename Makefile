@@ -7,12 +7,13 @@ UV := $(PY_TOOLS)/uv
 UV_VERSION := 0.13.9
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: help venv lint typecheck layers unit test bench crd clean
+.PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean
 
 help:
 	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
 	@echo "make unit      the fast tests only (no cluster)"
 	@echo "make bench     the policy benchmark (docs/benchmarks.md)"
+	@echo "make bench-operator  reaction time and API writes on the local cluster"
 	@echo "make crd       regenerate crds/ from the models"
 
 $(UV):
@@ -40,6 +41,10 @@ unit: venv
 
 bench: venv
 	$(RUN) python -m townsquare.sim.bench examples/traces docs
+
+# Needs the local cluster and Prometheus; writes docs/benchmarks-operator.md.
+bench-operator: e2e-prerequisites
+	$(RUN) pytest -q -s -m bench tests/e2e/test_bench_operator.py
 
 crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml

@@ -20,6 +20,7 @@ import yaml
 from harness import REPO, Prometheus, local_cluster, wait_until
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from operator_process import OperatorProcess
 
 CRD_DIR = REPO / "crds"
 
@@ -136,3 +137,16 @@ def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def scaling_operator(
+    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path, prometheus: Prometheus
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(
+        kubeconfig, namespace, tmp_path / "operator.log",
+        "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
+    )  # fmt: skip
+    process.start()
+    yield process
+    process.stop()

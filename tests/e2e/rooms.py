@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from harness import REPO, free_loopback_port
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -146,3 +150,70 @@ class Recorder:
 
     def in_phase(self, phase: str) -> list[tuple[float, str | None, int, int]]:
         return [s for s in self.samples if s[1] == phase]
+
+
+CAPACITY = 100
+
+
+def scaling_room(name: str, start_in: float, duration: str, audience: int) -> dict[str, Any]:
+    start = datetime.now(UTC) + timedelta(seconds=start_in)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AudioRoom",
+        "metadata": {"name": name},
+        "spec": {
+            "startTime": rfc3339(start),
+            "duration": duration,
+            "expectedAudience": audience,
+            "relay": {
+                "image": "registry.example/relay:test",
+                "listenersPerRelay": CAPACITY,
+                "startupSeconds": 2,
+                "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": "2s"},
+                "nodeSelector": {"type": "kwok"},
+            },
+            "scaling": {
+                "targetUtilization": 0.7,
+                "minRelays": 1,
+                "maxRelays": 30,
+                "prewarmLead": "10s",
+                "planHold": "10s",
+                "scaleDownStabilization": "10s",
+                "drainTimeout": "20s",
+            },
+            "sharding": {"shards": 256, "fanout": 4, "maxMigrationsPerMinute": 100000},
+        },
+    }
+
+
+class LoadGenerator:
+    """`townsquare loadgen` for one room, scraped by the test's Prometheus."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, room: str, trace: Path) -> None:
+        self.port = free_loopback_port()
+        self.log = trace.with_suffix(".log")
+        command = [
+            sys.executable, "-m", "townsquare", "loadgen", "--room", f"{namespace}/{room}",
+            "--trace", str(trace), "--port", str(self.port),
+        ]  # fmt: skip
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def write_trace(path: Path, rows: list[tuple[int, int]]) -> Path:
+    path.write_text("t_seconds,listeners\n" + "".join(f"{t},{n}\n" for t, n in rows))
+    return path

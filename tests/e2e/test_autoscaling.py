@@ -7,85 +7,20 @@ the metric contract; Prometheus scrapes it every second; the operator reads Prom
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, Prometheus, free_loopback_port, wait_until
+from harness import Prometheus, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from operator_process import OperatorProcess
-from rooms import GROUP, VERSION, Rooms, rfc3339
+from rooms import CAPACITY, LoadGenerator, Rooms, scaling_room, write_trace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-CAPACITY = 100
-
-
-def scaling_room(name: str, start_in: float, duration: str, audience: int) -> dict[str, Any]:
-    start = datetime.now(UTC) + timedelta(seconds=start_in)
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "AudioRoom",
-        "metadata": {"name": name},
-        "spec": {
-            "startTime": rfc3339(start),
-            "duration": duration,
-            "expectedAudience": audience,
-            "relay": {
-                "image": "registry.example/relay:test",
-                "listenersPerRelay": CAPACITY,
-                "startupSeconds": 2,
-                "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": "2s"},
-                "nodeSelector": {"type": "kwok"},
-            },
-            "scaling": {
-                "targetUtilization": 0.7,
-                "minRelays": 1,
-                "maxRelays": 30,
-                "prewarmLead": "10s",
-                "planHold": "10s",
-                "scaleDownStabilization": "10s",
-                "drainTimeout": "20s",
-            },
-            "sharding": {"shards": 256, "fanout": 4, "maxMigrationsPerMinute": 100000},
-        },
-    }
-
-
-class LoadGenerator:
-    """`townsquare loadgen` for one room, scraped by the test's Prometheus."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, room: str, trace: Path) -> None:
-        self.port = free_loopback_port()
-        self.log = trace.with_suffix(".log")
-        command = [
-            sys.executable, "-m", "townsquare", "loadgen", "--room", f"{namespace}/{room}",
-            "--trace", str(trace), "--port", str(self.port),
-        ]  # fmt: skip
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @dataclass
@@ -126,24 +61,6 @@ class Timeline:
         """Every (before, after) replica decrease of the StatefulSet."""
         pairs = zip(self.samples, self.samples[1:], strict=False)
         return [(a[1], b[1]) for a, b in pairs if b[1] < a[1]]
-
-
-def write_trace(path: Path, rows: list[tuple[int, int]]) -> Path:
-    path.write_text("t_seconds,listeners\n" + "".join(f"{t},{n}\n" for t, n in rows))
-    return path
-
-
-@pytest.fixture
-def scaling_operator(
-    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path, prometheus: Prometheus
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
-        kubeconfig, namespace, tmp_path / "operator.log",
-        "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
-    )  # fmt: skip
-    process.start()
-    yield process
-    process.stop()
 
 
 def test_rising_audience_scales_up_reshards_and_drains_before_shrinking(
