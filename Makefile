@@ -7,7 +7,7 @@ UV := $(PY_TOOLS)/uv
 UV_VERSION := 0.13.9
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean
+.PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean demo
 
 help:
 	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
@@ -57,3 +57,4 @@ clean:
 
 -include hack/cluster.mk
 -include hack/chart.mk
+-include hack/demo.mk

@@ -182,6 +182,40 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import secrets
+
+    from townsquare import demo
+
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    if not kubeconfig:
+        raise UsageError("--kubeconfig: needed (or KUBECONFIG); 'make demo' brings up a cluster")
+    given = (("--kubeconfig", kubeconfig), ("--trace", args.trace), ("--room", args.room))
+    for flag, path in given:
+        if not Path(path).is_file():
+            raise UsageError(f"{flag}: {path} is not a file")
+    try:
+        with demo.sigterm_as_interrupt():
+            report = demo.run_demo(
+                Path(kubeconfig),
+                args.namespace or f"townsquare-demo-{secrets.token_hex(3)}",
+                Path(args.trace),
+                Path(args.room),
+                args.speed,
+                Path(args.out),
+                crd_dir=Path(args.crds),
+                start_in=args.start_in,
+            )
+    except demo.DemoError as exc:
+        print(f"townsquare: demo failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("townsquare: demo interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    print(f"report: {report.html} (plot: {report.png})")
+    return 0
+
+
 def parse_seconds(text: str) -> float:
     """A duration on the command line (`45s`, `1m30s`) or plain seconds."""
     try:
@@ -296,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--speed", type=float, default=1.0, help="trace seconds per second")
     load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")
     load.set_defaults(handler=_cmd_loadgen)
+
+    show = commands.add_parser(
+        "demo", help="play a compressed launch on a cluster and write a report (make demo)"
+    )
+    show.add_argument("--kubeconfig", help="cluster to use (default: $KUBECONFIG)")
+    show.add_argument("--namespace", help="namespace to use (default: a new one, deleted after)")
+    show.add_argument("--trace", default="examples/demo/launch-surge.csv", help="audience CSV")
+    show.add_argument("--room", default="examples/demo/room.yaml", help="AudioRoom manifest")
+    show.add_argument("--speed", type=float, default=60.0, help="trace seconds per second")
+    show.add_argument("--start-in", type=parse_seconds, default=60.0, help="start after this")
+    show.add_argument("--crds", default="crds", help="directory of the CRDs to install")
+    show.add_argument("--out", default="out/demo", help="directory of the report")
+    show.set_defaults(handler=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,10 @@
+# `make demo`: a compressed launch on a cluster of its own, written up under out/demo/
+# (included by the Makefile). The demo cluster is deleted afterwards, also on failure or Ctrl-C.
+DEMO_OUT ?= out/demo
+DEMO_CLUSTER := TOWNSQUARE_CLUSTER=demo hack/cluster/cluster.sh
+
+demo: venv cluster-binaries prometheus
+	@set -euo pipefail; \
+	trap '$(DEMO_CLUSTER) down' EXIT; \
+	kubeconfig=$$($(DEMO_CLUSTER) up | tail -n1); \
+	$(RUN) townsquare demo --kubeconfig "$$kubeconfig" --out $(DEMO_OUT)

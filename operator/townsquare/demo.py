@@ -1,0 +1,751 @@
+"""`townsquare demo`: an announced launch, compressed in time, played on a real cluster.
+
+It installs the CRD, starts a Prometheus of its own, the operator and the load generator as
+processes of their own, applies the example room to start about a minute later, prints what
+happens while it happens, and writes a report (HTML and PNG) from what the API server and
+Prometheus recorded. Everything it started is stopped again, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any, ClassVar
+
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from townsquare.api.manifest import load_yaml, parse_room
+from townsquare.api.models import GROUP, KIND, PLURAL, VERSION, AudioRoom
+from townsquare.metrics import escape_label_value
+from townsquare.planning import plan_room
+
+SCRAPE_SECONDS = 1
+SAMPLE_SECONDS = 1.0
+PROGRESS_EVERY = 2
+"""Print a progress line every this many samples."""
+SETTLE_SECONDS = 60.0
+"""Allowance beyond the room's own end and drain timeout before the demo gives up."""
+Progress = Callable[[str], None]
+
+
+class DemoError(RuntimeError):
+    """Why the demo could not finish, said so the user knows what to look at."""
+
+
+# --- the processes the demo starts ---------------------------------------------------------
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Child:
+    """A process the demo started, with its output in a log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, command: list[str], log: Path, env: dict[str, str]) -> Child:
+        with log.open("wb") as sink:
+            process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        return cls(name, process, log)
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, then SIGKILL if it has not gone within `timeout`."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def tail(self, chars: int = 1500) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text[-chars:]
+
+
+class Prometheus:
+    """A Prometheus server of the demo's own on loopback: 1s scrapes of fixed targets."""
+
+    def __init__(self, workdir: Path, targets: list[str], log: Path) -> None:
+        binary = os.environ.get("TOWNSQUARE_PROMETHEUS") or shutil.which("prometheus")
+        if not binary:
+            raise DemoError("prometheus is not installed: run 'make prometheus'")
+        self.binary = binary
+        self.workdir = workdir
+        self.log = log
+        self.port = free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        interval = f"{SCRAPE_SECONDS}s"
+        settings = {
+            "global": {"scrape_interval": interval, "scrape_timeout": interval},
+            "scrape_configs": [
+                {
+                    "job_name": "demo",
+                    # The load generator labels its series (namespace, room, pod): keep them.
+                    "honor_labels": True,
+                    "static_configs": [{"targets": targets}],
+                }
+            ],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(settings))
+        self.child: Child | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        command = [
+            self.binary,
+            f"--config.file={self.workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        self.child = Child.start("prometheus", command, self.log, dict(os.environ))
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if self.child.exit_code() is not None:
+                raise DemoError(f"Prometheus exited; its log ends with:\n{self.child.tail()}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"Prometheus was not ready within {timeout:.0f}s; see {self.log}")
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop(timeout=15)
+
+    def _get(self, path: str, **params: str) -> list[dict[str, Any]]:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
+            body = json.load(response)
+        if body.get("status") != "success":
+            raise DemoError(f"Prometheus refused {params.get('query')!r}: {body.get('error')}")
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def value(self, promql: str) -> float | None:
+        """The first value of an instant query, or None when it is empty."""
+        result = self._get("/api/v1/query", query=promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def series(self, promql: str, start: float, end: float) -> dict[float, float]:
+        """The first series of a range query at 1s steps, by Unix time."""
+        result = self._get(
+            "/api/v1/query_range", query=promql, start=f"{start:.0f}", end=f"{end:.0f}", step="1"
+        )
+        return {float(t): float(v) for t, v in result[0]["values"]} if result else {}
+
+
+# --- what the demo records ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The room's status as read at one moment (Unix time)."""
+
+    at: float
+    phase: str
+    listeners: int
+    capacity: int
+    waiting: int
+    ready: int
+    desired: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One Event on the room, as `kubectl describe audioroom` shows it."""
+
+    at: float
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Per second, from Prometheus: what the audience wanted and what the relays carried."""
+
+    t: list[float]
+    wanted: list[float]
+    connected: list[float]
+    capacity: list[float]
+    waiting: list[float]
+    max_on_relay: list[float]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The headline numbers of a run; listener-seconds are in the event's own time."""
+
+    expected_audience: int
+    planned_relays: int
+    listeners_per_relay: int
+    peak_wanted: int
+    peak_connected: int
+    peak_waiting: int
+    waiting_listener_seconds: int
+    max_listeners_on_a_relay: int
+    peak_ready_relays: int
+    peak_desired_relays: int
+    prewarmed_seconds_before_start: int | None
+    """Real seconds between the PreWarmed Event and the start; None if it never came."""
+    events: int
+
+    LABELS: ClassVar[dict[str, str]] = {
+        "expected_audience": "declared audience",
+        "peak_wanted": "peak demand (listeners wanting in)",
+        "peak_connected": "peak connected listeners",
+        "peak_waiting": "peak waiting in the admission queue",
+        "waiting_listener_seconds": "waiting listener-seconds (event time)",
+        "max_listeners_on_a_relay": "most listeners on any one relay",
+        "listeners_per_relay": "relay capacity",
+        "planned_relays": "relays planned from the declared audience",
+        "peak_ready_relays": "peak Ready relays",
+        "peak_desired_relays": "peak desired relays",
+        "prewarmed_seconds_before_start": "pre-warmed before the start (real seconds)",
+        "events": "Events posted",
+    }
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(key, label, formatted value) in reading order."""
+        out = []
+        for key, label in self.LABELS.items():
+            value = getattr(self, key)
+            shown = "never" if value is None else f"{value:,.0f}"
+            out.append((key, label, shown))
+        return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one demo run showed, and where it was written."""
+
+    namespace: str
+    room: str
+    start_time: datetime
+    speed: float
+    figures: Figures
+    events: list[EventRow]
+    samples: list[Sample]
+    timeline: Timeline
+    html: Path
+    png: Path
+    elapsed_seconds: float
+
+    def summary(self) -> str:
+        f = self.figures
+        verdict = "never above" if f.max_listeners_on_a_relay <= f.listeners_per_relay else "ABOVE"
+        prewarm = (
+            f"pre-warmed {f.prewarmed_seconds_before_start}s before the start"
+            if f.prewarmed_seconds_before_start is not None
+            else "NOT pre-warmed before the start"
+        )
+        return (
+            f"{f.peak_wanted:,} listeners wanted in ({f.expected_audience:,} declared), "
+            f"{f.peak_connected:,} connected at peak on up to {f.peak_ready_relays} relays; "
+            f"{prewarm}; most on one relay {f.max_listeners_on_a_relay:,} "
+            f"({verdict} its {f.listeners_per_relay:,}); peak queue {f.peak_waiting:,}"
+        )
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a caller may inspect before the demo tears everything down."""
+
+    namespace: str
+    room: str
+    prometheus_url: str
+    report: Report
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def run_demo(
+    kubeconfig: Path,
+    namespace: str,
+    trace: Path,
+    room_template: Path,
+    speed: float,
+    out_dir: Path,
+    *,
+    crd_dir: Path = Path("crds"),
+    start_in: float = 60.0,
+    progress: Progress = print,
+    before_teardown: Callable[[Running], None] | None = None,
+) -> Report:
+    """Play `trace` at `speed` against the room in `room_template`, starting in `start_in`s.
+
+    Creates `namespace` unless it exists, and deletes it at the end only if it created it.
+    `before_teardown` sees the run while Prometheus and the room are still there.
+    """
+    began = time.time()
+    _plotting()  # fail before anything starts, not after the run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest, room = _room(room_template, namespace, start_in)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig.resolve())}
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    with tempfile.TemporaryDirectory(prefix="townsquare-demo-") as tmp, ExitStack() as cleanup:
+        cleanup.callback(api.close)
+        progress(f"installing the AudioRoom CRD from {crd_dir}")
+        install_crds(api, crd_dir)
+        if _ensure_namespace(api, namespace):
+            cleanup.callback(_delete_namespace, api, namespace, progress)
+        cleanup.callback(progress, "tearing down what the demo started")
+        load_port = free_loopback_port()
+        prometheus = Prometheus(Path(tmp), [f"127.0.0.1:{load_port}"], out_dir / "prometheus.log")
+        progress(f"starting Prometheus on {prometheus.url}")
+        cleanup.callback(prometheus.stop)
+        prometheus.start()
+        operator = _start_operator(namespace, prometheus.url, out_dir, env)
+        cleanup.callback(operator.stop)
+        name = room.metadata.name
+        start = room.spec.start_time
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, manifest
+        )
+        progress(f"AudioRoom {namespace}/{name} starts at {_clock(start)} (in {start_in:.0f}s)")
+        load = _start_loadgen(namespace, name, trace, start, speed, load_port, out_dir, env)
+        cleanup.callback(load.stop)
+        deadline = (start + room.spec.duration + room.spec.scaling.drain_timeout).timestamp()
+        samples, events = _watch(
+            api, namespace, room, operator, deadline + SETTLE_SECONDS, progress
+        )
+        timeline = _timeline(prometheus, namespace, name, began, time.time())
+        figures = _figures(prometheus, room, samples, events, timeline, time.time() - began, speed)
+        report = Report(
+            namespace=namespace,
+            room=name,
+            start_time=start,
+            speed=speed,
+            figures=figures,
+            events=events,
+            samples=samples,
+            timeline=timeline,
+            html=out_dir / "report.html",
+            png=out_dir / "timeline.png",
+            elapsed_seconds=time.time() - began,
+        )
+        write_report(report)
+        progress(report.summary())
+        if before_teardown is not None:
+            before_teardown(Running(namespace, name, prometheus.url, report))
+    return report
+
+
+def _room(template: Path, namespace: str, start_in: float) -> tuple[dict[str, Any], AudioRoom]:
+    """The manifest to apply (start `start_in` seconds from now) and its validated model."""
+    try:
+        manifest = load_yaml(template.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DemoError(f"{template}: cannot read: {exc.strerror}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
+        raise DemoError(f"{template}: expected an AudioRoom manifest")
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=round(start_in))
+    manifest["metadata"] = {**(manifest.get("metadata") or {}), "namespace": namespace}
+    manifest["spec"]["startTime"] = start.isoformat().replace("+00:00", "Z")
+    return manifest, parse_room(yaml.safe_dump(manifest))
+
+
+def _clock(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%H:%M:%S UTC")
+
+
+def install_crds(api: client.ApiClient, crd_dir: Path, timeout: float = 60) -> None:
+    """Create or replace every CRD in `crd_dir` and wait until the API server serves it."""
+    extensions = client.ApiextensionsV1Api(api)
+    documents = [
+        doc
+        for path in sorted(crd_dir.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    ]
+    if not documents:
+        raise DemoError(f"no CustomResourceDefinition in {crd_dir}: run 'make crd'")
+    for body in documents:
+        name = body["metadata"]["name"]
+        try:
+            extensions.create_custom_resource_definition(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = extensions.read_custom_resource_definition(name)
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version
+            extensions.replace_custom_resource_definition(name, body)
+        _poll(partial(_established, extensions, name), timeout, f"the CRD {name} to be served")
+
+
+def _established(extensions: client.ApiextensionsV1Api, name: str) -> bool:
+    crd = extensions.read_custom_resource_definition(name)
+    conditions = (crd.status and crd.status.conditions) or []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+
+def _poll(probe: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _ensure_namespace(api: client.ApiClient, namespace: str) -> bool:
+    """Create the namespace; False when it was there already (then it is not ours to delete)."""
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
+
+    def has_default_account() -> bool:
+        try:
+            return bool(core.read_namespaced_service_account("default", namespace))
+        except ApiException:
+            return False
+
+    # Pods are refused until the namespace's default service account exists.
+    _poll(has_default_account, 30, f"the default service account in {namespace}")
+    return True
+
+
+def _delete_namespace(api: client.ApiClient, namespace: str, progress: Progress) -> None:
+    try:
+        client.CoreV1Api(api).delete_namespace(namespace, propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:
+            progress(f"could not delete namespace {namespace}: {exc.reason}")
+
+
+def _python_townsquare(*args: str) -> list[str]:
+    return [sys.executable, "-m", "townsquare", *args]
+
+
+def _start_operator(
+    namespace: str, prometheus_url: str, out_dir: Path, env: dict[str, str]
+) -> Child:
+    command = _python_townsquare(
+        "run", "--namespace", namespace, "--prometheus-url", prometheus_url,
+        "--metrics-interval", "1", "--metrics-max-age", "5", "--metrics-port", "0",
+        "--log-format", "json",
+    )  # fmt: skip
+    return Child.start("operator", command, out_dir / "operator.log", env)
+
+
+def _start_loadgen(
+    namespace: str,
+    room: str,
+    trace: Path,
+    start: datetime,
+    speed: float,
+    port: int,
+    out_dir: Path,
+    env: dict[str, str],
+) -> Child:
+    command = _python_townsquare(
+        "loadgen", "--room", f"{namespace}/{room}", "--trace", str(trace), "--port", str(port),
+        "--speed", f"{speed:g}", "--start", start.isoformat().replace("+00:00", "Z"),
+    )  # fmt: skip
+    return Child.start("load generator", command, out_dir / "loadgen.log", env)
+
+
+def _watch(
+    api: client.ApiClient,
+    namespace: str,
+    room: AudioRoom,
+    operator: Child,
+    deadline: float,
+    progress: Progress,
+) -> tuple[list[Sample], list[EventRow]]:
+    """Sample the room every second, print progress and new Events, until it has Ended."""
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    name, start = room.metadata.name, room.spec.start_time.timestamp()
+    samples: list[Sample] = []
+    events: dict[str, EventRow] = {}
+    while True:
+        status = (
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get(
+                "status"
+            )
+            or {}
+        )
+        sample = _sample(status)
+        samples.append(sample)
+        for uid, event in _events(core, namespace, name).items():
+            if uid not in events:
+                events[uid] = event
+                progress(f"  {_since(event.at, start)}  {event.type:<7} {event.reason}: "
+                         f"{event.message}")  # fmt: skip
+        if len(samples) % PROGRESS_EVERY == 1 or sample.phase == "Ended":
+            progress(_progress_line(sample, start))
+        if sample.phase == "Ended":
+            return samples, sorted(events.values(), key=lambda e: e.at)
+        code = operator.exit_code()
+        if code is not None:
+            raise DemoError(f"the operator exited ({code}); its log ends with:\n{operator.tail()}")
+        if time.time() > deadline:
+            raise DemoError(
+                f"the room had not Ended by {_clock(datetime.fromtimestamp(deadline, UTC))} "
+                f"(phase {sample.phase}); see {operator.log}"
+            )
+        time.sleep(SAMPLE_SECONDS)
+
+
+def _sample(status: dict[str, Any]) -> Sample:
+    listeners = status.get("listeners") or {}
+    relays = status.get("relays") or {}
+    return Sample(
+        at=time.time(),
+        phase=status.get("phase") or "-",
+        listeners=int(listeners.get("current", 0)),
+        capacity=int(listeners.get("capacity", 0)),
+        waiting=int(listeners.get("waiting", 0)),
+        ready=int(relays.get("ready", 0)),
+        desired=int(relays.get("desired", 0)),
+    )
+
+
+def _events(core: client.CoreV1Api, namespace: str, name: str) -> dict[str, EventRow]:
+    selector = f"involvedObject.kind={KIND},involvedObject.name={name}"
+    found: dict[str, EventRow] = {}
+    for item in core.list_namespaced_event(namespace, field_selector=selector).items:
+        when = item.event_time or item.first_timestamp or item.metadata.creation_timestamp
+        found[item.metadata.uid] = EventRow(
+            at=when.timestamp(), type=item.type or "", reason=item.reason or "",
+            message=item.message or "",
+        )  # fmt: skip
+    return found
+
+
+def _since(at: float, start: float) -> str:
+    seconds = round(at - start)
+    return f"T{'-' if seconds < 0 else '+'}{abs(seconds):3d}s"
+
+
+def _progress_line(sample: Sample, start: float) -> str:
+    return (
+        f"{_since(sample.at, start)}  {sample.phase:<10} listeners {sample.listeners:>7,}"
+        f"  capacity {sample.capacity:>7,}  relays {sample.ready:>3}/{sample.desired:<3}"
+        f"  waiting {sample.waiting:>6,}"
+    )
+
+
+def _selector(namespace: str, room: str) -> str:
+    return f'{{namespace="{escape_label_value(namespace)}",room="{escape_label_value(room)}"}}'
+
+
+def _timeline(
+    prometheus: Prometheus, namespace: str, room: str, start: float, end: float
+) -> Timeline:
+    """Per-second series from Prometheus over the run; missing seconds count as zero."""
+    selector = _selector(namespace, room)
+    queries = {
+        "wanted": f"sum(audioroom_edge_wanted_listeners{selector})",
+        "connected": f"sum(audioroom_relay_listeners{selector})",
+        "capacity": f"sum(audioroom_relay_capacity_listeners{selector})",
+        "waiting": f"sum(audioroom_edge_waiting_listeners{selector})",
+        "max_on_relay": f"max(audioroom_relay_listeners{selector})",
+    }
+    found = {key: prometheus.series(q, start, end) for key, q in queries.items()}
+    times = sorted(set().union(*(series.keys() for series in found.values())))
+    columns = {key: [series.get(t, 0.0) for t in times] for key, series in found.items()}
+    return Timeline(t=times, **columns)
+
+
+def _figures(
+    prometheus: Prometheus,
+    room: AudioRoom,
+    samples: list[Sample],
+    events: list[EventRow],
+    timeline: Timeline,
+    window: float,
+    speed: float,
+) -> Figures:
+    """The headline numbers; the busiest relay from every raw sample, not the 1s steps."""
+    selector = _selector(room.metadata.namespace or "", room.metadata.name)
+    busiest = prometheus.value(
+        f"max(max_over_time(audioroom_relay_listeners{selector}[{window + 5:.0f}s]))"
+    )
+    spec = room.spec
+    prewarmed = next((e.at for e in events if e.reason == "PreWarmed"), None)
+    return Figures(
+        expected_audience=spec.expected_audience,
+        planned_relays=plan_room(spec, spec.start_time).relays,
+        listeners_per_relay=spec.relay.listeners_per_relay,
+        peak_wanted=round(max(timeline.wanted, default=0)),
+        peak_connected=round(max(timeline.connected, default=0)),
+        peak_waiting=round(max(timeline.waiting, default=0)),
+        # One step is one real second, which is `speed` seconds of the event.
+        waiting_listener_seconds=round(sum(timeline.waiting) * speed),
+        max_listeners_on_a_relay=round(busiest or 0),
+        peak_ready_relays=max((s.ready for s in samples), default=0),
+        peak_desired_relays=max((s.desired for s in samples), default=0),
+        prewarmed_seconds_before_start=(
+            None if prewarmed is None else round(spec.start_time.timestamp() - prewarmed)
+        ),
+        events=len(events),
+    )
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def _plotting() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DemoError(
+            "the demo's report needs matplotlib: install the `plot` extra "
+            "(pip install townsquare[plot])"
+        ) from None
+    return plt
+
+
+def _event_minutes(at: float, report: Report) -> float:
+    """Real time as minutes from the start in the event's own time."""
+    return (at - report.start_time.timestamp()) * report.speed / 60
+
+
+def plot_report(report: Report, path: Path) -> None:
+    """Listeners, relays and the busiest relay over the event's own minutes."""
+    plt = _plotting()
+    line = report.timeline
+    minutes = [_event_minutes(t, report) for t in line.t]
+    figure, (people, relays, busiest) = plt.subplots(
+        3, 1, figsize=(11, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.6, 1.6]}
+    )
+    people.plot(minutes, line.wanted, color="black", linewidth=1.3, label="demand (wanting in)")
+    people.plot(minutes, line.connected, color="tab:blue", linewidth=1.2, label="connected")
+    people.step(minutes, line.capacity, where="post", color="tab:green", linewidth=1,
+                label="capacity of Ready relays (full)")  # fmt: skip
+    people.fill_between(minutes, 0, line.waiting, color="orange", alpha=0.6,
+                        label="waiting (admission queue)")  # fmt: skip
+    people.set_ylabel("listeners")
+    people.legend(loc="upper right", fontsize=8)
+    at = [_event_minutes(s.at, report) for s in report.samples]
+    relays.step(at, [s.desired for s in report.samples], where="post", color="grey",
+                linestyle="--", linewidth=1, label="desired")  # fmt: skip
+    relays.step(at, [s.ready for s in report.samples], where="post", color="tab:blue",
+                linewidth=1.2, label="Ready")  # fmt: skip
+    relays.set_ylabel("relays")
+    relays.legend(loc="upper right", fontsize=8)
+    capacity = report.figures.listeners_per_relay
+    busiest.plot(minutes, line.max_on_relay, color="tab:red", linewidth=1.1,
+                 label="listeners on the busiest relay")  # fmt: skip
+    busiest.axhline(capacity, color="tab:red", linestyle=":", linewidth=1,
+                    label=f"relay capacity ({capacity:,})")  # fmt: skip
+    busiest.set_ylim(0, capacity * 1.15)
+    busiest.set_ylabel("listeners")
+    busiest.legend(loc="lower right", fontsize=8)
+    busiest.set_xlabel(f"minutes from the start, event time (played at {report.speed:g}x)")
+    for axis in (people, relays, busiest):
+        axis.axvline(0, color="black", linewidth=0.8, alpha=0.5)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"AudioRoom {report.namespace}/{report.room}: {report.figures.events} Events")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def render_html(report: Report, png: bytes) -> str:
+    """A self-contained page: headline figures, the plot and the Events in order."""
+    start = report.start_time.timestamp()
+    figures = "\n".join(
+        f'<tr><th>{html.escape(label)}</th><td data-figure="{key}">{value}</td></tr>'
+        for key, label, value in report.figures.rows()
+    )
+    events = "\n".join(
+        f"<tr><td>{_since(e.at, start)}</td><td>{_event_minutes(e.at, report):+.0f} min</td>"
+        f'<td class="{html.escape(e.type)}">{html.escape(e.type)}</td>'
+        f"<td>{html.escape(e.reason)}</td><td>{html.escape(e.message)}</td></tr>"
+        for e in report.events
+    )
+    image = base64.b64encode(png).decode("ascii")
+    title = f"townsquare demo: {report.namespace}/{report.room}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 75em; }}
+table {{ border-collapse: collapse; margin-bottom: 2em; }}
+th, td {{ text-align: left; padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }}
+td[data-figure] {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.Warning {{ color: #b35900; font-weight: bold; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Started {_clock(report.start_time)}, played at {report.speed:g}x; the run took
+{report.elapsed_seconds:.0f}s. {html.escape(report.summary())}.</p>
+<h2>Headline figures</h2>
+<table>
+{figures}
+</table>
+<h2>Timeline</h2>
+<img alt="listeners, capacity, relays and the busiest relay over time"
+ src="data:image/png;base64,{image}" style="max-width: 100%">
+<h2>Events</h2>
+<table>
+<tr><th>real time</th><th>event time</th><th>type</th><th>reason</th><th>message</th></tr>
+{events}
+</table>
+</body></html>
+"""
+
+
+def write_report(report: Report) -> None:
+    """The PNG and the HTML page that embeds it, plus the figures as JSON."""
+    plot_report(report, report.png)
+    report.html.write_text(render_html(report, report.png.read_bytes()), encoding="utf-8")
+    figures = {key: getattr(report.figures, key) for key in Figures.LABELS}
+    (report.html.parent / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, so a terminated demo tears down as on Ctrl-C."""
+
+    def interrupt(_signal: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
