@@ -142,7 +142,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.metrics_port:
         from townsquare import observability
 
-        observability.serve(args.metrics_port)
+        try:
+            observability.serve(args.metrics_port)
+        except OSError as exc:
+            raise UsageError(f"--metrics-port {args.metrics_port}: {exc.strerror}") from None
     settings = handlers.Settings(
         prometheus_url=args.prometheus_url,
         metrics_interval=timedelta(seconds=args.metrics_interval),

@@ -283,8 +283,9 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     runtime.scaling[key] = outcome.scaling_state
     if shard_map is None or outcome.shard_map.generation != shard_map.generation:
         runtime.maps[key] = (outcome.shard_map, now)
-    _apply_children(runtime, room, spec, outcome)
+    # Status first: what a person reads never lags behind the children it describes.
     _write_status(cluster, namespace, name, previous, outcome)
+    _apply_children(runtime, room, spec, outcome)
     log = room_logger(namespace, name)
     for event in outcome.events:
         cluster.post_event(room, event.type, event.reason, event.message, now)

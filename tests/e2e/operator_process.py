@@ -24,6 +24,8 @@ class OperatorProcess:
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         command = [sys.executable, "-m", "townsquare", "run", "--namespace", self.namespace]
+        if not any(arg.startswith("--metrics-port") for arg in self.extra):
+            command += ["--metrics-port", "0"]  # side by side, no two may share a port
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 [*command, "--log-format", "json", *self.extra],
