@@ -45,6 +45,7 @@ PROGRESS_EVERY = 2
 """Print a progress line every this many samples."""
 SETTLE_SECONDS = 60.0
 """Allowance beyond the room's own end and drain timeout before the demo gives up."""
+SETTLE_EVENTS_SECONDS = 2.0
 Progress = Callable[[str], None]
 
 
@@ -325,7 +326,6 @@ def run_demo(
         install_crds(api, crd_dir)
         if _ensure_namespace(api, namespace):
             cleanup.callback(_delete_namespace, api, namespace, progress)
-        cleanup.callback(progress, "tearing down what the demo started")
         load_port = free_loopback_port()
         prometheus = Prometheus(Path(tmp), [f"127.0.0.1:{load_port}"], out_dir / "prometheus.log")
         progress(f"starting Prometheus on {prometheus.url}")
@@ -341,6 +341,10 @@ def run_demo(
         progress(f"AudioRoom {namespace}/{name} starts at {_clock(start)} (in {start_in:.0f}s)")
         load = _start_loadgen(namespace, name, trace, start, speed, load_port, out_dir, env)
         cleanup.callback(load.stop)
+        # First of all, while the operator still runs and reads listeners, so that it lets go
+        # of the room (kopf's finalizer) and has no reason to warn of missing metrics.
+        cleanup.callback(_delete_room, api, namespace, name, operator)
+        cleanup.callback(progress, "tearing down what the demo started")
         deadline = (start + room.spec.duration + room.spec.scaling.drain_timeout).timestamp()
         samples, events = _watch(
             api, namespace, room, operator, deadline + SETTLE_SECONDS, progress
@@ -452,6 +456,36 @@ def _delete_namespace(api: client.ApiClient, namespace: str, progress: Progress)
             progress(f"could not delete namespace {namespace}: {exc.reason}")
 
 
+def _delete_room(
+    api: client.ApiClient, namespace: str, name: str, operator: Child, timeout: float = 30
+) -> None:
+    """Delete the room and wait until the operator has released it; if the operator is gone
+    or does not answer in time, drop the finalizers it left, or the namespace never goes."""
+    custom = client.CustomObjectsApi(api)
+
+    def gone() -> bool:
+        try:
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return False
+
+    try:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        deadline = time.monotonic() + timeout
+        while not gone() and operator.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not gone():
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"finalizers": None}}
+            )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 def _python_townsquare(*args: str) -> list[str]:
     return [sys.executable, "-m", "townsquare", *args]
 
@@ -514,6 +548,10 @@ def _watch(
         if len(samples) % PROGRESS_EVERY == 1 or sample.phase == "Ended":
             progress(_progress_line(sample, start))
         if sample.phase == "Ended":
+            # The last Events may be posted just after the status that says Ended.
+            time.sleep(SETTLE_EVENTS_SECONDS)
+            for uid, event in _events(core, namespace, name).items():
+                events.setdefault(uid, event)
             return samples, sorted(events.values(), key=lambda e: e.at)
         code = operator.exit_code()
         if code is not None:
