@@ -1,0 +1,74 @@
+"""The demo's report without a cluster: the page shows the figures it was given, escaped."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from townsquare.cli import main
+from townsquare.demo import EventRow, Figures, Report, Sample, Timeline, write_report
+
+START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
+
+
+def report_in(directory: Path) -> Report:
+    t0 = START.timestamp()
+    figures = Figures(
+        expected_audience=12_500, planned_relays=18, listeners_per_relay=1000,
+        peak_wanted=25_492, peak_connected=25_490, peak_waiting=6_044,
+        waiting_listener_seconds=1_750_260, max_listeners_on_a_relay=1000,
+        peak_ready_relays=44, peak_desired_relays=44, prewarmed_seconds_before_start=None,
+        events=2,
+    )  # fmt: skip
+    return Report(
+        namespace="demo",
+        room="launch",
+        start_time=START,
+        speed=60,
+        figures=figures,
+        events=[
+            EventRow(t0 - 20, "Normal", "PreWarmStarted", "18 relays <for> 12,500"),
+            EventRow(t0 + 2, "Warning", "AdmissionQueueOn", "joins wait & queue"),
+        ],
+        samples=[Sample(t0 + s, "Live", 100 * s, 700, 0, s, s) for s in range(5)],
+        timeline=Timeline(
+            t=[t0 + s for s in range(5)],
+            wanted=[0, 10, 20, 30, 40],
+            connected=[0, 10, 15, 30, 40],
+            capacity=[1000] * 5,
+            waiting=[0, 0, 5, 0, 0],
+            max_on_relay=[0, 5, 10, 15, 20],
+        ),
+        html=directory / "report.html",
+        png=directory / "timeline.png",
+        elapsed_seconds=170,
+    )
+
+
+def test_the_page_shows_every_figure_and_escapes_event_messages(tmp_path: Path) -> None:
+    report = report_in(tmp_path)
+    write_report(report)
+
+    page = report.html.read_text()
+    shown = dict(re.findall(r'<td data-figure="([a-z_]+)">([^<]*)</td>', page))
+    assert shown["peak_wanted"] == "25,492"
+    assert shown["prewarmed_seconds_before_start"] == "never"
+    assert set(shown) == set(Figures.LABELS)
+    assert "18 relays &lt;for&gt; 12,500" in page and "joins wait &amp; queue" in page
+    assert "NOT pre-warmed before the start" in page
+    assert report.png.read_bytes().startswith(b"\x89PNG")
+    assert "data:image/png;base64," in page
+    assert (tmp_path / "figures.json").read_text().count('"peak_wanted": 25492') == 1
+
+
+def test_demo_without_a_cluster_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    assert main(["demo"]) == 2
+    assert "--kubeconfig: needed" in capsys.readouterr().err
+    assert main(["demo", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
+    assert "/nonexistent/kubeconfig is not a file" in capsys.readouterr().err
