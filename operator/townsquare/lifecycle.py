@@ -427,6 +427,9 @@ def _metrics_condition(seen: Observed, draft: _Draft) -> None:
     metrics = seen.metrics
     if metrics is None:
         draft.condition("MetricsAvailable", "Unknown", "NotConfigured", "no Prometheus configured")
+    elif metrics.listeners is None and seen.ready_relays == 0:
+        # No relay runs yet, so no relay reports: nothing is missing.
+        draft.condition("MetricsAvailable", "Unknown", "NoRelaysReady", "no relay is Ready yet")
     elif metrics.listeners is None:
         message = (
             f"{metrics.problem or 'no listener data'}; holding the current relays "
@@ -516,9 +519,15 @@ def _next_deadline(
     return deadline if deadline > now else now + timedelta(seconds=5)
 
 
+VOLATILE_STATE = ("samples", "targets")
+"""Scaling memory kept only in the process: it moves every tick, and storing it would write
+status every tick. Losing it in a restart is safe: the join rate is relearned within a
+minute, and a scale-down waits for a whole new stabilization window."""
+
+
 def _persisted(state: ScalingState) -> dict[str, Any]:
-    """The state as stored: recent samples stay in memory, or every tick would write."""
-    return {key: value for key, value in state.to_dict().items() if key != "samples"}
+    """The state as stored: relays, draining relays and the peak, not the volatile memory."""
+    return {key: value for key, value in state.to_dict().items() if key not in VOLATILE_STATE}
 
 
 def stored_scaling_state(status: AudioRoomStatus) -> ScalingState | None:

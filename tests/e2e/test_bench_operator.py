@@ -114,7 +114,7 @@ def test_reaction_time_and_quiet_writes(
     tmp_path: Path,
 ) -> None:
     rooms = Rooms(api_client, namespace)
-    steps = [(0, 300), (100, 300), (101, 900), (130, 900), (131, 1800), (160, 1800), (161, 3000)]
+    steps = [(0, 300), (119, 300), (120, 900), (159, 900), (160, 1800), (199, 1800), (200, 3000)]
     trace = write_trace(tmp_path / "steps.csv", [(-30, 300), *steps, (400, 3000)])
     rooms.create(scaling_room("bench", start_in=5, duration="10m", audience=140))
     load = LoadGenerator(kubeconfig, namespace, "bench", trace)
@@ -134,10 +134,12 @@ def test_reaction_time_and_quiet_writes(
             f" + sum(audioroom_edge_waiting_listeners{{{room}}})"
         )
         delays = []
-        for step_at in (101, 131, 161):
+        for step_at in (120, 160, 200):
+            wait_until(lambda t=step_at: time.time() > start + t - 8, 200, "the next step")
+            settled = Steady(lambda: rooms.relays("bench"))
+            wait_until(lambda s=settled: s.for_seconds() >= 5, 7.5, "the last step to settle")
             replicas = rooms.relays("bench")[0]
             threshold = replicas * 100 * 0.7 * 1.1  # the policy's tolerance above target
-            wait_until(lambda t=step_at: time.time() > start + t - 3, 200, "the next step")
             crossing = Crossing(
                 visible=lambda th=threshold: (prometheus.value(demand) or 0) > th,
                 changed=lambda r=replicas: rooms.relays("bench")[0] > r,

@@ -150,3 +150,22 @@ def test_restart_resumes_from_status_without_scaling_down() -> None:
     assert resumed.desired_relays == 10
     assert resumed.events == ()
     assert resumed.status == live.status.model_copy(update={})
+
+
+def test_stored_status_does_not_change_while_nothing_changes() -> None:
+    spec = room(700)
+    status = AudioRoomStatus()
+    outcome = step(spec, status, timedelta(minutes=3), ready=1, listeners=300)
+    writes = 0
+    for second in range(1, 40):
+        later = step(spec, outcome.status, timedelta(minutes=3, seconds=second), 1, 1, 300)
+        writes += later.status != outcome.status
+        outcome = later
+    assert writes <= 1, "a flat audience must not rewrite the status every tick"
+
+
+def test_no_series_before_any_relay_is_ready_is_no_warning() -> None:
+    seen = Observed(START, 1, 0, metrics=Metrics(listeners=None, problem="no listener series"))
+    outcome = reconcile("room", room(), AudioRoomStatus(), seen)
+    assert "MetricsUnavailable" not in reasons(outcome)
+    assert condition(outcome, "MetricsAvailable") == ("Unknown", "NoRelaysReady")
