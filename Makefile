@@ -10,6 +10,7 @@ RUN := $(UV) run --frozen --no-sync
 .PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean demo
 
 help:
+	@echo "make demo      a launch surge on a local cluster, with a report (out/demo/)"
 	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
 	@echo "make unit      the fast tests only (no cluster)"
 	@echo "make bench     the policy benchmark (docs/benchmarks.md)"

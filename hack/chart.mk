@@ -2,7 +2,8 @@
 # the Makefile). helm is built from its pinned Go module (hack/helm), hadolint comes from
 # PyPI with the dev dependencies, promtool with Debian's prometheus package.
 HELM_VERSION := $(shell sed -n 's/^HELM_VERSION=//p' hack/helm/version.env)
-HELM := $(HOME)/.cache/townsquare/bin/helm-v$(HELM_VERSION)/helm
+TOWNSQUARE_CACHE ?= $(HOME)/.cache/townsquare
+HELM := $(TOWNSQUARE_CACHE)/bin/helm-v$(HELM_VERSION)/helm
 CHART := charts/townsquare
 
 .PHONY: helm chart-check chart-crds
