@@ -114,8 +114,8 @@ def test_reaction_time_and_quiet_writes(
     tmp_path: Path,
 ) -> None:
     rooms = Rooms(api_client, namespace)
-    steps = [(0, 300), (119, 300), (120, 900), (159, 900), (160, 1800), (199, 1800), (200, 3000)]
-    trace = write_trace(tmp_path / "steps.csv", [(-30, 300), *steps, (400, 3000)])
+    steps = [(0, 300), (119, 300), (120, 600), (159, 600), (160, 900), (199, 900), (200, 1200)]
+    trace = write_trace(tmp_path / "steps.csv", [(-30, 300), *steps, (400, 1200)])
     rooms.create(scaling_room("bench", start_in=5, duration="10m", audience=140))
     load = LoadGenerator(kubeconfig, namespace, "bench", trace)
     prometheus.add_target(load.address)
