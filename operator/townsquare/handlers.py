@@ -27,7 +27,7 @@ from townsquare.api.names import shard_map_name
 from townsquare.kube import children
 from townsquare.kube.client import Cluster, load_config
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
-from townsquare.metrics import PrometheusSource, Reading, room_metrics
+from townsquare.metrics import PrometheusSource, Reading, aged, room_metrics
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
@@ -122,14 +122,24 @@ def _poke(runtime: Runtime, namespace: str | None, room: str | None) -> None:
 async def poll_metrics(runtime: Runtime) -> None:
     """Every tick: one batched query per Prometheus and preset, then wake the rooms read."""
     log = room_logger("-", "-").bind(component="metrics")
+    last: dict[Key, Metrics] = {}
     while True:
         try:
             await asyncio.to_thread(read_listeners, runtime)
         except Exception:
             log.exception("reading listeners failed")
-        for key in list(runtime.readings):
-            _poke(runtime, *key)
+        for key, reading in list(runtime.readings.items()):
+            if _figures(reading) != _figures(last.get(key)):
+                _poke(runtime, *key)
+        last = dict(runtime.readings)
         await asyncio.sleep(runtime.settings.metrics_interval.total_seconds())
+
+
+def _figures(reading: Metrics | None) -> tuple[Any, ...] | None:
+    """What a room decides on; a new sample time alone wakes nobody."""
+    if reading is None:
+        return None
+    return (reading.listeners, reading.waiting, dict(reading.by_relay), reading.problem)
 
 
 def read_listeners(runtime: Runtime) -> None:
@@ -235,7 +245,9 @@ def _on_child(kind: str) -> Any:
         if room and namespace:
             runtime = _runtime(memo)
             runtime.applied.get((namespace, room), {}).pop(f"{kind}/{name}", None)
-            _poke(runtime, namespace, room)
+            poke = runtime.pokes.get((namespace, room))  # a deleted room has no daemon
+            if poke is not None:
+                poke.set()
 
     return child_changed
 
@@ -265,7 +277,8 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     now = datetime.now(UTC)
     metrics = None
     if runtime.prometheus_for(spec):
-        metrics = runtime.readings.get(key, Metrics(listeners=None, problem="no reading yet"))
+        reading = runtime.readings.get(key, Metrics(listeners=None, problem="no reading yet"))
+        metrics = aged(reading, now, runtime.settings.metrics_max_age)
     ready = frozenset(pod.ordinal for pod in pods if pod.ready)
     shard_map, map_at = runtime.maps.get(key) or (_stored_map(cluster, namespace, name), None)
     seen = Observed(
@@ -275,7 +288,9 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
         ready_ordinals=ready,
         metrics=metrics,
         startup_samples=tuple(
-            s for pod in pods[-STARTUP_SAMPLES:] if (s := pod.startup_seconds) is not None
+            s
+            for pod in sorted(pods, key=lambda p: p.created)[-STARTUP_SAMPLES:]
+            if (s := pod.startup_seconds) is not None
         ),
     )
     state = runtime.scaling.get(key) or stored_scaling_state(previous)
@@ -283,14 +298,12 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     runtime.scaling[key] = outcome.scaling_state
     if shard_map is None or outcome.shard_map.generation != shard_map.generation:
         runtime.maps[key] = (outcome.shard_map, now)
-    # Status first: what a person reads never lags behind the children it describes.
+    # Status first: what a person reads never lags behind the children it describes. Then
+    # the Events it implies, before anything else can fail: a recorded change is never
+    # reconciled again, so an Event not posted now would be lost.
     _write_status(cluster, namespace, name, previous, outcome)
+    _post_events(cluster, room, outcome, now)
     _apply_children(runtime, room, spec, outcome)
-    log = room_logger(namespace, name)
-    for event in outcome.events:
-        cluster.post_event(room, event.type, event.reason, event.message, now)
-        observability.record_event(event.type, event.reason)
-        log.info("event", type=event.type, reason=event.reason, message=event.message)
     _observe(namespace, name, spec, outcome)
     return outcome.wake_at
 
@@ -309,6 +322,19 @@ def _observe(namespace: str, name: str, spec: AudioRoomSpec, outcome: Outcome) -
             direction=decision.direction,
         )
         observability.record_decision(decision.direction, reason)
+
+
+def _post_events(cluster: Cluster, room: dict[str, Any], outcome: Outcome, now: datetime) -> None:
+    meta = room["metadata"]
+    log = room_logger(meta["namespace"], meta["name"])
+    for event in outcome.events:
+        try:
+            cluster.post_event(room, event.type, event.reason, event.message, now)
+        except Exception:  # one Event refused must not cost the others
+            log.exception("posting an Event failed", reason=event.reason)
+            continue
+        observability.record_event(event.type, event.reason)
+        log.info("event", type=event.type, reason=event.reason, message=event.message)
 
 
 def _stored_map(cluster: Cluster, namespace: str, name: str) -> ShardMap | None:

@@ -10,7 +10,7 @@ after a restart is in what it returns.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -251,7 +251,8 @@ def reconcile(
     else:
         decision = decide(
             spec,
-            plan,
+            # One plan per pass: the one the phase and the wake-up time were derived from.
+            replace(plan, relays=plan_status.relays, prewarm_at=plan_status.prewarm_at),
             _observation(seen),
             state,
             seen.now,

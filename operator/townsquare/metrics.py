@@ -80,8 +80,8 @@ class RoomListeners:
     """Listeners of one room at one instant, per relay pod."""
 
     by_pod: Mapping[str, int]
-    newest_sample: float
-    """Unix time of the newest sample behind these figures."""
+    oldest_sample: float
+    """Unix time of the oldest of the pods' newest samples: how fresh all the figures are."""
     waiting: int = 0
 
     @property
@@ -100,28 +100,28 @@ class Reading:
 def parse_vector(result: Iterable[Mapping[str, Any]]) -> dict[RoomKey, RoomListeners]:
     """Group the batched answer by room; NaN and negative values count as missing."""
     pods: dict[RoomKey, dict[str, int]] = defaultdict(dict)
-    newest: dict[RoomKey, float] = {}
+    oldest: dict[RoomKey, float] = {}
     evaluated: dict[RoomKey, float] = {}
     waiting: dict[RoomKey, int] = {}
     for series in result:
         labels = series.get("metric", {})
         namespace, room = labels.get("namespace"), labels.get("room")
         value = float(series["value"][1])
-        if not namespace or not room or math.isnan(value) or value < 0:
+        if not namespace or not room or not math.isfinite(value) or value < 0:
             continue
         key = (namespace, room)
         kind = labels.get("series", "listeners")
         if kind == "waiting":
             waiting[key] = round(value)
-        elif kind == "sampled":
-            newest[key] = max(newest.get(key, 0.0), value)
+        elif kind == "sampled":  # the oldest pod decides: one fresh pod hides no stale one
+            oldest[key] = min(oldest.get(key, math.inf), value)
         else:
             pods[key][labels.get("pod", "")] = round(value)
             evaluated[key] = float(series["value"][0])
     return {
         key: RoomListeners(
             by_pod=dict(p),
-            newest_sample=newest.get(key, evaluated[key]),
+            oldest_sample=oldest.get(key, evaluated[key]),
             waiting=waiting.get(key, 0),
         )
         for key, p in pods.items()
@@ -157,13 +157,16 @@ class PrometheusSource:
         query = _tagged(f"sum by (pod) ({room_query(metrics, namespace, room)})", "listeners")
         try:
             values = self._query(query)
-        except Exception as exc:
+            relabelled = [
+                {
+                    **series,
+                    "metric": {**series.get("metric", {}), "namespace": namespace, "room": room},
+                }
+                for series in values
+            ]
+            return Reading(rooms=parse_vector(relabelled))
+        except Exception as exc:  # a tenant's query must never stop the other rooms' reads
             return Reading(error=self._describe(exc))
-        relabelled = [
-            {**series, "metric": {**series.get("metric", {}), "namespace": namespace, "room": room}}
-            for series in values
-        ]
-        return Reading(rooms=parse_vector(relabelled))
 
     def _describe(self, error: Exception) -> str:
         """One short line for the condition and the Event: what failed, not a traceback."""
@@ -180,12 +183,12 @@ def room_metrics(reading: Reading, key: RoomKey, now: datetime, max_age: timedel
     found = reading.rooms.get(key)
     if found is None:
         return Metrics(listeners=None, problem="no listener series for this room")
-    sampled_at = datetime.fromtimestamp(found.newest_sample, tz=UTC)
+    sampled_at = datetime.fromtimestamp(found.oldest_sample, tz=UTC)
     age = now - sampled_at
     if age > max_age:
         return Metrics(
             listeners=None,
-            problem=f"newest listener sample is {int(age.total_seconds())}s old",
+            problem=f"listener samples are up to {int(age.total_seconds())}s old",
         )
     pattern = re.compile(rf"^{re.escape(relay_set_name(key[1]))}-([0-9]+)$")
     by_relay: dict[int, int] = {}
@@ -199,3 +202,14 @@ def room_metrics(reading: Reading, key: RoomKey, now: datetime, max_age: timedel
         by_relay=by_relay,
         sampled_at=sampled_at,
     )
+
+
+def aged(metrics: Metrics, now: datetime, max_age: timedelta) -> Metrics:
+    """A reading as it stands at `now`: figures older than `max_age` count as missing, so a
+    poller that stopped updating can never leave a room deciding on frozen numbers."""
+    if metrics.listeners is None or metrics.sampled_at is None:
+        return metrics
+    age = now - metrics.sampled_at
+    if age <= max_age:
+        return metrics
+    return Metrics(listeners=None, problem=f"no listener reading for {int(age.total_seconds())}s")

@@ -275,7 +275,14 @@ def _finish(
     for ordinal in range(relays, current):
         since[ordinal] = now
     timeout = spec.scaling.drain_timeout
-    empty = {o for o in since if observation.relay_listeners.get(o, 1) <= 0}
+    # Empty only by a sample taken after the drain began: an older one predates the joins
+    # the relay took while it still accepted them.
+    sampled_at = observation.sampled_at or now
+    empty = {
+        o
+        for o, began in since.items()
+        if sampled_at > began and observation.relay_listeners.get(o, 1) <= 0
+    }
     expired = {o for o, began in since.items() if now - began >= timeout}
     top = max([relays - 1] + [o for o in since if o not in empty | expired]) + 1
     removed = {o for o in since if o >= top}

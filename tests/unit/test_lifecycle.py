@@ -169,3 +169,17 @@ def test_no_series_before_any_relay_is_ready_is_no_warning() -> None:
     outcome = reconcile("room", room(), AudioRoomStatus(), seen)
     assert "MetricsUnavailable" not in reasons(outcome)
     assert condition(outcome, "MetricsAvailable") == ("Unknown", "NoRelaysReady")
+
+
+def test_one_plan_per_pass_even_when_measured_start_up_shortens_the_lead() -> None:
+    slow = AudioRoomSpec.model_validate(
+        {**room().model_dump(by_alias=True, mode="json"), "scaling": {"minRelays": 1}}
+    )
+    slow = slow.model_copy(update={"relay": slow.relay.model_copy(update={"startup_seconds": 300})})
+    scheduled = step(slow, AudioRoomStatus(), timedelta(hours=-1))
+    assert scheduled.status.plan is not None
+    prewarm_at = scheduled.status.plan.prewarm_at
+    fast = Observed(prewarm_at + timedelta(seconds=10), 1, 1, startup_samples=(5.0,) * 20)
+    warming = reconcile("room", slow, scheduled.status, fast)
+    assert warming.status.phase == "PreWarming"
+    assert warming.desired_relays == scheduled.status.plan.relays, "the plan starts with the phase"

@@ -8,6 +8,7 @@ from typing import Any
 from townsquare.api.models import MetricsSpec
 from townsquare.metrics import (
     Reading,
+    aged,
     batched_query,
     escape_label_value,
     parse_vector,
@@ -60,7 +61,7 @@ def test_parse_groups_series_by_room_and_drops_nan() -> None:
     rooms = parse_vector(ANSWER)
     assert set(rooms) == {("a", "r")}
     assert rooms[("a", "r")].total == 1350
-    assert rooms[("a", "r")].newest_sample == 99.0
+    assert rooms[("a", "r")].oldest_sample == 97.0
     assert rooms[("a", "r")].waiting == 40
 
 
@@ -80,3 +81,15 @@ def test_room_metrics_by_relay_ordinal_and_staleness() -> None:
 
 
 NOW = datetime.fromtimestamp(100, tz=UTC)
+
+
+def test_infinite_values_count_as_missing() -> None:
+    rooms = parse_vector([_series("listeners", "a", "r", "+Inf", "r-relay-0")])
+    assert rooms == {}
+
+
+def test_a_reading_that_stopped_updating_counts_as_missing() -> None:
+    fresh = room_metrics(Reading(rooms=parse_vector(ANSWER)), ("a", "r"), NOW, timedelta(30))
+    assert aged(fresh, NOW + timedelta(seconds=10), timedelta(seconds=30)).listeners == 1350
+    frozen = aged(fresh, NOW + timedelta(minutes=5), timedelta(seconds=30))
+    assert frozen.listeners is None and "no listener reading" in frozen.problem

@@ -210,3 +210,22 @@ def test_never_above_max_and_never_down_without_a_full_window(
                 needed = math.ceil((earlier.forecast or 0) / per_relay - 1e-9)
                 assert min(needed, 900) <= decision.relays
         previous = decision.relays
+
+
+def test_a_relay_is_empty_only_by_a_sample_taken_after_its_drain_began() -> None:
+    room = spec(audience=0, minRelays=1)
+    plan = plan_room(room, EARLY)
+    now = at(3600)
+    window_ago = now - timedelta(minutes=10, seconds=30)
+    state = ScalingState(relays=10, targets=((window_ago, 1), (now - timedelta(minutes=5), 1)))
+    empty_relays = {ordinal: 0 for ordinal in range(1, 10)}
+    old_sample = Observation(
+        listeners=50, sampled_at=now - timedelta(seconds=55), relay_listeners=empty_relays
+    )
+    decision = decide(room, plan, old_sample, state, now)
+    assert decision.relays == 1
+    assert decision.replicas == 10, "relays that took joins before the drain are kept"
+    later = now + timedelta(seconds=5)
+    fresh = Observation(listeners=50, sampled_at=later, relay_listeners=empty_relays)
+    emptied = decide(room, plan, fresh, decision.state, later)
+    assert emptied.replicas == 1, "once a later sample shows them empty, they go"

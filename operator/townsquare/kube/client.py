@@ -39,11 +39,13 @@ class RelayPod:
     ready: bool
     created: datetime
     ready_since: datetime | None
+    restarted: bool = False
 
     @property
     def startup_seconds(self) -> float | None:
-        """Creation to Ready: the start-up time the scaling policy plans with."""
-        if self.ready_since is None:
+        """Creation to Ready: the start-up time the scaling policy plans with. None when the
+        pod restarted: its last Ready transition then measures the restart, not a start."""
+        if self.ready_since is None or self.restarted:
             return None
         return max(0.0, (self.ready_since - self.created).total_seconds())
 
@@ -105,12 +107,14 @@ class Cluster:
                 continue
             ready = next((c for c in (pod.status.conditions or []) if c.type == "Ready"), None)
             ready_since = ready.last_transition_time if ready and ready.status == "True" else None
+            restarts = sum(c.restart_count or 0 for c in pod.status.container_statuses or [])
             found.append(
                 RelayPod(
                     ordinal=int(match.group(1)),
                     ready=ready_since is not None,
                     created=pod.metadata.creation_timestamp,
                     ready_since=ready_since,
+                    restarted=restarts > 0,
                 )
             )
         return sorted(found, key=lambda p: p.ordinal)
