@@ -123,9 +123,13 @@ class Recorder:
         self._thread.start()
 
     def _sample(self) -> None:
+        # The operator writes the status before the children, and sees relays Ready before
+        # it writes the phase that says so: so the StatefulSet's size is read before the
+        # phase, and its Ready count after, and neither is ahead of the phase it is paired with.
         try:
+            replicas, _ = self.rooms.relays(self.name)
             phase = self.rooms.phase(self.name)
-            replicas, ready = self.rooms.relays(self.name)
+            _, ready = self.rooms.relays(self.name)
             self.samples.append((time.time(), phase, replicas, ready))
         except ApiException:
             pass
