@@ -270,6 +270,10 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     """One pass for one room: read, decide, write. Returns when to look again."""
     cluster, key = runtime.cluster, (namespace, name)
     room = cluster.read_room(namespace, name)
+    if room["metadata"].get("deletionTimestamp"):
+        # Deletion bumps a custom resource's generation: reconciling now would re-plan a
+        # room that is going away, and post Events about it.
+        return None
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
     pods = cluster.relay_pods(namespace, name)
