@@ -23,7 +23,6 @@ import kopf
 
 from townsquare import observability
 from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
-from townsquare.api.names import shard_map_name
 from townsquare.kube import children
 from townsquare.kube.client import Cluster, load_config
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
@@ -284,7 +283,7 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
         reading = runtime.readings.get(key, Metrics(listeners=None, problem="no reading yet"))
         metrics = aged(reading, now, runtime.settings.metrics_max_age)
     ready = frozenset(pod.ordinal for pod in pods if pod.ready)
-    shard_map, map_at = runtime.maps.get(key) or (_stored_map(cluster, namespace, name), None)
+    shard_map, map_at = runtime.maps.get(key) or (cluster.read_shard_map(namespace, name), None)
     seen = Observed(
         now=now,
         generation=room["metadata"]["generation"],
@@ -339,15 +338,6 @@ def _post_events(cluster: Cluster, room: dict[str, Any], outcome: Outcome, now: 
             continue
         observability.record_event(event.type, event.reason)
         log.info("event", type=event.type, reason=event.reason, message=event.message)
-
-
-def _stored_map(cluster: Cluster, namespace: str, name: str) -> ShardMap | None:
-    """The map a previous operator process published, so a restart moves nobody."""
-    document = cluster.read_config_map(namespace, shard_map_name(name)).get(children.SHARD_MAP_KEY)
-    try:
-        return ShardMap.from_dict(json.loads(document)) if document else None
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _apply_children(

@@ -98,10 +98,6 @@ class Outcome:
     wake_at: datetime | None
     """None: nothing will happen with time alone (the room has ended)."""
 
-    @property
-    def draining(self) -> bool:
-        return self.status.phase in ("Draining", "Ended")
-
 
 def end_of(spec: AudioRoomSpec) -> datetime:
     """When the event is over and its relays start draining."""

@@ -12,7 +12,6 @@ every relay pod on one `/metrics` endpoint, which a real Prometheus scrapes.
 from __future__ import annotations
 
 import bisect
-import json
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -23,8 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from townsquare.api.names import relay_set_name, shard_map_name
-from townsquare.kube import children
+from townsquare.api.names import relay_set_name
 from townsquare.kube.client import Cluster, load_config
 from townsquare.sharding import ShardMap, shard_of
 from townsquare.sim.trace import Trace
@@ -118,7 +116,7 @@ class EdgeCollector(Collector):
         self.published = published
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        now = self.published
+        latest = self.published
         labels = ["namespace", "room", "pod"]
         listeners = GaugeMetricFamily(
             "audioroom_relay_listeners", "Connected listeners per relay", labels=labels
@@ -139,17 +137,17 @@ class EdgeCollector(Collector):
             "Listeners who want to be connected (the trace's demand)",
             labels=["namespace", "room"],
         )
-        if now.state is not None:
-            set_name = relay_set_name(now.room)
-            for relay, count in sorted(now.state.connected.items()):
-                pod = [now.namespace, now.room, f"{set_name}-{relay}"]
+        if latest.state is not None:
+            set_name = relay_set_name(latest.room)
+            for relay, count in sorted(latest.state.connected.items()):
+                pod = [latest.namespace, latest.room, f"{set_name}-{relay}"]
                 listeners.add_metric(pod, count)
-                if now.shard_map is not None:
-                    capacity.add_metric(pod, now.shard_map.capacity)
-                    state = now.shard_map.relays.get(relay)
+                if latest.shard_map is not None:
+                    capacity.add_metric(pod, latest.shard_map.capacity)
+                    state = latest.shard_map.relays.get(relay)
                     draining.add_metric(pod, 1.0 if state == "draining" else 0.0)
-            waiting.add_metric([now.namespace, now.room], now.state.waiting)
-            wanted.add_metric([now.namespace, now.room], now.state.wanted)
+            waiting.add_metric([latest.namespace, latest.room], latest.state.waiting)
+            wanted.add_metric([latest.namespace, latest.room], latest.state.wanted)
         yield from (listeners, capacity, draining, waiting, wanted)
 
 
@@ -173,14 +171,9 @@ def run(
     stop = stop or threading.Event()
     while not stop.is_set():
         trace_t = (time.time() - start.timestamp()) * speed
-        published.shard_map = _read_map(cluster, namespace, room)
+        published.shard_map = cluster.read_shard_map(namespace, room)
         ready = {pod.ordinal for pod in cluster.relay_pods(namespace, room) if pod.ready}
         published.state = edge.step(demand_at(trace, trace_t), published.shard_map, ready)
         if trace_t > trace.times[-1]:
             break
         stop.wait(interval)
-
-
-def _read_map(cluster: Cluster, namespace: str, room: str) -> ShardMap | None:
-    document = cluster.read_config_map(namespace, shard_map_name(room)).get(children.SHARD_MAP_KEY)
-    return ShardMap.from_dict(json.loads(document)) if document else None

@@ -6,6 +6,7 @@ changes nothing and a field changed by hand is taken back on the next reconcile.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
-from townsquare.api.names import relay_set_name
-from townsquare.kube.children import MANAGER, ROOM_LABEL, Manifest
+from townsquare.api.names import relay_set_name, shard_map_name
+from townsquare.kube.children import MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifest
+from townsquare.sharding import ShardMap
 
 APPLY = "application/apply-patch+yaml"
 
@@ -84,18 +86,6 @@ class Cluster:
         )
         return room
 
-    def ready_relays(self, namespace: str, room: str) -> int:
-        """Relay pods Ready now, as the StatefulSet controller counts them."""
-        try:
-            relay_set = self.apps.read_namespaced_stateful_set_status(
-                relay_set_name(room), namespace
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return 0
-            raise
-        return int(relay_set.status.ready_replicas or 0) if relay_set.status else 0
-
     def relay_pods(self, namespace: str, room: str) -> list[RelayPod]:
         """The room's relay pods with their ordinals and readiness."""
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{ROOM_LABEL}={room}").items
@@ -128,6 +118,14 @@ class Cluster:
                 return {}
             raise
         return dict(config_map.data or {})
+
+    def read_shard_map(self, namespace: str, room: str) -> ShardMap | None:
+        """The shard map as published in the room's ConfigMap (None: none, or unreadable)."""
+        document = self.read_config_map(namespace, shard_map_name(room)).get(SHARD_MAP_KEY)
+        try:
+            return ShardMap.from_dict(json.loads(document)) if document else None
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the room's status (merge patch on the status subresource)."""
