@@ -148,6 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--metrics-port {args.metrics_port}: {exc.strerror}") from None
     settings = handlers.Settings(
         prometheus_url=args.prometheus_url,
+        allowed_prometheus_urls=tuple(args.allow_prometheus_url or ()),
         metrics_interval=timedelta(seconds=args.metrics_interval),
         metrics_max_age=timedelta(seconds=args.metrics_max_age),
     )
@@ -312,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus-url",
         default=os.environ.get("TOWNSQUARE_PROMETHEUS_URL"),
         help="Prometheus to read listeners from (default: $TOWNSQUARE_PROMETHEUS_URL)",
+    )
+    run.add_argument(
+        "--allow-prometheus-url",
+        action="append",
+        help="a Prometheus a room's spec.metrics.prometheusUrl may name (repeatable)",
     )
     run.add_argument(
         "--metrics-interval", type=parse_seconds, default=15.0, help="seconds between reads"

@@ -26,7 +26,14 @@ from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRo
 from townsquare.kube import children
 from townsquare.kube.client import Cluster, load_config
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
-from townsquare.metrics import PrometheusSource, Reading, aged, room_metrics
+from townsquare.metrics import (
+    PrometheusSource,
+    Reading,
+    Source,
+    aged,
+    choose_prometheus,
+    room_metrics,
+)
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
@@ -45,6 +52,8 @@ class Settings:
     """Operator-wide options, from the command line."""
 
     prometheus_url: str | None = None
+    allowed_prometheus_urls: tuple[str, ...] = ()
+    """URLs a room's spec.metrics.prometheusUrl may name, besides the default."""
     metrics_interval: timedelta = timedelta(seconds=15)
     metrics_max_age: timedelta = timedelta(seconds=60)
 
@@ -65,8 +74,11 @@ class Runtime:
     maps: dict[Key, tuple[ShardMap, datetime]] = field(default_factory=dict)
     sources: dict[str, PrometheusSource] = field(default_factory=dict)
 
-    def prometheus_for(self, spec: AudioRoomSpec) -> str | None:
-        return spec.metrics.prometheus_url or self.settings.prometheus_url
+    def prometheus_for(self, spec: AudioRoomSpec) -> Source:
+        settings = self.settings
+        return choose_prometheus(
+            spec.metrics.prometheus_url, settings.prometheus_url, settings.allowed_prometheus_urls
+        )
 
     def forget(self, key: Key) -> None:
         for table in (self.pokes, self.applied, self.watched, self.readings, self.scaling):
@@ -146,7 +158,7 @@ def read_listeners(runtime: Runtime) -> None:
     now = datetime.now(UTC)
     groups: dict[tuple[str, str], list[Key]] = defaultdict(list)
     for key, spec in list(runtime.watched.items()):
-        url = runtime.prometheus_for(spec)
+        url = runtime.prometheus_for(spec).url
         if url is None:
             continue
         source = runtime.sources.setdefault(url, PrometheusSource(url))
@@ -168,7 +180,7 @@ def read_listeners(runtime: Runtime) -> None:
 async def _first_reading(runtime: Runtime, key: Key, spec: AudioRoomSpec) -> None:
     """Wait (briefly) until the poller has read this room, so that a restarted operator
     decides with data instead of reporting metrics missing meanwhile."""
-    if runtime.prometheus_for(spec) is None:
+    if runtime.prometheus_for(spec).url is None:
         return
     runtime.watched[key] = spec
     deadline = 3 * runtime.settings.metrics_interval.total_seconds() + 5
@@ -279,7 +291,10 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     runtime.watched[key] = spec
     now = datetime.now(UTC)
     metrics = None
-    if runtime.prometheus_for(spec):
+    source = runtime.prometheus_for(spec)
+    if source.refusal:
+        metrics = Metrics(listeners=None, problem=source.refusal)
+    elif source.url:
         reading = runtime.readings.get(key, Metrics(listeners=None, problem="no reading yet"))
         metrics = aged(reading, now, runtime.settings.metrics_max_age)
     ready = frozenset(pod.ordinal for pod in pods if pod.ready)

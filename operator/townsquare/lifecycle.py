@@ -260,7 +260,7 @@ def reconcile(
         if by_clock == "PreWarming" and seen.ready_relays >= plan_status.relays:
             phase = "Ready"
         _announce_warmup(spec, plan_status, was, phase, draft)
-        _announce_scaling(decision, was, phase, running, draft)
+        _announce_scaling(decision, was, phase, draft)
 
     rebalanced = rebalance(
         current_map,
@@ -388,18 +388,19 @@ def _announce_warmup(
         draft.condition("PreWarmed", "False", "PreWarming", f"{ready:,}/{planned:,} relays ready")
 
 
-def _announce_scaling(
-    decision: Decision, was: Phase | None, phase: Phase, running: int, draft: _Draft
-) -> None:
-    """ScaledUp/ScaledDown with the numbers, except the pre-warm itself (it has its Event)."""
+def _announce_scaling(decision: Decision, was: Phase | None, phase: Phase, draft: _Draft) -> None:
+    """ScaledUp/ScaledDown with the numbers, except the pre-warm itself (it has its Event).
+
+    A scale-down is announced when relays stop accepting joins, not when they leave: they
+    leave later, once drained.
+    """
     first_pass = was is None
     prewarm = was == "Scheduled" and phase != "Scheduled"
-    if decision.replicas == running or first_pass or prewarm:
-        return
-    if decision.direction == "up":
-        draft.event(NORMAL, "ScaledUp", decision.reason)
-    elif decision.direction == "down":
-        draft.event(NORMAL, "ScaledDown", decision.reason)
+    if not (first_pass or prewarm):
+        if decision.direction == "up":
+            draft.event(NORMAL, "ScaledUp", decision.reason)
+        elif decision.direction == "down":
+            draft.event(NORMAL, "ScaledDown", decision.reason)
     if decision.drain_timed_out:
         draft.event(WARNING, "DrainTimedOut", decision.reason)
 

@@ -213,3 +213,29 @@ def aged(metrics: Metrics, now: datetime, max_age: timedelta) -> Metrics:
     if age <= max_age:
         return metrics
     return Metrics(listeners=None, problem=f"no listener reading for {int(age.total_seconds())}s")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which Prometheus serves a room, or why none may."""
+
+    url: str | None
+    refusal: str = ""
+
+
+def choose_prometheus(room_url: str | None, default: str | None, allowed: Iterable[str]) -> Source:
+    """The operator's Prometheus, or the room's own if the operator allows that URL.
+
+    A room's author must not make the operator send requests anywhere it can reach, so a
+    URL the operator was not told to trust is refused (and the room is told why), never
+    silently replaced by the default.
+    """
+    if room_url is None or room_url == default:
+        return Source(default)
+    if room_url in set(allowed):
+        return Source(room_url)
+    return Source(
+        None,
+        f"spec.metrics.prometheusUrl {room_url} is not allowed by the operator "
+        "(townsquare run --allow-prometheus-url)",
+    )

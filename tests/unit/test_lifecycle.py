@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile
+from townsquare.scaling import ScalingState
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
 
@@ -183,3 +184,16 @@ def test_one_plan_per_pass_even_when_measured_start_up_shortens_the_lead() -> No
     warming = reconcile("room", slow, scheduled.status, fast)
     assert warming.status.phase == "PreWarming"
     assert warming.desired_relays == scheduled.status.plan.relays, "the plan starts with the phase"
+
+
+def test_scale_down_is_announced_when_relays_start_draining() -> None:
+    spec = room(700).model_copy(update={"duration": timedelta(hours=2)})
+    now = START + timedelta(minutes=40)
+    live = step(spec, AudioRoomStatus(), timedelta(minutes=39), ready=10, listeners=300)
+    state = ScalingState(relays=10, targets=((now - timedelta(minutes=10, seconds=30), 1),))
+    metrics = Metrics(listeners=300, sampled_at=now - timedelta(seconds=2))
+    seen = Observed(now, 1, 10, metrics=metrics)
+    outcome = reconcile("room", spec, live.status, seen, scaling_state=state)
+    assert outcome.desired_relays == 10, "draining relays stay until empty"
+    assert outcome.status.relays is not None and outcome.status.relays.draining > 0
+    assert "ScaledDown" in reasons(outcome)

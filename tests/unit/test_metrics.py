@@ -8,8 +8,10 @@ from typing import Any
 from townsquare.api.models import MetricsSpec
 from townsquare.metrics import (
     Reading,
+    Source,
     aged,
     batched_query,
+    choose_prometheus,
     escape_label_value,
     parse_vector,
     room_metrics,
@@ -93,3 +95,15 @@ def test_a_reading_that_stopped_updating_counts_as_missing() -> None:
     assert aged(fresh, NOW + timedelta(seconds=10), timedelta(seconds=30)).listeners == 1350
     frozen = aged(fresh, NOW + timedelta(minutes=5), timedelta(seconds=30))
     assert frozen.listeners is None and "no listener reading" in frozen.problem
+
+
+def test_a_room_may_only_name_a_prometheus_the_operator_trusts() -> None:
+    default = "http://prometheus:9090"
+    assert choose_prometheus(None, default, ()) == Source(default)
+    assert choose_prometheus(default, default, ()) == Source(default)
+    allowed = "http://tenant-prom:9090"
+    assert choose_prometheus(allowed, default, [allowed]) == Source(allowed)
+    refused = choose_prometheus("http://169.254.169.254/", default, [allowed])
+    assert refused.url is None
+    assert "is not allowed by the operator" in refused.refusal
+    assert choose_prometheus(None, None, ()) == Source(None)
