@@ -40,8 +40,6 @@ from townsquare.telemetry import room_logger
 
 ANNOTATION_PREFIX = GROUP
 RETRY_SECONDS = 5.0
-STARTUP_SAMPLES = 20
-"""Most recent relay start-ups the policy learns from."""
 Key = tuple[str, str]
 REGISTRY = kopf.OperatorRegistry()
 """The operator's handlers, kept apart from kopf's default registry."""
@@ -305,10 +303,8 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
         ready_relays=len(ready),
         ready_ordinals=ready,
         metrics=metrics,
-        startup_samples=tuple(
-            s
-            for pod in sorted(pods, key=lambda p: p.created)[-STARTUP_SAMPLES:]
-            if (s := pod.startup_seconds) is not None
+        startups=tuple(
+            (pod.created, seconds) for pod in pods if (seconds := pod.startup_seconds) is not None
         ),
     )
     state = runtime.scaling.get(key) or stored_scaling_state(previous)
@@ -335,7 +331,7 @@ def _observe(namespace: str, name: str, spec: AudioRoomSpec, outcome: Outcome) -
         reason = observability.decision_reason(
             metrics_available=decision.metrics_available,
             capacity_exceeded=decision.capacity_exceeded,
-            plan_floor_binding=decision.floor >= decision.relays,
+            plan_floor_binding=decision.floor_bound,
             drain_timed_out=bool(decision.drain_timed_out),
             direction=decision.direction,
         )

@@ -33,6 +33,8 @@ from townsquare.sharding import ShardMap, new_map, rebalance, shard_listeners_fr
 
 NORMAL = "Normal"
 WARNING = "Warning"
+STARTUP_SAMPLES = 20
+"""The newest relay start-ups the policy learns from: recent pods tell of today's nodes."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class Observed:
     """Which relays are Ready; None means ordinals 0..ready_relays-1."""
     metrics: Metrics | None = None
     """None: the operator reads no metrics (no Prometheus configured)."""
-    startup_samples: tuple[float, ...] = ()
-    """Measured relay start-ups (pod creation to Ready), seconds."""
+    startups: tuple[tuple[datetime, float], ...] = ()
+    """(pod creation, seconds from creation to Ready) of relays that started cleanly."""
 
     @property
     def listeners(self) -> int | None:
@@ -317,7 +319,8 @@ def reconcile(
 
 def startup_of(spec: AudioRoomSpec, seen: Observed) -> float:
     """Relay start-up to plan with: measured times, with the spec's hint as a prior."""
-    return startup_estimate(spec.relay.startup_seconds, seen.startup_samples)
+    newest = sorted(seen.startups)[-STARTUP_SAMPLES:]
+    return startup_estimate(spec.relay.startup_seconds, tuple(seconds for _, seconds in newest))
 
 
 def _observation(seen: Observed) -> Observation:

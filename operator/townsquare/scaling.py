@@ -141,6 +141,11 @@ class Decision:
     def metrics_available(self) -> bool:
         return self.listeners is not None
 
+    @property
+    def floor_bound(self) -> bool:
+        """The declared plan, not the demand, set the relay count."""
+        return self.floor >= self.relays
+
 
 def startup_estimate(hint_seconds: float, measured_seconds: tuple[float, ...] = ()) -> float:
     """Relay start-up to plan with: measured creation-to-Ready times, the hint as a prior.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
-from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile
+from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, startup_of
 from townsquare.scaling import ScalingState
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
@@ -180,7 +180,8 @@ def test_one_plan_per_pass_even_when_measured_start_up_shortens_the_lead() -> No
     scheduled = step(slow, AudioRoomStatus(), timedelta(hours=-1))
     assert scheduled.status.plan is not None
     prewarm_at = scheduled.status.plan.prewarm_at
-    fast = Observed(prewarm_at + timedelta(seconds=10), 1, 1, startup_samples=(5.0,) * 20)
+    quick_starts = tuple((START - timedelta(days=1, minutes=i), 5.0) for i in range(20))
+    fast = Observed(prewarm_at + timedelta(seconds=10), 1, 1, startups=quick_starts)
     warming = reconcile("room", slow, scheduled.status, fast)
     assert warming.status.phase == "PreWarming"
     assert warming.desired_relays == scheduled.status.plan.relays, "the plan starts with the phase"
@@ -197,3 +198,10 @@ def test_scale_down_is_announced_when_relays_start_draining() -> None:
     assert outcome.desired_relays == 10, "draining relays stay until empty"
     assert outcome.status.relays is not None and outcome.status.relays.draining > 0
     assert "ScaledDown" in reasons(outcome)
+
+
+def test_start_up_is_learned_from_the_newest_relays() -> None:
+    old = tuple((START - timedelta(days=2, seconds=i), 300.0) for i in range(50))
+    new = tuple((START - timedelta(hours=1, seconds=i), 5.0) for i in range(20))
+    seen = Observed(START, 1, 0, startups=new + old)
+    assert startup_of(room(), seen) < 10, "twenty fresh start-ups outweigh older slow ones"
