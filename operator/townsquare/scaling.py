@@ -9,14 +9,22 @@ cluster and pick up after a restart exactly where it left off.
 The rules, each for a reason a person on call would give:
 
 - Forecast, not just follow: a new relay needs its start-up time before it carries anyone,
-  so demand is projected over that lead at the recent join rate.
-- The declared plan is a floor from pre-warm until a while after the start (audiences come
-  late), then it decays; if the audience is clearly absent it yields early (`plan_floor`).
-- Up at once (within a bounded step); down only after a full stabilization window of lower
-  demand, and only by draining: relays that still carry listeners are never removed before
-  they empty or their drain timeout passes. The window guards against noisy demand; the plan
-  floor is a schedule, not a measurement, so it is not smoothed again: as it decays or
-  yields, the room follows it down to the highest demand-based need of the window.
+  so demand is projected over that lead at the recent join rate (a robust slope, so one bad
+  scrape does not bend it), never more than doubling: a crowd that has arrived stops
+  growing, and a forecast that kept the slope would overshoot every ramp.
+- A new sample, not a reconcile, moves the forecast. Every StatefulSet write wakes the
+  operator again; the same scrape seen twice must not take a second step.
+- One scrape is never enough for a big move: demand grows the room by one bounded step on
+  a single sample, and to the full target once the next sample asks for as much (a
+  single-scrape glitch moves one step; a real crowd is followed within one scrape).
+- The declared plan is a floor from pre-warm until `planHold` after the start: a late
+  host and a no-show look alike until the crowd comes, so the plan is never yielded within
+  the hold. After it, the floor yields to the evidence (3x the peak seen) and decays. A
+  room already pre-warmed whose start is moved later keeps its relays (`plan_floor`).
+- Up at once (within the bounds above); down only after a full stabilization window in
+  which the observed demand stayed lower, and only by draining: relays that still carry
+  listeners are never removed before they empty or their drain timeout passes. The window
+  holds observed demand, not forecasts: a forecast that did not come true is not kept.
 - Fail-static: without a fresh listener count the size is held, never lowered.
 """
 
@@ -33,6 +41,9 @@ from townsquare.planning import Plan, capacity_of
 
 RATE_WINDOW = timedelta(seconds=60)
 """The join rate is the demand's slope over this window: long enough to smooth scrapes."""
+FORECAST_GROWTH_CAP = 1.0
+"""A forecast adds at most this share of the current demand over one lead (chosen on the
+tuning seeds of `townsquare.sim.families`: 0.5 left flash crowds waiting, 2 overshot)."""
 DECISION_MARGIN = timedelta(seconds=15)
 """Added to the lead: a decision is acted on a moment after it is made."""
 SCALE_UP_FACTOR = 2
@@ -48,7 +59,9 @@ DECAY_STEPS = 10
 STABILIZATION_BUCKETS = 10
 """The stabilization window is remembered as this many per-slice maxima (a small state)."""
 LATE_ARRIVAL_FACTOR = 3
-NO_SHOW_GRACE_SHARE = 1 / 3
+"""After the hold, the plan floor keeps at most 3x the peak demand seen (no-show insurance)."""
+POSTPONEMENT_KEPT = timedelta(hours=1)
+"""A pre-warmed room whose start moves later keeps its relays if the new start is this near."""
 STARTUP_PRIOR_WEIGHT = 3
 """The spec's start-up hint counts as this many measured start-ups."""
 
@@ -83,6 +96,14 @@ class ScalingState:
     """(slice start, highest demand-based target in the slice) over the stabilization window."""
     peak: int = 0
     """Highest demand seen so far: the evidence that an audience came."""
+    forecast: int = 0
+    """The forecast made from the newest sample; a repeated sample reuses it."""
+    asked: int = 0
+    """Relays the newest sample asked for: the next sample must confirm a big step."""
+    need: int = 0
+    """Relays the newest sample's observed demand needs (no forecast)."""
+    prewarmed: bool = False
+    """The plan floor has been in force: a start moved later keeps the relays."""
 
     @classmethod
     def initial(cls, relays: int) -> ScalingState:
@@ -101,6 +122,10 @@ class ScalingState:
             "samples": [[_iso(t), demand] for t, demand in self.samples],
             "targets": [[_iso(t), target] for t, target in self.targets],
             "peak": self.peak,
+            "forecast": self.forecast,
+            "asked": self.asked,
+            "need": self.need,
+            "prewarmed": self.prewarmed,
         }
 
     @classmethod
@@ -111,6 +136,10 @@ class ScalingState:
             samples=tuple((_parse(t), int(d)) for t, d in data.get("samples", ())),
             targets=tuple((_parse(t), int(n)) for t, n in data.get("targets", ())),
             peak=int(data.get("peak", 0)),
+            forecast=int(data.get("forecast", 0)),
+            asked=int(data.get("asked", 0)),
+            need=int(data.get("need", 0)),
+            prewarmed=bool(data.get("prewarmed", False)),
         )
 
 
@@ -156,32 +185,36 @@ def startup_estimate(hint_seconds: float, measured_seconds: tuple[float, ...] = 
     return total / (STARTUP_PRIOR_WEIGHT + len(measured_seconds))
 
 
-def plan_floor(spec: AudioRoomSpec, plan: Plan, now: datetime, peak: int | None) -> int:
+def plan_floor(
+    spec: AudioRoomSpec,
+    plan: Plan,
+    now: datetime,
+    peak: int | None,
+    *,
+    prewarmed: bool = False,
+) -> int:
     """Relays the declared plan still guarantees at `now`, given the `peak` demand seen.
 
-    Before `prewarmAt` there is no floor. From `prewarmAt` the plan holds: nothing is known
-    about the audience yet, and the relays must be Ready when it arrives. After the start,
-    audiences keep arriving late, so the plan holds until `start + planHold`, then decays
-    linearly (in DECAY_STEPS steps) to nothing over another `planHold`.
+    Before `prewarmAt` there is no floor. From `prewarmAt` the whole plan holds until
+    `start + planHold`: nothing tells a host who is late from an audience that will not
+    come until the crowd arrives, and draining the plan early is what left the May 2023
+    launch melting. A room already pre-warmed (`prewarmed`) whose producer moved the start
+    later keeps the plan until the new start plus the hold, if the new start is within
+    POSTPONEMENT_KEPT; a longer postponement lets the relays go and pre-warms again.
 
-    A no-show must not pay for the whole hold, though (500,000 declared, 20,000 came). An
-    audience that is coming shows up in large part within the first minutes, so once a third
-    of the hold has passed the floor covers only LATE_ARRIVAL_FACTOR (3) times the peak seen
-    so far, never more than the plan: at a third of the declared audience the whole plan is
-    kept, a 4% audience keeps an eighth of it. The floor only keeps insurance; demand beyond
-    it is still caught by the forecast within one relay start-up, and the admission queue
-    holds the rest meanwhile, so yielding costs waiting time, never overload. (On the shipped
-    traces a factor of 2, 3 or 4 left waiting unchanged; 3 keeps the insurance affordable.)
+    After the hold the floor yields to the evidence, at most LATE_ARRIVAL_FACTOR (3) times
+    the peak seen (a no-show stops paying for the plan), and decays linearly in DECAY_STEPS
+    steps to nothing over another `planHold`. Demand beyond it is caught by the forecast.
     """
-    if now < plan.prewarm_at:
-        return 0
     start, hold = spec.start_time, spec.scaling.plan_hold
+    if now < plan.prewarm_at and not (prewarmed and start - now <= POSTPONEMENT_KEPT):
+        return 0
     relays = plan.relays
-    if peak is not None and now >= start + hold * NO_SHOW_GRACE_SHARE:
-        evidence = min(spec.expected_audience, peak * LATE_ARRIVAL_FACTOR)
-        relays = min(relays, _relays_for(evidence, spec))
     if now < start + hold:
         return relays
+    if peak is not None:
+        evidence = min(spec.expected_audience, peak * LATE_ARRIVAL_FACTOR)
+        relays = min(relays, _relays_for(evidence, spec))
     elapsed = (now - start - hold) / hold
     remaining = max(0, DECAY_STEPS - math.floor(elapsed * DECAY_STEPS)) / DECAY_STEPS
     return math.ceil(relays * remaining - 1e-9)
@@ -207,10 +240,11 @@ def decide(
 
     if observation.listeners is None:
         # Without a single reading there is no evidence of a no-show: keep the whole plan.
-        floor = plan_floor(spec, plan, now, state.peak if state.peak > 0 else None)
+        peak = state.peak if state.peak > 0 else None
+        floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
         target = min(scaling.max_relays, max(current, floor, scaling.min_relays))
         relays = _grow(current, target, floor, spec)
-        next_state = replace(state, samples=(), targets=())
+        next_state = replace(state, samples=(), targets=(), prewarmed=state.prewarmed or floor > 0)
         why = f"metrics unavailable: holding {current:,} relays (never scaling down blind)"
         if relays > current:
             why += f"; plan floor {floor:,} relays"
@@ -218,22 +252,33 @@ def decide(
 
     demand = observation.listeners + observation.waiting
     sampled_at = observation.sampled_at or now
-    samples = _remember_sample(state.samples, sampled_at, demand)
-    rate = _join_rate(samples)
+    new_sample = not state.samples or sampled_at > state.samples[-1][0]
     lead = timedelta(seconds=startup) + DECISION_MARGIN + max(timedelta(0), now - sampled_at)
-    forecast = round(demand + max(0.0, rate) * lead.total_seconds())
+    if new_sample:
+        samples = _remember_sample(state.samples, sampled_at, demand)
+        forecast = _forecast(demand, _join_rate(samples), lead, spec)
+        need = _relays_for(demand, spec)
+    else:  # the same scrape again: nothing new is known, so nothing moves
+        samples, forecast, need = state.samples, state.forecast, state.need
     peak = max(state.peak, demand)
-    floor = plan_floor(spec, plan, now, peak)
+    floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
     needed = _relays_for(forecast, spec)
     demanded = min(scaling.max_relays, max(scaling.min_relays, needed))
     target = min(scaling.max_relays, max(demanded, floor))
     window = scaling.scale_down_stabilization
-    targets = _remember_target(state.targets, now, demanded, window)
+    # The window remembers what two samples in a row needed: one bad scrape never holds it.
+    observed = min(scaling.max_relays, max(scaling.min_relays, min(need, state.need or need)))
+    targets = _remember_target(state.targets, now, observed, window)
 
     per_relay = spec.relay.listeners_per_relay * scaling.target_utilization
     beyond_tolerance = forecast > current * per_relay * (1 + UP_TOLERANCE)
-    if target > current and (beyond_tolerance or max(floor, scaling.min_relays) > current):
-        relays = _grow(current, target, floor, spec)
+    declared = min(scaling.max_relays, max(floor, scaling.min_relays))
+    grow_to = max(current, declared)
+    if new_sample and demanded > current and beyond_tolerance:
+        confirmed = min(demanded, state.asked) if state.asked else 0
+        grow_to = max(grow_to, min(demanded, max(_step_up(current, demanded), confirmed)))
+    if grow_to > current:
+        relays = grow_to
     elif target < current and _covers_window(targets, now, window):
         relays = min(current, max(target, max(n for _, n in targets)))
     else:
@@ -254,10 +299,26 @@ def decide(
     capacity_exceeded = needed > scaling.max_relays
     if capacity_exceeded:
         why += f"; needs {needed:,} relays, above maxRelays {scaling.max_relays:,}"
-    next_state = replace(state, samples=samples, targets=targets, peak=peak)
+    next_state = replace(
+        state,
+        samples=samples,
+        targets=targets,
+        peak=peak,
+        forecast=forecast,
+        asked=demanded if new_sample else state.asked,
+        need=need,
+        prewarmed=state.prewarmed or floor > 0,
+    )
     return _finish(
         spec, observation, next_state, now, relays, forecast, floor, capacity_exceeded, why
     )
+
+
+def _forecast(demand: int, rate: float, lead: timedelta, spec: AudioRoomSpec) -> int:
+    """Demand projected over the lead at the join rate, adding at most FORECAST_GROWTH_CAP."""
+    per_relay = spec.relay.listeners_per_relay * spec.scaling.target_utilization
+    most = max(demand * FORECAST_GROWTH_CAP, per_relay * SCALE_UP_MIN_STEP)
+    return round(demand + min(most, max(0.0, rate) * lead.total_seconds()))
 
 
 def _finish(
@@ -350,12 +411,19 @@ def _remember_sample(
 
 
 def _join_rate(samples: tuple[tuple[datetime, int], ...]) -> float:
-    """Listeners per second over the window; 0 until two samples 10 s apart exist."""
-    if len(samples) < 2:
+    """Listeners per second over the window: the median slope of sample pairs at least
+    10 s apart (Theil-Sen), so one glitched scrape among three cannot tilt it; 0 until
+    such a pair exists."""
+    slopes = sorted(
+        (d1 - d0) / seconds
+        for i, (t0, d0) in enumerate(samples)
+        for t1, d1 in samples[i + 1 :]
+        if (seconds := (t1 - t0).total_seconds()) >= 10
+    )
+    if not slopes:
         return 0.0
-    (t0, d0), (t1, d1) = samples[0], samples[-1]
-    seconds = (t1 - t0).total_seconds()
-    return (d1 - d0) / seconds if seconds >= 10 else 0.0
+    middle = len(slopes) // 2
+    return slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
 
 
 def _remember_target(

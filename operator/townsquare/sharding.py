@@ -157,35 +157,38 @@ def rebalance(
     moved, migrated, pending = 0, 0.0, False
     if active_set:
         targets = _balanced_targets(shards, sorted(active_set), owned)
-        movers = [(s, False) for s in orphans]
+        # (shard, costs budget, must fit): a dead relay's shards cost nothing; a draining
+        # relay's must go even if only a full relay is left; balancing never overloads.
+        movers = [(s, False, False) for s in orphans]
         for relay in sorted(draining_set):
-            movers += [(s, True) for s in sorted(owned[relay], key=weights.__getitem__)]
+            movers += [(s, True, False) for s in sorted(owned[relay], key=weights.__getitem__)]
         for relay in sorted(active_set):
             excess = len(owned[relay]) - targets[relay]
             if excess > 0:
                 lightest = sorted(owned[relay], key=weights.__getitem__)[:excess]
-                movers += [(s, True) for s in lightest]
-        # Receivers by remaining deficit, largest first (heap of -deficit, ordinal).
-        deficits = [
-            (len(owned[r]) - targets[r], r)
-            for r in sorted(active_set)
-            if len(owned[r]) < targets[r]
-        ]
-        heapq.heapify(deficits)
-        for shard, costs in movers:
+                movers += [(s, True, True) for s in lightest]
+        # A dead relay's listeners come back through the edge: each of its shards is expected
+        # to bring the average shard's share of the demand.
+        rejoining = (demand or 0.0) / shards
+        receivers = _Receivers(
+            {r: targets[r] - len(owned[r]) for r in active_set}, load, current.capacity
+        )
+        for shard, costs, must_fit in movers:
             cost = weights[shard] if costs else 0.0
-            if cost > budget or not deficits:
-                pending = pending or cost > budget
+            if cost > budget:
+                pending = True
                 if not costs:
                     assignment[shard] = None
                 continue
-            negative, relay = heapq.heappop(deficits)
-            if negative + 1 < 0:
-                heapq.heappush(deficits, (negative + 1, relay))
+            expected = weights[shard] if costs else rejoining
+            relay = receivers.take(expected, must_fit=must_fit)
+            if relay is None:
+                if not costs:
+                    assignment[shard] = None
+                continue
             source = assignment[shard]
-            if source in load:
-                load[source] -= weights[shard]
-            load[relay] += weights[shard]
+            if source in load and costs:
+                receivers.release(source, weights[shard])
             assignment[shard] = relay
             budget -= cost
             moved += 1
@@ -225,8 +228,11 @@ def _admission(
     capacity: int,
     demand: float | None,
 ) -> Admission:
-    """Queue when the demand, spread as the map spreads it, would fill any relay."""
-    connected = sum(weights)
+    """Queue when the demand, spread as the map spreads it, would fill any relay.
+
+    `load` includes what the shards of dead relays are expected to bring back.
+    """
+    connected = sum(load.values()) if demand is not None else sum(weights)
     wanted = connected if demand is None else demand
     if wanted > len(active) * capacity:
         return "queueing"
@@ -239,6 +245,64 @@ def _admission(
             if relay in expected:
                 expected[relay] += per_shard
     return "queueing" if any(v > capacity for v in expected.values()) else "open"
+
+
+class _Receivers:
+    """Active relays ready to take shards: those short of their balanced count first, each
+    time the one with the most room, and never one the shard would push above capacity
+    unless nothing else can take it (a dead relay's shard must go somewhere at once)."""
+
+    def __init__(self, deficits: dict[int, int], load: dict[int, float], capacity: int) -> None:
+        self.deficits = deficits
+        self.load = load
+        self.capacity = capacity
+        self.short = [(load[r], r) for r, d in deficits.items() if d > 0]
+        self.roomy = [(load[r], r) for r in deficits]
+        heapq.heapify(self.short)
+        heapq.heapify(self.roomy)
+
+    def _coolest(self, heap: list[tuple[float, int]], short_only: bool) -> int | None:
+        while heap:
+            load, relay = heap[0]
+            if short_only and self.deficits[relay] <= 0:
+                heapq.heappop(heap)
+            elif load != self.load[relay]:
+                heapq.heappop(heap)  # stale: every change of a load pushed a fresh entry
+            else:
+                return relay
+        return None
+
+    def take(self, weight: float, *, must_fit: bool) -> int | None:
+        """The relay that takes a shard of `weight` listeners; None if none should.
+
+        `must_fit`: a balancing move, only to a relay short of shards with room for it.
+        """
+        fits = self.capacity - weight
+        relay = self._coolest(self.short, short_only=True)
+        if must_fit:
+            if relay is None or self.load[relay] > fits:
+                return None
+        elif relay is None or self.load[relay] > fits:
+            coolest = self._coolest(self.roomy, short_only=False)
+            if relay is None or (coolest is not None and self.load[coolest] <= fits):
+                relay = coolest
+        if relay is None:
+            return None
+        self.deficits[relay] -= 1
+        self._change(relay, weight)
+        return relay
+
+    def release(self, relay: int, weight: float) -> None:
+        """A shard of `weight` listeners left `relay`."""
+        if relay in self.deficits:  # an active relay above its count; a draining one is not
+            self.deficits[relay] += 1
+        self._change(relay, -weight)
+
+    def _change(self, relay: int, weight: float) -> None:
+        self.load[relay] += weight
+        if relay in self.deficits:
+            heapq.heappush(self.short, (self.load[relay], relay))
+            heapq.heappush(self.roomy, (self.load[relay], relay))
 
 
 def _balanced_targets(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -103,12 +104,12 @@ def test_plan_floor_holds_then_decays() -> None:
     assert plan_floor(room, plan, at(30 * 60), peak=400_000) == 0
 
 
-def test_plan_floor_yields_to_a_no_show() -> None:
-    room = spec()
+def test_plan_floor_yields_to_a_no_show_only_after_the_hold() -> None:
+    room = spec()  # planHold 15m
     plan = plan_room(room, EARLY)
-    assert plan_floor(room, plan, at(4 * 60), peak=20_000) == 715  # too early to tell
-    assert plan_floor(room, plan, at(5 * 60), peak=20_000) == math.ceil(60_000 / 700)
-    assert plan_floor(room, plan, at(5 * 60), peak=170_000) == 715  # a third: still coming
+    assert plan_floor(room, plan, at(14 * 60), peak=20_000) == 715  # a late host looks alike
+    assert plan_floor(room, plan, at(15 * 60), peak=20_000) == math.ceil(60_000 / 700)
+    assert plan_floor(room, plan, at(15 * 60), peak=170_000) == 715  # a third: still coming
 
 
 def test_start_up_estimate_uses_the_hint_as_a_prior() -> None:
@@ -207,7 +208,11 @@ def test_never_above_max_and_never_down_without_a_full_window(
             assert decision.floor <= decision.relays
             for _, earlier in recent:
                 assert earlier.metrics_available
-                needed = math.ceil((earlier.forecast or 0) / per_relay - 1e-9)
+            # Two samples in a row within the window both needing more hold the size.
+            in_window = [n for when, n in timeline[: i + 1] if now - when < window]
+            for first, second in itertools.pairwise(in_window):
+                assert first is not None and second is not None
+                needed = math.ceil(min(first, second) / per_relay - 1e-9)
                 assert min(needed, 900) <= decision.relays
         previous = decision.relays
 
@@ -229,3 +234,105 @@ def test_a_relay_is_empty_only_by_a_sample_taken_after_its_drain_began() -> None
     fresh = Observation(listeners=50, sampled_at=later, relay_listeners=empty_relays)
     emptied = decide(room, plan, fresh, decision.state, later)
     assert emptied.replicas == 1, "once a later sample shows them empty, they go"
+
+
+# The four rules of issue 11: what the policy does with samples, late starts, crashes and
+# glitches. Each was seen failing on the policy before the fix.
+
+
+def test_a_repeated_sample_across_many_reconciles_does_not_climb() -> None:
+    """Every StatefulSet write triggers a reconcile; the same scrape must not step again."""
+    room = spec(audience=0)
+    plan = plan_room(room, EARLY)
+    sample = Observation(listeners=500_000, sampled_at=at(3600))
+    state = ScalingState.initial(6)
+    decisions = []
+    for i in range(40):  # forty reconciles within ten seconds, one scrape
+        decision = decide(room, plan, sample, state, at(3600 + i / 4))
+        decisions.append(decision)
+        state = decision.state
+    assert max(d.relays for d in decisions) == 12  # one bounded step: max(2 x 6, 6 + 4)
+    assert [d.direction for d in decisions].count("up") == 1
+    assert len({d.forecast for d in decisions}) == 1, "only a new sample moves the forecast"
+
+
+def test_a_late_start_within_plan_hold_never_drains_the_plan() -> None:
+    """The host is 14 minutes late; 20,000 early listeners wait in the room meanwhile."""
+    room = spec()  # 715 relays, planHold 15m
+    plan = plan_room(room, EARLY)
+    state = ScalingState.initial(2)
+    relays = []
+    for t in range(-15 * 60, 15 * 60, 5):
+        listeners = 0 if t < 0 else min(20_000, 100 * t)
+        decision = decide(room, plan, Observation(listeners, sampled_at=at(t)), state, at(t))
+        state = decision.state
+        relays.append(decision.relays)
+    assert min(relays) == 715
+
+
+def test_moving_start_time_mid_flight_keeps_the_plan_until_the_new_start_and_hold() -> None:
+    """At +5m the producer learns the host is 25 minutes late and moves startTime."""
+    room = spec()
+    plan = plan_room(room, EARLY)
+    moved = room.model_copy(update={"start_time": START + timedelta(minutes=25)})
+    moved_plan = plan_room(moved, at(5 * 60))
+    assert moved_plan.prewarm_at > at(5 * 60), "the new pre-warm time lies ahead"
+    state = ScalingState.initial(715)
+    relays = []
+    for t in range(0, 40 * 60, 5):
+        current, current_plan = (room, plan) if t < 5 * 60 else (moved, moved_plan)
+        observation = Observation(min(20_000, 100 * t), sampled_at=at(t))
+        decision = decide(current, current_plan, observation, state, at(t))
+        state = decision.state
+        relays.append(decision.relays)
+    assert min(relays) == 715
+
+
+def test_a_crash_moves_dead_relays_shards_at_once_to_relays_with_headroom() -> None:
+    """A quarter of the relays die; the survivors with room take their shards, no budget."""
+    from townsquare.sharding import new_map, place, rebalance
+
+    capacity, shards = 1000, 400
+    first = rebalance(new_map(shards, capacity), active=range(8), fanout=64).map
+    # Relay 0 was given more listeners than the rest (a hot shard range): 95% full.
+    per_shard = {0: 950 / 50, **{r: 600 / 50 for r in range(1, 8)}}
+    demand = [per_shard[r] for r in first.assignment if r is not None]
+    assert len(demand) == shards
+    survivors = [0, 1, 2, 3, 4, 5]  # relays 6 and 7 crashed
+    after = rebalance(
+        first,
+        active=survivors,
+        shard_listeners=[
+            0.0 if r in (6, 7) else d for r, d in zip(first.assignment, demand, strict=True)
+        ],
+        demand=sum(demand),
+        fanout=64,
+        budget=0,  # no migration budget left: only the dead relays' shards may move
+    ).map
+    assert all(r in survivors for r in after.assignment), "no shard is left on a dead relay"
+    placed = place(after, demand)
+    assert placed.waiting == 0, "the survivors' headroom takes every listener"
+    assert max(placed.connected.values()) <= capacity
+    assert after.admission == "open"
+
+
+def test_a_single_scrape_ten_times_glitch_moves_one_bounded_step_and_one_scaled_up() -> None:
+    """One scrape reads 10x (a spike), later one reads a tenth (a drop): one step, one Event."""
+    from townsquare.api.models import AudioRoomStatus
+    from townsquare.lifecycle import Metrics, Observed, reconcile
+
+    room = spec(audience=0, minRelays=2)
+    steady = 70_000  # 100 relays at 70%
+    status, state = AudioRoomStatus(), ScalingState.initial(100)
+    desired, scaled_up = [], []
+    for t in range(3600, 3600 + 20 * 60, 5):
+        scrape = t - t % 15
+        listeners = steady * 10 if scrape == 3900 else steady // 10 if scrape == 4500 else steady
+        metrics = Metrics(listeners=listeners, sampled_at=at(scrape))
+        outcome = reconcile("room", room, status, Observed(at(t), 1, 100, metrics=metrics), state)
+        status, state = outcome.status, outcome.scaling_state
+        desired.append(outcome.desired_relays)
+        scaled_up += [e for e in outcome.events if e.reason == "ScaledUp"]
+    assert max(desired) <= 200, "at most one bounded step: max(2 x 100, 100 + 4)"
+    assert len(scaled_up) <= 1
+    assert min(desired[: (4500 - 3600) // 5]) >= 100
