@@ -57,20 +57,40 @@ class Settings:
 
 
 @dataclass
+class RoomState:
+    """What the operator keeps in memory about one room, in one place: forgetting the room
+    forgets all of it at once."""
+
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set to reconcile now rather than at the next deadline (only from the event loop)."""
+    spec: AudioRoomSpec | None = None
+    """The spec last reconciled: the poller reads listeners for rooms that have one."""
+    applied: dict[str, str] = field(default_factory=dict)
+    """A digest of each child as last applied: unchanged children are not re-sent."""
+    reading: Metrics | None = None
+    """The poller's latest reading of this room's listeners."""
+    scaling: ScalingState | None = None
+    shard_map: ShardMap | None = None
+    shard_map_at: datetime | None = None
+    """When `shard_map` was published, for the migration budget."""
+
+
+@dataclass
 class Runtime:
     """Operator-wide state shared by every handler through kopf's memo."""
 
     cluster: Cluster
     settings: Settings
-    pokes: dict[Key, asyncio.Event] = field(default_factory=dict)
-    applied: dict[Key, dict[str, str]] = field(default_factory=dict)
-    """Per room, a digest of each child as last applied: unchanged children are not re-sent."""
-    watched: dict[Key, AudioRoomSpec] = field(default_factory=dict)
-    """Rooms whose listeners the poller reads."""
-    readings: dict[Key, Metrics] = field(default_factory=dict)
-    scaling: dict[Key, ScalingState] = field(default_factory=dict)
-    maps: dict[Key, tuple[ShardMap, datetime]] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop
+    rooms: dict[Key, RoomState] = field(default_factory=dict)
     sources: dict[str, PrometheusSource] = field(default_factory=dict)
+
+    def room(self, key: Key) -> RoomState:
+        """The room's state, created on first use (call on the event loop)."""
+        state = self.rooms.get(key)
+        if state is None:
+            state = self.rooms[key] = RoomState()
+        return state
 
     def prometheus_for(self, spec: AudioRoomSpec) -> Source:
         settings = self.settings
@@ -78,10 +98,19 @@ class Runtime:
             spec.metrics.prometheus_url, settings.prometheus_url, settings.allowed_prometheus_urls
         )
 
+    def wake(self, namespace: str | None, name: str | None) -> None:
+        """Reconcile the room now; safe from any thread (kopf's sync handlers run in a pool,
+        and an asyncio.Event may be set only on its own loop)."""
+        if namespace and name:
+            self.loop.call_soon_threadsafe(self._wake_on_loop, (namespace, name))
+
+    def _wake_on_loop(self, key: Key) -> None:
+        state = self.rooms.get(key)  # a deleted room has no daemon, and no state
+        if state is not None:
+            state.poke.set()
+
     def forget(self, key: Key) -> None:
-        for table in (self.pokes, self.applied, self.watched, self.readings, self.scaling):
-            table.pop(key, None)
-        self.maps.pop(key, None)
+        self.rooms.pop(key, None)
 
 
 @kopf.on.login(registry=REGISTRY)
@@ -104,7 +133,7 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     api = load_config()
     api.configuration.connection_pool_maxsize = 32
     options: Settings = getattr(memo, "settings", None) or Settings()
-    runtime = Runtime(cluster=Cluster(api), settings=options)
+    runtime = Runtime(cluster=Cluster(api), settings=options, loop=asyncio.get_running_loop())
     memo.runtime = runtime
     memo.poller = asyncio.create_task(poll_metrics(runtime))
 
@@ -123,11 +152,6 @@ def _runtime(memo: Any) -> Runtime:
     return runtime
 
 
-def _poke(runtime: Runtime, namespace: str | None, room: str | None) -> None:
-    if namespace and room:
-        runtime.pokes.setdefault((namespace, room), asyncio.Event()).set()
-
-
 async def poll_metrics(runtime: Runtime) -> None:
     """Every tick: one batched query per Prometheus and preset, then wake the rooms read."""
     log = room_logger("-", "-").bind(component="metrics")
@@ -137,10 +161,10 @@ async def poll_metrics(runtime: Runtime) -> None:
             await asyncio.to_thread(read_listeners, runtime)
         except Exception:
             log.exception("reading listeners failed")
-        for key, reading in list(runtime.readings.items()):
-            if _figures(reading) != _figures(last.get(key)):
-                _poke(runtime, *key)
-        last = dict(runtime.readings)
+        for key, state in list(runtime.rooms.items()):
+            if state.reading is not None and _figures(state.reading) != _figures(last.get(key)):
+                state.poke.set()
+        last = {key: state.reading for key, state in runtime.rooms.items() if state.reading}
         await asyncio.sleep(runtime.settings.metrics_interval.total_seconds())
 
 
@@ -152,39 +176,36 @@ def _figures(reading: Metrics | None) -> tuple[Any, ...] | None:
 
 
 def read_listeners(runtime: Runtime) -> None:
-    """Fill `runtime.readings` for every watched room (blocking: runs in a worker thread)."""
+    """Fill each watched room's `reading` (blocking: runs in a worker thread)."""
     now = datetime.now(UTC)
-    groups: dict[tuple[str, str], list[Key]] = defaultdict(list)
-    for key, spec in list(runtime.watched.items()):
-        url = runtime.prometheus_for(spec).url
-        if url is None:
+    groups: dict[tuple[str, str], list[tuple[Key, RoomState]]] = defaultdict(list)
+    for key, state in list(runtime.rooms.items()):
+        spec = state.spec
+        url = runtime.prometheus_for(spec).url if spec else None
+        if spec is None or url is None:
             continue
         source = runtime.sources.setdefault(url, PrometheusSource(url))
         if spec.metrics.listeners_query:
             reading = _timed_read(source.read_room, spec.metrics, *key)
-            runtime.readings[key] = room_metrics(
-                reading, key, now, runtime.settings.metrics_max_age
-            )
+            state.reading = room_metrics(reading, key, now, runtime.settings.metrics_max_age)
         else:
-            groups[(url, spec.metrics.preset)].append(key)
-    for (url, preset), keys in groups.items():
+            groups[(url, spec.metrics.preset)].append((key, state))
+    for (url, preset), rooms in groups.items():
         reading = _timed_read(runtime.sources[url].read, preset)
-        for key in keys:
-            runtime.readings[key] = room_metrics(
-                reading, key, now, runtime.settings.metrics_max_age
-            )
+        for key, state in rooms:
+            state.reading = room_metrics(reading, key, now, runtime.settings.metrics_max_age)
 
 
-async def _first_reading(runtime: Runtime, key: Key, spec: AudioRoomSpec) -> None:
+async def _first_reading(runtime: Runtime, state: RoomState, spec: AudioRoomSpec) -> None:
     """Wait (briefly) until the poller has read this room, so that a restarted operator
     decides with data instead of reporting metrics missing meanwhile."""
     if runtime.prometheus_for(spec).url is None:
         return
-    runtime.watched[key] = spec
+    state.spec = spec
     deadline = 3 * runtime.settings.metrics_interval.total_seconds() + 5
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(deadline):
-            while key not in runtime.readings:
+            while state.reading is None:
                 await asyncio.sleep(0.1)
 
 
@@ -209,22 +230,24 @@ async def run_room(
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
-    poke = runtime.pokes.setdefault(key, asyncio.Event())
+    state = runtime.room(key)
     log = room_logger(namespace, name)
     with contextlib.suppress(ValueError):
-        await _first_reading(runtime, key, AudioRoomSpec.model_validate(dict(spec)))
+        await _first_reading(runtime, state, AudioRoomSpec.model_validate(dict(spec)))
     try:
         while not stopped:
-            poke.clear()
+            state.poke.clear()
             try:
                 with observability.time_reconcile():
-                    wake_at = await asyncio.to_thread(reconcile_room, runtime, namespace, name)
+                    wake_at = await asyncio.to_thread(
+                        reconcile_room, runtime, state, namespace, name
+                    )
                 delay = _seconds_until(wake_at)
             except Exception:
                 log.exception("reconcile failed; retrying", retry_seconds=RETRY_SECONDS)
                 delay = RETRY_SECONDS
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(poke.wait(), timeout=delay)
+                await asyncio.wait_for(state.poke.wait(), timeout=delay)
     finally:
         runtime.forget(key)
         observability.forget_room(namespace, name)
@@ -242,7 +265,7 @@ def room_changed(
 ) -> None:
     """A new generation of the spec is reconciled at once, not at the next deadline."""
     if meta.get("generation") != status.get("observedGeneration"):
-        _poke(_runtime(memo), namespace, name)
+        _runtime(memo).wake(namespace, name)
 
 
 def _on_child(kind: str) -> Any:
@@ -253,10 +276,10 @@ def _on_child(kind: str) -> Any:
         room = labels.get(children.ROOM_LABEL)
         if room and namespace:
             runtime = _runtime(memo)
-            runtime.applied.get((namespace, room), {}).pop(f"{kind}/{name}", None)
-            poke = runtime.pokes.get((namespace, room))  # a deleted room has no daemon
-            if poke is not None:
-                poke.set()
+            state = runtime.rooms.get((namespace, room))
+            if state is not None:
+                state.applied.pop(f"{kind}/{name}", None)
+            runtime.wake(namespace, room)
 
     return child_changed
 
@@ -275,9 +298,11 @@ for _group_version, _plural, _kind in [
     )(_on_child(_kind))
 
 
-def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | None:
+def reconcile_room(
+    runtime: Runtime, state: RoomState, namespace: str, name: str
+) -> datetime | None:
     """One pass for one room: read, decide, write. Returns when to look again."""
-    cluster, key = runtime.cluster, (namespace, name)
+    cluster = runtime.cluster
     room = cluster.read_room(namespace, name)
     if room["metadata"].get("deletionTimestamp"):
         # Deletion bumps a custom resource's generation: reconciling now would re-plan a
@@ -286,17 +311,19 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
     pods = cluster.relay_pods(namespace, name)
-    runtime.watched[key] = spec
+    state.spec = spec
     now = datetime.now(UTC)
     metrics = None
     source = runtime.prometheus_for(spec)
     if source.refusal:
         metrics = Metrics(listeners=None, problem=source.refusal)
     elif source.url:
-        reading = runtime.readings.get(key, Metrics(listeners=None, problem="no reading yet"))
+        reading = state.reading or Metrics(listeners=None, problem="no reading yet")
         metrics = aged(reading, now, runtime.settings.metrics_max_age)
     ready = frozenset(pod.ordinal for pod in pods if pod.ready)
-    shard_map, map_at = runtime.maps.get(key) or (cluster.read_shard_map(namespace, name), None)
+    shard_map, map_at = state.shard_map, state.shard_map_at
+    if shard_map is None:
+        shard_map = cluster.read_shard_map(namespace, name)
     seen = Observed(
         now=now,
         generation=room["metadata"]["generation"],
@@ -307,17 +334,17 @@ def reconcile_room(runtime: Runtime, namespace: str, name: str) -> datetime | No
             (pod.created, seconds) for pod in pods if (seconds := pod.startup_seconds) is not None
         ),
     )
-    state = runtime.scaling.get(key) or stored_scaling_state(previous)
-    outcome = reconcile(name, spec, previous, seen, state, shard_map, map_at)
-    runtime.scaling[key] = outcome.scaling_state
+    scaling = state.scaling or stored_scaling_state(previous)
+    outcome = reconcile(name, spec, previous, seen, scaling, shard_map, map_at)
+    state.scaling = outcome.scaling_state
     if shard_map is None or outcome.shard_map.generation != shard_map.generation:
-        runtime.maps[key] = (outcome.shard_map, now)
+        state.shard_map, state.shard_map_at = outcome.shard_map, now
     # Status first: what a person reads never lags behind the children it describes. Then
     # the Events it implies, before anything else can fail: a recorded change is never
     # reconciled again, so an Event not posted now would be lost.
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
-    _apply_children(runtime, room, spec, outcome)
+    _apply_children(cluster, state, room, spec, outcome)
     _observe(namespace, name, spec, outcome)
     return outcome.wake_at
 
@@ -352,7 +379,7 @@ def _post_events(cluster: Cluster, room: dict[str, Any], outcome: Outcome, now: 
 
 
 def _apply_children(
-    runtime: Runtime, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
+    cluster: Cluster, state: RoomState, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
 ) -> None:
     meta = room["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -363,12 +390,12 @@ def _apply_children(
         children.relay_disruption_budget(name, namespace, uid),
         children.relay_stateful_set(name, namespace, uid, spec, outcome.desired_relays),
     ]
-    applied = runtime.applied.setdefault((namespace, name), {})
+    applied = state.applied
     for manifest in wanted:
         key = f"{manifest['kind']}/{manifest['metadata']['name']}"
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         if applied.get(key) != digest:
-            runtime.cluster.apply(manifest)
+            cluster.apply(manifest)
             applied[key] = digest
 
 
