@@ -16,6 +16,7 @@ help:
 	@echo "make bench     the policy benchmark (docs/benchmarks.md)"
 	@echo "make bench-operator  reaction time and API writes on the local cluster"
 	@echo "make crd       regenerate crds/ from the models"
+	@echo "make image     the container image, with podman (make image-smoke runs it)"
 
 $(UV):
 	python3 -m venv .tools
@@ -59,3 +60,4 @@ clean:
 -include hack/cluster.mk
 -include hack/chart.mk
 -include hack/demo.mk
+-include hack/image.mk

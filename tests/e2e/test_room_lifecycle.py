@@ -59,6 +59,8 @@ def test_phases_in_order_with_relays_ready_before_the_start(
     assert all(ready == 4 for _, _, _, ready in recorder.in_phase("Live"))
     assert recorder.samples[-1][2:] == (0, 0), "relays are gone once the room has ended"
 
+    # The Event that says Ended may be posted just after the status that says so.
+    wait_until(lambda: "Ended" in rooms.reasons("launch"), 15, "the Ended Event")
     reasons = rooms.reasons("launch")
     for expected in ["PreWarmStarted", "PreWarmed", "Live", "Draining", "Ended"]:
         assert reasons.count(expected) == 1, reasons

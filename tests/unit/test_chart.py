@@ -7,7 +7,6 @@ Dockerfile. No cluster here; tests/e2e/test_chart.py installs the chart for real
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -463,52 +462,12 @@ def test_hadolint_passes_on_the_dockerfile() -> None:
 
 
 def test_dockerfile_pins_its_base_and_runs_unprivileged() -> None:
+    """One Dockerfile for every base: both stages FROM the BASE argument, whose default is
+    the upstream image pinned exactly. tests/e2e/test_image.py builds and runs it."""
     text = (ROOT / "Dockerfile").read_text()
-    bases = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
-    assert len(bases) == 2, "multi-stage: build, then a runtime stage"
-    for base in bases:
-        assert re.search(r":\d+\.\d+\.\d+-|@sha256:", base), f"{base} is not pinned exactly"
+    (default,) = re.findall(r"^ARG BASE=(\S+)$", text, re.MULTILINE)
+    assert re.search(r":\d+\.\d+\.\d+-|@sha256:", default), f"{default} is not pinned exactly"
+    assert re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE) == ["${BASE}", "${BASE}"]
     assert "--no-dev" in text
     assert re.search(r"^USER 65532", text, re.MULTILINE)
     assert re.search(r'^ENTRYPOINT \["townsquare"\]', text, re.MULTILINE)
-
-
-def test_the_dockerfile_install_steps_give_a_runtime_only_venv(tmp_path: Path) -> None:
-    """The build stage's own `uv` commands, run here (no image can be built on this machine)."""
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    build_stage = text.split("\nFROM ")[1]  # [0] is the header comment
-    env = dict(re.findall(r"(UV_[A-Z_]+)=(\S+)", build_stage))
-    venv = tmp_path / "app" / ".venv"
-    env["UV_PROJECT_ENVIRONMENT"] = str(venv)
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "uv.lock", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(
-        ROOT / "operator", source / "operator", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    steps = re.findall(r"^RUN (uv .*)$", build_stage, re.MULTILINE)
-    assert len(steps) == 2, "dependencies first, then the project"
-    uv = ROOT / ".tools" / "bin" / "uv"
-    for step in steps:
-        result = subprocess.run(
-            [str(uv), *step.split()[1:]],
-            cwd=source,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
-    installed = {p.name for p in (venv / "bin").iterdir()}
-    assert "townsquare" in installed
-    assert not installed & {"pytest", "ruff", "mypy", "kubectl", "hadolint", "lint-imports"}
-    packages = {p.name.split("-")[0].lower() for p in venv.glob("lib/python*/site-packages/*")}
-    assert "kopf" in packages and "matplotlib" not in packages
-    assert not any(
-        p.is_symlink() or p.suffix == ".pth"
-        for p in venv.glob("lib/python*/site-packages/*townsquare*")
-    ), "installed, not editable"
-    result = subprocess.run(
-        [str(venv / "bin" / "townsquare"), "run", "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0 and "--namespace" in result.stdout, result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,13 @@ def test_plan_json_for_the_design_example() -> None:
     assert plan["prewarmAt"] == "2026-12-01T22:45:00Z"
     assert plan["readyBy"] <= plan["startTime"]
     assert plan["warnings"] == []
+
+
+def test_version_is_the_package_version_from_pyproject() -> None:
+    result = townsquare("--version")
+    assert result.returncode == 0, result.stderr
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert result.stdout.strip() == f"townsquare {declared}"
 
 
 def test_plan_table_is_readable() -> None:
