@@ -187,6 +187,47 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_edge(args: argparse.Namespace) -> int:
+    import time
+
+    from townsquare.edge.admission import Gate, Settings
+    from townsquare.edge.reports import PrometheusReports
+    from townsquare.edge.server import Edge, read_key, serve
+    from townsquare.edge.watch import ApiServer, Watcher
+    from townsquare.telemetry import configure_logging
+    from townsquare.tickets import TicketError
+
+    if args.replicas < 1:
+        raise UsageError(f"--replicas: at least 1 (got {args.replicas})")
+    if not args.prometheus_url:
+        raise UsageError("--prometheus-url: needed (or TOWNSQUARE_PROMETHEUS_URL)")
+    try:
+        key = read_key(args.ticket_key_file)
+    except OSError as exc:
+        raise UsageError(f"--ticket-key-file: cannot read: {exc.strerror}") from None
+    except TicketError as exc:
+        source = "--ticket-key-file" if args.ticket_key_file else "$TOWNSQUARE_TICKET_KEY"
+        raise UsageError(f"{source}: {exc}") from None
+    configure_logging(args.log_format)
+    settings = Settings(
+        replicas=args.replicas,
+        admit_ttl=args.admit_ttl,
+        retry_after=args.refresh,
+        waiter_expiry=max(5.0, 5 * args.refresh),
+        started_at=time.time(),
+    )
+    gate = Gate(key, settings)
+    watcher = Watcher(ApiServer.load(), gate, args.namespace)
+    edge = Edge(
+        gate,
+        watcher=watcher,
+        reports=PrometheusReports(args.prometheus_url),
+        refresh_seconds=args.refresh,
+    )
+    serve(edge, args.host, args.port)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import secrets
 
@@ -343,6 +384,30 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--speed", type=float, default=1.0, help="trace seconds per second")
     load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")
     load.set_defaults(handler=_cmd_loadgen)
+
+    edge = commands.add_parser("edge", help="serve joins: the gateway in front of the relays")
+    edge.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    edge.add_argument("--port", type=int, default=8080, help="port of the HTTP API")
+    edge.add_argument("-n", "--namespace", help="serve only this namespace's rooms")
+    edge.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("TOWNSQUARE_PROMETHEUS_URL"),
+        help="where the relays' listener counts are read (default: $TOWNSQUARE_PROMETHEUS_URL)",
+    )
+    edge.add_argument(
+        "--ticket-key-file", help="file holding the ticket key (default: $TOWNSQUARE_TICKET_KEY)"
+    )
+    edge.add_argument(
+        "--replicas", type=int, default=1, help="edge replicas sharing each relay's spare room"
+    )
+    edge.add_argument(
+        "--refresh", type=parse_seconds, default=1.0, help="seconds between report reads"
+    )
+    edge.add_argument(
+        "--admit-ttl", type=parse_seconds, default=10.0, help="seconds an admit ticket is valid"
+    )
+    edge.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    edge.set_defaults(handler=_cmd_edge)
 
     show = commands.add_parser(
         "demo", help="play a compressed launch on a cluster and write a report (make demo)"

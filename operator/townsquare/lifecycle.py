@@ -236,7 +236,10 @@ def reconcile(
     was: Phase | None = previous.phase
     running = previous.relays.desired if previous.relays else 0
     state = scaling_state or stored_scaling_state(previous) or ScalingState.initial(running)
-    current_map = shard_map or new_map(spec.sharding.shards, spec.relay.listeners_per_relay)
+    current_map = replace(
+        shard_map or new_map(spec.sharding.shards, spec.relay.listeners_per_relay),
+        migrations_per_minute=spec.sharding.max_migrations_per_minute,
+    )
     by_clock = _phase_by_clock(spec, plan_status, seen.now)
 
     phase: Phase

@@ -51,6 +51,9 @@ class ShardMap:
     """`queueing`: demand exceeds what the relays carry; the edge holds new joins."""
     capacity: int
     """Listeners one relay may carry; the edge never places more on it."""
+    migrations_per_minute: int | None = None
+    """The room's maxMigrationsPerMinute, which the edge replicas share when they tell
+    listeners of moved shards where to go (None: the map does not say; no cap)."""
 
     @property
     def shards(self) -> int:
@@ -69,6 +72,11 @@ class ShardMap:
         return self.assignment[shard_of(listener_id, self.shards)]
 
     def to_dict(self) -> dict[str, Any]:
+        budget = (
+            {}
+            if self.migrations_per_minute is None
+            else {"maxMigrationsPerMinute": self.migrations_per_minute}
+        )
         return {
             "generation": self.generation,
             "capacity": self.capacity,
@@ -78,12 +86,14 @@ class ShardMap:
                 for o, s in sorted(self.relays.items())
             ],
             "assignment": list(self.assignment),
+            **budget,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShardMap:
         relays = {int(r["ordinal"]): cast(RelayState, r["state"]) for r in data["relays"]}
         parents = {int(r["ordinal"]): r.get("parent") for r in data["relays"]}
+        budget = data.get("maxMigrationsPerMinute")
         return cls(
             generation=int(data["generation"]),
             assignment=tuple(None if a is None else int(a) for a in data["assignment"]),
@@ -91,12 +101,13 @@ class ShardMap:
             parents=parents,
             admission=cast(Admission, data["admission"]),
             capacity=int(data["capacity"]),
+            migrations_per_minute=(None if budget is None else int(budget)),
         )
 
 
-def new_map(shards: int, capacity: int) -> ShardMap:
+def new_map(shards: int, capacity: int, migrations_per_minute: int | None = None) -> ShardMap:
     """A map with no relays yet: every shard waits for one."""
-    return ShardMap(0, (None,) * shards, {}, {}, "open", capacity)
+    return ShardMap(0, (None,) * shards, {}, {}, "open", capacity, migrations_per_minute)
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,15 @@ def rebalance(
         or admission != current.admission
     )
     generation = current.generation + 1 if changed else current.generation
-    new = ShardMap(generation, new_assignment, states, parents, admission, current.capacity)
+    new = ShardMap(
+        generation,
+        new_assignment,
+        states,
+        parents,
+        admission,
+        current.capacity,
+        current.migrations_per_minute,
+    )
     return Rebalance(map=new, moved=moved, migrated=migrated, pending=pending)
 
 

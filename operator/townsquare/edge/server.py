@@ -1,0 +1,291 @@
+"""The edge's HTTP API (aiohttp on uvloop): joins, locations, /metrics, /healthz, /readyz.
+
+The handlers parse and check the request, ask the Gate once, and write its answer. Bad
+input gets a 400 with one line naming the field, before any work is spent on it, so a
+flood of malformed requests costs little and well-formed ones keep being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from townsquare import tickets
+from townsquare.edge.admission import MAX_ID_BYTES, Admitted, Gate, Held, Room
+from townsquare.edge.reports import ReportSource
+from townsquare.edge.watch import Watcher
+
+MAX_BODY_BYTES = 4096
+JOIN_FIELDS = frozenset({"listener", "ticket"})
+OUTCOMES = ("admitted", "queued", "moved", "held", "located", "bad_request", "unknown_room")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+KEY_ENV = "TOWNSQUARE_TICKET_KEY"
+
+log = structlog.get_logger("townsquare.edge")
+
+
+class BadRequestError(Exception):
+    """One line naming the field and the reason."""
+
+
+def read_key(path: str | None) -> bytes:
+    """The ticket key: a mounted Secret's file, else $TOWNSQUARE_TICKET_KEY."""
+    key = Path(path).read_bytes().strip() if path else os.environ.get(KEY_ENV, "").encode()
+    return tickets.check_key(key)
+
+
+def parse_join(body: bytes) -> tuple[str, str | None]:
+    """(listener, queue ticket) from a join's body, or BadRequestError naming the field."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequestError(f"body: {len(body):,} bytes, at most {MAX_BODY_BYTES:,}")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("body: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequestError('body: expected a JSON object like {"listener": "<id>"}')
+    unknown = sorted(set(data) - JOIN_FIELDS)
+    if unknown:
+        raise BadRequestError(f"body: unknown field {unknown[0]!r} (allowed: listener, ticket)")
+    listener = check_id(data.get("listener"), "listener")
+    ticket = data.get("ticket")
+    if ticket is not None and (not isinstance(ticket, str) or len(ticket) > MAX_BODY_BYTES):
+        raise BadRequestError("ticket: must be the string a 429 answer gave")
+    return listener, ticket
+
+
+def check_id(value: object, field: str) -> str:
+    if value is None:
+        raise BadRequestError(f"{field}: required")
+    if not isinstance(value, str):
+        raise BadRequestError(f"{field}: must be a string")
+    if not value:
+        raise BadRequestError(f"{field}: must not be empty")
+    size = len(value.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        raise BadRequestError(f"{field}: {size:,} bytes, at most {MAX_ID_BYTES}")
+    return value
+
+
+def _json(
+    status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(payload, separators=(",", ":")).encode("utf-8"),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json(status, {"error": message})
+
+
+class WaitingCollector(Collector):
+    """Waiting joins and the oldest wait per room, computed when Prometheus scrapes."""
+
+    def __init__(self, gate: Gate, clock: Callable[[], float]) -> None:
+        self.gate = gate
+        self.clock = clock
+
+    def collect(self) -> Any:
+        labels = ["namespace", "room"]
+        waiting = GaugeMetricFamily(
+            "audioroom_edge_waiting_listeners",
+            "Joins this edge replica holds in the admission queue",
+            labels=labels,
+        )
+        oldest = GaugeMetricFamily(
+            "audioroom_edge_oldest_wait_seconds",
+            "How long the oldest waiting join has waited (by its first attempt)",
+            labels=labels,
+        )
+        now = self.clock()
+        for room, count, age in self.gate.waiting(now):
+            waiting.add_metric([room.namespace, room.name], count)
+            oldest.add_metric([room.namespace, room.name], age)
+        yield waiting
+        yield oldest
+
+
+class Edge:
+    """The application: a Gate, the watches that feed it, and the HTTP handlers."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        watcher: Watcher | None = None,
+        reports: ReportSource | None = None,
+        refresh_seconds: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.gate = gate
+        self.watcher = watcher
+        self.reports = reports
+        self.refresh_seconds = refresh_seconds
+        self.clock = clock
+        self.registry = CollectorRegistry()
+        self.registry.register(WaitingCollector(gate, clock))
+        joins = Counter(
+            "audioroom_edge_joins",
+            "Join and location requests by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.outcomes = {outcome: joins.labels(outcome) for outcome in OUTCOMES}
+        self.latency = Histogram(
+            "audioroom_edge_join_seconds",
+            "Time to answer a join",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.reports_ok = False
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES * 4)
+        app.router.add_post("/v1/rooms/{namespace}/{room}/join", self._timed(self.join))
+        app.router.add_get("/v1/rooms/{namespace}/{room}/listeners/{id}", self.locate)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.cleanup_ctx.append(self._background)
+        return app
+
+    def _timed(
+        self, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def timed(request: web.Request) -> web.Response:
+            began = time.perf_counter()
+            try:
+                return await handler(request)
+            finally:
+                self.latency.observe(time.perf_counter() - began)
+
+        return timed
+
+    def _room(self, request: web.Request) -> Room | None:
+        info = request.match_info
+        return self.gate.rooms.get((info["namespace"], info["room"]))
+
+    async def join(self, request: web.Request) -> web.Response:
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            self.outcomes["bad_request"].inc()
+            return _error(
+                400, f"body: {request.content_length:,} bytes, at most {MAX_BODY_BYTES:,}"
+            )
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+        try:
+            listener, ticket = parse_join(body)
+        except BadRequestError as error:
+            self.outcomes["bad_request"].inc()
+            return _error(400, str(error))
+        room = self._room(request)
+        if room is None:
+            self.outcomes["unknown_room"].inc()
+            info = request.match_info
+            return _error(404, f"room {info['namespace']}/{info['room']}: unknown (no shard map)")
+        try:
+            answer = self.gate.join(room, listener, ticket, self.clock())
+        except tickets.TicketError as error:
+            self.outcomes["bad_request"].inc()
+            return _error(400, str(error))
+        if isinstance(answer, Admitted):
+            self.outcomes["admitted"].inc()
+            return _json(200, asdict(answer))
+        self.outcomes["queued"].inc()
+        return _json(
+            429,
+            {"position": answer.position, "waiting": answer.waiting, "ticket": answer.ticket},
+            {"Retry-After": str(answer.retry_after)},
+        )
+
+    async def locate(self, request: web.Request) -> web.Response:
+        try:
+            listener = check_id(request.match_info["id"], "id")
+            current = request.query.get("pod")
+            if current is not None:
+                check_id(current, "pod")
+        except BadRequestError as error:
+            self.outcomes["bad_request"].inc()
+            return _error(400, str(error))
+        room = self._room(request)
+        if room is None:
+            self.outcomes["unknown_room"].inc()
+            info = request.match_info
+            return _error(404, f"room {info['namespace']}/{info['room']}: unknown (no shard map)")
+        answer = self.gate.locate(room, listener, current, self.clock())
+        if isinstance(answer, Held):
+            self.outcomes["held"].inc()
+            return _json(429, {"error": answer.reason}, {"Retry-After": str(answer.retry_after)})
+        self.outcomes["moved" if answer.moved else "located"].inc()
+        payload = asdict(answer)
+        if answer.ticket is None:
+            del payload["ticket"]
+        return _json(200, payload)
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return _json(200, {"status": "ok"})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        if self.watcher is not None and not self.watcher.ready:
+            return _error(503, "shard maps and relay endpoints not synced yet")
+        return _json(200, {"status": "ready", "rooms": len(self.gate.rooms)})
+
+    async def _background(self, _: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            tasks = [asyncio.create_task(self._refresh(session))]
+            if self.watcher is not None:
+                tasks.append(asyncio.create_task(self.watcher.run(session)))
+            yield
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _refresh(self, session: aiohttp.ClientSession) -> None:
+        """Every refresh interval: the relays' reports, and forget waiters who left."""
+        while True:
+            began = time.monotonic()
+            if self.reports is not None:
+                try:
+                    self.gate.set_reports(await self.reports.read(session))
+                    if not self.reports_ok:
+                        log.info("relay reports read")
+                    self.reports_ok = True
+                except Exception as error:  # keep the last reports; admissions age them out
+                    if self.reports_ok:
+                        log.warning("reading relay reports failed", error=repr(error))
+                    self.reports_ok = False
+            self.gate.expire(self.clock())
+            elapsed = time.monotonic() - began
+            await asyncio.sleep(max(0.05, self.refresh_seconds - elapsed))
+
+
+def serve(edge: Edge, host: str, port: int) -> None:
+    """Run until interrupted, on uvloop."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    log.info("edge serving", host=host, port=port)
+    web.run_app(edge.app(), host=host, port=port, access_log=None, print=None, loop=loop)

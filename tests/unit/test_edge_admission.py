@@ -1,0 +1,269 @@
+"""The edge's decisions: capacity shared by replicas, first come first served, moves."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from townsquare import tickets
+from townsquare.edge.admission import Admitted, Endpoint, Gate, Held, Location, Queued, Report
+from townsquare.edge.admission import Settings as EdgeSettings
+from townsquare.sharding import ShardMap, new_map, rebalance, shard_of
+
+KEY = b"k" * 32
+NS, ROOM = "spaces", "launch"
+
+
+def room_map(
+    relays: int = 2,
+    capacity: int = 10,
+    draining: tuple[int, ...] = (),
+    budget: int | None = None,
+    admission: str = "open",
+) -> ShardMap:
+    base = new_map(64, capacity, budget)
+    shard_map = rebalance(base, active=range(relays), fanout=8).map
+    if draining:  # marked draining, shards not yet moved (the budget is spent)
+        active = [r for r in range(relays) if r not in draining]
+        weights = [1.0] * 64
+        shard_map = rebalance(
+            shard_map, active=active, draining=draining, fanout=8,
+            shard_listeners=weights, budget=0,
+        ).map  # fmt: skip
+    return ShardMap(
+        shard_map.generation,
+        shard_map.assignment,
+        shard_map.relays,
+        shard_map.parents,
+        "queueing" if admission == "queueing" else "open",
+        capacity,
+        budget,
+    )
+
+
+def gate_for(
+    shard_map: ShardMap,
+    *,
+    replicas: int = 1,
+    ready: tuple[int, ...] | None = None,
+    listeners: dict[int, int] | None = None,
+    sampled_at: float = 100.0,
+    started_at: float = 0.0,
+) -> Gate:
+    gate = Gate(
+        KEY, EdgeSettings(replicas=replicas, admit_ttl=5.0, retry_after=1.0, started_at=started_at)
+    )
+    gate.set_map(NS, ROOM, shard_map)
+    ordinals = sorted(shard_map.relays) if ready is None else ready
+    gate.set_slice(
+        NS,
+        ROOM,
+        "slice-a",
+        {f"{ROOM}-relay-{o}": Endpoint(f"10.0.0.{o + 1}:7000", True) for o in ordinals},
+    )
+    gate.set_reports(
+        {
+            (NS, ROOM, f"{ROOM}-relay-{o}"): Report((listeners or {}).get(o, 0), sampled_at)
+            for o in shard_map.relays
+        }
+    )
+    return gate
+
+
+def listeners_of(shard_map: ShardMap, relay: int, count: int, prefix: str = "l") -> list[str]:
+    """`count` listener ids whose shard the map gives to `relay`."""
+    found: list[str] = []
+    i = 0
+    while len(found) < count:
+        listener = f"{prefix}-{i}"
+        if shard_map.assignment[shard_of(listener, shard_map.shards)] == relay:
+            found.append(listener)
+        i += 1
+    return found
+
+
+def test_an_admission_names_the_relay_and_carries_a_ticket_the_relay_can_check() -> None:
+    shard_map = room_map()
+    gate = gate_for(shard_map)
+    room = gate.rooms[(NS, ROOM)]
+    answer = gate.join(room, "alice", None, now=101.0)
+    assert isinstance(answer, Admitted)
+    relay = shard_map.relay_for("alice")
+    assert answer.pod == f"{ROOM}-relay-{relay}"
+    assert answer.relay == f"10.0.0.{relay + 1}:7000"
+    claims = tickets.verify(KEY, answer.ticket, "admit", now=101.0)
+    assert claims["listener"] == "alice"
+    assert claims["pod"] == answer.pod
+    assert claims["shard"] == answer.shard == shard_of("alice", 64)
+    assert claims["generation"] == shard_map.generation
+    assert claims["room"] == f"{NS}/{ROOM}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    replicas=st.integers(1, 5),
+    reported=st.integers(0, 12),
+    joins=st.lists(st.integers(0, 4), min_size=1, max_size=80),
+)
+def test_replicas_together_never_fill_a_relay_beyond_its_capacity(
+    replicas: int, reported: int, joins: list[int]
+) -> None:
+    shard_map = room_map(relays=1, capacity=12)
+    gates = [
+        gate_for(shard_map, replicas=replicas, listeners={0: reported}) for _ in range(replicas)
+    ]
+    admitted = 0
+    for i, replica in enumerate(joins):
+        gate = gates[replica % replicas]
+        answer = gate.join(gate.rooms[(NS, ROOM)], f"listener-{i}", None, now=101.0 + i * 0.01)
+        admitted += isinstance(answer, Admitted)
+    assert reported + admitted <= 12
+
+
+def test_admissions_before_a_report_count_until_their_tickets_expire() -> None:
+    shard_map = room_map(relays=1, capacity=4)
+    gate = gate_for(shard_map, sampled_at=100.0)
+    room = gate.rooms[(NS, ROOM)]
+    answers = [gate.join(room, f"a-{i}", None, now=101.0) for i in range(5)]
+    assert [isinstance(a, Admitted) for a in answers] == [True] * 4 + [False]
+    # A report 2 s later still says 0 (the listeners have not connected): the four
+    # admissions still count, so the relay stays full for this replica.
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(0, 103.0)})
+    assert isinstance(gate.join(room, "b", None, now=103.5), Queued)
+    # Past the tickets' lifetime, the report alone decides.
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(1, 107.0)})
+    assert isinstance(gate.join(room, "c", None, now=107.5), Admitted)
+
+
+def test_draining_unready_and_unreported_relays_receive_no_joins() -> None:
+    draining = room_map(relays=2, draining=(1,))
+    gate = gate_for(draining)
+    room = gate.rooms[(NS, ROOM)]
+    # Draining relays keep their shards until the operator moves them: joins wait.
+    assert draining.relays[1] == "draining"
+    on_draining = listeners_of(draining, 1, 3)
+    for listener in on_draining:
+        answer = gate.join(room, listener, None, now=101.0)
+        assert isinstance(answer, Queued)
+        assert "draining" in answer.reason
+
+    unready = gate_for(room_map(relays=2), ready=(0,))
+    room = unready.rooms[(NS, ROOM)]
+    for listener in listeners_of(room.shard_map, 1, 3):
+        answer = unready.join(room, listener, None, now=101.0)
+        assert isinstance(answer, Queued)
+        assert "not ready" in answer.reason
+
+    fresh = gate_for(room_map(relays=1))
+    fresh.rooms[(NS, ROOM)].reports.clear()
+    answer = fresh.join(fresh.rooms[(NS, ROOM)], "x", None, now=101.0)
+    assert isinstance(answer, Queued)
+    assert "reported" in answer.reason
+
+
+def test_a_restarted_replica_waits_for_a_report_newer_than_its_start() -> None:
+    gate = gate_for(room_map(relays=1), sampled_at=100.0, started_at=99.0)
+    room = gate.rooms[(NS, ROOM)]
+    assert isinstance(gate.join(room, "early", None, now=101.0), Queued)
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(0, 104.5)})
+    assert isinstance(gate.join(room, "early", None, now=104.6), Admitted)
+
+
+def test_queued_listeners_are_admitted_in_the_order_of_their_first_attempt() -> None:
+    shard_map = room_map(relays=1, capacity=3)
+    gate = gate_for(shard_map, listeners={0: 3})
+    room = gate.rooms[(NS, ROOM)]
+    tickets_by_listener: dict[str, str] = {}
+    for i, listener in enumerate(["w0", "w1", "w2", "w3", "w4"]):
+        answer = gate.join(room, listener, None, now=101.0 + i)
+        assert isinstance(answer, Queued)
+        assert answer.position == i + 1
+        assert answer.waiting == i + 1
+        tickets_by_listener[listener] = answer.ticket
+    # Two seats free up. The latest arrivals retry first, yet the two oldest get the seats.
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(1, 120.0)})
+    admitted = []
+    for listener in ["w4", "w3", "w1", "w2", "w0", "w4", "w3", "w2"]:
+        answer = gate.join(room, listener, tickets_by_listener[listener], now=121.0)
+        if isinstance(answer, Admitted):
+            admitted.append(listener)
+    assert admitted == ["w1", "w0"]
+
+
+def test_a_queue_ticket_keeps_the_place_at_another_replica() -> None:
+    shard_map = room_map(relays=1, capacity=1)
+    first = gate_for(shard_map, listeners={0: 1})
+    second = gate_for(shard_map, listeners={0: 1})
+    early = first.join(first.rooms[(NS, ROOM)], "early", None, now=101.0)
+    assert isinstance(early, Queued)
+    late = second.join(second.rooms[(NS, ROOM)], "late", None, now=105.0)
+    assert isinstance(late, Queued)
+    moved = second.join(second.rooms[(NS, ROOM)], "early", early.ticket, now=106.0)
+    assert isinstance(moved, Queued)
+    assert moved.position == 1, "the first attempt at the other replica decides the place"
+
+
+def test_forged_foreign_and_expired_tickets() -> None:
+    gate = gate_for(room_map(relays=1, capacity=1), listeners={0: 1})
+    room = gate.rooms[(NS, ROOM)]
+    queued = gate.join(room, "a", None, now=101.0)
+    assert isinstance(queued, Queued)
+    with pytest.raises(tickets.TicketError, match="another listener"):
+        gate.join(room, "b", queued.ticket, now=102.0)
+    forged = tickets.sign(
+        b"x" * 32, "queue", {"listener": "a", "room": f"{NS}/{ROOM}", "first": 0}, expires=999
+    )
+    with pytest.raises(tickets.TicketError, match="signature"):
+        gate.join(room, "a", forged, now=102.0)
+    expired = gate.join(room, "a", queued.ticket, now=101.0 + 4000)
+    assert isinstance(expired, Queued), "an expired ticket starts a new place, no error"
+
+
+def test_while_the_room_queues_new_joins_wait_even_where_there_is_room() -> None:
+    gate = gate_for(room_map(relays=1, admission="queueing"))
+    room = gate.rooms[(NS, ROOM)]
+    answer = gate.join(room, "a", None, now=101.0)
+    assert isinstance(answer, Queued)
+    assert "queueing" in answer.reason
+    assert isinstance(gate.join(room, "a", answer.ticket, now=102.0), Admitted)
+
+
+def test_moves_follow_the_map_within_the_replica_share_of_the_budget() -> None:
+    shard_map = room_map(relays=2, budget=4)
+    gate = gate_for(shard_map, replicas=2)
+    room = gate.rooms[(NS, ROOM)]
+    moved = listeners_of(shard_map, 1, 3)
+    old_pod = f"{ROOM}-relay-0"
+    here = gate.locate(room, moved[0], f"{ROOM}-relay-1", now=101.0)
+    assert isinstance(here, Location) and not here.moved and here.ticket is None
+    answers = [gate.locate(room, listener, old_pod, now=101.0) for listener in moved]
+    assert isinstance(answers[0], Location) and answers[0].moved and answers[0].ticket
+    assert isinstance(answers[1], Location) and answers[1].moved
+    assert isinstance(answers[2], Held), "two replicas share 4 moves a minute: 2 each"
+    assert "budget" in answers[2].reason
+    later = gate.locate(room, moved[2], old_pod, now=161.5)
+    assert isinstance(later, Location) and later.moved
+
+
+def test_waiters_who_stop_retrying_leave_the_line() -> None:
+    gate = gate_for(room_map(relays=1, capacity=1), listeners={0: 1})
+    room = gate.rooms[(NS, ROOM)]
+    gate.join(room, "gone", None, now=101.0)
+    stays = gate.join(room, "stays", None, now=102.0)
+    assert isinstance(stays, Queued)
+    assert [(r.name, n) for r, n, _ in gate.waiting(102.0)] == [(ROOM, 2)]
+    gate.join(room, "stays", stays.ticket, now=105.5)
+    gate.expire(106.5)
+    ((_, count, oldest),) = gate.waiting(106.5)
+    assert count == 1
+    assert oldest == pytest.approx(4.5)
+
+
+def test_the_map_carries_the_migration_budget_the_replicas_share() -> None:
+    shard_map = room_map(budget=600)
+    document = shard_map.to_dict()
+    assert document["maxMigrationsPerMinute"] == 600
+    assert ShardMap.from_dict(document) == shard_map
+    older = {k: v for k, v in document.items() if k != "maxMigrationsPerMinute"}
+    assert ShardMap.from_dict(older).migrations_per_minute is None

@@ -1,0 +1,234 @@
+"""The edge's HTTP API over a real socket on loopback: status codes, bodies, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient, TestServer
+from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map
+
+from townsquare.edge.admission import Gate
+from townsquare.edge.reports import parse_reports
+from townsquare.edge.server import Edge
+from townsquare.edge.watch import ApiServer, Watcher, endpoints_of
+
+JOIN = f"/v1/rooms/{NS}/{ROOM}/join"
+
+
+def run(
+    gate: Gate, scenario: Callable[[TestClient[Any, Any]], Awaitable[None]], **options: Any
+) -> None:
+    async def main() -> None:
+        edge = Edge(gate, clock=lambda: 101.0, **options)
+        async with TestClient(TestServer(edge.app())) as client:
+            await scenario(client)
+
+    asyncio.run(main())
+
+
+async def post(
+    client: TestClient[Any, Any], body: bytes | str, path: str = JOIN
+) -> tuple[int, Any]:
+    data = body.encode() if isinstance(body, str) else body
+    response = await client.post(path, data=data, headers={"Content-Type": "application/json"})
+    text = await response.text()
+    assert "\n" not in text.strip(), "every answer is one line"
+    return response.status, json.loads(text)
+
+
+def test_bad_input_gets_400_with_one_line_naming_the_field() -> None:
+    cases = {
+        "{": "body: not valid JSON",
+        "[1]": "body: expected a JSON object",
+        '{"listener": "a", "color": "red"}': "body: unknown field 'color'",
+        "{}": "listener: required",
+        '{"listener": 7}': "listener: must be a string",
+        '{"listener": ""}': "listener: must not be empty",
+        json.dumps({"listener": "é" * 129}): "listener: 258 bytes, at most 256",
+        json.dumps({"listener": "a", "ticket": 5}): "ticket: must be the string",
+        json.dumps({"listener": "a", "ticket": "nonsense"}): "ticket: not of the form",
+        json.dumps({"listener": "a" * 5000}): "body: 5,016 bytes, at most 4,096",
+    }
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        for body, message in cases.items():
+            status, answer = await post(client, body)
+            assert status == 400, body
+            assert answer["error"].startswith(message), (body, answer)
+        response = await client.get(f"/v1/rooms/{NS}/{ROOM}/listeners/{'x' * 257}")
+        assert response.status == 400
+        assert (await response.json())["error"] == "id: 257 bytes, at most 256"
+
+    run(gate_for(room_map()), scenario)
+
+
+def test_unknown_room_is_404() -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        status, answer = await post(client, '{"listener": "a"}', f"/v1/rooms/{NS}/nowhere/join")
+        assert status == 404
+        assert answer["error"] == f"room {NS}/nowhere: unknown (no shard map)"
+        response = await client.get(f"/v1/rooms/{NS}/nowhere/listeners/a")
+        assert response.status == 404
+
+    run(gate_for(room_map()), scenario)
+
+
+def test_admitted_then_queued_with_retry_after_and_a_ticket_that_keeps_the_place() -> None:
+    shard_map = room_map(relays=1, capacity=1)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        status, admitted = await post(client, '{"listener": "first"}')
+        assert status == 200
+        assert set(admitted) == {"relay", "pod", "shard", "generation", "ticket"}
+        assert admitted["pod"] == f"{ROOM}-relay-0"
+        assert admitted["relay"] == "10.0.0.1:7000"
+        assert admitted["generation"] == shard_map.generation
+        response = await client.post(JOIN, json={"listener": "second"})
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+        queued = await response.json()
+        assert set(queued) == {"position", "waiting", "ticket"}
+        assert (queued["position"], queued["waiting"]) == (1, 1)
+        status, third = await post(client, '{"listener": "third"}')
+        assert (status, third["position"], third["waiting"]) == (429, 2, 2)
+        status, again = await post(
+            client, json.dumps({"listener": "second", "ticket": queued["ticket"]})
+        )
+        assert (status, again["position"], again["waiting"]) == (429, 1, 2)
+
+    run(gate_for(shard_map), scenario)
+
+
+def test_location_and_a_moved_shard() -> None:
+    shard_map = room_map(relays=2)
+    listener = listeners_of(shard_map, 1, 1)[0]
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        path = f"/v1/rooms/{NS}/{ROOM}/listeners/{listener}"
+        response = await client.get(path)
+        assert response.status == 200
+        here = await response.json()
+        assert here["pod"] == f"{ROOM}-relay-1"
+        assert here["moved"] is False
+        assert "ticket" not in here
+        response = await client.get(path, params={"pod": f"{ROOM}-relay-0"})
+        moved = await response.json()
+        assert moved["moved"] is True
+        assert moved["relay"] == "10.0.0.2:7000"
+        assert moved["ticket"]
+
+    run(gate_for(shard_map), scenario)
+
+
+def test_a_flood_of_malformed_requests_leaves_well_formed_ones_served() -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        junk = [post(client, "{" * (i % 50 + 1)) for i in range(300)]
+        good = [post(client, json.dumps({"listener": f"ok-{i}"})) for i in range(5)]
+        answers = await asyncio.gather(*junk, *good)
+        assert all(status == 400 for status, _ in answers[:300])
+        assert all(status == 200 for status, _ in answers[300:])
+
+    run(gate_for(room_map(capacity=1000)), scenario)
+
+
+def test_metrics_show_waiting_joins_outcomes_and_latency() -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        await post(client, '{"listener": "a"}')
+        await post(client, '{"listener": "b"}')
+        await post(client, "{")
+        text = await (await client.get("/metrics")).text()
+        assert f'audioroom_edge_waiting_listeners{{namespace="{NS}",room="{ROOM}"}} 1.0' in text
+        assert f'audioroom_edge_oldest_wait_seconds{{namespace="{NS}",room="{ROOM}"}} 0.0' in text
+        assert 'audioroom_edge_joins_total{outcome="admitted"} 1.0' in text
+        assert 'audioroom_edge_joins_total{outcome="queued"} 1.0' in text
+        assert 'audioroom_edge_joins_total{outcome="bad_request"} 1.0' in text
+        assert "audioroom_edge_join_seconds_count 3.0" in text
+
+    run(gate_for(room_map(relays=1, capacity=1)), scenario)
+
+
+def test_not_ready_until_the_maps_are_synced() -> None:
+    gate = gate_for(room_map())
+    unreachable = ApiServer(host="http://127.0.0.1:9", ssl=False, token=lambda: None)
+    watcher = Watcher(unreachable, gate)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        assert (await client.get("/healthz")).status == 200
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert "not synced" in (await response.json())["error"]
+        for event in watcher.synced.values():
+            event.set()
+        assert (await client.get("/readyz")).status == 200
+
+    run(gate, scenario, watcher=watcher)
+
+
+def test_endpoint_slices_and_prometheus_answers_are_read_as_the_api_gives_them() -> None:
+    endpoint_slice = {
+        "ports": [{"name": "metrics", "port": 9100}, {"name": "listeners", "port": 7000}],
+        "endpoints": [
+            {
+                "addresses": ["127.0.1.5"],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "name": "r-relay-0"},
+            },
+            {
+                "addresses": ["127.0.1.6"],
+                "conditions": {"ready": False},
+                "targetRef": {"kind": "Pod", "name": "r-relay-1"},
+            },
+            {
+                "addresses": ["127.0.1.7"],
+                "conditions": {"ready": True, "terminating": True},
+                "targetRef": {"kind": "Pod", "name": "r-relay-2"},
+            },
+        ],
+    }
+    found = endpoints_of(endpoint_slice)
+    assert found["r-relay-0"].address == "127.0.1.5:7000" and found["r-relay-0"].ready
+    assert not found["r-relay-1"].ready
+    assert not found["r-relay-2"].ready
+    labels = {"namespace": "n", "room": "r", "pod": "r-relay-0"}
+    reports = parse_reports(
+        [
+            {"metric": labels, "value": [200.0, "7"]},
+            {"metric": {**labels, "at": "1"}, "value": [200.0, "199.5"]},
+            {"metric": {**labels, "pod": "r-relay-1"}, "value": [200.0, "NaN"]},
+        ]
+    )
+    assert reports == {("n", "r", "r-relay-0"): reports[("n", "r", "r-relay-0")]}
+    assert reports[("n", "r", "r-relay-0")].listeners == 7
+    assert reports[("n", "r", "r-relay-0")].sampled_at == 199.5
+
+
+def test_client_disconnects_cost_nothing() -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        session = aiohttp.ClientSession()
+        await session.close()
+        status, _ = await post(client, '{"listener": "a"}')
+        assert status == 200
+
+    run(gate_for(room_map()), scenario)
+
+
+def test_the_edge_command_refuses_a_missing_or_short_key_in_one_line(
+    capsys: Any, monkeypatch: Any
+) -> None:
+    from townsquare.cli import main
+
+    monkeypatch.delenv("TOWNSQUARE_TICKET_KEY", raising=False)
+    args = ["edge", "--prometheus-url", "http://127.0.0.1:9"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "townsquare: error: $TOWNSQUARE_TICKET_KEY: ticket key: 0 bytes, at least 16 needed\n"
+    )
+    assert main([*args, "--ticket-key-file", "/nonexistent/key"]) == 2
+    assert "--ticket-key-file: cannot read" in capsys.readouterr().err
+    monkeypatch.setenv("TOWNSQUARE_TICKET_KEY", "k" * 32)
+    assert main([*args, "--replicas", "0"]) == 2
+    assert capsys.readouterr().err == "townsquare: error: --replicas: at least 1 (got 0)\n"
