@@ -21,6 +21,7 @@ from townsquare.api.crd import render_crd
 from townsquare.api.manifest import ManifestError, parse_room
 from townsquare.api.models import AudioRoom
 from townsquare.api.types import Timestamp, format_duration, parse_duration
+from townsquare.partitions import Partition
 from townsquare.planning import Plan, plan_room
 
 EXIT_USAGE = 2
@@ -133,6 +134,13 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _partition(text: str) -> Partition:
+    try:
+        return Partition.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -152,6 +160,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         allowed_prometheus_urls=tuple(args.allow_prometheus_url or ()),
         metrics_interval=timedelta(seconds=args.metrics_interval),
         metrics_max_age=timedelta(seconds=args.metrics_max_age),
+        metrics_timeout=timedelta(seconds=args.metrics_timeout),
+        partition=args.partition,
     )
     kopf.run(
         registry=handlers.REGISTRY,
@@ -372,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_seconds,
         default=60.0,
         help="older listener samples count as missing (fail-static)",
+    )
+    run.add_argument(
+        "--metrics-timeout",
+        type=parse_seconds,
+        default=5.0,
+        help="longest a Prometheus query may take; slower counts as no data",
+    )
+    run.add_argument(
+        "--partition",
+        type=_partition,
+        default=Partition(),
+        help="INDEX/COUNT: serve only the rooms whose stable hash falls in this partition",
     )
     run.set_defaults(handler=_cmd_run)
 

@@ -1,8 +1,9 @@
 """kopf wiring: read the room and its relays, call the core once, write what it decided.
 
 Each room has one daemon that sleeps until its next deadline (a room months ahead costs a
-sleeping coroutine) and wakes early when its spec or children change, or when a new reading
-of listeners arrives. One poller reads Prometheus for all rooms per tick.
+sleeping coroutine) and wakes early when its spec, its relay pods or a child changed by
+someone else change, or when a new reading of listeners arrives. Relay pods come from one
+shared watch (an index), never a LIST per room. Listeners are read by `ListenerPoller`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +26,7 @@ import kopf
 from townsquare import observability
 from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
 from townsquare.kube import children
-from townsquare.kube.client import Cluster, load_config
+from townsquare.kube.client import Cluster, RelayPod, child_version, load_config, relay_pod
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
 from townsquare.metrics import (
     PrometheusSource,
@@ -32,8 +34,10 @@ from townsquare.metrics import (
     Source,
     aged,
     choose_prometheus,
+    covering,
     room_metrics,
 )
+from townsquare.partitions import Partition
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
@@ -54,6 +58,37 @@ class Settings:
     """URLs a room's spec.metrics.prometheusUrl may name, besides the default."""
     metrics_interval: timedelta = timedelta(seconds=15)
     metrics_max_age: timedelta = timedelta(seconds=60)
+    metrics_timeout: timedelta = timedelta(seconds=5)
+    """The longest one Prometheus query may take; slower counts as no data."""
+    metrics_concurrency: int = 8
+    """Prometheus queries in flight at once (batched ones and rooms' own queries)."""
+    partition: Partition = field(default_factory=Partition)
+    stall_after: timedelta = timedelta(seconds=180)
+    """A reconcile or a metrics tick stuck this long turns /healthz red."""
+
+
+@dataclass(frozen=True)
+class EmptyMap:
+    """A shard map with no relays, held as four numbers instead of a slot per shard: most
+    rooms are Scheduled, and thousands of them must fit in one process."""
+
+    generation: int
+    shards: int
+    admission: Any
+    capacity: int
+
+    @staticmethod
+    def of(shard_map: ShardMap) -> ShardMap | EmptyMap:
+        if shard_map.relays or any(relay is not None for relay in shard_map.assignment):
+            return shard_map
+        return EmptyMap(
+            shard_map.generation, shard_map.shards, shard_map.admission, shard_map.capacity
+        )
+
+    def expand(self) -> ShardMap:
+        return ShardMap(
+            self.generation, (None,) * self.shards, {}, {}, self.admission, self.capacity
+        )
 
 
 @dataclass
@@ -65,12 +100,14 @@ class RoomState:
     """Set to reconcile now rather than at the next deadline (only from the event loop)."""
     spec: AudioRoomSpec | None = None
     """The spec last reconciled: the poller reads listeners for rooms that have one."""
-    applied: dict[str, str] = field(default_factory=dict)
-    """A digest of each child as last applied: unchanged children are not re-sent."""
+    applied: dict[str, tuple[str, tuple[str, int] | None]] = field(default_factory=dict)
+    """Per child: a digest of what was last applied, and the version the server stored it
+    as (None while the apply is in flight). A child is re-sent only when its desired content
+    changes, or when a watch shows someone else changed it."""
     reading: Metrics | None = None
     """The poller's latest reading of this room's listeners."""
     scaling: ScalingState | None = None
-    shard_map: ShardMap | None = None
+    shard_map: ShardMap | EmptyMap | None = None
     shard_map_at: datetime | None = None
     """When `shard_map` was published, for the migration budget."""
 
@@ -84,6 +121,10 @@ class Runtime:
     loop: asyncio.AbstractEventLoop
     rooms: dict[Key, RoomState] = field(default_factory=dict)
     sources: dict[str, PrometheusSource] = field(default_factory=dict)
+    reconciling: dict[Key, float] = field(default_factory=dict)
+    """Rooms whose reconcile is running, with its start (monotonic): for liveness."""
+    poller_tick: float = field(default_factory=time.monotonic)
+    """When the listener poller last started a tick (monotonic): for liveness."""
 
     def room(self, key: Key) -> RoomState:
         """The room's state, created on first use (call on the event loop)."""
@@ -98,9 +139,16 @@ class Runtime:
             spec.metrics.prometheus_url, settings.prometheus_url, settings.allowed_prometheus_urls
         )
 
+    def source(self, url: str) -> PrometheusSource:
+        found = self.sources.get(url)
+        if found is None:
+            timeout = self.settings.metrics_timeout.total_seconds()
+            found = self.sources[url] = PrometheusSource(url, timeout_seconds=timeout)
+        return found
+
     def wake(self, namespace: str | None, name: str | None) -> None:
-        """Reconcile the room now; safe from any thread (kopf's sync handlers run in a pool,
-        and an asyncio.Event may be set only on its own loop)."""
+        """Reconcile the room now; safe from any thread (an asyncio.Event may be set only on
+        its own loop, and kopf runs sync handlers in a thread pool)."""
         if namespace and name:
             self.loop.call_soon_threadsafe(self._wake_on_loop, (namespace, name))
 
@@ -111,6 +159,18 @@ class Runtime:
 
     def forget(self, key: Key) -> None:
         self.rooms.pop(key, None)
+
+    def stalled(self, now: float) -> str | None:
+        """Why the operator should be restarted, or None while it makes progress."""
+        limit = self.settings.stall_after.total_seconds()
+        stuck = [key for key, began in list(self.reconciling.items()) if now - began > limit]
+        if stuck:
+            rooms = ", ".join(f"{ns}/{name}" for ns, name in stuck[:5])
+            return f"{len(stuck)} reconcile(s) running for over {limit:.0f}s: {rooms}"
+        quiet = now - self.poller_tick
+        if quiet > limit + self.settings.metrics_interval.total_seconds():
+            return f"the listener poller has not ticked for {quiet:.0f}s"
+        return None
 
 
 @kopf.on.login(registry=REGISTRY)
@@ -130,21 +190,37 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
-    api = load_config()
-    api.configuration.connection_pool_maxsize = 32
+    # Watches end and are re-established every ten minutes, so a half-open connection (an
+    # API server gone behind it) is noticed instead of waited on for ever.
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
     options: Settings = getattr(memo, "settings", None) or Settings()
-    runtime = Runtime(cluster=Cluster(api), settings=options, loop=asyncio.get_running_loop())
+    runtime = Runtime(
+        cluster=Cluster(load_config()), settings=options, loop=asyncio.get_running_loop()
+    )
     memo.runtime = runtime
-    memo.poller = asyncio.create_task(poll_metrics(runtime))
+    memo.poller = ListenerPoller(runtime)
+    memo.poller.start()
 
 
 @kopf.on.cleanup(registry=REGISTRY)
 async def stop_poller(memo: Any, **_: Any) -> None:
-    poller: asyncio.Task[None] | None = getattr(memo, "poller", None)
+    poller: ListenerPoller | None = getattr(memo, "poller", None)
     if poller is not None:
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+        await poller.stop()
+
+
+@kopf.on.probe(id="progress", registry=REGISTRY)
+def progress(memo: Any, **_: Any) -> str:
+    """Liveness: /healthz fails while a reconcile or the poller is stuck, so the kubelet
+    restarts the operator instead of leaving rooms unreconciled behind a green probe."""
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    problem = runtime.stalled(time.monotonic()) if runtime else None
+    if problem:
+        raise kopf.PermanentError(problem)
+    return "reconciling"
 
 
 def _runtime(memo: Any) -> Runtime:
@@ -152,20 +228,109 @@ def _runtime(memo: Any) -> Runtime:
     return runtime
 
 
-async def poll_metrics(runtime: Runtime) -> None:
-    """Every tick: one batched query per Prometheus and preset, then wake the rooms read."""
-    log = room_logger("-", "-").bind(component="metrics")
-    last: dict[Key, Metrics] = {}
-    while True:
-        try:
-            await asyncio.to_thread(read_listeners, runtime)
-        except Exception:
-            log.exception("reading listeners failed")
+def _serves(name: str, namespace: str | None, memo: Any, **_: Any) -> bool:
+    """Whether this operator's partition serves the room (every handler filters on it)."""
+    partition: Partition = getattr(memo, "settings", Settings()).partition
+    return namespace is not None and partition.serves(namespace, name)
+
+
+def _serves_owner(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> bool:
+    room = labels.get(children.ROOM_LABEL)
+    return bool(room) and _serves(str(room), namespace, memo)
+
+
+class ListenerPoller:
+    """Reads listeners for every watched room, every tick.
+
+    One read per batched query (all rooms of one Prometheus and preset) and one per room
+    with its own query, each a task of its own, at most `metrics_concurrency` at once on
+    threads of their own. A read still running at the next tick is not started again, so a
+    slow Prometheus or tenant query delays only the rooms it serves; its rooms' last
+    reading ages out and they hold their size.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        concurrency = runtime.settings.metrics_concurrency
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="prometheus")
+        self._bound = asyncio.Semaphore(concurrency)
+        self._running: set[Hashable] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self) -> None:
+        while True:
+            self.runtime.poller_tick = time.monotonic()
+            self.tick()
+            await asyncio.sleep(self.runtime.settings.metrics_interval.total_seconds())
+
+    def tick(self) -> None:
+        """Start every read that is not still running from an earlier tick."""
+        runtime = self.runtime
+        batched: dict[tuple[str, str], list[tuple[Key, RoomState]]] = defaultdict(list)
         for key, state in list(runtime.rooms.items()):
-            if state.reading is not None and _figures(state.reading) != _figures(last.get(key)):
-                state.poke.set()
-        last = {key: state.reading for key, state in runtime.rooms.items() if state.reading}
-        await asyncio.sleep(runtime.settings.metrics_interval.total_seconds())
+            spec = state.spec
+            url = runtime.prometheus_for(spec).url if spec else None
+            if spec is None or url is None:
+                continue
+            if spec.metrics.listeners_query:
+                source = runtime.source(url)
+                self._start(("room", key), [(key, state)], source.read_room, spec.metrics, *key)
+            else:
+                batched[(url, spec.metrics.preset)].append((key, state))
+        for (url, preset), rooms in batched.items():
+            self._start(("batch", url, preset), rooms, runtime.source(url).read, preset)
+
+    def _start(
+        self,
+        job: Hashable,
+        rooms: list[tuple[Key, RoomState]],
+        read: Callable[..., Reading],
+        *args: Any,
+    ) -> None:
+        if job in self._running:
+            return
+        self._running.add(job)
+        task = asyncio.create_task(self._read(job, rooms, read, *args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(
+        self,
+        job: Hashable,
+        rooms: list[tuple[Key, RoomState]],
+        read: Callable[..., Reading],
+        *args: Any,
+    ) -> None:
+        try:
+            async with self._bound:
+                loop = asyncio.get_running_loop()
+                reading = await loop.run_in_executor(self._threads, _timed_read, read, *args)
+            now = datetime.now(UTC)
+            max_age = self.runtime.settings.metrics_max_age
+            for key, state in rooms:
+                fresh = room_metrics(reading, key, now, max_age)
+                changed = _figures(fresh) != _figures(state.reading)
+                state.reading = fresh
+                if changed and self.runtime.rooms.get(key) is state:
+                    state.poke.set()
+        except Exception:
+            room_logger("-", "-").bind(component="metrics").exception("reading listeners failed")
+        finally:
+            self._running.discard(job)
 
 
 def _figures(reading: Metrics | None) -> tuple[Any, ...] | None:
@@ -175,34 +340,14 @@ def _figures(reading: Metrics | None) -> tuple[Any, ...] | None:
     return (reading.listeners, reading.waiting, dict(reading.by_relay), reading.problem)
 
 
-def read_listeners(runtime: Runtime) -> None:
-    """Fill each watched room's `reading` (blocking: runs in a worker thread)."""
-    now = datetime.now(UTC)
-    groups: dict[tuple[str, str], list[tuple[Key, RoomState]]] = defaultdict(list)
-    for key, state in list(runtime.rooms.items()):
-        spec = state.spec
-        url = runtime.prometheus_for(spec).url if spec else None
-        if spec is None or url is None:
-            continue
-        source = runtime.sources.setdefault(url, PrometheusSource(url))
-        if spec.metrics.listeners_query:
-            reading = _timed_read(source.read_room, spec.metrics, *key)
-            state.reading = room_metrics(reading, key, now, runtime.settings.metrics_max_age)
-        else:
-            groups[(url, spec.metrics.preset)].append((key, state))
-    for (url, preset), rooms in groups.items():
-        reading = _timed_read(runtime.sources[url].read, preset)
-        for key, state in rooms:
-            state.reading = room_metrics(reading, key, now, runtime.settings.metrics_max_age)
-
-
 async def _first_reading(runtime: Runtime, state: RoomState, spec: AudioRoomSpec) -> None:
     """Wait (briefly) until the poller has read this room, so that a restarted operator
     decides with data instead of reporting metrics missing meanwhile."""
     if runtime.prometheus_for(spec).url is None:
         return
     state.spec = spec
-    deadline = 3 * runtime.settings.metrics_interval.total_seconds() + 5
+    settings = runtime.settings
+    deadline = 2 * settings.metrics_interval.total_seconds() + settings.metrics_timeout.seconds
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(deadline):
             while state.reading is None:
@@ -217,16 +362,39 @@ def _timed_read(read: Callable[..., Reading], *args: Any) -> Reading:
     return reading
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, registry=REGISTRY)
+@kopf.index(
+    "v1", "pods", labels={children.COMPONENT_LABEL: "relay"}, when=_serves_owner, registry=REGISTRY
+)
+def relay_pod_index(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, RelayPod] | None:
+    """Every served room's relay pods, from one shared watch."""
+    room = str(labels.get(children.ROOM_LABEL, ""))
+    pod = relay_pod(body, room) if namespace and room else None
+    return {(namespace, room): pod} if pod and namespace else None
+
+
+@kopf.on.event(
+    "v1", "pods", labels={children.COMPONENT_LABEL: "relay"}, when=_serves_owner, registry=REGISTRY
+)
+async def relay_pod_changed(
+    namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any
+) -> None:
+    """A relay started, became Ready or went: its room looks again."""
+    _runtime(memo).wake(namespace, labels.get(children.ROOM_LABEL))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=_serves, registry=REGISTRY)
 async def run_room(
     name: str,
     namespace: str | None,
     spec: kopf.Spec,
     stopped: kopf.DaemonStopped,
     memo: Any,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     """Reconcile the room, then sleep until its next deadline or a poke."""
+    pod_index: kopf.Index[Key, RelayPod] = kwargs["relay_pod_index"]
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
@@ -237,15 +405,19 @@ async def run_room(
     try:
         while not stopped:
             state.poke.clear()
+            pods = sorted(pod_index.get(key, ()), key=lambda pod: pod.ordinal)
+            runtime.reconciling[key] = time.monotonic()
             try:
                 with observability.time_reconcile():
                     wake_at = await asyncio.to_thread(
-                        reconcile_room, runtime, state, namespace, name
+                        reconcile_room, runtime, state, namespace, name, pods
                     )
                 delay = _seconds_until(wake_at)
             except Exception:
                 log.exception("reconcile failed; retrying", retry_seconds=RETRY_SECONDS)
                 delay = RETRY_SECONDS
+            finally:
+                runtime.reconciling.pop(key, None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.poke.wait(), timeout=delay)
     finally:
@@ -259,8 +431,8 @@ def _seconds_until(moment: datetime | None) -> float | None:
     return max(0.0, (moment - datetime.now(UTC)).total_seconds()) + 0.05
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL, registry=REGISTRY)
-def room_changed(
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_serves, registry=REGISTRY)
+async def room_changed(
     name: str, namespace: str | None, meta: kopf.Meta, status: kopf.Status, memo: Any, **_: Any
 ) -> None:
     """A new generation of the spec is reconciled at once, not at the next deadline."""
@@ -269,16 +441,29 @@ def room_changed(
 
 
 def _on_child(kind: str) -> Any:
-    def child_changed(
-        name: str, namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any
+    async def child_changed(
+        name: str,
+        namespace: str | None,
+        labels: kopf.Labels,
+        meta: kopf.Meta,
+        type: str | None,
+        memo: Any,
+        **_: Any,
     ) -> None:
-        """A child changed (readiness, or by hand): re-apply it and reconcile its room."""
+        """A child deleted or changed by someone else: re-apply it. Our own writes and the
+        controllers' status updates wake nobody (relay readiness comes from the pods)."""
         room = labels.get(children.ROOM_LABEL)
-        if room and namespace:
-            runtime = _runtime(memo)
-            state = runtime.rooms.get((namespace, room))
-            if state is not None:
-                state.applied.pop(f"{kind}/{name}", None)
+        runtime = _runtime(memo)
+        state = runtime.rooms.get((namespace, room)) if room and namespace else None
+        if state is None:
+            return
+        child = f"{kind}/{name}"
+        applied = state.applied.get(child)
+        if applied is None or applied[1] is None:
+            return  # never applied by this process, or our own apply still in flight
+        seen = child_version(meta)
+        if type == "DELETED" or (seen[0] == applied[1][0] and seen[1] > applied[1][1]):
+            state.applied.pop(child, None)
             runtime.wake(namespace, room)
 
     return child_changed
@@ -294,12 +479,13 @@ for _group_version, _plural, _kind in [
         _group_version,
         _plural,
         labels={children.MANAGED_BY_LABEL: children.MANAGER},
+        when=_serves_owner,
         registry=REGISTRY,
     )(_on_child(_kind))
 
 
 def reconcile_room(
-    runtime: Runtime, state: RoomState, namespace: str, name: str
+    runtime: Runtime, state: RoomState, namespace: str, name: str, pods: list[RelayPod]
 ) -> datetime | None:
     """One pass for one room: read, decide, write. Returns when to look again."""
     cluster = runtime.cluster
@@ -310,7 +496,6 @@ def reconcile_room(
         return None
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
-    pods = cluster.relay_pods(namespace, name)
     state.spec = spec
     now = datetime.now(UTC)
     metrics = None
@@ -319,10 +504,13 @@ def reconcile_room(
         metrics = Metrics(listeners=None, problem=source.refusal)
     elif source.url:
         reading = state.reading or Metrics(listeners=None, problem="no reading yet")
-        metrics = aged(reading, now, runtime.settings.metrics_max_age)
+        max_age = runtime.settings.metrics_max_age
+        ready_since = {pod.ordinal: pod.ready_since for pod in pods if pod.ready_since}
+        metrics = covering(aged(reading, now, max_age), ready_since, now, max_age)
     ready = frozenset(pod.ordinal for pod in pods if pod.ready)
-    shard_map, map_at = state.shard_map, state.shard_map_at
-    if shard_map is None:
+    held = state.shard_map
+    shard_map = held.expand() if isinstance(held, EmptyMap) else held
+    if held is None:
         shard_map = cluster.read_shard_map(namespace, name)
     seen = Observed(
         now=now,
@@ -335,10 +523,12 @@ def reconcile_room(
         ),
     )
     scaling = state.scaling or stored_scaling_state(previous)
-    outcome = reconcile(name, spec, previous, seen, scaling, shard_map, map_at)
+    outcome = reconcile(name, spec, previous, seen, scaling, shard_map, state.shard_map_at)
     state.scaling = outcome.scaling_state
     if shard_map is None or outcome.shard_map.generation != shard_map.generation:
-        state.shard_map, state.shard_map_at = outcome.shard_map, now
+        state.shard_map, state.shard_map_at = EmptyMap.of(outcome.shard_map), now
+    elif held is None:
+        state.shard_map = EmptyMap.of(shard_map)
     # Status first: what a person reads never lags behind the children it describes. Then
     # the Events it implies, before anything else can fail: a recorded change is never
     # reconciled again, so an Event not posted now would be lost.
@@ -381,22 +571,36 @@ def _post_events(cluster: Cluster, room: dict[str, Any], outcome: Outcome, now: 
 def _apply_children(
     cluster: Cluster, state: RoomState, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
 ) -> None:
+    """Send each child whose desired content changed, the StatefulSet first; one child
+    refused never keeps the others (the relay count above all) from being applied."""
     meta = room["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
     wanted = [
+        children.relay_stateful_set(name, namespace, uid, spec, outcome.desired_relays),
         children.relay_service(name, namespace, uid, spec),
         children.shard_map_config_map(name, namespace, uid, shard_map),
         children.relay_disruption_budget(name, namespace, uid),
-        children.relay_stateful_set(name, namespace, uid, spec, outcome.desired_relays),
     ]
-    applied = state.applied
+    failures: list[str] = []
     for manifest in wanted:
-        key = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        child = f"{manifest['kind']}/{manifest['metadata']['name']}"
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-        if applied.get(key) != digest:
-            cluster.apply(manifest)
-            applied[key] = digest
+        last = state.applied.get(child)
+        if last is not None and last[0] == digest:
+            continue
+        state.applied[child] = (digest, None)
+        try:
+            state.applied[child] = (digest, cluster.apply(manifest))
+        except Exception as error:
+            state.applied.pop(child, None)
+            failures.append(f"{child}: {type(error).__name__}: {str(error)[:200]}")
+    if failures:
+        raise ChildApplyError("; ".join(failures))
+
+
+class ChildApplyError(Exception):
+    """Some children were refused; the others were applied, and the room retries."""
 
 
 def _write_status(

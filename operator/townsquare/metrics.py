@@ -134,9 +134,12 @@ class PrometheusSource:
     def __init__(self, url: str, timeout_seconds: float = 5.0) -> None:
         self.url = url
         self.timeout_seconds = timeout_seconds
-        # One quick retry at most: a tick that fails is simply a tick without data.
+        # One quick retry of a refused connection at most, none of a slow answer: a tick
+        # that fails is simply a tick without data, and never lasts much past the timeout.
         self._client = PrometheusConnect(
-            url=url, retry=Retry(total=1, backoff_factor=0.1), timeout=math.ceil(timeout_seconds)
+            url=url,
+            retry=Retry(total=1, connect=1, read=0, status=0, backoff_factor=0.1),
+            timeout=timeout_seconds,
         )
 
     def _query(self, promql: str) -> list[dict[str, Any]]:
@@ -170,7 +173,9 @@ class PrometheusSource:
 
     def _describe(self, error: Exception) -> str:
         """One short line for the condition and the Event: what failed, not a traceback."""
-        if isinstance(error, requests.ConnectionError | requests.Timeout):
+        if isinstance(error, requests.Timeout) or "timed out" in str(error).lower():
+            return f"Prometheus at {self.url} did not answer within {self.timeout_seconds:g}s"
+        if isinstance(error, requests.ConnectionError):
             return f"Prometheus at {self.url} unreachable ({type(error).__name__})"
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         return f"Prometheus at {self.url} failed: {text}"[:300]
@@ -201,6 +206,32 @@ def room_metrics(reading: Reading, key: RoomKey, now: datetime, max_age: timedel
         waiting=found.waiting,
         by_relay=by_relay,
         sampled_at=sampled_at,
+    )
+
+
+def covering(
+    metrics: Metrics,
+    ready_since: Mapping[int, datetime],
+    now: datetime,
+    grace: timedelta,
+) -> Metrics:
+    """A reading that misses a relay Ready for longer than `grace` is partial: the missing
+    relay's listeners are unknown, not zero, so the room gets no figure at all and holds
+    its size rather than scale down on a sum that leaves relays out. Relays Ready for less
+    than `grace` may not have been scraped yet."""
+    if metrics.listeners is None:
+        return metrics
+    expected = {ordinal for ordinal, since in ready_since.items() if now - since > grace}
+    missing = sorted(expected - set(metrics.by_relay))
+    if not missing:
+        return metrics
+    shown = ", ".join(str(ordinal) for ordinal in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return Metrics(
+        listeners=None,
+        waiting=metrics.waiting,
+        problem=f"Prometheus has no listener series for ready relays {shown}{more} "
+        f"({len(missing)} of {len(expected)}): a partial reading",
     )
 
 

@@ -6,12 +6,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from townsquare.api.models import MetricsSpec
+from townsquare.lifecycle import Metrics
 from townsquare.metrics import (
     Reading,
     Source,
     aged,
     batched_query,
     choose_prometheus,
+    covering,
     escape_label_value,
     parse_vector,
     room_metrics,
@@ -107,3 +109,29 @@ def test_a_room_may_only_name_a_prometheus_the_operator_trusts() -> None:
     assert refused.url is None
     assert "is not allowed by the operator" in refused.refusal
     assert choose_prometheus(None, None, ()) == Source(None)
+
+
+def test_a_relay_missing_from_the_reading_is_unknown_not_zero() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    long_ago, just_now = now - timedelta(minutes=5), now - timedelta(seconds=5)
+    reading = Metrics(listeners=900, by_relay={0: 450, 1: 450}, sampled_at=now)
+    grace = timedelta(seconds=60)
+    partial = covering(reading, {0: long_ago, 1: long_ago, 2: long_ago}, now, grace)
+    assert partial.listeners is None
+    assert "2" in partial.problem and "1 of 3" in partial.problem
+    # A relay Ready for seconds may not have been scraped yet: the reading stands.
+    assert covering(reading, {0: long_ago, 1: long_ago, 2: just_now}, now, grace) == reading
+
+
+def test_prometheus_slower_than_the_timeout_is_a_reading_without_data() -> None:
+    """A listening socket that never answers: the read gives up after the timeout."""
+    import socket
+
+    from townsquare.metrics import PrometheusSource
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        source = PrometheusSource(f"http://127.0.0.1:{silent.getsockname()[1]}", 0.5)
+        reading = source.read("contract")
+        assert reading.error is not None and "did not answer within 0.5s" in reading.error

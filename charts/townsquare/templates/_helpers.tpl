@@ -63,8 +63,8 @@ What the operator does in the namespaces it serves, and nothing more:
 - Children (StatefulSet, Service, ConfigMap, PodDisruptionBudget): written by server-side
   apply (create + patch) and watched by label; nothing is ever deleted by the operator
   (owner references let the garbage collector do it). StatefulSet status is read for
-  readiness, the shard map ConfigMap to carry it across restarts, relay pods are listed
-  for their start-up times.
+  readiness, the shard map ConfigMap to carry it across restarts, relay pods are watched
+  (one shared index) for their readiness and start-up times.
 - Events: created on AudioRooms.
 Secrets are absent on purpose.
 */}}

@@ -1,14 +1,16 @@
 """The few Kubernetes calls the operator makes. Blocking: call them off the event loop.
 
 Children are written with server-side apply under one field manager, so applying twice
-changes nothing and a field changed by hand is taken back on the next reconcile.
+changes nothing and a field changed by hand is taken back on the next reconcile. Every call
+has a timeout: a half-open connection fails the call (and the room retries) instead of
+holding a worker thread for ever.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,15 +24,25 @@ from townsquare.kube.children import MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifes
 from townsquare.sharding import ShardMap
 
 APPLY = "application/apply-patch+yaml"
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 10.0
+POOL_SIZE = 32
+"""Connections kept to the API server: at least the worker threads that call it at once."""
 
 
-def load_config() -> client.ApiClient:
-    """In-cluster credentials when running in a pod, else the KUBECONFIG context."""
+def load_config(pool_size: int = POOL_SIZE) -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the KUBECONFIG context.
+
+    The pool size is set on the configuration before the client exists: the client builds
+    its connection pool from it once, so setting it afterwards has no effect.
+    """
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,47 @@ class RelayPod:
         return max(0.0, (self.ready_since - self.created).total_seconds())
 
 
-class Cluster:
-    """Reads and writes for rooms and their children."""
+def relay_pod(body: Mapping[str, Any], room: str) -> RelayPod | None:
+    """A relay pod from its API object (as a watch delivers it); None if it is no relay of
+    the room, or is going away."""
+    meta = body.get("metadata") or {}
+    match = re.fullmatch(rf"{re.escape(relay_set_name(room))}-([0-9]+)", meta.get("name", ""))
+    created = _timestamp(meta.get("creationTimestamp"))
+    if not match or meta.get("deletionTimestamp") or created is None:
+        return None
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
+    ready_since = (
+        _timestamp(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
+    )
+    restarts = sum(c.get("restartCount") or 0 for c in status.get("containerStatuses") or [])
+    return RelayPod(
+        ordinal=int(match.group(1)),
+        ready=ready_since is not None,
+        created=created,
+        ready_since=ready_since,
+        restarted=restarts > 0,
+    )
 
-    def __init__(self, api: client.ApiClient) -> None:
+
+def _timestamp(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+class Cluster:
+    """Reads and writes for rooms and their children, each call with a timeout."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        timeout: tuple[float, float] = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS),
+    ) -> None:
+        self.timeout = timeout
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.policy = client.PolicyV1Api(api)
@@ -67,52 +116,53 @@ class Cluster:
             "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
         }
 
-    def apply(self, manifest: Manifest) -> None:
-        """Server-side apply one child, taking back fields others changed."""
+    def apply(self, manifest: Manifest) -> tuple[str, int]:
+        """Server-side apply one child, taking back fields others changed.
+
+        Returns the child's version as stored (see `child_version`), so a later watch event
+        tells our own write from someone else's.
+        """
         meta = manifest["metadata"]
-        self._apply_by_kind[manifest["kind"]](
+        stored = self._apply_by_kind[manifest["kind"]](
             meta["name"],
             meta["namespace"],
             manifest,
             field_manager=MANAGER,
             force=True,
             _content_type=APPLY,
+            _request_timeout=self.timeout,
+        )
+        stored_meta = stored.metadata
+        return child_version(
+            {"generation": stored_meta.generation, "resourceVersion": stored_meta.resource_version}
         )
 
     def read_room(self, namespace: str, name: str) -> dict[str, Any]:
         """The room as stored now (not a cached view), so decisions see our own writes."""
         room: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
+            GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout
         )
         return room
 
     def relay_pods(self, namespace: str, room: str) -> list[RelayPod]:
-        """The room's relay pods with their ordinals and readiness."""
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{ROOM_LABEL}={room}").items
-        prefix = re.compile(rf"^{re.escape(relay_set_name(room))}-([0-9]+)$")
-        found: list[RelayPod] = []
-        for pod in pods:
-            match = prefix.match(pod.metadata.name)
-            if not match or pod.metadata.deletion_timestamp is not None:
-                continue
-            ready = next((c for c in (pod.status.conditions or []) if c.type == "Ready"), None)
-            ready_since = ready.last_transition_time if ready and ready.status == "True" else None
-            restarts = sum(c.restart_count or 0 for c in pod.status.container_statuses or [])
-            found.append(
-                RelayPod(
-                    ordinal=int(match.group(1)),
-                    ready=ready_since is not None,
-                    created=pod.metadata.creation_timestamp,
-                    ready_since=ready_since,
-                    restarted=restarts > 0,
-                )
-            )
+        """The room's relay pods with their ordinals and readiness (one LIST: for tools; the
+        operator reads its shared watch instead)."""
+        response = self.core.list_namespaced_pod(
+            namespace,
+            label_selector=f"{ROOM_LABEL}={room}",
+            _preload_content=False,
+            _request_timeout=self.timeout,
+        )
+        pods = json.loads(response.data)
+        found = [pod for body in pods.get("items", []) if (pod := relay_pod(body, room))]
         return sorted(found, key=lambda p: p.ordinal)
 
     def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
         """A ConfigMap's data; empty when it does not exist yet."""
         try:
-            config_map = self.core.read_namespaced_config_map(name, namespace)
+            config_map = self.core.read_namespaced_config_map(
+                name, namespace, _request_timeout=self.timeout
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return {}
@@ -130,7 +180,13 @@ class Cluster:
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the room's status (merge patch on the status subresource)."""
         self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+            _request_timeout=self.timeout,
         )
 
     def post_event(
@@ -165,4 +221,15 @@ class Cluster:
             reporting_component=f"{GROUP}/operator",
             reporting_instance=MANAGER,
         )
-        self.core.create_namespaced_event(meta["namespace"], body)
+        self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=self.timeout)
+
+
+def child_version(meta: Mapping[str, Any]) -> tuple[str, int]:
+    """What moves when a child's content is changed: the generation where the kind has one
+    (a StatefulSet's or PDB's status updates leave it alone), else the resourceVersion (a
+    ConfigMap or headless Service has no status to update). Both only grow."""
+    generation = meta.get("generation")
+    if generation:
+        return ("generation", int(generation))
+    version = str(meta.get("resourceVersion") or "0")
+    return ("resourceVersion", int(version) if version.isdigit() else 0)
