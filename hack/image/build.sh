@@ -59,10 +59,10 @@ else
     args+=(--volume "$(readlink -f "$ca"):/run/host-ca.crt:ro" --build-arg SSL_CERT_FILE=/run/host-ca.crt)
   fi
   "$podman" build "${args[@]}" --tag "$image" --file "$repo/Dockerfile" "$repo" >&2
-  # Images of older content go (the layers the new one shares stay), so the cache holds
-  # one image, not one per change.
-  "$podman" images --noheading --format '{{.Repository}}:{{.Tag}}' "$repository" \
-    | grep ":src-" | grep -v ":src-$digest$" | xargs -r "$podman" rmi >/dev/null 2>&1 || true
+  # Only the newest few images stay (several checkouts may share this cache, and a test
+  # may be running one): the layers they share with the new one are kept either way.
+  "$podman" images --sort created --noheading --format '{{.Repository}}:{{.Tag}}' \
+    "$repository" | grep ":src-" | tail -n +5 | xargs -r "$podman" rmi >/dev/null 2>&1 || true
 fi
 "$podman" tag "$image" "$repository:$version" "$repository:latest"
 echo "$image"

@@ -232,7 +232,11 @@ def private_file(text: str, owner: int) -> Path:
         out.write(text)
     path = Path(name)
     path.chmod(0o400)
-    os.chown(path, owner, -1)
+    if os.geteuid() == 0:
+        os.chown(path, owner, -1)
+    else:  # rootless podman: the container's uids are the user namespace's
+        chowned = podman("unshare", "chown", str(owner), str(path))
+        assert chowned.returncode == 0, chowned.stderr
     return path
 
 
