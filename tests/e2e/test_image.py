@@ -9,6 +9,7 @@ API server, not from the flags we passed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -263,7 +264,7 @@ def test_the_smoke_checks_fail_for_an_image_rebuilt_as_root_or_writable(
 ) -> None:
     """The checks above have teeth: a variant of the image built FROM it fails them."""
     pod, _ = operator_of(rendered_deployment())
-    tag = f"localhost/townsquare/variant:{variant}"
+    tag = f"localhost/townsquare/variant:{variant}-{tmp_path.name}-{os.getpid()}"
     containerfile = f"FROM {image}\n{VARIANTS[variant]}\n"
     built = podman(
         "build", "--pull=never", "--network", "none", "--tag", tag, "-f", "-", str(tmp_path),
