@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
 
 from townsquare.api.models import (
     AudioRoomSpec,
@@ -23,11 +26,15 @@ from townsquare.api.models import (
     Phase,
     PlanStatus,
     RelayStatus,
+    RolloutDrain,
+    RolloutStatus,
     ShardMapRef,
 )
 from townsquare.api.names import shard_map_name
 from townsquare.api.types import format_duration
 from townsquare.planning import Plan, capacity_of, plan_room
+from townsquare.policy import TenantPolicy, violations
+from townsquare.rollout import RolloutStep, plan_rollout
 from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
 from townsquare.sharding import ShardMap, new_map, rebalance, shard_listeners_from_relays
 
@@ -35,6 +42,8 @@ NORMAL = "Normal"
 WARNING = "Warning"
 STARTUP_SAMPLES = 20
 """The newest relay start-ups the policy learns from: recent pods tell of today's nodes."""
+BLOCKED_WINDOW = timedelta(minutes=10)
+"""A pod-creation failure this recent, with relays still missing, means they are blocked."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,17 @@ class Observed:
     """None: the operator reads no metrics (no Prometheus configured)."""
     startups: tuple[tuple[datetime, float], ...] = ()
     """(pod creation, seconds from creation to Ready) of relays that started cleanly."""
+    namespace: str = ""
+    deleting_since: datetime | None = None
+    """When the room was deleted; it drains before its relays go."""
+    existing_relays: int | None = None
+    """Relay pods that exist at all (Ready or not); None: not counted."""
+    outdated_ordinals: frozenset[int] = frozenset()
+    """Relays running an older pod template than the StatefulSet's."""
+    revision: str = ""
+    """The StatefulSet's current template revision."""
+    pod_failures: tuple[tuple[datetime, str], ...] = ()
+    """(when, the API server's reason) of the StatefulSet's failures to create relay pods."""
 
     @property
     def listeners(self) -> int | None:
@@ -99,6 +119,31 @@ class Outcome:
     """The scaling decision, when the phase asked for one."""
     wake_at: datetime | None
     """None: nothing will happen with time alone (the room has ended)."""
+    replace_relays: tuple[int, ...] = ()
+    """Relay pods to delete now: drained for a rollout, they come back with the new template."""
+    released: bool = False
+    """The room is being deleted and has drained: its children may go."""
+    refused: bool = False
+    """The room breaks the operator's tenant policy: nothing of it is to be applied."""
+
+
+def occurrence_start(spec: AudioRoomSpec, now: datetime, previous: AudioRoomStatus) -> datetime:
+    """The start of the occurrence the room is in, or waits for.
+
+    Without a schedule that is `startTime`. With one, it is the first cron time, not before
+    `startTime`, whose drain is not over yet, skipping the occurrence the room last ended.
+    """
+    schedule = spec.schedule
+    if schedule is None:
+        return spec.start_time
+    earliest = max(spec.start_time, now - spec.duration - spec.scaling.drain_timeout)
+    finished = previous.plan.start_time if previous.plan and previous.phase == "Ended" else None
+    if finished is not None and finished >= earliest:
+        earliest = finished + timedelta(seconds=1)
+    zone = ZoneInfo(schedule.time_zone)
+    times = croniter(schedule.cron, (earliest - timedelta(seconds=1)).astimezone(zone))
+    found: datetime = times.get_next(datetime)
+    return found.astimezone(UTC)
 
 
 def end_of(spec: AudioRoomSpec) -> datetime:
@@ -172,6 +217,7 @@ def _phase_by_clock(spec: AudioRoomSpec, plan: PlanStatus, now: datetime) -> Pha
 
 def _plan_status(spec: AudioRoomSpec, plan: Plan) -> PlanStatus:
     return PlanStatus(
+        start_time=spec.start_time,
         expected_audience=spec.expected_audience,
         relays=plan.relays,
         capacity=plan.capacity,
@@ -181,16 +227,25 @@ def _plan_status(spec: AudioRoomSpec, plan: Plan) -> PlanStatus:
 
 
 def _replan(
-    spec: AudioRoomSpec, previous: AudioRoomStatus, draft: _Draft
+    spec: AudioRoomSpec, previous: AudioRoomStatus, draft: _Draft, rearmed: bool
 ) -> tuple[Plan, PlanStatus]:
-    """The plan for this generation; its status form is kept while the spec is unchanged."""
+    """The plan for this generation and occurrence; its status form is kept while both are
+    unchanged (a plan stored before occurrences were recorded counts as this one's)."""
     seen = draft.seen
     plan = plan_room(spec, seen.now, startup_of(spec, seen))
-    if previous.plan is not None and previous.observed_generation == seen.generation:
-        return plan, previous.plan
-    fresh = _plan_status(spec, plan)
     old = previous.plan
-    if old is not None and (old.relays, old.prewarm_at) != (fresh.relays, fresh.prewarm_at):
+    same_occurrence = old is not None and old.start_time in (None, spec.start_time)
+    if old is not None and same_occurrence and previous.observed_generation == seen.generation:
+        return plan, old.model_copy(update={"start_time": spec.start_time})
+    fresh = _plan_status(spec, plan)
+    if rearmed or (old is not None and not same_occurrence):
+        draft.event(
+            NORMAL,
+            "Replanned",
+            f"re-armed for the occurrence starting {spec.start_time.isoformat()}: "
+            f"{fresh.relays:,} relays, pre-warm at {_clock(fresh.prewarm_at)}",
+        )
+    elif old is not None and (old.relays, old.prewarm_at) != (fresh.relays, fresh.prewarm_at):
         draft.event(
             NORMAL,
             "Replanned",
@@ -205,7 +260,7 @@ def _replan(
             f"listeners that maxRelays ({spec.scaling.max_relays:,}) carries; excess joins "
             "wait in the admission queue",
         )
-    if seen.now >= spec.start_time:
+    if seen.now >= spec.start_time and (old is None or rearmed or not same_occurrence):
         draft.event(
             WARNING,
             "StartTimePassed",
@@ -224,37 +279,63 @@ def reconcile(
     scaling_state: ScalingState | None = None,
     shard_map: ShardMap | None = None,
     shard_map_at: datetime | None = None,
+    policy: TenantPolicy | None = None,
 ) -> Outcome:
     """Decide the room's phase, relays, shard map, conditions and Events at `seen.now`.
 
     `scaling_state` and `shard_map` are what the previous call returned (after a restart:
     what was stored); `shard_map_at` is when that map was published, for the migration
-    budget.
+    budget. With a `policy`, a room that breaks it is refused: nothing is decided for it.
     """
     draft = _Draft(conditions=list(previous.conditions), seen=seen)
-    plan, plan_status = _replan(spec, previous, draft)
+    if policy is not None:
+        problems = violations(spec, seen.namespace, policy)
+        if problems and seen.deleting_since is None:
+            return _refuse(previous, problems, draft)
+        draft.condition("Accepted", "True", "WithinPolicy", "the room is within the tenant policy")
+    start = occurrence_start(spec, seen.now, previous)
+    if start != spec.start_time:
+        spec = spec.model_copy(update={"start_time": start})
     was: Phase | None = previous.phase
+    rearmed = was == "Ended" and seen.deleting_since is None and seen.now < end_of(spec)
+    if rearmed:
+        was = None
+        draft.conditions = [c for c in draft.conditions if c.type != "PreWarmed"]
+    plan, plan_status = _replan(spec, previous, draft, rearmed)
     running = previous.relays.desired if previous.relays else 0
-    state = scaling_state or stored_scaling_state(previous) or ScalingState.initial(running)
-    current_map = replace(
-        shard_map or new_map(spec.sharding.shards, spec.relay.listeners_per_relay),
-        migrations_per_minute=spec.sharding.max_migrations_per_minute,
+    stored = None if rearmed else scaling_state or stored_scaling_state(previous)
+    state = stored or ScalingState.initial(running)
+    current_map = _fit_map(
+        replace(
+            shard_map or new_map(spec.sharding.shards, spec.relay.listeners_per_relay),
+            migrations_per_minute=spec.sharding.max_migrations_per_minute,
+        ),
+        spec,
+        was,
+        draft,
     )
     by_clock = _phase_by_clock(spec, plan_status, seen.now)
 
     phase: Phase
     decision: Decision | None = None
-    if was == "Ended":
+    step: RolloutStep | None = None
+    wake_at: datetime | None
+    if was == "Ended" and not rearmed:
         phase, replicas, accepting = "Ended", 0, 0
-    elif by_clock == "Draining":
-        phase, replicas = _drain(spec, was, running, seen, draft)
+        wake_at = seen.now + timedelta(seconds=1) if spec.schedule else None
+    elif by_clock == "Draining" or seen.deleting_since is not None:
+        began, deadline, why = _drain_window(spec, was, by_clock, seen)
+        phase, replicas = _drain(spec, was, running, seen, draft, began, deadline, why)
         accepting = 0
+        wake_at = _after(deadline, seen.now)
+        if phase == "Ended" and spec.schedule and seen.deleting_since is None:
+            wake_at = seen.now + timedelta(seconds=1)
     else:
         decision = decide(
             spec,
             # One plan per pass: the one the phase and the wake-up time were derived from.
             replace(plan, relays=plan_status.relays, prewarm_at=plan_status.prewarm_at),
-            _observation(seen),
+            _observation(seen, running),
             state,
             seen.now,
             startup_seconds=startup_of(spec, seen),
@@ -266,11 +347,18 @@ def reconcile(
             phase = "Ready"
         _announce_warmup(spec, plan_status, was, phase, draft)
         _announce_scaling(decision, was, phase, draft)
+        step = _roll(spec, previous, seen, accepting, decision, draft)
+        wake_at = _next_deadline(spec, plan_status, phase, seen.now)
+        if step is not None and step.draining:
+            timeout = spec.scaling.drain_timeout
+            wake_at = min([wake_at or seen.now] + [t + timeout for _, t in step.draining])
 
+    rolling = {o for o, _ in step.draining} if step else set()
+    ready = seen.ready_set()
     rebalanced = rebalance(
         current_map,
-        active=sorted(o for o in seen.ready_set() if o < accepting),
-        draining=sorted(o for o in seen.ready_set() if o >= accepting and o < replicas),
+        active=sorted(o for o in ready if o < accepting and o not in rolling),
+        draining=sorted(o for o in ready if (accepting <= o < replicas) or o in rolling),
         shard_listeners=_shard_listeners(current_map, seen),
         demand=_demand(seen),
         fanout=spec.sharding.fanout,
@@ -280,6 +368,7 @@ def reconcile(
         _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
     _metrics_condition(seen, draft)
     _capacity_condition(spec, plan, decision, draft)
+    _blocked_condition(seen, replicas, draft)
     draft.condition(
         "Ready",
         "True" if seen.ready_relays >= replicas else "False",
@@ -287,6 +376,7 @@ def reconcile(
         f"{seen.ready_relays:,}/{replicas:,} relays ready",
     )
     metrics = seen.metrics
+    serving = accepting - len(rolling)
     status = AudioRoomStatus(
         phase=phase,
         observed_generation=seen.generation,
@@ -294,18 +384,19 @@ def reconcile(
         relays=RelayStatus(
             desired=replicas,
             ready=seen.ready_relays,
-            draining=replicas - accepting,
+            draining=replicas - serving,
             summary=f"{seen.ready_relays}/{replicas}",
         ),
         listeners=ListenerStatus(
             current=(metrics.listeners or 0) if metrics else 0,
             forecast=(decision.forecast or 0) if decision else 0,
-            capacity=capacity_of(accepting, spec),
+            capacity=capacity_of(serving, spec),
             waiting=metrics.waiting if metrics else 0,
         ),
         shard_map=ShardMapRef(
             config_map=shard_map_name(room), generation=rebalanced.map.generation
         ),
+        rollout=_rollout_status(seen, replicas, step, previous.rollout),
         scaling_state=_persisted(state),
         conditions=draft.conditions,
     )
@@ -316,8 +407,147 @@ def reconcile(
         scaling_state=state,
         shard_map=rebalanced.map,
         decision=decision,
-        wake_at=_next_deadline(spec, plan_status, phase, seen.now),
+        wake_at=wake_at,
+        replace_relays=step.replace if step else (),
+        released=seen.deleting_since is not None and phase == "Ended",
     )
+
+
+def _refuse(previous: AudioRoomStatus, problems: list[str], draft: _Draft) -> Outcome:
+    """A room outside the tenant policy: say why, change nothing else, decide nothing."""
+    message = "; ".join(problems)
+    before = draft.condition("Accepted", "False", "PolicyViolation", message)
+    if before != "False" or previous.observed_generation != draft.seen.generation:
+        draft.event(WARNING, "Refused", f"the operator does not act on this room: {message}")
+    status = previous.model_copy(
+        update={"observed_generation": draft.seen.generation, "conditions": draft.conditions}
+    )
+    running = previous.relays.desired if previous.relays else 0
+    state = stored_scaling_state(previous) or ScalingState.initial(running)
+    return Outcome(
+        status=status,
+        events=tuple(draft.events),
+        desired_relays=running,
+        scaling_state=state,
+        shard_map=new_map(1, 1),
+        decision=None,
+        wake_at=None,
+        refused=True,
+    )
+
+
+def _fit_map(current: ShardMap, spec: AudioRoomSpec, was: Phase | None, draft: _Draft) -> ShardMap:
+    """The live map with the spec's relay capacity and shard count.
+
+    A new shard count keeps each relay's share: shard s of n takes the relay of old shard
+    s * old_n // n, so relays keep their load and the edge moves listeners gradually.
+    """
+    capacity, shards = spec.relay.listeners_per_relay, spec.sharding.shards
+    if (current.capacity, current.shards) == (capacity, shards):
+        return current
+    old = current.shards
+    assignment = (
+        current.assignment
+        if old == shards
+        else tuple(current.assignment[s * old // shards] for s in range(shards))
+    )
+    if current.relays and was is not None:
+        changes = []
+        if current.capacity != capacity:
+            changes.append(f"capacity {current.capacity:,} -> {capacity:,} listeners per relay")
+        if old != shards:
+            changes.append(f"shards {old:,} -> {shards:,}")
+        draft.event(NORMAL, "ShardMapChanged", "; ".join(changes))
+    return replace(
+        current,
+        generation=current.generation + 1,
+        assignment=assignment,
+        capacity=capacity,
+    )
+
+
+def _roll(
+    spec: AudioRoomSpec,
+    previous: AudioRoomStatus,
+    seen: Observed,
+    accepting: int,
+    decision: Decision,
+    draft: _Draft,
+) -> RolloutStep | None:
+    """The rollout's step for a running room, with its Events; None when nothing is outdated."""
+    before = {d.ordinal: d.since for d in previous.rollout.draining} if previous.rollout else {}
+    if not seen.outdated_ordinals and not before:
+        return None
+    metrics = seen.metrics
+    known = metrics is not None and metrics.listeners is not None
+    demand = decision.forecast if decision.forecast is not None else _demand(seen)
+    step = plan_rollout(
+        accepting=accepting,
+        ready=seen.ready_set(),
+        outdated=seen.outdated_ordinals,
+        draining=before,
+        relay_listeners=metrics.by_relay if metrics is not None and known else None,
+        sampled_at=metrics.sampled_at if metrics is not None else None,
+        demand=demand,
+        capacity=spec.relay.listeners_per_relay,
+        max_surge=spec.rollout.max_surge,
+        now=seen.now,
+        drain_timeout=spec.scaling.drain_timeout,
+    )
+    outdated = len(seen.outdated_ordinals)
+    if step.started:
+        draft.event(
+            NORMAL,
+            "RollingOut",
+            f"draining relays {_ordinals(step.started)} before replacing them with the new "
+            f"template ({outdated:,} outdated; at most {spec.rollout.max_surge:,} at once)",
+        )
+    if step.replace:
+        draft.event(
+            NORMAL,
+            "RelaysReplaced",
+            f"relays {_ordinals(step.replace)} drained; replacing them with the new template",
+        )
+    if step.timed_out:
+        draft.event(
+            WARNING,
+            "DrainTimedOut",
+            f"relays {_ordinals(step.timed_out)} still carried listeners "
+            f"{format_duration(spec.scaling.drain_timeout)} after their rollout drain began; "
+            "replacing them anyway",
+        )
+    return step
+
+
+def _ordinals(ordinals: tuple[int, ...]) -> str:
+    return ", ".join(str(o) for o in ordinals)
+
+
+def _rollout_status(
+    seen: Observed, replicas: int, step: RolloutStep | None, before: RolloutStatus | None
+) -> RolloutStatus | None:
+    if not seen.revision:
+        return before
+    return RolloutStatus(
+        revision=seen.revision,
+        updated=max(0, (seen.existing_relays or 0) - len(seen.outdated_ordinals)),
+        outdated=sum(1 for o in seen.outdated_ordinals if o < replicas),
+        draining=[RolloutDrain(ordinal=o, since=t) for o, t in (step.draining if step else ())],
+    )
+
+
+def _blocked_condition(seen: Observed, replicas: int, draft: _Draft) -> None:
+    """RelaysBlocked: the API server refuses relay pods (quota, Pod Security, a webhook)."""
+    missing = seen.existing_relays is not None and seen.existing_relays < replicas
+    recent = sorted(f for f in seen.pod_failures if seen.now - f[0] <= BLOCKED_WINDOW)
+    if missing and recent:
+        reason = recent[-1][1]
+        message = f"{replicas - (seen.existing_relays or 0):,} relay pods not created: {reason}"
+        before = draft.condition("RelaysBlocked", "True", "FailedCreate", message)
+        if before != "True":
+            draft.event(WARNING, "RelaysBlocked", message)
+    elif any(c.type == "RelaysBlocked" for c in draft.conditions):
+        draft.condition("RelaysBlocked", "False", "RelaysCreated", "every relay pod was created")
 
 
 def startup_of(spec: AudioRoomSpec, seen: Observed) -> float:
@@ -326,8 +556,14 @@ def startup_of(spec: AudioRoomSpec, seen: Observed) -> float:
     return startup_estimate(spec.relay.startup_seconds, tuple(seconds for _, seconds in newest))
 
 
-def _observation(seen: Observed) -> Observation:
+def _observation(seen: Observed, running: int) -> Observation:
+    """What the scaling policy sees. A room with no relay at all has no listener series, yet
+    its connected listeners are known: none. Joins waiting at the edge then grow it from zero
+    (minRelays 0); without them it stays at zero, as it would when blind."""
     metrics = seen.metrics
+    no_relays = running == 0 and seen.ready_relays == 0
+    if metrics is not None and metrics.listeners is None and metrics.waiting > 0 and no_relays:
+        return Observation(listeners=0, waiting=metrics.waiting, sampled_at=metrics.sampled_at)
     if metrics is None or metrics.listeners is None:
         return Observation(listeners=None)
     return Observation(
@@ -472,38 +708,74 @@ def _capacity_condition(
         draft.condition("CapacityExceeded", "False", "WithinCapacity", "relays carry the demand")
 
 
+def _drain_window(
+    spec: AudioRoomSpec, was: Phase | None, by_clock: Phase, seen: Observed
+) -> tuple[datetime, datetime, str]:
+    """When the drain began, its deadline, and why: the event's end, or the room's deletion."""
+    timeout = spec.scaling.drain_timeout
+    deleted = seen.deleting_since
+    if deleted is None or (by_clock == "Draining" and deleted >= end_of(spec)):
+        return end_of(spec), drain_deadline(spec), f"the event ended at {_clock(end_of(spec))}"
+    if was == "Draining" and by_clock == "Draining":
+        return end_of(spec), min(drain_deadline(spec), deleted + timeout), "the event ended"
+    return deleted, deleted + timeout, f"the room was deleted at {_clock(deleted)}"
+
+
 def _drain(
     spec: AudioRoomSpec,
     was: Phase | None,
     running: int,
     seen: Observed,
     draft: _Draft,
+    began: datetime,
+    deadline: datetime,
+    why: str,
 ) -> tuple[Phase, int]:
-    """Past the end: keep relays until listeners have left (or the timeout), then end."""
-    if was != "Draining":
+    """Keep relays until their listeners have left (or the deadline), removing each from the
+    top as soon as it and every relay above it are empty; then end."""
+    if was != "Draining" and running > 0:
         draft.event(
             NORMAL,
             "Draining",
-            f"the event ended at {_clock(end_of(spec))}; draining {running:,} relays "
+            f"{why}; draining {running:,} relays "
             f"(timeout {format_duration(spec.scaling.drain_timeout)})",
         )
-    emptied = seen.listeners == 0
-    timed_out = seen.now >= drain_deadline(spec)
-    if not (emptied or timed_out):
-        return "Draining", running
-    if seen.ready_relays > 0:
-        if timed_out and not emptied and running > 0:
+    timed_out = seen.now >= deadline
+    keep = 0 if timed_out else _carrying(running, seen, began)
+    if seen.ready_relays > 0 or keep > 0:
+        if timed_out and running > 0 and seen.listeners != 0:
             left = "an unknown number of" if seen.listeners is None else f"{seen.listeners:,}"
             draft.event(
                 WARNING,
                 "DrainTimedOut",
                 f"{left} listeners still connected "
-                f"{format_duration(spec.scaling.drain_timeout)} after the end; removing the "
-                "relays anyway",
+                f"{format_duration(spec.scaling.drain_timeout)} after the drain began; removing "
+                "the relays anyway",
             )
-        return "Draining", 0
+        return "Draining", keep
     draft.event(NORMAL, "Ended", "all relays drained and removed")
     return "Ended", 0
+
+
+def _carrying(running: int, seen: Observed, began: datetime) -> int:
+    """StatefulSet size that keeps every relay that may still carry listeners.
+
+    A relay is empty only by a sample taken after the drain began. One without a series of
+    its own is empty when every counted listener is on another relay. Without a count, all
+    are kept.
+    """
+    metrics = seen.metrics
+    if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
+        return running
+    if metrics.sampled_at <= began:
+        return running
+    unattributed = metrics.listeners > sum(metrics.by_relay.values())
+    carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]
+    return max(carrying) + 1 if carrying else 0
+
+
+def _after(deadline: datetime, now: datetime) -> datetime:
+    return deadline if deadline > now else now + timedelta(seconds=5)
 
 
 def _next_deadline(

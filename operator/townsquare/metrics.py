@@ -117,14 +117,15 @@ def parse_vector(result: Iterable[Mapping[str, Any]]) -> dict[RoomKey, RoomListe
             oldest[key] = min(oldest.get(key, math.inf), value)
         else:
             pods[key][labels.get("pod", "")] = round(value)
-            evaluated[key] = float(series["value"][0])
+        evaluated.setdefault(key, float(series["value"][0]))
+    # A room with waiting joins but no relay series yet is kept: it may need its first relay.
     return {
         key: RoomListeners(
-            by_pod=dict(p),
+            by_pod=dict(pods.get(key, {})),
             oldest_sample=oldest.get(key, evaluated[key]),
             waiting=waiting.get(key, 0),
         )
-        for key, p in pods.items()
+        for key in pods.keys() | waiting.keys()
     }
 
 
@@ -189,6 +190,13 @@ def room_metrics(reading: Reading, key: RoomKey, now: datetime, max_age: timedel
     if found is None:
         return Metrics(listeners=None, problem="no listener series for this room")
     sampled_at = datetime.fromtimestamp(found.oldest_sample, tz=UTC)
+    if not found.by_pod:
+        return Metrics(
+            listeners=None,
+            waiting=found.waiting,
+            sampled_at=sampled_at,
+            problem="no listener series for this room",
+        )
     age = now - sampled_at
     if age > max_age:
         return Metrics(

@@ -242,12 +242,15 @@ def decide(
         # Without a single reading there is no evidence of a no-show: keep the whole plan.
         peak = state.peak if state.peak > 0 else None
         floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
-        target = min(scaling.max_relays, max(current, floor, scaling.min_relays))
+        # Not even a lowered maxRelays shrinks the room blind: it applies once counts return.
+        target = max(current, min(scaling.max_relays, max(floor, scaling.min_relays)))
         relays = _grow(current, target, floor, spec)
         next_state = replace(state, samples=(), targets=(), prewarmed=state.prewarmed or floor > 0)
         why = f"metrics unavailable: holding {current:,} relays (never scaling down blind)"
         if relays > current:
             why += f"; plan floor {floor:,} relays"
+        if current > scaling.max_relays:
+            why += f"; maxRelays {scaling.max_relays:,} applies once listener counts return"
         return _finish(spec, observation, next_state, now, relays, None, floor, False, why)
 
     demand = observation.listeners + observation.waiting

@@ -135,3 +135,18 @@ def test_prometheus_slower_than_the_timeout_is_a_reading_without_data() -> None:
         source = PrometheusSource(f"http://127.0.0.1:{silent.getsockname()[1]}", 0.5)
         reading = source.read("contract")
         assert reading.error is not None and "did not answer within 0.5s" in reading.error
+
+
+def test_a_room_with_waiting_joins_but_no_relay_series_keeps_its_waiting_count() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from townsquare.metrics import Reading, parse_vector, room_metrics
+
+    rooms = parse_vector(
+        [{"metric": {"namespace": "ns", "room": "r", "series": "waiting"}, "value": [1000.0, "42"]}]
+    )
+    now = datetime.fromtimestamp(1001, tz=UTC)
+    metrics = room_metrics(Reading(rooms=rooms), ("ns", "r"), now, timedelta(seconds=60))
+    assert metrics.listeners is None, "no relay series: connected listeners stay unknown"
+    assert metrics.waiting == 42
+    assert metrics.sampled_at == datetime.fromtimestamp(1000, tz=UTC)

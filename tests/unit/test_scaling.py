@@ -336,3 +336,11 @@ def test_a_single_scrape_ten_times_glitch_moves_one_bounded_step_and_one_scaled_
     assert max(desired) <= 200, "at most one bounded step: max(2 x 100, 100 + 4)"
     assert len(scaled_up) <= 1
     assert min(desired[: (4500 - 3600) // 5]) >= 100
+
+
+def test_lowering_max_relays_while_blind_holds_until_counts_return() -> None:
+    lowered = spec(audience=0, maxRelays=100)
+    [blind] = run(lowered, ScalingState.initial(500), [(3600, None)])
+    assert blind.relays == 500
+    assert blind.draining == ()
+    assert "maxRelays 100 applies once listener counts return" in blind.reason

@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from croniter import croniter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
@@ -93,6 +95,59 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = Field(default=None, ge=0)
 
 
+class LocalObjectReference(ApiModel):
+    """A Secret in the room's namespace, by name (as in a pod's `imagePullSecrets`)."""
+
+    name: str = Field(min_length=1, max_length=253)
+
+
+class Capabilities(ApiModel):
+    """Linux capabilities of the relay container."""
+
+    add: list[str] = Field(default_factory=list, max_length=64)
+    drop: list[str] = Field(default_factory=lambda: ["ALL"], max_length=64)
+
+
+class SeccompProfile(ApiModel):
+    """The relay's seccomp profile; `RuntimeDefault` passes the restricted standard."""
+
+    type: Literal["RuntimeDefault", "Localhost", "Unconfined"] = "RuntimeDefault"
+    localhost_profile: str | None = Field(default=None, max_length=4096)
+
+
+class SecurityContext(ApiModel):
+    """Who the relay runs as and what it may do. The defaults pass the "restricted" Pod
+    Security Standard, so namespaces that enforce it accept relay pods as they are."""
+
+    run_as_non_root: bool = True
+    run_as_user: int | None = Field(default=65532, ge=0, le=2147483647)
+    run_as_group: int | None = Field(default=65532, ge=0, le=2147483647)
+    fs_group: int | None = Field(default=None, ge=0, le=2147483647)
+    read_only_root_filesystem: bool = True
+    allow_privilege_escalation: bool = False
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    seccomp_profile: SeccompProfile = Field(default_factory=SeccompProfile)
+
+
+WhenUnsatisfiable = Literal["ScheduleAnyway", "DoNotSchedule", "Off"]
+
+
+class TopologySpread(ApiModel):
+    """Relays spread across zones and nodes, so one zone or node failing takes few of them."""
+
+    zones: WhenUnsatisfiable = "ScheduleAnyway"
+    """`ScheduleAnyway` prefers spreading, `DoNotSchedule` insists, `Off` does not spread."""
+    nodes: WhenUnsatisfiable = "ScheduleAnyway"
+    max_skew: int = Field(default=1, ge=1, le=1000)
+
+
+FreeFormObject = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+"""An object passed to Kubernetes as written (the API server validates it in the pod)."""
+
+
 class RelaySpec(ApiModel):
     """The relay pods that carry listeners."""
 
@@ -111,6 +166,15 @@ class RelaySpec(ApiModel):
     """Extra annotations on relay pods (service mesh, scraping, simulated start-up delay)."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    affinity: FreeFormObject = Field(default_factory=dict)
+    """A pod `affinity` (node, pod, anti-affinity), as in a pod spec."""
+    topology_spread: TopologySpread = Field(default_factory=TopologySpread)
+    security_context: SecurityContext = Field(default_factory=SecurityContext)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """Relays outrank batch work: give them a PriorityClass so they pre-empt, not wait."""
+    pre_stop_seconds: int = Field(default=5, ge=0, le=600)
+    """A relay told to stop waits this long first, so the edge stops sending joins to it."""
 
     rules = (
         Rule(
@@ -148,6 +212,44 @@ class ScalingSpec(ApiModel):
     )
 
 
+class RolloutSpec(ApiModel):
+    """How a change of the relay pod template reaches running relays: drained, a few at a time."""
+
+    max_surge: int = Field(default=2, ge=1, le=1000)
+    """Most relays out of service for the rollout at once (draining or being replaced)."""
+
+
+CRON_PATTERN = r"^\S+(\s+\S+){4}$"
+TIME_ZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$"
+
+
+def _valid_cron(text: str) -> str:
+    if not croniter.is_valid(text):
+        raise ValueError(
+            f"must be a cron expression of five fields, such as 0 17 * * 4 (got {text!r})"
+        )
+    return text
+
+
+def _valid_time_zone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"must be an IANA time zone such as Europe/Paris (got {text!r})") from None
+    return text
+
+
+class ScheduleSpec(ApiModel):
+    """A recurring room: every occurrence starts at a time of the cron schedule."""
+
+    cron: Annotated[str, AfterValidator(_valid_cron)] = Field(max_length=256, pattern=CRON_PATTERN)
+    """Five-field cron (minute hour day month weekday), read in `timeZone`."""
+    time_zone: Annotated[str, AfterValidator(_valid_time_zone)] = Field(
+        default="UTC", max_length=64, pattern=TIME_ZONE_PATTERN
+    )
+    """IANA time zone of the cron times, so an event stays at 17:00 across daylight saving."""
+
+
 class ShardingSpec(ApiModel):
     """How listeners are spread over relays."""
 
@@ -159,13 +261,18 @@ class ShardingSpec(ApiModel):
     """Cap on listeners moved between relays per minute, so a reshard is no reconnect storm."""
 
 
+QUERY_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
 class MetricsSpec(ApiModel):
     """Where listener counts come from."""
 
-    preset: Literal["contract", "livekit"] = "contract"
-    """`contract`: townsquare's metric contract; `livekit`: livekit_participant_total by pod."""
+    preset: str = Field(default="contract", max_length=63, pattern=QUERY_NAME_PATTERN)
+    """A named listener query: `contract` (townsquare's metric contract), `livekit`
+    (livekit_participant_total by pod), or one the platform team defines."""
     listeners_query: str = Field(default="", max_length=4096)
-    """PromQL overriding the preset; `$namespace` and `$room` are replaced by escaped labels."""
+    """Free PromQL overriding the preset, where the platform team allows it; `$namespace` and
+    `$room` are replaced by escaped labels."""
     prometheus_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://.+")
     """Prometheus for this room; the operator's default when empty."""
 
@@ -179,9 +286,12 @@ class AudioRoomSpec(ApiModel):
     """How long the event lasts; relays drain after start + duration."""
     expected_audience: int = Field(ge=0, le=100_000_000)
     """Listeners the producer expects at peak."""
+    schedule: ScheduleSpec | None = None
+    """Makes the room recurring: occurrences at the cron's times, none before `startTime`."""
     relay: RelaySpec
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     sharding: ShardingSpec = Field(default_factory=ShardingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
 
 
@@ -242,6 +352,8 @@ class Condition(ApiModel):
 class PlanStatus(ApiModel):
     """The plan derived from the declared audience."""
 
+    start_time: Timestamp | None = None
+    """The start of the occurrence this plan is for (a recurring room has many)."""
     expected_audience: int = Field(ge=0)
     relays: int = Field(ge=0)
     capacity: int = Field(ge=0)
@@ -267,6 +379,23 @@ class ListenerStatus(ApiModel):
     waiting: int = Field(default=0, ge=0)
 
 
+class RolloutDrain(ApiModel):
+    """A relay drained for a rollout: it accepts no joins and is replaced once empty."""
+
+    ordinal: int = Field(ge=0)
+    since: Timestamp
+
+
+class RolloutStatus(ApiModel):
+    """Progress of a relay pod template change through the running relays."""
+
+    revision: str = ""
+    """The StatefulSet revision relays are being moved to."""
+    updated: int = Field(default=0, ge=0)
+    outdated: int = Field(default=0, ge=0)
+    draining: list[RolloutDrain] = Field(default_factory=list)
+
+
 class ShardMapRef(ApiModel):
     """Where the room's shard map is published."""
 
@@ -283,6 +412,7 @@ class AudioRoomStatus(ApiModel):
     relays: RelayStatus | None = None
     listeners: ListenerStatus | None = None
     shard_map: ShardMapRef | None = None
+    rollout: RolloutStatus | None = None
     scaling_state: Annotated[
         dict[str, Any] | None,
         WithJsonSchema(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from townsquare.api.models import API_VERSION, KIND, AudioRoomSpec
+from townsquare.api.models import API_VERSION, KIND, AudioRoomSpec, TopologySpread
 from townsquare.api.names import relay_service_name, relay_set_name, shard_map_name
 
 Manifest = dict[str, Any]
@@ -46,9 +46,11 @@ def _metadata(room: str, namespace: str, uid: str, name: str, component: str) ->
 def relay_stateful_set(
     room: str, namespace: str, uid: str, spec: AudioRoomSpec, replicas: int
 ) -> Manifest:
-    """Relays as a StatefulSet: stable ordinals for the shard map, started in parallel."""
-    relay = spec.relay
-    resources = relay.resources.model_dump(exclude_defaults=True)
+    """Relays as a StatefulSet: stable ordinals for the shard map, started in parallel.
+
+    `OnDelete`: a template change replaces no pod by itself; the operator drains a few
+    relays at a time and deletes only drained ones, which come back with the new template.
+    """
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -57,49 +59,107 @@ def relay_stateful_set(
             "replicas": replicas,
             "serviceName": relay_service_name(room),
             "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "OnDelete"},
             "selector": {"matchLabels": relay_selector(room)},
-            "template": {
-                "metadata": {
-                    "labels": {**relay_selector(room), MANAGED_BY_LABEL: MANAGER},
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(relay.metrics_port),
-                        **relay.pod_annotations,
-                    },
-                },
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "relay",
-                            "image": relay.image,
-                            "ports": [
-                                {"name": "listeners", "containerPort": relay.port},
-                                {"name": "metrics", "containerPort": relay.metrics_port},
-                            ],
-                            "env": [
-                                {"name": "TOWNSQUARE_ROOM", "value": room},
-                                {
-                                    "name": "TOWNSQUARE_CAPACITY",
-                                    "value": str(relay.listeners_per_relay),
-                                },
-                                _field_env("POD_NAME", "metadata.name"),
-                                _field_env("POD_NAMESPACE", "metadata.namespace"),
-                            ],
-                            "readinessProbe": {
-                                "tcpSocket": {"port": "listeners"},
-                                "periodSeconds": 5,
-                            },
-                            "resources": resources,
-                        }
-                    ],
-                    "tolerations": [
-                        t.model_dump(by_alias=True, exclude_none=True) for t in relay.tolerations
-                    ],
-                    "nodeSelector": dict(relay.node_selector),
-                },
-            },
+            "template": relay_pod_template(room, spec),
         },
     }
+
+
+def relay_pod_template(room: str, spec: AudioRoomSpec) -> Manifest:
+    """A relay pod fit for production clusters: restricted Pod Security, no API token,
+    spread across zones and nodes, and given the time to drain when told to stop."""
+    relay = spec.relay
+    context = relay.security_context
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _without_none(
+            {
+                "runAsNonRoot": context.run_as_non_root,
+                "runAsUser": context.run_as_user,
+                "runAsGroup": context.run_as_group,
+                "fsGroup": context.fs_group,
+                "seccompProfile": context.seccomp_profile.model_dump(
+                    by_alias=True, exclude_none=True
+                ),
+            }
+        ),
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "containers": [
+            {
+                "name": "relay",
+                "image": relay.image,
+                "ports": [
+                    {"name": "listeners", "containerPort": relay.port},
+                    {"name": "metrics", "containerPort": relay.metrics_port},
+                ],
+                "env": [
+                    {"name": "TOWNSQUARE_ROOM", "value": room},
+                    {"name": "TOWNSQUARE_CAPACITY", "value": str(relay.listeners_per_relay)},
+                    _field_env("POD_NAME", "metadata.name"),
+                    _field_env("POD_NAMESPACE", "metadata.namespace"),
+                ],
+                "readinessProbe": {"tcpSocket": {"port": "listeners"}, "periodSeconds": 5},
+                "resources": relay.resources.model_dump(exclude_defaults=True),
+                "securityContext": {
+                    "allowPrivilegeEscalation": context.allow_privilege_escalation,
+                    "readOnlyRootFilesystem": context.read_only_root_filesystem,
+                    "capabilities": context.capabilities.model_dump(),
+                },
+            }
+        ],
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in relay.tolerations],
+        "nodeSelector": dict(relay.node_selector),
+        "topologySpreadConstraints": _spread(room, relay.topology_spread),
+        "imagePullSecrets": [{"name": secret.name} for secret in relay.image_pull_secrets],
+    }
+    if relay.pre_stop_seconds:
+        lifecycle = {"preStop": {"sleep": {"seconds": relay.pre_stop_seconds}}}
+        pod_spec["containers"][0]["lifecycle"] = lifecycle
+    if relay.affinity:
+        pod_spec["affinity"] = relay.affinity
+    if relay.priority_class_name:
+        pod_spec["priorityClassName"] = relay.priority_class_name
+    return {
+        "metadata": {
+            "labels": {**relay_selector(room), MANAGED_BY_LABEL: MANAGER},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(relay.metrics_port),
+                **relay.pod_annotations,
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
+def termination_grace_seconds(spec: AudioRoomSpec) -> int:
+    """Long enough for the preStop pause and then a whole drain of the relay's listeners."""
+    return spec.relay.pre_stop_seconds + int(spec.scaling.drain_timeout.total_seconds())
+
+
+ZONE_KEY = "topology.kubernetes.io/zone"
+NODE_KEY = "kubernetes.io/hostname"
+
+
+def _spread(room: str, spread: TopologySpread) -> list[Manifest]:
+    constraints = []
+    for key, rule in ((ZONE_KEY, spread.zones), (NODE_KEY, spread.nodes)):
+        if rule != "Off":
+            constraints.append(
+                {
+                    "maxSkew": spread.max_skew,
+                    "topologyKey": key,
+                    "whenUnsatisfiable": rule,
+                    "labelSelector": {"matchLabels": relay_selector(room)},
+                }
+            )
+    return constraints
+
+
+def _without_none(values: Manifest) -> Manifest:
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _field_env(name: str, path: str) -> Manifest:

@@ -1,0 +1,360 @@
+"""Every phase can be re-entered, and changes mid-event never melt the room (pure rules)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
+from townsquare.lifecycle import Metrics, Observed, Outcome, occurrence_start, reconcile
+from townsquare.policy import TenantPolicy
+from townsquare.sharding import ShardMap
+
+START = datetime(2026, 12, 3, 16, 0, tzinfo=UTC)  # a Thursday, 17:00 in Paris
+
+
+def room(**spec: Any) -> AudioRoomSpec:
+    base: dict[str, Any] = {
+        "startTime": START,
+        "duration": "1h",
+        "expectedAudience": 7000,
+        "relay": {"image": "registry.example/relay:1", "listenersPerRelay": 1000},
+        "scaling": {"minRelays": 1, "prewarmLead": "2m", "drainTimeout": "5m"},
+    }
+    for key, value in spec.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+    return AudioRoomSpec.model_validate(base)
+
+
+def seen(at: datetime, ready: int = 0, generation: int = 1, **fields: Any) -> Observed:
+    return Observed(at, generation, ready, **fields)
+
+
+def counted(
+    listeners: int, at: datetime, by_relay: dict[int, int] | None = None, waiting: int = 0
+) -> Metrics:
+    return Metrics(listeners=listeners, waiting=waiting, by_relay=by_relay or {}, sampled_at=at)
+
+
+def reasons(outcome: Outcome) -> list[str]:
+    return [e.reason for e in outcome.events]
+
+
+def run_to_end(spec: AudioRoomSpec, status: AudioRoomStatus) -> AudioRoomStatus:
+    """Live, then past the end with every relay empty, then Ended."""
+    end = spec.start_time + spec.duration
+    for at, ready in [
+        (spec.start_time + timedelta(minutes=1), 10),
+        (end + timedelta(seconds=30), 10),
+    ]:
+        status = reconcile("r", spec, status, seen(at, ready, metrics=counted(0, at))).status
+    ended = reconcile("r", spec, status, seen(end + timedelta(minutes=1), 0))
+    assert ended.status.phase == "Ended"
+    return ended.status
+
+
+# --- an Ended room re-armed -------------------------------------------------------------
+
+
+def test_a_new_future_start_time_re_arms_an_ended_room() -> None:
+    spec = room()
+    ended = run_to_end(spec, AudioRoomStatus())
+    next_week = START + timedelta(days=7)
+    moved = room(startTime=next_week)
+    outcome = reconcile("r", moved, ended, seen(START + timedelta(days=1), 0, generation=2))
+    assert outcome.status.phase == "Scheduled"
+    assert outcome.desired_relays == 1  # minRelays again
+    replanned = next(e for e in outcome.events if e.reason == "Replanned")
+    assert "re-armed" in replanned.message and "2026-12-10" in replanned.message
+    assert outcome.wake_at == next_week - timedelta(minutes=2)
+    assert outcome.status.plan is not None and outcome.status.plan.start_time == next_week
+    assert not any(c.type == "PreWarmed" for c in outcome.status.conditions)
+    assert "StartTimePassed" not in reasons(outcome)
+
+
+def test_an_ended_room_whose_start_moved_into_the_past_stays_ended() -> None:
+    ended = run_to_end(room(), AudioRoomStatus())
+    earlier = room(startTime=START - timedelta(days=7))
+    outcome = reconcile("r", earlier, ended, seen(START + timedelta(days=1), 0, generation=2))
+    assert outcome.status.phase == "Ended"
+    assert outcome.desired_relays == 0
+
+
+def test_a_re_armed_room_forgets_the_last_event_s_audience() -> None:
+    spec = room()
+    status = AudioRoomStatus()
+    at = START + timedelta(minutes=1)
+    status = reconcile("r", spec, status, seen(at, 10, metrics=counted(6000, at))).status
+    assert status.scaling_state is not None and status.scaling_state["peak"] == 6000
+    ended = run_to_end(spec, status)
+    again = reconcile(
+        "r", room(startTime=START + timedelta(days=7)), ended, seen(START + timedelta(days=1), 0, 2)
+    )
+    assert again.status.scaling_state is not None and again.status.scaling_state["peak"] == 0
+
+
+# --- recurring rooms: spec.schedule -----------------------------------------------------
+
+
+def weekly() -> AudioRoomSpec:
+    return room(schedule={"cron": "0 17 * * 4", "timeZone": "Europe/Paris"})
+
+
+def test_the_weekly_townhall_runs_every_thursday_at_17_paris_time() -> None:
+    spec = weekly()
+    assert occurrence_start(spec, START - timedelta(days=2), AudioRoomStatus()) == START
+    status = run_to_end(spec, AudioRoomStatus())
+    after = START + timedelta(hours=2)
+    assert occurrence_start(spec, after, status) == START + timedelta(days=7)
+    rearmed = reconcile("r", spec, status, seen(after, 0))
+    assert rearmed.status.phase == "Scheduled"
+    assert rearmed.status.plan is not None
+    assert rearmed.status.plan.start_time == START + timedelta(days=7)
+    assert "Replanned" in reasons(rearmed)
+
+
+def test_the_schedule_follows_daylight_saving_in_its_time_zone() -> None:
+    spec = room(
+        startTime=datetime(2027, 3, 20, tzinfo=UTC),
+        schedule={"cron": "0 17 * * 4", "timeZone": "Europe/Paris"},
+    )
+    before = occurrence_start(spec, datetime(2027, 3, 20, tzinfo=UTC), AudioRoomStatus())
+    after = occurrence_start(spec, datetime(2027, 3, 27, tzinfo=UTC), AudioRoomStatus())
+    assert before == datetime(2027, 3, 25, 16, 0, tzinfo=UTC)  # CET, +01:00
+    assert after == datetime(2027, 4, 1, 15, 0, tzinfo=UTC)  # CEST, +02:00
+
+
+def test_an_occurrence_being_drained_is_not_replaced_by_the_next() -> None:
+    spec = weekly()
+    draining_at = START + timedelta(hours=1, minutes=2)
+    live = AudioRoomStatus(phase="Draining")
+    assert occurrence_start(spec, draining_at, live) == START
+
+
+def test_no_occurrence_comes_before_the_start_time() -> None:
+    spec = room(schedule={"cron": "0 17 * * 4", "timeZone": "Europe/Paris"})
+    assert occurrence_start(spec, START - timedelta(days=30), AudioRoomStatus()) == START
+
+
+def test_an_ended_recurring_room_wakes_soon_to_re_arm() -> None:
+    spec = weekly()
+    end = START + timedelta(hours=1)
+    status = AudioRoomStatus()
+    for at, ready in [(START + timedelta(minutes=1), 10), (end + timedelta(seconds=30), 10)]:
+        status = reconcile("r", spec, status, seen(at, ready, metrics=counted(0, at))).status
+    ended = reconcile("r", spec, status, seen(end + timedelta(minutes=1), 0))
+    assert ended.status.phase == "Ended"
+    assert ended.wake_at is not None and ended.wake_at <= end + timedelta(minutes=2)
+
+
+# --- deletion mid-event drains first ----------------------------------------------------
+
+
+def test_a_room_deleted_mid_event_drains_before_its_relays_go() -> None:
+    spec = room()
+    at = START + timedelta(minutes=10)
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, metrics=counted(5000, at)))
+    deleted_at = at + timedelta(seconds=5)
+    by_relay = dict.fromkeys(range(10), 500)
+    first = reconcile(
+        "r", spec, live.status,
+        seen(deleted_at, 10, deleting_since=deleted_at, metrics=counted(5000, at, by_relay)),
+    )  # fmt: skip
+    assert first.status.phase == "Draining"
+    assert first.desired_relays == 10
+    assert not first.released
+    draining = next(e for e in first.events if e.reason == "Draining")
+    assert "deleted" in draining.message
+    later = deleted_at + timedelta(seconds=30)
+    by_relay = {**dict.fromkeys(range(6), 500), **dict.fromkeys(range(6, 10), 0)}
+    partly = reconcile(
+        "r", spec, first.status,
+        seen(later, 10, deleting_since=deleted_at, metrics=counted(3000, later, by_relay)),
+    )  # fmt: skip
+    assert partly.desired_relays == 6, "the empty relays at the top go at once"
+    assert not partly.released
+    empty = later + timedelta(seconds=30)
+    gone = reconcile(
+        "r", spec, partly.status,
+        seen(empty, 6, deleting_since=deleted_at, metrics=counted(0, empty, {0: 0, 5: 0})),
+    )  # fmt: skip
+    assert gone.desired_relays == 0
+    done = reconcile("r", spec, gone.status, seen(empty, 0, deleting_since=deleted_at))
+    assert done.status.phase == "Ended"
+    assert done.released
+
+
+def test_a_deleted_room_is_released_after_the_drain_timeout_with_a_warning() -> None:
+    spec = room()
+    at = START + timedelta(minutes=10)
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, metrics=counted(5000, at)))
+    late = at + timedelta(minutes=6)
+    timed_out = reconcile(
+        "r", spec, live.status, seen(late, 10, deleting_since=at, metrics=counted(5000, late))
+    )
+    assert timed_out.desired_relays == 0
+    assert "DrainTimedOut" in reasons(timed_out)
+    released = reconcile("r", spec, timed_out.status, seen(late, 0, deleting_since=at))
+    assert released.released
+
+
+def test_an_ended_room_is_released_at_once() -> None:
+    spec = room()
+    ended = run_to_end(spec, AudioRoomStatus())
+    at = START + timedelta(hours=3)
+    outcome = reconcile("r", spec, ended, seen(at, 0, deleting_since=at))
+    assert outcome.released
+    assert outcome.events == ()
+
+
+# --- the end drain removes each relay as it empties ------------------------------------
+
+
+def test_the_end_drain_removes_relays_from_the_top_as_they_empty() -> None:
+    spec = room()
+    at = START + timedelta(minutes=10)
+    status = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, metrics=counted(5000, at))).status
+    end = START + timedelta(hours=1)
+    sizes = []
+    for seconds, by_relay in [
+        (1, dict.fromkeys(range(10), 100)),
+        (20, {**dict.fromkeys(range(10), 100), 8: 0, 9: 0}),
+        (40, {**dict.fromkeys(range(10), 0), 2: 40}),
+        (60, dict.fromkeys(range(10), 0)),
+    ]:
+        moment = end + timedelta(seconds=seconds)
+        metrics = counted(sum(by_relay.values()), moment, by_relay)
+        outcome = reconcile("r", spec, status, seen(moment, 10, metrics=metrics))
+        sizes.append(outcome.desired_relays)
+        status = outcome.status
+    assert sizes == [10, 8, 3, 0]
+
+
+def test_the_end_drain_trusts_no_sample_taken_before_it_began() -> None:
+    spec = room()
+    at = START + timedelta(minutes=10)
+    status = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, metrics=counted(5000, at))).status
+    end = START + timedelta(hours=1)
+    stale = counted(0, end - timedelta(seconds=1), dict.fromkeys(range(10), 0))
+    outcome = reconcile("r", spec, status, seen(end + timedelta(seconds=1), 10, metrics=stale))
+    assert outcome.desired_relays == 10
+
+
+# --- minRelays 0 grows from zero --------------------------------------------------------
+
+
+def test_a_room_with_no_relays_grows_from_zero_when_joins_wait() -> None:
+    spec = room(scaling={"minRelays": 0}, expectedAudience=0)
+    at = START + timedelta(minutes=5)
+    idle = reconcile("r", spec, AudioRoomStatus(), seen(at, 0, metrics=Metrics(listeners=None)))
+    assert idle.desired_relays == 0
+    waiting = Metrics(listeners=None, waiting=1500, sampled_at=at, problem="no listener series")
+    grown = reconcile("r", spec, idle.status, seen(at + timedelta(seconds=5), 0, metrics=waiting))
+    assert grown.desired_relays >= 3
+    assert "ScaledUp" in reasons(grown)
+
+
+def test_waiting_joins_do_not_stand_in_for_missing_counts_of_running_relays() -> None:
+    spec = room(scaling={"minRelays": 0}, expectedAudience=0)
+    at = START + timedelta(minutes=5)
+    running = reconcile(
+        "r", spec, AudioRoomStatus(), seen(at, 0, metrics=counted(0, at, waiting=900))
+    )
+    assert running.desired_relays >= 1
+    blind = Metrics(listeners=None, waiting=5000, sampled_at=at, problem="no listener series")
+    held = reconcile(
+        "r",
+        spec,
+        running.status,
+        seen(at + timedelta(seconds=5), running.desired_relays, metrics=blind),
+    )
+    assert held.desired_relays == running.desired_relays
+
+
+# --- capacity and shard count changes reach the live map --------------------------------
+
+
+def live_room(spec: AudioRoomSpec) -> tuple[Outcome, datetime]:
+    at = START + timedelta(minutes=10)
+    outcome = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, metrics=counted(5000, at)))
+    return outcome, at
+
+
+def test_doubling_listeners_per_relay_mid_event_reaches_the_map_and_status() -> None:
+    first, at = live_room(room())
+    assert first.shard_map.capacity == 1000
+    doubled = room(relay={"image": "registry.example/relay:1", "listenersPerRelay": 2000})
+    later = at + timedelta(seconds=5)
+    outcome = reconcile(
+        "r", doubled, first.status, seen(later, 10, 2, metrics=counted(5000, later)),
+        first.scaling_state, first.shard_map, at,
+    )  # fmt: skip
+    assert outcome.shard_map.capacity == 2000
+    assert outcome.shard_map.generation > first.shard_map.generation
+    assert outcome.status.listeners is not None
+    assert outcome.status.listeners.capacity == 10 * 2000 * 0.7
+    changed = next(e for e in outcome.events if e.reason == "ShardMapChanged")
+    assert "capacity 1,000 -> 2,000" in changed.message
+
+
+def test_a_new_shard_count_keeps_each_relay_s_share_of_the_map() -> None:
+    first, at = live_room(room())
+    more = room(sharding={"shards": 8192})
+    later = at + timedelta(seconds=5)
+    outcome = reconcile(
+        "r", more, first.status, seen(later, 10, 2, metrics=counted(5000, later)),
+        first.scaling_state, first.shard_map, at,
+    )  # fmt: skip
+    new_map: ShardMap = outcome.shard_map
+    assert new_map.shards == 8192
+    old_counts, new_counts = first.shard_map.counts(), new_map.counts()
+    for relay, count in old_counts.items():
+        assert abs(new_counts[relay] - 2 * count) <= 2, relay
+    assert "ShardMapChanged" in reasons(outcome)
+
+
+# --- pod creation refused ---------------------------------------------------------------
+
+
+def test_refused_pod_creation_is_a_condition_and_a_warning_with_the_api_server_s_reason() -> None:
+    spec = room()
+    at = START - timedelta(hours=1)
+    reason = 'pods "r-relay-0" is forbidden: exceeded quota: relays, requested: pods=1'
+    blocked = reconcile(
+        "r", spec, AudioRoomStatus(),
+        seen(at, 0, existing_relays=0, pod_failures=((at - timedelta(seconds=2), reason),)),
+    )  # fmt: skip
+    found = next(c for c in blocked.status.conditions if c.type == "RelaysBlocked")
+    assert (found.status, found.reason) == ("True", "FailedCreate")
+    assert reason in found.message
+    warning = next(e for e in blocked.events if e.reason == "RelaysBlocked")
+    assert warning.type == "Warning" and reason in warning.message
+    again = reconcile(
+        "r", spec, blocked.status,
+        seen(at + timedelta(seconds=5), 0, existing_relays=0, pod_failures=((at, reason),)),
+    )  # fmt: skip
+    assert "RelaysBlocked" not in reasons(again), "said once while it lasts"
+    cleared = reconcile(
+        "r", spec, again.status, seen(at + timedelta(minutes=1), 1, existing_relays=1)
+    )
+    found = next(c for c in cleared.status.conditions if c.type == "RelaysBlocked")
+    assert found.status == "False"
+
+
+# --- the operator's own tenant policy ---------------------------------------------------
+
+
+def test_a_room_outside_the_operator_s_policy_is_refused_and_left_alone() -> None:
+    spec = room(relay={"image": "evil.example/miner:1"})
+    policy = TenantPolicy(allowed_registries=("registry.example",))
+    at = START - timedelta(hours=1)
+    outcome = reconcile("r", spec, AudioRoomStatus(), seen(at, 0, namespace="t"), policy=policy)
+    assert outcome.refused
+    accepted = next(c for c in outcome.status.conditions if c.type == "Accepted")
+    assert (accepted.status, accepted.reason) == ("False", "PolicyViolation")
+    assert "spec.relay.image" in accepted.message
+    assert reasons(outcome) == ["Refused"]
+    fine = reconcile("r", room(), outcome.status, seen(at, 0, 2, namespace="t"), policy=policy)
+    assert not fine.refused
+    accepted = next(c for c in fine.status.conditions if c.type == "Accepted")
+    assert accepted.status == "True"

@@ -1,0 +1,73 @@
+"""The operator's own tenant policy: the rules the chart's admission policy also enforces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from townsquare.api.models import AudioRoomSpec
+from townsquare.policy import TenantPolicy, image_allowed, violations
+
+POLICY = TenantPolicy(
+    allowed_registries=("registry.example", "ghcr.io/townsquare/"),
+    max_relays=200,
+    allowed_prometheus_urls=("http://prometheus.monitoring:9090",),
+    named_queries=frozenset({"contract", "livekit", "janus"}),
+    free_promql_namespaces=frozenset({"platform"}),
+)
+
+
+def spec(**changes: Any) -> AudioRoomSpec:
+    base: dict[str, Any] = {
+        "startTime": "2026-12-01T23:00:00Z",
+        "duration": "1h",
+        "expectedAudience": 1000,
+        "relay": {"image": "registry.example/relay:1.4"},
+        "scaling": {"maxRelays": 100},
+        "metrics": {},
+    }
+    for key, value in changes.items():
+        base[key] = {**base[key], **value}
+    return AudioRoomSpec.model_validate(base)
+
+
+def test_a_compliant_room_breaks_no_rule() -> None:
+    assert violations(spec(metrics={"preset": "janus"}), "tenant", POLICY) == []
+
+
+def test_images_must_come_from_an_allowed_registry_not_a_lookalike() -> None:
+    assert image_allowed("registry.example/relay:1", ("registry.example",))
+    assert not image_allowed("registry.example.evil.io/relay:1", ("registry.example",))
+    assert not image_allowed("relay:1", ("registry.example",))
+    assert image_allowed("anything:1", ())
+    [problem] = violations(spec(relay={"image": "docker.io/miner:1"}), "tenant", POLICY)
+    assert problem.startswith("spec.relay.image: docker.io/miner:1 is not from an allowed")
+
+
+def test_too_many_relays_names_the_limit() -> None:
+    [problem] = violations(spec(scaling={"maxRelays": 5000}), "tenant", POLICY)
+    assert problem == "spec.scaling.maxRelays: 5,000 is above the 200 relays a room may have"
+
+
+def test_only_allowed_prometheus_urls() -> None:
+    [problem] = violations(
+        spec(metrics={"prometheusUrl": "http://169.254.169.254/"}), "tenant", POLICY
+    )
+    assert problem.startswith("spec.metrics.prometheusUrl:")
+
+
+def test_named_queries_only_and_free_promql_only_where_allowed() -> None:
+    [unknown] = violations(spec(metrics={"preset": "mystery"}), "tenant", POLICY)
+    assert unknown.startswith("spec.metrics.preset: mystery is not a named listener query")
+    free = spec(metrics={"listenersQuery": 'sum(other_tenant_secret{room="$room"})'})
+    [problem] = violations(free, "tenant", POLICY)
+    assert problem.startswith("spec.metrics.listenersQuery: free PromQL is not allowed")
+    assert violations(free, "platform", POLICY) == []
+
+
+def test_no_policy_allows_everything_it_did_before() -> None:
+    wild = spec(
+        relay={"image": "anywhere/relay:1"},
+        scaling={"maxRelays": 100_000},
+        metrics={"listenersQuery": "up"},
+    )
+    assert violations(wild, "tenant", TenantPolicy()) == []

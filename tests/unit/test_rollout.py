@@ -1,0 +1,137 @@
+"""Drained rollouts: a few relays at a time, drained first, never below the demand."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from townsquare.rollout import RolloutStep, plan_rollout
+
+NOW = datetime(2026, 12, 1, 23, 30, tzinfo=UTC)
+TIMEOUT = timedelta(minutes=5)
+
+
+def step(**given_args: Any) -> RolloutStep:
+    args: dict[str, Any] = {
+        "accepting": 6,
+        "ready": frozenset(range(6)),
+        "outdated": frozenset(range(6)),
+        "draining": {},
+        "relay_listeners": dict.fromkeys(range(6), 300),
+        "sampled_at": NOW,
+        "demand": 1800.0,
+        "capacity": 1000,
+        "max_surge": 2,
+        "now": NOW,
+        "drain_timeout": TIMEOUT,
+    }
+    args.update(given_args)
+    return plan_rollout(**args)
+
+
+def test_a_few_relays_are_drained_first_and_none_replaced_yet() -> None:
+    first = step()
+    assert len(first.started) == 2
+    assert first.replace == ()
+    assert {o for o, _ in first.draining} == set(first.started)
+
+
+def test_the_least_loaded_relays_go_first() -> None:
+    first = step(relay_listeners={0: 500, 1: 10, 2: 400, 3: 0, 4: 300, 5: 600})
+    assert first.started == (3, 1)
+
+
+def test_only_emptied_relays_are_replaced() -> None:
+    since = NOW - timedelta(seconds=30)
+    later = step(
+        draining={0: since, 1: since},
+        relay_listeners={0: 0, 1: 12, 2: 300, 3: 300, 4: 300, 5: 300},
+    )
+    assert later.replace == (0,)
+    assert [o for o, _ in later.draining] == [1]
+
+
+def test_a_count_sampled_before_the_drain_began_proves_nothing() -> None:
+    since = NOW - timedelta(seconds=5)
+    later = step(draining={0: since}, relay_listeners=dict.fromkeys(range(6), 0), sampled_at=since)
+    assert later.replace == ()
+
+
+def test_a_drain_that_times_out_replaces_the_relay_and_says_so() -> None:
+    since = NOW - TIMEOUT
+    later = step(draining={0: since}, relay_listeners={**dict.fromkeys(range(6), 300)})
+    assert later.replace == (0,)
+    assert later.timed_out == (0,)
+
+
+def test_no_relay_is_drained_when_the_others_could_not_carry_the_demand() -> None:
+    full = step(demand=5600.0)
+    assert full.started == ()
+    assert full.held_by_capacity
+    one_spare = step(demand=4900.0)
+    assert len(one_spare.started) == 1
+
+
+def test_nothing_new_is_drained_blind() -> None:
+    blind = step(demand=None, relay_listeners=None, sampled_at=None)
+    assert blind.started == ()
+    since = NOW - timedelta(seconds=30)
+    waiting = step(demand=None, relay_listeners=None, sampled_at=None, draining={0: since})
+    assert waiting.replace == (), "unknown counts: only the timeout replaces"
+
+
+def test_relays_starting_count_against_max_surge() -> None:
+    restarting = step(ready=frozenset({2, 3, 4, 5}), outdated=frozenset({2, 3, 4, 5}))
+    assert restarting.started == ()
+
+
+def test_relays_leaving_by_scale_down_are_not_replaced() -> None:
+    shrinking = step(accepting=4, outdated=frozenset({4, 5}))
+    assert shrinking.started == ()
+
+
+def test_a_relay_back_with_the_new_template_leaves_the_rollout() -> None:
+    since = NOW - timedelta(seconds=30)
+    back = step(outdated=frozenset({1, 2, 3, 4, 5}), draining={0: since})
+    assert 0 not in {o for o, _ in back.draining}
+    assert 0 not in back.replace
+
+
+@given(
+    relays=st.integers(min_value=1, max_value=30),
+    surge=st.integers(min_value=1, max_value=5),
+    demand=st.integers(min_value=0, max_value=30_000),
+    loads=st.lists(st.integers(min_value=0, max_value=1000), min_size=30, max_size=30),
+)
+def test_a_whole_rollout_never_exceeds_max_surge_nor_goes_below_demand(
+    relays: int, surge: int, demand: int, loads: list[int]
+) -> None:
+    """Play a rollout to its end: listeners leave a drained relay within a pass."""
+    outdated = set(range(relays))
+    draining: dict[int, datetime] = {}
+    starting: set[int] = set()
+    now = NOW
+    for _ in range(4 * relays + 4):
+        ready = frozenset(set(range(relays)) - starting)
+        listeners = {o: 0 if o in draining else loads[o] for o in range(relays)}
+        result = plan_rollout(
+            accepting=relays, ready=ready, outdated=frozenset(outdated), draining=draining,
+            relay_listeners=listeners, sampled_at=now, demand=float(demand), capacity=1000,
+            max_surge=surge, now=now, drain_timeout=TIMEOUT,
+        )  # fmt: skip
+        out = len(result.draining) + len(result.replace) + (relays - len(ready))
+        assert out <= max(surge, relays - len(ready))
+        serving = relays - out
+        if result.started:
+            assert serving * 1000 >= demand
+        for ordinal in result.replace:
+            assert listeners[ordinal] == 0 or ordinal in result.timed_out
+            outdated.discard(ordinal)
+        starting = set(result.replace)  # back Ready, new, by the next pass
+        draining = dict(result.draining)
+        now += timedelta(seconds=10)
+    if demand <= (relays - 1) * 1000:
+        assert not outdated, "the rollout finishes when one relay can be spared"
