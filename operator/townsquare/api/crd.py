@@ -107,7 +107,8 @@ def _default_nested_objects(schema: Schema) -> None:
     """
     required = set(schema.get("required", ()))
     for name, prop in schema.get("properties", {}).items():
-        if name not in required and prop.get("type") == "object" and "properties" in prop:
+        optional = name not in required and not prop.get("nullable")  # None: absent, not {}
+        if optional and prop.get("type") == "object" and "properties" in prop:
             defaults = {
                 field: sub["default"]
                 for field, sub in prop["properties"].items()
