@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,10 +20,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from townsquare.api.crd import render_crd
 from townsquare.api.manifest import ManifestError, parse_room
-from townsquare.api.models import AudioRoom
+from townsquare.api.models import QUERY_NAME_PATTERN, AudioRoom, AudioRoomStatus
 from townsquare.api.types import Timestamp, format_duration, parse_duration
+from townsquare.lifecycle import occurrence_start
 from townsquare.partitions import Partition
 from townsquare.planning import Plan, plan_room
+from townsquare.policy import BUILT_IN_QUERIES, TenantPolicy
 
 EXIT_USAGE = 2
 
@@ -121,6 +124,8 @@ def plan_as_table(room: AudioRoom, plan: Plan) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     room = read_room(args.file)
     now = args.now or datetime.now(UTC)
+    start = occurrence_start(room.spec, now, AudioRoomStatus())  # a recurring room's next
+    room = room.model_copy(update={"spec": room.spec.model_copy(update={"start_time": start})})
     plan = plan_room(room.spec, now)
     if args.output == "json":
         print(json.dumps(plan_as_json(room, plan), indent=2))
@@ -142,6 +147,8 @@ def _partition(text: str) -> Partition:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    policy, queries = tenant_policy(args)  # a bad flag is refused before anything starts
+
     import kopf
 
     from townsquare import handlers
@@ -162,6 +169,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics_max_age=timedelta(seconds=args.metrics_max_age),
         metrics_timeout=timedelta(seconds=args.metrics_timeout),
         partition=args.partition,
+        policy=policy,
+        listener_queries=queries,
     )
     kopf.run(
         registry=handlers.REGISTRY,
@@ -174,6 +183,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+def tenant_policy(args: argparse.Namespace) -> tuple[TenantPolicy, dict[str, str]]:
+    """The operator's tenant policy and named listener queries, from `run`'s flags."""
+    queries: dict[str, str] = {}
+    for given in args.listener_query or ():
+        name, _, promql = given.partition("=")
+        if not re.fullmatch(QUERY_NAME_PATTERN, name) or not promql.strip():
+            raise UsageError(
+                f"--listener-query: expected NAME=PROMQL with a lower-case NAME (got {given!r})"
+            )
+        queries[name] = promql
+    if args.max_relays_per_room is not None and args.max_relays_per_room < 1:
+        raise UsageError(
+            f"--max-relays-per-room: must be at least 1 (got {args.max_relays_per_room})"
+        )
+    free = args.free_promql_namespaces.strip()
+    policy = TenantPolicy(
+        allowed_registries=tuple(args.allowed_registry or ()),
+        max_relays=args.max_relays_per_room,
+        named_queries=BUILT_IN_QUERIES | queries.keys(),
+        free_promql_namespaces=(
+            None if free == "*" else frozenset(n for n in free.split(",") if n.strip())
+        ),
+    )
+    return policy, queries
 
 
 def _cmd_loadgen(args: argparse.Namespace) -> int:
@@ -394,6 +429,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=_partition,
         default=Partition(),
         help="INDEX/COUNT: serve only the rooms whose stable hash falls in this partition",
+    )
+    run.add_argument(
+        "--allowed-registry",
+        action="append",
+        help="tenant policy: relay images must come from this registry (repeatable; none: any)",
+    )
+    run.add_argument(
+        "--max-relays-per-room",
+        type=int,
+        help="tenant policy: the largest spec.scaling.maxRelays a room may declare",
+    )
+    run.add_argument(
+        "--listener-query",
+        action="append",
+        metavar="NAME=PROMQL",
+        help="a named listener query rooms may pick in spec.metrics.preset (repeatable)",
+    )
+    run.add_argument(
+        "--free-promql-namespaces",
+        default="*",
+        help="namespaces whose rooms may write spec.metrics.listenersQuery, comma-separated "
+        "(default *: all; empty: none)",
     )
     run.set_defaults(handler=_cmd_run)
 

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +38,7 @@ from townsquare.metrics import (
     room_metrics,
 )
 from townsquare.partitions import Partition
+from townsquare.policy import TenantPolicy
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
@@ -65,6 +66,10 @@ class Settings:
     partition: Partition = field(default_factory=Partition)
     stall_after: timedelta = timedelta(seconds=180)
     """A reconcile or a metrics tick stuck this long turns /healthz red."""
+    policy: TenantPolicy | None = None
+    """What tenants' rooms may ask for; a room outside it is refused, not run."""
+    listener_queries: Mapping[str, str] = field(default_factory=dict)
+    """Named listener queries (`spec.metrics.preset`) beyond the built-in ones."""
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,9 @@ CAN = [
     ("patch", "poddisruptionbudgets.policy"),
     ("get", "configmaps"),
     ("create", "events"),
+    ("list", "events"),
     ("list", "pods"),
+    ("delete", "pods"),  # a drained relay, replaced during a rollout
 ]
 CANNOT = [
     ("get", "secrets"),
@@ -231,7 +233,6 @@ CANNOT = [
     ("delete", "statefulsets.apps"),
     ("delete", "audiorooms.townsquare.dev"),
     ("create", "pods"),
-    ("delete", "pods"),
     ("create", "pods/exec"),
     ("patch", "deployments.apps"),
     ("create", "serviceaccounts/token"),

@@ -146,7 +146,8 @@ def test_rbac_is_least_privilege_in_both_modes() -> None:
         assert rules
         for rule in rules:
             assert "*" not in rule["resources"] and "*" not in rule["apiGroups"], rule
-            assert not forbidden_verbs & set(rule["verbs"]), rule
+            verbs = set(rule["verbs"]) - ({"delete"} if rule["resources"] == ["pods"] else set())
+            assert not forbidden_verbs & verbs, rule
             assert "secrets" not in rule["resources"], rule
         granted = {
             (g, r, v)
@@ -158,6 +159,9 @@ def test_rbac_is_least_privilege_in_both_modes() -> None:
         assert ("apps", "statefulsets", "patch") in granted
         assert ("", "events", "create") in granted
         assert ("", "pods", "get") not in granted
+        assert ("", "pods", "create") not in granted
+        assert ("", "pods", "delete") in granted, "drained relays are replaced in a rollout"
+        assert ("", "events", "list") in granted, "FailedCreate of relay pods"
         assert ("apps", "deployments", "patch") not in granted
 
 
@@ -471,3 +475,45 @@ def test_dockerfile_pins_its_base_and_runs_unprivileged() -> None:
     assert "--no-dev" in text
     assert re.search(r"^USER 65532", text, re.MULTILINE)
     assert re.search(r'^ENTRYPOINT \["townsquare"\]', text, re.MULTILINE)
+
+
+def test_the_tenant_policy_carries_its_values_into_cel_and_the_operator_flags() -> None:
+    docs = render(
+        {
+            "watch": {"namespaces": ["spaces"]},
+            "tenantPolicy": {
+                "allowedRegistries": ["registry.example/", "ghcr.io/acme"],
+                "maxRelaysPerRoom": 300,
+                "allowedPrometheusUrls": ["http://prom.monitoring:9090"],
+                "listenerQueries": {"janus": "sum by (namespace, room, pod) (janus_listeners)"},
+                "freePromQLNamespaces": ["platform"],
+            },
+        }
+    )
+    (policy,) = of_kind(docs, "ValidatingAdmissionPolicy")
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert json.loads(variables["registries"]) == ["registry.example", "ghcr.io/acme"]
+    assert variables["maxRelays"] == "300"
+    assert json.loads(variables["queryNames"]) == ["contract", "livekit", "janus"]
+    assert json.loads(variables["freePromQLNamespaces"]) == ["platform"]
+    (binding,) = of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["spaces"], "the policy covers the namespaces served"
+    (deployment,) = of_kind(docs, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.allowed_registry == ["registry.example/", "ghcr.io/acme"]
+    assert parsed.max_relays_per_room == 300
+    assert parsed.listener_query == ["janus=sum by (namespace, room, pod) (janus_listeners)"]
+    assert parsed.free_promql_namespaces == "platform"
+    assert parsed.allow_prometheus_url == ["http://prom.monitoring:9090"]
+
+
+def test_the_tenant_policy_can_be_left_out_but_the_operator_keeps_its_flags() -> None:
+    docs = render({"tenantPolicy": {"enabled": False}})
+    assert not of_kind(docs, "ValidatingAdmissionPolicy")
+    (deployment,) = of_kind(docs, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--free-promql-namespaces=" in args, "no free PromQL unless listed"

@@ -358,3 +358,16 @@ def test_a_room_outside_the_operator_s_policy_is_refused_and_left_alone() -> Non
     assert not fine.refused
     accepted = next(c for c in fine.status.conditions if c.type == "Accepted")
     assert accepted.status == "True"
+
+
+def test_the_shipped_weekly_townhall_recurs_every_thursday() -> None:
+    from pathlib import Path
+
+    from townsquare.api.manifest import parse_room
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "weekly-townhall.yaml"
+    townhall = parse_room(example.read_text()).spec
+    first = occurrence_start(townhall, datetime(2026, 11, 1, tzinfo=UTC), AudioRoomStatus())
+    assert first == datetime(2026, 12, 3, 16, 0, tzinfo=UTC)
+    summer = occurrence_start(townhall, datetime(2027, 6, 1, tzinfo=UTC), AudioRoomStatus())
+    assert summer == datetime(2027, 6, 3, 15, 0, tzinfo=UTC), "17:00 CEST"

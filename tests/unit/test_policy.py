@@ -71,3 +71,36 @@ def test_no_policy_allows_everything_it_did_before() -> None:
         metrics={"listenersQuery": "up"},
     )
     assert violations(wild, "tenant", TenantPolicy()) == []
+
+
+def test_the_operator_s_flags_become_its_policy() -> None:
+    from townsquare.cli import build_parser, tenant_policy
+
+    args = build_parser().parse_args(
+        [
+            "run", "--allowed-registry", "registry.example", "--max-relays-per-room", "200",
+            "--listener-query", "janus=sum by (namespace, room, pod) (janus_listeners)",
+            "--free-promql-namespaces", "platform,ops",
+        ]
+    )  # fmt: skip
+    policy, queries = tenant_policy(args)
+    assert policy.allowed_registries == ("registry.example",)
+    assert policy.max_relays == 200
+    assert policy.named_queries == {"contract", "livekit", "janus"}
+    assert policy.free_promql_namespaces == {"platform", "ops"}
+    assert queries == {"janus": "sum by (namespace, room, pod) (janus_listeners)"}
+    none = tenant_policy(build_parser().parse_args(["run", "--free-promql-namespaces", ""]))[0]
+    assert none.free_promql_namespaces == frozenset()
+    everyone = tenant_policy(build_parser().parse_args(["run"]))[0]
+    assert everyone.free_promql_namespaces is None
+
+
+def test_a_malformed_listener_query_flag_is_one_line_exit_2(capsys: Any) -> None:
+    from townsquare.cli import main
+
+    assert main(["run", "--listener-query", "Bad Name"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "townsquare: error: --listener-query: expected NAME=PROMQL with a lower-case NAME "
+        "(got 'Bad Name')"
+    )

@@ -61,11 +61,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 What the operator does in the namespaces it serves, and nothing more:
 - AudioRooms: watched; patched for kopf's annotations and finalizer; status written.
 - Children (StatefulSet, Service, ConfigMap, PodDisruptionBudget): written by server-side
-  apply (create + patch) and watched by label; nothing is ever deleted by the operator
+  apply (create + patch) and watched by label; none is ever deleted by the operator
   (owner references let the garbage collector do it). StatefulSet status is read for
   readiness, the shard map ConfigMap to carry it across restarts, relay pods are watched
-  (one shared index) for their readiness and start-up times.
-- Events: created on AudioRooms.
+  (one shared index) for their readiness, start-up times and template revision.
+- Relay pods: deleted one drained relay at a time during a rollout, so that the StatefulSet
+  (updateStrategy OnDelete) brings it back with the new template. The only delete granted.
+- Events: created on AudioRooms; listed to read the StatefulSet's FailedCreate (the API
+  server's reason for refusing relay pods).
 Secrets are absent on purpose.
 */}}
 {{- define "townsquare.rules.namespaced" -}}
@@ -92,10 +95,10 @@ Secrets are absent on purpose.
   verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}
 
 {{/* kopf's own scanning: CRDs (to notice the AudioRoom CRD change) and, when limited to
