@@ -1,4 +1,4 @@
-"""The `townsquare` command: plan a room, print the CRD, (later) run and simulate.
+"""The `townsquare` command: plan, simulate, run the operator, and the relay and origin.
 
 Every user mistake ends in one line on stderr and exit code 2, never a traceback.
 """
@@ -307,6 +307,138 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_ticket_key(path: str | None) -> bytes:
+    """The shared ticket key (the Secret's file); surrounding whitespace is not part of it."""
+    if not path:
+        raise UsageError("--ticket-key-file: needed (or TOWNSQUARE_TICKET_KEY_FILE)")
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise UsageError(f"--ticket-key-file: {path}: cannot read: {exc.strerror}") from None
+    from townsquare.tickets import TicketError, check_key
+
+    try:
+        return check_key(key)
+    except TicketError as exc:
+        raise UsageError(f"--ticket-key-file: {exc}") from None
+
+
+def _address(flag: str, text: str, default_port: int) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{flag}: expected HOST:PORT (got {text!r})")
+    return host, int(port)
+
+
+def _relay_sources(args: argparse.Namespace) -> Any:
+    from townsquare.relay.process import Sources
+
+    addresses: dict[int, tuple[str, int]] = {}
+    for entry in args.relay_address or ():
+        ordinal, equals, address = entry.partition("=")
+        if not equals or not ordinal.isdigit():
+            raise UsageError(f"--relay-address: expected ORDINAL=HOST:PORT (got {entry!r})")
+        addresses[int(ordinal)] = _address("--relay-address", address, args.port)
+    if args.map_file:
+        return Sources(map_file=Path(args.map_file), relay_addresses=addresses)
+    return Sources(kubeconfig=args.kubeconfig)
+
+
+def _room_of(args: argparse.Namespace) -> tuple[str, str]:
+    if not args.namespace or not args.room:
+        raise UsageError("--namespace and --room: needed (or POD_NAMESPACE, TOWNSQUARE_ROOM)")
+    return args.namespace, args.room
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from townsquare.relay.hub import HubSettings
+    from townsquare.relay.process import run, run_relay
+    from townsquare.relay.server import RelayConfig
+    from townsquare.telemetry import configure_logging
+
+    namespace, room = _room_of(args)
+    if not args.pod:
+        raise UsageError("--pod: needed (or POD_NAME)")
+    if not args.origin:
+        raise UsageError("--origin: needed (or TOWNSQUARE_ORIGIN)")
+    if args.capacity < 1:
+        raise UsageError(f"--capacity: must be at least 1 (got {args.capacity})")
+    config = RelayConfig(
+        namespace=namespace,
+        room=room,
+        pod=args.pod,
+        key=read_ticket_key(args.ticket_key_file),
+        origin=_address("--origin", args.origin, 7880),
+        capacity=args.capacity,
+        host=args.address,
+        port=args.port,
+        migrations_per_minute=args.migrations_per_minute,
+        map_interval=args.map_interval,
+        hub=HubSettings(buffer_frames=args.buffer_frames),
+    )
+    configure_logging(args.log_format)
+    try:
+        run(run_relay(config, _relay_sources(args), args.metrics_port))
+    except OSError as exc:
+        raise UsageError(f"--address {args.address}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _cmd_origin(args: argparse.Namespace) -> int:
+    from townsquare.relay.hub import HubSettings
+    from townsquare.relay.origin import OriginConfig
+    from townsquare.relay.process import run, run_origin
+    from townsquare.telemetry import configure_logging
+
+    namespace, room = _room_of(args)
+    if args.frame_interval <= 0 or args.frame_bytes < 0:
+        raise UsageError("--frame-interval must be above 0 and --frame-bytes at least 0")
+    config = OriginConfig(
+        namespace=namespace,
+        room=room,
+        key=read_ticket_key(args.ticket_key_file),
+        host=args.address,
+        port=args.port,
+        frame_interval=args.frame_interval,
+        frame_bytes=args.frame_bytes,
+        map_interval=args.map_interval,
+        hub=HubSettings(buffer_frames=args.buffer_frames),
+    )
+    sources = None if args.no_map else _relay_sources(args)
+    configure_logging(args.log_format)
+    try:
+        run(run_origin(config, sources, args.metrics_port))
+    except OSError as exc:
+        raise UsageError(f"--address {args.address}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _data_plane_options(parser: argparse.ArgumentParser, port: int) -> None:
+    env = os.environ.get
+    parser.add_argument("--namespace", default=env("POD_NAMESPACE"), help="the room's namespace")
+    parser.add_argument("--room", default=env("TOWNSQUARE_ROOM"), help="the AudioRoom's name")
+    parser.add_argument(
+        "--ticket-key-file",
+        default=env("TOWNSQUARE_TICKET_KEY_FILE"),
+        help="the shared ticket key (the Secret mounted from the chart)",
+    )
+    parser.add_argument("--address", default="127.0.0.1", help="IP to listen on (the pod's)")
+    parser.add_argument("--port", type=int, default=port, help="port for listeners and relays")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="/metrics (0: off)")
+    parser.add_argument("--kubeconfig", help="read the shard map with it (default: KUBECONFIG)")
+    parser.add_argument("--map-file", help="read the shard map from this JSON file instead")
+    parser.add_argument(
+        "--relay-address",
+        action="append",
+        help="with --map-file: ORDINAL=HOST:PORT of a relay (repeatable)",
+    )
+    parser.add_argument("--map-interval", type=parse_seconds, default=1.0)
+    parser.add_argument("--buffer-frames", type=int, default=100, help="frames kept to resume")
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+
+
 def parse_seconds(text: str) -> float:
     """A duration on the command line (`45s`, `1m30s`) or plain seconds."""
     try:
@@ -500,6 +632,35 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--crds", default="crds", help="directory of the CRDs to install")
     show.add_argument("--out", default="out/demo", help="directory of the report")
     show.set_defaults(handler=_cmd_demo)
+
+    relay = commands.add_parser("relay", help="the reference relay for one room (one pod)")
+    _data_plane_options(relay, 7880)
+    relay.add_argument("--pod", default=os.environ.get("POD_NAME"), help="this relay's pod name")
+    relay.add_argument(
+        "--origin",
+        default=os.environ.get("TOWNSQUARE_ORIGIN"),
+        help="HOST:PORT of the room's origin (default: $TOWNSQUARE_ORIGIN)",
+    )
+    relay.add_argument(
+        "--capacity",
+        type=int,
+        default=int(os.environ.get("TOWNSQUARE_CAPACITY", "1000")),
+        help="listeners at most (default: $TOWNSQUARE_CAPACITY or 1000)",
+    )
+    relay.add_argument(
+        "--migrations-per-minute",
+        type=float,
+        default=1200.0,
+        help="this relay's share of the room's budget for sending listeners elsewhere",
+    )
+    relay.set_defaults(handler=_cmd_relay)
+
+    origin = commands.add_parser("origin", help="a synthetic speakers' stream for one room")
+    _data_plane_options(origin, 7880)
+    origin.add_argument("--frame-interval", type=parse_seconds, default=0.020)
+    origin.add_argument("--frame-bytes", type=int, default=60, help="payload bytes per frame")
+    origin.add_argument("--no-map", action="store_true", help="feed any relay of the room")
+    origin.set_defaults(handler=_cmd_origin)
     return parser
 
 

@@ -1,0 +1,322 @@
+"""The reference relay: one room's stream from its upstream to the listeners the edge sends.
+
+A relay follows the shard map. The map's `parents` say which upstream feeds it (None: the
+origin); its `relays` say whether it drains; its `assignment` says which shards it carries.
+It accepts a listener only with an `admit` ticket for this pod and room, refuses at
+capacity, and when it drains or a listener's shard moves it tells the listener to ask the
+edge again, paced by its share of the room's migration budget. If its parent is
+unreachable it feeds from the nearest reachable ancestor (finally the origin) until the
+parent answers again, re-attaching make-before-break so that no frame is lost on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from townsquare.relay.hub import Admitted, Hub, HubSettings, RefusedError
+from townsquare.relay.protocol import Message
+from townsquare.relay.topology import MapSource, Resolver, ordinal_of, relay_pod_name
+from townsquare.relay.upstream import ORIGIN, Target, UpstreamLink, attach, feed_ticket
+from townsquare.sharding import ShardMap
+from townsquare.tickets import TicketError, verify
+
+log = structlog.get_logger("townsquare.relay")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    namespace: str
+    room: str
+    pod: str
+    key: bytes
+    origin: tuple[str, int]
+    capacity: int = 1000
+    host: str = "127.0.0.1"
+    port: int = 7880
+    migrations_per_minute: float = 1200.0
+    """This relay's share of the room's migration budget: moves it may ask per minute."""
+    map_interval: float = 1.0
+    """Seconds between reads of the shard map."""
+    retry_seconds: float = 0.5
+    hub: HubSettings = field(default_factory=HubSettings)
+
+    @property
+    def room_key(self) -> str:
+        return f"{self.namespace}/{self.room}"
+
+
+async def supervised(job: Callable[[], Awaitable[None]]) -> None:
+    """Run a relay's background job for good: a bug in one pass is logged, not fatal."""
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("background job failed; restarting it", job=job.__name__)
+            await asyncio.sleep(0.5)
+
+
+def ticket_refusal(error: TicketError) -> RefusedError:
+    text = str(error)
+    return RefusedError("expired" if "expired" in text else "bad-ticket", text)
+
+
+class Relay(Hub):
+    def __init__(self, config: RelayConfig, maps: MapSource, resolver: Resolver) -> None:
+        super().__init__(config.hub)
+        self.config = config
+        self.maps = maps
+        self.resolver = resolver
+        self.ordinal = ordinal_of(config.room, config.pod)
+        self.map: ShardMap | None = None
+        self.draining = False
+        self.upstream: UpstreamLink | None = None
+        self.upstream_changed = asyncio.Event()
+        self.frames_lost_upstream = 0
+        self.reattachments = 0
+        self._move_queue: deque[tuple[str, str]] = deque()
+        self._queued: set[str] = set()
+        self._move_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- who may connect ------------------------------------------------------------------
+
+    def admit(self, hello: dict[str, Any]) -> Admitted:
+        ticket = hello.get("ticket")
+        if not isinstance(ticket, str) or not ticket:
+            raise RefusedError("no-ticket", "the hello carries no ticket: ask the edge for one")
+        role = hello.get("role", "listener")
+        if role == "relay":
+            return self._admit_relay(ticket)
+        if role != "listener":
+            raise RefusedError("bad-hello", f"unknown role {role!r}")
+        try:
+            claims = verify(self.config.key, ticket, "admit", now=time.time())
+        except TicketError as error:
+            raise ticket_refusal(error) from None
+        if claims.get("room") != self.config.room_key:
+            raise RefusedError("wrong-room", f"ticket for room {claims.get('room')!r}")
+        if claims.get("pod") != self.config.pod:
+            raise RefusedError("wrong-relay", f"ticket for relay {claims.get('pod')!r}")
+        listener = str(claims.get("listener") or "")
+        if not listener:
+            raise RefusedError("bad-ticket", "ticket names no listener")
+        if self.draining:
+            raise RefusedError("draining", "this relay is draining: ask the edge again")
+        shard, generation = claims.get("shard"), int(claims.get("generation") or 0)
+        if self._moved_away(shard, generation):
+            raise RefusedError("shard-moved", f"shard {shard} moved: ask the edge again")
+        if listener not in self.listeners and len(self.listeners) >= self.config.capacity:
+            raise RefusedError("full", f"at capacity ({self.config.capacity} listeners)")
+        return Admitted(
+            role="listener",
+            name=listener,
+            shard=shard if isinstance(shard, int) else None,
+            generation=generation,
+            welcome={"pod": self.config.pod, "room": self.config.room_key},
+        )
+
+    def _admit_relay(self, ticket: str) -> Admitted:
+        try:
+            claims = verify(self.config.key, ticket, "feed", now=time.time())
+        except TicketError as error:
+            raise ticket_refusal(error) from None
+        if claims.get("room") != self.config.room_key or claims.get("pod") != self.config.pod:
+            raise RefusedError("wrong-relay", "feed ticket for another room or upstream")
+        name = str(claims.get("downstream") or "?")
+        return Admitted(role="relay", name=name, welcome={"pod": self.config.pod})
+
+    def _moved_away(self, shard: object, generation: int) -> bool:
+        """The map, at least as new as the ticket, gives the shard to another relay."""
+        shard_map = self.map
+        if shard_map is None or not isinstance(shard, int) or generation > shard_map.generation:
+            return False
+        if not 0 <= shard < shard_map.shards:
+            return False
+        return shard_map.assignment[shard] != self.ordinal
+
+    # -- running --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.serve(self.config.host, self.config.port)
+        await self.refresh_map()
+        for job in (self._follow_map, self._follow_upstream, self._pace_moves):
+            self._tasks.append(asyncio.create_task(supervised(job)))
+        log.info("relay started", pod=self.config.pod, room=self.config.room_key,
+                 address=":".join(map(str, self.address)))  # fmt: skip
+
+    async def stop(self, reason: str = "shutdown") -> None:
+        """Tell everyone to go elsewhere, then stop (SIGTERM: the pod is going)."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        self.close_all(reason)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.upstream is not None:
+            self.upstream.close("stopping")
+
+    async def refresh_map(self) -> None:
+        try:
+            shard_map = await self.maps.read()
+        except Exception as error:  # the API server may blip; keep the last map
+            log.warning("shard map unreadable", error=str(error))
+            return
+        if shard_map is not None and (self.map is None or shard_map != self.map):
+            self.apply_map(shard_map)
+
+    async def _follow_map(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.map_interval)
+            await self.refresh_map()
+
+    def apply_map(self, shard_map: ShardMap) -> None:
+        """Drain, move listeners whose shard went elsewhere, re-attach if the parent moved."""
+        previous = self.map
+        self.map = shard_map
+        state = shard_map.relays.get(self.ordinal) if self.ordinal is not None else None
+        if state == "draining" and not self.draining:
+            log.info("draining", pod=self.config.pod, listeners=len(self.listeners))
+        self.draining = state == "draining"
+        for name, connection in list(self.listeners.items()):
+            admitted = connection.admitted
+            if admitted is None:
+                continue
+            if self.draining:
+                self._queue_move(name, "draining")
+            elif self._moved_away(admitted.shard, admitted.generation):
+                self._queue_move(name, "shard-moved")
+        if previous is None or self._parent(previous) != self._parent(shard_map):
+            self.upstream_changed.set()
+
+    def _parent(self, shard_map: ShardMap | None) -> int | None:
+        if shard_map is None or self.ordinal is None:
+            return None
+        return shard_map.parents.get(self.ordinal)
+
+    # -- moves, paced by the migration budget -----------------------------------------------
+
+    def _queue_move(self, name: str, reason: str) -> None:
+        if name not in self._queued:
+            self._queued.add(name)
+            self._move_queue.append((name, reason))
+            self._move_wakeup.set()
+
+    async def _pace_moves(self) -> None:
+        rate = max(self.config.migrations_per_minute / 60.0, 0.01)
+        burst = max(1.0, rate * 0.1)
+        tokens, last = burst, time.monotonic()
+        while True:
+            if not self._move_queue:
+                self._move_wakeup.clear()
+                await self._move_wakeup.wait()
+                tokens, last = min(burst, tokens), time.monotonic()
+            now = time.monotonic()
+            tokens = min(burst, tokens + (now - last) * rate)
+            last = now
+            if tokens < 1:
+                await asyncio.sleep((1 - tokens) / rate)
+                continue
+            name, reason = self._move_queue.popleft()
+            self._queued.discard(name)
+            connection = self.listeners.get(name)
+            admitted = connection.admitted if connection else None
+            still = admitted is not None and (
+                self.draining or self._moved_away(admitted.shard, admitted.generation)
+            )
+            if connection is not None and still:
+                connection.move(reason)
+                tokens -= 1
+
+    # -- the upstream -----------------------------------------------------------------------
+
+    def on_frame(self, message: Message) -> None:
+        seq, _ = message.frame_header()
+        if self.last_seq >= 0 and seq > self.last_seq + 1:
+            self.frames_lost_upstream += seq - self.last_seq - 1
+        self.publish(seq, message.raw)
+
+    async def _candidates(self) -> list[Target]:
+        """The parent first, then its ancestors, then the origin: where frames may come from."""
+        chain: list[int] = []
+        parent = self._parent(self.map)
+        while parent is not None and parent not in chain and parent != self.ordinal:
+            chain.append(parent)
+            parent = self.map.parents.get(parent) if self.map else None
+        targets: list[Target] = []
+        for ordinal in chain:
+            try:
+                address = await self.resolver.relay_address(ordinal)
+            except Exception as error:
+                log.warning("cannot resolve relay", ordinal=ordinal, error=str(error))
+                address = None
+            if address is not None:
+                name = relay_pod_name(self.config.room, ordinal)
+                targets.append(Target(name, *address))
+        targets.append(Target(ORIGIN, *self.config.origin))
+        return targets
+
+    async def _follow_upstream(self) -> None:
+        """Keep one live upstream, the most preferred one that answers."""
+        while True:
+            candidates = await self._candidates()
+            current = self.upstream
+            preferred = candidates[0].name
+            if current is not None and current.alive and current.target.name == preferred:
+                await self._wait_for_change(current, None)
+                continue
+            link = await self._attach_first(candidates)
+            if link is None:
+                await asyncio.sleep(self.config.retry_seconds)
+                continue
+            if current is not None and current.alive:
+                if current.target.name == link.target.name:
+                    link.close("already fed from there")
+                    await self._wait_for_change(current, 2.0)
+                    continue
+                current.close("re-attached elsewhere")
+            if current is not None:
+                self.reattachments += 1
+            self.upstream = link
+            log.info("upstream", pod=self.config.pod, upstream=link.target.name,
+                     preferred=preferred)  # fmt: skip
+            # Fed by a fallback: look for the preferred one again after a while.
+            await self._wait_for_change(link, None if link.target.name == preferred else 2.0)
+
+    async def _wait_for_change(self, link: UpstreamLink, timeout: float | None) -> None:
+        self.upstream_changed.clear()
+        waits = [asyncio.create_task(link.lost.wait()),
+                 asyncio.create_task(self.upstream_changed.wait())]  # fmt: skip
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not link.alive:
+            log.warning("upstream lost", pod=self.config.pod, upstream=link.target.name,
+                        reason=link.reason)  # fmt: skip
+
+    async def _attach_first(self, candidates: list[Target]) -> UpstreamLink | None:
+        # A new relay asks for everything its upstream still keeps, so that listeners moved
+        # to it can resume from the frame they last heard.
+        resume = self.last_seq + 1 if self.last_seq >= 0 else 0
+        for index, target in enumerate(candidates):
+            ticket = feed_ticket(
+                self.config.key, self.config.room_key, target.name, self.config.pod, time.time()
+            )
+            try:
+                return await attach(target, ticket, resume, self.on_frame, fallback=index > 0)
+            except ConnectionError as error:
+                log.info("upstream unavailable", pod=self.config.pod, upstream=target.name,
+                         error=str(error))  # fmt: skip
+        return None

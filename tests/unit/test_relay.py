@@ -1,0 +1,181 @@
+"""The reference relay on loopback: frames through a two-tier tree, drains, moved shards,
+re-parenting and a dead parent, judged by what each listener received."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+from relay_room import LoopbackRoom, frames_flow, tree, until
+
+from townsquare.relay.metrics import serve_metrics
+from townsquare.sharding import rebalance
+
+NAMES = [f"listener-{i}" for i in range(20)]
+
+
+def run_room(
+    tmp_path: Path, body: Callable[[LoopbackRoom], Awaitable[None]], **options: float
+) -> None:
+    async def main() -> None:
+        room = LoopbackRoom(tmp_path, **options)  # type: ignore[arg-type]
+        try:
+            await body(room)
+        finally:
+            await room.close()
+
+    asyncio.run(main())
+
+
+def test_a_two_tier_tree_carries_every_frame_to_every_listener(tmp_path: Path) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        await room.start(tree(3, fanout=2))
+        listeners = await room.add_listeners(NAMES)
+        await frames_flow(listeners, 30)
+        # relay 2 sits under relay 0; both serve listeners
+        assert {c.admitted.name for c in room.relays[0].relays if c.admitted} == {"r-relay-2"}
+        assert room.on(2) and room.on(0)
+        for listener in listeners:
+            assert listener.stats.lost == 0, listener.name
+            assert listener.stats.disconnects == 0
+
+    run_room(tmp_path, body)
+
+
+def test_a_draining_relay_sends_its_listeners_back_and_they_resume_without_loss(
+    tmp_path: Path,
+) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(3, fanout=8)
+        await room.start(first)
+        await room.add_listeners(NAMES)
+        draining = room.on(1)
+        staying = [lst for lst in room.listeners if lst not in draining]
+        assert draining and staying
+        room.publish(rebalance(first, active=[0, 2], draining=[1], fanout=8).map)
+        await until(lambda: not room.relays[1].listeners, 10, "relay 1 to empty")
+        await frames_flow(room.listeners, 20)
+        for listener in draining:
+            assert listener.stats.moves == {"draining": 1}
+            assert listener.stats.lost == 0, "resumed from the new relay's recent frames"
+        for listener in staying:
+            assert not listener.stats.moves and listener.stats.lost == 0
+            assert listener.stats.disconnects == 0
+        assert room.relays[1].draining
+
+    run_room(tmp_path, body)
+
+
+def test_a_moved_shard_moves_only_its_own_listeners(tmp_path: Path) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        await room.add_listeners(NAMES)
+        await room.start_relay(2)
+        grown = rebalance(first, active=[0, 1, 2], fanout=8).map
+        moved = {n for n in NAMES if grown.relay_for(n) != first.relay_for(n)}
+        assert moved and moved != set(NAMES)
+        room.publish(grown)
+        await until(lambda: {lst.name for lst in room.on(2)} == moved, 10, "moves to relay 2")
+        await frames_flow(room.listeners, 20)
+        for listener in room.listeners:
+            assert listener.stats.lost == 0
+            expected = {"shard-moved": 1} if listener.name in moved else {}
+            assert listener.stats.moves == expected, listener.name
+
+    run_room(tmp_path, body)
+
+
+def test_a_relay_given_a_new_parent_re_attaches_without_losing_a_frame(
+    tmp_path: Path,
+) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(3, fanout=2)  # 0 and 1 under the origin, 2 under 0
+        await room.start(first)
+        await room.add_listeners(NAMES)
+        under_two = room.on(2)
+        assert under_two
+        room.publish(replace(first, generation=first.generation + 1,
+                             parents={**first.parents, 2: 1}))  # fmt: skip
+        await until(lambda: any(room.relays[1].relays), 10, "relay 2 to attach under relay 1")
+        await until(lambda: not room.relays[0].relays, 10, "relay 2 to leave relay 0")
+        await frames_flow(room.listeners, 20)
+        assert room.relays[2].reattachments == 1
+        for listener in room.listeners:
+            assert listener.stats.lost == 0 and not listener.stats.moves
+
+    run_room(tmp_path, body)
+
+
+def test_a_relay_whose_parent_dies_feeds_from_the_origin_without_loss(
+    tmp_path: Path,
+) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        await room.start(tree(3, fanout=2))
+        await room.add_listeners(NAMES)
+        orphaned = room.on(2)
+        assert orphaned
+        parent = room.relays[0]
+        assert parent.server is not None
+        parent.server.close()
+        for connection in [*parent.relays, *parent.listeners.values()]:
+            assert connection.transport is not None
+            connection.transport.abort()  # a crash: nobody says goodbye
+        origin = room.origin
+        assert origin is not None
+        await until(lambda: any(c.admitted and c.admitted.fallback for c in origin.relays), 10,
+                    "relay 2 fed by the origin")  # fmt: skip
+        await frames_flow(orphaned, 20)
+        for listener in orphaned:
+            assert listener.stats.lost == 0 and listener.stats.disconnects == 0
+
+    run_room(tmp_path, body)
+
+
+def test_moves_never_exceed_the_relays_share_of_the_migration_budget(tmp_path: Path) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        await room.add_listeners(NAMES)
+        on_one = len(room.on(1))
+        assert on_one >= 3
+        started = time.monotonic()
+        room.publish(rebalance(first, active=[0], draining=[1], fanout=8).map)
+        await until(lambda: room.relays[1].moves["draining"] >= 2, 10, "two moves")
+        elapsed = time.monotonic() - started
+        # 120 a minute is 2 a second, with a burst of one: never more than that allows
+        assert room.relays[1].moves["draining"] <= 1 + 2 * elapsed + 1e-9
+        assert room.relays[1].moves["draining"] < on_one or elapsed >= (on_one - 1) / 2
+
+    run_room(tmp_path, body, migrations_per_minute=120.0)
+
+
+def test_the_metric_contract_counts_what_the_relay_holds(tmp_path: Path) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        await room.start(tree(2, fanout=8))
+        await room.add_listeners(NAMES[:5])
+        relay = room.relays[0]
+        runner = await serve_metrics(relay, "ns", "r", "r-relay-0", "127.0.0.1", 0)
+        try:
+            port = runner.addresses[0][1]
+            async with aiohttp.ClientSession() as session:
+                response = await session.get(f"http://127.0.0.1:{port}/metrics")
+                text = await response.text()
+        finally:
+            await runner.cleanup()
+        labels = '{namespace="ns",pod="r-relay-0",room="r"}'
+        held = len(relay.listeners)
+        assert f"audioroom_relay_listeners{labels} {float(held)}" in text
+        assert f"audioroom_relay_capacity_listeners{labels} 100.0" in text
+        assert f"audioroom_relay_draining{labels} 0.0" in text
+        egress = next(
+            line for line in text.splitlines()
+            if line.startswith("audioroom_relay_egress_packets_total{")
+        )  # fmt: skip
+        assert float(egress.split()[-1]) >= held * 3
+
+    run_room(tmp_path, body)
