@@ -359,6 +359,7 @@ def reconcile(
         current_map,
         active=sorted(o for o in ready if o < accepting and o not in rolling),
         draining=sorted(o for o in ready if (accepting <= o < replicas) or o in rolling),
+        held=_held(current_map, seen, replicas),
         shard_listeners=_shard_listeners(current_map, seen),
         demand=_demand(seen),
         fanout=spec.sharding.fanout,
@@ -579,6 +580,19 @@ def _shard_listeners(current: ShardMap, seen: Observed) -> list[float] | None:
         return None
     by_relay = {relay: float(n) for relay, n in seen.metrics.by_relay.items()}
     return shard_listeners_from_relays(current, by_relay)
+
+
+def _held(current: ShardMap, seen: Observed, replicas: int) -> list[int]:
+    """Relays not Ready that still report listeners: a readiness blip, not a loss. Their
+    shards stay until their own counts say the listeners have gone."""
+    if seen.metrics is None:
+        return []
+    ready = seen.ready_set()
+    return sorted(
+        relay
+        for relay, listeners in seen.metrics.by_relay.items()
+        if relay in current.relays and relay not in ready and relay < replicas and listeners > 0
+    )
 
 
 def _demand(seen: Observed) -> float | None:

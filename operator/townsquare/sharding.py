@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -135,6 +135,7 @@ def rebalance(
     *,
     active: Iterable[int],
     draining: Iterable[int] = (),
+    held: Iterable[int] = (),
     shard_listeners: Sequence[float] | None = None,
     demand: float | None = None,
     fanout: int,
@@ -143,18 +144,21 @@ def rebalance(
     """Assign shards to the `active` relays, moving as few listeners as possible.
 
     `active` relays are Ready and accept joins; `draining` relays accept none and shed their
-    shards; a relay in neither has gone, and its shards move at once (their listeners lost
-    their connection anyway, so that costs no budget). `shard_listeners` are the connected
-    listeners per shard (unknown: none), `demand` all listeners wanting a relay, waiting ones
-    included (default: the connected ones). Moves off draining relays come first, then off
-    relays above capacity, then towards equal shard counts, each lightest shard first, while
-    `budget` listeners may still migrate.
+    shards; `held` relays are not Ready but still carry listeners (a readiness blip): they
+    keep their shards and their place in the tree, take nothing new, and their listeners
+    stay where they are; a relay in none of these has gone, and its shards move at once
+    (their listeners lost their connection anyway, so that costs no budget).
+    `shard_listeners` are the connected listeners per shard (unknown: none), `demand` all
+    listeners wanting a relay, waiting ones included (default: the connected ones). Moves
+    off draining relays come first, then off relays above capacity, then towards equal shard
+    counts, each lightest shard first, while `budget` listeners may still migrate.
     """
     shards = current.shards
     weights = shard_listeners if shard_listeners is not None else (0.0,) * shards
     active_set = set(active)
     draining_set = set(draining) - active_set
-    live = active_set | draining_set
+    held_set = set(held) - active_set - draining_set
+    live = active_set | draining_set | held_set
     owned: dict[int, list[int]] = {r: [] for r in live}
     orphans: list[int] = []
     for shard, relay in enumerate(current.assignment):
@@ -167,7 +171,8 @@ def rebalance(
     load = {r: sum(weights[s] for s in owned[r]) for r in owned}
     moved, migrated, pending = 0, 0.0, False
     if active_set:
-        targets = _balanced_targets(shards, sorted(active_set), owned)
+        kept = sum(len(owned[r]) for r in held_set)
+        targets = _balanced_targets(shards - kept, sorted(active_set), owned)
         # (shard, costs budget, must fit): a dead relay's shards cost nothing; a draining
         # relay's must go even if only a full relay is left; balancing never overloads.
         movers = [(s, False, False) for s in orphans]
@@ -218,7 +223,13 @@ def rebalance(
     admission = _admission(assignment, weights, load, active_set, current.capacity, demand)
     states: dict[int, RelayState] = {r: "active" for r in sorted(active_set)}
     states.update({r: "draining" for r in sorted(draining_set)})
-    parents = fanout_parents([*sorted(active_set), *sorted(draining_set)], fanout)
+    states.update({r: current.relays.get(r, "active") for r in sorted(held_set)})
+    parents = fanout_parents(
+        [*sorted(active_set), *sorted(draining_set), *sorted(held_set)],
+        fanout,
+        current.parents,
+        leaves=draining_set | held_set,
+    )
     new_assignment = tuple(assignment)
     changed = (
         new_assignment != current.assignment
@@ -370,16 +381,68 @@ def _shed_overload(
     return moved, migrated, budget, pending
 
 
-def fanout_parents(relays: Sequence[int], fanout: int) -> dict[int, int | None]:
+def fanout_parents(
+    relays: Sequence[int],
+    fanout: int,
+    previous: Mapping[int, int | None] | None = None,
+    *,
+    leaves: Collection[int] = (),
+) -> dict[int, int | None]:
     """Upstreams forming a tree in which the origin and every relay feed at most `fanout`.
 
-    Relays are taken in the given order (active first, so draining relays end up leaves);
-    with no more relays than `fanout`, the origin feeds them all.
+    The tree stays still: a relay keeps its previous parent while that parent is still in
+    the tree and has room, so a relay that goes (or turns unready and is left out) moves
+    only the relays directly under it, each with its own subtree, and a relay that comes
+    is hung where there is room without renumbering anyone. Relays that need a parent take
+    the shallowest feeder with room, the origin first, then the lowest ordinal; `leaves`
+    (draining or unready relays) feed the relays they fed, but are given no new ones.
+    With no more relays than `fanout` and no history, the origin feeds them all.
     """
+    members = list(dict.fromkeys(relays))
+    present = set(members)
+    closed = set(leaves)
+    previous = previous or {}
     parents: dict[int, int | None] = {}
-    for index, relay in enumerate(relays):
-        parents[relay] = None if index < fanout else relays[index // fanout - 1]
-    return parents
+    fed: dict[int | None, list[int]] = {None: []}
+    for relay in members:
+        parent = previous.get(relay, _NO_PARENT)
+        kept = parent is None or (parent in present and parent != relay)
+        if kept and len(fed.setdefault(parent, [])) < fanout:
+            parents[relay] = parent
+            fed[parent].append(relay)
+    # Depths below the origin; relays in a subtree whose root lost its parent have none yet.
+    depth: dict[int, int] = {}
+    room: list[tuple[int, int]] = []
+
+    def hang(root: int, root_depth: int) -> None:
+        """Give `root` and everything under it a depth, and offer them as feeders."""
+        stack = [(root, root_depth)]
+        while stack:
+            node, tier = stack.pop()
+            depth[node] = tier
+            if node not in closed and len(fed.get(node, ())) < fanout:
+                heapq.heappush(room, (tier, node))
+            stack += [(child, tier + 1) for child in fed.get(node, ())]
+
+    for relay in fed[None]:
+        hang(relay, 1)
+    for relay in members:
+        if relay in parents:
+            continue
+        chosen: int | None = None
+        if len(fed[None]) >= fanout:
+            while room and len(fed.get(room[0][1], ())) >= fanout:
+                heapq.heappop(room)
+            # Every feeder full or closed: the origin takes it beyond fanout.
+            chosen = room[0][1] if room else None
+        parents[relay] = chosen
+        fed.setdefault(chosen, []).append(relay)
+        hang(relay, 1 if chosen is None else depth[chosen] + 1)
+    return {relay: parents[relay] for relay in members}
+
+
+_NO_PARENT = -1
+"""Marks a relay with no previous parent (None means the origin fed it)."""
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,105 @@ def test_shard_listeners_estimated_from_relay_counts() -> None:
     estimate = shard_listeners_from_relays(shard_map, {0: 400, 1: 40})
     assert sum(estimate) == 440
     assert estimate[shard_map.assignment.index(0)] == 100
+
+
+# -- the fan-out tree stays still --------------------------------------------------------
+
+fanouts = st.integers(min_value=2, max_value=8)
+
+
+def assert_is_a_tree(parents: dict[int, int | None], fanout: int) -> None:
+    """Every relay reaches the origin without a cycle; nobody feeds more than fanout."""
+    for relay in parents:
+        seen, node = set(), relay
+        while node is not None:
+            assert node not in seen, f"cycle through {relay}"
+            seen.add(node)
+            node = parents[node]
+    feeds = Counter(parents.values())
+    assert max(feeds.values()) <= fanout
+
+
+def moved_parents(before: dict[int, int | None], after: dict[int, int | None]) -> set[int]:
+    return {r for r in after if r in before and before[r] != after[r]}
+
+
+@FAST
+@given(st.integers(min_value=1, max_value=200), fanouts)
+def test_a_new_tree_is_filled_tier_by_tier(relays: int, fanout: int) -> None:
+    parents = fanout_parents(range(relays), fanout)
+    assert_is_a_tree(parents, fanout)
+    tiers, feeders = 1, fanout
+    while feeders < relays:
+        feeders += fanout ** (tiers + 1)
+        tiers += 1
+    deepest = 0
+    for relay in parents:
+        depth, node = 0, relay
+        while node is not None:
+            depth, node = depth + 1, parents[node]
+        deepest = max(deepest, depth)
+    assert deepest == tiers
+
+
+@FAST
+@given(st.integers(min_value=2, max_value=200), fanouts, st.data())
+def test_a_relay_leaving_moves_only_the_relays_it_fed(
+    relays: int, fanout: int, data: st.DataObject
+) -> None:
+    before = fanout_parents(range(relays), fanout)
+    gone = data.draw(st.integers(min_value=0, max_value=relays - 1))
+    after = fanout_parents([r for r in range(relays) if r != gone], fanout, before)
+    assert_is_a_tree(after, fanout)
+    assert moved_parents(before, after) <= {r for r, p in before.items() if p == gone}
+
+
+@FAST
+@given(st.integers(min_value=1, max_value=200), fanouts, st.integers(min_value=1, max_value=5))
+def test_relays_joining_move_nobody(relays: int, fanout: int, added: int) -> None:
+    before = fanout_parents(range(relays), fanout)
+    after = fanout_parents(range(relays + added), fanout, before)
+    assert_is_a_tree(after, fanout)
+    assert not moved_parents(before, after)
+
+
+def test_one_relay_of_715_turning_unready_moves_at_most_the_64_under_it() -> None:
+    before = balanced(4096, 715)
+    gone = rebalance(before, active=[r for r in range(715) if r != 3], fanout=64).map
+    moved = moved_parents(dict(before.parents), dict(gone.parents))
+    assert moved <= {r for r, p in before.parents.items() if p == 3}
+    assert len(moved) <= 64
+
+
+def test_draining_relays_keep_their_children_but_get_no_new_ones() -> None:
+    before = fanout_parents(range(6), 2)  # 0, 1 under the origin; 2, 3 under 0; 4, 5 under 1
+    after = fanout_parents([0, 1, 2, 3, 4, 5, 6, 7], 2, before, leaves={2})
+    assert {r: after[r] for r in before} == before
+    assert after[6] == 3 and after[7] == 3
+
+
+@FAST
+@given(shard_counts, st.integers(min_value=2, max_value=60), st.data())
+def test_a_readiness_blip_with_listeners_moves_nothing(
+    shards: int, relays: int, data: st.DataObject
+) -> None:
+    before = balanced(shards, relays)
+    blinked = data.draw(st.integers(min_value=0, max_value=relays - 1))
+    others = [r for r in range(relays) if r != blinked]
+    after = rebalance(before, active=others, held=[blinked], fanout=64).map
+    assert after.assignment == before.assignment
+    assert dict(after.parents) == dict(before.parents)
+    assert after.relays[blinked] == "active"
+
+
+@FAST
+@given(shard_counts, st.integers(min_value=2, max_value=60), st.data())
+def test_an_unready_relay_whose_listeners_have_gone_sheds_only_its_shards(
+    shards: int, relays: int, data: st.DataObject
+) -> None:
+    before = balanced(shards, relays)
+    gone = data.draw(st.integers(min_value=0, max_value=relays - 1))
+    after = rebalance(before, active=[r for r in range(relays) if r != gone], fanout=64).map
+    pairs = zip(before.assignment, after.assignment, strict=True)
+    changed = {s for s, (a, b) in enumerate(pairs) if a != b}
+    assert changed == {s for s, r in enumerate(before.assignment) if r == gone}
