@@ -19,7 +19,33 @@ kubeconfig="$KWOK_WORKDIR/clusters/$name/kubeconfig.yaml"
 kwokctl="$cache/bin/kwok-v$KWOK_VERSION/kwokctl"
 export PATH="$repo/.venv/bin:$PATH"
 
+runner_dir="$KWOK_WORKDIR/clusters/$name/podrunner"
+runner_pid="$KWOK_WORKDIR/podrunner-$name.pid"
+
 log() { printf '[cluster] %s\n' "$*" >&2; }
+
+# Pods get IPs inside 127.0.0.0/8, so that a real process can bind each pod's IP: one /16
+# per cluster name (clusters side by side never share an IP; TOWNSQUARE_POD_NET overrides
+# the second octet). kwok takes a pod's IP from its node's spec.podCIDR: node i gets
+# 127.N.i.0/24; nodes without one (made by another provisioner) draw from 127.N.128.0/17.
+pod_net() {
+  echo "${TOWNSQUARE_POD_NET:-$((64 + 16#$(printf '%s' "$name" | sha256sum | cut -c1-8) % 190))}"
+}
+pod_cidr() { echo "127.$(pod_net).128.1/17"; }
+node_cidr() { echo "127.$(pod_net).0.0/24"; }
+
+# A KwokConfiguration given to kwokctl is not defaulted: every option kwok's own defaults
+# set (sigs.k8s.io/kwok pkg/apis/config/v1alpha1, `+default=`) is spelled out.
+kwok_config() {
+  local file="$KWOK_WORKDIR/kwok-$name.yaml"
+  printf '%s\n' "apiVersion: config.kwok.x-k8s.io/v1alpha1" "kind: KwokConfiguration" \
+    "options:" "  cidr: $(pod_cidr)" "  enableDebuggingHandlers: true" \
+    "  enableContentionProfiling: false" "  enableProfilingHandler: true" \
+    "  podPlayStageParallelism: 4" "  nodePlayStageParallelism: 4" \
+    "  nodeLeaseParallelism: 4" "  podsOnNodeSyncParallelism: 1" \
+    "  enablePodsOnNodeSyncListPager: true" "  enablePodsOnNodeSyncStreamWatch: false" >"$file"
+  echo "$file"
+}
 die() { log "$*"; exit 1; }
 
 answers() {
@@ -31,12 +57,17 @@ answers() {
 exists() { [ -x "$kwokctl" ] && "$kwokctl" get clusters 2>/dev/null | grep -x "$name" >/dev/null; }
 
 # kwok's own stages for nodes and finished pods, from the pinned module; pod-ready is ours.
-stage_configs() {
+kwok_module() {
   local dir
   dir=$(cd "$here/kwok" && go mod download -json sigs.k8s.io/kwok |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   [ -d "$dir" ] || die "cannot find the sigs.k8s.io/kwok module source (go mod download failed)"
-  local s="$dir/kustomize/stage"
+  echo "$dir"
+}
+
+stage_configs() {
+  local s
+  s="$(kwok_module)/kustomize/stage"
   printf -- '--config=%s\n' "$s/node/fast/node-initialize.yaml" \
     "$s/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml" \
     "$s/pod/fast/pod-complete.yaml" "$s/pod/fast/pod-delete.yaml" \
@@ -49,8 +80,9 @@ create() {
   kube="$bin/kubernetes-v$KUBE_VERSION"
   mapfile -t stages < <(stage_configs)
   log "creating cluster $name in $KWOK_WORKDIR"
+  log "pod IPs from $(node_cidr) (node 0; node i: 127.$(pod_net).i.0/24)"
   "$kwokctl" create cluster --name "$name" --kubeconfig "" \
-    --config "$here/kwokctl.yaml" "${stages[@]}" \
+    --config "$here/kwokctl.yaml" --config "$(kwok_config)" "${stages[@]}" \
     --etcd-binary "$bin/etcd-v$ETCD_VERSION/etcd" \
     --kube-apiserver-binary "$kube/kube-apiserver" \
     --kube-controller-manager-binary "$kube/kube-controller-manager" \
@@ -71,16 +103,46 @@ up() {
   else
     create
   fi
-  "$kwokctl" scale node --name "$name" --replicas "$nodes" >&2
+  "$kwokctl" scale node --name "$name" --replicas "$nodes" \
+    --param ".podCIDRs=[\"$(node_cidr)\"]" >&2
   kubectl --kubeconfig "$kubeconfig" wait node --all --for=condition=Ready --timeout=60s >&2
+  start_runner
   log "ready: export KUBECONFIG=$kubeconfig"
   echo "$kubeconfig"
+}
+
+runner_alive() { [ -f "$runner_pid" ] && kill -0 "$(cat "$runner_pid")" 2>/dev/null; }
+
+# The pod runner (podrunner.py): one real relay process per relay pod, on the pod's IP.
+start_runner() {
+  if runner_alive; then
+    return
+  fi
+  mkdir -p "$runner_dir"
+  setsid "$repo/.venv/bin/python" "$here/podrunner.py" --kubeconfig "$kubeconfig" \
+    --state-dir "$runner_dir" --python "$repo/.venv/bin/python" \
+    </dev/null >>"$runner_dir/podrunner.log" 2>&1 9>&- &
+  echo $! >"$runner_pid"
+  log "pod runner started (pid $(cat "$runner_pid"), log $runner_dir/podrunner.log)"
+}
+
+stop_runner() {
+  if runner_alive; then
+    local pid
+    pid=$(cat "$runner_pid")
+    kill -TERM "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+    log "pod runner stopped"
+  fi
+  rm -f "$runner_pid"
 }
 
 # kwokctl refuses an empty --kubeconfig here; the cluster's own file goes with it anyway.
 delete() { "$kwokctl" delete cluster --name "$name" --kubeconfig "$kubeconfig" >&2; }
 
 down() {
+  stop_runner
   if exists; then
     delete
   else
