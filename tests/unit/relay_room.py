@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from townsquare.relay.hub import HubSettings
-from townsquare.relay.listener import Listener, MapJoin
+from townsquare.relay.listener import Listener, MapJoiner
 from townsquare.relay.origin import Origin, OriginConfig
 from townsquare.relay.server import Relay, RelayConfig
 from townsquare.relay.topology import FileMapSource, StaticResolver
@@ -79,8 +79,8 @@ class LoopbackRoom:
         self.relays[ordinal] = relay
         return relay
 
-    def join(self) -> MapJoin:
-        return MapJoin(FileMapSource(self.map_file), self.resolver, KEY, NAMESPACE, ROOM)
+    def join(self) -> MapJoiner:
+        return MapJoiner(FileMapSource(self.map_file), self.resolver, KEY, NAMESPACE, ROOM)
 
     async def add_listeners(self, names: list[str]) -> list[Listener]:
         join = self.join()

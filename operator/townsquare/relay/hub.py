@@ -130,10 +130,20 @@ class Downstream(asyncio.Protocol):
         log.info("refused", peer=self.peer, reason=refusal.reason, detail=refusal.detail)
         self._close_with(control(Kind.REFUSE, {"reason": refusal.reason, "detail": refusal.detail}))
 
-    def move(self, reason: str) -> None:
-        """Tell this connection to ask the edge (or the map) again, then close."""
+    def notify_move(self, reason: str, grace: float) -> None:
+        """Tell this connection to ask the edge where to go; frames keep coming for `grace`
+        seconds, so a listener that finds its new relay in time hears no gap."""
+        if self.closing or self.transport is None:
+            return
         self.hub.moves[reason] += 1
-        self._close_with(control(Kind.MOVE, {"reason": reason}))
+        self.transport.write(control(Kind.MOVE, {"reason": reason, "grace": grace}))
+
+    def move(self, reason: str) -> None:
+        """Tell this connection to ask the edge (or the map) again, and close now."""
+        if self.closing:
+            return
+        self.hub.moves[reason] += 1
+        self._close_with(control(Kind.MOVE, {"reason": reason, "grace": 0}))
 
     def drop(self, reason: str, detail: str) -> None:
         """Close without a goodbye: the peer broke the protocol or stopped reading."""

@@ -1,9 +1,15 @@
-"""A listener as a program: join, hold a relay connection, count what arrives, rejoin.
+"""A listener as a program: join, hold a relay connection, count what arrives, move, rejoin.
 
 Used by the tests, the benchmark and the load generator. Every figure here is measured at
 the receiving end: frames that arrived, numbers that never did, and the longest silence.
-`join` is whatever hands out a relay address and an admit ticket: the edge in production,
-`MapJoin` (the shard map plus the shared key) where there is no edge.
+
+Where to connect comes from a `Joiner`: the edge in production (`EdgeJoiner`), or
+`MapJoiner` (the shard map plus the shared key) where there is no edge. When a relay says
+"move" with a grace period, the listener asks the joiner where to go, connects there, and
+leaves the old relay only once the new one has welcomed it (make-before-break), resuming
+from the frame after the last one it heard; when the edge holds the move (budget spent), it
+stays and the relay asks again later. A lost connection or a move without grace means a
+fresh join.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, Protocol, cast
+from urllib.parse import quote
+
+import aiohttp
 
 from townsquare.relay.protocol import FRAME_HEADER, Decoder, Kind, ProtocolError, control
 from townsquare.relay.topology import MapSource, Resolver, relay_pod_name
@@ -28,13 +36,23 @@ class Admission:
     host: str
     port: int
     ticket: str
+    pod: str
 
 
 class NoRelayYetError(Exception):
-    """No relay for this listener now (queued, or no map yet): try again later."""
+    """No relay for this listener now (queued, or no map yet): try again after a while."""
+
+    def __init__(self, reason: str, retry_after: float = 0.2) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
-Join = Callable[[str], Awaitable[Admission]]
+class Joiner(Protocol):
+    async def join(self, listener: str) -> Admission: ...
+
+    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+        """Where to go now that the current relay asked us to move; None: stay for now."""
+        ...
 
 
 @dataclass
@@ -57,51 +75,98 @@ class ListenerStats:
     last_seq: int = -1
     longest_gap: float = 0.0
     moves: Counter[str] = field(default_factory=Counter)
+    """Move notices received, by reason."""
+    relocations: int = 0
+    """Moves completed make-before-break."""
     refusals: Counter[str] = field(default_factory=Counter)
     disconnects: int = 0
     joins: int = 0
     relays: list[str] = field(default_factory=list)
+    """Pods this listener was welcomed by, in order."""
     interruptions: list[Interruption] = field(default_factory=list)
 
 
 class Listener:
-    def __init__(self, name: str, join: Join, *, resume: bool = True) -> None:
+    def __init__(self, name: str, joiner: Joiner, *, resume: bool = True) -> None:
         self.name = name
-        self.join = join
+        self.joiner = joiner
         self.resume = resume
         self.stats = ListenerStats()
         self.connected = asyncio.Event()
+        self.pod: str | None = None
         self._last_arrival: float | None = None
         self._cause: str | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until `stop`; every move, refusal or loss leads to a new join."""
-        loop = asyncio.get_running_loop()
+        """Stay connected until `stop`."""
         backoff = 0.05
         while not stop.is_set():
             try:
-                admission = await self.join(self.name)
+                admission = await self.joiner.join(self.name)
                 self.stats.joins += 1
-                session = _Session(self, admission)
-                await loop.create_connection(
-                    functools.partial(_same, session), admission.host, admission.port
-                )
-            except (NoRelayYetError, OSError):
+                session = await self._connect(admission)
+            except NoRelayYetError as wait:
+                await _sleep_or_stop(stop, max(wait.retry_after, 0.05))
+                continue
+            except (OSError, aiohttp.ClientError):
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
-            ended: asyncio.Future[object] = session.ended  # type: ignore[assignment]
-            await asyncio.wait({stopped, ended}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            session.close()
+            outcome = await self._hold(session, stop)
             self.connected.clear()
-            outcome = session.ended.result() if session.ended.done() else "stopped"
             if outcome == "refused":
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 1.0)
             else:
                 backoff = 0.05
+
+    async def _connect(self, admission: Admission) -> _Session:
+        loop = asyncio.get_running_loop()
+        session = _Session(self, admission)
+        await loop.create_connection(
+            functools.partial(_same, session), admission.host, admission.port
+        )
+        return session
+
+    async def _hold(self, session: _Session, stop: asyncio.Event) -> str:
+        """Keep one session going, switching relays when told to move; how it ended."""
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                notice = asyncio.ensure_future(session.move_notice.wait())
+                ended = cast("asyncio.Future[Any]", session.ended)
+                await asyncio.wait({stopped, ended, notice}, return_when=asyncio.FIRST_COMPLETED)
+                notice.cancel()
+                if stop.is_set():
+                    session.close()
+                    return "stopped"
+                if session.ended.done():
+                    return session.ended.result()
+                session.move_notice.clear()
+                session = await self._relocate(session)
+        finally:
+            stopped.cancel()
+
+    async def _relocate(self, session: _Session) -> _Session:
+        """Connect to the relay the joiner names; leave the old one once welcomed there."""
+        try:
+            admission = await self.joiner.relocate(self.name, session.admission.pod)
+            if admission is None:
+                return session  # held: the relay will ask again
+            new = await self._connect(admission)
+        except (NoRelayYetError, OSError, aiohttp.ClientError):
+            return session
+        welcomed = asyncio.ensure_future(new.welcomed.wait())
+        ended = cast("asyncio.Future[Any]", new.ended)
+        await asyncio.wait({welcomed, ended}, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+        welcomed.cancel()
+        if not new.welcomed.is_set() or new.ended.done():
+            new.close()
+            return session
+        self._cause = f"relocated: {session.move_reason}"
+        session.close()
+        self.stats.relocations += 1
+        return new
 
     def _on_frame(self, body: bytes) -> None:
         seq, _ = FRAME_HEADER.unpack_from(body)
@@ -140,6 +205,10 @@ class _Session(asyncio.Protocol):
         self.decoder = Decoder()
         self.transport: asyncio.Transport | None = None
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.welcomed = asyncio.Event()
+        self.move_notice = asyncio.Event()
+        self.move_reason = ""
+        self._closed_by_us = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -159,14 +228,23 @@ class _Session(asyncio.Protocol):
             if message.kind is Kind.FRAME:
                 listener._on_frame(message.body)
             elif message.kind is Kind.WELCOME:
-                listener.stats.relays.append(f"{self.admission.host}:{self.admission.port}")
+                listener.stats.relays.append(self.admission.pod)
+                listener.pod = self.admission.pod
                 listener.connected.set()
-            elif message.kind in (Kind.MOVE, Kind.REFUSE):
+                self.welcomed.set()
+            elif message.kind is Kind.MOVE:
+                fields = message.fields()
+                self.move_reason = str(fields.get("reason", "?"))
+                listener.stats.moves[self.move_reason] += 1
+                if float(fields.get("grace") or 0) > 0:
+                    self.move_notice.set()
+                else:
+                    self._end("moved", f"moved: {self.move_reason}")
+                    return
+            elif message.kind is Kind.REFUSE:
                 reason = str(message.fields().get("reason", "?"))
-                moved = message.kind is Kind.MOVE
-                (listener.stats.moves if moved else listener.stats.refusals)[reason] += 1
-                self._end("moved" if moved else "refused",
-                          f"{'moved' if moved else 'refused'}: {reason}")  # fmt: skip
+                listener.stats.refusals[reason] += 1
+                self._end("refused", f"refused: {reason}")
                 return
 
     def _end(self, outcome: str, cause: str) -> None:
@@ -177,10 +255,12 @@ class _Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
-            self.listener.stats.disconnects += 1
+            if not self._closed_by_us:
+                self.listener.stats.disconnects += 1
             self._end("lost", "connection lost")
 
     def close(self) -> None:
+        self._closed_by_us = True
         if self.transport is not None:
             self.transport.close()
 
@@ -190,7 +270,7 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-class MapJoin:
+class MapJoiner:
     """Joins decided from the shard map and signed with the shared key: an edge's answer
     without the edge, for tests and the benchmark (no queue, no capacity check)."""
 
@@ -206,7 +286,7 @@ class MapJoin:
         self.maps, self.resolver, self.key = maps, resolver, key
         self.namespace, self.room, self.ticket_seconds = namespace, room, ticket_seconds
 
-    async def __call__(self, listener: str) -> Admission:
+    async def join(self, listener: str) -> Admission:
         shard_map = await self.maps.read()
         if shard_map is None:
             raise NoRelayYetError("no shard map yet")
@@ -217,12 +297,65 @@ class MapJoin:
         address = await self.resolver.relay_address(relay)
         if address is None:
             raise NoRelayYetError(f"relay {relay} has no address")
+        pod = relay_pod_name(self.room, relay)
         claims = {
             "listener": listener,
             "room": f"{self.namespace}/{self.room}",
-            "pod": relay_pod_name(self.room, relay),
+            "pod": pod,
             "shard": shard,
             "generation": shard_map.generation,
         }
         ticket = sign(self.key, "admit", claims, expires=time.time() + self.ticket_seconds)
-        return Admission(address[0], address[1], ticket)
+        return Admission(address[0], address[1], ticket, pod)
+
+    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+        try:
+            admission = await self.join(listener)
+        except NoRelayYetError:
+            return None
+        return None if admission.pod == current_pod else admission
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets) as the edge writes a relay's address."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class EdgeJoiner:
+    """Joins through the edge's HTTP API, keeping the queue ticket across retries."""
+
+    def __init__(self, session: aiohttp.ClientSession, edge_url: str, namespace: str,
+                 room: str) -> None:  # fmt: skip
+        self.session = session
+        self.base = f"{edge_url.rstrip('/')}/v1/rooms/{quote(namespace)}/{quote(room)}"
+        self.queue_tickets: dict[str, str] = {}
+        self.queued = 0
+        """Join answers that said "wait" (429)."""
+
+    async def join(self, listener: str) -> Admission:
+        body: dict[str, str] = {"listener": listener}
+        if listener in self.queue_tickets:
+            body["ticket"] = self.queue_tickets[listener]
+        async with self.session.post(f"{self.base}/join", json=body) as response:
+            answer = await response.json()
+            if response.status == 429:
+                self.queued += 1
+                self.queue_tickets[listener] = answer["ticket"]
+                raise NoRelayYetError("queued", float(response.headers.get("Retry-After", 1)))
+            if response.status != 200:
+                raise NoRelayYetError(str(answer.get("error")), 1.0)
+        self.queue_tickets.pop(listener, None)
+        host, port = split_address(answer["relay"])
+        return Admission(host, port, answer["ticket"], answer["pod"])
+
+    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+        url = f"{self.base}/listeners/{quote(listener)}"
+        async with self.session.get(url, params={"pod": current_pod}) as response:
+            if response.status != 200:
+                return None
+            answer = await response.json()
+        if not answer.get("moved") or not answer.get("ticket"):
+            return None
+        host, port = split_address(answer["relay"])
+        return Admission(host, port, answer["ticket"], answer["pod"])

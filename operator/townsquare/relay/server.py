@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,12 @@ class RelayConfig:
     host: str = "127.0.0.1"
     port: int = 7880
     migrations_per_minute: float = 1200.0
-    """This relay's share of the room's migration budget: moves it may ask per minute."""
+    """Moves this relay may announce per minute when the map does not carry the room's
+    budget; when it does, the relay takes its share (the budget over the map's relays)."""
+    move_grace: float = 30.0
+    """Seconds a listener told to move keeps receiving frames here before it is closed."""
+    renotify_seconds: float = 3.0
+    """A listener still here this long after a move notice (the edge held it) is told again."""
     map_interval: float = 1.0
     """Seconds between reads of the shard map."""
     retry_seconds: float = 0.5
@@ -81,8 +87,10 @@ class Relay(Hub):
         self.upstream_changed = asyncio.Event()
         self.frames_lost_upstream = 0
         self.reattachments = 0
-        self._move_queue: deque[tuple[str, str]] = deque()
+        self._move_queue: deque[str] = deque()
         self._queued: set[str] = set()
+        self._notified: dict[str, tuple[float, float]] = {}
+        """Listener -> (first notice, last notice), monotonic seconds."""
         self._move_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -179,6 +187,7 @@ class Relay(Hub):
         while True:
             await asyncio.sleep(self.config.map_interval)
             await self.refresh_map()
+            self.sweep_moves(time.monotonic())
 
     def apply_map(self, shard_map: ShardMap) -> None:
         """Drain, move listeners whose shard went elsewhere, re-attach if the parent moved."""
@@ -188,14 +197,7 @@ class Relay(Hub):
         if state == "draining" and not self.draining:
             log.info("draining", pod=self.config.pod, listeners=len(self.listeners))
         self.draining = state == "draining"
-        for name, connection in list(self.listeners.items()):
-            admitted = connection.admitted
-            if admitted is None:
-                continue
-            if self.draining:
-                self._queue_move(name, "draining")
-            elif self._moved_away(admitted.shard, admitted.generation):
-                self._queue_move(name, "shard-moved")
+        self.sweep_moves(time.monotonic())
         if previous is None or self._parent(previous) != self._parent(shard_map):
             self.upstream_changed.set()
 
@@ -206,36 +208,64 @@ class Relay(Hub):
 
     # -- moves, paced by the migration budget -----------------------------------------------
 
-    def _queue_move(self, name: str, reason: str) -> None:
-        if name not in self._queued:
-            self._queued.add(name)
-            self._move_queue.append((name, reason))
-            self._move_wakeup.set()
+    def move_reason(self, name: str) -> str | None:
+        """Why a connected listener should be elsewhere now, if it should."""
+        connection = self.listeners.get(name)
+        admitted = connection.admitted if connection else None
+        if admitted is None:
+            return None
+        if self.draining:
+            return "draining"
+        if self._moved_away(admitted.shard, admitted.generation):
+            return "shard-moved"
+        return None
+
+    def sweep_moves(self, now: float) -> None:
+        """Queue a notice for each listener that should move and was not told lately; close
+        those that outstayed the grace period."""
+        for name in list(self._notified):
+            if name not in self.listeners or self.move_reason(name) is None:
+                del self._notified[name]
+        for name, connection in list(self.listeners.items()):
+            reason = self.move_reason(name)
+            if reason is None:
+                continue
+            first, last = self._notified.get(name, (now, -math.inf))
+            if now - first > self.config.move_grace:
+                connection.move(f"{reason}-grace-over")
+            elif now - last >= self.config.renotify_seconds and name not in self._queued:
+                self._queued.add(name)
+                self._move_queue.append(name)
+                self._move_wakeup.set()
+
+    def moves_per_second(self) -> float:
+        budget = self.map.migrations_per_minute if self.map else None
+        if budget is not None:
+            return max(budget / 60.0 / max(1, len(self.map.relays) if self.map else 1), 0.01)
+        return max(self.config.migrations_per_minute / 60.0, 0.01)
 
     async def _pace_moves(self) -> None:
-        rate = max(self.config.migrations_per_minute / 60.0, 0.01)
-        burst = max(1.0, rate * 0.1)
-        tokens, last = burst, time.monotonic()
+        tokens, last = 1.0, time.monotonic()
         while True:
             if not self._move_queue:
                 self._move_wakeup.clear()
                 await self._move_wakeup.wait()
-                tokens, last = min(burst, tokens), time.monotonic()
+            rate = self.moves_per_second()
+            burst = max(1.0, rate * 0.1)
             now = time.monotonic()
             tokens = min(burst, tokens + (now - last) * rate)
             last = now
             if tokens < 1:
                 await asyncio.sleep((1 - tokens) / rate)
                 continue
-            name, reason = self._move_queue.popleft()
+            name = self._move_queue.popleft()
             self._queued.discard(name)
+            reason = self.move_reason(name)
             connection = self.listeners.get(name)
-            admitted = connection.admitted if connection else None
-            still = admitted is not None and (
-                self.draining or self._moved_away(admitted.shard, admitted.generation)
-            )
-            if connection is not None and still:
-                connection.move(reason)
+            if connection is not None and reason is not None:
+                first, _ = self._notified.get(name, (now, now))
+                self._notified[name] = (first, now)
+                connection.notify_move(reason, self.config.move_grace - (now - first))
                 tokens -= 1
 
     # -- the upstream -----------------------------------------------------------------------
