@@ -52,7 +52,7 @@ crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
 
 test: lint typecheck layers e2e-prerequisites chart-check
-	$(RUN) pytest -q
+	$(RUN) pytest -q -n 3
 
 clean:
 	rm -rf .venv .tools .mypy_cache .pytest_cache .ruff_cache
