@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds etcd, the Kubernetes control plane, kwok and kwokctl from their official Go
-# modules, pinned in this directory, into a cache keyed by version. A second run builds
-# nothing. Prints the bin directory on stdout's last line.
+# Builds etcd, the Kubernetes control plane, kwok and kwokctl, and Karpenter's kwok provider
+# from their official Go modules, pinned in this directory, into a cache keyed by version.
+# A second run builds nothing. Prints the bin directory on stdout's last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -42,4 +42,8 @@ build_into "$bin/kwok-v$KWOK_VERSION" "$here/kwok" \
 build_into "$bin/kubernetes-v$KUBE_VERSION" "$here/kubernetes" "$kube_ldflags" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler
+# Karpenter declares a newer Go than the machine's: the go command fetches that approved
+# toolchain through the module proxy, for this build only. The binary is <dir>/kwok.
+GOTOOLCHAIN=go1.27.3 build_into "$bin/karpenter-v$KARPENTER_VERSION" "$here/karpenter" \
+  "-X sigs.k8s.io/karpenter/pkg/operator.Version=v$KARPENTER_VERSION" sigs.k8s.io/karpenter/kwok
 echo "$bin"
