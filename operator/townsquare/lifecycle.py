@@ -17,12 +17,14 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
+from townsquare import headroom
 from townsquare.api.models import (
     AudioRoomSpec,
     AudioRoomStatus,
     Condition,
     ConditionStatus,
     ListenerStatus,
+    NodeHeadroomStatus,
     Phase,
     PlanStatus,
     RelayStatus,
@@ -94,6 +96,13 @@ class Observed:
     """The StatefulSet's current template revision."""
     pod_failures: tuple[tuple[datetime, str], ...] = ()
     """(when, the API server's reason) of the StatefulSet's failures to create relay pods."""
+    relays: headroom.Relays | None = None
+    """Relay pods that exist and those on a node; None: as many as are Ready."""
+    placeholders: tuple[headroom.Placeholder, ...] = ()
+    node_waits: tuple[float, ...] = ()
+    """Seconds the room's pods waited for a node (creation to scheduled), oldest first."""
+    pending_relays: tuple[tuple[str, str], ...] = ()
+    """(pod, the scheduler's reason) of relays not on a node."""
 
     @property
     def listeners(self) -> int | None:
@@ -125,6 +134,8 @@ class Outcome:
     """The room is being deleted and has drained: its children may go."""
     refused: bool = False
     """The room breaks the operator's tenant policy: nothing of it is to be applied."""
+    headroom: headroom.Headroom | None = None
+    """Placeholders to create and delete."""
 
 
 def occurrence_start(spec: AudioRoomSpec, now: datetime, previous: AudioRoomStatus) -> datetime:
@@ -355,6 +366,7 @@ def reconcile(
 
     rolling = {o for o, _ in step.draining} if step else set()
     ready = seen.ready_set()
+    nodes = _node_headroom(room, spec, previous, plan_status, phase, draft)
     rebalanced = rebalance(
         current_map,
         active=sorted(o for o in ready if o < accepting and o not in rolling),
@@ -398,6 +410,7 @@ def reconcile(
             config_map=shard_map_name(room), generation=rebalanced.map.generation
         ),
         rollout=_rollout_status(seen, replicas, step, previous.rollout),
+        node_headroom=_headroom_status(nodes),
         scaling_state=_persisted(state),
         conditions=draft.conditions,
     )
@@ -408,9 +421,52 @@ def reconcile(
         scaling_state=state,
         shard_map=rebalanced.map,
         decision=decision,
-        wake_at=wake_at,
+        wake_at=min((t for t in (wake_at, nodes.wake_at) if t), default=None),
         replace_relays=step.replace if step else (),
         released=seen.deleting_since is not None and phase == "Ended",
+        headroom=nodes,
+    )
+
+
+def _node_headroom(
+    room: str,
+    spec: AudioRoomSpec,
+    previous: AudioRoomStatus,
+    plan: PlanStatus,
+    phase: Phase,
+    draft: _Draft,
+) -> headroom.Headroom:
+    """Placeholders for nodes ahead of the plan, with their condition and Events."""
+    seen = draft.seen
+    kept = previous.node_headroom.longest_node_wait_seconds if previous.node_headroom else None
+    decision = headroom.decide(
+        room,
+        spec.node_headroom,
+        plan,
+        phase,
+        seen.relays or headroom.Relays(existing=seen.ready_relays, scheduled=seen.ready_relays),
+        seen.placeholders,
+        next((c for c in draft.conditions if c.type == headroom.CONDITION), None),
+        seen.now,
+        waits=(() if kept is None else (kept,)) + seen.node_waits,
+        deleting=seen.deleting_since is not None,
+    )
+    if decision.condition is not None:
+        update = decision.condition
+        draft.condition(headroom.CONDITION, update.status, update.reason, update.message)
+    for kind, reason, message in decision.events:
+        draft.event(kind, reason, message)
+    return decision
+
+
+def _headroom_status(decision: headroom.Headroom) -> NodeHeadroomStatus | None:
+    if decision.request_at is None:
+        return None
+    return NodeHeadroomStatus(
+        placeholders=decision.wanted,
+        lead_time=decision.lead,
+        request_at=decision.request_at,
+        longest_node_wait_seconds=decision.longest_wait,
     )
 
 
@@ -634,7 +690,7 @@ def _announce_warmup(
         draft.condition("PreWarmed", "True", "AllRelaysReady", f"{ready:,}/{planned:,} ready")
     elif phase == "Live" and was != "Live":
         if was != "Ready" and ready < planned:
-            message = f"{ready:,}/{planned:,} relays ready at the start"
+            message = f"{ready:,}/{planned:,} relays ready at the start" + _pending(draft.seen)
             draft.event(WARNING, "PreWarmIncomplete", message)
             draft.condition("PreWarmed", "False", "PreWarmIncomplete", message)
         elif was != "Ready":
@@ -642,6 +698,25 @@ def _announce_warmup(
         draft.event(NORMAL, "Live", f"the event started with {ready:,}/{planned:,} relays ready")
     elif phase == "PreWarming" and not any(c.type == "PreWarmed" for c in draft.conditions):
         draft.condition("PreWarmed", "False", "PreWarming", f"{ready:,}/{planned:,} relays ready")
+
+
+PENDING_NAMED = 5
+"""Pending relays named in an Event; the rest are counted."""
+
+
+def _pending(seen: Observed) -> str:
+    """Which relays wait for a node, and the scheduler's reason, grouped by reason."""
+    if not seen.pending_relays:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for pod, reason in seen.pending_relays:
+        by_reason.setdefault(reason or "not scheduled yet", []).append(pod)
+    parts = []
+    for reason, pods in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        named = ", ".join(pods[:PENDING_NAMED])
+        more = f" and {len(pods) - PENDING_NAMED:,} more" if len(pods) > PENDING_NAMED else ""
+        parts.append(f"{len(pods):,} Pending ({named}{more}): {reason}")
+    return "; " + "; ".join(parts)
 
 
 def _announce_scaling(decision: Decision, was: Phase | None, phase: Phase, draft: _Draft) -> None:

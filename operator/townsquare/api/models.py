@@ -29,6 +29,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 MAX_ROOM_NAME_LENGTH = 40
 """Longest room name whose children (`<room>-relay-<ordinal>`, `<room>-relays`) stay valid."""
 ROOM_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,21 @@ class MetricsSpec(ApiModel):
     """Prometheus for this room; the operator's default when empty."""
 
 
+class NodeHeadroomSpec(ApiModel):
+    """Placeholder pods that make the node autoscaler add nodes before the pre-warm."""
+
+    enabled: bool = False
+    """Create placeholders shaped like the relays a node lead time before prewarmAt."""
+    lead_time: Duration | None = None
+    """How long before prewarmAt to ask for nodes; measured from the room's waits when empty."""
+    priority_class_name: str = Field(
+        default="townsquare-headroom", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN
+    )
+    """A PriorityClass below the relays', so relays preempt the placeholders."""
+    image: str = Field(default="registry.k8s.io/pause:3.10", min_length=1, max_length=512)
+    """The placeholders' container image: it only sleeps."""
+
+
 class AudioRoomSpec(ApiModel):
     """An announced live audio event: when it starts and how many listeners are expected."""
 
@@ -293,6 +309,7 @@ class AudioRoomSpec(ApiModel):
     sharding: ShardingSpec = Field(default_factory=ShardingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    node_headroom: NodeHeadroomSpec = Field(default_factory=NodeHeadroomSpec)
 
 
 class ObjectMeta(BaseModel):
@@ -403,6 +420,16 @@ class ShardMapRef(ApiModel):
     generation: int = Field(ge=0)
 
 
+class NodeHeadroomStatus(ApiModel):
+    """Placeholders held for the room's relays, and the node lead time they were made with."""
+
+    placeholders: int = Field(default=0, ge=0)
+    lead_time: Duration
+    request_at: Timestamp
+    longest_node_wait_seconds: float | None = Field(default=None, ge=0)
+    """The longest a pod of this room waited for a node: the measured lead time's basis."""
+
+
 class AudioRoomStatus(ApiModel):
     """What the operator observed and decided, for people and for its own restarts."""
 
@@ -413,6 +440,7 @@ class AudioRoomStatus(ApiModel):
     listeners: ListenerStatus | None = None
     shard_map: ShardMapRef | None = None
     rollout: RolloutStatus | None = None
+    node_headroom: NodeHeadroomStatus | None = None
     scaling_state: Annotated[
         dict[str, Any] | None,
         WithJsonSchema(
