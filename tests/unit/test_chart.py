@@ -159,7 +159,7 @@ def test_rbac_is_least_privilege_in_both_modes() -> None:
         assert ("apps", "statefulsets", "patch") in granted
         assert ("", "events", "create") in granted
         assert ("", "pods", "get") not in granted
-        assert ("", "pods", "create") not in granted
+        assert ("", "pods", "create") in granted, "node headroom placeholders are made"
         assert ("", "pods", "delete") in granted, "drained relays are replaced in a rollout"
         assert ("", "events", "list") in granted, "FailedCreate of relay pods"
         assert ("apps", "deployments", "patch") not in granted
@@ -517,3 +517,16 @@ def test_the_tenant_policy_can_be_left_out_but_the_operator_keeps_its_flags() ->
     (deployment,) = of_kind(docs, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--free-promql-namespaces=" in args, "no free PromQL unless listed"
+
+
+def test_the_chart_ships_the_headroom_priority_class_rooms_default_to() -> None:
+    from townsquare.api.models import NodeHeadroomSpec
+
+    (priority_class,) = of_kind(render(), "PriorityClass")
+    assert priority_class["metadata"]["name"] == NodeHeadroomSpec().priority_class_name
+    assert -10 <= priority_class["value"] < 0, "below relays, above the autoscaler's cutoff"
+    assert priority_class["preemptionPolicy"] == "Never"
+    assert priority_class["globalDefault"] is False
+    assert not of_kind(
+        render({"nodeHeadroom": {"priorityClass": {"create": False}}}), "PriorityClass"
+    )

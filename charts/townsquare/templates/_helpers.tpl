@@ -66,7 +66,9 @@ What the operator does in the namespaces it serves, and nothing more:
   readiness, the shard map ConfigMap to carry it across restarts, relay pods are watched
   (one shared index) for their readiness, start-up times and template revision.
 - Relay pods: deleted one drained relay at a time during a rollout, so that the StatefulSet
-  (updateStrategy OnDelete) brings it back with the new template. The only delete granted.
+  (updateStrategy OnDelete) brings it back with the new template.
+- Node headroom placeholder pods: created ahead of a pre-warm and deleted as relays take
+  their place (the only pods the operator creates).
 - Events: created on AudioRooms; listed to read the StatefulSet's FailedCreate (the API
   server's reason for refusing relay pods).
 Secrets are absent on purpose.
@@ -95,7 +97,7 @@ Secrets are absent on purpose.
   verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]
