@@ -25,7 +25,8 @@ import kopf
 
 from townsquare import observability
 from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
-from townsquare.kube import children
+from townsquare.headroom import Placeholder
+from townsquare.kube import children, placeholders
 from townsquare.kube.client import Cluster, RelayPod, child_version, load_config, relay_pod
 from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
 from townsquare.metrics import (
@@ -389,6 +390,36 @@ async def relay_pod_changed(
     _runtime(memo).wake(namespace, labels.get(children.ROOM_LABEL))
 
 
+@kopf.index(
+    "v1",
+    "pods",
+    labels={children.COMPONENT_LABEL: placeholders.COMPONENT},
+    when=_serves_owner,
+    registry=REGISTRY,
+)
+def placeholder_index(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, Placeholder] | None:
+    """Every served room's node headroom placeholders, from one shared watch."""
+    room = str(labels.get(children.ROOM_LABEL, ""))
+    pod = placeholders.placeholder(body) if namespace and room else None
+    return {(namespace, room): pod} if pod and namespace else None
+
+
+@kopf.on.event(
+    "v1",
+    "pods",
+    labels={children.COMPONENT_LABEL: placeholders.COMPONENT},
+    when=_serves_owner,
+    registry=REGISTRY,
+)
+async def placeholder_changed(
+    namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any
+) -> None:
+    """A placeholder found its node or was preempted by a relay: its room looks again."""
+    _runtime(memo).wake(namespace, labels.get(children.ROOM_LABEL))
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=_serves, registry=REGISTRY)
 async def run_room(
     name: str,
@@ -400,6 +431,7 @@ async def run_room(
 ) -> None:
     """Reconcile the room, then sleep until its next deadline or a poke."""
     pod_index: kopf.Index[Key, RelayPod] = kwargs["relay_pod_index"]
+    held_index: kopf.Index[Key, Placeholder] = kwargs["placeholder_index"]
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
@@ -411,11 +443,12 @@ async def run_room(
         while not stopped:
             state.poke.clear()
             pods = sorted(pod_index.get(key, ()), key=lambda pod: pod.ordinal)
+            holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
             runtime.reconciling[key] = time.monotonic()
             try:
                 with observability.time_reconcile():
                     wake_at = await asyncio.to_thread(
-                        reconcile_room, runtime, state, namespace, name, pods
+                        reconcile_room, runtime, state, namespace, name, pods, holding
                     )
                 delay = _seconds_until(wake_at)
             except Exception:
@@ -490,14 +523,22 @@ for _group_version, _plural, _kind in [
 
 
 def reconcile_room(
-    runtime: Runtime, state: RoomState, namespace: str, name: str, pods: list[RelayPod]
+    runtime: Runtime,
+    state: RoomState,
+    namespace: str,
+    name: str,
+    pods: list[RelayPod],
+    holding: tuple[Placeholder, ...] = (),
 ) -> datetime | None:
     """One pass for one room: read, decide, write. Returns when to look again."""
     cluster = runtime.cluster
     room = cluster.read_room(namespace, name)
     if room["metadata"].get("deletionTimestamp"):
         # Deletion bumps a custom resource's generation: reconciling now would re-plan a
-        # room that is going away, and post Events about it.
+        # room that is going away, and post Events about it. Its placeholders go at once
+        # (they would hold nodes until the garbage collector came by).
+        for pod in holding:
+            cluster.delete_pod(namespace, pod.name)
         return None
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
@@ -513,6 +554,7 @@ def reconcile_room(
         ready_since = {pod.ordinal: pod.ready_since for pod in pods if pod.ready_since}
         metrics = covering(aged(reading, now, max_age), ready_since, now, max_age)
     ready = frozenset(pod.ordinal for pod in pods if pod.ready)
+    nodes = placeholders.room_nodes(name, pods, holding)
     held = state.shard_map
     shard_map = held.expand() if isinstance(held, EmptyMap) else held
     if held is None:
@@ -526,6 +568,10 @@ def reconcile_room(
         startups=tuple(
             (pod.created, seconds) for pod in pods if (seconds := pod.startup_seconds) is not None
         ),
+        relays=nodes.relays,
+        placeholders=holding,
+        node_waits=nodes.waits,
+        pending_relays=nodes.pending_relays,
     )
     scaling = state.scaling or stored_scaling_state(previous)
     outcome = reconcile(name, spec, previous, seen, scaling, shard_map, state.shard_map_at)
@@ -540,6 +586,7 @@ def reconcile_room(
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
     _apply_children(cluster, state, room, spec, outcome)
+    _apply_headroom(cluster, room, spec, outcome)
     _observe(namespace, name, spec, outcome)
     return outcome.wake_at
 
@@ -606,6 +653,20 @@ def _apply_children(
 
 class ChildApplyError(Exception):
     """Some children were refused; the others were applied, and the room retries."""
+
+
+def _apply_headroom(
+    cluster: Cluster, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
+) -> None:
+    """Placeholders: the excess deleted, the missing created."""
+    if outcome.headroom is None:
+        return
+    meta = room["metadata"]
+    for name in outcome.headroom.delete:
+        cluster.delete_pod(meta["namespace"], name)
+    for name in outcome.headroom.create:
+        pod = placeholders.placeholder_pod(meta["name"], meta["namespace"], meta["uid"], spec, name)
+        cluster.create_pod(pod)
 
 
 def _write_status(

@@ -4,6 +4,7 @@ every phase (re-planned down and deleted rooms included)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,7 +21,13 @@ from townsquare.api.models import (
 )
 from townsquare.headroom import Placeholder, Relays, decide, node_lead_time, wanted_placeholders
 from townsquare.kube.children import relay_stateful_set
-from townsquare.kube.placeholders import placeholder_pod, placeholder_selector
+from townsquare.kube.client import relay_pod
+from townsquare.kube.placeholders import (
+    placeholder,
+    placeholder_pod,
+    placeholder_selector,
+    room_nodes,
+)
 from townsquare.lifecycle import Observed, Outcome, reconcile
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
@@ -365,3 +372,29 @@ def test_a_placeholder_asks_for_what_a_relay_asks_for() -> None:
     assert not relay_labels["matchLabels"].items() <= pod["metadata"]["labels"].items(), (
         "a placeholder is never counted as a relay"
     )
+
+
+def test_the_rooms_pods_say_which_relays_wait_for_a_node_and_how_long_pods_waited() -> None:
+    created = "2026-12-01T22:50:00Z"
+
+    def pod(
+        name: str, node: str | None, scheduled: str | None, message: str = ""
+    ) -> dict[str, Any]:
+        condition = {"type": "PodScheduled", "status": "True" if node else "False"}
+        condition |= {"lastTransitionTime": scheduled} if scheduled else {"message": message}
+        return {
+            "metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"nodeName": node} if node else {},
+            "status": {"conditions": [condition]},
+        }
+
+    reason = "0/3 nodes are available: 3 Insufficient cpu."
+    relays = [
+        relay_pod(pod("room-relay-0", "n1", "2026-12-01T22:50:40Z"), "room"),
+        relay_pod(pod("room-relay-1", None, None, reason), "room"),
+    ]
+    held = [placeholder(pod("room-headroom-0", "n2", "2026-12-01T22:50:30Z"))]
+    nodes = room_nodes("room", [r for r in relays if r], [p for p in held if p])
+    assert nodes.relays == Relays(existing=2, scheduled=1)
+    assert nodes.pending_relays == (("room-relay-1", reason),)
+    assert sorted(nodes.waits) == [30.0, 40.0]

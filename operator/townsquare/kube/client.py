@@ -54,6 +54,10 @@ class RelayPod:
     created: datetime
     ready_since: datetime | None
     restarted: bool = False
+    scheduled_at: datetime | None = None
+    """When it was bound to a node; None while Pending."""
+    unscheduled: str = ""
+    """The scheduler's reason while Pending (why no node fits)."""
 
     @property
     def startup_seconds(self) -> float | None:
@@ -79,13 +83,29 @@ def relay_pod(body: Mapping[str, Any], room: str) -> RelayPod | None:
         _timestamp(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
     )
     restarts = sum(c.get("restartCount") or 0 for c in status.get("containerStatuses") or [])
+    scheduled_at, unscheduled = scheduling(body)
     return RelayPod(
         ordinal=int(match.group(1)),
         ready=ready_since is not None,
         created=created,
         ready_since=ready_since,
         restarted=restarts > 0,
+        scheduled_at=scheduled_at,
+        unscheduled=unscheduled,
     )
+
+
+def scheduling(body: Mapping[str, Any]) -> tuple[datetime | None, str]:
+    """When the pod was bound to a node, or (None and) the scheduler's reason why not."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    scheduled: Mapping[str, Any] = next(
+        (c for c in conditions if c.get("type") == "PodScheduled"), {}
+    )
+    if (body.get("spec") or {}).get("nodeName"):
+        return _timestamp(scheduled.get("lastTransitionTime")) or _timestamp(
+            (body.get("metadata") or {}).get("creationTimestamp")
+        ), ""
+    return None, str(scheduled.get("message") or scheduled.get("reason") or "")
 
 
 def _timestamp(value: Any) -> datetime | None:
@@ -156,6 +176,26 @@ class Cluster:
         pods = json.loads(response.data)
         found = [pod for body in pods.get("items", []) if (pod := relay_pod(body, room))]
         return sorted(found, key=lambda p: p.ordinal)
+
+    def create_pod(self, manifest: Manifest) -> None:
+        """Create a pod; one that exists already (a pass repeated) is left as it is."""
+        try:
+            self.core.create_namespaced_pod(
+                manifest["metadata"]["namespace"], manifest, _request_timeout=self.timeout
+            )
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod at once; one already gone is fine."""
+        try:
+            self.core.delete_namespaced_pod(
+                name, namespace, grace_period_seconds=0, _request_timeout=self.timeout
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
         """A ConfigMap's data; empty when it does not exist yet."""

@@ -10,9 +10,13 @@ a container that only sleeps, no grace period.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from townsquare.api.models import AudioRoomSpec
+from townsquare.api.names import relay_set_name
+from townsquare.headroom import Placeholder, Relays
 from townsquare.kube.children import (
     COMPONENT_LABEL,
     ROOM_LABEL,
@@ -20,6 +24,7 @@ from townsquare.kube.children import (
     _metadata,
     relay_stateful_set,
 )
+from townsquare.kube.client import RelayPod, _timestamp, scheduling
 
 COMPONENT = "headroom"
 SCHEDULING_FIELDS = (
@@ -81,3 +86,47 @@ def placeholder_pod(
         "metadata": _metadata(room, namespace, uid, name, COMPONENT),
         "spec": pod_spec,
     }
+
+
+@dataclass(frozen=True)
+class RoomNodes:
+    """What the room's pods say about nodes: relays on nodes, waits, Pending relays."""
+
+    relays: Relays
+    waits: tuple[float, ...]
+    """Seconds from creation to a node, of every pod that has one, oldest first."""
+    pending_relays: tuple[tuple[str, str], ...]
+    """(relay pod, the scheduler's reason) of relays on no node yet."""
+
+
+def placeholder(body: Mapping[str, Any]) -> Placeholder | None:
+    """A placeholder from its API object (as a watch delivers it); None once going away."""
+    meta = body.get("metadata") or {}
+    created = _timestamp(meta.get("creationTimestamp"))
+    if meta.get("deletionTimestamp") or created is None:
+        return None
+    return Placeholder(name=meta.get("name", ""), created=created, scheduled_at=scheduling(body)[0])
+
+
+def room_nodes(
+    room: str, relays: Iterable[RelayPod], placeholders: Iterable[Placeholder]
+) -> RoomNodes:
+    """Relays on nodes and waiting for one, and how long the room's pods waited for nodes."""
+    relays = list(relays)
+    bound: list[RelayPod | Placeholder] = [*relays, *placeholders]
+    waits = sorted(
+        (pod.created, (pod.scheduled_at - pod.created).total_seconds())
+        for pod in bound
+        if pod.scheduled_at is not None
+    )
+    return RoomNodes(
+        relays=Relays(
+            existing=len(relays), scheduled=sum(1 for p in relays if p.scheduled_at is not None)
+        ),
+        waits=tuple(max(0.0, seconds) for _, seconds in waits),
+        pending_relays=tuple(
+            (f"{relay_set_name(room)}-{pod.ordinal}", pod.unscheduled)
+            for pod in sorted(relays, key=lambda p: p.ordinal)
+            if pod.scheduled_at is None
+        ),
+    )

@@ -1,0 +1,152 @@
+"""Karpenter's kwok provider on the local cluster: the process, and node pools for a test.
+
+The process is hack/cluster/karpenter/run.sh (the real Karpenter, built from its module);
+each test gets NodePools of its own, labelled and tainted so that only the pods it means to
+place there fit their nodes.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from harness import REPO, wait_until
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+RUN_SCRIPT = REPO / "hack" / "cluster" / "karpenter" / "run.sh"
+POOL_LABEL = "townsquare.dev/e2e-pool"
+KARPENTER = ("karpenter.sh", "v1")
+KWOK = ("karpenter.kwok.sh", "v1alpha1")
+INSTANCE_TYPE = "c-4x-amd64-linux"
+"""4 CPU: one relay asking for 3 CPU per node, so a plan of N relays needs N nodes."""
+
+
+class Karpenter:
+    """`run.sh` in its own process, with its log in a file."""
+
+    def __init__(self, kubeconfig: Path, log: Path, **options: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {"PATH": "/usr/local/go/bin:/usr/bin:/bin", "HOME": str(Path.home())}
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                [str(RUN_SCRIPT), str(self.kubeconfig)],
+                env={**env, **self.options},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class NodePools:
+    """NodePools and their KWOKNodeClasses for one test, removed with their nodes at the end."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.names: list[str] = []
+
+    def create(self, name: str, registration_delay: str, *, consolidate_after: str = "0s") -> None:
+        """A pool whose nodes appear `registration_delay` after Karpenter asks for them,
+        carry `POOL_LABEL=name` and a NoSchedule taint of the same, and are removed once empty."""
+        node_class = {
+            "apiVersion": "/".join(KWOK),
+            "kind": "KWOKNodeClass",
+            "metadata": {"name": name},
+            "spec": {"nodeRegistrationDelay": registration_delay},
+        }
+        pool = {
+            "apiVersion": "/".join(KARPENTER),
+            "kind": "NodePool",
+            "metadata": {"name": name},
+            "spec": {
+                "disruption": {
+                    "consolidationPolicy": "WhenEmpty",
+                    "consolidateAfter": consolidate_after,
+                    "budgets": [{"nodes": "100%"}],
+                },
+                "template": {
+                    "metadata": {"labels": {POOL_LABEL: name}},
+                    "spec": {
+                        "expireAfter": "Never",
+                        "taints": [{"key": POOL_LABEL, "value": name, "effect": "NoSchedule"}],
+                        "requirements": [
+                            {
+                                "key": "node.kubernetes.io/instance-type",
+                                "operator": "In",
+                                "values": [INSTANCE_TYPE],
+                            },
+                            {
+                                "key": "karpenter.sh/capacity-type",
+                                "operator": "In",
+                                "values": ["on-demand"],
+                            },
+                        ],
+                        "nodeClassRef": {
+                            "group": KWOK[0],
+                            "kind": "KWOKNodeClass",
+                            "name": name,
+                        },
+                    },
+                },
+            },
+        }
+        self.custom.create_cluster_custom_object(*KWOK, "kwoknodeclasses", node_class)
+        self.custom.create_cluster_custom_object(*KARPENTER, "nodepools", pool)
+        self.names.append(name)
+        wait_until(lambda: self._ready(name), 60, f"Karpenter to mark NodePool {name} Ready")
+
+    def _ready(self, name: str) -> bool:
+        pool = self.custom.get_cluster_custom_object(*KARPENTER, "nodepools", name)
+        conditions = (pool.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def nodes(self, name: str) -> list[client.V1Node]:
+        return list(self.core.list_node(label_selector=f"{POOL_LABEL}={name}").items)
+
+    def node_claims(self, name: str) -> list[dict[str, Any]]:
+        claims = self.custom.list_cluster_custom_object(
+            *KARPENTER, "nodeclaims", label_selector=f"karpenter.sh/nodepool={name}"
+        )
+        return list(claims["items"])
+
+    def delete_all(self) -> None:
+        """Delete the pools (Karpenter then removes their nodes), waiting until they are gone."""
+        for name in self.names:
+            for plural, group in (("nodepools", KARPENTER), ("kwoknodeclasses", KWOK)):
+                try:
+                    self.custom.delete_cluster_custom_object(*group, plural, name)
+                except ApiException as error:
+                    if error.status != 404:
+                        raise
+        for name in self.names:
+            wait_until(lambda name=name: not self.node_claims(name), 120, f"{name}'s nodes gone")
+
+
+def ready_since(node: client.V1Node) -> float | None:
+    """When the node became Ready (epoch seconds), as the API server recorded it."""
+    ready = next((c for c in node.status.conditions or [] if c.type == "Ready"), None)
+    if ready is None or ready.status != "True":
+        return None
+    return float(ready.last_transition_time.timestamp())
