@@ -7,10 +7,11 @@ UV := $(PY_TOOLS)/uv
 UV_VERSION := 0.13.9
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean demo
+.PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean demo demo-nodes
 
 help:
 	@echo "make demo      a launch surge on a local cluster, with a report (out/demo/)"
+	@echo "make demo-nodes  the same where relays wait for nodes Karpenter adds, with node headroom"
 	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
 	@echo "make unit      the fast tests only (no cluster)"
 	@echo "make bench     the policy benchmark (docs/benchmarks.md)"

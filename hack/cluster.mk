@@ -2,9 +2,10 @@
 PROMETHEUS := /usr/bin/prometheus
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: cluster-binaries cluster-up cluster-down prometheus e2e-prerequisites e2e
+.PHONY: cluster-binaries cluster-up cluster-down karpenter prometheus e2e-prerequisites e2e
 
-# Cached by version under ~/.cache/townsquare: only the first run builds (~6 min on 2 cores).
+# Cached by version under ~/.cache/townsquare: only the first run builds (~6 min on 2 cores,
+# and about as long again for Karpenter's kwok provider).
 cluster-binaries:
 	hack/cluster/build.sh >/dev/null
 
@@ -25,3 +26,7 @@ e2e-prerequisites: venv cluster-binaries prometheus
 
 e2e: e2e-prerequisites
 	$(RUN) pytest -m e2e -q tests/e2e
+
+# Karpenter's kwok provider against the local cluster, in the foreground (Ctrl-C stops it).
+karpenter: cluster-up
+	hack/cluster/karpenter/run.sh "$$(hack/cluster/cluster.sh status)"

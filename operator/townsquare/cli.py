@@ -296,6 +296,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 Path(args.out),
                 crd_dir=Path(args.crds),
                 start_in=args.start_in,
+                nodes=args.nodes,
             )
     except demo.DemoError as exc:
         print(f"townsquare: demo failed: {exc}", file=sys.stderr)
@@ -631,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--start-in", type=parse_seconds, default=60.0, help="start after this")
     show.add_argument("--crds", default="crds", help="directory of the CRDs to install")
     show.add_argument("--out", default="out/demo", help="directory of the report")
+    show.add_argument(
+        "--nodes",
+        action="store_true",
+        help="relays fit only on nodes Karpenter's kwok provider adds; node headroom asks "
+        "for them ahead of the pre-warm (run from the repository: make demo-nodes)",
+    )
     show.set_defaults(handler=_cmd_demo)
 
     relay = commands.add_parser("relay", help="the reference relay for one room (one pod)")

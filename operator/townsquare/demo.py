@@ -4,11 +4,16 @@ It installs the CRD, starts a Prometheus of its own, the operator and the load g
 processes of their own, applies the example room to start about a minute later, prints what
 happens while it happens, and writes a report (HTML and PNG) from what the API server and
 Prometheus recorded. Everything it started is stopped again, also on Ctrl-C or SIGTERM.
+
+`--nodes` plays the same launch where relays fit only on nodes that Karpenter's kwok
+provider adds (each takes NODE_DELAY to come), with node headroom asking for them ahead of
+the pre-warm; the report marks when nodes were requested and when they were ready.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import os
@@ -36,6 +41,8 @@ from kubernetes.client.rest import ApiException
 
 from townsquare.api.manifest import load_yaml, parse_room
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION, AudioRoom
+from townsquare.kube import karpenter
+from townsquare.kube.placeholders import headroom_priority_class
 from townsquare.metrics import escape_label_value
 from townsquare.planning import plan_room
 
@@ -47,6 +54,15 @@ SETTLE_SECONDS = 60.0
 """Allowance beyond the room's own end and drain timeout before the demo gives up."""
 SETTLE_EVENTS_SECONDS = 2.0
 Progress = Callable[[str], None]
+
+NODE_POOL = "townsquare-demo"
+NODE_LABEL = "townsquare.dev/demo-pool"
+NODE_DELAY = "20s"
+"""From a NodeClaim to its node in the nodes scene (a cloud takes minutes; 20 min at 60x)."""
+NODE_INSTANCE_TYPE = "c-16x-amd64-linux"
+"""16 CPU: five relays of 3 CPU per node."""
+NODE_LEAD = "40s"
+NODE_REASONS = {"NodesRequested": "nodes requested", "NodesReady": "nodes ready"}
 
 
 class DemoError(RuntimeError):
@@ -308,22 +324,29 @@ def run_demo(
     start_in: float = 60.0,
     progress: Progress = print,
     before_teardown: Callable[[Running], None] | None = None,
+    nodes: bool = False,
+    karpenter_script: Path = Path("hack/cluster/karpenter/run.sh"),
 ) -> Report:
     """Play `trace` at `speed` against the room in `room_template`, starting in `start_in`s.
 
     Creates `namespace` unless it exists, and deletes it at the end only if it created it.
-    `before_teardown` sees the run while Prometheus and the room are still there.
+    `before_teardown` sees the run while Prometheus and the room are still there. `nodes`:
+    the nodes scene, with Karpenter started by `karpenter_script`.
     """
     began = time.time()
     _plotting()  # fail before anything starts, not after the run
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest, room = _room(room_template, namespace, start_in)
+    manifest, room = _room(room_template, namespace, start_in, nodes=nodes)
     env = {**os.environ, "KUBECONFIG": str(kubeconfig.resolve())}
     api = config.new_client_from_config(config_file=str(kubeconfig))
     with tempfile.TemporaryDirectory(prefix="townsquare-demo-") as tmp, ExitStack() as cleanup:
         cleanup.callback(api.close)
         progress(f"installing the AudioRoom CRD from {crd_dir}")
         install_crds(api, crd_dir)
+        if nodes:
+            _start_nodes(api, kubeconfig, karpenter_script, out_dir, cleanup, progress)
+            # The start counts from now: Karpenter took a while to come up.
+            manifest, room = _room(room_template, namespace, start_in, nodes=nodes)
         if _ensure_namespace(api, namespace):
             cleanup.callback(_delete_namespace, api, namespace, progress)
         load_port = free_loopback_port()
@@ -371,8 +394,70 @@ def run_demo(
     return report
 
 
-def _room(template: Path, namespace: str, start_in: float) -> tuple[dict[str, Any], AudioRoom]:
-    """The manifest to apply (start `start_in` seconds from now) and its validated model."""
+def _start_nodes(
+    api: client.ApiClient,
+    kubeconfig: Path,
+    script: Path,
+    out_dir: Path,
+    cleanup: ExitStack,
+    progress: Progress,
+) -> None:
+    """Karpenter, the headroom PriorityClass, and a node pool only the demo's relays fit."""
+    if not script.is_file():
+        raise DemoError(f"{script} not found: run the nodes scene from the repository")
+    progress(f"starting Karpenter's kwok provider (nodes take {NODE_DELAY} to come)")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home())}
+    process = Child.start(
+        "karpenter", [str(script), str(kubeconfig.resolve())], out_dir / "karpenter.log", env
+    )
+    cleanup.callback(process.stop)
+    custom = client.CustomObjectsApi(api)
+    _poll(lambda: _served(api, "nodepools.karpenter.sh"), 120, "Karpenter's CRDs")
+    priority = headroom_priority_class("townsquare-headroom")
+    with contextlib.suppress(ApiException):  # the chart's, or an earlier run's
+        client.SchedulingV1Api(api).create_priority_class(priority)
+    custom.create_cluster_custom_object(
+        *karpenter.KWOK, "kwoknodeclasses", karpenter.kwok_node_class(NODE_POOL, NODE_DELAY)
+    )
+    pool = karpenter.node_pool(NODE_POOL, NODE_LABEL, instance_type=NODE_INSTANCE_TYPE)
+    custom.create_cluster_custom_object(*karpenter.KARPENTER, "nodepools", pool)
+    cleanup.callback(_delete_nodes, custom, progress)
+
+    def pool_ready() -> bool:
+        found = custom.get_cluster_custom_object(*karpenter.KARPENTER, "nodepools", NODE_POOL)
+        conditions = (found.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    _poll(pool_ready, 60, "Karpenter to take the node pool")
+
+
+def _served(api: client.ApiClient, crd: str) -> bool:
+    return _established(client.ApiextensionsV1Api(api), crd)
+
+
+def _delete_nodes(custom: client.CustomObjectsApi, progress: Progress) -> None:
+    """The pool and its nodes go before Karpenter stops (it removes what it added)."""
+    progress("removing the demo's node pool and its nodes")
+    for group, plural in ((karpenter.KARPENTER, "nodepools"), (karpenter.KWOK, "kwoknodeclasses")):
+        with contextlib.suppress(ApiException):
+            custom.delete_cluster_custom_object(*group, plural, NODE_POOL)
+
+    def claims_gone() -> bool:
+        claims = custom.list_cluster_custom_object(
+            *karpenter.KARPENTER, "nodeclaims", label_selector=f"karpenter.sh/nodepool={NODE_POOL}"
+        )
+        return not claims["items"]
+
+    with contextlib.suppress(DemoError):
+        _poll(claims_gone, 60, "Karpenter to remove the demo's nodes")
+
+
+def _room(
+    template: Path, namespace: str, start_in: float, *, nodes: bool = False
+) -> tuple[dict[str, Any], AudioRoom]:
+    """The manifest to apply (start `start_in` seconds from now) and its validated model.
+
+    The nodes scene puts relays (3 CPU each) on the demo's node pool only, with headroom."""
     try:
         manifest = load_yaml(template.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -382,6 +467,11 @@ def _room(template: Path, namespace: str, start_in: float) -> tuple[dict[str, An
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=round(start_in))
     manifest["metadata"] = {**(manifest.get("metadata") or {}), "namespace": namespace}
     manifest["spec"]["startTime"] = start.isoformat().replace("+00:00", "Z")
+    if nodes:
+        relay = manifest["spec"]["relay"]
+        relay.update(karpenter.relays_on_pool(NODE_LABEL, NODE_POOL))
+        relay["resources"] = {"requests": {"cpu": "3", "memory": "1Gi"}}
+        manifest["spec"]["nodeHeadroom"] = {"enabled": True, "leadTime": NODE_LEAD}
     return manifest, parse_room(yaml.safe_dump(manifest))
 
 
@@ -715,9 +805,17 @@ def plot_report(report: Report, path: Path) -> None:
     busiest.set_ylabel("listeners")
     busiest.legend(loc="lower right", fontsize=8)
     busiest.set_xlabel(f"minutes from the start, event time (played at {report.speed:g}x)")
+    marks = [(e, NODE_REASONS[e.reason]) for e in report.events if e.reason in NODE_REASONS]
     for axis in (people, relays, busiest):
         axis.axvline(0, color="black", linewidth=0.8, alpha=0.5)
+        for event, _ in marks:
+            axis.axvline(_event_minutes(event.at, report), color="tab:purple", linewidth=0.9,
+                         linestyle="-." if event.reason == "NodesRequested" else "-")  # fmt: skip
         axis.grid(alpha=0.3)
+    for event, label in marks:
+        where = (_event_minutes(event.at, report), 1)
+        people.annotate(label, where, xycoords=("data", "axes fraction"), rotation=90, va="top",
+                        ha="right", fontsize=8, color="tab:purple")  # fmt: skip
     figure.suptitle(f"AudioRoom {report.namespace}/{report.room}: {report.figures.events} Events")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
@@ -751,6 +849,7 @@ td.Warning {{ color: #b35900; font-weight: bold; }}
 <h1>{html.escape(title)}</h1>
 <p>Started {_clock(report.start_time)}, played at {report.speed:g}x; the run took
 {report.elapsed_seconds:.0f}s. {html.escape(report.summary())}.</p>
+{_nodes_paragraph(report)}
 <h2>Headline figures</h2>
 <table>
 {figures}
@@ -765,6 +864,20 @@ td.Warning {{ color: #b35900; font-weight: bold; }}
 </table>
 </body></html>
 """
+
+
+def _nodes_paragraph(report: Report) -> str:
+    """When nodes were requested and ready (node headroom), if the room asked for any."""
+    start = report.start_time.timestamp()
+    marks = [
+        f'<span data-nodes="{e.reason}">{NODE_REASONS[e.reason]} at {_since(e.at, start)} '
+        f"({_event_minutes(e.at, report):+.0f} min event time)</span>"
+        for e in report.events
+        if e.reason in NODE_REASONS
+    ]
+    if not marks:
+        return ""
+    return f"<p>Node headroom: {'; '.join(marks)}.</p>"
 
 
 def write_report(report: Report) -> None:

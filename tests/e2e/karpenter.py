@@ -16,12 +16,10 @@ from harness import REPO, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from townsquare.kube.karpenter import KARPENTER, KWOK, kwok_node_class, node_pool
+
 RUN_SCRIPT = REPO / "hack" / "cluster" / "karpenter" / "run.sh"
 POOL_LABEL = "townsquare.dev/e2e-pool"
-KARPENTER = ("karpenter.sh", "v1")
-KWOK = ("karpenter.kwok.sh", "v1alpha1")
-INSTANCE_TYPE = "c-4x-amd64-linux"
-"""4 CPU: one relay asking for 3 CPU per node, so a plan of N relays needs N nodes."""
 
 
 class Karpenter:
@@ -67,51 +65,11 @@ class NodePools:
         self.core = client.CoreV1Api(api)
         self.names: list[str] = []
 
-    def create(self, name: str, registration_delay: str, *, consolidate_after: str = "0s") -> None:
+    def create(self, name: str, registration_delay: str) -> None:
         """A pool whose nodes appear `registration_delay` after Karpenter asks for them,
-        carry `POOL_LABEL=name` and a NoSchedule taint of the same, and are removed once empty."""
-        node_class = {
-            "apiVersion": "/".join(KWOK),
-            "kind": "KWOKNodeClass",
-            "metadata": {"name": name},
-            "spec": {"nodeRegistrationDelay": registration_delay},
-        }
-        pool = {
-            "apiVersion": "/".join(KARPENTER),
-            "kind": "NodePool",
-            "metadata": {"name": name},
-            "spec": {
-                "disruption": {
-                    "consolidationPolicy": "WhenEmpty",
-                    "consolidateAfter": consolidate_after,
-                    "budgets": [{"nodes": "100%"}],
-                },
-                "template": {
-                    "metadata": {"labels": {POOL_LABEL: name}},
-                    "spec": {
-                        "expireAfter": "Never",
-                        "taints": [{"key": POOL_LABEL, "value": name, "effect": "NoSchedule"}],
-                        "requirements": [
-                            {
-                                "key": "node.kubernetes.io/instance-type",
-                                "operator": "In",
-                                "values": [INSTANCE_TYPE],
-                            },
-                            {
-                                "key": "karpenter.sh/capacity-type",
-                                "operator": "In",
-                                "values": ["on-demand"],
-                            },
-                        ],
-                        "nodeClassRef": {
-                            "group": KWOK[0],
-                            "kind": "KWOKNodeClass",
-                            "name": name,
-                        },
-                    },
-                },
-            },
-        }
+        carry `POOL_LABEL=name` and a NoSchedule taint of the same, and go once empty."""
+        node_class = kwok_node_class(name, registration_delay)
+        pool = node_pool(name, POOL_LABEL)
         self.custom.create_cluster_custom_object(*KWOK, "kwoknodeclasses", node_class)
         self.custom.create_cluster_custom_object(*KARPENTER, "nodepools", pool)
         self.names.append(name)

@@ -25,6 +25,8 @@ from kubernetes.client.rest import ApiException
 from operator_process import OperatorProcess
 from rooms import GROUP, VERSION, Recorder, Rooms, rfc3339
 
+from townsquare.kube.karpenter import relays_on_pool
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NODE_DELAY = "30s"
@@ -97,10 +99,7 @@ def room_on_pool(name: str, pool: str, start: datetime, headroom: bool) -> dict[
                 "startupSeconds": 5,
                 "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": RELAY_STARTUP},
                 "resources": {"requests": {"cpu": "3", "memory": "1Gi"}},
-                "nodeSelector": {POOL_LABEL: pool},
-                "tolerations": [
-                    {"key": POOL_LABEL, "operator": "Equal", "value": pool, "effect": "NoSchedule"}
-                ],
+                **relays_on_pool(POOL_LABEL, pool),
             },
             "scaling": {
                 "targetUtilization": 0.7,

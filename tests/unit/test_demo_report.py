@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,3 +73,26 @@ def test_demo_without_a_cluster_is_refused_in_one_line(
     assert "--kubeconfig: needed" in capsys.readouterr().err
     assert main(["demo", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
     assert "/nonexistent/kubeconfig is not a file" in capsys.readouterr().err
+
+
+def test_the_page_marks_when_nodes_were_requested_and_ready(tmp_path: Path) -> None:
+    plain = report_in(tmp_path)
+    write_report(plain)
+    assert "data-nodes" not in plain.html.read_text(), "no node headroom, no marks"
+
+    t0 = START.timestamp()
+    nodes = dataclasses.replace(
+        plain,
+        events=[
+            EventRow(t0 - 65, "Normal", "NodesRequested", "18 placeholder pods ask ..."),
+            EventRow(t0 - 43, "Normal", "NodesReady", "nodes for 18 relays ready ..."),
+            *plain.events,
+        ],
+    )
+    write_report(nodes)
+    marks = dict(re.findall(r'<span data-nodes="(\w+)">([^<]*)</span>', nodes.html.read_text()))
+    assert marks == {
+        "NodesRequested": "nodes requested at T- 65s (-65 min event time)",
+        "NodesReady": "nodes ready at T- 43s (-43 min event time)",
+    }
+    assert nodes.png.read_bytes().startswith(b"\x89PNG")

@@ -130,3 +130,25 @@ def room_nodes(
             if pod.scheduled_at is None
         ),
     )
+
+
+HEADROOM_PRIORITY = -5
+"""Below every workload (0 without a class), at or above the cluster autoscaler's expendable
+cutoff (-10), under which pods never cause a scale-up."""
+
+
+def headroom_priority_class(name: str, value: int = HEADROOM_PRIORITY) -> Manifest:
+    """The PriorityClass placeholders run at, as the chart ships it: relays preempt them,
+    and they never preempt anything themselves."""
+    return {
+        "apiVersion": "scheduling.k8s.io/v1",
+        "kind": "PriorityClass",
+        "metadata": {"name": name},
+        "value": value,
+        "globalDefault": False,
+        "preemptionPolicy": "Never",
+        "description": (
+            "Placeholder pods that hold node headroom ahead of an AudioRoom's pre-warm; "
+            "relays preempt them."
+        ),
+    }
