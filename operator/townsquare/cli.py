@@ -171,6 +171,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         partition=args.partition,
         policy=policy,
         listener_queries=queries,
+        headroom_priority_class=args.headroom_priority_class,
+        headroom_image=args.headroom_image,
     )
     kopf.run(
         registry=handlers.REGISTRY,
@@ -550,6 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_seconds,
         default=60.0,
         help="older listener samples count as missing (fail-static)",
+    )
+    run.add_argument(
+        "--headroom-priority-class",
+        default="townsquare-headroom",
+        help="PriorityClass of node headroom placeholders (spec.nodeHeadroom); the chart's",
+    )
+    run.add_argument(
+        "--headroom-image",
+        default="registry.k8s.io/pause:3.10",
+        help="image of node headroom placeholders: a container that only sleeps",
     )
     run.add_argument(
         "--metrics-timeout",

@@ -71,6 +71,9 @@ class Settings:
     """What tenants' rooms may ask for; a room outside it is refused, not run."""
     listener_queries: Mapping[str, str] = field(default_factory=dict)
     """Named listener queries (`spec.metrics.preset`) beyond the built-in ones."""
+    headroom_priority_class: str = placeholders.PRIORITY_CLASS
+    """The PriorityClass of node headroom placeholders (the chart ships it)."""
+    headroom_image: str = placeholders.IMAGE
 
 
 @dataclass(frozen=True)
@@ -586,7 +589,7 @@ def reconcile_room(
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
     _apply_children(cluster, state, room, spec, outcome)
-    _apply_headroom(cluster, room, spec, outcome)
+    _apply_headroom(runtime, room, spec, outcome)
     _observe(namespace, name, spec, outcome)
     return outcome.wake_at
 
@@ -656,17 +659,20 @@ class ChildApplyError(Exception):
 
 
 def _apply_headroom(
-    cluster: Cluster, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
+    runtime: Runtime, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
 ) -> None:
     """Placeholders: the excess deleted, the missing created."""
     if outcome.headroom is None:
         return
-    meta = room["metadata"]
+    meta, settings = room["metadata"], runtime.settings
     for name in outcome.headroom.delete:
-        cluster.delete_pod(meta["namespace"], name)
+        runtime.cluster.delete_pod(meta["namespace"], name)
     for name in outcome.headroom.create:
-        pod = placeholders.placeholder_pod(meta["name"], meta["namespace"], meta["uid"], spec, name)
-        cluster.create_pod(pod)
+        pod = placeholders.placeholder_pod(
+            meta["name"], meta["namespace"], meta["uid"], spec, name,
+            priority_class=settings.headroom_priority_class, image=settings.headroom_image,
+        )  # fmt: skip
+        runtime.cluster.create_pod(pod)
 
 
 def _write_status(

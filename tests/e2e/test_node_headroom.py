@@ -47,7 +47,8 @@ def karpenter(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="module")
 def priority_class(api_client: client.ApiClient) -> str:
-    """The chart's headroom PriorityClass, as `helm template` renders it, in the cluster."""
+    """The chart's headroom PriorityClass, as `helm template` renders it (release `ts` in
+    `default`), in the cluster; left there for other sessions on the same cluster."""
     built = subprocess.run(
         [str(REPO / "hack" / "helm" / "build.sh")], capture_output=True, text=True, check=True
     )
@@ -75,9 +76,16 @@ def pools(api_client: client.ApiClient, karpenter: Karpenter) -> Iterator[NodePo
 
 @pytest.fixture
 def operator(
-    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path
+    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path, priority_class: str
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
+    """The operator as the chart runs it: told the name of the chart's PriorityClass."""
+    process = OperatorProcess(
+        kubeconfig,
+        namespace,
+        tmp_path / "operator.log",
+        "--headroom-priority-class",
+        priority_class,
+    )
     process.start()
     yield process
     process.stop()

@@ -520,15 +520,28 @@ def test_the_tenant_policy_can_be_left_out_but_the_operator_keeps_its_flags() ->
 
 
 def test_the_chart_ships_the_headroom_priority_class_rooms_default_to() -> None:
-    from townsquare.api.models import NodeHeadroomSpec
-    from townsquare.kube.placeholders import headroom_priority_class
+    from townsquare.kube.placeholders import PRIORITY_CLASS, headroom_priority_class
 
-    (priority_class,) = of_kind(render(), "PriorityClass")
-    assert priority_class["metadata"]["name"] == NodeHeadroomSpec().priority_class_name
+    docs = render({"nodeHeadroom": {"priorityClass": {"name": "spare"}}})
+    (priority_class,) = of_kind(docs, "PriorityClass")
+    (deployment,) = of_kind(docs, "Deployment")
+    parsed = build_parser().parse_args(
+        deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert priority_class["metadata"]["name"] == parsed.headroom_priority_class == "spare"
+    assert parsed.headroom_image == "registry.k8s.io/pause:3.10"
+    docs = render()
+    (default,) = of_kind(docs, "PriorityClass")
+    (deployment,) = of_kind(docs, "Deployment")
+    parsed = build_parser().parse_args(
+        deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert default["metadata"]["name"] == parsed.headroom_priority_class
+    assert default["metadata"]["name"] == f"{NAMESPACE}-ts-townsquare-headroom", "one a release"
     assert -10 <= priority_class["value"] < 0, "below relays, above the autoscaler's cutoff"
     assert priority_class["preemptionPolicy"] == "Never"
     assert priority_class["globalDefault"] is False
-    built = headroom_priority_class(NodeHeadroomSpec().priority_class_name)
+    built = headroom_priority_class(PRIORITY_CLASS)
     for key in ("value", "preemptionPolicy", "globalDefault", "description"):
         assert priority_class[key] == built[key], f"the demo's PriorityClass differs in {key}"
     assert not of_kind(

@@ -19,6 +19,11 @@
 {{- printf "%s-%s" .Release.Namespace (include "townsquare.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The node headroom PriorityClass: one per release, so releases never contend for it. */}}
+{{- define "townsquare.headroomPriorityClass" -}}
+{{- default (printf "%s-headroom" (include "townsquare.clusterName" .)) .Values.nodeHeadroom.priorityClass.name }}
+{{- end }}
+
 {{- define "townsquare.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "townsquare.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}

@@ -29,7 +29,6 @@ API_VERSION = f"{GROUP}/{VERSION}"
 MAX_ROOM_NAME_LENGTH = 40
 """Longest room name whose children (`<room>-relay-<ordinal>`, `<room>-relays`) stay valid."""
 ROOM_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 @dataclass(frozen=True)
@@ -285,12 +284,6 @@ class NodeHeadroomSpec(ApiModel):
     """Create placeholders shaped like the relays a node lead time before prewarmAt."""
     lead_time: Duration | None = None
     """How long before prewarmAt to ask for nodes; measured from the room's waits when empty."""
-    priority_class_name: str = Field(
-        default="townsquare-headroom", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN
-    )
-    """A PriorityClass below the relays', so relays preempt the placeholders."""
-    image: str = Field(default="registry.k8s.io/pause:3.10", min_length=1, max_length=512)
-    """The placeholders' container image: it only sleeps."""
 
 
 class AudioRoomSpec(ApiModel):

@@ -27,6 +27,10 @@ from townsquare.kube.children import (
 from townsquare.kube.client import RelayPod, _timestamp, scheduling
 
 COMPONENT = "headroom"
+PRIORITY_CLASS = "townsquare-headroom"
+"""The chart's PriorityClass for placeholders (`nodeHeadroom.priorityClass.name`)."""
+IMAGE = "registry.k8s.io/pause:3.10"
+"""A container that only sleeps."""
 SCHEDULING_FIELDS = (
     "nodeSelector",
     "tolerations",
@@ -45,13 +49,23 @@ def placeholder_selector(room: str) -> dict[str, str]:
 
 
 def placeholder_pod(
-    room: str, namespace: str, uid: str, spec: AudioRoomSpec, name: str
+    room: str,
+    namespace: str,
+    uid: str,
+    spec: AudioRoomSpec,
+    name: str,
+    *,
+    priority_class: str = PRIORITY_CLASS,
+    image: str = IMAGE,
 ) -> Manifest:
-    """One placeholder pod, owned by the room (deleting the room deletes it)."""
+    """One placeholder pod, owned by the room (deleting the room deletes it).
+
+    The PriorityClass and image are the operator's settings, not the room's: a tenant must
+    not run placeholders above others' pods, or an image from outside the allowed registries.
+    """
     relay_pod: dict[str, Any] = relay_stateful_set(room, namespace, uid, spec, 0)["spec"][
         "template"
     ]["spec"]
-    headroom = spec.node_headroom
     pod_spec: Manifest = {
         key: copy.deepcopy(relay_pod[key]) for key in SCHEDULING_FIELDS if relay_pod.get(key)
     }
@@ -61,14 +75,14 @@ def placeholder_pod(
     ]
     pod_spec.update(
         {
-            "priorityClassName": headroom.priority_class_name,
+            "priorityClassName": priority_class,
             "terminationGracePeriodSeconds": 0,
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "containers": [
                 {
                     "name": f"holds-{container['name']}"[:63],
-                    "image": headroom.image,
+                    "image": image,
                     "resources": copy.deepcopy(container.get("resources") or {}),
                     **(
                         {"securityContext": copy.deepcopy(container["securityContext"])}
