@@ -173,6 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         listener_queries=queries,
         headroom_priority_class=args.headroom_priority_class,
         headroom_image=args.headroom_image,
+        peering_lifetime=timedelta(seconds=args.peering_lifetime),
     )
     kopf.run(
         registry=handlers.REGISTRY,
@@ -531,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run.add_argument("--peering", help="kopf peering object for high availability")
     run.add_argument("--priority", type=int, default=0, help="distinct per replica when peering")
+    run.add_argument(
+        "--peering-lifetime",
+        type=parse_seconds,
+        default=30.0,
+        help="a silent replica loses the lead after this long (the standby's takeover time)",
+    )
     run.add_argument(
         "--metrics-port", type=int, default=9090, help="serve /metrics on this port (0: off)"
     )

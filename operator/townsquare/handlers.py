@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping
@@ -74,6 +76,9 @@ class Settings:
     headroom_priority_class: str = placeholders.PRIORITY_CLASS
     """The PriorityClass of node headroom placeholders (the chart ships it)."""
     headroom_image: str = placeholders.IMAGE
+    peering_lifetime: timedelta = timedelta(seconds=30)
+    """How long a replica that stopped renewing (killed, partitioned) still holds the lead:
+    a standby takes over at most this long after the primary's last keepalive."""
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,12 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
     options: Settings = getattr(memo, "settings", None) or Settings()
+    settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
+    identity = f"{socket.gethostname()}-{os.getpid()}"
     runtime = Runtime(
-        cluster=Cluster(load_config()), settings=options, loop=asyncio.get_running_loop()
+        cluster=Cluster(load_config(), identity=identity),
+        settings=options,
+        loop=asyncio.get_running_loop(),
     )
     memo.runtime = runtime
     memo.poller = ListenerPoller(runtime)

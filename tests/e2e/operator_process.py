@@ -12,7 +12,8 @@ from harness import REPO
 
 
 class OperatorProcess:
-    """`python -m townsquare run` for one namespace, with its log in a file."""
+    """`python -m townsquare run` for one namespace (all of them when `namespace` is ""),
+    with its log in a file."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str) -> None:
         self.kubeconfig = kubeconfig
@@ -23,7 +24,9 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        command = [sys.executable, "-m", "townsquare", "run", "--namespace", self.namespace]
+        command = [sys.executable, "-m", "townsquare", "run"]
+        if self.namespace:
+            command += ["--namespace", self.namespace]
         if not any(arg.startswith("--metrics-port") for arg in self.extra):
             command += ["--metrics-port", "0"]  # side by side, no two may share a port
         with self.log.open("ab") as sink:

@@ -123,8 +123,12 @@ class Cluster:
         self,
         api: client.ApiClient,
         timeout: tuple[float, float] = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS),
+        identity: str = MANAGER,
     ) -> None:
         self.timeout = timeout
+        self.identity = identity
+        """Names this process in the Events it posts (reportingInstance): with several
+        replicas, the API server's record shows which one acted."""
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.policy = client.PolicyV1Api(api)
@@ -257,9 +261,9 @@ class Cluster:
             first_timestamp=now,
             last_timestamp=now,
             count=1,
-            source=client.V1EventSource(component=MANAGER),
+            source=client.V1EventSource(component=MANAGER, host=self.identity),
             reporting_component=f"{GROUP}/operator",
-            reporting_instance=MANAGER,
+            reporting_instance=self.identity[:128],
         )
         self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=self.timeout)
 
