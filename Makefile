@@ -7,7 +7,7 @@ UV := $(PY_TOOLS)/uv
 UV_VERSION := 0.13.9
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: help venv lint typecheck layers unit test bench bench-operator crd clean demo demo-nodes
+.PHONY: help venv lint typecheck layers unit test bench bench-operator bench-scale crd clean demo demo-nodes
 
 help:
 	@echo "make demo      a launch surge on a local cluster, with a report (out/demo/)"
@@ -16,6 +16,7 @@ help:
 	@echo "make unit      the fast tests only (no cluster)"
 	@echo "make bench     the policy benchmark (docs/benchmarks.md)"
 	@echo "make bench-operator  reaction time and API writes on the local cluster"
+	@echo "make bench-scale     1,000 and 10,000 rooms: start-up, RSS, CPU, writes, latency"
 	@echo "make crd       regenerate crds/ from the models"
 	@echo "make image     the container image, with podman (make image-smoke runs it)"
 
@@ -48,6 +49,11 @@ bench: venv
 # Needs the local cluster and Prometheus; writes docs/benchmarks-operator.md.
 bench-operator: e2e-prerequisites
 	$(RUN) pytest -q -s -m bench tests/e2e/test_bench_operator.py
+
+# Needs the local cluster; long (the 10,000-room run takes most of an hour on 2 cores).
+# BENCH_ROOMS="1000 10000" picks the sizes; writes docs/benchmarks-scale.md.
+bench-scale: e2e-prerequisites
+	$(RUN) pytest -q -s -m bench tests/e2e/test_bench_scale.py
 
 crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml

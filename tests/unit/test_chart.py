@@ -211,6 +211,25 @@ def test_high_availability_runs_replicas_with_distinct_priorities(
     assert not of_kind(render(), "PodDisruptionBudget"), "no budget for a single replica"
 
 
+def test_partitions_each_run_their_share_with_their_own_peering() -> None:
+    docs = render({"partitions": 3, "highAvailability": {"enabled": True}})
+    deployments = of_kind(docs, "Deployment")
+    assert len(deployments) == 6
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        partition = int(deployment["metadata"]["labels"]["townsquare.dev/partition"])
+        flags = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert f"--partition={partition}/3" in flags, (name, flags)
+        suffix = f"-p{partition}" if partition else ""
+        assert f"--peering=ts-townsquare{suffix}" in flags, (name, flags)
+    peerings = {p["metadata"]["name"] for p in of_kind(docs, "ClusterKopfPeering")}
+    assert peerings == {"ts-townsquare", "ts-townsquare-p1", "ts-townsquare-p2"}
+    patchable = [r for r in rules_of(docs) if r.get("resourceNames")]
+    assert {n for r in patchable for n in r["resourceNames"]} == peerings
+    single = of_kind(render(), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in single["args"] if a.startswith("--partition")]
+
+
 def test_monitoring_objects_only_when_asked() -> None:
     kinds = {d["kind"] for d in render()}
     assert not kinds & {"ServiceMonitor", "PrometheusRule"}

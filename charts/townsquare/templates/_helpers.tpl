@@ -50,6 +50,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (include "townsquare.fullname" .) .Values.highAvailability.peeringName }}
 {{- end }}
 
+{{- /* Names of partition p's Deployments and peering object: the plain names for p = 0. */}}
+{{- define "townsquare.partitionName" -}}
+{{- if eq (int .partition) 0 }}{{ include "townsquare.fullname" .root }}{{ else }}{{ printf "%s-p%d" (include "townsquare.fullname" .root) (int .partition) }}{{ end }}
+{{- end }}
+
+{{- define "townsquare.partitionPeeringName" -}}
+{{- if eq (int .partition) 0 }}{{ include "townsquare.peeringName" .root }}{{ else }}{{ printf "%s-p%d" (include "townsquare.peeringName" .root) (int .partition) }}{{ end }}
+{{- end }}
+
 {{- define "townsquare.image" -}}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
@@ -129,6 +138,9 @@ namespaces, the namespaces themselves. Read-only, cluster-scoped by nature. */}}
   verbs: ["list", "watch"]
 - apiGroups: ["kopf.dev"]
   resources: [{{ $resource | quote }}]
-  resourceNames: [{{ include "townsquare.peeringName" . | quote }}]
+  resourceNames:
+    {{- range $partition := until (int .Values.partitions) }}
+    - {{ include "townsquare.partitionPeeringName" (dict "root" $ "partition" $partition) | quote }}
+    {{- end }}
   verbs: ["get", "patch"]
 {{- end }}
