@@ -406,9 +406,11 @@ def _start_nodes(
     if not script.is_file():
         raise DemoError(f"{script} not found: run the nodes scene from the repository")
     progress(f"starting Karpenter's kwok provider (nodes take {NODE_DELAY} to come)")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home())}
     process = Child.start(
-        "karpenter", [str(script), str(kubeconfig.resolve())], out_dir / "karpenter.log", env
+        "karpenter",
+        [str(script), str(kubeconfig.resolve())],
+        out_dir / "karpenter.log",
+        karpenter.passed_on(os.environ),
     )
     cleanup.callback(process.stop)
     custom = client.CustomObjectsApi(api)
@@ -432,7 +434,12 @@ def _start_nodes(
 
 
 def _served(api: client.ApiClient, crd: str) -> bool:
-    return _established(client.ApiextensionsV1Api(api), crd)
+    try:
+        return _established(client.ApiextensionsV1Api(api), crd)
+    except ApiException as exc:
+        if exc.status == 404:  # not installed yet
+            return False
+        raise
 
 
 def _delete_nodes(custom: client.CustomObjectsApi, progress: Progress) -> None:

@@ -7,6 +7,7 @@ place there fit their nodes.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from harness import REPO, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from townsquare.kube.karpenter import KARPENTER, KWOK, kwok_node_class, node_pool
+from townsquare.kube.karpenter import KARPENTER, KWOK, kwok_node_class, node_pool, passed_on
 
 RUN_SCRIPT = REPO / "hack" / "cluster" / "karpenter" / "run.sh"
 POOL_LABEL = "townsquare.dev/e2e-pool"
@@ -32,7 +33,7 @@ class Karpenter:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {"PATH": "/usr/local/go/bin:/usr/bin:/bin", "HOME": str(Path.home())}
+        env = passed_on(os.environ)
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 [str(RUN_SCRIPT), str(self.kubeconfig)],

@@ -7,6 +7,8 @@ talks to Karpenter (it only creates placeholder pods, which any node autoscaler 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from townsquare.kube.children import Manifest
 
 KARPENTER = ("karpenter.sh", "v1")
@@ -69,4 +71,14 @@ def relays_on_pool(label: str, name: str) -> Manifest:
     return {
         "nodeSelector": {label: name},
         "tolerations": [{"key": label, "operator": "Equal", "value": name, "effect": "NoSchedule"}],
+    }
+
+
+def passed_on(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment `run.sh` gets: what finds and builds it (PATH, HOME, Go's settings,
+    townsquare's cache), and nothing Karpenter would read as one of its options."""
+    return {
+        key: value
+        for key, value in environ.items()
+        if key in ("PATH", "HOME") or key.startswith(("GO", "TOWNSQUARE_"))
     }
