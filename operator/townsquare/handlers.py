@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,7 +30,15 @@ from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRo
 from townsquare.headroom import Placeholder
 from townsquare.kube import children, placeholders
 from townsquare.kube.client import Cluster, RelayPod, child_version, load_config, relay_pod
-from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, stored_scaling_state
+from townsquare.lifecycle import (
+    WARNING,
+    Event,
+    Metrics,
+    Observed,
+    Outcome,
+    reconcile,
+    stored_scaling_state,
+)
 from townsquare.metrics import (
     PrometheusSource,
     Reading,
@@ -124,6 +132,8 @@ class RoomState:
     shard_map: ShardMap | EmptyMap | None = None
     shard_map_at: datetime | None = None
     """When `shard_map` was published, for the migration budget."""
+    headroom_refusal: str = ""
+    """Why the API server last refused a placeholder, so the Warning is posted once."""
 
 
 @dataclass
@@ -598,7 +608,7 @@ def reconcile_room(
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
     _apply_children(cluster, state, room, spec, outcome)
-    _apply_headroom(runtime, room, spec, outcome)
+    _apply_headroom(runtime, state, room, spec, outcome, now)
     _observe(namespace, name, spec, outcome)
     return outcome.wake_at
 
@@ -668,9 +678,15 @@ class ChildApplyError(Exception):
 
 
 def _apply_headroom(
-    runtime: Runtime, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
+    runtime: Runtime,
+    state: RoomState,
+    room: dict[str, Any],
+    spec: AudioRoomSpec,
+    outcome: Outcome,
+    now: datetime,
 ) -> None:
-    """Placeholders: the excess deleted, the missing created."""
+    """Placeholders: the excess deleted, the missing created. A refused placeholder (no such
+    PriorityClass, a quota) is said once as a Warning; the room runs on without it."""
     if outcome.headroom is None:
         return
     meta, settings = room["metadata"], runtime.settings
@@ -681,7 +697,15 @@ def _apply_headroom(
             meta["name"], meta["namespace"], meta["uid"], spec, name,
             priority_class=settings.headroom_priority_class, image=settings.headroom_image,
         )  # fmt: skip
-        runtime.cluster.create_pod(pod)
+        reason = runtime.cluster.create_pod(pod)
+        if reason is not None:
+            if reason != state.headroom_refusal:
+                message = f"placeholder pods refused, so no nodes are asked for ahead: {reason}"
+                event = Event(WARNING, "NodeHeadroomRefused", message)
+                _post_events(runtime.cluster, room, replace(outcome, events=(event,)), now)
+                state.headroom_refusal = reason
+            return
+    state.headroom_refusal = ""
 
 
 def _write_status(

@@ -91,8 +91,12 @@ def operator(
     process.stop()
 
 
-def room_on_pool(name: str, pool: str, start: datetime, headroom: bool) -> dict[str, Any]:
-    """3 relays of 3 CPU (one per 4-CPU node), none before the pre-warm."""
+def room_on_pool(
+    name: str, pool: str | None, start: datetime, headroom: bool, lead: str = NODE_LEAD
+) -> dict[str, Any]:
+    """3 relays of 3 CPU (one per 4-CPU node), none before the pre-warm; on the fixed nodes
+    when `pool` is None."""
+    placement = relays_on_pool(POOL_LABEL, pool) if pool else {"nodeSelector": {"type": "kwok"}}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AudioRoom",
@@ -107,7 +111,7 @@ def room_on_pool(name: str, pool: str, start: datetime, headroom: bool) -> dict[
                 "startupSeconds": 5,
                 "podAnnotations": {"pod-ready.stage.kwok.x-k8s.io/delay": RELAY_STARTUP},
                 "resources": {"requests": {"cpu": "3", "memory": "1Gi"}},
-                **relays_on_pool(POOL_LABEL, pool),
+                **placement,
             },
             "scaling": {
                 "targetUtilization": 0.7,
@@ -116,7 +120,7 @@ def room_on_pool(name: str, pool: str, start: datetime, headroom: bool) -> dict[
                 "prewarmLead": PREWARM_LEAD,
                 "drainTimeout": "3s",
             },
-            "nodeHeadroom": {"enabled": headroom, "leadTime": NODE_LEAD},
+            "nodeHeadroom": {"enabled": headroom, "leadTime": lead},
         },
     }
 
@@ -218,3 +222,64 @@ def test_headroom_has_nodes_ready_before_the_prewarm_and_without_it_the_start_is
         + "\n".join(f"  with: {reason}: {text}" for reason, text in events.items())
         + f"\n  without: PreWarmIncomplete: {message}"
     )
+
+
+def test_placeholders_follow_replanning_and_deletion_and_a_refusal_is_said_once(
+    api_client: client.ApiClient,
+    kubeconfig: Path,
+    namespace: str,
+    crds: list[str],
+    priority_class: str,
+    tmp_path: Path,
+) -> None:
+    """No Karpenter needed: the fixed nodes have room, so placeholders are scheduled at once."""
+    rooms = Rooms(api_client, namespace)
+    operator = OperatorProcess(
+        kubeconfig,
+        namespace,
+        tmp_path / "operator.log",
+        "--headroom-priority-class",
+        priority_class,
+    )
+    operator.start()
+    try:
+        start = datetime.now(UTC) + timedelta(minutes=10)
+        rooms.create(room_on_pool("early", None, start, headroom=True, lead="15m"))  # due now
+        wait_until(lambda: len(placeholders(rooms)) == PLANNED, 60, "3 placeholders")
+        wait_until(lambda: "NodesReady" in rooms.reasons("early"), 30, "NodesReady")
+
+        rooms.patch_spec("early", {"expectedAudience": 1400})  # 2 relays
+        wait_until(lambda: len(placeholders(rooms)) == 2, 30, "the excess placeholder gone")
+
+        rooms.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, "audiorooms", "early"
+        )
+        wait_until(lambda: not placeholders(rooms), 30, "placeholders gone with the room")
+    finally:
+        operator.stop()
+
+    refused = OperatorProcess(
+        kubeconfig, namespace, tmp_path / "refused.log",
+        "--headroom-priority-class", f"missing-{secrets.token_hex(3)}",
+    )  # fmt: skip
+    refused.start()
+    try:
+        rooms.create(room_on_pool("orphan", None, start, headroom=True, lead="15m"))
+        warning = wait_until(
+            lambda: [e for e in rooms.events("orphan") if e.reason == "NodeHeadroomRefused"],
+            60,
+            "the refusal to be said",
+        )
+        assert warning[0].type == "Warning"
+        assert "PriorityClass" in warning[0].message, warning[0].message
+        for audience in (2000, 2100):  # more passes (a new generation each): still one Warning
+            rooms.patch_spec("orphan", {"expectedAudience": audience})
+            wait_until(
+                lambda n=audience: rooms.get("orphan")["status"]["plan"]["expectedAudience"] == n,
+                30,
+                "the new plan",
+            )
+        assert rooms.reasons("orphan").count("NodeHeadroomRefused") == 1
+        assert rooms.phase("orphan") == "Scheduled", "the room runs on without headroom"
+    finally:
+        refused.stop()

@@ -181,15 +181,23 @@ class Cluster:
         found = [pod for body in pods.get("items", []) if (pod := relay_pod(body, room))]
         return sorted(found, key=lambda p: p.ordinal)
 
-    def create_pod(self, manifest: Manifest) -> None:
-        """Create a pod; one that exists already (a pass repeated) is left as it is."""
+    def create_pod(self, manifest: Manifest) -> str | None:
+        """Create a pod; one that exists already (a pass repeated) is left as it is.
+
+        Returns the API server's reason when it refuses the pod (forbidden, invalid, over
+        quota), None when the pod is there.
+        """
         try:
             self.core.create_namespaced_pod(
                 manifest["metadata"]["namespace"], manifest, _request_timeout=self.timeout
             )
         except ApiException as exc:
-            if exc.status != 409:
-                raise
+            if exc.status == 409:
+                return None
+            if exc.status in (403, 422) and exc.body:
+                return str(json.loads(exc.body).get("message") or exc.reason)
+            raise
+        return None
 
     def delete_pod(self, namespace: str, name: str) -> None:
         """Delete a pod at once; one already gone is fine."""
