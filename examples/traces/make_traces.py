@@ -65,9 +65,21 @@ def slow_burn() -> list[tuple[float, float, int]]:
     return noisy(rows, 0.01, 4)
 
 
+def may_2023_launch() -> list[tuple[float, float, int]]:
+    """The May 2023 campaign launch as reported: the room opened and filled while the host
+    was almost 30 minutes late; about 420,000 listed listeners at the peak."""
+    rows = [(-1800, 0, 0), (-900, 0, 0), (-300, 40_000, 0), (0, 120_000, 0)]
+    rows += [(600, 250_000, 0), (1200, 350_000, 0), (1680, 420_000, 0)]
+    rows += [(t, 420_000 - 40_000 * (t - 1680) / 4200, 0) for t in range(1740, 5880, 60)]
+    rows = noisy(rows, 0.01, 5)
+    rows += [(6300, 120_000, 0), (6600, 0, 0), (7200, 0, 0)]
+    return rows
+
+
 if __name__ == "__main__":
     for name, make in [
         ("launch", launch),
+        ("may-2023-launch", may_2023_launch),
         ("flash-crowd", flash_crowd),
         ("no-show", no_show),
         ("oscillating", oscillating),

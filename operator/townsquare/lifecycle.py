@@ -373,7 +373,7 @@ def reconcile(
         draining=sorted(o for o in ready if (accepting <= o < replicas) or o in rolling),
         held=_held(current_map, seen, replicas),
         shard_listeners=_shard_listeners(current_map, seen),
-        demand=_demand(seen),
+        demand=_admission_demand(seen, decision),
         fanout=spec.sharding.fanout,
         budget=_migration_budget(spec, seen.now, shard_map_at),
     )
@@ -656,6 +656,15 @@ def _demand(seen: Observed) -> float | None:
     if metrics is None or metrics.listeners is None:
         return None
     return float(metrics.listeners + metrics.waiting)
+
+
+def _admission_demand(seen: Observed, decision: Decision | None) -> float | None:
+    """Listeners the relays must carry: those read, or the forecast if higher, so the queue
+    is on before a join storm reaches the relays, not a scrape and a publication after."""
+    demand = _demand(seen)
+    if demand is None:
+        return None
+    return max(demand, float(decision.forecast or 0) if decision else 0.0)
 
 
 def _migration_budget(spec: AudioRoomSpec, now: datetime, since: datetime | None) -> float:

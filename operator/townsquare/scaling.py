@@ -39,11 +39,13 @@ from typing import Any, Literal
 from townsquare.api.models import AudioRoomSpec
 from townsquare.planning import Plan, capacity_of
 
-RATE_WINDOW = timedelta(seconds=60)
+RATE_WINDOW = timedelta(seconds=120)
 """The join rate is the demand's slope over this window: long enough to smooth scrapes."""
-FORECAST_GROWTH_CAP = 1.0
+FORECAST_GROWTH_CAP = 0.3
 """A forecast adds at most this share of the current demand over one lead (chosen on the
 tuning seeds of `townsquare.sim.families`: 0.5 left flash crowds waiting, 2 overshot)."""
+FORECAST_HORIZON = timedelta(seconds=60)
+"""Demand is projected at most this far ahead, however slow relays start."""
 DECISION_MARGIN = timedelta(seconds=15)
 """Added to the lead: a decision is acted on a moment after it is made."""
 SCALE_UP_FACTOR = 2
@@ -54,6 +56,10 @@ UP_TOLERANCE = 0.1
 """A forecast within 10% above what the relays carry at the target utilization leaves the
 size alone (the HPA's tolerance): the headroom above the target absorbs it, and the room
 does not grow by one relay every tick. Beyond it the room grows to the full target at once."""
+DOWN_TOLERANCE = 0.1
+"""Relays are drained only when the room can shrink by more than 10%."""
+DECAY_SHARE = 1.0
+"""After the hold the floor decays over this share of `planHold`."""
 DECAY_STEPS = 10
 """The plan floor decays in this many steps, not one relay per tick."""
 STABILIZATION_BUCKETS = 10
@@ -192,6 +198,7 @@ def plan_floor(
     peak: int | None,
     *,
     prewarmed: bool = False,
+    arriving: float = 0.0,
 ) -> int:
     """Relays the declared plan still guarantees at `now`, given the `peak` demand seen.
 
@@ -202,9 +209,11 @@ def plan_floor(
     later keeps the plan until the new start plus the hold, if the new start is within
     POSTPONEMENT_KEPT; a longer postponement lets the relays go and pre-warms again.
 
-    After the hold the floor yields to the evidence, at most LATE_ARRIVAL_FACTOR (3) times
-    the peak seen (a no-show stops paying for the plan), and decays linearly in DECAY_STEPS
-    steps to nothing over another `planHold`. Demand beyond it is caught by the forecast.
+    After the hold the floor yields to the evidence, at most LATE_ARRIVAL_FACTOR times the
+    peak seen (a no-show stops paying for the plan) unless the audience is `arriving` (the
+    demand the join rate brings within another hold) faster, and decays linearly in
+    DECAY_STEPS steps to nothing over another `planHold`. Demand beyond it is caught by the
+    forecast.
     """
     start, hold = spec.start_time, spec.scaling.plan_hold
     if now < plan.prewarm_at and not (prewarmed and start - now <= POSTPONEMENT_KEPT):
@@ -213,9 +222,9 @@ def plan_floor(
     if now < start + hold:
         return relays
     if peak is not None:
-        evidence = min(spec.expected_audience, peak * LATE_ARRIVAL_FACTOR)
-        relays = min(relays, _relays_for(evidence, spec))
-    elapsed = (now - start - hold) / hold
+        evidence = max(peak * LATE_ARRIVAL_FACTOR, arriving)
+        relays = min(relays, _relays_for(min(spec.expected_audience, evidence), spec))
+    elapsed = (now - start - hold) / (hold * DECAY_SHARE)
     remaining = max(0, DECAY_STEPS - math.floor(elapsed * DECAY_STEPS)) / DECAY_STEPS
     return math.ceil(relays * remaining - 1e-9)
 
@@ -257,14 +266,18 @@ def decide(
     sampled_at = observation.sampled_at or now
     new_sample = not state.samples or sampled_at > state.samples[-1][0]
     lead = timedelta(seconds=startup) + DECISION_MARGIN + max(timedelta(0), now - sampled_at)
+    samples = state.samples
     if new_sample:
         samples = _remember_sample(state.samples, sampled_at, demand)
-        forecast = _forecast(demand, _join_rate(samples), lead, spec)
+    rate = max(0.0, _join_rate(samples))
+    if new_sample:
+        forecast = _forecast(demand, rate, min(lead, FORECAST_HORIZON), spec)
         need = _relays_for(demand, spec)
     else:  # the same scrape again: nothing new is known, so nothing moves
-        samples, forecast, need = state.samples, state.forecast, state.need
+        forecast, need = state.forecast, state.need
     peak = max(state.peak, demand)
-    floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
+    arriving = demand + rate * scaling.plan_hold.total_seconds()
+    floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed, arriving=arriving)
     needed = _relays_for(forecast, spec)
     demanded = min(scaling.max_relays, max(scaling.min_relays, needed))
     target = min(scaling.max_relays, max(demanded, floor))
@@ -283,7 +296,10 @@ def decide(
     if grow_to > current:
         relays = grow_to
     elif target < current and _covers_window(targets, now, window):
-        relays = min(current, max(target, max(n for _, n in targets)))
+        lower = max(target, max(n for _, n in targets))
+        # Like the HPA's tolerance: a drop of a few percent is not worth a drain and, when
+        # demand swings, a re-grow a minute later.
+        relays = lower if lower < current * (1 - DOWN_TOLERANCE) else current
     else:
         relays = current
 

@@ -19,11 +19,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 RelayState = Literal["active", "draining"]
+ADMISSION_MARGIN = 0.9
+"""The queue turns on once a relay is expected at 90% of its capacity, not 100%: the map
+reaches the edge a publication after the reading it was made from, and joins keep coming
+meanwhile. In queueing mode the edge still fills each relay up to its full capacity."""
 Admission = Literal["open", "queueing"]
 
 
@@ -62,9 +67,9 @@ class ShardMap:
     def counts(self) -> dict[int, int]:
         """Shards per relay, for every relay in the map (0 when it holds none)."""
         counts = dict.fromkeys(self.relays, 0)
-        for relay in self.assignment:
-            if relay is not None:
-                counts[relay] = counts.get(relay, 0) + 1
+        held = Counter(self.assignment)  # counted in C: the simulator asks this often
+        held.pop(None, None)
+        counts.update(cast(Counter[int], held))
         return counts
 
     def relay_for(self, listener_id: str) -> int | None:
@@ -178,37 +183,44 @@ def rebalance(
         movers = [(s, False, False) for s in orphans]
         for relay in sorted(draining_set):
             movers += [(s, True, False) for s in sorted(owned[relay], key=weights.__getitem__)]
+        # While joins wait, a full relay's extra shards move without spending the budget:
+        # its listeners need not leave it (it is not overloaded), and the queued joins of
+        # those shards reach the new relays at once instead of a budget's minutes later.
+        queue = demand is not None and demand > sum(load.values())
+        limit = current.capacity * ADMISSION_MARGIN
         for relay in sorted(active_set):
             excess = len(owned[relay]) - targets[relay]
             if excess > 0:
+                costs = not (queue and load[relay] >= limit)
                 lightest = sorted(owned[relay], key=weights.__getitem__)[:excess]
-                movers += [(s, True, True) for s in lightest]
+                movers += [(s, costs, True) for s in lightest]
         # A dead relay's listeners come back through the edge: each of its shards is expected
         # to bring the average shard's share of the demand.
         rejoining = (demand or 0.0) / shards
         receivers = _Receivers(
-            {r: targets[r] - len(owned[r]) for r in active_set}, load, current.capacity
+            {r: targets[r] - len(owned[r]) for r in active_set},
+            load,
+            current.capacity * ADMISSION_MARGIN,
         )
         for shard, costs, must_fit in movers:
             cost = weights[shard] if costs else 0.0
             if cost > budget:
                 pending = True
-                if not costs:
-                    assignment[shard] = None
                 continue
-            expected = weights[shard] if costs else rejoining
+            orphan = assignment[shard] not in load
+            expected = rejoining if orphan else weights[shard]
             relay = receivers.take(expected, must_fit=must_fit)
             if relay is None:
-                if not costs:
+                if orphan:
                     assignment[shard] = None
                 continue
             source = assignment[shard]
-            if source in load and costs:
+            if source is not None and not orphan:
                 receivers.release(source, weights[shard])
             assignment[shard] = relay
             budget -= cost
             moved += 1
-            migrated += cost
+            migrated += 0.0 if orphan else weights[shard]  # paced by the relays if free
         shed_moved, shed_migrated, budget, shed_pending = _shed_overload(
             assignment, weights, load, sorted(active_set), current.capacity, budget
         )
@@ -220,7 +232,10 @@ def rebalance(
             assignment[shard] = None
         moved = sum(1 for s in orphans if current.assignment[s] is not None)
 
-    admission = _admission(assignment, weights, load, active_set, current.capacity, demand)
+    if shard_listeners is None and demand is None:
+        admission = current.admission  # no reading: fail-static, as the relay count is
+    else:
+        admission = _admission(assignment, weights, load, active_set, current.capacity, demand)
     states: dict[int, RelayState] = {r: "active" for r in sorted(active_set)}
     states.update({r: "draining" for r in sorted(draining_set)})
     states.update({r: current.relays.get(r, "active") for r in sorted(held_set)})
@@ -264,7 +279,8 @@ def _admission(
     """
     connected = sum(load.values()) if demand is not None else sum(weights)
     wanted = connected if demand is None else demand
-    if wanted > len(active) * capacity:
+    limit = capacity * ADMISSION_MARGIN
+    if wanted > len(active) * limit:
         return "queueing"
     if connected > 0:
         expected = {r: load[r] * wanted / connected for r in active}
@@ -274,15 +290,16 @@ def _admission(
         for relay in assignment:
             if relay in expected:
                 expected[relay] += per_shard
-    return "queueing" if any(v > capacity for v in expected.values()) else "open"
+    return "queueing" if any(v > limit for v in expected.values()) else "open"
 
 
 class _Receivers:
     """Active relays ready to take shards: those short of their balanced count first, each
-    time the one with the most room, and never one the shard would push above capacity
-    unless nothing else can take it (a dead relay's shard must go somewhere at once)."""
+    time the one with the most room, and never one the shard would push above `capacity`
+    (the admission limit) unless nothing else can take it (a dead relay's shard must go
+    somewhere at once)."""
 
-    def __init__(self, deficits: dict[int, int], load: dict[int, float], capacity: int) -> None:
+    def __init__(self, deficits: dict[int, int], load: dict[int, float], capacity: float) -> None:
         self.deficits = deficits
         self.load = load
         self.capacity = capacity

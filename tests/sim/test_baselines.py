@@ -7,7 +7,13 @@ from datetime import UTC, datetime
 import pytest
 
 from townsquare.api.models import AudioRoomSpec
-from townsquare.sim.baselines import Hpa, keda_metrics, oracle_relays, reactive_metrics
+from townsquare.sim.baselines import (
+    Hpa,
+    cron_window,
+    keda_metrics,
+    oracle_relays,
+    reactive_metrics,
+)
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
 
@@ -57,25 +63,30 @@ def test_hpa_stays_within_min_and_max() -> None:
     assert big.recommend(0, 40, reactive_metrics(room(), 1_000_000)) == 50
 
 
-def test_keda_cron_holds_the_plan_from_start_to_end() -> None:
+def test_keda_cron_holds_the_plan_from_prewarm_at_to_the_end() -> None:
     spec = room()  # 500,000 declared -> 715 relays
-    before = hpa().recommend(-60, 2, keda_metrics(spec, -60, 0))
-    during = hpa().recommend(0, 2, keda_metrics(spec, 0, 0))
+    cron = cron_window(spec)
+    # Pre-warm lead as `townsquare plan` derives it: 2 x 45 s + 715 / 20 pods/s, plus 2 min,
+    # rounded up to whole minutes = 5 min before the start.
+    assert (cron.begins, cron.ends, cron.relays) == (-300, 5400, 715)
+    before = hpa().recommend(-360, 2, keda_metrics(cron, spec, -360, 0))
+    during = hpa().recommend(-300, 2, keda_metrics(cron, spec, -300, 0))
     assert before == 2
     assert during == 6  # cron wants 715; the HPA lets 2 grow to max(4, 6) first
     ramp, replicas = hpa(), 2
-    for t in range(0, 15 * 10, 15):
-        replicas = ramp.recommend(t, replicas, keda_metrics(spec, t, 0))
+    for t in range(-300, -300 + 15 * 10, 15):
+        replicas = ramp.recommend(t, replicas, keda_metrics(cron, spec, t, 0))
     assert replicas == 715
-    assert ramp.recommend(5385, 715, keda_metrics(spec, 5385, 0)) == 715  # last cron second
-    assert ramp.recommend(5400, 715, keda_metrics(spec, 5400, 0)) == 715  # stabilized
-    assert ramp.recommend(5670, 715, keda_metrics(spec, 5670, 0)) == 715
-    assert ramp.recommend(5685, 715, keda_metrics(spec, 5685, 0)) == 2  # 5385 left the window
+    assert ramp.recommend(5385, 715, keda_metrics(cron, spec, 5385, 0)) == 715  # last second
+    assert ramp.recommend(5400, 715, keda_metrics(cron, spec, 5400, 0)) == 715  # stabilized
+    assert ramp.recommend(5670, 715, keda_metrics(cron, spec, 5670, 0)) == 715
+    assert ramp.recommend(5685, 715, keda_metrics(cron, spec, 5685, 0)) == 2  # window passed
 
 
 def test_keda_takes_the_larger_of_cron_and_prometheus() -> None:
     spec = room(audience=7_000)  # plan: 10 relays
-    assert hpa().recommend(60, 10, keda_metrics(spec, 60, 10_500)) == 15
+    cron = cron_window(spec)
+    assert hpa().recommend(60, 10, keda_metrics(cron, spec, 60, 10_500)) == 15
 
 
 def test_oracle_is_the_ceiling_of_demand_over_the_target_load() -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from townsquare.api.manifest import parse_room
-from townsquare.sim import Settings, TraceError, parse_trace, simulate
+from townsquare.api.models import AudioRoomSpec
+from townsquare.sim import Settings, Trace, TraceError, parse_trace, simulate
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACES = ROOT / "examples" / "traces"
 FIGURES = {
+    "unserved_listener_seconds",
     "overloaded_listener_seconds",
     "waiting_listener_seconds",
     "relay_seconds",
@@ -47,7 +50,13 @@ def test_json_output_has_one_entry_per_policy() -> None:
     for figures in report["policies"].values():
         assert set(figures) == FIGURES
     assert report["policies"]["oracle"]["cost_vs_oracle"] == 1.0
-    assert report["policies"]["townsquare"]["overloaded_listener_seconds"] == 0
+    for figures in report["policies"].values():
+        parts = figures["waiting_listener_seconds"] + figures["overloaded_listener_seconds"]
+        assert abs(figures["unserved_listener_seconds"] - parts) <= 1
+    ours, reactive = (
+        report["policies"][p]["unserved_listener_seconds"] for p in ("townsquare", "reactive")
+    )
+    assert ours < reactive / 10
 
 
 @pytest.mark.parametrize(
@@ -97,6 +106,72 @@ def test_an_overloaded_baseline_counts_every_listener_on_it() -> None:
     trace = parse_trace("t_seconds,listeners\n0,3000\n9,3000\n")
     results = simulate(spec, trace, ("reactive", "townsquare", "oracle"), Settings())
     assert results["reactive"].overloaded_listener_seconds == 3000 * 10
-    assert results["townsquare"].overloaded_listener_seconds == 0
-    assert results["townsquare"].waiting_listener_seconds >= 1000 * 10 - 1
+    # The room's first map (no reading yet) is open; the queueing map made from the scrape
+    # at 0 reaches the edge 5 s later: until then both relays take 1,500, all overloaded.
+    assert results["townsquare"].overloaded_listener_seconds == 3000 * 5
+    assert results["townsquare"].waiting_listener_seconds >= 1000 * 5 - 1
+    assert results["townsquare"].unserved_listener_seconds == (
+        results["townsquare"].overloaded_listener_seconds
+        + results["townsquare"].waiting_listener_seconds
+    )
     assert results["oracle"].relay_seconds == 5 * 10  # ceil(3000 / 700)
+
+
+def _room(audience: int, duration: str = "1h", **scaling: object) -> AudioRoomSpec:
+    return AudioRoomSpec.model_validate(
+        {
+            "startTime": "2026-12-01T23:00:00Z",
+            "duration": duration,
+            "expectedAudience": audience,
+            "relay": {"image": "relay:1", "listenersPerRelay": 1000, "startupSeconds": 30},
+            "scaling": {"minRelays": 2, "maxRelays": 400, **scaling},
+        }
+    )
+
+
+def test_during_a_metric_outage_keda_drops_to_its_floor_while_others_hold() -> None:
+    """KEDA reads an empty answer as 0 listeners; the HPA and townsquare keep their size."""
+    spec = _room(1_000)  # the cron plan is 2 relays: KEDA leans on Prometheus
+    steady = parse_trace("t_seconds,listeners\n-600,0\n0,7000\n2400,7000\n")
+    outage = replace(steady, outages=((600.0, 1800.0),))
+    results = simulate(spec, outage, ("townsquare", "reactive", "keda"), Settings())
+    assert results["reactive"].overloaded_listener_seconds == 0
+    assert results["townsquare"].unserved_listener_seconds == 0
+    # 0 listeners read for 1,200 s: after its 300 s window KEDA scales to 2 relays (2,000
+    # listeners) while 7,000 listen: every one of them is overloaded for the rest.
+    assert results["keda"].overloaded_listener_seconds >= 7000 * (1800 - 600 - 300 - 30)
+
+
+def test_a_single_glitched_scrape_moves_townsquare_one_step_at_most() -> None:
+    spec = _room(0)
+    steady = parse_trace("t_seconds,listeners\n-900,0\n-300,7000\n3600,7000\n")
+    glitched = replace(steady, glitches=((1800.0, 10.0),))
+    calm = simulate(spec, steady, ("townsquare",), Settings())["townsquare"]
+    spiked = simulate(spec, glitched, ("townsquare",), Settings())["townsquare"]
+    assert spiked.scale_ups - calm.scale_ups <= 1
+    assert spiked.peak_relays <= max(2 * calm.peak_relays, calm.peak_relays + 4)
+    assert spiked.unserved_listener_seconds == calm.unserved_listener_seconds
+
+
+def _late_host(moves: tuple[tuple[float, float], ...]) -> Trace:
+    """70,000 declared; 10,000 wait in the open room; the host comes 25 minutes late."""
+    rows = "t_seconds,listeners\n-900,0\n0,5000\n1500,10000\n1620,70000\n6600,70000\n7000,0\n"
+    return replace(parse_trace(rows), start_moves=moves)
+
+
+def test_moving_start_time_mid_flight_keeps_the_plan_for_a_late_host() -> None:
+    spec = _room(70_000, duration="90m")
+    silent = simulate(spec, _late_host(()), ("townsquare",), Settings())["townsquare"]
+    moved = simulate(spec, _late_host(((300.0, 1500.0),)), ("townsquare",), Settings())
+    told = moved["townsquare"]
+    assert told.waiting_listener_seconds <= 0.001 * told.listener_seconds
+    assert silent.waiting_listener_seconds > 10 * max(1.0, told.waiting_listener_seconds)
+
+
+def test_relays_go_once_the_event_has_ended_and_the_listeners_have_left() -> None:
+    spec = _room(7_000, duration="30m")  # ends at 1,800 s
+    trace = parse_trace("t_seconds,listeners\n-600,0\n0,7000\n1700,7000\n1800,0\n3600,0\n")
+    result = simulate(spec, trace, ("townsquare",), Settings(keep_series=True))["townsquare"]
+    assert result.series is not None
+    pods_after = [p for t, p in zip(result.series.t, result.series.pods, strict=True) if t > 1830]
+    assert max(pods_after) == 0, "a reading of no listener after the end removes every relay"

@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 
 from townsquare.api.models import AudioRoomSpec
+from townsquare.planning import plan_room
 
 Metric = tuple[float, float]
 """(value summed over the pods, target average value per pod)."""
@@ -71,20 +74,34 @@ def reactive_metrics(spec: AudioRoomSpec, listeners: float) -> list[Metric]:
     return [(listeners, listeners_threshold(spec))]
 
 
-def keda_metrics(spec: AudioRoomSpec, t: float, listeners: float) -> list[Metric]:
-    """KEDA: a cron trigger holding the plan from start to end, plus a Prometheus trigger.
+@dataclass(frozen=True)
+class CronWindow:
+    """The KEDA cron trigger a user would configure for the event: the plan's relays from
+    `prewarmAt` (when townsquare would begin pre-warming) to the end of the event."""
+
+    begins: float
+    """Seconds after the start (negative: before it)."""
+    ends: float
+    relays: int
+
+
+def cron_window(spec: AudioRoomSpec) -> CronWindow:
+    """The window and size a user copies from `townsquare plan` into a KEDA cron trigger."""
+    plan = plan_room(spec, spec.start_time - timedelta(days=1))
+    begins = (plan.prewarm_at - spec.start_time).total_seconds()
+    relays = max(spec.scaling.min_relays, plan.relays)
+    return CronWindow(begins, spec.duration.total_seconds(), relays)
+
+
+def keda_metrics(cron: CronWindow, spec: AudioRoomSpec, t: float, listeners: float) -> list[Metric]:
+    """KEDA: the cron trigger plus a Prometheus trigger; the HPA takes the larger proposal.
 
     The cron scaler reports its desired replicas against a target of 1 while active and 0
-    outside its window; `t` is seconds after the start.
+    outside its window; `t` is seconds after the start. With `ignoreNullValues` (KEDA's
+    default) a Prometheus query that returns nothing counts as 0 listeners.
     """
-    end = spec.duration.total_seconds()
-    planned = _planned_relays(spec)
-    cron = float(planned) if 0 <= t < end else 0.0
-    return [(cron, 1.0), (listeners, listeners_threshold(spec))]
-
-
-def _planned_relays(spec: AudioRoomSpec) -> int:
-    return max(spec.scaling.min_relays, oracle_relays(spec.expected_audience, spec, cap=True))
+    active = cron.begins <= t < cron.ends
+    return [(float(cron.relays) if active else 0.0, 1.0), (listeners, listeners_threshold(spec))]
 
 
 def oracle_relays(listeners: float, spec: AudioRoomSpec, *, cap: bool = False) -> int:

@@ -1,20 +1,26 @@
 """The discrete-time model: relays, scrapes, listeners, and one loop per policy.
 
 Time moves in 1 s steps over the trace. A relay takes its start-up time (with jitter) from
-creation to Ready; a policy sees listener counts only as of the last scrape; a relay carries
-at most `listenersPerRelay`. Without admission control (the baselines) every listener
-connects, and when demand exceeds what the Ready relays carry, every listener sits on an
-overloaded relay: the baselines are modelled with perfect load balancing across Ready
-relays, which is the most favourable assumption for them. townsquare places listeners by
-its shard map and holds the excess in the admission queue, so it trades overload for
-waiting; the model counts both.
+creation to Ready; a policy sees listener counts only as of the last scrape, which may be
+missing (a metric outage) or wrong (a glitch), and every policy sees the same scrapes.
+
+Every policy is judged on one figure, *unserved listener-seconds*: listeners waiting for a
+relay plus listeners on an overloaded relay (a relay above `listenersPerRelay` degrades
+everyone on it). The baselines have no admission control: every listener connects, and
+they are modelled with perfect load balancing over the Ready relays (the most favourable
+assumption for them), so when demand exceeds what the Ready relays carry, every listener
+is overloaded. townsquare's listeners are placed by the shard map as the edge sees it: the
+edge reads a published map `edge_delay` seconds late, sends each shard's listeners to its
+relay while that map's admission is open (overloading the relay if the demand outgrew it
+meanwhile) and queues what does not fit once the map says `queueing`; listeners of shards
+without a Ready relay wait. Overload is computed from those relay loads, never assumed 0.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,8 +28,20 @@ from typing import Any
 from townsquare.api.models import AudioRoomSpec
 from townsquare.planning import plan_room
 from townsquare.scaling import Observation, ScalingState, decide, startup_estimate
-from townsquare.sharding import ShardMap, new_map, rebalance
-from townsquare.sim.baselines import Hpa, keda_metrics, oracle_relays, reactive_metrics
+from townsquare.sharding import (
+    ADMISSION_MARGIN,
+    ShardMap,
+    new_map,
+    rebalance,
+    shard_listeners_from_relays,
+)
+from townsquare.sim.baselines import (
+    Hpa,
+    cron_window,
+    keda_metrics,
+    oracle_relays,
+    reactive_metrics,
+)
 from townsquare.sim.trace import Trace
 
 POLICIES = ("townsquare", "reactive", "keda", "oracle")
@@ -41,6 +59,8 @@ class Settings:
     scrape_interval: int = 15
     control_interval: int = 5
     hpa_sync: int = 15
+    edge_delay: int = 5
+    """Seconds from publishing a shard map to the edge acting on it."""
     seed: int = 7
     keep_series: bool = False
 
@@ -64,16 +84,25 @@ class Result:
     policy: str
     overloaded_listener_seconds: float = 0.0
     waiting_listener_seconds: float = 0.0
+    listener_seconds: float = 0.0
+    """All demand over the trace: the scale of the waiting share."""
     relay_seconds: int = 0
     cost_vs_oracle: float = 0.0
     migrated_listeners: float = 0.0
     scale_events: int = 0
+    scale_ups: int = 0
     peak_relays: int = 0
     series: Series | None = None
+
+    @property
+    def unserved_listener_seconds(self) -> float:
+        """Waiting plus overloaded: the one figure every policy is compared on."""
+        return self.waiting_listener_seconds + self.overloaded_listener_seconds
 
     def figures(self) -> dict[str, Any]:
         """The figures as `simulate -o json` prints them."""
         return {
+            "unserved_listener_seconds": round(self.unserved_listener_seconds),
             "overloaded_listener_seconds": round(self.overloaded_listener_seconds),
             "waiting_listener_seconds": round(self.waiting_listener_seconds),
             "relay_seconds": self.relay_seconds,
@@ -88,6 +117,7 @@ class Result:
     ) -> None:
         self.overloaded_listener_seconds += over
         self.waiting_listener_seconds += wait
+        self.listener_seconds += demand
         self.relay_seconds += pods
         self.peak_relays = max(self.peak_relays, pods)
         if self.series is not None:
@@ -100,6 +130,25 @@ class Result:
             s.overloaded.append(over)
 
 
+class _Scrapes:
+    """What Prometheus answers at each scrape: the truth, a glitch, or nothing."""
+
+    def __init__(self, trace: Trace, interval: int) -> None:
+        self.outages = trace.outages
+        self.factors: dict[int, float] = {}
+        for t, factor in trace.glitches:
+            scrape = trace.start + math.ceil((t - trace.start) / interval) * interval
+            self.factors[scrape] = self.factors.get(scrape, 1.0) * factor
+
+    def read(self, t: int, value: float) -> float | None:
+        if any(begin <= t < end for begin, end in self.outages):
+            return None
+        return value * self.factors.get(t, 1.0)
+
+    def factor(self, t: int) -> float:
+        return self.factors.get(t, 1.0)
+
+
 class _Fleet:
     """The relay StatefulSet: ordinals 0..size-1, some still starting."""
 
@@ -110,6 +159,8 @@ class _Fleet:
         self.starting: dict[int, tuple[float, float]] = {}  # ordinal -> (created, ready at)
         self.next_ready = math.inf
         self.measured: list[float] = []
+        self.version = 0
+        """Advances whenever the set of Ready relays may have changed."""
 
     def ready(self) -> int:
         return self.size - len(self.starting)
@@ -123,6 +174,8 @@ class _Fleet:
         self.next_ready = min(self.next_ready, ready_at)
 
     def resize(self, size: int, t: float) -> None:
+        if size != self.size:
+            self.version += 1
         for ordinal in range(self.size, size):
             self._start(ordinal, t)
         for ordinal in range(size, self.size):
@@ -139,6 +192,7 @@ class _Fleet:
             self.measured.append(ready_at - created)
         del self.measured[:-MEASURED_STARTUPS_KEPT]
         self.next_ready = min((r for _, r in self.starting.values()), default=math.inf)
+        self.version += bool(done)
         return bool(done)
 
     def fail(self, count: int, t: float) -> list[int]:
@@ -147,6 +201,7 @@ class _Fleet:
         victims = sorted(self.rng.sample(ready, min(count, len(ready))))
         for ordinal in victims:
             self._start(ordinal, t)
+        self.version += 1
         return victims
 
 
@@ -194,6 +249,7 @@ def _run_oracle(
         relays = oracle_relays(wanted, spec)
         if previous is not None and relays != previous:
             result.scale_events += 1
+            result.scale_ups += relays > previous
         previous = relays
         result.record(t, wanted, relays, relays, 0.0, 0.0)
     return result
@@ -212,29 +268,37 @@ def _run_keda(spec: AudioRoomSpec, trace: Trace, demand: list[float], settings: 
 def _run_hpa(
     policy: str, spec: AudioRoomSpec, trace: Trace, demand: list[float], settings: Settings
 ) -> Result:
-    """An HPA (and KEDA on top of it) over perfectly balanced relays without admission."""
+    """An HPA (and KEDA on top of it) over perfectly balanced relays without admission.
+
+    The KEDA user configured the cron window for the announced event and does not move it
+    when the host is late. Without a reading the HPA keeps its size; KEDA reads nothing as
+    0 listeners (`ignoreNullValues`), so its cron floor is all that holds.
+    """
     result = _new_result(policy, settings)
     scaling, capacity = spec.scaling, spec.relay.listeners_per_relay
     hpa = Hpa(min_replicas=max(1, scaling.min_relays), max_replicas=scaling.max_relays)
     startup = settings.relay_startup or spec.relay.startup_seconds
     fleet = _Fleet(hpa.min_replicas, startup, random.Random(settings.seed))
+    cron = cron_window(spec)
+    scrapes = _Scrapes(trace, settings.scrape_interval)
     failures = _failures(trace)
-    scraped = demand[0]
+    scraped: float | None = demand[0]
     for i, t in enumerate(range(trace.start, trace.end + 1)):
         wanted = demand[i]
         if t in failures:
             fleet.fail(failures[t], t)
         fleet.advance(t)
         if i % settings.scrape_interval == 0:
-            scraped = wanted
-        if i % settings.hpa_sync == 0:
+            scraped = scrapes.read(t, wanted)
+        if i % settings.hpa_sync == 0 and (scraped is not None or policy == "keda"):
             if policy == "keda":
-                metrics = keda_metrics(spec, t, scraped)
+                metrics = keda_metrics(cron, spec, t, scraped or 0.0)
             else:
-                metrics = reactive_metrics(spec, scraped)
+                metrics = reactive_metrics(spec, scraped or 0.0)
             replicas = hpa.recommend(t, fleet.size, metrics)
             if replicas != fleet.size:
                 result.scale_events += 1
+                result.scale_ups += replicas > fleet.size
                 removed = sum(fleet.is_ready(o) for o in range(replicas, fleet.size))
                 if removed:
                     result.migrated_listeners += wanted * removed / max(1, fleet.ready())
@@ -245,8 +309,18 @@ def _run_hpa(
     return result
 
 
+@dataclass(frozen=True)
+class _Scrape:
+    """One reading of the room as the operator gets it (already glitched)."""
+
+    t: int
+    connected: float
+    waiting: float
+    by_relay: dict[int, float]
+
+
 class _Townsquare:
-    """The operator's loop in miniature: scrape, decide, resize, reshard."""
+    """The operator and the edge in miniature: scrape, decide, resize, reshard, place."""
 
     def __init__(self, spec: AudioRoomSpec, trace: Trace, settings: Settings) -> None:
         self.spec = spec
@@ -261,83 +335,197 @@ class _Townsquare:
         self.fleet = _Fleet(relays, startup, random.Random(settings.seed))
         self.map: ShardMap = new_map(self.shards, self.capacity)
         self.relay_sets: tuple[frozenset[int], frozenset[int]] | None = None
+        self.sets_key: tuple[int, tuple[int, ...], int] | None = None
+        self.most: int | None = None
+        """Most shards on one active relay, for the current map and relay sets."""
         self.pending = False
-        self.groups: Counter[int] = Counter()  # shard count -> Ready relays holding it
-        self.counts: dict[int, int] = {}
+        self.unpublished: deque[tuple[int, ShardMap]] = deque()
+        self.published_at: int | None = None
+        self.map_counts: dict[int, int] = {}
+        self.edge_map: ShardMap = self.map
+        self.edge_counts: dict[int, int] = {}
+        self.edge_groups: Counter[int] = Counter()  # shard count -> Ready relays holding it
+        self.edge_unplaced = self.shards
+        self.scrape: _Scrape | None = None
+        self.resharded_at_scrape = -1
         self.migrated = 0.0
-        self.directions: Counter[str] = Counter()
 
     def at(self, t: float) -> datetime:
         return self.start_time + timedelta(seconds=t)
 
-    def carried(self, wanted: float) -> float:
-        """Listeners connected: each Ready relay in the map takes its shards' share."""
-        per_shard = wanted / self.shards
-        cap = self.capacity
-        return sum(n * min(cap, per_shard * k) for k, n in self.groups.items())
+    # The edge: the map it acts on, and where the demand lands.
+
+    def publish(self, t: int, shard_map: ShardMap) -> None:
+        self.unpublished.append((t, shard_map))
+
+    def edge_catches_up(self, t: int) -> bool:
+        """The edge acts on every map published at least `edge_delay` seconds ago."""
+        caught = False
+        while self.unpublished and self.unpublished[0][0] + self.settings.edge_delay <= t:
+            self.edge_map = self.unpublished.popleft()[1]
+            self.edge_counts = self.edge_map.counts()
+            caught = True
+        return caught
 
     def regroup(self) -> None:
-        self.counts = self.map.counts()
-        self.groups = Counter(k for r, k in self.counts.items() if self.fleet.is_ready(r))
+        """Recount the Ready relays of the edge's map by shards held (on any change)."""
+        ready = self.fleet.is_ready
+        self.edge_groups = Counter(k for r, k in self.edge_counts.items() if k and ready(r))
+        self.edge_unplaced = self.shards - sum(k * n for k, n in self.edge_groups.items())
 
-    def relay_load(self, relay: int, wanted: float) -> float:
-        if not self.fleet.is_ready(relay):
-            return 0.0
-        return min(self.capacity, wanted * self.counts.get(relay, 0) / self.shards)
+    def serve(self, wanted: float) -> tuple[float, float, float]:
+        """(connected, waiting, overloaded) listeners when `wanted` want to listen now."""
+        per_shard = wanted / self.shards
+        cap = self.capacity
+        open_edge = self.edge_map.admission == "open"
+        connected = overloaded = 0.0
+        waiting = per_shard * self.edge_unplaced
+        for k, n in self.edge_groups.items():
+            load = per_shard * k
+            if load <= cap:
+                connected += n * load
+            elif open_edge:
+                connected += n * load
+                overloaded += n * load
+            else:
+                connected += n * cap
+                waiting += n * (load - cap)
+        return connected, waiting, overloaded
 
-    def control(self, t: int, wanted: float, scrape: tuple[int, float, float]) -> int:
-        """One control tick; returns 1 if the relay count changed."""
-        scraped_at, connected, waiting = scrape
-        draining_loads = {o: round(self.relay_load(o, wanted)) for o, _ in self.state.draining}
-        observation = Observation(
-            listeners=round(connected),
-            waiting=round(waiting),
-            sampled_at=self.at(scraped_at),
-            relay_listeners=draining_loads,
-        )
+    def relay_loads(self, wanted: float) -> dict[int, float]:
+        """What each relay reports: the listeners the edge sent it (capped when queueing)."""
+        per_shard = wanted / self.shards
+        most = math.inf if self.edge_map.admission == "open" else float(self.capacity)
+        return {
+            r: min(most, per_shard * k) if self.fleet.is_ready(r) else 0.0
+            for r, k in self.edge_counts.items()
+        }
+
+    def take_scrape(self, t: int, wanted: float, scrapes: _Scrapes) -> None:
+        """Prometheus scrapes the relays and the edge; an outage leaves the room unread."""
+        connected, waiting, _ = self.serve(wanted)
+        if scrapes.read(t, 1.0) is None:
+            self.scrape = None
+            return
+        factor = scrapes.factor(t)
+        loads = {r: load * factor for r, load in self.relay_loads(wanted).items()}
+        self.scrape = _Scrape(t, connected * factor, waiting * factor, loads)
+
+    # The operator: one reconcile.
+
+    def move_start(self, t: int, new_start: float) -> None:
+        """The producer edits startTime; the operator replans at once (a new generation)."""
+        self.spec = self.spec.model_copy(update={"start_time": self.at(new_start)})
+        startup = startup_estimate(self.spec.relay.startup_seconds, tuple(self.fleet.measured))
+        self.plan = plan_room(self.spec, self.at(t), startup)
+
+    def end(self) -> float:
+        """Seconds after the announced start at which the event ends (startTime may move)."""
+        return (self.spec.start_time + self.spec.duration - self.start_time).total_seconds()
+
+    def drain(self, t: int) -> None:
+        """Past the end, as `lifecycle` does: the relays stay until a reading shows no
+        listener left (or the drain timeout passes), then all go at once."""
+        if self.fleet.size == 0:
+            return
+        timeout = self.spec.scaling.drain_timeout.total_seconds()
+        emptied = self.scrape is not None and round(self.scrape.connected) == 0
+        if emptied or t >= self.end() + timeout:
+            self.fleet.resize(0, t)
+            self.regroup()
+
+    def control(self, t: int) -> str:
+        """One reconcile; returns the decision's direction."""
+        scrape = self.scrape
+        if scrape is None:
+            observation = Observation(listeners=None)
+        else:
+            observation = Observation(
+                listeners=round(scrape.connected),
+                waiting=round(scrape.waiting),
+                sampled_at=self.at(scrape.t),
+                relay_listeners={
+                    o: round(scrape.by_relay.get(o, 0.0)) for o, _ in self.state.draining
+                },
+            )
         startup = startup_estimate(self.spec.relay.startup_seconds, tuple(self.fleet.measured))
         decision = decide(
             self.spec, self.plan, observation, self.state, self.at(t), startup_seconds=startup
         )
         self.state = decision.state
-        for ordinal in decision.drain_timed_out:
-            self.migrated += self.relay_load(ordinal, wanted)  # forced reconnects
+        if scrape is not None:
+            for ordinal in decision.drain_timed_out:
+                self.migrated += scrape.by_relay.get(ordinal, 0.0)  # forced reconnects
         self.fleet.resize(decision.replicas, t)
-        active = frozenset(o for o in range(decision.relays) if self.fleet.is_ready(o))
-        draining = frozenset(o for o in decision.draining if self.fleet.is_ready(o))
-        if self.needs_rebalance((active, draining), wanted, len(active)):
-            self.reshard(active, draining, wanted)
-        self.directions[decision.direction] += 1
-        return 0 if decision.direction == "hold" else 1
+        key = (decision.relays, decision.draining, self.fleet.version)
+        if key != self.sets_key or self.relay_sets is None:
+            ready = self.fleet.is_ready
+            active = frozenset(o for o in range(decision.relays) if ready(o))
+            draining = frozenset(o for o in decision.draining if ready(o))
+            relay_sets = (active, draining)
+            changed = relay_sets != self.relay_sets
+        else:
+            relay_sets, changed = self.relay_sets, False
+        self.sets_key = key
+        if changed or self.needs_rebalance(relay_sets, scrape):
+            self.reshard(t, *relay_sets, scrape)
+        return decision.direction
+
+    def expected(self, scrape: _Scrape) -> float:
+        """The demand admission is judged on: what was read, or the forecast if higher."""
+        return max(scrape.connected + scrape.waiting, float(self.state.forecast))
 
     def needs_rebalance(
-        self, relay_sets: tuple[frozenset[int], frozenset[int]], wanted: float, active: int
+        self, relay_sets: tuple[frozenset[int], frozenset[int]], scrape: _Scrape | None
     ) -> bool:
-        """Skip calls that would change nothing (the simulator's only shortcut)."""
-        if relay_sets != self.relay_sets or self.pending:
+        """Skip calls that would change nothing (the simulator's only shortcut): the relay
+        sets are unchanged (the caller checked), so only pending moves or a reading that
+        flips the admission state would change the map."""
+        if self.pending:
             return True
-        most = max((k for r, k in self.counts.items() if r in relay_sets[0]), default=0)
-        full = wanted > active * self.capacity or wanted * most / self.shards > self.capacity
+        if scrape is None or scrape.t == self.resharded_at_scrape:
+            return False
+        demand = self.expected(scrape)
+        if self.most is None:
+            counts = self.map_counts
+            self.most = max((counts.get(r, 0) for r in relay_sets[0]), default=0)
+        most = self.most
+        active, limit = len(relay_sets[0]), self.capacity * ADMISSION_MARGIN
+        full = demand > active * limit or demand * most / self.shards > limit
         return full != (self.map.admission == "queueing")
 
-    def reshard(self, active: frozenset[int], draining: frozenset[int], wanted: float) -> None:
-        per_relay = {r: self.relay_load(r, wanted) / k for r, k in self.counts.items() if k}
-        weights = [0.0 if r is None else per_relay.get(r, 0.0) for r in self.map.assignment]
-        budget = self.spec.sharding.max_migrations_per_minute * self.settings.control_interval
+    def reshard(
+        self,
+        t: int,
+        active: frozenset[int],
+        draining: frozenset[int],
+        scrape: _Scrape | None,
+    ) -> None:
+        """Rebalance from what the operator read, exactly as the lifecycle does."""
+        weights = None if scrape is None else shard_listeners_from_relays(self.map, scrape.by_relay)
+        demand = None if scrape is None else self.expected(scrape)
+        # As the lifecycle does: the per-minute cap times the time since the last publication.
+        since = t - self.published_at if self.published_at is not None else 60
+        budget = self.spec.sharding.max_migrations_per_minute * min(since, 60)
         change = rebalance(
             self.map,
             active=sorted(active),
             draining=sorted(draining),
             shard_listeners=weights,
-            demand=wanted,
+            demand=demand,
             fanout=self.spec.sharding.fanout,
             budget=budget / 60,
         )
+        if change.map.generation != self.map.generation:
+            self.publish(t, change.map)
+            self.published_at = t
+            self.map_counts = change.map.counts()
         self.map = change.map
         self.pending = change.pending
         self.migrated += change.migrated
         self.relay_sets = (active, draining)
-        self.regroup()
+        self.most = None
+        self.resharded_at_scrape = scrape.t if scrape is not None else -1
 
 
 def _run_townsquare(
@@ -345,24 +533,36 @@ def _run_townsquare(
 ) -> Result:
     result = _new_result("townsquare", settings)
     room = _Townsquare(spec, trace, settings)
-    room.reshard(frozenset(range(room.fleet.size)), frozenset(), demand[0])
+    room.reshard(trace.start, frozenset(range(room.fleet.size)), frozenset(), None)
+    room.edge_catches_up(trace.start + settings.edge_delay)  # the room was set up earlier
+    room.regroup()
+    scrapes = _Scrapes(trace, settings.scrape_interval)
     failures = _failures(trace)
-    scrape = (trace.start, demand[0], 0.0)
+    moves = {math.floor(t): new_start for t, new_start in trace.start_moves}
     for i, t in enumerate(range(trace.start, trace.end + 1)):
         wanted = demand[i]
+        event = False  # a change the operator is told of by a watch, not by its timer
         if t in failures:
             room.fleet.fail(failures[t], t)
-            room.regroup()  # their listeners lost the connection; the next tick reshards
-        if room.fleet.advance(t):
+            event = True
+        if t in moves:
+            room.move_start(t, moves[t])
+            event = True
+        became_ready = room.fleet.advance(t)
+        if room.edge_catches_up(t) or event or became_ready:
             room.regroup()
-        connected = room.carried(wanted)
-        waiting = wanted - connected
         if i % settings.scrape_interval == 0:
-            scrape = (t, connected, waiting)
-        if i % settings.control_interval == 0:
-            result.scale_events += room.control(t, wanted, scrape)
-            connected = room.carried(wanted)
-            waiting = wanted - connected
-        result.record(t, wanted, room.fleet.ready(), room.fleet.size, max(0.0, waiting), 0.0)
+            room.take_scrape(t, wanted, scrapes)
+        if t >= room.end():
+            room.drain(t)  # the lifecycle's Draining phase: no more decisions
+        elif event or i % settings.control_interval == 0:
+            size = room.fleet.size
+            direction = room.control(t)
+            result.scale_events += direction != "hold"
+            result.scale_ups += direction == "up"
+            if room.edge_catches_up(t) or room.fleet.size < size:
+                room.regroup()
+        _, waiting, overloaded = room.serve(wanted)
+        result.record(t, wanted, room.fleet.ready(), room.fleet.size, waiting, overloaded)
     result.migrated_listeners = room.migrated
     return result

@@ -8,6 +8,7 @@ from typing import Any
 from townsquare.sim.model import Result
 
 COLUMNS = (
+    ("unserved_listener_seconds", "unserved l·s"),
     ("overloaded_listener_seconds", "overloaded l·s"),
     ("waiting_listener_seconds", "waiting l·s"),
     ("relay_seconds", "relay·s"),

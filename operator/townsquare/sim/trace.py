@@ -18,11 +18,23 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class Trace:
-    """Listeners wanting a relay over time (linear between rows), and relay failures."""
+    """Listeners wanting a relay over time (linear between rows), and what else happens.
+
+    Besides the CSV's rows, a generated trace (`townsquare.sim.families`) may carry metric
+    outages, single-scrape glitches and the producer moving `startTime` mid-flight.
+    """
 
     times: tuple[float, ...]
     listeners: tuple[float, ...]
     failures: tuple[tuple[float, int], ...] = ()
+    """(t, relays that crash at t)."""
+    outages: tuple[tuple[float, float], ...] = ()
+    """(from, until): Prometheus returns nothing for the room (every policy sees no data)."""
+    glitches: tuple[tuple[float, float], ...] = ()
+    """(t, factor): the first scrape at or after t reads the listeners times `factor`."""
+    start_moves: tuple[tuple[float, float], ...] = ()
+    """(t, new start): at t the producer moves startTime to `new start` seconds after the
+    announced one (a late host); t and `new start` are relative to the announced start."""
 
     @property
     def start(self) -> int:
