@@ -23,6 +23,7 @@ import sys
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+PR_SET_PDEATHSIG = 1
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -30,6 +31,10 @@ def _check(result: int, what: str) -> None:
     if result != 0:
         errno = ctypes.get_errno()
         raise SystemExit(f"loopback_only: {what} failed: {os.strerror(errno)}")
+
+
+def _die_with_parent() -> None:
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _loopback_up() -> None:
@@ -86,7 +91,8 @@ def main(argv: list[str]) -> int:
     listeners = {port: socket.create_server(("127.0.0.1", port)) for port in ports}
     for sock in listeners.values():
         sock.setblocking(False)
-    child = subprocess.Popen(argv[2:])  # born in the new namespace
+    # Born in the new namespace; dies with us even if we are killed without a word.
+    child = subprocess.Popen(argv[2:], preexec_fn=_die_with_parent)
     # Back to the host's namespace: connections to the forwarded ports are made from there.
     _check(LIBC.setns(host, CLONE_NEWNET), "setns(host)")
     return asyncio.run(_serve(listeners, child))
