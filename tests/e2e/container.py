@@ -63,14 +63,17 @@ def image_config(image: str) -> dict[str, Any]:
     return config
 
 
+# Fields that only place the pod or that podman has no use for are accepted and ignored.
 POD_KEYS = {"serviceAccountName", "automountServiceAccountToken", "securityContext",
             "containers", "volumes", "nodeSelector", "affinity", "tolerations",
             "priorityClassName", "imagePullSecrets", "restartPolicy", "dnsPolicy",
-            "schedulerName", "terminationGracePeriodSeconds", "serviceAccount"}  # fmt: skip
+            "schedulerName", "terminationGracePeriodSeconds", "serviceAccount",
+            "enableServiceLinks", "topologySpreadConstraints"}  # fmt: skip
 CONTAINER_KEYS = {"name", "image", "imagePullPolicy", "args", "ports", "livenessProbe",
-                  "env", "securityContext", "resources", "volumeMounts",
-                  "terminationMessagePath", "terminationMessagePolicy"}  # fmt: skip
-SECURITY_KEYS = {"runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile",
+                  "readinessProbe", "lifecycle", "env", "securityContext", "resources",
+                  "volumeMounts", "terminationMessagePath",
+                  "terminationMessagePolicy"}  # fmt: skip
+SECURITY_KEYS = {"runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile",
                  "allowPrivilegeEscalation", "readOnlyRootFilesystem", "privileged",
                  "capabilities"}  # fmt: skip
 
@@ -85,8 +88,18 @@ class PodRun:
     writable: list[str] = field(default_factory=list)  # the pod's volume mounts
 
 
-def pod_flags(pod: dict[str, Any], container: dict[str, Any]) -> PodRun:
-    """How podman runs `container` of `pod` as a kubelet would (camelCase pod spec)."""
+def pod_flags(
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    fields: dict[str, str] | None = None,
+    publish: bool = True,
+) -> PodRun:
+    """How podman runs `container` of `pod` as a kubelet would (camelCase pod spec).
+
+    `fields` gives the values of the env's fieldRefs (metadata.name, ...). With `publish`,
+    every container port is published on a free 127.0.0.1 port; without, the container is
+    meant for the host's network and binds its ports itself.
+    """
     _known(pod, POD_KEYS, "pod spec")
     _known(container, CONTAINER_KEYS, "container")
     security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
@@ -98,6 +111,8 @@ def pod_flags(pod: dict[str, Any], container: dict[str, Any]) -> PodRun:
         flags.append("--read-only")
     if security.get("allowPrivilegeEscalation") is False:
         flags += ["--security-opt", "no-new-privileges"]
+    if security.get("fsGroup") is not None:
+        flags += ["--group-add", str(security["fsGroup"])]
     if security.get("privileged"):
         flags.append("--privileged")
     for capability in security.get("capabilities", {}).get("drop", []):
@@ -107,8 +122,7 @@ def pod_flags(pod: dict[str, Any], container: dict[str, Any]) -> PodRun:
     seccomp = security.get("seccompProfile", {}).get("type", "RuntimeDefault")
     assert seccomp == "RuntimeDefault", f"seccompProfile {seccomp}: podman runs its default"
     for variable in container.get("env", []):
-        assert set(variable) == {"name", "value"}, f"env {variable}: only literal values"
-        flags += ["--env", f"{variable['name']}={variable['value']}"]
+        flags += ["--env", f"{variable['name']}={_env_value(variable, fields or {})}"]
     memory = container.get("resources", {}).get("limits", {}).get("memory")
     if memory:
         flags += ["--memory", str(quantity(memory))]
@@ -122,10 +136,19 @@ def pod_flags(pod: dict[str, Any], container: dict[str, Any]) -> PodRun:
         flags += ["--tmpfs", f"{mount['mountPath']}:{options}"]
         run.writable.append(mount["mountPath"])
     for port in container.get("ports", []):
-        host_port = free_loopback_port()
-        flags += ["--publish", f"127.0.0.1:{host_port}:{port['containerPort']}"]
+        host_port = free_loopback_port() if publish else int(port["containerPort"])
+        if publish:
+            flags += ["--publish", f"127.0.0.1:{host_port}:{port['containerPort']}"]
         run.ports[port.get("name", str(port["containerPort"]))] = host_port
     return run
+
+
+def _env_value(variable: dict[str, Any], fields: dict[str, str]) -> str:
+    if "value" in variable:
+        return str(variable["value"])
+    path = variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    assert path in fields, f"env {variable}: only literal values and the fieldRefs given"
+    return fields[path]
 
 
 def quantity(text: str | int) -> int:

@@ -8,12 +8,18 @@ API server, not from the flags we passed.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +40,18 @@ from container import (
     private_file,
     sandbox,
 )
-from harness import REPO, wait_until
+from harness import REPO, Prometheus, free_loopback_port, wait_until
 from kubernetes import client
-from rooms import Rooms
+from operator_process import OperatorProcess
+from rooms import Rooms, room_manifest
 from test_helm_install import CHART, RELEASE, helm_binary
 from test_room_lifecycle import (
     test_phases_in_order_with_relays_ready_before_the_start as phases_scenario,
 )
+
+from townsquare.relay.kubeapi import KubeReader, load_credentials
+from townsquare.relay.listener import Listener, ListenerStats, MapJoiner
+from townsquare.relay.topology import ConfigMapSource, PodResolver
 
 pytestmark = [pytest.mark.e2e]
 
@@ -289,3 +300,210 @@ def test_the_smoke_checks_fail_for_a_writable_root_filesystem(image: str) -> Non
     run: PodRun = pod_flags(pod, container)
     problems = chart_problems(sandbox(image, run.flags), run, chart_uid(pod))
     assert "the root filesystem is writable" in problems, problems
+
+
+class Mounts:
+    """Files for the containers, readable by their uid only, mounted read-only under /run."""
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self.files: list[Path] = []
+        self.flags: list[str] = []
+
+    def add(self, text: str | bytes, inside: str) -> str:
+        data = text if isinstance(text, str) else text.decode()
+        path = private_file(data, owner=self.owner)
+        self.files.append(path)
+        self.flags += ["--volume", f"{path}:{inside}:ro"]
+        return inside
+
+    def remove(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+
+
+def cluster_credentials(kubeconfig: Path, mounts: Mounts) -> str:
+    """A kubeconfig whose CA, certificate and key are mounted files (nothing to write out
+    under a read-only root); the host network reaches the API server at 127.0.0.1."""
+    admin = yaml.safe_load(
+        subprocess.run(
+            [str(REPO / ".venv" / "bin" / "kubectl"), "--kubeconfig", str(kubeconfig), "config",
+             "view", "--raw", "--minify", "--flatten", "-o", "yaml"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    (cluster,) = admin["clusters"]
+    (user,) = admin["users"]
+    folder = "/run/townsquare/kube"
+    files = {
+        "certificate-authority": (cluster["cluster"], "ca.crt"),
+        "client-certificate": (user["user"], "client.crt"),
+        "client-key": (user["user"], "client.key"),
+    }
+    for field, (entry, name) in files.items():
+        entry[field] = mounts.add(base64.b64decode(entry.pop(f"{field}-data")), f"{folder}/{name}")
+    return mounts.add(yaml.safe_dump(admin), f"{folder}/config")
+
+
+def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
+    image: str,
+    kubeconfig: Path,
+    namespace: str,
+    crds: list[str],
+    kwok_nodes: list[str],
+    api_client: client.ApiClient,
+    prometheus: Prometheus,
+    tmp_path: Path,
+) -> None:
+    """A listener admitted with a ticket hears the origin through the relay, both from the
+    image on the host's network (as pods have their own addresses), the relay with the pod
+    spec the operator gave its pod; the edge from the image, with the chart's hardening,
+    answers joins. The verdicts come from the listener (frames heard) and from the relay's
+    own /metrics (listeners it holds).
+
+    The listener's ticket is signed with the room's key from the published shard map (the
+    MapJoiner), not by the edge: on this cluster relay pods have loopback addresses, which
+    the API server refuses in EndpointSlices ("may not be in the loopback range"), so the
+    edge never sees a Ready relay here and queues every join (README: The image)."""
+    room = "joinable"
+    operator = OperatorProcess(
+        kubeconfig, namespace, tmp_path / "operator.log", "--prometheus-url", prometheus.url
+    )
+    operator.start()
+    rooms = Rooms(api_client, namespace)
+    # No townsquare.dev/origin annotation: the cluster's pod runner leaves the relay pod to us.
+    rooms.create(room_manifest(room, start_in=5, audience=100, duration="10m"))
+    core = client.CoreV1Api(api_client)
+    pod = wait_until(
+        lambda: _running_with_ip(core.read_namespaced_pod(f"{room}-relay-0", namespace)),
+        60,
+        "the relay pod to run with an address",
+    )
+    # What the operator declared for its relays (the pod adds only placement).
+    relays = client.AppsV1Api(api_client).read_namespaced_stateful_set(f"{room}-relay", namespace)
+    pod_spec = api_client.sanitize_for_serialization(relays)["spec"]["template"]["spec"]
+    (relay_container,) = pod_spec["containers"]
+    fields = {"metadata.name": pod.metadata.name, "metadata.namespace": namespace}
+    relay_run = pod_flags(pod_spec, relay_container, fields, publish=False)
+    ip = pod.status.pod_ip
+    owner = int(relay_run.flags[relay_run.flags.index("--user") + 1].split(":")[0])
+
+    chart_pod, chart_container = operator_of(rendered_deployment())
+    hardened = pod_flags(chart_pod, chart_container, publish=False).flags
+    mounts = Mounts(owner)
+    secret_key = secrets.token_hex(32)
+    key_file = mounts.add(secret_key, "/run/townsquare/ticket-key")
+    config = cluster_credentials(kubeconfig, mounts)
+    origin_port, edge_port = free_loopback_port(), free_loopback_port()
+    common = ["--network", "host", *mounts.flags]
+    data_plane = ["--namespace", namespace, "--room", room, "--ticket-key-file", key_file,
+                  "--kubeconfig", config, "--log-format", "json"]  # fmt: skip
+    origin = ContainerProcess(
+        image, PodRun(hardened, ["origin", *data_plane, "--address", "127.0.0.1",
+                                 "--port", str(origin_port), "--metrics-port", "0"]),
+        tmp_path / "origin.log", *common,
+    )  # fmt: skip
+    relay = ContainerProcess(
+        image, PodRun(relay_run.flags, [
+            "relay", *data_plane, "--pod", pod.metadata.name, "--address", ip,
+            "--port", str(relay_run.ports["listeners"]),
+            "--metrics-port", str(relay_run.ports["metrics"]),
+            "--capacity", _env(relay_container, "TOWNSQUARE_CAPACITY"),
+            "--origin", f"127.0.0.1:{origin_port}",
+        ]),
+        tmp_path / "relay.log", *common,
+    )  # fmt: skip
+    edge = ContainerProcess(
+        image, PodRun(hardened, [
+            "edge", "--host", "127.0.0.1", "--port", str(edge_port), "-n", namespace,
+            "--prometheus-url", prometheus.url, "--ticket-key-file", key_file,
+            "--refresh", "1", "--log-format", "json",
+        ]),
+        tmp_path / "edge.log", *common, "--env", f"KUBECONFIG={config}",
+    )  # fmt: skip
+    processes = [origin, relay, edge]
+    try:
+        for process in processes:
+            process.start()
+        relay_metrics = f"http://{ip}:{relay_run.ports['metrics']}/metrics"
+        wait_until(lambda: _get(relay_metrics), 60, "the relay from the image to serve /metrics")
+        prometheus.add_target(f"{ip}:{relay_run.ports['metrics']}")
+        edge_url = f"http://127.0.0.1:{edge_port}"
+        wait_until(lambda: _status(f"{edge_url}/readyz") == 200, 60, "the edge to be ready")
+
+        key = secret_key.encode()
+        port = relay_run.ports["listeners"]
+        listening = _listen(kubeconfig, key, namespace, room, port, frames=50, timeout=60,
+                            meanwhile=lambda: _get(relay_metrics))  # fmt: skip
+        stats, relay_said = asyncio.run(listening)
+        assert stats.frames >= 50, (stats, relay.log_text()[-2000:])
+        assert stats.relays == [pod.metadata.name]
+        held = f'audioroom_relay_listeners{{namespace="{namespace}",pod="{pod.metadata.name}",room="{room}"}}'  # noqa: E501
+        assert _metric(relay_said, held) == 1.0, "the relay counts its listener"
+        status, answer = _join_answer(edge_url, namespace, room)
+        assert (status, "ticket" in answer) in ((200, True), (429, True)), (status, answer)
+    finally:
+        for process in reversed(processes):
+            process.stop(grace=10)
+        operator.stop()
+        mounts.remove()
+    for process in processes:
+        assert process.exit_code == 0, process.log_text()[-3000:]
+
+
+def _join_answer(edge_url: str, namespace: str, room: str) -> tuple[int, dict[str, Any]]:
+    """The edge's answer to one join: its status and JSON body."""
+    request = urllib.request.Request(
+        f"{edge_url}/v1/rooms/{namespace}/{room}/join", data=b'{"listener": "probe"}',
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read())
+
+
+def _running_with_ip(pod: client.V1Pod) -> client.V1Pod | None:
+    return pod if pod.status.phase == "Running" and pod.status.pod_ip else None
+
+
+def _env(container: dict[str, Any], name: str) -> str:
+    return str(next(e["value"] for e in container["env"] if e["name"] == name))
+
+
+def _metric(text: str, series: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+async def _listen(
+    kubeconfig: Path,
+    key: bytes,
+    namespace: str,
+    room: str,
+    port: int,
+    frames: int,
+    timeout: float,
+    meanwhile: Callable[[], str],
+) -> tuple[ListenerStats, str]:
+    """One listener, admitted from the published shard map, until it heard `frames` frames;
+    and what `meanwhile` returned while it was still connected."""
+    reader = KubeReader(load_credentials(str(kubeconfig)))
+    joiner = MapJoiner(
+        ConfigMapSource(reader, namespace, room), PodResolver(reader, namespace, room, port),
+        key, namespace, room,
+    )  # fmt: skip
+    listener = Listener("first-listener", joiner)
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(stop))
+    deadline = time.monotonic() + timeout
+    while listener.stats.frames < frames and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    seen = await asyncio.to_thread(meanwhile)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await reader.close()
+    return listener.stats, seen

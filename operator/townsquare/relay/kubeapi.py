@@ -8,10 +8,11 @@ speaks plain HTTPS with aiohttp using the kubeconfig (or the pod's service accou
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,16 @@ class Credentials:
     token: str | None = None
 
 
-def _materialize(entry: Mapping[str, Any], name: str, base: Path, workdir: Path) -> str | None:
-    """A path for `name` (a file path or inline `<name>-data`), relative to the kubeconfig."""
+def _materialize(
+    entry: Mapping[str, Any], name: str, base: Path, workdir: Callable[[], Path]
+) -> str | None:
+    """A path for `name` (a file path or inline `<name>-data`), relative to the kubeconfig.
+
+    Only inline data needs a scratch directory: a relay whose kubeconfig names files runs
+    on a read-only root filesystem with no writable /tmp at all (its pod spec's default).
+    """
     if entry.get(f"{name}-data"):
-        path = workdir / name
+        path = workdir() / name
         path.write_bytes(base64.b64decode(entry[f"{name}-data"]))
         return str(path)
     if entry.get(name):
@@ -68,7 +75,7 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
         user = (user or {}).get("user", {})
     except (KeyError, TypeError) as exc:
         raise KubeConfigError(f"{path}: missing {exc} in the current context") from None
-    workdir = Path(tempfile.mkdtemp(prefix="townsquare-kube-"))
+    workdir = functools.cache(lambda: Path(tempfile.mkdtemp(prefix="townsquare-kube-")))
     base = file.parent
     server = str(cluster["server"])
     verify: ssl.SSLContext | bool = True
