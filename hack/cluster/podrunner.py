@@ -7,6 +7,10 @@ on the pod's own container ports. When the pod goes (deleted, or its IP gone), t
 gets SIGTERM: its listeners are told to go back to the edge, and the connections really
 drop. A process that dies while its pod exists is started again, as a kubelet would.
 
+The API server refuses loopback IPs in Endpoints and EndpointSlices, so the runner also
+publishes each relay Service's endpoints itself, as an FQDN-type EndpointSlice whose
+addresses are the pods' IPs (ready while the pod is Ready and its process runs).
+
 What a relay needs and where it comes from:
   room, namespace, pod     the pod's label townsquare.dev/room, namespace and name
   ports                    the container ports named `listeners` and `metrics`
@@ -102,7 +106,10 @@ class PodRunner:
         self.kubeconfig = kubeconfig
         self.state_dir = state_dir
         self.python = python
-        self.core = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
+        api = config.new_client_from_config(config_file=kubeconfig)
+        self.core = client.CoreV1Api(api)
+        self.discovery = client.DiscoveryV1Api(api)
+        self.published: dict[tuple[str, str], dict[str, Any]] = {}
         self.running: dict[str, Running] = {}
         self.warned: set[str] = set()
         self.stopping = False
@@ -115,10 +122,9 @@ class PodRunner:
             self.warned.add(key)
             log(message, **fields)
 
-    def wanted(self) -> dict[str, Want]:
-        pods = self.core.list_pod_for_all_namespaces(label_selector=SELECTOR, timeout_seconds=10)
+    def wanted(self, pods: list[Any]) -> dict[str, Want]:
         wants: dict[str, Want] = {}
-        for pod in pods.items:
+        for pod in pods:
             meta, status = pod.metadata, pod.status
             key = f"{meta.namespace}/{meta.name}"
             room = (meta.labels or {}).get(ROOM_LABEL)
@@ -212,7 +218,8 @@ class PodRunner:
         log("relay stopped", pod=key, pid=process.pid, reason=reason)
 
     def sync(self) -> None:
-        wants = self.wanted()
+        pods = self.core.list_pod_for_all_namespaces(label_selector=SELECTOR, timeout_seconds=10)
+        wants = self.wanted(pods.items)
         for key in list(self.running):
             running = self.running[key]
             if wants.get(key) != running.want:
@@ -227,6 +234,91 @@ class PodRunner:
         for key, want in wants.items():
             if key not in self.running:
                 self.start(key, want)
+        self.publish_endpoints(pods.items)
+
+    def publish_endpoints(self, pods: list[Any]) -> None:
+        """Each relay Service's endpoints, as an EndpointSlice the edge can read.
+
+        The API server refuses loopback IPs in Endpoints and in IPv4/IPv6 EndpointSlices
+        ("may not be in the loopback range"), so the EndpointSlice controller publishes
+        nothing for our pods. An FQDN-type slice carries the same pod addresses, written as
+        names: ready while the pod is Ready and its relay process runs, as a readiness
+        probe would say.
+        """
+        by_room: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for pod in pods:
+            meta, status = pod.metadata, pod.status
+            room = (meta.labels or {}).get(ROOM_LABEL)
+            ip = status.pod_ip
+            if not room or not ip or ipaddress.ip_address(ip) not in LOOPBACK:
+                continue
+            key = f"{meta.namespace}/{meta.name}"
+            running = self.running.get(key)
+            alive = running is not None and running.process.poll() is None
+            pod_ready = any(
+                c.type == "Ready" and c.status == "True" for c in status.conditions or []
+            )
+            terminating = meta.deletion_timestamp is not None
+            by_room.setdefault((meta.namespace, room), []).append({
+                "addresses": [ip],
+                "conditions": {
+                    "ready": pod_ready and alive and not terminating,
+                    "serving": alive,
+                    "terminating": terminating,
+                },
+                "targetRef": {"kind": "Pod", "namespace": meta.namespace, "name": meta.name,
+                              "uid": meta.uid},
+                "nodeName": pod.spec.node_name,
+            })  # fmt: skip
+        for (namespace, room), endpoints in by_room.items():
+            self.apply_slice(namespace, room, sorted(endpoints, key=lambda e: e["addresses"]))
+        for namespace, room in set(self.published) - set(by_room):
+            self.apply_slice(namespace, room, [])
+
+    def apply_slice(self, namespace: str, room: str, endpoints: list[dict[str, Any]]) -> None:
+        service_name = f"{room}-relays"
+        try:
+            service = self.core.read_namespaced_service(service_name, namespace)
+        except client.ApiException as error:
+            if error.status == 404:
+                self.published.pop((namespace, room), None)
+                return
+            raise
+        ports = [{"name": p.name, "port": p.port, "protocol": p.protocol or "TCP"}
+                 for p in service.spec.ports or []]  # fmt: skip
+        labels = {**(service.metadata.labels or {}),
+                  "kubernetes.io/service-name": service_name,
+                  "endpointslice.kubernetes.io/managed-by": "podrunner.townsquare.dev"}  # fmt: skip
+        body = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{service_name}-loopback",
+                "namespace": namespace,
+                "labels": labels,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Service",
+                        "name": service_name,
+                        "uid": service.metadata.uid,
+                    }
+                ],
+            },
+            "addressType": "FQDN",
+            "endpoints": endpoints,
+            "ports": ports,
+        }
+        if self.published.get((namespace, room)) == body:
+            return
+        self.discovery.patch_namespaced_endpoint_slice(
+            body["metadata"]["name"], namespace, body, field_manager="townsquare-podrunner",
+            force=True, _content_type="application/apply-patch+yaml",
+        )  # fmt: skip
+        self.published[(namespace, room)] = body
+        ready = sum(1 for e in endpoints if e["conditions"]["ready"])
+        log("endpoints published", service=f"{namespace}/{service_name}",
+            endpoints=len(endpoints), ready=ready)  # fmt: skip
 
     def run(self, interval: float) -> None:
         last_ok = time.monotonic()

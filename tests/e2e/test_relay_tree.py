@@ -1,0 +1,278 @@
+"""Real relays on the real cluster: a two-tier tree carries a room to real listeners through
+a scale-up with its reshard, a scale-down by drain, and a relay process killed mid-stream.
+
+Everything runs: the operator, the edge, the origin, one `townsquare relay` process per relay
+pod (started by the cluster's pod runner on the pod's loopback IP), Prometheus scraping the
+relays themselves, and listeners holding TCP connections. Verdicts come from the listeners'
+own frame counts and from Prometheus, never from the code that placed anyone.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from audience import Audience, edge, origin
+from harness import Prometheus, wait_until
+from kubernetes import client
+from operator_process import OperatorProcess
+from rooms import Rooms, rfc3339
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOM = "stage"
+FIRST, MORE, LEAVING = 15, 10, 12
+"""15 listeners need 3 relays of 10 at 70%; 25 need 4 (the ceiling); 13 need 3 again."""
+
+
+def relay_room(origin_address: str, start_in: float) -> dict[str, Any]:
+    from datetime import UTC, datetime, timedelta
+
+    return {
+        "apiVersion": "townsquare.dev/v1alpha1",
+        "kind": "AudioRoom",
+        "metadata": {"name": ROOM},
+        "spec": {
+            "startTime": rfc3339(datetime.now(UTC) + timedelta(seconds=start_in)),
+            "duration": "30m",
+            "expectedAudience": 10,
+            "relay": {
+                "image": "registry.example/relay:test",
+                "listenersPerRelay": 10,
+                "startupSeconds": 1,
+                "podAnnotations": {
+                    "pod-ready.stage.kwok.x-k8s.io/delay": "1s",
+                    "townsquare.dev/origin": origin_address,
+                },
+                "nodeSelector": {"type": "kwok"},
+            },
+            "scaling": {
+                "targetUtilization": 0.7,
+                "minRelays": 3,
+                "maxRelays": 4,
+                "prewarmLead": "5s",
+                "planHold": "5s",
+                "scaleDownStabilization": "12s",
+                "drainTimeout": "60s",
+            },
+            # fanout 2 with 3 relays: the origin feeds two, one relay feeds the third
+            "sharding": {"shards": 64, "fanout": 2, "maxMigrationsPerMinute": 6000},
+        },
+    }
+
+
+class RelayPods:
+    """The room's relay pods, their loopback IPs, and Prometheus targets for each."""
+
+    def __init__(self, rooms: Rooms, prometheus: Prometheus) -> None:
+        self.rooms, self.prometheus = rooms, prometheus
+        self.scraped: set[str] = set()
+
+    def ips(self) -> dict[str, str]:
+        pods = self.rooms.core.list_namespaced_pod(
+            self.rooms.namespace, label_selector=f"townsquare.dev/room={ROOM}"
+        ).items
+        found = {
+            p.metadata.name: p.status.pod_ip
+            for p in pods
+            if p.status.pod_ip and p.metadata.deletion_timestamp is None
+        }
+        for ip in found.values():
+            if ip not in self.scraped:
+                self.scraped.add(ip)
+                self.prometheus.add_target(f"{ip}:9090")
+        return found
+
+    def shard_map(self) -> dict[str, Any]:
+        data = self.rooms.core.read_namespaced_config_map(
+            f"{ROOM}-shards", self.rooms.namespace
+        ).data
+        shard_map: dict[str, Any] = json.loads(data["shardmap.json"])
+        return shard_map
+
+    def relays_in_map(self) -> dict[int, tuple[str, int | None]]:
+        return {r["ordinal"]: (r["state"], r["parent"]) for r in self.shard_map()["relays"]}
+
+
+def runner_pid(kubeconfig: Path, namespace: str, pod: str) -> int:
+    """The relay process the pod runner started last for `pod` (from its own log)."""
+    log = kubeconfig.parent / "podrunner" / "podrunner.log"
+    pid = None
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("msg") == "relay started" and record.get("pod") == f"{namespace}/{pod}":
+            pid = int(record["pid"])
+    assert pid is not None, f"the pod runner never started {pod}"
+    return pid
+
+
+def prometheus_listeners(prometheus: Prometheus, namespace: str) -> dict[str, float]:
+    result = prometheus.client().custom_query(
+        f'audioroom_relay_listeners{{namespace="{namespace}"}}'
+    )
+    return {r["metric"]["pod"]: float(r["value"][1]) for r in result}
+
+
+def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_relay(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    scaling_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    began = time.monotonic()
+    rooms = Rooms(api_client, namespace)
+    key = secrets.token_bytes(32)
+    key_file = tmp_path / "ticket.key"
+    key_file.write_bytes(key)
+    rooms.core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="townsquare-tickets"),
+            data={"key": base64.b64encode(key).decode()},
+        ),
+    )
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    origin_process, origin_address = origin(tmp_path, namespace, ROOM, key_file, kubeconfig, env)
+    edge_process, edge_url = edge(tmp_path, namespace, key_file, prometheus.url, env)
+    pods = RelayPods(rooms, prometheus)
+    audience: Audience | None = None
+    try:
+        rooms.create(relay_room(origin_address, start_in=5))
+        # -- the two-tier tree, with real processes at the addresses Kubernetes publishes
+        wait_until(lambda: len(pods.ips()) == 3 and rooms.relays(ROOM) == (3, 3), 60,
+                   "three Ready relay pods")  # fmt: skip
+        ips = pods.ips()
+        if not all(ipaddress.ip_address(ip).is_loopback for ip in ips.values()):
+            pytest.skip(f"relay pods have no loopback IPs here ({ips}): no pod runner")
+        wait_until(lambda: len(pods.relays_in_map()) == 3, 60, "a map of three relays")
+        tree = pods.relays_in_map()
+        tier_two = [o for o, (_, parent) in tree.items() if parent is not None]
+        assert tier_two, f"fanout 2 with three relays must make a second tier: {tree}"
+
+        audience = Audience(edge_url, namespace, ROOM)
+        audience.add(FIRST)
+        wait_until(lambda: audience.hearing(10), 60, "every listener hearing frames")
+        on_tier_two = [
+            lst for lst in audience.listeners if lst.pod == f"{ROOM}-relay-{tier_two[0]}"
+        ]
+        assert on_tier_two, "somebody listens through the second tier"
+        audience.frames_flow(25, 20)
+
+        # -- more listeners: a scale-up, and the reshard that moves shards to the new relay
+        audience.add(MORE)
+        wait_until(lambda: len(pods.ips()) == 4 and 3 in pods.relays_in_map(), 60,
+                   "a fourth relay in the map")  # fmt: skip
+        wait_until(lambda: audience.hearing(10) and audience.by_pod().get(f"{ROOM}-relay-3"),
+                   60, "everyone connected, some on the new relay")  # fmt: skip
+        audience.frames_flow(25, 20)
+        grown = time.monotonic()
+
+        # -- listeners leave: a scale-down by drain; relay 3 sends the rest back, is removed
+        audience.remove(audience.listeners[-LEAVING:])
+        wait_until(lambda: rooms.relays(ROOM)[0] == 3 and len(pods.ips()) == 3, 90,
+                   "relay 3 drained and removed")  # fmt: skip
+        assert audience.by_pod().get(f"{ROOM}-relay-3", 0) == 0
+        audience.frames_flow(25, 20)
+        steady = {lst.name: (lst.stats.lost, lst.stats.disconnects) for lst in audience.listeners}
+        drained = time.monotonic()
+
+        # -- a relay process killed mid-stream (SIGKILL: no goodbye); its listeners re-join
+        victim = f"{ROOM}-relay-0"
+        stranded = [lst for lst in audience.listeners if lst.pod == victim]
+        assert stranded, "relay 0 carries listeners"
+        joins_before = {lst.name: lst.stats.joins for lst in stranded}
+        killed_at = time.monotonic()
+        os.kill(runner_pid(kubeconfig, namespace, victim), signal.SIGKILL)
+        wait_until(
+            lambda: all(lst.stats.joins > joins_before[lst.name] and lst.connected.is_set()
+                        for lst in stranded),
+            60, "the killed relay's listeners back through the edge",
+        )  # fmt: skip
+        audience.frames_flow(25, 30)
+        rejoined = time.monotonic()
+
+        # -- counts in Prometheus come from the relay processes themselves
+        def prometheus_agrees() -> bool:
+            counted = prometheus_listeners(prometheus, namespace)
+            held = audience.by_pod()
+            return sum(held.values()) == FIRST + MORE - LEAVING and all(
+                counted.get(pod) == float(n) for pod, n in held.items()
+            )
+
+        wait_until(prometheus_agrees, 30, "Prometheus's per-relay counts equal the listeners")
+        instances = prometheus.client().custom_query(
+            f'count by (instance) (audioroom_relay_listeners{{namespace="{namespace}"}})'
+        )
+        scraped = {r["metric"]["instance"].rsplit(":", 1)[0] for r in instances}
+        assert scraped <= set(pods.scraped) and scraped, "series come from the pod IPs"
+
+        # -- verdicts from what each listener heard
+        moved = [lst for lst in audience.listeners if lst.stats.relocations]
+        assert moved, "the reshard and the drain moved somebody"
+        assert any(lst.stats.moves["draining"] for lst in audience.listeners), "a drain moved"
+        stranded_names = {lst.name for lst in stranded}
+        for listener in audience.listeners:
+            stats = listener.stats
+            if listener.name in stranded_names:
+                continue
+            assert stats.lost == 0, f"{listener.name} lost {stats.lost} frames"
+            assert stats.disconnects == 0, f"{listener.name} was cut off"
+        for listener in moved:
+            assert steady[listener.name] == (0, 0)
+        # a moved listener's longest silence over the whole run, moves included
+        move_gaps = [lst.stats.longest_gap for lst in moved if lst.name not in stranded_names]
+        kill_gaps = [
+            i.seconds for lst in stranded for i in lst.stats.interruptions
+            if not i.cause.startswith("relocated")
+        ]  # fmt: skip
+        kill_lost = [lst.stats.lost for lst in stranded]
+        figures = {
+            "listeners": FIRST + MORE - LEAVING,
+            "moved_listeners": len(moved),
+            "longest_gap_moved_s": round(max(move_gaps, default=0.0), 3),
+            "frames_lost_moved": sum(
+                lst.stats.lost for lst in moved if lst.name not in stranded_names
+            ),
+            "killed_relay_listeners": len(stranded),
+            "longest_gap_after_kill_s": round(max(kill_gaps, default=0.0), 3),
+            "frames_lost_after_kill_max": max(kill_lost),
+            "phases_s": {
+                "up_to_grown": round(grown - began, 1),
+                "drain": round(drained - grown, 1),
+                "kill_to_rejoined": round(rejoined - killed_at, 1),
+            },
+        }
+        print("relay e2e figures:", json.dumps(figures))
+        (tmp_path / "figures.json").write_text(json.dumps(figures))
+        assert max(kill_gaps, default=0.0) > 0, "the kill interrupted its listeners"
+    except BaseException:
+        print("origin log:\n", origin_process.tail())
+        print("edge log:\n", edge_process.tail())
+        if audience is not None:
+            for lst in audience.listeners[:5]:
+                print("listener", lst.name, lst.pod, lst.stats)
+            print("queued answers", audience.joiner.queued)
+        print("prometheus", prometheus_listeners(prometheus, namespace), pods.scraped)
+        print("status", json.dumps(rooms.get(ROOM).get("status")))
+        print("map", pods.relays_in_map())
+        slices = client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice(namespace)
+        for item in slices.items:
+            print("slice", item.metadata.name, [(e.addresses, e.conditions.ready,
+                  e.target_ref.name if e.target_ref else None) for e in item.endpoints or []],
+                  [(p.name, p.port) for p in item.ports or []])  # fmt: skip
+        raise
+    finally:
+        if audience is not None:
+            audience.stop()
+        edge_process.stop()
+        origin_process.stop()
