@@ -7,14 +7,15 @@ UV := $(PY_TOOLS)/uv
 UV_VERSION := 0.13.9
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: help venv lint typecheck layers unit test bench bench-operator bench-scale crd clean demo demo-nodes
+.PHONY: help venv lint typecheck layers unit test bench bench-relay bench-operator bench-scale crd clean demo demo-nodes
 
 help:
 	@echo "make demo      a launch surge on a local cluster, with a report (out/demo/)"
 	@echo "make demo-nodes  the same where relays wait for nodes Karpenter adds, with node headroom"
 	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
 	@echo "make unit      the fast tests only (no cluster)"
-	@echo "make bench     the policy benchmark (docs/benchmarks.md)"
+	@echo "make bench     the policy and relay benchmarks (docs/benchmarks*.md)"
+	@echo "make bench-relay  frames per core of one relay vs an echo server, gaps of moves"
 	@echo "make bench-operator  reaction time and API writes on the local cluster"
 	@echo "make bench-scale     1,000 and 10,000 rooms: start-up, RSS, CPU, writes, latency"
 	@echo "make crd       regenerate crds/ from the models"
@@ -43,8 +44,12 @@ layers: venv
 unit: venv
 	$(RUN) pytest -m "not e2e" -q
 
-bench: venv
+bench: venv bench-relay
 	$(RUN) python -m townsquare.sim.bench examples/traces docs
+
+# Loopback only, no cluster: writes docs/benchmarks-relay.md.
+bench-relay: venv
+	$(RUN) python -m townsquare.relay.bench --out docs/benchmarks-relay.md
 
 # Needs the local cluster and Prometheus; writes docs/benchmarks-operator.md.
 bench-operator: e2e-prerequisites
