@@ -221,17 +221,40 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     namespace, _, name = args.room.rpartition("/")
     if not namespace or not name:
         raise UsageError(f"--room: expected NAMESPACE/NAME (got {args.room!r})")
+    for edge in args.edge:
+        if not edge.startswith(("http://", "https://")):
+            raise UsageError(f"--edge: expected an http(s) URL (got {edge!r})")
     try:
         trace = load_trace(args.trace)
     except TraceError as exc:
         raise UsageError(str(exc)) from None
+    key = None
+    if args.ticket_key_file or os.environ.get("TOWNSQUARE_TICKET_KEY"):
+        from townsquare.edge.server import read_key
+        from townsquare.tickets import TicketError
+
+        try:
+            key = read_key(args.ticket_key_file)
+        except (OSError, TicketError) as exc:
+            raise UsageError(f"--ticket-key-file: {exc}") from None
     start = args.start
     if start is None:
         from townsquare.kube.client import Cluster, load_config
 
         room = Cluster(load_config()).read_room(namespace, name)
         start = parse_time(room["spec"]["startTime"])
-    loadgen.run(namespace, name, trace, start, args.port, speed=args.speed)
+    loadgen.run(
+        namespace,
+        name,
+        trace,
+        start,
+        args.port,
+        args.edge,
+        speed=args.speed,
+        key=key,
+        record=Path(args.record) if args.record else None,
+        check_every=args.check_every,
+    )
     return 0
 
 
@@ -607,7 +630,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     load = commands.add_parser(
-        "loadgen", help="play an audience trace against a room's relays, serving /metrics"
+        "loadgen", help="play an audience trace through the edge, serving the relays' /metrics"
+    )
+    load.add_argument(
+        "--edge", action="append", required=True, help="an edge replica's URL (repeatable)"
+    )
+    load.add_argument(
+        "--ticket-key-file",
+        help="check admit tickets with this key, as relays do (default: $TOWNSQUARE_TICKET_KEY)",
+    )
+    load.add_argument("--record", help="append every admission and move to this JSONL file")
+    load.add_argument(
+        "--check-every", type=parse_seconds, default=5.0, help="seconds between move checks"
     )
     load.add_argument("--room", required=True, help="NAMESPACE/NAME of the AudioRoom")
     load.add_argument("--trace", required=True, help="CSV t_seconds,listeners")

@@ -1,31 +1,48 @@
-"""A load generator for tests and the demo: an audience that joins relays as an edge would.
+"""A load generator for tests and the demo: an audience that joins through the edge.
 
 It replays a trace (`t_seconds,listeners`, t relative to the room's start, optionally sped
-up) against the shard map the operator publishes: a join goes to its shard's relay if that
-relay is Ready and below capacity, else it waits; listeners on a relay that is gone
-reconnect; listeners on a shard the map moved follow it. It serves the metric contract for
-every relay pod on one `/metrics` endpoint, which a real Prometheus scrapes.
+up). Listener i is `listener-i`; the first `wanted` of them want a relay. Each joins with
+`POST /v1/rooms/{namespace}/{room}/join` at an edge replica, retries with its queue ticket
+after `Retry-After` when it is held, asks `GET .../listeners/{id}?pod=` now and then whether
+its shard moved (and follows with the new ticket), rejoins when its relay is gone, and
+leaves when the trace falls (the last to join leave first). It places nobody itself.
 
-`Edge` is the placement model (no I/O); `run` is the shell around it.
+It also plays the relays' side of the metric contract, since no relay process runs on the
+local cluster yet: every Ready relay pod's `audioroom_relay_listeners` counts exactly the
+listeners that connected to it with an admit ticket the edge signed for that pod (checked
+with the shared key when one is given), so what Prometheus shows is what the edge admitted.
+Every admission and move is also written, one JSON line each, to `--record`, so a test can
+measure the order of admissions and the rate of moves without asking the edge.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-import threading
+import contextlib
+import json
+import random
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from townsquare import tickets
 from townsquare.api.names import relay_set_name
 from townsquare.kube.client import Cluster, load_config
-from townsquare.sharding import ShardMap, shard_of
 from townsquare.sim.trace import Trace
+
+STEP_SECONDS = 0.2
+PODS_SECONDS = 1.0
 
 
 def demand_at(trace: Trace, t: float) -> int:
@@ -41,82 +58,226 @@ def demand_at(trace: Trace, t: float) -> int:
     return round(trace.listeners[left] + (trace.listeners[right] - trace.listeners[left]) * share)
 
 
-@dataclass(frozen=True)
-class EdgeState:
-    """What the edge did in one step, per relay and in all."""
+class Relays:
+    """The relays' side: who is connected where, counted as each relay would count."""
 
-    connected: dict[int, int]
-    waiting: int
-    wanted: int
-    migrated: int
-    """Listeners that reconnected to another relay in this step."""
+    def __init__(self, room: str, key: bytes | None = None) -> None:
+        self.room = room
+        """namespace/name, as admit tickets name it."""
+        self.key = key
+        self.connected: dict[str, set[str]] = {}
+        self.ready: set[str] = set()
+        self.refused = 0
+        """Connections refused for a bad ticket (none, if the edge is right)."""
 
+    def connect(self, listener: str, pod: str, ticket: str, now: float) -> bool:
+        """Accept a listener presenting an admit ticket for this pod; refuse a bad one."""
+        if self.key is not None:
+            try:
+                claims = tickets.verify(self.key, ticket, "admit", now=now)
+            except tickets.TicketError:
+                self.refused += 1
+                return False
+            if (claims.get("listener"), claims.get("pod"), claims.get("room")) != (
+                listener,
+                pod,
+                self.room,
+            ):
+                self.refused += 1
+                return False
+        self.connected.setdefault(pod, set()).add(listener)
+        return True
 
-class Edge:
-    """Listeners of one room and the relays they are on. Listener i is `listener-i`."""
+    def disconnect(self, listener: str, pod: str) -> None:
+        self.connected.get(pod, set()).discard(listener)
 
-    def __init__(self) -> None:
-        self._relay_of: list[int | None] = []
-        self._shard_cache: dict[int, list[int]] = {}
+    def set_ready(self, pods: set[str]) -> set[str]:
+        """The Ready relay pods now; returns the listeners of relays that are gone."""
+        self.ready = set(pods)
+        dropped: set[str] = set()
+        for pod in [p for p in self.connected if p not in pods]:
+            dropped |= self.connected.pop(pod)
+        return dropped
 
-    def _shards(self, shards: int, count: int) -> list[int]:
-        cached = self._shard_cache.setdefault(shards, [])
-        while len(cached) < count:
-            cached.append(shard_of(f"listener-{len(cached)}", shards))
-        return cached
+    def on_two_relays(self) -> int:
+        """Listeners that two relays both count: zero unless a listener was placed twice."""
+        seen: set[str] = set()
+        twice = 0
+        for members in self.connected.values():
+            twice += len(members & seen)
+            seen |= members
+        return twice
 
-    def step(self, wanted: int, shard_map: ShardMap | None, ready: Iterable[int]) -> EdgeState:
-        """Move the audience one step towards `wanted` under the map and the Ready relays."""
-        relay_of = self._relay_of
-        del relay_of[wanted:]  # the last to join leave first
-        relay_of.extend([None] * (wanted - len(relay_of)))
-        usable = set(ready) & set(shard_map.relays if shard_map else ())
-        active = {r for r in usable if shard_map and shard_map.relays[r] == "active"}
-        load = dict.fromkeys(usable, 0)
-        migrated = 0
-        for i, relay in enumerate(relay_of):
-            if relay is not None and relay not in usable:
-                relay_of[i] = None  # the relay is gone: its listeners must reconnect
-            elif relay is not None:
-                load[relay] += 1
-        if shard_map is None or not active:
-            return self._state(load, wanted, migrated)
-        capacity = shard_map.capacity
-        shard_list = self._shards(shard_map.shards, wanted)
-        for i, relay in enumerate(relay_of):
-            target = shard_map.assignment[shard_list[i]]
-            if target == relay or target not in active or load[target] >= capacity:
-                continue
-            if relay is not None:
-                load[relay] -= 1
-                migrated += 1
-            relay_of[i] = target
-            load[target] += 1
-        return self._state(load, wanted, migrated)
-
-    def _state(self, load: dict[int, int], wanted: int, migrated: int) -> EdgeState:
-        waiting = sum(1 for relay in self._relay_of if relay is None)
-        return EdgeState(connected=load, waiting=waiting, wanted=wanted, migrated=migrated)
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.ready, 0)
+        counts.update({pod: len(members) for pod, members in self.connected.items()})
+        return counts
 
 
 @dataclass
-class Published:
-    """The latest figures, read by the /metrics collector from another thread."""
+class Listener:
+    index: int
+    state: str = "idle"
+    """idle (wants to join), waiting (holds a queue ticket), connected."""
+    pod: str | None = None
+    ticket: str | None = None
+    due: float = 0.0
+    busy: bool = False
+    first_attempt: float | None = None
+    queued: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"listener-{self.index}"
+
+
+@dataclass
+class Audience:
+    """The listeners of one room and what they did; driven by `step` and `act`."""
 
     namespace: str
     room: str
-    state: EdgeState | None = None
-    shard_map: ShardMap | None = None
+    edges: Sequence[str]
+    relays: Relays
+    check_every: float = 5.0
+    record: IO[str] | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    wanted: int = 0
+    moves: int = 0
+    joins: dict[str, int] = field(default_factory=dict)
+    down_until: dict[int, float] = field(default_factory=dict)
+
+    def step(self, wanted: int, now: float) -> list[Listener]:
+        """Grow or shrink the audience to `wanted`; the listeners due for a request."""
+        self.wanted = wanted
+        while len(self.listeners) < wanted:
+            self.listeners.append(Listener(len(self.listeners), due=now))
+        while len(self.listeners) > wanted and not self.listeners[-1].busy:
+            gone = self.listeners.pop()
+            if gone.state == "connected" and gone.pod:
+                self.relays.disconnect(gone.id, gone.pod)
+        return [lr for lr in self.listeners if not lr.busy and lr.due <= now]
+
+    def relays_changed(self, ready: set[str], now: float) -> None:
+        """Listeners of a relay that is gone lost their connection: they join again."""
+        dropped = self.relays.set_ready(ready)
+        for listener in self.listeners:
+            if listener.state == "connected" and listener.id in dropped:
+                listener.state, listener.pod, listener.due = "idle", None, now
+
+    def edge_for(self, listener: Listener, now: float) -> tuple[int, str]:
+        """The listener's own replica (as a load balancer hashing on it would pick), or the
+        next one that answers."""
+        count = len(self.edges)
+        for step in range(count):
+            index = (listener.index + step) % count
+            if self.down_until.get(index, 0.0) <= now:
+                return index, self.edges[index]
+        index = listener.index % count
+        return index, self.edges[index]
+
+    async def act(self, session: aiohttp.ClientSession, listener: Listener) -> None:
+        listener.busy = True
+        index = -1
+        try:
+            index, edge = self.edge_for(listener, time.time())
+            if listener.state == "connected":
+                await self._check(session, edge, listener)
+            else:
+                await self._join(session, edge, listener, index)
+        except (aiohttp.ClientError, TimeoutError):
+            self.down_until[index] = time.time() + 2.0
+            listener.due = time.time() + 0.2
+            self._count("unreachable")
+        finally:
+            listener.busy = False
+
+    def _path(self, tail: str) -> str:
+        return f"/v1/rooms/{quote(self.namespace)}/{quote(self.room)}/{tail}"
+
+    async def _join(
+        self, session: aiohttp.ClientSession, edge: str, listener: Listener, index: int
+    ) -> None:
+        body: dict[str, str] = {"listener": listener.id}
+        if listener.ticket:
+            body["ticket"] = listener.ticket
+        began = time.time()
+        if listener.first_attempt is None:
+            listener.first_attempt = began
+        async with session.post(edge + self._path("join"), json=body) as response:
+            answer = await response.json(content_type=None)
+            status = response.status
+            retry = float(response.headers.get("Retry-After", "1"))
+        now = time.time()
+        if status == 200:
+            self._count("admitted")
+            if not self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
+                listener.due = now + 1.0
+                return
+            listener.state, listener.pod, listener.ticket = "connected", answer["pod"], None
+            listener.due = now + self.check_every * random.uniform(0.5, 1.5)
+            self._write(
+                event="admitted",
+                listener=listener.id,
+                first=listener.first_attempt,
+                at=now,
+                pod=answer["pod"],
+                queued=listener.queued,
+                edge=index,
+            )
+            listener.first_attempt, listener.queued = None, False
+        elif status == 429:
+            self._count("queued")
+            listener.state, listener.queued = "waiting", True
+            listener.ticket = answer["ticket"]
+            listener.due = now + retry * random.uniform(0.8, 1.2)
+        else:
+            self._count(str(status))
+            listener.due = now + 1.0
+
+    async def _check(self, session: aiohttp.ClientSession, edge: str, listener: Listener) -> None:
+        url = edge + self._path(f"listeners/{quote(listener.id)}")
+        async with session.get(url, params={"pod": listener.pod or ""}) as response:
+            answer = await response.json(content_type=None)
+            status = response.status
+        now = time.time()
+        listener.due = now + self.check_every * random.uniform(0.5, 1.5)
+        if status != 200 or not answer.get("moved") or listener.state != "connected":
+            return
+        old = listener.pod or ""
+        if self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
+            self.relays.disconnect(listener.id, old)
+            listener.pod = answer["pod"]
+            self.moves += 1
+            self._write(
+                event="moved", listener=listener.id, at=now, **{"from": old}, to=listener.pod
+            )
+
+    def _count(self, outcome: str) -> None:
+        self.joins[outcome] = self.joins.get(outcome, 0) + 1
+
+    def _write(self, **event: Any) -> None:
+        if self.record is not None:
+            self.record.write(json.dumps(event) + "\n")
+            self.record.flush()
+
+    def summary(self) -> dict[str, int]:
+        states: dict[str, int] = {"idle": 0, "waiting": 0, "connected": 0}
+        for listener in self.listeners:
+            states[listener.state] += 1
+        return states
 
 
-class EdgeCollector(Collector):
-    """The metric contract for every relay pod, plus the edge's own queue."""
+class LoadCollector(Collector):
+    """The metric contract for every relay pod, and the audience's own figures."""
 
-    def __init__(self, published: Published) -> None:
-        self.published = published
+    def __init__(self, audience: Audience, capacity: int | None) -> None:
+        self.audience = audience
+        self.capacity = capacity
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        latest = self.published
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        audience = self.audience
+        room = [audience.namespace, audience.room]
         labels = ["namespace", "room", "pod"]
         listeners = GaugeMetricFamily(
             "audioroom_relay_listeners", "Connected listeners per relay", labels=labels
@@ -124,31 +285,84 @@ class EdgeCollector(Collector):
         capacity = GaugeMetricFamily(
             "audioroom_relay_capacity_listeners", "Declared relay capacity", labels=labels
         )
-        draining = GaugeMetricFamily(
-            "audioroom_relay_draining", "1 when the relay accepts no joins", labels=labels
-        )
-        waiting = GaugeMetricFamily(
-            "audioroom_edge_waiting_listeners",
-            "Joins held in the admission queue",
-            labels=["namespace", "room"],
-        )
+        for pod, count in sorted(audience.relays.counts().items()):
+            listeners.add_metric([*room, pod], count)
+            if self.capacity is not None:
+                capacity.add_metric([*room, pod], self.capacity)
         wanted = GaugeMetricFamily(
             "audioroom_edge_wanted_listeners",
             "Listeners who want to be connected (the trace's demand)",
             labels=["namespace", "room"],
         )
-        if latest.state is not None:
-            set_name = relay_set_name(latest.room)
-            for relay, count in sorted(latest.state.connected.items()):
-                pod = [latest.namespace, latest.room, f"{set_name}-{relay}"]
-                listeners.add_metric(pod, count)
-                if latest.shard_map is not None:
-                    capacity.add_metric(pod, latest.shard_map.capacity)
-                    state = latest.shard_map.relays.get(relay)
-                    draining.add_metric(pod, 1.0 if state == "draining" else 0.0)
-            waiting.add_metric([latest.namespace, latest.room], latest.state.waiting)
-            wanted.add_metric([latest.namespace, latest.room], latest.state.wanted)
-        yield from (listeners, capacity, draining, waiting, wanted)
+        wanted.add_metric(room, audience.wanted)
+        states = GaugeMetricFamily(
+            "audioroom_loadgen_listeners",
+            "The audience by state: idle, waiting (queued), connected",
+            labels=["namespace", "room", "state"],
+        )
+        for state, count in audience.summary().items():
+            states.add_metric([*room, state], count)
+        twice = GaugeMetricFamily(
+            "audioroom_loadgen_listeners_on_two_relays",
+            "Listeners that two relays both count",
+            labels=["namespace", "room"],
+        )
+        twice.add_metric(room, audience.relays.on_two_relays())
+        moves = CounterMetricFamily(
+            "audioroom_loadgen_moves",
+            "Listeners that followed a moved shard",
+            labels=["namespace", "room"],
+        )
+        moves.add_metric(room, audience.moves)
+        refused = CounterMetricFamily(
+            "audioroom_loadgen_refused_tickets",
+            "Connections the relays refused for a bad admit ticket",
+            labels=["namespace", "room"],
+        )
+        refused.add_metric(room, audience.relays.refused)
+        yield from (listeners, capacity, wanted, states, twice, moves, refused)
+
+
+async def play(
+    audience: Audience,
+    trace: Trace,
+    start: datetime,
+    speed: float,
+    ready_pods: Any,
+    stop: asyncio.Event,
+    concurrency: int = 64,
+) -> None:
+    """Drive the audience along the trace until it ends (or `stop` is set)."""
+    limit = asyncio.Semaphore(concurrency)
+    pods_at = 0.0
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
+    ) as session:
+        pending: set[asyncio.Task[None]] = set()
+
+        async def limited(listener: Listener) -> None:
+            async with limit:
+                await audience.act(session, listener)
+
+        while not stop.is_set():
+            now = time.time()
+            trace_t = (now - start.timestamp()) * speed
+            if now >= pods_at:
+                with contextlib.suppress(Exception):
+                    audience.relays_changed(await asyncio.to_thread(ready_pods), now)
+                pods_at = now + PODS_SECONDS
+            for listener in audience.step(demand_at(trace, trace_t), now):
+                listener.busy = True
+                task = asyncio.create_task(limited(listener))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if trace_t > trace.times[-1] and audience.wanted == 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STEP_SECONDS)
+        for task in list(pending):
+            task.cancel()
 
 
 def run(
@@ -157,23 +371,51 @@ def run(
     trace: Trace,
     start: datetime,
     port: int,
+    edges: Sequence[str],
     speed: float = 1.0,
-    interval: float = 1.0,
-    stop: threading.Event | None = None,
+    key: bytes | None = None,
+    record: Path | None = None,
+    check_every: float = 5.0,
 ) -> None:
-    """Play `trace` for one room until it ends (or `stop` is set), serving /metrics."""
+    """Play `trace` for one room through the edge until it ends, serving /metrics."""
+    import uvloop
+
     cluster = Cluster(load_config())
-    published = Published(namespace, room)
-    registry = CollectorRegistry()
-    registry.register(EdgeCollector(published))
-    start_http_server(port, addr="127.0.0.1", registry=registry)
-    edge = Edge()
-    stop = stop or threading.Event()
-    while not stop.is_set():
-        trace_t = (time.time() - start.timestamp()) * speed
-        published.shard_map = cluster.read_shard_map(namespace, room)
-        ready = {pod.ordinal for pod in cluster.relay_pods(namespace, room) if pod.ready}
-        published.state = edge.step(demand_at(trace, trace_t), published.shard_map, ready)
-        if trace_t > trace.times[-1]:
-            break
-        stop.wait(interval)
+    spec = cluster.read_room(namespace, room).get("spec", {})
+    capacity = spec.get("relay", {}).get("listenersPerRelay")
+
+    def ready_pods() -> set[str]:
+        return {
+            f"{relay_set_name(room)}-{pod.ordinal}"
+            for pod in cluster.relay_pods(namespace, room)
+            if pod.ready
+        }
+
+    async def main() -> None:
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(record.open("a")) if record else None
+            audience = Audience(
+                namespace,
+                room,
+                [e.rstrip("/") for e in edges],
+                Relays(f"{namespace}/{room}", key),
+                check_every=check_every,
+                record=sink,
+            )
+            registry = CollectorRegistry()
+            registry.register(LoadCollector(audience, capacity))
+
+            async def metrics(_: web.Request) -> web.Response:
+                return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            try:
+                await play(audience, trace, start, speed, ready_pods, asyncio.Event())
+            finally:
+                await runner.cleanup()
+
+    uvloop.run(main())

@@ -1,52 +1,74 @@
-"""The load generator's edge: joins follow the shard map and never overload a relay."""
+"""The load generator: its audience follows the trace, its relays count what was admitted."""
 
 from __future__ import annotations
 
-from townsquare.loadgen import Edge, demand_at
-from townsquare.sharding import ShardMap, new_map, rebalance
+from townsquare import tickets
+from townsquare.loadgen import Audience, Relays, demand_at
 from townsquare.sim.trace import parse_trace
 
-
-def two_relays(capacity: int = 10) -> ShardMap:
-    return rebalance(new_map(64, capacity), active=[0, 1], fanout=8).map
+KEY = b"k" * 32
 
 
-def test_joins_fill_relays_up_to_capacity_and_the_rest_wait() -> None:
-    edge = Edge()
-    state = edge.step(15, two_relays(), ready=[0, 1])
-    assert sum(state.connected.values()) + state.waiting == 15
-    assert max(state.connected.values()) <= 10
-    crowded = edge.step(40, two_relays(), ready=[0, 1])
-    assert max(crowded.connected.values()) <= 10
-    assert crowded.waiting >= 20
+def admit(listener: str, pod: str, room: str = "ns/r", expires: float = 200.0) -> str:
+    claims = {"listener": listener, "pod": pod, "room": room, "shard": 1, "generation": 1}
+    return tickets.sign(KEY, "admit", claims, expires=expires)
 
 
-def test_a_relay_that_is_not_ready_takes_nobody() -> None:
-    state = Edge().step(8, two_relays(), ready=[0])
-    assert set(state.connected) == {0}
-    assert state.waiting + state.connected[0] == 8
+def test_demand_is_linear_between_rows_and_flat_outside() -> None:
+    trace = parse_trace("t_seconds,listeners\n0,0\n10,100\n20,100\n")
+    assert demand_at(trace, -5) == 0
+    assert demand_at(trace, 5) == 50
+    assert demand_at(trace, 15) == 100
+    assert demand_at(trace, 99) == 100
 
 
-def test_listeners_follow_moved_shards_and_leave_last_in_first_out() -> None:
-    edge = Edge()
-    first = two_relays(capacity=100)
-    edge.step(60, first, ready=[0, 1])
-    grown = rebalance(first, active=[0, 1, 2], fanout=8).map
-    after = edge.step(60, grown, ready=[0, 1, 2])
-    assert after.connected[2] > 0
-    assert after.migrated == after.connected[2]
-    shrunk = edge.step(10, grown, ready=[0, 1, 2])
-    assert sum(shrunk.connected.values()) == 10
+def test_relays_accept_only_the_edges_tickets_for_them_and_count_each_listener_once() -> None:
+    relays = Relays("ns/r", KEY)
+    relays.set_ready({"r-relay-0", "r-relay-1"})
+    assert relays.connect("a", "r-relay-0", admit("a", "r-relay-0"), now=100.0)
+    assert not relays.connect("b", "r-relay-0", admit("b", "r-relay-1"), now=100.0)
+    assert not relays.connect("c", "r-relay-0", admit("c", "r-relay-0", room="x/r"), now=100)
+    assert not relays.connect("d", "r-relay-0", admit("d", "r-relay-0"), now=300.0)
+    assert not relays.connect("e", "r-relay-0", "forged.ticket", now=100.0)
+    assert relays.refused == 4
+    assert relays.counts() == {"r-relay-0": 1, "r-relay-1": 0}
+    assert relays.on_two_relays() == 0
+    relays.connect("a", "r-relay-1", admit("a", "r-relay-1"), now=100.0)
+    assert relays.on_two_relays() == 1, "a listener both relays count is seen"
 
 
-def test_no_map_means_everyone_waits() -> None:
-    state = Edge().step(5, None, ready=[0, 1])
-    assert state.waiting == 5
+def test_a_relay_that_is_gone_sends_its_listeners_back_to_join_again() -> None:
+    relays = Relays("ns/r", KEY)
+    relays.set_ready({"r-relay-0"})
+    audience = Audience("ns", "r", ["http://127.0.0.1:1"], relays)
+    due = audience.step(2, now=10.0)
+    assert [listener.id for listener in due] == ["listener-0", "listener-1"]
+    first = audience.listeners[0]
+    assert relays.connect(first.id, "r-relay-0", admit(first.id, "r-relay-0"), now=10.0)
+    first.state, first.pod, first.due = "connected", "r-relay-0", 99.0
+    audience.relays_changed(set(), now=11.0)
+    assert (first.state, first.pod, first.due) == ("idle", None, 11.0)
+    assert relays.counts() == {}
 
 
-def test_demand_is_linear_between_rows() -> None:
-    trace = parse_trace("t_seconds,listeners\n-10,0\n0,100\n10,300\n")
-    assert demand_at(trace, -20) == 0
-    assert demand_at(trace, -5) == 50
-    assert demand_at(trace, 5) == 200
-    assert demand_at(trace, 99) == 300
+def test_the_last_to_join_leave_first_and_free_their_seat() -> None:
+    relays = Relays("ns/r")
+    relays.set_ready({"r-relay-0"})
+    audience = Audience("ns", "r", ["http://127.0.0.1:1"], relays)
+    audience.step(3, now=0.0)
+    for listener in audience.listeners:
+        relays.connect(listener.id, "r-relay-0", "", now=0.0)
+        listener.state, listener.pod = "connected", "r-relay-0"
+    audience.step(1, now=1.0)
+    assert [listener.id for listener in audience.listeners] == ["listener-0"]
+    assert relays.counts() == {"r-relay-0": 1}
+
+
+def test_listeners_keep_to_their_edge_replica_and_fail_over_when_it_is_down() -> None:
+    audience = Audience("ns", "r", ["http://a", "http://b", "http://c"], Relays("ns/r"))
+    audience.step(5, now=0.0)
+    listener = audience.listeners[4]
+    assert audience.edge_for(listener, now=0.0) == (1, "http://b")
+    audience.down_until[1] = 10.0
+    assert audience.edge_for(listener, now=5.0) == (2, "http://c")
+    assert audience.edge_for(listener, now=11.0) == (1, "http://b")
