@@ -7,7 +7,7 @@ UV := $(PY_TOOLS)/uv
 UV_VERSION := 0.13.9
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: help venv lint typecheck layers unit test bench bench-relay bench-operator bench-scale crd clean demo demo-nodes
+.PHONY: help venv lint typecheck layers unit test bench bench-relay bench-operator bench-scale bench-edge crd clean demo demo-nodes
 
 help:
 	@echo "make demo      a launch surge on a local cluster, with a report (out/demo/)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-relay  frames per core of one relay vs an echo server, gaps of moves"
 	@echo "make bench-operator  reaction time and API writes on the local cluster"
 	@echo "make bench-scale     1,000 and 10,000 rooms: start-up, RSS, CPU, writes, latency"
+	@echo "make bench-edge      joins/s and join latency of 1-3 edge replicas on loopback"
 	@echo "make crd       regenerate crds/ from the models"
 	@echo "make image     the container image, with podman (make image-smoke runs it)"
 
@@ -59,6 +60,10 @@ bench-operator: e2e-prerequisites
 # BENCH_ROOMS="1000 10000" picks the sizes; writes docs/benchmarks-scale.md.
 bench-scale: e2e-prerequisites
 	$(RUN) pytest -q -s -m bench tests/e2e/test_bench_scale.py
+
+# Loopback only, no cluster; writes docs/benchmarks-edge.md.
+bench-edge: venv
+	$(RUN) python -m townsquare.edge.bench --out docs/benchmarks-edge.md
 
 crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml

@@ -284,11 +284,11 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         admit_ttl=args.admit_ttl,
         retry_after=args.refresh,
-        waiter_expiry=max(5.0, 5 * args.refresh),
+        waiter_expiry=max(4.0, 4 * args.refresh),
         started_at=time.time(),
     )
     gate = Gate(key, settings)
-    watcher = Watcher(ApiServer.load(), gate, args.namespace)
+    watcher = Watcher(ApiServer.load(), gate, args.namespace or ())
     edge = Edge(
         gate,
         watcher=watcher,
@@ -653,7 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     edge = commands.add_parser("edge", help="serve joins: the gateway in front of the relays")
     edge.add_argument("--host", default="0.0.0.0", help="address to listen on")
     edge.add_argument("--port", type=int, default=8080, help="port of the HTTP API")
-    edge.add_argument("-n", "--namespace", help="serve only this namespace's rooms")
+    edge.add_argument(
+        "-n", "--namespace", action="append", help="serve only this namespace (repeatable)"
+    )
     edge.add_argument(
         "--prometheus-url",
         default=os.environ.get("TOWNSQUARE_PROMETHEUS_URL"),

@@ -17,6 +17,7 @@ import contextlib
 import html
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -241,12 +242,15 @@ class Figures:
     prewarmed_seconds_before_start: int | None
     """Real seconds between the PreWarmed Event and the start; None if it never came."""
     events: int
+    longest_wait_seconds: int = 0
+    """Real seconds the oldest waiting join had waited, at worst (the edge's metric)."""
 
     LABELS: ClassVar[dict[str, str]] = {
         "expected_audience": "declared audience",
         "peak_wanted": "peak demand (listeners wanting in)",
         "peak_connected": "peak connected listeners",
         "peak_waiting": "peak waiting in the admission queue",
+        "longest_wait_seconds": "longest wait in the queue (real seconds)",
         "waiting_listener_seconds": "waiting listener-seconds (event time)",
         "max_listeners_on_a_relay": "most listeners on any one relay",
         "listeners_per_relay": "relay capacity",
@@ -295,7 +299,8 @@ class Report:
             f"{f.peak_wanted:,} listeners wanted in ({f.expected_audience:,} declared), "
             f"{f.peak_connected:,} connected at peak on up to {f.peak_ready_relays} relays; "
             f"{prewarm}; most on one relay {f.max_listeners_on_a_relay:,} "
-            f"({verdict} its {f.listeners_per_relay:,}); peak queue {f.peak_waiting:,}"
+            f"({verdict} its {f.listeners_per_relay:,}); peak queue {f.peak_waiting:,}, "
+            f"longest wait {f.longest_wait_seconds}s"
         )
 
 
@@ -349,20 +354,30 @@ def run_demo(
             manifest, room = _room(room_template, namespace, start_in, nodes=nodes)
         if _ensure_namespace(api, namespace):
             cleanup.callback(_delete_namespace, api, namespace, progress)
-        load_port = free_loopback_port()
-        prometheus = Prometheus(Path(tmp), [f"127.0.0.1:{load_port}"], out_dir / "prometheus.log")
+        load_port, edge_port = free_loopback_port(), free_loopback_port()
+        targets = [f"127.0.0.1:{load_port}", f"127.0.0.1:{edge_port}"]
+        prometheus = Prometheus(Path(tmp), targets, out_dir / "prometheus.log")
         progress(f"starting Prometheus on {prometheus.url}")
         cleanup.callback(prometheus.stop)
         prometheus.start()
         operator = _start_operator(namespace, prometheus.url, out_dir, env)
         cleanup.callback(operator.stop)
+        # Every join goes through an edge replica; the relays (played by the load
+        # generator) check its tickets with the same key.
+        env["TOWNSQUARE_TICKET_KEY"] = secrets.token_hex(16)
+        edge = _start_edge(namespace, prometheus.url, edge_port, out_dir, env)
+        cleanup.callback(edge.stop)
         name = room.metadata.name
         start = room.spec.start_time
         client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, manifest
         )
         progress(f"AudioRoom {namespace}/{name} starts at {_clock(start)} (in {start_in:.0f}s)")
-        load = _start_loadgen(namespace, name, trace, start, speed, load_port, out_dir, env)
+        edge_url = f"http://127.0.0.1:{edge_port}"
+        _poll(lambda: _answers(f"{edge_url}/readyz"), 60, "the edge to sync the shard maps")
+        load = _start_loadgen(
+            namespace, name, trace, start, speed, load_port, edge_url, out_dir, env
+        )
         cleanup.callback(load.stop)
         # First of all, while the operator still runs and reads listeners, so that it lets go
         # of the room (kopf's finalizer) and has no reason to warn of missing metrics.
@@ -598,6 +613,24 @@ def _start_operator(
     return Child.start("operator", command, out_dir / "operator.log", env)
 
 
+def _start_edge(
+    namespace: str, prometheus_url: str, port: int, out_dir: Path, env: dict[str, str]
+) -> Child:
+    command = _python_townsquare(
+        "edge", "--host", "127.0.0.1", "--port", str(port), "--namespace", namespace,
+        "--prometheus-url", prometheus_url, "--admit-ttl", "3", "--log-format", "json",
+    )  # fmt: skip
+    return Child.start("edge", command, out_dir / "edge.log", env)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def _start_loadgen(
     namespace: str,
     room: str,
@@ -605,12 +638,14 @@ def _start_loadgen(
     start: datetime,
     speed: float,
     port: int,
+    edge_url: str,
     out_dir: Path,
     env: dict[str, str],
 ) -> Child:
     command = _python_townsquare(
         "loadgen", "--room", f"{namespace}/{room}", "--trace", str(trace), "--port", str(port),
         "--speed", f"{speed:g}", "--start", start.isoformat().replace("+00:00", "Z"),
+        "--edge", edge_url, "--check-every", "20",
     )  # fmt: skip
     return Child.start("load generator", command, out_dir / "loadgen.log", env)
 
@@ -736,6 +771,9 @@ def _figures(
     busiest = prometheus.value(
         f"max(max_over_time(audioroom_relay_listeners{selector}[{window + 5:.0f}s]))"
     )
+    longest = prometheus.value(
+        f"max(max_over_time(audioroom_edge_oldest_wait_seconds{selector}[{window + 5:.0f}s]))"
+    )
     spec = room.spec
     prewarmed = next((e.at for e in events if e.reason == "PreWarmed"), None)
     return Figures(
@@ -745,6 +783,7 @@ def _figures(
         peak_wanted=round(max(timeline.wanted, default=0)),
         peak_connected=round(max(timeline.connected, default=0)),
         peak_waiting=round(max(timeline.waiting, default=0)),
+        longest_wait_seconds=round(longest or 0),
         # One step is one real second, which is `speed` seconds of the event.
         waiting_listener_seconds=round(sum(timeline.waiting) * speed),
         max_listeners_on_a_relay=round(busiest or 0),

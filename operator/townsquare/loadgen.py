@@ -222,6 +222,7 @@ class Audience:
                 first=listener.first_attempt,
                 at=now,
                 pod=answer["pod"],
+                generation=answer["generation"],
                 queued=listener.queued,
                 edge=index,
             )
@@ -250,7 +251,12 @@ class Audience:
             listener.pod = answer["pod"]
             self.moves += 1
             self._write(
-                event="moved", listener=listener.id, at=now, **{"from": old}, to=listener.pod
+                event="moved",
+                listener=listener.id,
+                at=now,
+                generation=answer["generation"],
+                to=listener.pod,
+                **{"from": old},
             )
 
     def _count(self, outcome: str) -> None:

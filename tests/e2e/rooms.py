@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from edges import EdgeFleet
 from harness import REPO, free_loopback_port
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -191,20 +193,36 @@ def scaling_room(name: str, start_in: float, duration: str, audience: int) -> di
 
 
 class LoadGenerator:
-    """`townsquare loadgen` for one room, scraped by the test's Prometheus."""
+    """`townsquare loadgen` for one room, joining through `edges`, scraped by the test's
+    Prometheus; every admission and move goes to `record` (JSON lines)."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, room: str, trace: Path) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        room: str,
+        trace: Path,
+        edges: EdgeFleet,
+        check_every: float = 3.0,
+    ) -> None:
         self.port = free_loopback_port()
         self.log = trace.with_suffix(".log")
+        self.record = trace.with_suffix(".jsonl")
         command = [
             sys.executable, "-m", "townsquare", "loadgen", "--room", f"{namespace}/{room}",
-            "--trace", str(trace), "--port", str(self.port),
+            "--trace", str(trace), "--port", str(self.port), "--record", str(self.record),
+            "--check-every", str(check_every),
+            *[arg for url in edges.urls for arg in ("--edge", url)],
         ]  # fmt: skip
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
                 command,
                 cwd=REPO,
-                env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"},
+                env={
+                    "KUBECONFIG": str(kubeconfig),
+                    "PATH": "/usr/bin:/bin",
+                    "TOWNSQUARE_TICKET_KEY": edges.key,
+                },
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
@@ -216,6 +234,13 @@ class LoadGenerator:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every admission and move so far, in the order they happened."""
+        if not self.record.exists():
+            return []
+        lines = self.record.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def write_trace(path: Path, rows: list[tuple[int, int]]) -> Path:

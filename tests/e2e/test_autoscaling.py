@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edges import EdgeFleet
 from harness import Prometheus, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -77,7 +78,8 @@ def test_rising_audience_scales_up_reshards_and_drains_before_shrinking(
         [(-20, 0), (0, 60), (20, 1200), (35, 1200), (45, 100), (80, 100), (85, 0), (200, 0)],
     )
     rooms.create(scaling_room("surge", start_in=15, duration="75s", audience=140))
-    load = LoadGenerator(kubeconfig, namespace, "surge", trace)
+    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, namespace, "surge", trace, edges)
     prometheus.add_target(load.address)
     timeline = Timeline(rooms, "surge")
     try:
@@ -87,6 +89,7 @@ def test_rising_audience_scales_up_reshards_and_drains_before_shrinking(
     finally:
         timeline.stop()
         load.stop()
+        edges.stop()
 
     reasons = rooms.reasons("surge")
     assert "ScaledUp" in reasons and "Resharded" in reasons and "ScaledDown" in reasons
@@ -119,7 +122,8 @@ def test_prometheus_outage_holds_the_size_and_recovers_by_itself(
     rooms = Rooms(api_client, namespace)
     trace = write_trace(tmp_path / "flat.csv", [(-20, 0), (0, 500), (300, 500)])
     rooms.create(scaling_room("steady", start_in=5, duration="5m", audience=140))
-    load = LoadGenerator(kubeconfig, namespace, "steady", trace)
+    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, namespace, "steady", trace, edges)
     prometheus.add_target(load.address)
 
     def condition() -> dict[str, Any]:
@@ -144,5 +148,6 @@ def test_prometheus_outage_holds_the_size_and_recovers_by_itself(
         wait_until(lambda: condition().get("status") == "True", 60, "recovery by itself")
     finally:
         load.stop()
+        edges.stop()
     assert rooms.relays("steady")[0] == 8
     assert "MetricsRecovered" in rooms.reasons("steady")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edges import EdgeFleet
 from harness import REPO, Prometheus, wait_until
 from kubernetes import client
 from rooms import LoadGenerator, Rooms, scaling_room, write_trace
@@ -117,7 +118,8 @@ def test_reaction_time_and_quiet_writes(
     steps = [(0, 300), (119, 300), (120, 600), (159, 600), (160, 900), (199, 900), (200, 1200)]
     trace = write_trace(tmp_path / "steps.csv", [(-30, 300), *steps, (400, 1200)])
     rooms.create(scaling_room("bench", start_in=5, duration="10m", audience=140))
-    load = LoadGenerator(kubeconfig, namespace, "bench", trace)
+    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, namespace, "bench", trace, edges)
     prometheus.add_target(load.address)
     start = time.time() + 5
     try:
@@ -147,6 +149,7 @@ def test_reaction_time_and_quiet_writes(
             delays.append(crossing.delay(timeout=60))
     finally:
         load.stop()
+        edges.stop()
 
     assert len(delays) == 3
     tick = METRICS_INTERVAL + Prometheus.SCRAPE_SECONDS

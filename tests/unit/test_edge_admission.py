@@ -254,10 +254,10 @@ def test_waiters_who_stop_retrying_leave_the_line() -> None:
     assert isinstance(stays, Queued)
     assert [(r.name, n) for r, n, _ in gate.waiting(102.0)] == [(ROOM, 2)]
     gate.join(room, "stays", stays.ticket, now=105.5)
-    gate.expire(106.5)
-    ((_, count, oldest),) = gate.waiting(106.5)
+    gate.expire(107.5)  # "gone" was told to retry after 1 s, and given 5 s more
+    ((_, count, oldest),) = gate.waiting(107.5)
     assert count == 1
-    assert oldest == pytest.approx(4.5)
+    assert oldest == pytest.approx(5.5)
 
 
 def test_the_map_carries_the_migration_budget_the_replicas_share() -> None:
@@ -267,3 +267,40 @@ def test_the_map_carries_the_migration_budget_the_replicas_share() -> None:
     assert ShardMap.from_dict(document) == shard_map
     older = {k: v for k, v in document.items() if k != "maxMigrationsPerMinute"}
     assert ShardMap.from_dict(older).migrations_per_minute is None
+
+
+def test_listeners_far_back_in_line_are_told_to_retry_later() -> None:
+    gate = gate_for(room_map(relays=1, capacity=1), listeners={0: 1})
+    room = gate.rooms[(NS, ROOM)]
+    answers = [gate.join(room, f"w{i}", None, now=101.0 + i * 0.001) for i in range(700)]
+    retries = [a.retry_after for a in answers if isinstance(a, Queued)]
+    assert retries[0] == 1 and retries[99] == 1 and retries[100] == 2
+    assert max(retries) == 5, "never more than five refresh intervals"
+
+
+def test_waiters_of_a_moved_shard_keep_their_places_in_the_new_relays_line() -> None:
+    before = room_map(relays=1, capacity=3)
+    gate = gate_for(before, listeners={0: 3})
+    room = gate.rooms[(NS, ROOM)]
+    waiting = {}
+    for i in range(40):
+        answer = gate.join(room, f"w{i}", None, now=101.0 + i)
+        assert isinstance(answer, Queued)
+        waiting[f"w{i}"] = answer.ticket
+    # A second relay arrives and takes half the shards; it has room for three.
+    after = rebalance(before, active=[0, 1], fanout=8).map
+    gate.set_map(NS, ROOM, after)
+    gate.set_slice(NS, ROOM, "slice-b", {f"{ROOM}-relay-1": Endpoint("10.0.0.2:7000", True)})
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-1"): Report(0, 150.0)})
+    moved = [w for w in waiting if after.relay_for(w) == 1]
+    # The youngest of them retry first, yet the seats go to the three oldest.
+    admitted = []
+    for listener in reversed(moved):
+        answer = gate.join(room, listener, waiting[listener], now=151.0)
+        if isinstance(answer, Admitted):
+            admitted.append(listener)
+    for listener in moved:
+        answer = gate.join(room, listener, waiting[listener], now=151.5)
+        if isinstance(answer, Admitted):
+            admitted.append(listener)
+    assert sorted(admitted, key=moved.index) == moved[:3]

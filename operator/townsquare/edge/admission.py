@@ -32,6 +32,9 @@ from townsquare.sharding import ShardMap, shard_of
 
 MAX_ID_BYTES = 256
 MOVE_WINDOW_SECONDS = 60.0
+MAX_RETRY_FACTOR = 5
+WAITERS_PER_RETRY_STEP = 100
+"""Every this many joins ahead in line add one refresh interval to a Retry-After."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,10 @@ class Settings:
     admit_ttl: float = 10.0
     """Seconds an admit ticket is valid: a listener connects within it or not at all."""
     retry_after: float = 1.0
-    """Seconds a queued listener waits before it retries (the refresh interval)."""
+    """Seconds a queued listener waits before it retries (the refresh interval); listeners
+    far back in line are told to wait longer, up to `MAX_RETRY_FACTOR` times this."""
     waiter_expiry: float = 5.0
-    """A queued listener not heard from for this long has given up."""
+    """A queued listener not heard from for this long past its Retry-After has given up."""
     queue_ttl: float = 3600.0
     """How long a queue ticket keeps its place without a retry."""
     started_at: float = 0.0
@@ -111,7 +115,7 @@ class Held:
 @dataclass
 class _Waiter:
     first: float
-    last_seen: float
+    expires: float
     pod: str | None
 
 
@@ -179,18 +183,18 @@ class Room:
     def admit(self, pod: str, now: float) -> None:
         self.admitted.setdefault(pod, deque()).append(now)
 
-    def wait(self, listener: str, first: float, pod: str | None, now: float) -> None:
-        """Put (or keep) the listener in line; its place is its first attempt."""
+    def wait(self, listener: str, first: float, pod: str | None, expires: float) -> None:
+        """Put (or keep) the listener in line until `expires`; its place is its first attempt."""
         waiter = self.waiters.get(listener)
         if waiter is not None and (waiter.first, waiter.pod) != (first, pod):
             self.leave(listener)
             waiter = None
         if waiter is None:
-            self.waiters[listener] = _Waiter(first, now, pod)
+            self.waiters[listener] = _Waiter(first, expires, pod)
             bisect.insort(self.queue, (first, listener))
             bisect.insort(self.lines.setdefault(pod, []), (first, listener))
         else:
-            waiter.last_seen = now
+            waiter.expires = expires
 
     def leave(self, listener: str) -> None:
         waiter = self.waiters.pop(listener, None)
@@ -204,17 +208,23 @@ class Room:
             if not line:
                 del self.lines[waiter.pod]
 
+    def regroup(self) -> None:
+        """Put every waiter in the line of its shard's relay under the current map, so a
+        moved shard's waiters keep their places in the new relay's line at once."""
+        lines: dict[str | None, list[tuple[float, str]]] = {}
+        for first, listener in self.queue:  # sorted, so every line comes out sorted
+            waiter = self.waiters[listener]
+            waiter.pod = self.target(listener)[1]
+            lines.setdefault(waiter.pod, []).append((first, listener))
+        self.lines = lines
+
     def ahead(self, pod: str | None, first: float, listener: str) -> int:
         """Waiters for `pod` whose first attempt came before this one's."""
         return bisect.bisect_left(self.lines.get(pod, []), (first, listener))
 
-    def expire(self, now: float, settings: Settings) -> None:
+    def expire(self, now: float) -> None:
         """Forget waiters that stopped retrying."""
-        gone = [
-            listener
-            for listener, waiter in self.waiters.items()
-            if waiter.last_seen < now - settings.waiter_expiry
-        ]
+        gone = [listener for listener, waiter in self.waiters.items() if waiter.expires < now]
         for listener in gone:
             self.leave(listener)
 
@@ -264,7 +274,10 @@ class Gate:
                 room.set_slice(slice_name, endpoints)
             self.rooms[key] = room
         elif shard_map.generation >= room.shard_map.generation:
+            moved = shard_map.assignment != room.shard_map.assignment
             room.shard_map = shard_map
+            if moved:
+                room.regroup()
 
     def set_slice(
         self, namespace: str, name: str, slice_name: str, endpoints: Mapping[str, Endpoint] | None
@@ -293,7 +306,7 @@ class Gate:
 
     def expire(self, now: float) -> None:
         for room in self.rooms.values():
-            room.expire(now, self.settings)
+            room.expire(now)
             while room.moves and room.moves[0] <= now - MOVE_WINDOW_SECONDS:
                 room.moves.popleft()
 
@@ -313,21 +326,23 @@ class Gate:
         reason = room.unusable(pod, settings)
         if reason is None and ticket is None and room.shard_map.admission == "queueing":
             reason = "the room is queueing joins"
+        ahead = room.ahead(pod, first, listener)
         if reason is None and pod is not None:
-            ahead = room.ahead(pod, first, listener)
             if ahead >= room.spare(pod, settings):
                 reason = f"relay {pod} is full" if ahead == 0 else f"{ahead} joins wait ahead"
             else:
                 room.leave(listener)
                 room.admit(pod, now)
                 return self._admitted(room, listener, shard, pod)
-        room.wait(listener, first, pod, now)
+        steps = min(MAX_RETRY_FACTOR, 1 + ahead // WAITERS_PER_RETRY_STEP)
+        retry_after = max(1, math.ceil(settings.retry_after * steps))
+        room.wait(listener, first, pod, now + retry_after + settings.waiter_expiry)
         claims = {"listener": listener, "room": room.key, "first": first}
         return Queued(
             position=bisect.bisect_left(room.queue, (first, listener)) + 1,
             waiting=len(room.waiters),
             ticket=tickets.sign(self.key, "queue", claims, expires=now + settings.queue_ttl),
-            retry_after=max(1, math.ceil(settings.retry_after)),
+            retry_after=retry_after,
             reason=reason or "queued",
         )
 

@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +206,16 @@ class Edge:
             return _error(400, str(error))
         if isinstance(answer, Admitted):
             self.outcomes["admitted"].inc()
-            return _json(200, asdict(answer))
+            return _json(
+                200,
+                {
+                    "relay": answer.relay,
+                    "pod": answer.pod,
+                    "shard": answer.shard,
+                    "generation": answer.generation,
+                    "ticket": answer.ticket,
+                },
+            )
         self.outcomes["queued"].inc()
         return _json(
             429,
@@ -234,9 +242,15 @@ class Edge:
             self.outcomes["held"].inc()
             return _json(429, {"error": answer.reason}, {"Retry-After": str(answer.retry_after)})
         self.outcomes["moved" if answer.moved else "located"].inc()
-        payload = asdict(answer)
-        if answer.ticket is None:
-            del payload["ticket"]
+        payload: dict[str, Any] = {
+            "relay": answer.relay,
+            "pod": answer.pod,
+            "shard": answer.shard,
+            "generation": answer.generation,
+            "moved": answer.moved,
+        }
+        if answer.ticket is not None:
+            payload["ticket"] = answer.ticket
         return _json(200, payload)
 
     async def metrics(self, _: web.Request) -> web.Response:

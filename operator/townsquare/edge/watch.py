@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -71,33 +71,35 @@ def _rooms_path(api: str, plural: str, namespace: str | None) -> str:
 class Watcher:
     """Keeps a Gate's maps and relay endpoints in step with the API server."""
 
-    def __init__(self, server: ApiServer, gate: Gate, namespace: str | None = None) -> None:
+    def __init__(self, server: ApiServer, gate: Gate, namespaces: Sequence[str] = ()) -> None:
         self.server = server
         self.gate = gate
-        self.namespace = namespace
-        self.synced = {"maps": asyncio.Event(), "relays": asyncio.Event()}
+        self.namespaces: list[str | None] = list(namespaces) or [None]
+        """Namespaces served (None: all); each adds one watch per kind."""
+        self.synced = {
+            (what, namespace): asyncio.Event()
+            for what in ("maps", "relays")
+            for namespace in self.namespaces
+        }
 
     @property
     def ready(self) -> bool:
         return all(event.is_set() for event in self.synced.values())
 
     async def run(self, session: aiohttp.ClientSession) -> None:
-        await asyncio.gather(
-            self._follow(
-                session,
-                _rooms_path("/api/v1", "configmaps", self.namespace),
-                SHARD_MAPS,
-                "maps",
-                self._on_map,
-            ),
-            self._follow(
-                session,
-                _rooms_path("/apis/discovery.k8s.io/v1", "endpointslices", self.namespace),
-                RELAYS,
-                "relays",
-                self._on_slice,
-            ),
-        )
+        follows = []
+        for namespace in self.namespaces:
+            maps = _rooms_path("/api/v1", "configmaps", namespace)
+            slices = _rooms_path("/apis/discovery.k8s.io/v1", "endpointslices", namespace)
+            follows += [
+                self._follow(
+                    session, maps, SHARD_MAPS, self.synced[("maps", namespace)], self._on_map
+                ),
+                self._follow(
+                    session, slices, RELAYS, self.synced[("relays", namespace)], self._on_slice
+                ),
+            ]
+        await asyncio.gather(*follows)
 
     def _on_map(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata", {})
@@ -134,20 +136,20 @@ class Watcher:
         session: aiohttp.ClientSession,
         path: str,
         selector: str,
-        what: str,
+        synced: asyncio.Event,
         apply: Callable[[str, Mapping[str, Any]], None],
     ) -> None:
         """List, then watch from the list's version; again from a list on 410 Gone."""
         while True:
             try:
                 version: str | None = await self._list(session, path, selector, apply)
-                self.synced[what].set()
+                synced.set()
                 while version is not None:
                     version = await self._watch(session, path, selector, version, apply)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("watch interrupted; listing again", what=what, error=repr(error))
+                log.warning("watch interrupted; listing again", path=path, error=repr(error))
                 await asyncio.sleep(1.0)
 
     def _headers(self) -> dict[str, str]:

@@ -1,0 +1,100 @@
+"""The chart's edge: deployed when it can read the relays' reports, locked down, read-only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from test_chart import of_kind, render, rules_of
+
+from townsquare.cli import build_parser
+
+PROMETHEUS = {"prometheus": {"url": "http://prometheus.monitoring:9090"}}
+
+
+def edge_docs(values: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in render({**PROMETHEUS, **values})
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "edge"
+    ]
+
+
+def test_the_edge_is_deployed_with_flags_townsquare_edge_accepts() -> None:
+    docs = edge_docs({"watch": {"namespaces": ["a", "b"]}})
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "Secret"]
+        + ["Role", "RoleBinding"] * 2
+    )
+    (deployment,) = of_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.command == "edge"
+    assert parsed.namespace == ["a", "b"]
+    assert parsed.prometheus_url == "http://prometheus.monitoring:9090"
+    assert parsed.replicas == deployment["spec"]["replicas"] == 2
+    assert parsed.ticket_key_file == "/etc/townsquare/tickets/key"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (secret,) = of_kind(docs, "Secret")
+    assert pod["volumes"][0]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert len(secret["data"]["key"]) >= 32
+    (service,) = of_kind(docs, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_operator_objects_never_select_edge_pods() -> None:
+    docs = render(PROMETHEUS)
+    edge = next(
+        d
+        for d in of_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "edge"
+    )
+    edge_labels = edge["spec"]["template"]["metadata"]["labels"]
+    for service in of_kind(docs, "Service"):
+        if service["metadata"]["labels"]["app.kubernetes.io/component"] == "edge":
+            continue
+        selector = service["spec"]["selector"]
+        assert not selector.items() <= edge_labels.items(), service["metadata"]["name"]
+
+
+def test_the_edge_reads_only_maps_and_endpoint_slices() -> None:
+    for values in ({}, {"watch": {"namespaces": ["a"]}}):
+        rules = rules_of(edge_docs(values))
+        granted = {
+            (g, r, v)
+            for rule in rules
+            for g in rule["apiGroups"]
+            for r in rule["resources"]
+            for v in rule["verbs"]
+        }
+        assert granted == {
+            (group, resource, verb)
+            for group, resource in (("", "configmaps"), ("discovery.k8s.io", "endpointslices"))
+            for verb in ("get", "list", "watch")
+        }
+
+
+def test_autoscaled_replicas_share_spare_room_by_the_maximum() -> None:
+    docs = edge_docs({"edge": {"autoscaling": {"enabled": True, "maxReplicas": 7}}})
+    (hpa,) = of_kind(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] == 7
+    (deployment,) = of_kind(docs, "Deployment")
+    assert "replicas" not in deployment["spec"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert build_parser().parse_args(args).replicas == 7
+
+
+def test_a_value_turns_it_off_and_a_given_secret_is_used() -> None:
+    assert not edge_docs({"edge": {"enabled": False}})
+    assert not [
+        d for d in render() if d["metadata"]["labels"].get("app.kubernetes.io/component") == "edge"
+    ], "without a Prometheus to read relay reports from, no edge"
+    docs = edge_docs({"edge": {"ticketKey": {"existingSecret": "my-key"}}})
+    assert not of_kind(docs, "Secret")
+    (deployment,) = of_kind(docs, "Deployment")
+    volume = deployment["spec"]["template"]["spec"]["volumes"][0]
+    assert volume["secret"]["secretName"] == "my-key"
