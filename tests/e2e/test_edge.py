@@ -285,6 +285,46 @@ def test_a_join_storm_through_three_edge_replicas(
     assert away, "joins were admitted with no operator running"
 
 
+def test_joins_waiting_at_the_edge_start_a_room_with_no_relays(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    scaling_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    """minRelays 0 and nothing declared: only the edge's waiting count can start a relay."""
+    rooms = Rooms(api_client, namespace)
+    room = storm_room("empty", start_in=2)
+    room["spec"]["expectedAudience"] = 0
+    room["spec"]["scaling"]["minRelays"] = 0
+    rooms.create(room)
+    wait_until(
+        lambda: rooms.core.read_namespaced_config_map("empty-shards", namespace),
+        60,
+        "the shard map",
+    )
+    assert rooms.relays("empty")[0] == 0
+    trace = write_trace(tmp_path / "trickle.csv", [(-10, 0), (0, 0), (5, 60), (300, 60)])
+    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, namespace, "empty", trace, edges)
+    prometheus.add_target(load.address)
+    try:
+        wait_until(lambda: rooms.relays("empty")[0] > 0, 60, "a relay for the waiting joins")
+        wait_until(
+            lambda: any(e["event"] == "admitted" for e in load.events()),
+            60,
+            "the first admission",
+        )
+    finally:
+        load.stop()
+        edges.stop()
+    status = rooms.get("empty")["status"]
+    scaled = [e for e in rooms.events("empty") if e.reason == "ScaledUp"]
+    assert scaled and "waiting" in scaled[0].message, [e.message for e in scaled]
+    assert status["relays"]["desired"] > 0
+
+
 def test_bad_input_and_a_flood_of_it(
     api_client: client.ApiClient,
     namespace: str,
