@@ -108,8 +108,9 @@ def test_plan_floor_holds_then_decays() -> None:
     assert plan_floor(room, plan, at(-16 * 60), peak=0) == 0
     assert plan_floor(room, plan, at(-15 * 60), peak=0) == 715
     assert plan_floor(room, plan, at(14 * 60), peak=400_000) == 715
-    assert plan_floor(room, plan, at(22.5 * 60), peak=400_000) == math.ceil(715 / 2)
-    assert plan_floor(room, plan, at(30 * 60), peak=400_000) == 0
+    # Then it decays in ten steps over half a hold: half the plan at +18m45s, none at +22m30s.
+    assert plan_floor(room, plan, at(18.75 * 60), peak=400_000) == math.ceil(715 / 2)
+    assert plan_floor(room, plan, at(22.5 * 60), peak=400_000) == 0
 
 
 def test_plan_floor_yields_to_a_no_show_only_after_the_hold() -> None:

@@ -34,6 +34,8 @@ EXAMPLES = ("launch", "may-2023-launch", "flash-crowd", "no-show", "oscillating"
 PER_FAMILY = 25
 """Evaluation cases per family: 10 families x 25 = 250 traces (the issue asks for 200+)."""
 TIME_LIMIT_SECONDS = 120.0
+CRASH_WINDOW = 600
+"""Seconds after a crash whose waiting the crash is charged with."""
 SCALE_UP_FACTOR, SCALE_UP_MIN_STEP = 2, 4
 
 Figures = dict[str, float]
@@ -43,7 +45,8 @@ def measure(family: str, seed: int) -> tuple[str, int, Figures]:
     """Every policy on one generated case; the figures the targets and tables read."""
     began = time.process_time()
     case = generate(family, seed)
-    runs = simulate(case.spec, case.trace, POLICIES, case.settings)
+    settings = replace(case.settings, keep_series=bool(case.trace.failures))
+    runs = simulate(case.spec, case.trace, POLICIES, settings)
     figures: Figures = {}
     oracle = runs["oracle"]
     for name, run in runs.items():
@@ -69,6 +72,11 @@ def measure(family: str, seed: int) -> tuple[str, int, Figures]:
             case.trace.glitches
         )
         figures["peak beyond one step"] = max(0, ours.peak_relays - bound)
+    if case.trace.failures and ours.series is not None:
+        crash = case.trace.failures[0][0]
+        after = zip(ours.series.t, ours.series.waiting, strict=True)
+        waited = sum(w for t, w in after if crash <= t < crash + CRASH_WINDOW)
+        figures["waiting after the crash%"] = 100 * waited / max(1.0, ours.listener_seconds)
     figures["cpu seconds"] = time.process_time() - began
     return family, seed, figures
 
@@ -108,6 +116,13 @@ TARGETS = (
     Target("flash-crowd", "unserved <= 0.4x reactive's", "unserved vs reactive", 0.4, "x"),
     Target("flash-crowd", "peak relays <= 1.3x oracle's", "townsquare.peak/oracle", 1.3, "x"),
     Target("relay-crash", "waiting <= 0.1% of listener-s", "townsquare.waiting%", 0.1, "%"),
+    Target(
+        "relay-crash",
+        "of which in the 10 min after the crash <= 0.1%",
+        "waiting after the crash%",
+        0.1,
+        "%",
+    ),
     Target("glitch", "extra ScaledUp per glitch <= 1", "extra ScaledUp per glitch", 1.0),
     Target("glitch", "peak beyond one bounded step: 0 relays", "peak beyond one step", 0.0),
 )
@@ -215,14 +230,15 @@ def render(
         "",
         f"## Trace families: {total} evaluation traces x {len(POLICIES)} policies",
         "",
-        f"{per} cases per family, seeds {EVALUATION_SEEDS.start}-"
-        f"{EVALUATION_SEEDS.start + per - 1} of the evaluation range "
-        f"[{EVALUATION_SEEDS.start:,}, {EVALUATION_SEEDS.stop:,}); constants were chosen on the",
-        f"tuning range [{TUNING_SEEDS.start:,}, {TUNING_SEEDS.stop:,}) only "
-        "(`townsquare.sim.families`). Families and their parameter ranges are documented there.",
-        f"Simulated in {seconds:.1f} s of wall-clock time ({cpu_seconds(by_family):.1f} s of CPU) "
-        f"on {processes} processes ({platform.machine()}, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} at the end; limit {TIME_LIMIT_SECONDS:g} s: "
+        f"{per} cases per family: seeds {EVALUATION_SEEDS.start}-"
+        f"{EVALUATION_SEEDS.start + per - 1} of the evaluation range",
+        f"[{EVALUATION_SEEDS.start:,}, {EVALUATION_SEEDS.stop:,}). Constants were chosen on "
+        f"the tuning range [{TUNING_SEEDS.start:,}, {TUNING_SEEDS.stop:,})",
+        "only; both are declared in `townsquare.sim.families`, with each family's parameters.",
+        f"Simulated in {seconds:.1f} s of wall-clock time ({cpu_seconds(by_family):.1f} s of "
+        f"CPU) on {processes} processes",
+        f"({platform.machine()}, Python {platform.python_version()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end; limit {TIME_LIMIT_SECONDS:g} s: "
         f"{'met' if seconds < TIME_LIMIT_SECONDS else '**missed**'}).",
         "",
         "What a producer should do when the host is late, and what the operator does on its",
