@@ -29,7 +29,14 @@ from townsquare import observability
 from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
 from townsquare.headroom import Placeholder
 from townsquare.kube import children, placeholders
-from townsquare.kube.client import Cluster, RelayPod, child_version, load_config, relay_pod
+from townsquare.kube.client import (
+    Cluster,
+    RelayPod,
+    child_version,
+    load_config,
+    relay_pod,
+    timestamp,
+)
 from townsquare.lifecycle import (
     WARNING,
     Event,
@@ -40,6 +47,7 @@ from townsquare.lifecycle import (
     stored_scaling_state,
 )
 from townsquare.metrics import (
+    PRESETS,
     PrometheusSource,
     Reading,
     Source,
@@ -49,7 +57,7 @@ from townsquare.metrics import (
     room_metrics,
 )
 from townsquare.partitions import Partition
-from townsquare.policy import TenantPolicy
+from townsquare.policy import TenantPolicy, violations
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import room_logger
@@ -134,6 +142,8 @@ class RoomState:
     """When `shard_map` was published, for the migration budget."""
     headroom_refusal: str = ""
     """Why the API server last refused a placeholder, so the Warning is posted once."""
+    relay_revision: str | None = None
+    """The relay StatefulSet's template revision, from its watch (None: not seen yet)."""
 
 
 @dataclass
@@ -162,6 +172,11 @@ class Runtime:
         return choose_prometheus(
             spec.metrics.prometheus_url, settings.prometheus_url, settings.allowed_prometheus_urls
         )
+
+    @property
+    def listener_queries(self) -> dict[str, str]:
+        """Named listener queries rooms may pick: the built-in presets and the platform's."""
+        return {**PRESETS, **self.settings.listener_queries}
 
     def source(self, url: str) -> PrometheusSource:
         found = self.sources.get(url)
@@ -317,10 +332,12 @@ class ListenerPoller:
             if spec.metrics.listeners_query:
                 source = runtime.source(url)
                 self._start(("room", key), [(key, state)], source.read_room, spec.metrics, *key)
-            else:
+            elif spec.metrics.preset in runtime.listener_queries:
                 batched[(url, spec.metrics.preset)].append((key, state))
+        queries = runtime.listener_queries
         for (url, preset), rooms in batched.items():
-            self._start(("batch", url, preset), rooms, runtime.source(url).read, preset)
+            read = runtime.source(url).read
+            self._start(("batch", url, preset), rooms, read, preset, queries)
 
     def _start(
         self,
@@ -368,11 +385,12 @@ def _figures(reading: Metrics | None) -> tuple[Any, ...] | None:
     return (reading.listeners, reading.waiting, dict(reading.by_relay), reading.problem)
 
 
-async def _first_reading(runtime: Runtime, state: RoomState, spec: AudioRoomSpec) -> None:
+async def _first_reading(runtime: Runtime, state: RoomState, key: Key, spec: AudioRoomSpec) -> None:
     """Wait (briefly) until the poller has read this room, so that a restarted operator
     decides with data instead of reporting metrics missing meanwhile."""
-    if runtime.prometheus_for(spec).url is None:
-        return
+    policy = runtime.settings.policy
+    if runtime.prometheus_for(spec).url is None or (policy and violations(spec, key[0], policy)):
+        return  # a refused room's query is never run, not even once
     state.spec = spec
     settings = runtime.settings
     deadline = 2 * settings.metrics_interval.total_seconds() + settings.metrics_timeout.seconds
@@ -442,6 +460,40 @@ async def placeholder_changed(
     _runtime(memo).wake(namespace, labels.get(children.ROOM_LABEL))
 
 
+async def _reconcile_once(
+    runtime: Runtime,
+    state: RoomState,
+    key: Key,
+    indexes: dict[str, Any],
+    deleting: bool = False,
+) -> tuple[Outcome | None, bool]:
+    """One pass off the event loop: (its outcome, whether it failed and must be retried)."""
+    namespace, name = key
+    state.poke.clear()
+    pod_index: kopf.Index[Key, RelayPod] = indexes["relay_pod_index"]
+    held_index: kopf.Index[Key, Placeholder] = indexes["placeholder_index"]
+    pods = sorted(pod_index.get(key, ()), key=lambda pod: pod.ordinal)
+    holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
+    runtime.reconciling[key] = time.monotonic()
+    try:
+        with observability.time_reconcile():
+            outcome = await asyncio.to_thread(
+                reconcile_room, runtime, state, namespace, name, pods, holding, deleting
+            )
+        return outcome, False
+    except Exception:
+        room_logger(namespace, name).exception("reconcile failed; retrying")
+        return None, True
+    finally:
+        runtime.reconciling.pop(key, None)
+
+
+async def _sleep(state: RoomState, delay: float | None) -> None:
+    """Until the deadline, or sooner when something about the room changes."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.poke.wait(), timeout=delay)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=_serves, registry=REGISTRY)
 async def run_room(
     name: str,
@@ -452,34 +504,39 @@ async def run_room(
     **kwargs: Any,
 ) -> None:
     """Reconcile the room, then sleep until its next deadline or a poke."""
-    pod_index: kopf.Index[Key, RelayPod] = kwargs["relay_pod_index"]
-    held_index: kopf.Index[Key, Placeholder] = kwargs["placeholder_index"]
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
     state = runtime.room(key)
-    log = room_logger(namespace, name)
     with contextlib.suppress(ValueError):
-        await _first_reading(runtime, state, AudioRoomSpec.model_validate(dict(spec)))
+        await _first_reading(runtime, state, key, AudioRoomSpec.model_validate(dict(spec)))
     try:
         while not stopped:
-            state.poke.clear()
-            pods = sorted(pod_index.get(key, ()), key=lambda pod: pod.ordinal)
-            holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
-            runtime.reconciling[key] = time.monotonic()
-            try:
-                with observability.time_reconcile():
-                    wake_at = await asyncio.to_thread(
-                        reconcile_room, runtime, state, namespace, name, pods, holding
-                    )
-                delay = _seconds_until(wake_at)
-            except Exception:
-                log.exception("reconcile failed; retrying", retry_seconds=RETRY_SECONDS)
-                delay = RETRY_SECONDS
-            finally:
-                runtime.reconciling.pop(key, None)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.poke.wait(), timeout=delay)
+            outcome, failed = await _reconcile_once(runtime, state, key, kwargs)
+            wake_at = outcome.wake_at if outcome else None
+            await _sleep(state, RETRY_SECONDS if failed else _seconds_until(wake_at))
+    finally:
+        reason = stopped.reason
+        if reason is None or not reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            runtime.forget(key)  # a deleted room keeps its state: it drains before it goes
+            observability.forget_room(namespace, name)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_serves, registry=REGISTRY)
+async def drain_before_deletion(name: str, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    """A room deleted mid-event drains first: its relays go as they empty (or at
+    drainTimeout), and only then does kopf release the room to the garbage collector."""
+    assert namespace is not None, "AudioRoom is namespaced"
+    runtime = _runtime(memo)
+    key = (namespace, name)
+    state = runtime.room(key)
+    try:
+        while True:
+            outcome, failed = await _reconcile_once(runtime, state, key, kwargs, deleting=True)
+            if not failed and (outcome is None or outcome.released):
+                return
+            wake = _seconds_until(outcome.wake_at if outcome else None) or RETRY_SECONDS
+            await _sleep(state, min(wake, RETRY_SECONDS))
     finally:
         runtime.forget(key)
         observability.forget_room(namespace, name)
@@ -506,6 +563,7 @@ def _on_child(kind: str) -> Any:
         namespace: str | None,
         labels: kopf.Labels,
         meta: kopf.Meta,
+        status: kopf.Status,
         type: str | None,
         memo: Any,
         **_: Any,
@@ -517,6 +575,11 @@ def _on_child(kind: str) -> Any:
         state = runtime.rooms.get((namespace, room)) if room and namespace else None
         if state is None:
             return
+        if kind == "StatefulSet":
+            revision = status.get("updateRevision") if status else None
+            if revision and revision != state.relay_revision:
+                state.relay_revision = revision  # a new template: its rollout begins
+                runtime.wake(namespace, room)
         child = f"{kind}/{name}"
         applied = state.applied.get(child)
         if applied is None or applied[1] is None:
@@ -551,16 +614,20 @@ def reconcile_room(
     name: str,
     pods: list[RelayPod],
     holding: tuple[Placeholder, ...] = (),
-) -> datetime | None:
-    """One pass for one room: read, decide, write. Returns when to look again."""
+    deleting: bool = False,
+) -> Outcome | None:
+    """One pass for one room: read, decide, write. `deleting`: the pass of a room being
+    deleted, which drains it; other passes leave such a room alone (None)."""
     cluster = runtime.cluster
     room = cluster.read_room(namespace, name)
-    if room["metadata"].get("deletionTimestamp"):
-        # Deletion bumps a custom resource's generation: reconciling now would re-plan a
-        # room that is going away, and post Events about it. Its placeholders go at once
-        # (they would hold nodes until the garbage collector came by).
+    deleted_at = room["metadata"].get("deletionTimestamp")
+    if deleted_at:
+        # Its placeholders go at once (they would hold nodes until the garbage collector
+        # came by); its relays drain first, in the deletion handler's passes.
         for pod in holding:
             cluster.delete_pod(namespace, pod.name)
+    if deleted_at and not deleting:
+        # Deletion bumps a custom resource's generation: the deletion handler drains it.
         return None
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
@@ -581,6 +648,10 @@ def reconcile_room(
     shard_map = held.expand() if isinstance(held, EmptyMap) else held
     if held is None:
         shard_map = cluster.read_shard_map(namespace, name)
+    if state.relay_revision is None:
+        state.relay_revision = cluster.relay_revision(namespace, name)
+    revision = state.relay_revision
+    running = previous.relays.desired if previous.relays else 0
     seen = Observed(
         now=now,
         generation=room["metadata"]["generation"],
@@ -594,9 +665,32 @@ def reconcile_room(
         placeholders=holding,
         node_waits=nodes.waits,
         pending_relays=nodes.pending_relays,
+        namespace=namespace,
+        deleting_since=timestamp(deleted_at) if deleted_at else None,
+        existing_relays=len(pods),
+        outdated_ordinals=frozenset(
+            pod.ordinal for pod in pods if revision and pod.revision not in ("", revision)
+        ),
+        revision=revision,
+        # Listed only while relays are missing: a healthy room costs no extra read.
+        pod_failures=cluster.pod_creation_failures(namespace, name) if len(pods) < running else (),
     )
     scaling = state.scaling or stored_scaling_state(previous)
-    outcome = reconcile(name, spec, previous, seen, scaling, shard_map, state.shard_map_at)
+    outcome = reconcile(
+        name,
+        spec,
+        previous,
+        seen,
+        scaling,
+        shard_map,
+        state.shard_map_at,
+        policy=runtime.settings.policy,
+    )
+    if outcome.refused:
+        state.spec = None  # its listeners are never read: its query may reach too far
+        _write_status(cluster, namespace, name, previous, outcome)
+        _post_events(cluster, room, outcome, now)
+        return outcome
     state.scaling = outcome.scaling_state
     if shard_map is None or outcome.shard_map.generation != shard_map.generation:
         state.shard_map, state.shard_map_at = EmptyMap.of(outcome.shard_map), now
@@ -607,10 +701,14 @@ def reconcile_room(
     # reconciled again, so an Event not posted now would be lost.
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
-    _apply_children(cluster, state, room, spec, outcome)
-    _apply_headroom(runtime, state, room, spec, outcome, now)
+    if not outcome.released:
+        _apply_children(cluster, state, room, spec, outcome)
+        _apply_headroom(runtime, state, room, spec, outcome, now)
+    by_ordinal = {pod.ordinal: pod for pod in pods}
+    for ordinal in outcome.replace_relays:  # drained: back with the new template
+        cluster.replace_relay(namespace, name, by_ordinal[ordinal])
     _observe(namespace, name, spec, outcome)
-    return outcome.wake_at
+    return outcome
 
 
 def _observe(namespace: str, name: str, spec: AudioRoomSpec, outcome: Outcome) -> None:

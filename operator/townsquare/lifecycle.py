@@ -44,6 +44,8 @@ NORMAL = "Normal"
 WARNING = "Warning"
 STARTUP_SAMPLES = 20
 """The newest relay start-ups the policy learns from: recent pods tell of today's nodes."""
+MISSING_RELAYS_RECHECK = timedelta(seconds=10)
+"""While relay pods are missing, look again this often: a refusal raises no pod event."""
 BLOCKED_WINDOW = timedelta(minutes=10)
 """A pod-creation failure this recent, with relays still missing, means they are blocked."""
 
@@ -388,6 +390,9 @@ def reconcile(
         "RelaysReady" if seen.ready_relays >= replicas else "RelaysStarting",
         f"{seen.ready_relays:,}/{replicas:,} relays ready",
     )
+    if seen.existing_relays is not None and seen.existing_relays < replicas:
+        recheck = seen.now + MISSING_RELAYS_RECHECK  # nothing else may wake a blocked room
+        wake_at = recheck if wake_at is None else min(wake_at, recheck)
     metrics = seen.metrics
     serving = accepting - len(rolling)
     status = AudioRoomStatus(
@@ -538,6 +543,8 @@ def _roll(
     metrics = seen.metrics
     known = metrics is not None and metrics.listeners is not None
     demand = decision.forecast if decision.forecast is not None else _demand(seen)
+    if metrics is None:  # no Prometheus at all: nothing to wait for, each drain takes its timeout
+        demand = 0.0
     step = plan_rollout(
         accepting=accepting,
         ready=seen.ready_set(),
@@ -839,7 +846,7 @@ def _drain(
             f"(timeout {format_duration(spec.scaling.drain_timeout)})",
         )
     timed_out = seen.now >= deadline
-    keep = 0 if timed_out else _carrying(running, seen, began)
+    keep = 0 if timed_out else _carrying(spec, running, seen, began)
     if seen.ready_relays > 0 or keep > 0:
         if timed_out and running > 0 and seen.listeners != 0:
             left = "an unknown number of" if seen.listeners is None else f"{seen.listeners:,}"
@@ -855,7 +862,7 @@ def _drain(
     return "Ended", 0
 
 
-def _carrying(running: int, seen: Observed, began: datetime) -> int:
+def _carrying(spec: AudioRoomSpec, running: int, seen: Observed, began: datetime) -> int:
     """StatefulSet size that keeps every relay that may still carry listeners.
 
     A relay is empty only by a sample taken after the drain began. One without a series of
@@ -863,6 +870,8 @@ def _carrying(running: int, seen: Observed, began: datetime) -> int:
     are kept.
     """
     metrics = seen.metrics
+    if metrics is None and began < spec.start_time:
+        return 0  # deleted before its start, and no count will ever come: nobody to wait for
     if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
         return running
     if metrics.sampled_at <= began:

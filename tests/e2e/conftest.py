@@ -171,3 +171,14 @@ def scaling_operator(
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def operator(
+    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    """`townsquare run` for this test's namespace, without Prometheus."""
+    process = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -24,16 +23,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.fixture
 def rooms(api_client: client.ApiClient, namespace: str, crds: list[str]) -> Rooms:
     return Rooms(api_client, namespace)
-
-
-@pytest.fixture
-def operator(
-    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
-    process.start()
-    yield process
-    process.stop()
 
 
 def test_phases_in_order_with_relays_ready_before_the_start(

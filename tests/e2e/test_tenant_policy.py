@@ -139,3 +139,55 @@ def test_the_admission_policy_refuses_rooms_outside_it_and_accepts_a_compliant_o
         GROUP, VERSION, namespace, PLURAL, "compliant",
         {"metadata": {"labels": {"team": "townhall"}}},
     )  # fmt: skip
+
+
+def test_the_operator_refuses_to_act_on_a_room_outside_its_own_flags(
+    api_client: client.ApiClient, namespace: str, crds: list[str], kubeconfig: Any, tmp_path: Any
+) -> None:
+    """No admission policy here: the operator's flags alone keep the room from running."""
+    from operator_process import OperatorProcess
+
+    operator = OperatorProcess(
+        kubeconfig, namespace, tmp_path / "operator.log",
+        "--allowed-registry", "registry.example", "--max-relays-per-room", "50",
+        "--free-promql-namespaces", "",
+    )  # fmt: skip
+    operator.start()
+    custom = client.CustomObjectsApi(api_client)
+    try:
+        outside = room("outside", relay={"image": "evil.example/x:1"})
+        assert create(api_client, namespace, outside) is None, "no admission policy here"
+        free = room("nosy", metrics={"listenersQuery": 'sum(secret_series{tenant="other"})'})
+        assert create(api_client, namespace, free) is None
+        assert create(api_client, namespace, room("inside")) is None
+
+        def accepted(name: str) -> dict[str, Any]:
+            got = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            conditions = (got.get("status") or {}).get("conditions", [])
+            return next((c for c in conditions if c["type"] == "Accepted"), {})
+
+        refused = wait_until(lambda: accepted("outside"), 30, "the operator's verdict")
+        assert (refused["status"], refused["reason"]) == ("False", "PolicyViolation")
+        assert (
+            "spec.relay.image: evil.example/x:1 is not from an allowed registry"
+            in (refused["message"])
+        )
+        nosy = wait_until(lambda: accepted("nosy"), 30, "the verdict on free PromQL")
+        assert "spec.metrics.listenersQuery: free PromQL is not allowed" in nosy["message"]
+        wait_until(lambda: accepted("inside").get("status") == "True", 30, "a compliant room")
+        apps = client.AppsV1Api(api_client)
+        wait_until(
+            lambda: apps.read_namespaced_stateful_set("inside-relay", namespace), 30, "relays"
+        )
+        names = {s.metadata.name for s in apps.list_namespaced_stateful_set(namespace).items}
+        assert names == {"inside-relay"}, "nothing was created for the refused rooms"
+        events = (
+            client.CoreV1Api(api_client)
+            .list_namespaced_event(
+                namespace, field_selector="involvedObject.name=outside,reason=Refused"
+            )
+            .items
+        )
+        assert events and events[0].type == "Warning"
+    finally:
+        operator.stop()

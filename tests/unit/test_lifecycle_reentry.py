@@ -371,3 +371,15 @@ def test_the_shipped_weekly_townhall_recurs_every_thursday() -> None:
     assert first == datetime(2026, 12, 3, 16, 0, tzinfo=UTC)
     summer = occurrence_start(townhall, datetime(2027, 6, 1, tzinfo=UTC), AudioRoomStatus())
     assert summer == datetime(2027, 6, 3, 15, 0, tzinfo=UTC), "17:00 CEST"
+
+
+def test_a_room_deleted_before_its_start_without_any_count_goes_at_once() -> None:
+    spec = room()
+    at = START - timedelta(hours=2)
+    scheduled = reconcile("r", spec, AudioRoomStatus(), seen(at, 1))
+    assert scheduled.desired_relays == 1
+    deleted = reconcile("r", spec, scheduled.status, seen(at, 1, deleting_since=at))
+    assert deleted.desired_relays == 0
+    assert "DrainTimedOut" not in reasons(deleted)
+    gone = reconcile("r", spec, deleted.status, seen(at, 0, deleting_since=at))
+    assert gone.released

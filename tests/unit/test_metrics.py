@@ -150,3 +150,12 @@ def test_a_room_with_waiting_joins_but_no_relay_series_keeps_its_waiting_count()
     assert metrics.listeners is None, "no relay series: connected listeners stay unknown"
     assert metrics.waiting == 42
     assert metrics.sampled_at == datetime.fromtimestamp(1000, tz=UTC)
+
+
+def test_a_platform_s_named_query_is_batched_like_the_presets() -> None:
+    from townsquare.metrics import PRESETS, batched_query
+
+    janus = "sum by (namespace, room, pod) (janus_listeners)"
+    query = batched_query("janus", {**PRESETS, "janus": janus})
+    assert f"sum by (namespace, room, pod) ({janus})" in query
+    assert "audioroom_edge_waiting_listeners" in query

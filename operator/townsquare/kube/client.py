@@ -24,6 +24,8 @@ from townsquare.kube.children import MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifes
 from townsquare.sharding import ShardMap
 
 APPLY = "application/apply-patch+yaml"
+REVISION_LABEL = "controller-revision-hash"
+"""The StatefulSet controller's label: which template revision a pod was created from."""
 CONNECT_TIMEOUT_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 10.0
 POOL_SIZE = 32
@@ -58,6 +60,9 @@ class RelayPod:
     """When it was bound to a node; None while Pending."""
     unscheduled: str = ""
     """The scheduler's reason while Pending (why no node fits)."""
+    revision: str = ""
+    """The StatefulSet template revision the pod was created from."""
+    uid: str = ""
 
     @property
     def startup_seconds(self) -> float | None:
@@ -73,14 +78,14 @@ def relay_pod(body: Mapping[str, Any], room: str) -> RelayPod | None:
     the room, or is going away."""
     meta = body.get("metadata") or {}
     match = re.fullmatch(rf"{re.escape(relay_set_name(room))}-([0-9]+)", meta.get("name", ""))
-    created = _timestamp(meta.get("creationTimestamp"))
+    created = timestamp(meta.get("creationTimestamp"))
     if not match or meta.get("deletionTimestamp") or created is None:
         return None
     status = body.get("status") or {}
     conditions = status.get("conditions") or []
     ready: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
     ready_since = (
-        _timestamp(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
+        timestamp(ready.get("lastTransitionTime")) if ready.get("status") == "True" else None
     )
     restarts = sum(c.get("restartCount") or 0 for c in status.get("containerStatuses") or [])
     scheduled_at, unscheduled = scheduling(body)
@@ -92,6 +97,8 @@ def relay_pod(body: Mapping[str, Any], room: str) -> RelayPod | None:
         restarted=restarts > 0,
         scheduled_at=scheduled_at,
         unscheduled=unscheduled,
+        revision=str((meta.get("labels") or {}).get(REVISION_LABEL, "")),
+        uid=str(meta.get("uid") or ""),
     )
 
 
@@ -102,13 +109,14 @@ def scheduling(body: Mapping[str, Any]) -> tuple[datetime | None, str]:
         (c for c in conditions if c.get("type") == "PodScheduled"), {}
     )
     if (body.get("spec") or {}).get("nodeName"):
-        return _timestamp(scheduled.get("lastTransitionTime")) or _timestamp(
+        return timestamp(scheduled.get("lastTransitionTime")) or timestamp(
             (body.get("metadata") or {}).get("creationTimestamp")
         ), ""
     return None, str(scheduled.get("message") or scheduled.get("reason") or "")
 
 
-def _timestamp(value: Any) -> datetime | None:
+def timestamp(value: Any) -> datetime | None:
+    """A time as the API server writes it (RFC 3339), or as the client already parsed it."""
     if isinstance(value, datetime):
         return value
     if not value:
@@ -208,6 +216,51 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def relay_revision(self, namespace: str, room: str) -> str:
+        """The relay StatefulSet's current template revision ("" before it exists)."""
+        try:
+            relay_set = self.apps.read_namespaced_stateful_set(
+                relay_set_name(room), namespace, _request_timeout=self.timeout
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return ""
+            raise
+        return str((relay_set.status and relay_set.status.update_revision) or "")
+
+    def replace_relay(self, namespace: str, room: str, pod: RelayPod) -> None:
+        """Delete one drained relay pod, so the StatefulSet recreates it from its current
+        template; the UID precondition never deletes a pod recreated meanwhile."""
+        try:
+            self.core.delete_namespaced_pod(
+                f"{relay_set_name(room)}-{pod.ordinal}",
+                namespace,
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=pod.uid)),
+                _request_timeout=self.timeout,
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone already, or already a new pod
+                raise
+
+    def pod_creation_failures(self, namespace: str, room: str) -> tuple[tuple[datetime, str], ...]:
+        """(when, message) of the relay StatefulSet's FailedCreate Events: the API server's
+        own reason for refusing relay pods (quota, Pod Security, a webhook)."""
+        selector = (
+            f"involvedObject.kind=StatefulSet,involvedObject.name={relay_set_name(room)},"
+            "reason=FailedCreate"
+        )
+        events = self.core.list_namespaced_event(
+            namespace, field_selector=selector, _request_timeout=self.timeout
+        ).items
+        found = []
+        for event in events:
+            series = event.series.last_observed_time if event.series else None
+            when = series or event.last_timestamp or event.event_time
+            when = when or event.metadata.creation_timestamp
+            if when is not None:
+                found.append((when, str(event.message or "")))
+        return tuple(sorted(found))
 
     def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
         """A ConfigMap's data; empty when it does not exist yet."""

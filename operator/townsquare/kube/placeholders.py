@@ -24,7 +24,7 @@ from townsquare.kube.children import (
     _metadata,
     relay_stateful_set,
 )
-from townsquare.kube.client import RelayPod, _timestamp, scheduling
+from townsquare.kube.client import RelayPod, scheduling, timestamp
 
 COMPONENT = "headroom"
 PRIORITY_CLASS = "townsquare-headroom"
@@ -116,7 +116,7 @@ class RoomNodes:
 def placeholder(body: Mapping[str, Any]) -> Placeholder | None:
     """A placeholder from its API object (as a watch delivers it); None once going away."""
     meta = body.get("metadata") or {}
-    created = _timestamp(meta.get("creationTimestamp"))
+    created = timestamp(meta.get("creationTimestamp"))
     if meta.get("deletionTimestamp") or created is None:
         return None
     return Placeholder(name=meta.get("name", ""), created=created, scheduled_at=scheduling(body)[0])

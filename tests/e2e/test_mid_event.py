@@ -1,0 +1,162 @@
+"""Every phase re-entered on the real cluster: a re-armed room, a room deleted mid-event, a
+room growing from no relay at all. Listeners come from the load generator, which places
+them by the shard map the operator publishes and reports them per relay pod."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Prometheus, wait_until
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from operator_process import OperatorProcess
+from rooms import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    LoadGenerator,
+    Recorder,
+    Rooms,
+    rfc3339,
+    room_manifest,
+    scaling_room,
+    write_trace,
+)
+from sampling import Sampler, alive, listeners_by_pod
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+class PodWatch(Sampler):
+    """The relay pods as the API server has them, beside the listeners the load generator
+    counts on each."""
+
+    def __init__(self, rooms: Rooms, load: LoadGenerator) -> None:
+        self.rooms, self.load = rooms, load
+        self.samples: list[tuple[float, dict[str, str], dict[str, float]]] = []
+        """(time, pod name -> uid of pods not being deleted, listeners by pod name)."""
+        super().__init__()
+
+    def sample(self) -> None:
+        counted = listeners_by_pod(self.load)
+        pods = alive(self.rooms.core.list_namespaced_pod(self.rooms.namespace).items)
+        self.samples.append((time.time(), {p.metadata.name: p.metadata.uid for p in pods}, counted))
+
+    def removals(self) -> list[tuple[float, str, dict[str, float]]]:
+        """(when, pod, listeners counted just before) for every pod that went away."""
+        found = []
+        for before, after in pairwise(self.samples):
+            for pod, uid in before[1].items():
+                if after[1].get(pod) != uid:
+                    found.append((after[0], pod, before[2]))
+        return found
+
+
+def test_an_ended_room_re_armed_by_a_new_start_time_runs_again(
+    api_client: client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    rooms = Rooms(api_client, namespace)
+    rooms.create(room_manifest("again", start_in=6, prewarm_lead="5s", duration="4s"))
+    wait_until(lambda: rooms.phase("again") == "Ended", 60, "the first run to end")
+    assert rooms.relays("again") == (0, 0)
+
+    recorder = Recorder(rooms, "again")
+    try:
+        start = datetime.now(UTC) + timedelta(seconds=10)
+        rooms.patch_spec("again", {"startTime": rfc3339(start)})
+        wait_until(lambda: rooms.phase("again") == "Live", 60, "the re-armed room to go live")
+        wait_until(lambda: rooms.relays("again") == (4, 4), 30, "its planned relays")
+        wait_until(lambda: rooms.phase("again") == "Ended", 60, "the second run to end")
+    finally:
+        recorder.stop()
+    assert recorder.phases()[0] == "Ended"
+    assert "Scheduled" in recorder.phases() or "PreWarming" in recorder.phases()
+    assert recorder.phases()[-2:] == ["Draining", "Ended"]
+    rearmed = [e for e in rooms.events("again") if e.reason == "Replanned"]
+    assert rearmed and "re-armed for the occurrence starting" in rearmed[0].message
+    assert rooms.reasons("again").count("Live") == 2
+    assert rooms.reasons("again").count("Ended") == 2
+
+
+def test_a_room_deleted_mid_event_drains_before_its_relays_go(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    scaling_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    rooms = Rooms(api_client, namespace)
+    manifest = scaling_room("leaving", start_in=5, duration="10m", audience=300)
+    manifest["spec"]["scaling"]["drainTimeout"] = "2m"
+    start = datetime.fromisoformat(manifest["spec"]["startTime"]).timestamp()
+    rooms.create(manifest)
+    # 300 listeners stay until the room has been deleted a while, then leave over 10 s.
+    trace = write_trace(
+        tmp_path / "leaving.csv", [(-20, 0), (0, 300), (22, 300), (32, 0), (300, 0)]
+    )
+    load = LoadGenerator(kubeconfig, namespace, "leaving", trace)
+    prometheus.add_target(load.address)
+    watch = PodWatch(rooms, load)
+    try:
+        wait_until(
+            lambda: sum(listeners_by_pod(load).values()) >= 300, 60, "300 listeners connected"
+        )
+        wait_until(lambda: time.time() > start + 12, 30, "mid-event")
+        deleted_at = time.time()
+        rooms.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "leaving")
+
+        def gone() -> bool:
+            try:
+                rooms.get("leaving")
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        wait_until(gone, 90, "the room to be drained and released")
+    finally:
+        watch.stop()
+        load.stop()
+
+    removals = watch.removals()
+    assert removals, "relays were removed"
+    for _, pod, counted in removals:
+        assert counted.get(pod, 0) == 0, f"{pod} went with {counted.get(pod)} listeners on it"
+    last_full = max(t for t, _, counted in watch.samples if sum(counted.values()) >= 300)
+    assert last_full > deleted_at + 5, "listeners stayed connected well after the deletion"
+    assert min(t for t, _, _ in removals) > deleted_at + 5, "no relay went at the deletion"
+    draining = [e for e in rooms.events("leaving") if e.reason == "Draining"]
+    assert draining and "the room was deleted" in draining[0].message
+
+
+def test_a_min_relays_zero_room_grows_from_zero_when_joins_wait(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    scaling_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    rooms = Rooms(api_client, namespace)
+    manifest: dict[str, Any] = scaling_room("empty", start_in=3, duration="10m", audience=0)
+    manifest["spec"]["scaling"]["minRelays"] = 0
+    rooms.create(manifest)
+    wait_until(lambda: rooms.phase("empty") == "Live", 30, "the room to go live")
+    assert rooms.relays("empty") == (0, 0), "no audience declared, no relay"
+    trace = write_trace(tmp_path / "joins.csv", [(-20, 0), (0, 250), (600, 250)])
+    load = LoadGenerator(kubeconfig, namespace, "empty", trace)
+    prometheus.add_target(load.address)
+    try:
+        wait_until(lambda: rooms.relays("empty")[0] >= 4, 60, "relays for the waiting joins")
+        wait_until(
+            lambda: sum(listeners_by_pod(load).values()) >= 250, 60, "the joins to be served"
+        )
+    finally:
+        load.stop()
+    scaled = [e for e in rooms.events("empty") if e.reason == "ScaledUp"]
+    assert scaled and "waiting" in scaled[0].message
