@@ -220,7 +220,7 @@ class Cluster:
     def relay_revision(self, namespace: str, room: str) -> str:
         """The relay StatefulSet's current template revision ("" before it exists)."""
         try:
-            relay_set = self.apps.read_namespaced_stateful_set(
+            relay_set = self.apps.read_namespaced_stateful_set_status(  # RBAC: status only
                 relay_set_name(room), namespace, _request_timeout=self.timeout
             )
         except ApiException as exc:
