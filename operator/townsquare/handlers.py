@@ -144,6 +144,8 @@ class RoomState:
     """Why the API server last refused a placeholder, so the Warning is posted once."""
     relay_revision: str | None = None
     """The relay StatefulSet's template revision, from its watch (None: not seen yet)."""
+    replaced: set[str] = field(default_factory=set)
+    """UIDs of relay pods deleted for a rollout: gone, even before the watch says so."""
 
 
 @dataclass
@@ -472,7 +474,9 @@ async def _reconcile_once(
     state.poke.clear()
     pod_index: kopf.Index[Key, RelayPod] = indexes["relay_pod_index"]
     held_index: kopf.Index[Key, Placeholder] = indexes["placeholder_index"]
-    pods = sorted(pod_index.get(key, ()), key=lambda pod: pod.ordinal)
+    listed = pod_index.get(key, ())
+    state.replaced &= {pod.uid for pod in listed}  # forget those the watch saw go
+    pods = sorted((p for p in listed if p.uid not in state.replaced), key=lambda p: p.ordinal)
     holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
     runtime.reconciling[key] = time.monotonic()
     try:
@@ -707,6 +711,7 @@ def reconcile_room(
     by_ordinal = {pod.ordinal: pod for pod in pods}
     for ordinal in outcome.replace_relays:  # drained: back with the new template
         cluster.replace_relay(namespace, name, by_ordinal[ordinal])
+        state.replaced.add(by_ordinal[ordinal].uid)
     _observe(namespace, name, spec, outcome)
     return outcome
 

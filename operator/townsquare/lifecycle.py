@@ -513,7 +513,7 @@ def _fit_map(current: ShardMap, spec: AudioRoomSpec, was: Phase | None, draft: _
         if old == shards
         else tuple(current.assignment[s * old // shards] for s in range(shards))
     )
-    if current.relays and was is not None:
+    if current.generation > 0:  # a published map changes under the edge: say so
         changes = []
         if current.capacity != capacity:
             changes.append(f"capacity {current.capacity:,} -> {capacity:,} listeners per relay")

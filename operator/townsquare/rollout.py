@@ -8,8 +8,9 @@ with the new template. Two limits hold throughout:
 
 - at most `maxSurge` relays are out of service for the rollout at once (draining, or
   deleted and not Ready again);
-- the relays left accepting joins always carry the demand at full capacity: a relay is
-  drained only when the others can take its listeners. Without a fresh listener count,
+- the relays left accepting joins always carry the demand (at 90% of their capacity, for
+  the unevenness of hashing): a relay is drained only when the others can take its
+  listeners. Without a fresh listener count,
   nothing new is drained (never blind).
 """
 
@@ -37,9 +38,14 @@ class RolloutStep:
     """Outdated relays wait: the others could not carry the demand without them."""
 
 
+ROLLOUT_FILL = 0.9
+"""The fullest the relays left serving may be, on average, while others drain: listeners
+hash unevenly over relays, so at 100% some relay would be full and joins would queue."""
+
+
 def relays_for_demand(demand: float, capacity: int) -> int:
-    """Relays the demand fills at full capacity: the least that may keep accepting joins."""
-    return math.ceil(demand / capacity - 1e-9) if demand > 0 else 0
+    """The fewest relays that may keep accepting joins: the demand at ROLLOUT_FILL each."""
+    return math.ceil(demand / (capacity * ROLLOUT_FILL) - 1e-9) if demand > 0 else 0
 
 
 def plan_rollout(

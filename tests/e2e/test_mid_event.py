@@ -61,7 +61,7 @@ def test_an_ended_room_re_armed_by_a_new_start_time_runs_again(
     api_client: client.ApiClient, namespace: str, operator: OperatorProcess
 ) -> None:
     rooms = Rooms(api_client, namespace)
-    rooms.create(room_manifest("again", start_in=6, prewarm_lead="5s", duration="4s"))
+    rooms.create(room_manifest("again", start_in=15, prewarm_lead="5s", duration="4s"))
     wait_until(lambda: rooms.phase("again") == "Ended", 60, "the first run to end")
     assert rooms.relays("again") == (0, 0)
 
@@ -79,8 +79,9 @@ def test_an_ended_room_re_armed_by_a_new_start_time_runs_again(
     assert recorder.phases()[-2:] == ["Draining", "Ended"]
     rearmed = [e for e in rooms.events("again") if e.reason == "Replanned"]
     assert rearmed and "re-armed for the occurrence starting" in rearmed[0].message
-    assert rooms.reasons("again").count("Live") == 2
-    assert rooms.reasons("again").count("Ended") == 2
+    reasons = rooms.reasons("again")
+    assert reasons.count("Ended") == 2
+    assert "Live" in reasons[reasons.index("Replanned") :], "the re-armed room went live"
 
 
 def test_a_room_deleted_mid_event_drains_before_its_relays_go(
@@ -98,14 +99,14 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     rooms.create(manifest)
     # 300 listeners stay until the room has been deleted a while, then leave over 10 s.
     trace = write_trace(
-        tmp_path / "leaving.csv", [(-20, 0), (0, 300), (22, 300), (32, 0), (300, 0)]
+        tmp_path / "leaving.csv", [(-20, 0), (0, 300), (45, 300), (55, 0), (300, 0)]
     )
     load = LoadGenerator(kubeconfig, namespace, "leaving", trace)
     prometheus.add_target(load.address)
     watch = PodWatch(rooms, load)
     try:
         wait_until(
-            lambda: sum(listeners_by_pod(load).values()) >= 300, 60, "300 listeners connected"
+            lambda: sum(listeners_by_pod(load).values()) >= 300, 90, "300 listeners connected"
         )
         wait_until(lambda: time.time() > start + 12, 30, "mid-event")
         deleted_at = time.time()

@@ -71,7 +71,7 @@ def test_no_relay_is_drained_when_the_others_could_not_carry_the_demand() -> Non
     full = step(demand=5600.0)
     assert full.started == ()
     assert full.held_by_capacity
-    one_spare = step(demand=4900.0)
+    one_spare = step(demand=4400.0)  # 5 relays at 90% carry it
     assert len(one_spare.started) == 1
 
 
@@ -126,12 +126,12 @@ def test_a_whole_rollout_never_exceeds_max_surge_nor_goes_below_demand(
         assert out <= max(surge, relays - len(ready))
         serving = relays - out
         if result.started:
-            assert serving * 1000 >= demand
+            assert serving * 1000 * 0.9 >= demand
         for ordinal in result.replace:
             assert listeners[ordinal] == 0 or ordinal in result.timed_out
             outdated.discard(ordinal)
         starting = set(result.replace)  # back Ready, new, by the next pass
         draining = dict(result.draining)
         now += timedelta(seconds=10)
-    if demand <= (relays - 1) * 1000:
+    if demand <= (relays - 1) * 900:
         assert not outdated, "the rollout finishes when one relay can be spared"
