@@ -147,7 +147,7 @@ def test_a_min_relays_zero_room_grows_from_zero_when_joins_wait(
     manifest: dict[str, Any] = scaling_room("empty", start_in=3, duration="10m", audience=0)
     manifest["spec"]["scaling"]["minRelays"] = 0
     rooms.create(manifest)
-    wait_until(lambda: rooms.phase("empty") == "Live", 30, "the room to go live")
+    wait_until(lambda: rooms.phase("empty") == "Live", 90, "the room to go live")
     assert rooms.relays("empty") == (0, 0), "no audience declared, no relay"
     trace = write_trace(tmp_path / "joins.csv", [(-20, 0), (0, 250), (600, 250)])
     load = LoadGenerator(kubeconfig, namespace, "empty", trace)
