@@ -260,7 +260,7 @@ def render(
         "### Every family side by side (median / p95)",
     ]
     for family, cases in by_family.items():
-        doc = (FAMILIES[family].__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((FAMILIES[family].__doc__ or "").split("\n\n")[0].split())
         lines += ["", f"#### {family}", "", doc, "", *family_table(cases)]
     lines += [
         "",
