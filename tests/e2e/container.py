@@ -93,10 +93,12 @@ def pod_flags(
     container: dict[str, Any],
     fields: dict[str, str] | None = None,
     publish: bool = True,
+    secrets: dict[str, dict[str, Path]] | None = None,
 ) -> PodRun:
     """How podman runs `container` of `pod` as a kubelet would (camelCase pod spec).
 
-    `fields` gives the values of the env's fieldRefs (metadata.name, ...). With `publish`,
+    `fields` gives the values of the env's fieldRefs (metadata.name, ...); `secrets` the
+    files of each secret volume (volume name -> item path -> host file). With `publish`,
     every container port is published on a free 127.0.0.1 port; without, the container is
     meant for the host's network and binds its ports itself.
     """
@@ -130,7 +132,15 @@ def pod_flags(
     run = PodRun(flags, list(container.get("args", [])))
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
-        assert set(volume) == {"name", "emptyDir"}, f"volume {volume}: only emptyDir"
+        if "secret" in volume:
+            items = volume["secret"].get("items") or []
+            given = (secrets or {}).get(volume["name"], {})
+            assert {item["path"] for item in items} == set(given), f"volume {volume}: files?"
+            for item in items:
+                inside = f"{mount['mountPath'].rstrip('/')}/{item['path']}"
+                flags += ["--volume", f"{given[item['path']]}:{inside}:ro"]
+            continue
+        assert set(volume) == {"name", "emptyDir"}, f"volume {volume}: emptyDir or secret"
         size = volume["emptyDir"].get("sizeLimit")
         options = f"rw,mode=1777{f',size={quantity(size)}' if size else ''}"
         flags += ["--tmpfs", f"{mount['mountPath']}:{options}"]

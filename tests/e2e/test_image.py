@@ -28,6 +28,7 @@ import test_helm_install
 import yaml
 from container import (
     API_HOST,
+    HOST_LOOPBACK,
     NETWORK,
     ContainerProcess,
     PodRun,
@@ -71,14 +72,18 @@ def image() -> str:
     return built_image()
 
 
-def rendered_deployment(*values: str) -> dict[str, Any]:
-    """The chart's operator Deployment as `helm template` renders it."""
+def rendered_deployment(*values: str, name: str = "ts-townsquare") -> dict[str, Any]:
+    """A Deployment of the chart (the operator's by default) as `helm template` renders it."""
     done = subprocess.run(
         [helm_binary(), "template", RELEASE, str(CHART), "--namespace", "townsquare", *values],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    (deployment,) = (d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "Deployment")
+    (deployment,) = (
+        d
+        for d in yaml.safe_load_all(done.stdout)
+        if d and d["kind"] == "Deployment" and d["metadata"]["name"] == name
+    )
     return deployment  # type: ignore[no-any-return]
 
 
@@ -317,14 +322,21 @@ class Mounts:
         self.flags += ["--volume", f"{path}:{inside}:ro"]
         return inside
 
+    def private(self, text: str) -> Path:
+        """A file for a volume the pod spec mounts itself (a Secret's item)."""
+        path = private_file(text, owner=self.owner)
+        self.files.append(path)
+        return path
+
     def remove(self) -> None:
         for path in self.files:
             path.unlink(missing_ok=True)
 
 
-def cluster_credentials(kubeconfig: Path, mounts: Mounts) -> str:
-    """A kubeconfig whose CA, certificate and key are mounted files (nothing to write out
-    under a read-only root); the host network reaches the API server at 127.0.0.1."""
+def cluster_credentials(kubeconfig: Path, mounts: Mounts) -> tuple[str, str]:
+    """Kubeconfigs whose CA, certificate and key are mounted files (nothing to write out
+    under a read-only root): for the host's network (the API server at 127.0.0.1), and for
+    a container's own network (at kubernetes.default.svc, the name on its certificate)."""
     admin = yaml.safe_load(
         subprocess.run(
             [str(REPO / ".venv" / "bin" / "kubectl"), "--kubeconfig", str(kubeconfig), "config",
@@ -342,7 +354,10 @@ def cluster_credentials(kubeconfig: Path, mounts: Mounts) -> str:
     }
     for field, (entry, name) in files.items():
         entry[field] = mounts.add(base64.b64decode(entry.pop(f"{field}-data")), f"{folder}/{name}")
-    return mounts.add(yaml.safe_dump(admin), f"{folder}/config")
+    on_host = mounts.add(yaml.safe_dump(admin), f"{folder}/config")
+    port = cluster["cluster"]["server"].rsplit(":", 1)[1]
+    cluster["cluster"]["server"] = f"https://{API_HOST}:{port}"
+    return on_host, mounts.add(yaml.safe_dump(admin), f"{folder}/config-in-pod")
 
 
 def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
@@ -357,9 +372,10 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
 ) -> None:
     """A listener admitted with a ticket hears the origin through the relay, both from the
     image on the host's network (as pods have their own addresses), the relay with the pod
-    spec the operator gave its pod; the edge from the image, with the chart's hardening,
-    answers joins. The verdicts come from the listener (frames heard) and from the relay's
-    own /metrics (listeners it holds).
+    spec the operator gave its pod; the edge from the image, run as the chart's edge
+    Deployment says (args, port, probes, read-only root, ticket Secret), answers joins.
+    The verdicts come from the listener (frames heard) and from the relay's own /metrics
+    (listeners it holds).
 
     The listener's ticket is signed with the room's key from the published shard map (the
     MapJoiner), not by the edge: on this cluster relay pods have loopback addresses, which
@@ -393,8 +409,19 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
     mounts = Mounts(owner)
     secret_key = secrets.token_hex(32)
     key_file = mounts.add(secret_key, "/run/townsquare/ticket-key")
-    config = cluster_credentials(kubeconfig, mounts)
-    origin_port, edge_port = free_loopback_port(), free_loopback_port()
+    config, config_in_pod = cluster_credentials(kubeconfig, mounts)
+    origin_port = free_loopback_port()
+    # The chart's edge, serving this namespace, reading the test's Prometheus through the
+    # container's view of the host's loopback.
+    edge_pod, edge_container = operator_of(
+        rendered_deployment(
+            "--set", f"prometheus.url=http://{HOST_LOOPBACK}:{prometheus.port}",
+            "--set-json", f'watch.namespaces=["{namespace}"]', "--set", "edge.replicas=1",
+            name="ts-townsquare-edge",
+        )
+    )  # fmt: skip
+    tickets = {"tickets": {"key": mounts.private(secret_key)}}
+    edge_run = pod_flags(edge_pod, edge_container, secrets=tickets)
     common = ["--network", "host", *mounts.flags]
     data_plane = ["--namespace", namespace, "--room", room, "--ticket-key-file", key_file,
                   "--kubeconfig", config, "--log-format", "json"]  # fmt: skip
@@ -414,12 +441,8 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
         tmp_path / "relay.log", *common,
     )  # fmt: skip
     edge = ContainerProcess(
-        image, PodRun(hardened, [
-            "edge", "--host", "127.0.0.1", "--port", str(edge_port), "-n", namespace,
-            "--prometheus-url", prometheus.url, "--ticket-key-file", key_file,
-            "--refresh", "1", "--log-format", "json",
-        ]),
-        tmp_path / "edge.log", *common, "--env", f"KUBECONFIG={config}",
+        image, edge_run, tmp_path / "edge.log",
+        *NETWORK, *mounts.flags, "--env", f"KUBECONFIG={config_in_pod}",
     )  # fmt: skip
     processes = [origin, relay, edge]
     try:
@@ -428,8 +451,10 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
         relay_metrics = f"http://{ip}:{relay_run.ports['metrics']}/metrics"
         wait_until(lambda: _get(relay_metrics), 60, "the relay from the image to serve /metrics")
         prometheus.add_target(f"{ip}:{relay_run.ports['metrics']}")
-        edge_url = f"http://127.0.0.1:{edge_port}"
-        wait_until(lambda: _status(f"{edge_url}/readyz") == 200, 60, "the edge to be ready")
+        edge_url = f"http://127.0.0.1:{edge_run.ports['http']}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            path = edge_container[probe]["httpGet"]["path"]
+            wait_until(lambda p=path: _status(f"{edge_url}{p}") == 200, 60, f"the edge's {path}")
 
         key = secret_key.encode()
         port = relay_run.ports["listeners"]
