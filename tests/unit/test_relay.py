@@ -10,9 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
-from relay_room import LoopbackRoom, frames_flow, tree, until
+import pytest
+from relay_room import KEY, LoopbackRoom, frames_flow, tree, until
 
+from townsquare.relay.hub import RefusedError
+from townsquare.relay.listener import Listener, MapJoiner
 from townsquare.relay.metrics import serve_metrics
+from townsquare.relay.topology import FileMapSource
+from townsquare.relay.upstream import feed_ticket
 from townsquare.sharding import rebalance
 
 NAMES = [f"listener-{i}" for i in range(20)]
@@ -180,5 +185,52 @@ def test_the_metric_contract_counts_what_the_relay_holds(tmp_path: Path) -> None
             if line.startswith("audioroom_relay_egress_packets_total{")
         )  # fmt: skip
         assert float(egress.split()[-1]) >= held * 3
+
+    run_room(tmp_path, body)
+
+
+def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: Path) -> None:
+    class Stubborn(MapJoiner):
+        async def relocate(self, listener: str, current_pod: str) -> None:
+            return None  # the edge holds every move
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        for relay in room.relays.values():
+            relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
+        stubborn = Stubborn(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
+        stop = room.stop
+        names = [n for n in NAMES if first.relay_for(n) == 1][:3]
+        listeners = [Listener(n, stubborn) for n in names]
+        room.listeners += listeners
+        tasks = [asyncio.create_task(lst.run(stop)) for lst in listeners]
+        await until(lambda: all(lst.stats.frames > 3 for lst in listeners), 10, "hearing")
+        room.publish(rebalance(first, active=[0], draining=[1], fanout=8).map)
+        await until(lambda: all(lst.pod == "r-relay-0" for lst in listeners), 10, "rejoined")
+        for listener in listeners:
+            assert listener.stats.moves["draining"] >= 2, "told again while held"
+            assert listener.stats.moves["draining-grace-over"] == 1
+            assert listener.stats.relocations == 0
+        assert room.relays[1].moves["draining-grace-over"] == len(listeners)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    run_room(tmp_path, body)
+
+
+def test_the_origin_feeds_only_the_relays_the_map_gives_it(tmp_path: Path) -> None:
+    async def body(room: LoopbackRoom) -> None:
+        await room.start(tree(3, fanout=2))  # relay 2 hangs under relay 0
+        origin = room.origin
+        assert origin is not None
+        await until(lambda: len(origin.relays) == 2, 10, "the top tier attached")
+        ticket = feed_ticket(KEY, "ns/r", "origin", "r-relay-2", time.time())
+        with pytest.raises(RefusedError, match="parent relay"):
+            origin.admit({"role": "relay", "ticket": ticket})
+        admitted = origin.admit({"role": "relay", "ticket": ticket, "fallback": True})
+        assert admitted.fallback
+        fed = {c.admitted.name for c in origin.relays if c.admitted}
+        assert fed == {"r-relay-0", "r-relay-1"}
 
     run_room(tmp_path, body)

@@ -295,3 +295,21 @@ def test_without_a_reading_the_admission_state_is_kept() -> None:
     assert full.admission == "queueing"
     blind = rebalance(full, active=range(4), fanout=64)
     assert blind.map.admission == "queueing"
+
+
+def test_the_operator_holds_an_unready_relay_only_while_its_own_count_shows_listeners() -> None:
+    from datetime import UTC, datetime
+
+    from townsquare.lifecycle import Metrics, Observed, _held
+
+    shard_map = balanced(64, 4)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def seen(by_relay: dict[int, int]) -> Observed:
+        metrics = Metrics(listeners=sum(by_relay.values()), by_relay=by_relay)
+        return Observed(now, 1, 3, frozenset({0, 1, 3}), metrics)
+
+    assert _held(shard_map, seen({0: 5, 1: 5, 2: 4, 3: 5}), replicas=4) == [2]
+    assert _held(shard_map, seen({0: 5, 1: 5, 2: 0, 3: 5}), replicas=4) == []
+    assert _held(shard_map, seen({0: 5, 1: 5, 3: 5}), replicas=4) == []  # series gone
+    assert _held(shard_map, seen({0: 5, 1: 5, 2: 4, 3: 5}), replicas=2) == []  # removed

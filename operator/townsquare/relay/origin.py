@@ -10,7 +10,6 @@ ancestors are all unreachable may ask to be fed meanwhile (`fallback`), up to a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ import structlog
 
 from townsquare.relay.hub import Admitted, Hub, HubSettings, RefusedError
 from townsquare.relay.protocol import frame
-from townsquare.relay.server import supervised, ticket_refusal
+from townsquare.relay.server import cancel_all, supervised, ticket_refusal
 from townsquare.relay.topology import MapSource, ordinal_of
 from townsquare.relay.upstream import ORIGIN
 from townsquare.sharding import ShardMap
@@ -98,10 +97,7 @@ class Origin(Hub):
         if self.server is not None:
             self.server.close()
         self.close_all("shutdown")
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
 
     async def _speak(self) -> None:
         """Frames on a fixed schedule; a late wake-up sends every frame that fell due."""

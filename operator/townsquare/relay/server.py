@@ -12,7 +12,6 @@ parent answers again, re-attaching make-before-break so that no frame is lost on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import deque
@@ -67,6 +66,14 @@ async def supervised(job: Callable[[], Awaitable[None]]) -> None:
         except Exception:
             log.exception("background job failed; restarting it", job=job.__name__)
             await asyncio.sleep(0.5)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]], timeout: float = 2.0) -> None:
+    """Cancel background jobs and give them `timeout` seconds to finish; never hang."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 def ticket_refusal(error: TicketError) -> RefusedError:
@@ -166,11 +173,7 @@ class Relay(Hub):
         if self.server is not None:
             self.server.close()
         self.close_all(reason)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         if self.upstream is not None:
             self.upstream.close("stopping")
 
@@ -299,6 +302,8 @@ class Relay(Hub):
     async def _follow_upstream(self) -> None:
         """Keep one live upstream, the most preferred one that answers."""
         while True:
+            # Cleared before reading the map, so a change that lands meanwhile is not lost.
+            self.upstream_changed.clear()
             candidates = await self._candidates()
             current = self.upstream
             preferred = candidates[0].name
@@ -324,7 +329,6 @@ class Relay(Hub):
             await self._wait_for_change(link, None if link.target.name == preferred else 2.0)
 
     async def _wait_for_change(self, link: UpstreamLink, timeout: float | None) -> None:
-        self.upstream_changed.clear()
         waits = [asyncio.create_task(link.lost.wait()),
                  asyncio.create_task(self.upstream_changed.wait())]  # fmt: skip
         try:
