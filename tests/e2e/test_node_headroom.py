@@ -31,9 +31,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NODE_DELAY = "30s"
 RELAY_STARTUP = "5s"
-START_IN = 65.0
+START_IN = 85.0
 PREWARM_LEAD = "15s"
-NODE_LEAD = "45s"
+NODE_LEAD = "60s"
 PLANNED = 3
 
 
@@ -160,10 +160,18 @@ def test_headroom_has_nodes_ready_before_the_prewarm_and_without_it_the_start_is
     pool_on, pool_off = f"headroom-on-{suffix}", f"headroom-off-{suffix}"
     for pool in (pool_on, pool_off):
         pools.create(pool, NODE_DELAY)
+    # Declared far ahead first: the clock starts once the operator has taken both rooms (a
+    # busy machine may take half a minute to start it), as it would for rooms declared days
+    # ahead.
+    far = datetime.now(UTC) + timedelta(minutes=30)
+    rooms.create(room_on_pool("with", pool_on, far, headroom=True))
+    rooms.create(room_on_pool("without", pool_off, far, headroom=False))
+    for room in ("with", "without"):
+        wait_until(lambda room=room: rooms.phase(room) == "Scheduled", 120, f"{room} scheduled")
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=START_IN)
     prewarm_at = (start - timedelta(seconds=15)).timestamp()
-    rooms.create(room_on_pool("with", pool_on, start, headroom=True))
-    rooms.create(room_on_pool("without", pool_off, start, headroom=False))
+    for room in ("with", "without"):
+        rooms.patch_spec(room, {"startTime": rfc3339(start)})
     recorder = Recorder(rooms, "with")
     try:
         wait_until(lambda: rooms.phase("with") == "Ready", 120, "'with' to be Ready")
