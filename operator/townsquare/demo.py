@@ -472,6 +472,12 @@ def _delete_nodes(custom: client.CustomObjectsApi, progress: Progress) -> None:
 
     with contextlib.suppress(DemoError):
         _poll(claims_gone, 60, "Karpenter to remove the demo's nodes")
+    # A claim removed before its node registered still gets the node later (kwok provider):
+    # such a node has nobody to remove it but us.
+    core = client.CoreV1Api(custom.api_client)
+    for node in core.list_node(label_selector=f"{NODE_LABEL}={NODE_POOL}").items:
+        with contextlib.suppress(ApiException):
+            core.delete_node(node.metadata.name)
 
 
 def _room(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from harness import REPO, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from townsquare.api.types import parse_duration
 from townsquare.kube.karpenter import KARPENTER, KWOK, kwok_node_class, node_pool, passed_on
 
 RUN_SCRIPT = REPO / "hack" / "cluster" / "karpenter" / "run.sh"
@@ -65,6 +67,7 @@ class NodePools:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.names: list[str] = []
+        self.delays: dict[str, float] = {}
 
     def create(self, name: str, registration_delay: str) -> None:
         """A pool whose nodes appear `registration_delay` after Karpenter asks for them,
@@ -74,6 +77,7 @@ class NodePools:
         self.custom.create_cluster_custom_object(*KWOK, "kwoknodeclasses", node_class)
         self.custom.create_cluster_custom_object(*KARPENTER, "nodepools", pool)
         self.names.append(name)
+        self.delays[name] = parse_duration(registration_delay).total_seconds()
         wait_until(lambda: self._ready(name), 60, f"Karpenter to mark NodePool {name} Ready")
 
     def _ready(self, name: str) -> bool:
@@ -91,7 +95,17 @@ class NodePools:
         return list(claims["items"])
 
     def delete_all(self) -> None:
-        """Delete the pools (Karpenter then removes their nodes), waiting until they are gone."""
+        """Delete the pools (Karpenter then removes their nodes), waiting until they are gone.
+
+        A NodeClaim deleted before its node registered still gets its node later: the kwok
+        provider creates it after the delay whatever happened meanwhile. Such orphans (no
+        claim, no Karpenter to remove them) are deleted here once the delay has passed.
+        """
+        unregistered = any(
+            not (claim.get("status") or {}).get("nodeName")
+            for name in self.names
+            for claim in self.node_claims(name)
+        )
         for name in self.names:
             for plural, group in (("nodepools", KARPENTER), ("kwoknodeclasses", KWOK)):
                 try:
@@ -101,6 +115,11 @@ class NodePools:
                         raise
         for name in self.names:
             wait_until(lambda name=name: not self.node_claims(name), 120, f"{name}'s nodes gone")
+        if unregistered:
+            time.sleep(max(self.delays.values(), default=0) + 5)
+        for name in self.names:
+            for node in self.nodes(name):
+                self.core.delete_node(node.metadata.name)
 
 
 def ready_since(node: client.V1Node) -> float | None:

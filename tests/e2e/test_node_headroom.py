@@ -221,7 +221,11 @@ def test_headroom_has_nodes_ready_before_the_prewarm_and_without_it_the_start_is
     # After the event: no placeholder is left, and Karpenter removes the empty nodes.
     assert placeholders(rooms) == []
     for pool in (pool_on, pool_off):
-        wait_until(lambda pool=pool: not pools.node_claims(pool), 150, f"{pool}'s nodes removed")
+        wait_until(
+            lambda pool=pool: not pools.node_claims(pool) and not pools.nodes(pool),
+            150,
+            f"Karpenter to remove {pool}'s empty nodes",
+        )
     assert karpenter.alive(), karpenter.log_text()[-2000:]
     print(
         f"\nnode headroom e2e: {time.monotonic() - began:.0f}s; 'with' relays Ready "
