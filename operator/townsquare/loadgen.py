@@ -31,8 +31,7 @@ from typing import IO, Any
 from urllib.parse import quote
 
 import aiohttp
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -274,15 +273,45 @@ class Audience:
         return states
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The figures /metrics shows, taken by the audience's loop after every step, so that
+    the scrape (served from its own thread) never waits behind the audience's requests."""
+
+    namespace: str
+    room: str
+    counts: dict[str, int]
+    wanted: int
+    states: dict[str, int]
+    on_two_relays: int
+    moves: int
+    refused: int
+
+    @classmethod
+    def of(cls, audience: Audience) -> Snapshot:
+        return cls(
+            audience.namespace,
+            audience.room,
+            audience.relays.counts(),
+            audience.wanted,
+            audience.summary(),
+            audience.relays.on_two_relays(),
+            audience.moves,
+            audience.relays.refused,
+        )
+
+
 class LoadCollector(Collector):
     """The metric contract for every relay pod, and the audience's own figures."""
 
-    def __init__(self, audience: Audience, capacity: int | None) -> None:
-        self.audience = audience
+    def __init__(self, latest: list[Snapshot], capacity: int | None) -> None:
+        self.latest = latest
         self.capacity = capacity
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        audience = self.audience
+        if not self.latest:
+            return
+        audience = self.latest[-1]
         room = [audience.namespace, audience.room]
         labels = ["namespace", "room", "pod"]
         listeners = GaugeMetricFamily(
@@ -291,7 +320,7 @@ class LoadCollector(Collector):
         capacity = GaugeMetricFamily(
             "audioroom_relay_capacity_listeners", "Declared relay capacity", labels=labels
         )
-        for pod, count in sorted(audience.relays.counts().items()):
+        for pod, count in sorted(audience.counts.items()):
             listeners.add_metric([*room, pod], count)
             if self.capacity is not None:
                 capacity.add_metric([*room, pod], self.capacity)
@@ -306,14 +335,14 @@ class LoadCollector(Collector):
             "The audience by state: idle, waiting (queued), connected",
             labels=["namespace", "room", "state"],
         )
-        for state, count in audience.summary().items():
+        for state, count in audience.states.items():
             states.add_metric([*room, state], count)
         twice = GaugeMetricFamily(
             "audioroom_loadgen_listeners_on_two_relays",
             "Listeners that two relays both count",
             labels=["namespace", "room"],
         )
-        twice.add_metric(room, audience.relays.on_two_relays())
+        twice.add_metric(room, audience.on_two_relays)
         moves = CounterMetricFamily(
             "audioroom_loadgen_moves",
             "Listeners that followed a moved shard",
@@ -325,7 +354,7 @@ class LoadCollector(Collector):
             "Connections the relays refused for a bad admit ticket",
             labels=["namespace", "room"],
         )
-        refused.add_metric(room, audience.relays.refused)
+        refused.add_metric(room, audience.refused)
         yield from (listeners, capacity, wanted, states, twice, moves, refused)
 
 
@@ -337,6 +366,7 @@ async def play(
     ready_pods: Any,
     stop: asyncio.Event,
     concurrency: int = 64,
+    latest: list[Snapshot] | None = None,
 ) -> None:
     """Drive the audience along the trace until it ends (or `stop` is set)."""
     limit = asyncio.Semaphore(concurrency)
@@ -363,6 +393,8 @@ async def play(
                 task = asyncio.create_task(limited(listener))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+            if latest is not None:
+                latest[:] = [Snapshot.of(audience)]
             if trace_t > trace.times[-1] and audience.wanted == 0:
                 break
             with contextlib.suppress(TimeoutError):
@@ -408,20 +440,16 @@ def run(
                 check_every=check_every,
                 record=sink,
             )
+            latest: list[Snapshot] = []
             registry = CollectorRegistry()
-            registry.register(LoadCollector(audience, capacity))
-
-            async def metrics(_: web.Request) -> web.Response:
-                return web.Response(body=generate_latest(registry), content_type="text/plain")
-
-            app = web.Application()
-            app.router.add_get("/metrics", metrics)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            registry.register(LoadCollector(latest, capacity))
+            server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
             try:
-                await play(audience, trace, start, speed, ready_pods, asyncio.Event())
+                await play(
+                    audience, trace, start, speed, ready_pods, asyncio.Event(), latest=latest
+                )
             finally:
-                await runner.cleanup()
+                server.shutdown()
+                thread.join(timeout=5)
 
     uvloop.run(main())
