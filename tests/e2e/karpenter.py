@@ -44,6 +44,18 @@ class Karpenter:
                 stderr=subprocess.STDOUT,
             )
 
+    def wait_served(self, api: client.ApiClient, timeout: float = 180) -> None:
+        """Until the API server serves Karpenter's kinds: run.sh installs its CRDs before it
+        starts Karpenter, and on a cold machine that takes a while after `start`."""
+        extensions = client.ApiextensionsV1Api(api)
+
+        def served() -> bool:
+            assert self.alive(), f"Karpenter stopped early:\n{self.log_text()[-2000:]}"
+            names = ("nodepools.karpenter.sh", "kwoknodeclasses.karpenter.kwok.sh")
+            return all(_established(extensions, name) for name in names)
+
+        wait_until(served, timeout, "Karpenter's CRDs to be served")
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -58,6 +70,17 @@ class Karpenter:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _established(extensions: client.ApiextensionsV1Api, name: str) -> bool:
+    try:
+        crd = extensions.read_custom_resource_definition(name)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    conditions = crd.status.conditions or [] if crd.status else []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
 
 
 class NodePools:

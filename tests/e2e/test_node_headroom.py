@@ -38,9 +38,12 @@ PLANNED = 3
 
 
 @pytest.fixture(scope="module")
-def karpenter(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Karpenter]:
+def karpenter(
+    kubeconfig: Path, api_client: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Karpenter]:
     process = Karpenter(kubeconfig, tmp_path_factory.mktemp("karpenter") / "karpenter.log")
     process.start()
+    process.wait_served(api_client)
     yield process
     process.stop()
 
