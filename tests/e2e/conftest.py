@@ -84,20 +84,26 @@ def crds(api_client: client.ApiClient) -> list[str]:
 def _install_crd(api: client.ApiextensionsV1Api, body: dict[str, Any]) -> str | None:
     """Creates or replaces a CRD; returns the API server's message if it refuses it."""
     name = body["metadata"]["name"]
-    try:
+    # Test workers side by side install the same CRD at once: a replace that loses the race
+    # to another worker's (409 on a stale resourceVersion) reads the CRD again and retries.
+    for _ in range(5):
         try:
-            api.create_custom_resource_definition(body)
+            try:
+                api.create_custom_resource_definition(body)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                current = api.read_custom_resource_definition(name)
+                body["metadata"]["resourceVersion"] = current.metadata.resource_version
+                api.replace_custom_resource_definition(name, body)
         except ApiException as error:
-            if error.status != 409:
+            if error.status == 409:
+                continue
+            if error.status != 422:
                 raise
-            current = api.read_custom_resource_definition(name)
-            body["metadata"]["resourceVersion"] = current.metadata.resource_version
-            api.replace_custom_resource_definition(name, body)
-    except ApiException as error:
-        if error.status != 422:
-            raise
-        return str(json.loads(error.body)["message"])
-    return None
+            return str(json.loads(error.body)["message"])
+        return None
+    raise AssertionError(f"CRD {name}: five conflicting writes in a row while installing it")
 
 
 def _is_established(crd: client.V1CustomResourceDefinition) -> bool:
