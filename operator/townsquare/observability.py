@@ -99,11 +99,44 @@ QUERY_ERRORS = Counter(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _RoomView:
-    status: AudioRoomStatus
-    start: datetime
-    admission: Admission
+    """The figures one room's series show, as plain numbers: thousands of rooms are kept,
+    and a whole status model per room would cost several times as much memory."""
+
+    phase: Phase | None
+    start: float
+    prewarm: float | None
+    planned: int | None
+    relays: tuple[int, int, int] | None
+    """desired, ready, draining"""
+    listeners: tuple[int, int, int, int] | None
+    """current, forecast, capacity, waiting"""
+    conditions: tuple[tuple[str, float], ...]
+    """(type, 1.0 if True else 0.0) of conditions that are not Unknown"""
+    queueing: bool
+
+    @classmethod
+    def of(cls, status: AudioRoomStatus, start: datetime, admission: Admission) -> _RoomView:
+        relays, listeners = status.relays, status.listeners
+        return cls(
+            phase=status.phase,
+            start=start.timestamp(),
+            prewarm=status.plan.prewarm_at.timestamp() if status.plan else None,
+            planned=status.plan.relays if status.plan else None,
+            relays=(relays.desired, relays.ready, relays.draining) if relays else None,
+            listeners=(
+                (listeners.current, listeners.forecast, listeners.capacity, listeners.waiting)
+                if listeners
+                else None
+            ),
+            conditions=tuple(
+                (c.type, float(c.status == "True"))
+                for c in status.conditions
+                if c.status != "Unknown"
+            ),
+            queueing=admission == "queueing",
+        )
 
 
 class _Rooms(Collector):
@@ -180,25 +213,24 @@ class _Rooms(Collector):
         counts = dict.fromkeys(PHASES, 0)
         for (namespace, name), view in sorted((rooms or {}).items()):
             labels = [namespace, name]
-            status = view.status
-            start.add_metric(labels, view.start.timestamp())
-            if status.phase:
-                counts[status.phase] += 1
-                phase.add_metric([*labels, status.phase], 1)
-            if status.plan:
-                prewarm.add_metric(labels, status.plan.prewarm_at.timestamp())
-                relays.add_metric([*labels, "planned"], status.plan.relays)
-            if status.relays:
-                for state in ("desired", "ready", "draining"):
-                    relays.add_metric([*labels, state], getattr(status.relays, state))
-            if status.listeners:
-                for kind in ("current", "forecast", "capacity", "waiting"):
-                    listeners.add_metric([*labels, kind], getattr(status.listeners, kind))
-            for cond in status.conditions:
-                if cond.status != "Unknown":
-                    condition.add_metric([*labels, cond.type], float(cond.status == "True"))
-            queueing.add_metric(labels, float(view.admission == "queueing"))
-            waiting.add_metric(labels, status.listeners.waiting if status.listeners else 0)
+            start.add_metric(labels, view.start)
+            if view.phase:
+                counts[view.phase] += 1
+                phase.add_metric([*labels, view.phase], 1)
+            if view.prewarm is not None and view.planned is not None:
+                prewarm.add_metric(labels, view.prewarm)
+                relays.add_metric([*labels, "planned"], view.planned)
+            if view.relays:
+                for state, value in zip(("desired", "ready", "draining"), view.relays, strict=True):
+                    relays.add_metric([*labels, state], value)
+            if view.listeners:
+                kinds = ("current", "forecast", "capacity", "waiting")
+                for kind, value in zip(kinds, view.listeners, strict=True):
+                    listeners.add_metric([*labels, kind], value)
+            for kind, truth in view.conditions:
+                condition.add_metric([*labels, kind], truth)
+            queueing.add_metric(labels, float(view.queueing))
+            waiting.add_metric(labels, view.listeners[3] if view.listeners else 0)
         if rooms is not None:
             for name, count in counts.items():
                 by_phase.add_metric([name], count)
@@ -233,7 +265,7 @@ def observe_room(
     if admission is None:
         waiting = status.listeners.waiting if status.listeners else 0
         admission = "queueing" if waiting > 0 else "open"
-    _ROOMS.put((namespace, name), _RoomView(status=status, start=start, admission=admission))
+    _ROOMS.put((namespace, name), _RoomView.of(status, start, admission))
 
 
 def forget_room(namespace: str, name: str) -> None:

@@ -97,7 +97,7 @@ class Operator:
 
     def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str) -> None:
         self.port = free_loopback_port()
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "MALLOC_ARENA_MAX": "2"}  # the chart's
         command = [
             sys.executable, "-m", "townsquare", "run", "--namespace", namespace,
             "--metrics-port", str(self.port), "--log-format", "json", *extra,

@@ -163,11 +163,9 @@ class Cluster:
             force=True,
             _content_type=APPLY,
             _request_timeout=self.timeout,
+            _preload_content=False,  # a dict, not client models: thousands of rooms apply
         )
-        stored_meta = stored.metadata
-        return child_version(
-            {"generation": stored_meta.generation, "resourceVersion": stored_meta.resource_version}
-        )
+        return child_version(json.loads(stored.data)["metadata"])
 
     def read_room(self, namespace: str, name: str) -> dict[str, Any]:
         """The room as stored now (not a cached view), so decisions see our own writes."""
@@ -284,14 +282,17 @@ class Cluster:
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the room's status (merge patch on the status subresource)."""
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            {"status": status},
-            _request_timeout=self.timeout,
+        _drained(
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                _request_timeout=self.timeout,
+                _preload_content=False,  # read as bytes and dropped: no client models to build
+            )
         )
 
     def post_event(
@@ -326,7 +327,16 @@ class Cluster:
             reporting_component=f"{GROUP}/operator",
             reporting_instance=self.identity[:128],
         )
-        self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=self.timeout)
+        _drained(
+            self.core.create_namespaced_event(
+                meta["namespace"], body, _request_timeout=self.timeout, _preload_content=False
+            )
+        )
+
+
+def _drained(response: Any) -> None:
+    """Read an answer we do not need to its end, so its connection goes back to the pool."""
+    response.data  # noqa: B018
 
 
 def child_version(meta: Mapping[str, Any]) -> tuple[str, int]:
