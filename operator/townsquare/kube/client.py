@@ -44,6 +44,9 @@ def load_config(pool_size: int = POOL_SIZE) -> client.ApiClient:
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
+    # One retry of an idempotent call at most: with the read timeout that bounds a call
+    # at about 2 x 15 s, well inside the liveness limit on a stuck reconcile.
+    configuration.retries = 1
     return client.ApiClient(configuration)
 
 
