@@ -239,6 +239,10 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.networking.request_timeout = 30
     options: Settings = getattr(memo, "settings", None) or Settings()
     settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
+    if options.partition.count > 1:
+        # Each partition's own finalizer: with one shared name, a partition that does not
+        # serve a room removes the finalizer its owner keeps adding, for ever.
+        settings.persistence.finalizer = f"{GROUP}/partition-{options.partition.index}"
     identity = f"{socket.gethostname()}-{os.getpid()}"
     runtime = Runtime(
         cluster=Cluster(load_config(), identity=identity),
