@@ -175,6 +175,7 @@ def scaling_operator(
         "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
     )  # fmt: skip
     process.start()
+    process.wait_started()
     yield process
     process.stop()
 
@@ -186,5 +187,6 @@ def operator(
     """`townsquare run` for this test's namespace, without Prometheus."""
     process = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log")
     process.start()
+    process.wait_started()
     yield process
     process.stop()

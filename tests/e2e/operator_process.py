@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import REPO
+from harness import REPO, wait_until
 
 
 class OperatorProcess:
@@ -37,6 +37,15 @@ class OperatorProcess:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_started(self, timeout: float = 120) -> None:
+        """Until kopf has logged in: on a busy machine the interpreter alone can take half a
+        minute to start, and a test that schedules a room seconds ahead must not lose them."""
+        wait_until(lambda: self._started(), timeout, f"the operator to start (log: {self.log})")
+
+    def _started(self) -> bool:
+        assert self.alive(), f"the operator exited:\n{self.log_text()[-2000:]}"
+        return "Initial authentication has finished" in self.log_text()
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as when a node dies under the operator."""
