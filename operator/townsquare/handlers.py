@@ -60,10 +60,12 @@ from townsquare.partitions import Partition
 from townsquare.policy import TenantPolicy, violations
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
-from townsquare.telemetry import room_logger
+from townsquare.telemetry import release_free_heap, room_logger
 
 ANNOTATION_PREFIX = GROUP
 RETRY_SECONDS = 5.0
+TRIM_SECONDS = 60.0
+"""How often freed heap goes back to the system (see telemetry.release_free_heap)."""
 Key = tuple[str, str]
 REGISTRY = kopf.OperatorRegistry()
 """The operator's handlers, kept apart from kopf's default registry."""
@@ -321,9 +323,13 @@ class ListenerPoller:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
+        trimmed = time.monotonic()
         while True:
             self.runtime.poller_tick = time.monotonic()
             self.tick()
+            if self.runtime.poller_tick - trimmed >= TRIM_SECONDS:
+                trimmed = self.runtime.poller_tick
+                release_free_heap()
             await asyncio.sleep(self.runtime.settings.metrics_interval.total_seconds())
 
     def tick(self) -> None:
