@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edges import EdgeFleet
 from harness import Prometheus, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -44,7 +45,11 @@ class PodWatch(Sampler):
 
     def sample(self) -> None:
         counted = listeners_by_pod(self.load)
-        pods = alive(self.rooms.core.list_namespaced_pod(self.rooms.namespace).items)
+        pods = alive(
+            self.rooms.core.list_namespaced_pod(
+                self.rooms.namespace, label_selector="app.kubernetes.io/component=relay"
+            ).items
+        )
         self.samples.append((time.time(), {p.metadata.name: p.metadata.uid for p in pods}, counted))
 
     def removals(self) -> list[tuple[float, str, dict[str, float]]]:
@@ -101,7 +106,8 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     trace = write_trace(
         tmp_path / "leaving.csv", [(-20, 0), (0, 300), (45, 300), (55, 0), (300, 0)]
     )
-    load = LoadGenerator(kubeconfig, namespace, "leaving", trace)
+    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, namespace, "leaving", trace, edges)
     prometheus.add_target(load.address)
     watch = PodWatch(rooms, load)
     try:
@@ -123,6 +129,7 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     finally:
         watch.stop()
         load.stop()
+        edges.stop()
 
     removals = watch.removals()
     assert removals, "relays were removed"
@@ -150,7 +157,8 @@ def test_a_min_relays_zero_room_grows_from_zero_when_joins_wait(
     wait_until(lambda: rooms.phase("empty") == "Live", 90, "the room to go live")
     assert rooms.relays("empty") == (0, 0), "no audience declared, no relay"
     trace = write_trace(tmp_path / "joins.csv", [(-20, 0), (0, 250), (600, 250)])
-    load = LoadGenerator(kubeconfig, namespace, "empty", trace)
+    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, namespace, "empty", trace, edges)
     prometheus.add_target(load.address)
     try:
         wait_until(lambda: rooms.relays("empty")[0] >= 4, 60, "relays for the waiting joins")
@@ -159,5 +167,6 @@ def test_a_min_relays_zero_room_grows_from_zero_when_joins_wait(
         )
     finally:
         load.stop()
+        edges.stop()
     scaled = [e for e in rooms.events("empty") if e.reason == "ScaledUp"]
     assert scaled and "waiting" in scaled[0].message

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
+from edges import EdgeFleet
 from harness import Prometheus, wait_until
 from kubernetes import client
 from operator_process import OperatorProcess
@@ -24,6 +27,7 @@ from sampling import Sampler, alive, is_ready, listeners_by_pod, load_figures
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RELAYS, CAPACITY, LISTENERS, MAX_SURGE = 6, 100, 300, 2
+RELAYS_ONLY = "app.kubernetes.io/component=relay"
 
 
 def steady_room(name: str) -> dict[str, Any]:
@@ -31,6 +35,7 @@ def steady_room(name: str) -> dict[str, Any]:
     manifest = scaling_room(name, start_in=5, duration="10m", audience=420)
     manifest["spec"]["scaling"]["planHold"] = "10m"  # the plan's 6 relays stay
     manifest["spec"]["rollout"] = {"maxSurge": MAX_SURGE}
+    manifest["spec"]["scaling"]["drainTimeout"] = "90s"  # listeners move through the edge
     return manifest
 
 
@@ -56,7 +61,11 @@ class Watch(Sampler):
 
     def sample(self) -> None:
         listeners, wanted = load_figures(self.load)
-        pods = alive(self.rooms.core.list_namespaced_pod(self.rooms.namespace).items)
+        pods = [
+            p
+            for p in alive(self.rooms.core.list_namespaced_pod(self.rooms.namespace).items)
+            if p.metadata.name.startswith(f"{self.name}-relay-")
+        ]
         data = self.rooms.core.read_namespaced_config_map(
             f"{self.name}-shards", self.rooms.namespace
         ).data
@@ -76,24 +85,26 @@ class Watch(Sampler):
         )  # fmt: skip
 
 
-def start_steady(
+@contextmanager
+def steady(
     rooms: Rooms, name: str, kubeconfig: Path, prometheus: Prometheus, tmp_path: Path
-) -> LoadGenerator:
-    """The room with its listeners, once its 6 relays are Ready."""
+) -> Iterator[LoadGenerator]:
+    """The room with its listeners (joining through an edge), once its 6 relays are Ready."""
     rooms.create(steady_room(name))
     trace = write_trace(tmp_path / "steady.csv", [(-20, 0), (0, LISTENERS), (900, LISTENERS)])
-    load = LoadGenerator(kubeconfig, rooms.namespace, name, trace)
+    edges = EdgeFleet(kubeconfig, rooms.namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, rooms.namespace, name, trace, edges)
     prometheus.add_target(load.address)
     try:
         wait_until(lambda: rooms.relays(name) == (RELAYS, RELAYS), 60, "6 relays Ready")
-    except BaseException:
+        yield load
+    finally:
         load.stop()
-        raise
-    return load
+        edges.stop()
 
 
 def all_on(rooms: Rooms, image: str) -> bool:
-    pods = alive(rooms.core.list_namespaced_pod(rooms.namespace).items)
+    pods = alive(rooms.core.list_namespaced_pod(rooms.namespace, label_selector=RELAYS_ONLY).items)
     return sum(1 for p in pods if p.spec.containers[0].image == image and is_ready(p)) == RELAYS
 
 
@@ -106,8 +117,7 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
     tmp_path: Path,
 ) -> None:
     rooms = Rooms(api_client, namespace)
-    load = start_steady(rooms, "rolling", kubeconfig, prometheus, tmp_path)
-    try:
+    with steady(rooms, "rolling", kubeconfig, prometheus, tmp_path) as load:
         wait_until(
             lambda: sum(listeners_by_pod(load).values()) == LISTENERS, 60, "listeners connected"
         )
@@ -122,8 +132,6 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
         seconds = time.time() - began
         time.sleep(1)
         watch.stop()
-    finally:
-        load.stop()
 
     samples = watch.samples
     old = {uid for name, (uid, image, _) in samples[0].pods.items() if image.endswith(":test")}
@@ -165,13 +173,12 @@ def test_doubling_listeners_per_relay_mid_event_reaches_the_map_and_status(
     tmp_path: Path,
 ) -> None:
     rooms = Rooms(api_client, namespace)
-    load = start_steady(rooms, "bigger", kubeconfig, prometheus, tmp_path)
 
     def published_capacity() -> int:
         data = rooms.core.read_namespaced_config_map("bigger-shards", namespace).data
         return int(json.loads(data["shardmap.json"])["capacity"])
 
-    try:
+    with steady(rooms, "bigger", kubeconfig, prometheus, tmp_path):
         assert published_capacity() == CAPACITY
         rooms.patch_spec("bigger", {"relay": {"listenersPerRelay": 2 * CAPACITY}})
         wait_until(lambda: published_capacity() == 2 * CAPACITY, 20, "the map's new capacity")
@@ -190,9 +197,8 @@ def test_doubling_listeners_per_relay_mid_event_reaches_the_map_and_status(
             lambda: all(
                 {e.name: e.value for e in p.spec.containers[0].env}["TOWNSQUARE_CAPACITY"] == "200"
                 for p in rooms.core.list_namespaced_pod(namespace).items
+                if p.metadata.name.startswith("bigger-relay-")
             ),
             180,
             "relays restarted with the new capacity",
         )
-    finally:
-        load.stop()
