@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from edges import EdgeFleet
 from faults import ApiServer, FilteringPrometheus, SlowProxy, cluster_of_its_own
 from harness import REPO, Prometheus, wait_until
 from kubernetes import client, config
@@ -45,11 +46,12 @@ def _draining(rooms: Rooms, name: str) -> set[int]:
 
 def _steady_room(
     rooms: Rooms, kubeconfig: Path, prometheus: Prometheus, tmp_path: Path, name: str
-) -> LoadGenerator:
+) -> tuple[LoadGenerator, EdgeFleet]:
     """A live room carrying STEADY listeners on 5 relays, with MetricsAvailable True."""
     trace = write_trace(tmp_path / f"{name}.csv", [(-30, 0), (0, STEADY), (600, STEADY)])
     rooms.create(scaling_room(name, start_in=5, duration="10m", audience=STEADY))
-    load = LoadGenerator(kubeconfig, rooms.namespace, name, trace)
+    edges = EdgeFleet(kubeconfig, rooms.namespace, prometheus, tmp_path, replicas=1)
+    load = LoadGenerator(kubeconfig, rooms.namespace, name, trace, edges)
     prometheus.add_target(load.address)
     wait_until(
         lambda: _condition(rooms, name, "MetricsAvailable").get("status") == "True",
@@ -57,7 +59,7 @@ def _steady_room(
         "listeners observed",
     )
     wait_until(lambda: rooms.relays(name) == (5, 5), 60, f"5 relays for {STEADY} listeners")
-    return load
+    return load, edges
 
 
 def _holds(rooms: Rooms, name: str, seconds: float) -> None:
@@ -91,7 +93,7 @@ def test_prometheus_missing_some_relays_holds_the_room(
         "--prometheus-url", filtering_prometheus.url, *FAST_METRICS,
     )  # fmt: skip
     operator.start()
-    load = _steady_room(rooms, kubeconfig, filtering_prometheus, tmp_path, "partial")
+    load, edges = _steady_room(rooms, kubeconfig, filtering_prometheus, tmp_path, "partial")
     try:
         filtering_prometheus.drop_pods("partial-relay-[34]")
         wait_until(
@@ -120,6 +122,7 @@ def test_prometheus_missing_some_relays_holds_the_room(
         )
     finally:
         load.stop()
+        edges.stop()
         operator.stop()
     assert rooms.relays("partial")[0] == 5
     warnings = [e for e in rooms.events("partial") if e.reason == "MetricsUnavailable"]
@@ -141,7 +144,7 @@ def test_prometheus_slower_than_the_timeout_holds_the_room(
         "--prometheus-url", proxy.url, "--metrics-timeout", "1", *FAST_METRICS,
     )  # fmt: skip
     operator.start()
-    load = _steady_room(rooms, kubeconfig, prometheus, tmp_path, "slow")
+    load, edges = _steady_room(rooms, kubeconfig, prometheus, tmp_path, "slow")
     try:
         proxy.delay = 3.0
         unavailable = wait_until(
@@ -159,6 +162,7 @@ def test_prometheus_slower_than_the_timeout_holds_the_room(
         )
     finally:
         load.stop()
+        edges.stop()
         operator.stop()
         proxy.close()
     assert rooms.relays("slow")[0] == 5
