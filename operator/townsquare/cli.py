@@ -221,6 +221,8 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     namespace, _, name = args.room.rpartition("/")
     if not namespace or not name:
         raise UsageError(f"--room: expected NAMESPACE/NAME (got {args.room!r})")
+    if args.real_listeners < 0:
+        raise UsageError(f"--real-listeners: must be 0 or more (got {args.real_listeners})")
     for edge in args.edge:
         if not edge.startswith(("http://", "https://")):
             raise UsageError(f"--edge: expected an http(s) URL (got {edge!r})")
@@ -254,6 +256,7 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
         key=key,
         record=Path(args.record) if args.record else None,
         check_every=args.check_every,
+        real_listeners=args.real_listeners,
     )
     return 0
 
@@ -647,6 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--trace", required=True, help="CSV t_seconds,listeners")
     load.add_argument("--port", type=int, default=9464, help="port of /metrics on 127.0.0.1")
     load.add_argument("--speed", type=float, default=1.0, help="trace seconds per second")
+    load.add_argument(
+        "--real-listeners",
+        type=int,
+        default=100,
+        help="listeners held as real relay connections when the room's relays are real "
+        "processes (default %(default)s); the rest of the audience is simulated",
+    )
     load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")
     load.set_defaults(handler=_cmd_loadgen)
 

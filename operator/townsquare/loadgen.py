@@ -13,6 +13,13 @@ listeners that connected to it with an admit ticket the edge signed for that pod
 with the shared key when one is given), so what Prometheus shows is what the edge admitted.
 Every admission and move is also written, one JSON line each, to `--record`, so a test can
 measure the order of admissions and the rate of moves without asking the edge.
+
+When the room's relays are real processes (the pod runner's: a loopback pod IP and an origin
+annotation), the first `--real-listeners` of the audience are real listeners instead
+(relay/listener.py): each joins through the edge, holds a TCP connection to its relay, follows
+moves and counts the frames it hears. Only the rest is simulated as above; the relays count
+the real ones themselves, so the metrics here count the simulated part only, and the two parts
+are reported apart (metrics, and a `summary` line in `--record` and on stdout at exit).
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import bisect
 import contextlib
 import json
 import random
+import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,10 +46,16 @@ from prometheus_client.registry import Collector
 from townsquare import tickets
 from townsquare.api.names import relay_set_name
 from townsquare.kube.client import Cluster, load_config
+from townsquare.relay.listener import EdgeJoiner, Joiner
+from townsquare.relay.listener import Listener as RelayListener
 from townsquare.sim.trace import Trace
 
 STEP_SECONDS = 0.2
 PODS_SECONDS = 1.0
+REAL_LISTENERS = 100
+"""Real connections one load generator holds by default: each hears 50 frames a second in
+Python, so a hundred keep about a tenth of a core of this 2-core machine busy."""
+ORIGIN_ANNOTATION = "townsquare.dev/origin"
 
 
 def demand_at(trace: Trace, t: float) -> int:
@@ -113,6 +127,83 @@ class Relays:
         return counts
 
 
+def runs_real_relays(pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether relay pods (API objects) are real processes: the pod runner starts one for a
+    running pod with a loopback IP and an origin to pull from."""
+    for pod in pods:
+        ip = (pod.get("status") or {}).get("podIP") or ""
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        if ip.startswith("127.") and annotations.get(ORIGIN_ANNOTATION):
+            return True
+    return False
+
+
+class RealListeners:
+    """Listeners holding real connections to real relays, up to `cap`; what each heard."""
+
+    def __init__(self, joiner: Joiner, cap: int) -> None:
+        self.joiner, self.cap = joiner, cap
+        self.enabled = False
+        """Set once the room's relays are seen to be real processes."""
+        self.held: dict[str, tuple[RelayListener, asyncio.Event, asyncio.Task[None]]] = {}
+        self.left: list[RelayListener] = []
+
+    def can_take(self) -> bool:
+        return self.enabled and len(self.held) < self.cap
+
+    def start(self, name: str) -> None:
+        listener, stop = RelayListener(name, self.joiner), asyncio.Event()
+        self.held[name] = (listener, stop, asyncio.create_task(listener.run(stop)))
+
+    def leave(self, name: str) -> None:
+        listener, stop, _ = self.held.pop(name)
+        stop.set()
+        self.left.append(listener)
+
+    def connected(self, name: str) -> bool:
+        return self.held[name][0].connected.is_set()
+
+    async def close(self) -> None:
+        tasks = [task for _, _, task in self.held.values()]
+        for name in list(self.held):
+            self.leave(name)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    def figures(self, each: bool = False) -> dict[str, Any]:
+        """What the real listeners heard, measured at the receiving end."""
+        everyone = [listener for listener, _, _ in self.held.values()] + self.left
+        gaps: dict[str, dict[str, float]] = {}
+        for listener in everyone:
+            for stretch in listener.stats.interruptions:
+                cause = gaps.setdefault(stretch.cause, {"count": 0, "longest_s": 0.0, "lost": 0})
+                cause["count"] += 1
+                cause["longest_s"] = round(max(cause["longest_s"], stretch.seconds), 3)
+                cause["lost"] += stretch.lost
+        figures: dict[str, Any] = {
+            "listeners": len(everyone),
+            "connected": sum(1 for lst, _, _ in self.held.values() if lst.connected.is_set()),
+            "frames": sum(lst.stats.frames for lst in everyone),
+            "frames_lost": sum(lst.stats.lost for lst in everyone),
+            "listeners_that_lost_frames": sum(1 for lst in everyone if lst.stats.lost),
+            "longest_gap_s": round(max((lst.stats.longest_gap for lst in everyone), default=0), 3),
+            "disconnects": sum(lst.stats.disconnects for lst in everyone),
+            "relocations": sum(lst.stats.relocations for lst in everyone),
+            "gaps_by_cause": gaps,
+        }
+        if each:
+            figures["each"] = {
+                lst.name: {
+                    "frames": lst.stats.frames,
+                    "lost": lst.stats.lost,
+                    "longest_gap_s": round(lst.stats.longest_gap, 3),
+                    "relays": lst.stats.relays,
+                }
+                for lst in everyone
+            }
+        return figures
+
+
 @dataclass
 class Listener:
     index: int
@@ -124,6 +215,8 @@ class Listener:
     busy: bool = False
     first_attempt: float | None = None
     queued: bool = False
+    real: bool = False
+    """Held by a real listener (RealListeners) rather than simulated here."""
 
     @property
     def id(self) -> str:
@@ -145,17 +238,24 @@ class Audience:
     moves: int = 0
     joins: dict[str, int] = field(default_factory=dict)
     down_until: dict[int, float] = field(default_factory=dict)
+    real: RealListeners | None = None
 
     def step(self, wanted: int, now: float) -> list[Listener]:
         """Grow or shrink the audience to `wanted`; the listeners due for a request."""
         self.wanted = wanted
         while len(self.listeners) < wanted:
-            self.listeners.append(Listener(len(self.listeners), due=now))
+            listener = Listener(len(self.listeners), due=now)
+            if self.real is not None and self.real.can_take():
+                listener.real = True
+                self.real.start(listener.id)
+            self.listeners.append(listener)
         while len(self.listeners) > wanted and not self.listeners[-1].busy:
             gone = self.listeners.pop()
-            if gone.state == "connected" and gone.pod:
+            if gone.real and self.real is not None:
+                self.real.leave(gone.id)
+            elif gone.state == "connected" and gone.pod:
                 self.relays.disconnect(gone.id, gone.pod)
-        return [lr for lr in self.listeners if not lr.busy and lr.due <= now]
+        return [lr for lr in self.listeners if not lr.real and not lr.busy and lr.due <= now]
 
     def relays_changed(self, ready: set[str], now: float) -> None:
         """Listeners of a relay that is gone lost their connection: they join again."""
@@ -267,10 +367,33 @@ class Audience:
             self.record.flush()
 
     def summary(self) -> dict[str, int]:
+        """The audience by state, real listeners included (connected once a relay welcomed
+        them)."""
         states: dict[str, int] = {"idle": 0, "waiting": 0, "connected": 0}
         for listener in self.listeners:
-            states[listener.state] += 1
+            if listener.real and self.real is not None:
+                states["connected" if self.real.connected(listener.id) else "idle"] += 1
+            else:
+                states[listener.state] += 1
         return states
+
+    def split(self) -> dict[str, int]:
+        """How much of the audience is real connections and how much is simulated."""
+        real = sum(1 for listener in self.listeners if listener.real)
+        return {"real": real, "simulated": len(self.listeners) - real}
+
+    def report(self) -> dict[str, Any]:
+        """The summary written at exit: the split, and what the real listeners heard."""
+        return {
+            "event": "summary",
+            "namespace": self.namespace,
+            "room": self.room,
+            "audience": self.split(),
+            "real_cap": self.real.cap if self.real is not None else 0,
+            "relays_real": bool(self.real and self.real.enabled),
+            "simulated_moves": self.moves,
+            "real": self.real.figures(each=True) if self.real is not None else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -286,6 +409,8 @@ class Snapshot:
     on_two_relays: int
     moves: int
     refused: int
+    split: dict[str, int] = field(default_factory=dict)
+    real: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, audience: Audience) -> Snapshot:
@@ -298,6 +423,8 @@ class Snapshot:
             audience.relays.on_two_relays(),
             audience.moves,
             audience.relays.refused,
+            audience.split(),
+            audience.real.figures() if audience.real is not None else {},
         )
 
 
@@ -355,7 +482,34 @@ class LoadCollector(Collector):
             labels=["namespace", "room"],
         )
         refused.add_metric(room, audience.refused)
-        yield from (listeners, capacity, wanted, states, twice, moves, refused)
+        split = GaugeMetricFamily(
+            "audioroom_loadgen_audience",
+            "The audience by kind: real connections to real relays, or simulated here",
+            labels=["namespace", "room", "kind"],
+        )
+        for kind, count in audience.split.items():
+            split.add_metric([*room, kind], count)
+        yield from (listeners, capacity, wanted, states, twice, moves, refused, split)
+        yield from self._real(audience, room)
+
+    def _real(self, audience: Snapshot, room: list[str]) -> Iterator[GaugeMetricFamily]:
+        """What the real listeners heard (measured by them), when there are any."""
+        names = {
+            "frames": "Frames the real listeners received",
+            "frames_lost": "Frame numbers the real listeners never received",
+            "listeners_that_lost_frames": "Real listeners that lost at least one frame",
+            "longest_gap_s": "The longest silence any real listener heard, in seconds",
+        }
+        for name, help_text in names.items():
+            if name in audience.real:
+                family = GaugeMetricFamily(
+                    f"audioroom_loadgen_real_{name.removesuffix('_s')}"
+                    + ("_seconds" if name.endswith("_s") else ""),
+                    help_text,
+                    labels=["namespace", "room"],
+                )
+                family.add_metric(room, float(audience.real[name]))
+                yield family
 
 
 async def play(
@@ -367,6 +521,7 @@ async def play(
     stop: asyncio.Event,
     concurrency: int = 64,
     latest: list[Snapshot] | None = None,
+    relays_real: Callable[[], bool] | None = None,
 ) -> None:
     """Drive the audience along the trace until it ends (or `stop` is set)."""
     limit = asyncio.Semaphore(concurrency)
@@ -387,6 +542,9 @@ async def play(
             if now >= pods_at:
                 with contextlib.suppress(Exception):
                     audience.relays_changed(await asyncio.to_thread(ready_pods), now)
+                if audience.real is not None and not audience.real.enabled and relays_real:
+                    with contextlib.suppress(Exception):
+                        audience.real.enabled = await asyncio.to_thread(relays_real)
                 pods_at = now + PODS_SECONDS
             for listener in audience.step(demand_at(trace, trace_t), now):
                 listener.busy = True
@@ -401,6 +559,8 @@ async def play(
                 await asyncio.wait_for(stop.wait(), STEP_SECONDS)
         for task in list(pending):
             task.cancel()
+        if audience.real is not None:
+            await audience.real.close()
 
 
 def run(
@@ -414,8 +574,10 @@ def run(
     key: bytes | None = None,
     record: Path | None = None,
     check_every: float = 5.0,
+    real_listeners: int = REAL_LISTENERS,
 ) -> None:
-    """Play `trace` for one room through the edge until it ends, serving /metrics."""
+    """Play `trace` for one room through the edge until it ends (or SIGTERM/SIGINT), serving
+    /metrics; the summary goes to stdout and `record` at the end."""
     import uvloop
 
     cluster = Cluster(load_config())
@@ -429,6 +591,12 @@ def run(
             if pod.ready
         }
 
+    def relays_real() -> bool:
+        response = cluster.core.list_namespaced_pod(
+            namespace, label_selector=f"townsquare.dev/room={room}", _preload_content=False
+        )
+        return runs_real_relays(json.loads(response.data).get("items", []))
+
     async def main() -> None:
         with contextlib.ExitStack() as stack:
             sink = stack.enter_context(record.open("a")) if record else None
@@ -440,15 +608,30 @@ def run(
                 check_every=check_every,
                 record=sink,
             )
+            joins = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            if real_listeners > 0:
+                joiner = EdgeJoiner(joins, audience.edges[0], namespace, room)
+                audience.real = RealListeners(joiner, real_listeners)
             latest: list[Snapshot] = []
             registry = CollectorRegistry()
             registry.register(LoadCollector(latest, capacity))
             server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
             try:
                 await play(
-                    audience, trace, start, speed, ready_pods, asyncio.Event(), latest=latest
-                )
+                    audience, trace, start, speed, ready_pods, stop, latest=latest,
+                    relays_real=relays_real,
+                )  # fmt: skip
+                report = json.dumps(audience.report())
+                print(report, flush=True)
+                if sink is not None:
+                    sink.write(report + "\n")
+                    sink.flush()
             finally:
+                await joins.close()
                 server.shutdown()
                 thread.join(timeout=5)
 

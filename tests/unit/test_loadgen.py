@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from townsquare import tickets
-from townsquare.loadgen import Audience, Relays, demand_at
+from townsquare.loadgen import Audience, RealListeners, Relays, demand_at, runs_real_relays
+from townsquare.relay.listener import Admission, NoRelayYetError
 from townsquare.sim.trace import parse_trace
 
 KEY = b"k" * 32
@@ -72,3 +76,45 @@ def test_listeners_keep_to_their_edge_replica_and_fail_over_when_it_is_down() ->
     audience.down_until[1] = 10.0
     assert audience.edge_for(listener, now=5.0) == (2, "http://c")
     assert audience.edge_for(listener, now=11.0) == (1, "http://b")
+
+
+class NeverAdmits:
+    """A joiner with no relay to offer: real listeners keep asking, nobody connects."""
+
+    async def join(self, listener: str) -> Admission:
+        raise NoRelayYetError("queued", 0.05)
+
+    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+        return None
+
+
+def test_real_relays_are_told_by_a_loopback_pod_ip_and_an_origin() -> None:
+    def pod(ip: str, origin: str | None) -> dict[str, Any]:
+        annotations = {"townsquare.dev/origin": origin} if origin else {}
+        return {"metadata": {"annotations": annotations}, "status": {"podIP": ip}}
+
+    assert runs_real_relays([pod("10.0.0.4", "127.0.0.1:7000"), pod("127.1.0.5", "o:1")])
+    assert not runs_real_relays([pod("127.1.0.5", None)]), "no origin: the runner starts none"
+    assert not runs_real_relays([pod("10.0.0.4", "127.0.0.1:7000")])
+    assert not runs_real_relays([])
+
+
+def test_the_first_listeners_up_to_the_cap_are_real_and_the_rest_simulated() -> None:
+    async def scenario() -> None:
+        real = RealListeners(NeverAdmits(), cap=3)
+        audience = Audience("ns", "r", ["http://127.0.0.1:1"], Relays("ns/r"), real=real)
+        assert len(audience.step(2, now=0.0)) == 2, "real relays not seen yet: all simulated"
+        real.enabled = True
+        due = audience.step(7, now=0.0)
+        assert {lst.index for lst in due} == {0, 1, 5, 6}, "only simulated ones act here"
+        assert audience.split() == {"real": 3, "simulated": 4}
+        assert audience.summary()["idle"] == 7
+        audience.step(4, now=0.0)
+        assert audience.split() == {"real": 2, "simulated": 2}, "the last to join left first"
+        report = audience.report()
+        assert report["audience"] == {"real": 2, "simulated": 2}
+        assert report["real"]["listeners"] == 3 and report["real"]["frames"] == 0
+        await real.close()
+        assert not real.held
+
+    asyncio.run(scenario())
