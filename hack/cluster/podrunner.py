@@ -234,16 +234,17 @@ class PodRunner:
         for key, want in wants.items():
             if key not in self.running:
                 self.start(key, want)
-        self.publish_endpoints(pods.items)
+        self.publish_endpoints(pods.items, wants)
 
-    def publish_endpoints(self, pods: list[Any]) -> None:
+    def publish_endpoints(self, pods: list[Any], wants: dict[str, Want]) -> None:
         """Each relay Service's endpoints, as an EndpointSlice the edge can read.
 
         The API server refuses loopback IPs in Endpoints and in IPv4/IPv6 EndpointSlices
         ("may not be in the loopback range"), so the EndpointSlice controller publishes
         nothing for our pods. An FQDN-type slice carries the same pod addresses, written as
         names: ready while the pod is Ready and its relay process runs, as a readiness
-        probe would say.
+        probe would say. A relay pod with no origin runs no process here (a load generator
+        plays its relay, as kwok pods run nothing): its readiness is the pod's alone.
         """
         by_room: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for pod in pods:
@@ -254,7 +255,7 @@ class PodRunner:
                 continue
             key = f"{meta.namespace}/{meta.name}"
             running = self.running.get(key)
-            alive = running is not None and running.process.poll() is None
+            alive = key not in wants or (running is not None and running.process.poll() is None)
             pod_ready = any(
                 c.type == "Ready" and c.status == "True" for c in status.conditions or []
             )

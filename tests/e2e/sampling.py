@@ -8,16 +8,8 @@ import threading
 import urllib.request
 from typing import Any
 
-import pytest
 from kubernetes import client
 from rooms import LoadGenerator
-
-NO_RELAY_PROCESSES = pytest.mark.skip(
-    reason="relays without a townsquare.dev/origin annotation get no process from the pod "
-    "runner, so the edge admits nobody (test_edge.py's room with no relays fails alike); "
-    "needs an origin and the ticket Secret, as test_relay_tree.py sets up"
-)
-"""For the scenarios whose listeners must be admitted by the edge."""
 
 SERIES = re.compile(r'^audioroom_relay_listeners\{[^}]*pod="([^"]+)"[^}]*\} ([0-9.e+]+)$')
 

@@ -28,7 +28,7 @@ from rooms import (
     scaling_room,
     write_trace,
 )
-from sampling import NO_RELAY_PROCESSES, Sampler, alive, listeners_by_pod
+from sampling import Sampler, alive, listeners_by_pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -89,7 +89,6 @@ def test_an_ended_room_re_armed_by_a_new_start_time_runs_again(
     assert "Live" in reasons[reasons.index("Replanned") :], "the re-armed room went live"
 
 
-@NO_RELAY_PROCESSES
 def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     api_client: client.ApiClient,
     namespace: str,
@@ -143,7 +142,6 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     assert draining and "the room was deleted" in draining[0].message
 
 
-@NO_RELAY_PROCESSES
 def test_a_min_relays_zero_room_grows_from_zero_when_joins_wait(
     api_client: client.ApiClient,
     namespace: str,

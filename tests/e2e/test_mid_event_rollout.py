@@ -22,7 +22,7 @@ from harness import Prometheus, wait_until
 from kubernetes import client
 from operator_process import OperatorProcess
 from rooms import LoadGenerator, Rooms, scaling_room, write_trace
-from sampling import NO_RELAY_PROCESSES, Sampler, alive, is_ready, listeners_by_pod, load_figures
+from sampling import Sampler, alive, is_ready, listeners_by_pod, load_figures
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -109,7 +109,6 @@ def all_on(rooms: Rooms, image: str) -> bool:
     return sum(1 for p in pods if p.spec.containers[0].image == image and is_ready(p)) == RELAYS
 
 
-@NO_RELAY_PROCESSES
 def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first(
     api_client: client.ApiClient,
     namespace: str,
