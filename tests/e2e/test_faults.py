@@ -93,7 +93,11 @@ def test_prometheus_missing_some_relays_holds_the_room(
         "--prometheus-url", filtering_prometheus.url, *FAST_METRICS,
     )  # fmt: skip
     operator.start()
-    load, edges = _steady_room(rooms, kubeconfig, filtering_prometheus, tmp_path, "partial")
+    try:
+        load, edges = _steady_room(rooms, kubeconfig, filtering_prometheus, tmp_path, "partial")
+    except BaseException:
+        operator.stop()  # no operator outlives a test that failed to set up
+        raise
     try:
         filtering_prometheus.drop_pods("partial-relay-[34]")
         wait_until(
@@ -144,7 +148,11 @@ def test_prometheus_slower_than_the_timeout_holds_the_room(
         "--prometheus-url", proxy.url, "--metrics-timeout", "1", *FAST_METRICS,
     )  # fmt: skip
     operator.start()
-    load, edges = _steady_room(rooms, kubeconfig, prometheus, tmp_path, "slow")
+    try:
+        load, edges = _steady_room(rooms, kubeconfig, prometheus, tmp_path, "slow")
+    except BaseException:
+        operator.stop()  # no operator outlives a test that failed to set up
+        raise
     try:
         proxy.delay = 3.0
         unavailable = wait_until(
