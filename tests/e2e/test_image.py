@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import test_helm_install
 import yaml
@@ -50,9 +51,7 @@ from test_room_lifecycle import (
     test_phases_in_order_with_relays_ready_before_the_start as phases_scenario,
 )
 
-from townsquare.relay.kubeapi import KubeReader, load_credentials
-from townsquare.relay.listener import Listener, ListenerStats, MapJoiner
-from townsquare.relay.topology import ConfigMapSource, PodResolver
+from townsquare.relay.listener import EdgeJoiner, Listener, ListenerStats
 
 pytestmark = [pytest.mark.e2e]
 
@@ -377,10 +376,9 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
     The verdicts come from the listener (frames heard) and from the relay's own /metrics
     (listeners it holds).
 
-    The listener's ticket is signed with the room's key from the published shard map (the
-    MapJoiner), not by the edge: on this cluster relay pods have loopback addresses, which
-    the API server refuses in EndpointSlices ("may not be in the loopback range"), so the
-    edge never sees a Ready relay here and queues every join (README: The image)."""
+    The listener joins through the edge, which signs its ticket; the relay checks it. The
+    relay pod has no townsquare.dev/origin annotation, so the cluster's pod runner runs no
+    relay of its own for it and publishes its endpoint as the pod's readiness says."""
     room = "joinable"
     operator = OperatorProcess(
         kubeconfig, namespace, tmp_path / "operator.log", "--prometheus-url", prometheus.url
@@ -456,9 +454,7 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
             path = edge_container[probe]["httpGet"]["path"]
             wait_until(lambda p=path: _status(f"{edge_url}{p}") == 200, 60, f"the edge's {path}")
 
-        key = secret_key.encode()
-        port = relay_run.ports["listeners"]
-        listening = _listen(kubeconfig, key, namespace, room, port, frames=50, timeout=60,
+        listening = _listen(edge_url, namespace, room, frames=50, timeout=90,
                             meanwhile=lambda: _get(relay_metrics))  # fmt: skip
         stats, relay_said = asyncio.run(listening)
         assert stats.frames >= 50, (stats, relay.log_text()[-2000:])
@@ -505,22 +501,17 @@ def _metric(text: str, series: str) -> float | None:
 
 
 async def _listen(
-    kubeconfig: Path,
-    key: bytes,
+    edge_url: str,
     namespace: str,
     room: str,
-    port: int,
     frames: int,
     timeout: float,
     meanwhile: Callable[[], str],
 ) -> tuple[ListenerStats, str]:
-    """One listener, admitted from the published shard map, until it heard `frames` frames;
+    """One listener, admitted by the edge from the image, until it heard `frames` frames;
     and what `meanwhile` returned while it was still connected."""
-    reader = KubeReader(load_credentials(str(kubeconfig)))
-    joiner = MapJoiner(
-        ConfigMapSource(reader, namespace, room), PodResolver(reader, namespace, room, port),
-        key, namespace, room,
-    )  # fmt: skip
+    session = aiohttp.ClientSession()
+    joiner = EdgeJoiner(session, edge_url, namespace, room)
     listener = Listener("first-listener", joiner)
     stop = asyncio.Event()
     task = asyncio.create_task(listener.run(stop))
@@ -530,5 +521,5 @@ async def _listen(
     seen = await asyncio.to_thread(meanwhile)
     stop.set()
     await asyncio.wait_for(task, 10)
-    await reader.close()
+    await session.close()
     return listener.stats, seen
