@@ -244,6 +244,13 @@ class Figures:
     events: int
     longest_wait_seconds: int = 0
     """Real seconds the oldest waiting join had waited, at worst (the edge's metric)."""
+    real_listeners: int = 0
+    """Most of the audience held as real relay connections at once (the load generator does
+    so only when the relays are real processes); the rest was simulated."""
+    real_listeners_that_lost_frames: int = 0
+    """Real listeners that missed a frame number, as they counted it."""
+    real_longest_gap_ms: int = 0
+    """The longest silence any real listener heard."""
 
     LABELS: ClassVar[dict[str, str]] = {
         "expected_audience": "declared audience",
@@ -259,6 +266,9 @@ class Figures:
         "peak_desired_relays": "peak desired relays",
         "prewarmed_seconds_before_start": "pre-warmed before the start (real seconds)",
         "events": "Events posted",
+        "real_listeners": "listeners held as real relay connections (the rest simulated)",
+        "real_listeners_that_lost_frames": "real listeners that lost frames",
+        "real_longest_gap_ms": "longest gap a real listener heard (ms)",
     }
 
     def rows(self) -> list[tuple[str, str, str]]:
@@ -300,7 +310,17 @@ class Report:
             f"{f.peak_connected:,} connected at peak on up to {f.peak_ready_relays} relays; "
             f"{prewarm}; most on one relay {f.max_listeners_on_a_relay:,} "
             f"({verdict} its {f.listeners_per_relay:,}); peak queue {f.peak_waiting:,}, "
-            f"longest wait {f.longest_wait_seconds}s"
+            f"longest wait {f.longest_wait_seconds}s; {self._heard()}"
+        )
+
+    def _heard(self) -> str:
+        f = self.figures
+        if not f.real_listeners:
+            return "every listener simulated (the relays are not real processes)"
+        return (
+            f"{f.real_listeners:,} listeners on real connections: "
+            f"{f.real_listeners_that_lost_frames:,} lost frames, "
+            f"longest gap {f.real_longest_gap_ms:,} ms"
         )
 
 
@@ -780,6 +800,11 @@ def _figures(
     longest = prometheus.value(
         f"max(max_over_time(audioroom_edge_oldest_wait_seconds{selector}[{window + 5:.0f}s]))"
     )
+
+    def most(metric: str, labels: str = "") -> float:
+        chosen = selector[:-1] + labels + "}"
+        return prometheus.value(f"max(max_over_time({metric}{chosen}[{window + 5:.0f}s]))") or 0
+
     spec = room.spec
     prewarmed = next((e.at for e in events if e.reason == "PreWarmed"), None)
     return Figures(
@@ -799,6 +824,11 @@ def _figures(
             None if prewarmed is None else round(spec.start_time.timestamp() - prewarmed)
         ),
         events=len(events),
+        real_listeners=round(most("audioroom_loadgen_audience", ',kind="real"')),
+        real_listeners_that_lost_frames=round(
+            most("audioroom_loadgen_real_listeners_that_lost_frames")
+        ),
+        real_longest_gap_ms=round(most("audioroom_loadgen_real_longest_gap_seconds") * 1000),
     )
 
 

@@ -96,3 +96,16 @@ def test_the_page_marks_when_nodes_were_requested_and_ready(tmp_path: Path) -> N
         "NodesReady": "nodes ready at T- 43s (-43 min event time)",
     }
     assert nodes.png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_summary_says_how_much_of_the_audience_was_real_and_what_it_heard(
+    tmp_path: Path,
+) -> None:
+    report = report_in(tmp_path)
+    assert "every listener simulated" in report.summary()
+    heard = dataclasses.replace(
+        report.figures, real_listeners=100, real_listeners_that_lost_frames=3,
+        real_longest_gap_ms=412,
+    )  # fmt: skip
+    summary = dataclasses.replace(report, figures=heard).summary()
+    assert "100 listeners on real connections: 3 lost frames, longest gap 412 ms" in summary
