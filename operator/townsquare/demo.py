@@ -56,6 +56,9 @@ SETTLE_SECONDS = 60.0
 SETTLE_EVENTS_SECONDS = 2.0
 Progress = Callable[[str], None]
 
+ORIGIN_ANNOTATION = "townsquare.dev/origin"
+TICKET_SECRET = "townsquare-tickets"
+"""The Secret the cluster's pod runner gives each relay its ticket key from."""
 NODE_POOL = "townsquare-demo"
 NODE_LABEL = "townsquare.dev/demo-pool"
 NODE_DELAY = "20s"
@@ -316,7 +319,7 @@ class Report:
     def _heard(self) -> str:
         f = self.figures
         if not f.real_listeners:
-            return "every listener simulated (the relays are not real processes)"
+            return "every listener simulated (no real relay connections held)"
         return (
             f"{f.real_listeners:,} listeners on real connections: "
             f"{f.real_listeners_that_lost_frames:,} lost frames, "
@@ -382,13 +385,19 @@ def run_demo(
         prometheus.start()
         operator = _start_operator(namespace, prometheus.url, out_dir, env)
         cleanup.callback(operator.stop)
-        # Every join goes through an edge replica; the relays (played by the load
-        # generator) check its tickets with the same key.
+        # Every join goes through an edge replica; the relays check its tickets with the
+        # same key (the cluster's pod runner reads it from the Secret).
         env["TOWNSQUARE_TICKET_KEY"] = secrets.token_hex(16)
         edge = _start_edge(namespace, prometheus.url, edge_port, out_dir, env)
         cleanup.callback(edge.stop)
         name = room.metadata.name
         start = room.spec.start_time
+        # The speakers' side: the pod runner starts a real relay for a pod only when it has
+        # an origin to pull from, and the edge admits only to relays that really run.
+        origin = _start_origin(api, namespace, name, kubeconfig, Path(tmp), out_dir, env)
+        cleanup.callback(origin.stop)
+        annotations = manifest["spec"]["relay"].setdefault("podAnnotations", {})
+        annotations[ORIGIN_ANNOTATION] = origin.address
         client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, manifest
         )
@@ -649,6 +658,48 @@ def _start_edge(
     return Child.start("edge", command, out_dir / "edge.log", env)
 
 
+@dataclass
+class Origin:
+    child: Child
+    address: str
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def _start_origin(
+    api: client.ApiClient,
+    namespace: str,
+    room: str,
+    kubeconfig: Path,
+    workdir: Path,
+    out_dir: Path,
+    env: dict[str, str],
+) -> Origin:
+    """`townsquare origin` for the room, and the ticket Secret the relays read their key from."""
+    key = env["TOWNSQUARE_TICKET_KEY"]
+    secret = client.V1Secret(
+        metadata=client.V1ObjectMeta(name=TICKET_SECRET),
+        data={"key": base64.b64encode(key.encode()).decode()},
+    )
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespaced_secret(namespace, secret)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        core.replace_namespaced_secret(TICKET_SECRET, namespace, secret)
+    key_file = workdir / "ticket.key"
+    key_file.write_text(key)
+    port = free_loopback_port()
+    command = _python_townsquare(
+        "origin", "--namespace", namespace, "--room", room, "--ticket-key-file", str(key_file),
+        "--port", str(port), "--metrics-port", "0", "--kubeconfig", str(kubeconfig.resolve()),
+        "--log-format", "json",
+    )  # fmt: skip
+    return Origin(Child.start("origin", command, out_dir / "origin.log", env), f"127.0.0.1:{port}")
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -672,6 +723,10 @@ def _start_loadgen(
         "loadgen", "--room", f"{namespace}/{room}", "--trace", str(trace), "--port", str(port),
         "--speed", f"{speed:g}", "--start", start.isoformat().replace("+00:00", "Z"),
         "--edge", edge_url, "--check-every", "20",
+        # Real listener connections wait until the demo's Prometheus scrapes the relays
+        # themselves: until then the relays' counts would be missing from what the operator
+        # and the edge read, so every listener is simulated (and the report says so).
+        "--real-listeners", "0",
     )  # fmt: skip
     return Child.start("load generator", command, out_dir / "loadgen.log", env)
 
