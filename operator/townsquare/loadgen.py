@@ -451,12 +451,10 @@ class LoadCollector(Collector):
             listeners.add_metric([*room, pod], count)
             if self.capacity is not None:
                 capacity.add_metric([*room, pod], self.capacity)
-        wanted = GaugeMetricFamily(
-            "audioroom_edge_wanted_listeners",
-            "Listeners who want to be connected (the trace's demand)",
-            labels=["namespace", "room"],
-        )
-        wanted.add_metric(room, audience.wanted)
+        wanted = _per_room(
+            GaugeMetricFamily, "audioroom_edge_wanted_listeners",
+            "Listeners who want to be connected (the trace's demand)", room, audience.wanted,
+        )  # fmt: skip
         states = GaugeMetricFamily(
             "audioroom_loadgen_listeners",
             "The audience by state: idle, waiting (queued), connected",
@@ -464,24 +462,18 @@ class LoadCollector(Collector):
         )
         for state, count in audience.states.items():
             states.add_metric([*room, state], count)
-        twice = GaugeMetricFamily(
-            "audioroom_loadgen_listeners_on_two_relays",
-            "Listeners that two relays both count",
-            labels=["namespace", "room"],
-        )
-        twice.add_metric(room, audience.on_two_relays)
-        moves = CounterMetricFamily(
-            "audioroom_loadgen_moves",
-            "Listeners that followed a moved shard",
-            labels=["namespace", "room"],
-        )
-        moves.add_metric(room, audience.moves)
-        refused = CounterMetricFamily(
-            "audioroom_loadgen_refused_tickets",
-            "Connections the relays refused for a bad admit ticket",
-            labels=["namespace", "room"],
-        )
-        refused.add_metric(room, audience.refused)
+        twice = _per_room(
+            GaugeMetricFamily, "audioroom_loadgen_listeners_on_two_relays",
+            "Listeners that two relays both count", room, audience.on_two_relays,
+        )  # fmt: skip
+        moves = _per_room(
+            CounterMetricFamily, "audioroom_loadgen_moves",
+            "Listeners that followed a moved shard", room, audience.moves,
+        )  # fmt: skip
+        refused = _per_room(
+            CounterMetricFamily, "audioroom_loadgen_refused_tickets",
+            "Connections the relays refused for a bad admit ticket", room, audience.refused,
+        )  # fmt: skip
         split = GaugeMetricFamily(
             "audioroom_loadgen_audience",
             "The audience by kind: real connections to real relays, or simulated here",
@@ -636,3 +628,16 @@ def run(
                 thread.join(timeout=5)
 
     uvloop.run(main())
+
+
+def _per_room(
+    family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    text: str,
+    room: list[str],
+    value: float,
+) -> GaugeMetricFamily | CounterMetricFamily:
+    """One series for the whole room, labelled by namespace and room."""
+    metric = family(name, text, labels=["namespace", "room"])
+    metric.add_metric(room, value)
+    return metric
