@@ -42,6 +42,7 @@ from townsquare.sim.baselines import (
     oracle_relays,
     reactive_metrics,
 )
+from townsquare.sim.edge import Edge, RelayLoads
 from townsquare.sim.trace import Trace
 
 POLICIES = ("townsquare", "reactive", "keda", "oracle")
@@ -316,7 +317,15 @@ class _Scrape:
     t: int
     connected: float
     waiting: float
-    by_relay: dict[int, float]
+    loads: RelayLoads
+    """Listeners per relay as the relays counted them (not glitched: `factor` does that)."""
+    factor: float
+
+    def of(self, ordinal: int) -> float:
+        return self.loads.of(ordinal) * self.factor
+
+    def by_relay(self) -> dict[int, float]:
+        return {o: load * self.factor for o, load in self.loads.all().items()}
 
 
 class _Townsquare:
@@ -344,8 +353,7 @@ class _Townsquare:
         self.map_counts: dict[int, int] = {}
         self.edge_map: ShardMap = self.map
         self.edge_counts: dict[int, int] = {}
-        self.edge_groups: Counter[int] = Counter()  # shard count -> Ready relays holding it
-        self.edge_unplaced = self.shards
+        self.edge = Edge(self.shards, self.capacity)
         self.scrape: _Scrape | None = None
         self.resharded_at_scrape = -1
         self.migrated = 0.0
@@ -368,48 +376,26 @@ class _Townsquare:
         return caught
 
     def regroup(self) -> None:
-        """Recount the Ready relays of the edge's map by shards held (on any change)."""
-        ready = self.fleet.is_ready
-        self.edge_groups = Counter(k for r, k in self.edge_counts.items() if k and ready(r))
-        self.edge_unplaced = self.shards - sum(k * n for k, n in self.edge_groups.items())
+        """The edge re-sorts the relays (a new map, a relay Ready, crashed or gone)."""
+        fleet = self.fleet
+        self.edge.regroup(self.edge_counts, self.edge_map.relays, fleet.size, fleet.is_ready)
 
     def serve(self, wanted: float) -> tuple[float, float, float]:
-        """(connected, waiting, overloaded) listeners when `wanted` want to listen now."""
-        per_shard = wanted / self.shards
-        cap = self.capacity
-        open_edge = self.edge_map.admission == "open"
-        connected = overloaded = 0.0
-        waiting = per_shard * self.edge_unplaced
-        for k, n in self.edge_groups.items():
-            load = per_shard * k
-            if load <= cap:
-                connected += n * load
-            elif open_edge:
-                connected += n * load
-                overloaded += n * load
-            else:
-                connected += n * cap
-                waiting += n * (load - cap)
-        return connected, waiting, overloaded
+        """One second: (connected, waiting, overloaded) when `wanted` want to listen."""
+        return self.edge.step(wanted, self.edge_map.admission == "queueing")
 
-    def relay_loads(self, wanted: float) -> dict[int, float]:
-        """What each relay reports: the listeners the edge sent it (capped when queueing)."""
-        per_shard = wanted / self.shards
-        most = math.inf if self.edge_map.admission == "open" else float(self.capacity)
-        return {
-            r: min(most, per_shard * k) if self.fleet.is_ready(r) else 0.0
-            for r, k in self.edge_counts.items()
-        }
+    def take_scrape(self, t: int, connected: float, waiting: float, scrapes: _Scrapes) -> None:
+        """Prometheus scrapes the relays and the edge; an outage leaves the room unread.
 
-    def take_scrape(self, t: int, wanted: float, scrapes: _Scrapes) -> None:
-        """Prometheus scrapes the relays and the edge; an outage leaves the room unread."""
-        connected, waiting, _ = self.serve(wanted)
+        The edge reads the relays' counts from the same Prometheus, glitches and all."""
         if scrapes.read(t, 1.0) is None:
             self.scrape = None
             return
         factor = scrapes.factor(t)
-        loads = {r: load * factor for r, load in self.relay_loads(wanted).items()}
-        self.scrape = _Scrape(t, connected * factor, waiting * factor, loads)
+        loads = self.edge.loads()
+        self.scrape = _Scrape(t, connected * factor, waiting * factor, loads, factor)
+        if self.edge.report(factor, self.fleet.is_ready):
+            self.regroup()
 
     # The operator: one reconcile.
 
@@ -444,9 +430,7 @@ class _Townsquare:
                 listeners=round(scrape.connected),
                 waiting=round(scrape.waiting),
                 sampled_at=self.at(scrape.t),
-                relay_listeners={
-                    o: round(scrape.by_relay.get(o, 0.0)) for o, _ in self.state.draining
-                },
+                relay_listeners={o: round(scrape.of(o)) for o, _ in self.state.draining},
             )
         startup = startup_estimate(self.spec.relay.startup_seconds, tuple(self.fleet.measured))
         decision = decide(
@@ -455,7 +439,7 @@ class _Townsquare:
         self.state = decision.state
         if scrape is not None:
             for ordinal in decision.drain_timed_out:
-                self.migrated += scrape.by_relay.get(ordinal, 0.0)  # forced reconnects
+                self.migrated += scrape.of(ordinal)  # forced reconnects
         self.fleet.resize(decision.replicas, t)
         key = (decision.relays, decision.draining, self.fleet.version)
         if key != self.sets_key or self.relay_sets is None:
@@ -502,7 +486,9 @@ class _Townsquare:
         scrape: _Scrape | None,
     ) -> None:
         """Rebalance from what the operator read, exactly as the lifecycle does."""
-        weights = None if scrape is None else shard_listeners_from_relays(self.map, scrape.by_relay)
+        weights = (
+            None if scrape is None else shard_listeners_from_relays(self.map, scrape.by_relay())
+        )
         demand = None if scrape is None else self.expected(scrape)
         # As the lifecycle does: the per-minute cap times the time since the last publication.
         since = t - self.published_at if self.published_at is not None else 60
@@ -536,9 +522,12 @@ def _run_townsquare(
     room.reshard(trace.start, frozenset(range(room.fleet.size)), frozenset(), None)
     room.edge_catches_up(trace.start + settings.edge_delay)  # the room was set up earlier
     room.regroup()
+    if room.edge.report(1.0, room.fleet.is_ready):  # and its relays have reported since
+        room.regroup()
     scrapes = _Scrapes(trace, settings.scrape_interval)
     failures = _failures(trace)
     moves = {math.floor(t): new_start for t, new_start in trace.start_moves}
+    window_opens = max(0, settings.scrape_interval - round(room.edge.admit_ttl))
     for i, t in enumerate(range(trace.start, trace.end + 1)):
         wanted = demand[i]
         event = False  # a change the operator is told of by a watch, not by its timer
@@ -551,8 +540,11 @@ def _run_townsquare(
         became_ready = room.fleet.advance(t)
         if room.edge_catches_up(t) or event or became_ready:
             room.regroup()
+        connected, waiting, overloaded = room.serve(wanted)
+        if i % settings.scrape_interval == window_opens:
+            room.edge.window_opens()
         if i % settings.scrape_interval == 0:
-            room.take_scrape(t, wanted, scrapes)
+            room.take_scrape(t, connected, waiting, scrapes)
         if t >= room.end():
             room.drain(t)  # the lifecycle's Draining phase: no more decisions
         elif event or i % settings.control_interval == 0:
@@ -562,7 +554,6 @@ def _run_townsquare(
             result.scale_ups += direction == "up"
             if room.edge_catches_up(t) or room.fleet.size < size:
                 room.regroup()
-        _, waiting, overloaded = room.serve(wanted)
         result.record(t, wanted, room.fleet.ready(), room.fleet.size, waiting, overloaded)
     result.migrated_listeners = room.migrated
     return result

@@ -1,0 +1,200 @@
+"""The edge and the relays in miniature: who is connected, who waits, and where.
+
+The same rules as the data plane (`townsquare.edge.admission`, `townsquare.relay.server`),
+on listeners as a fluid:
+
+- The edge sends a shard's joins to the shard's relay in the map it last read, only while
+  that relay is Ready, active (not draining) and has reported its listeners since it became
+  Ready (a report comes with a Prometheus scrape). A relay's room is its capacity minus its
+  last report minus the joins the edge sent it since `admit_ttl` before that report; so a
+  stale report (a metric outage) slows admissions and never speeds them.
+- The relay itself refuses a join at capacity (a glitched report cannot overfill it).
+- While the map says `queueing`, a first attempt is queued and admitted on its retry a
+  second later, however much room there is.
+- A listener whose shard moved stays on its old relay (held) until the new relay has room;
+  moves are served before queued joins, as a move asks for no place in line.
+- A relay that crashes loses its listeners: they join again, and wait until their shard's
+  relay is Ready (the operator moves a dead relay's shards at once).
+
+Relays holding the same number of shards in the same mode are one group whose figures are
+per relay; a regroup (a new map, a relay Ready or gone) averages the members' figures,
+which keeps every total (connected, reported, counted) and every relay's bound. Overload
+is counted from those loads against capacity; it is never assumed 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+ADMITS, SERVES, DOWN = 0, 1, 2
+"""A relay's mode: takes joins; Ready but takes none (draining, or not reported yet); down."""
+OWN, HELD, REPORT, COUNTED, RECENT = range(5)
+"""Per relay of a group: listeners of its own shards; listeners held for shards that moved
+away; its last report; joins counted against that report; joins since the next report's
+admission window began."""
+
+Key = tuple[int, int]
+"""(shards held in the edge's map, mode)."""
+
+
+class Edge:
+    """Connected, waiting and overloaded listeners, second by second."""
+
+    def __init__(self, shards: int, capacity: int, admit_ttl: float = 10.0) -> None:
+        self.shards = shards
+        self.capacity = float(capacity)
+        self.admit_ttl = admit_ttl
+        self.groups: dict[Key, list[float]] = {}
+        self.sizes: dict[Key, int] = {}
+        self.member: dict[int, Key] = {}
+        self.reported: set[int] = set()
+        self.unplaced = shards
+        """Shards whose relay is in no pod at all: their listeners wait."""
+        self.held = 0.0
+        self.per_shard = 0.0
+
+    def regroup(
+        self,
+        counts: Mapping[int, int],
+        states: Mapping[int, str],
+        pods: int,
+        ready: Callable[[int], bool],
+    ) -> None:
+        """Re-sort the relays after the map the edge acts on, or the relays, changed.
+
+        `counts` are the shards per relay in the edge's map, `states` its relay states,
+        `pods` the StatefulSet's size and `ready` tells which pods are Ready.
+        """
+        self.reported = {o for o in self.reported if o < pods and ready(o)}
+        sums: dict[Key, list[float]] = {}
+        sizes: dict[Key, int] = {}
+        member: dict[int, Key] = {}
+        placed = 0
+        zero = (0.0, 0.0, 0.0, 0.0, 0.0)
+        for ordinal in set(counts) | set(range(pods)) | set(self.member):
+            k = counts.get(ordinal, 0)
+            if ordinal >= pods:
+                if k:
+                    continue  # a removed pod's shards have no relay: unplaced
+                continue
+            placed += k
+            if not ready(ordinal):
+                mode = DOWN
+            elif states.get(ordinal) == "active" and ordinal in self.reported:
+                mode = ADMITS
+            else:
+                mode = SERVES
+            old_key = self.member.get(ordinal)
+            old = self.groups[old_key] if old_key is not None else zero
+            own, held = old[OWN], old[HELD]
+            if mode == DOWN:
+                own = held = 0.0
+            elif old_key is not None and old_key[0] > k:
+                kept = own * k / old_key[0]
+                held += own - kept
+                own = kept
+            key = (k, mode)
+            member[ordinal] = key
+            total = sums.get(key)
+            if total is None:
+                sums[key] = [own, held, old[REPORT], old[COUNTED], old[RECENT]]
+                sizes[key] = 1
+            else:
+                total[OWN] += own
+                total[HELD] += held
+                total[REPORT] += old[REPORT]
+                total[COUNTED] += old[COUNTED]
+                total[RECENT] += old[RECENT]
+                sizes[key] += 1
+        self.groups = {key: [v / sizes[key] for v in total] for key, total in sums.items()}
+        self.sizes = sizes
+        self.member = member
+        self.unplaced = self.shards - placed
+        self.held = sum(g[HELD] * sizes[key] for key, g in self.groups.items())
+
+    def step(self, wanted: float, queueing: bool) -> tuple[float, float, float]:
+        """One second with `wanted` listeners: (connected, waiting, overloaded)."""
+        p = wanted / self.shards
+        rise = max(0.0, p - self.per_shard) if queueing else 0.0
+        self.per_shard = p
+        cap = self.capacity
+        not_own = self.unplaced * p
+        admitted = overloaded = 0.0
+        for key, g in self.groups.items():
+            k, mode = key
+            n = self.sizes[key]
+            d = k * p
+            if mode == DOWN:
+                not_own += n * d
+                continue
+            own = g[OWN]
+            if own > d:
+                own = d  # listeners left
+            if mode == ADMITS:
+                want = d - own - k * rise
+                if want > 0:
+                    edge_room = cap - g[REPORT] - g[COUNTED]
+                    relay_room = cap - own - g[HELD]
+                    room = edge_room if edge_room < relay_room else relay_room
+                    if room > 0:
+                        took = want if want < room else room
+                        own += took
+                        g[COUNTED] += took
+                        g[RECENT] += took
+                        admitted += n * took
+            g[OWN] = own
+            not_own += n * (d - own)
+            if own + g[HELD] > cap + 1e-9:
+                overloaded += n * (own + g[HELD])
+        held = self.held
+        if held > 0:
+            # Held listeners are among those whose shard's relay does not carry them yet;
+            # those that left go first, then moves take the room before queued joins.
+            before = min(held, not_own + admitted)
+            after = max(0.0, before - admitted)
+            if after != held:
+                scale = after / held
+                for g in self.groups.values():
+                    g[HELD] *= scale
+                self.held = held = after
+        waiting = max(0.0, not_own - held)
+        return wanted - waiting, waiting, overloaded
+
+    def window_opens(self) -> None:
+        """`admit_ttl` before a scrape: joins from now on count against its report."""
+        for g in self.groups.values():
+            g[RECENT] = 0.0
+
+    def report(self, factor: float, ready: Callable[[int], bool]) -> bool:
+        """A scrape reached the edge: every Ready relay reported (times a glitch's `factor`).
+
+        True when relays that could not take joins before may now (a regroup is due).
+        """
+        for g in self.groups.values():
+            g[REPORT] = (g[OWN] + g[HELD]) * factor
+            g[COUNTED] = g[RECENT]
+        fresh = {o for o, key in self.member.items() if key[1] != DOWN and ready(o)}
+        grew = not fresh <= self.reported
+        self.reported |= fresh
+        return grew
+
+    def loads(self) -> RelayLoads:
+        """Listeners per relay pod now, as each relay counts them."""
+        per_group = {key: g[OWN] + g[HELD] for key, g in self.groups.items()}
+        return RelayLoads(per_group, self.member)
+
+
+class RelayLoads:
+    """A snapshot of every relay's listeners, read per relay without copying them all."""
+
+    def __init__(self, per_group: dict[Key, float], member: dict[int, Key]) -> None:
+        self.per_group = per_group
+        self.member = member  # replaced, never changed, by a regroup
+
+    def of(self, ordinal: int) -> float:
+        key = self.member.get(ordinal)
+        return 0.0 if key is None else self.per_group[key]
+
+    def all(self) -> dict[int, float]:
+        per_group = self.per_group
+        return {o: per_group[key] for o, key in self.member.items()}
