@@ -268,8 +268,8 @@ def decide(
     samples = state.samples
     if new_sample:
         samples = _remember_sample(state.samples, sampled_at, demand)
-    rate = max(0.0, _join_rate(samples))
     if new_sample:
+        rate = max(0.0, _join_rate(samples))
         forecast = _forecast(demand, rate, min(lead, FORECAST_HORIZON), spec)
         need = _relays_for(demand, spec)
     else:  # the same scrape again: nothing new is known, so nothing moves

@@ -173,7 +173,7 @@ def rebalance(
             orphans.append(shard)
 
     assignment = list(current.assignment)
-    load = {r: sum(weights[s] for s in owned[r]) for r in owned}
+    load = {r: sum(map(weights.__getitem__, owned[r])) for r in owned}
     moved, migrated, pending = 0, 0.0, False
     if active_set:
         kept = sum(len(owned[r]) for r in held_set)
@@ -494,8 +494,5 @@ def shard_listeners_from_relays(
 
     Hashing spreads a relay's listeners evenly over its shards, so each gets an equal share.
     """
-    counts = current.counts()
-    return [
-        relay_listeners.get(r, 0.0) / counts[r] if r is not None and counts.get(r) else 0.0
-        for r in current.assignment
-    ]
+    share = {r: relay_listeners.get(r, 0.0) / k for r, k in current.counts().items() if k}
+    return [share.get(r, 0.0) if r is not None else 0.0 for r in current.assignment]

@@ -143,7 +143,7 @@ def run_cases(kind: str, per_family: int, processes: int) -> dict[str, list[Figu
         results = [measure(family, seed) for family, seed in pairs]
     else:
         with ProcessPoolExecutor(max_workers=processes) as pool:
-            results = list(pool.map(measure, *zip(*pairs, strict=True), chunksize=4))
+            results = list(pool.map(measure, *zip(*pairs, strict=True), chunksize=1))
     for family, _, figures in results:
         by_family[family].append(figures)
     return by_family

@@ -24,7 +24,7 @@ is counted from those loads against capacity; it is never assumed 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Container, Mapping
 
 ADMITS, SERVES, DOWN = 0, 1, 2
 """A relay's mode: takes joins; Ready but takes none (draining, or not reported yet); down."""
@@ -47,7 +47,10 @@ class Edge:
         self.groups: dict[Key, list[float]] = {}
         self.sizes: dict[Key, int] = {}
         self.member: dict[int, Key] = {}
+        """The group of every pod 0..pods-1."""
         self.reported: set[int] = set()
+        self.unreported: list[int] = []
+        """Ready pods that have not reported since they became Ready."""
         self.unplaced = shards
         """Shards whose relay is in no pod at all: their listeners wait."""
         self.held = 0.0
@@ -58,59 +61,71 @@ class Edge:
         counts: Mapping[int, int],
         states: Mapping[int, str],
         pods: int,
-        ready: Callable[[int], bool],
+        down: Container[int],
     ) -> None:
         """Re-sort the relays after the map the edge acts on, or the relays, changed.
 
         `counts` are the shards per relay in the edge's map, `states` its relay states,
-        `pods` the StatefulSet's size and `ready` tells which pods are Ready.
+        `pods` the StatefulSet's size and `down` the pods that are not Ready. A pod that
+        changes group takes its group's figures per relay with it (a fluid: the members of
+        a group are alike), so every total is kept.
         """
-        self.reported = {o for o in self.reported if o < pods and ready(o)}
-        sums: dict[Key, list[float]] = {}
-        sizes: dict[Key, int] = {}
-        member: dict[int, Key] = {}
+        member, reported = self.member, self.reported
+        moves: list[tuple[int, Key]] = []
+        unreported: list[int] = []
         placed = 0
-        zero = (0.0, 0.0, 0.0, 0.0, 0.0)
-        for ordinal in set(counts) | set(range(pods)) | set(self.member):
+        for ordinal in range(pods):
             k = counts.get(ordinal, 0)
-            if ordinal >= pods:
-                if k:
-                    continue  # a removed pod's shards have no relay: unplaced
-                continue
             placed += k
-            if not ready(ordinal):
+            if ordinal in down:
                 mode = DOWN
-            elif states.get(ordinal) == "active" and ordinal in self.reported:
+                reported.discard(ordinal)
+            elif ordinal not in reported:
+                mode = SERVES
+                unreported.append(ordinal)
+            elif states.get(ordinal) == "active":
                 mode = ADMITS
             else:
                 mode = SERVES
-            old_key = self.member.get(ordinal)
-            old = self.groups[old_key] if old_key is not None else zero
-            own, held = old[OWN], old[HELD]
-            if mode == DOWN:
-                own = held = 0.0
-            elif old_key is not None and old_key[0] > k:
-                kept = own * k / old_key[0]
-                held += own - kept
-                own = kept
             key = (k, mode)
-            member[ordinal] = key
-            total = sums.get(key)
-            if total is None:
-                sums[key] = [own, held, old[REPORT], old[COUNTED], old[RECENT]]
-                sizes[key] = 1
-            else:
-                total[OWN] += own
-                total[HELD] += held
-                total[REPORT] += old[REPORT]
-                total[COUNTED] += old[COUNTED]
-                total[RECENT] += old[RECENT]
-                sizes[key] += 1
-        self.groups = {key: [v / sizes[key] for v in total] for key, total in sums.items()}
-        self.sizes = sizes
-        self.member = member
+            if member.get(ordinal) != key:
+                moves.append((ordinal, key))
+        for ordinal in [o for o in member if o >= pods]:
+            self._leave(member.pop(ordinal))
+            reported.discard(ordinal)
+        for ordinal, key in moves:
+            self._move(ordinal, key)
+        self.unreported = unreported
         self.unplaced = self.shards - placed
-        self.held = sum(g[HELD] * sizes[key] for key, g in self.groups.items())
+        self.held = sum(g[HELD] * self.sizes[key] for key, g in self.groups.items())
+
+    def _leave(self, key: Key) -> list[float]:
+        """One member leaves its group (the group's figures per relay stay as they are)."""
+        figures = list(self.groups[key])
+        self.sizes[key] -= 1
+        if not self.sizes[key]:
+            del self.sizes[key], self.groups[key]
+        return figures
+
+    def _move(self, ordinal: int, key: Key) -> None:
+        old_key = self.member.get(ordinal)
+        figures = [0.0] * 5 if old_key is None else self._leave(old_key)
+        k, mode = key
+        if mode == DOWN:
+            figures[OWN] = figures[HELD] = 0.0  # a crash drops every connection
+        elif old_key is not None and old_key[0] > k:
+            kept = figures[OWN] * k / old_key[0]
+            figures[HELD] += figures[OWN] - kept  # moved away: held until the move is served
+            figures[OWN] = kept
+        self.member[ordinal] = key
+        group = self.groups.get(key)
+        if group is None:
+            self.groups[key] = figures
+            self.sizes[key] = 1
+        else:
+            n = self.sizes[key]
+            self.groups[key] = [(a * n + b) / (n + 1) for a, b in zip(group, figures, strict=True)]
+            self.sizes[key] = n + 1
 
     def step(self, wanted: float, queueing: bool) -> tuple[float, float, float]:
         """One second with `wanted` listeners: (connected, waiting, overloaded)."""
@@ -165,7 +180,7 @@ class Edge:
         for g in self.groups.values():
             g[RECENT] = 0.0
 
-    def report(self, factor: float, ready: Callable[[int], bool]) -> bool:
+    def report(self, factor: float) -> bool:
         """A scrape reached the edge: every Ready relay reported (times a glitch's `factor`).
 
         True when relays that could not take joins before may now (a regroup is due).
@@ -173,15 +188,16 @@ class Edge:
         for g in self.groups.values():
             g[REPORT] = (g[OWN] + g[HELD]) * factor
             g[COUNTED] = g[RECENT]
-        fresh = {o for o, key in self.member.items() if key[1] != DOWN and ready(o)}
-        grew = not fresh <= self.reported
-        self.reported |= fresh
-        return grew
+        if not self.unreported:
+            return False
+        self.reported.update(self.unreported)
+        self.unreported = []
+        return True
 
     def loads(self) -> RelayLoads:
         """Listeners per relay pod now, as each relay counts them."""
         per_group = {key: g[OWN] + g[HELD] for key, g in self.groups.items()}
-        return RelayLoads(per_group, self.member)
+        return RelayLoads(per_group, dict(self.member))
 
 
 class RelayLoads:
@@ -189,7 +205,7 @@ class RelayLoads:
 
     def __init__(self, per_group: dict[Key, float], member: dict[int, Key]) -> None:
         self.per_group = per_group
-        self.member = member  # replaced, never changed, by a regroup
+        self.member = member
 
     def of(self, ordinal: int) -> float:
         key = self.member.get(ordinal)

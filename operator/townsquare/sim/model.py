@@ -378,7 +378,7 @@ class _Townsquare:
     def regroup(self) -> None:
         """The edge re-sorts the relays (a new map, a relay Ready, crashed or gone)."""
         fleet = self.fleet
-        self.edge.regroup(self.edge_counts, self.edge_map.relays, fleet.size, fleet.is_ready)
+        self.edge.regroup(self.edge_counts, self.edge_map.relays, fleet.size, fleet.starting)
 
     def serve(self, wanted: float) -> tuple[float, float, float]:
         """One second: (connected, waiting, overloaded) when `wanted` want to listen."""
@@ -394,7 +394,7 @@ class _Townsquare:
         factor = scrapes.factor(t)
         loads = self.edge.loads()
         self.scrape = _Scrape(t, connected * factor, waiting * factor, loads, factor)
-        if self.edge.report(factor, self.fleet.is_ready):
+        if self.edge.report(factor):
             self.regroup()
 
     # The operator: one reconcile.
@@ -443,9 +443,9 @@ class _Townsquare:
         self.fleet.resize(decision.replicas, t)
         key = (decision.relays, decision.draining, self.fleet.version)
         if key != self.sets_key or self.relay_sets is None:
-            ready = self.fleet.is_ready
-            active = frozenset(o for o in range(decision.relays) if ready(o))
-            draining = frozenset(o for o in decision.draining if ready(o))
+            starting, size = self.fleet.starting, self.fleet.size
+            active = frozenset(o for o in range(min(size, decision.relays)) if o not in starting)
+            draining = frozenset(o for o in decision.draining if o < size and o not in starting)
             relay_sets = (active, draining)
             changed = relay_sets != self.relay_sets
         else:
@@ -522,7 +522,7 @@ def _run_townsquare(
     room.reshard(trace.start, frozenset(range(room.fleet.size)), frozenset(), None)
     room.edge_catches_up(trace.start + settings.edge_delay)  # the room was set up earlier
     room.regroup()
-    if room.edge.report(1.0, room.fleet.is_ready):  # and its relays have reported since
+    if room.edge.report(1.0):  # and its relays have reported since
         room.regroup()
     scrapes = _Scrapes(trace, settings.scrape_interval)
     failures = _failures(trace)
