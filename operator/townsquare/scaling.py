@@ -446,9 +446,17 @@ def _join_rate(samples: tuple[tuple[datetime, int], ...]) -> float:
 def _remember_target(
     targets: tuple[tuple[datetime, int], ...], now: datetime, target: int, window: timedelta
 ) -> tuple[tuple[datetime, int], ...]:
-    """Keep per-slice maxima of the targets, so the window's maximum survives restarts."""
+    """Keep per-slice maxima of the targets, so the window's maximum survives restarts.
+
+    The newest slice that began at or before the window's start stays too: its target held
+    until the next decision, inside the window, and it is what shows the window covered.
+    Decisions come at no fixed pace (a quiet room re-decides every few seconds plus the
+    pass's own time), so no pass may be required to land within one slice of the start.
+    """
     width = window / STABILIZATION_BUCKETS
-    kept = [(t, n) for t, n in targets if t + width > now - window]
+    begins = now - window
+    before = [(t, n) for t, n in targets if t <= begins]
+    kept = before[-1:] + [(t, n) for t, n in targets if t > begins]
     if kept and now < kept[-1][0] + width:
         began, highest = kept[-1]
         kept[-1] = (began, max(highest, target))

@@ -140,6 +140,22 @@ def test_scale_down_waits_a_full_window_then_drains_the_top_ordinals() -> None:
     assert first_down.replicas == 100  # nobody removed before the relays are empty
 
 
+def test_a_short_window_is_covered_whatever_the_pace_of_decisions() -> None:
+    # A live room that holds still re-decides every 5 s plus the pass's own time: 5.6 s
+    # apart, no pass ever lands within the tenth of a 10 s window that the oldest slice
+    # used to be kept for, so the window never counted as covered and the room never shrank.
+    room = spec(audience=0, minRelays=2, scaleDownStabilization="10s")
+    steps: list[tuple[float, int | None]] = [(3600 + 5.6 * i, 70_000) for i in range(3)]
+    low_from = 3600 + 5.6 * 3
+    steps += [(low_from + 5.6 * i, 7_000) for i in range(20)]
+    decisions = run(room, ScalingState.initial(100), steps)
+    downs = [t for (t, _), d in zip(steps, decisions, strict=True) if d.direction == "down"]
+    assert downs, "a 10 s window must let the room shrink when decisions come 5.6 s apart"
+    last_high = low_from - 5.6
+    # covered a full window after the last high sample, at the first pass past it
+    assert 10 <= downs[0] - last_high <= 10 + 2 * 5.6
+
+
 def test_drained_relays_leave_and_timeouts_are_reported() -> None:
     room = spec(audience=0)
     plan = plan_room(room, EARLY)
