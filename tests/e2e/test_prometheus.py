@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import requests
 from harness import Prometheus, wait_until
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from townsquare.edge.reports import PrometheusReports, Reports
 
 pytestmark = pytest.mark.e2e
 
@@ -67,3 +72,42 @@ def test_prometheus_can_be_stopped_and_started_again(
     prometheus.start()
     assert prometheus.url == url
     wait_for(prometheus, 8)
+
+
+def exporter(stack: contextlib.ExitStack, counts: dict[str, int]) -> str:
+    """A /metrics endpoint serving `audioroom_relay_listeners` for pods of one room."""
+    registry = CollectorRegistry()
+    gauge = Gauge(
+        "audioroom_relay_listeners",
+        "connected listeners",
+        ["namespace", "room", "pod"],
+        registry=registry,
+    )
+    for pod, count in counts.items():
+        gauge.labels(namespace="ns", room="launch", pod=pod).set(count)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    stack.callback(thread.join, 5)
+    stack.callback(server.shutdown)
+    return f"127.0.0.1:{server.server_port}"
+
+
+def test_the_edge_adds_up_a_pod_reported_by_its_relay_and_by_a_load_generator(
+    prometheus: Prometheus,
+) -> None:
+    """A relay process counts its real listeners and a load generator the simulated ones
+    it placed on the same pod: the edge must see the sum, and one source alone as is."""
+    with contextlib.ExitStack() as stack:
+        relay = exporter(stack, {"launch-relay-0": 7})
+        load = exporter(stack, {"launch-relay-0": 5, "launch-relay-1": 3})
+        prometheus.add_target(relay)
+        prometheus.add_target(load)
+        both = 'count(audioroom_relay_listeners{namespace="ns"})'
+        wait_until(lambda: prometheus.value(both) == 3, 30, "both exporters scraped")
+
+        async def read() -> Reports:
+            async with aiohttp.ClientSession() as session:
+                return await PrometheusReports(prometheus.url).read(session)
+
+        reports = asyncio.run(read())
+    counts = {key[2]: report.listeners for key, report in reports.items() if key[0] == "ns"}
+    assert counts == {"launch-relay-0": 12, "launch-relay-1": 3}

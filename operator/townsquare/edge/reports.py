@@ -21,10 +21,16 @@ Reports = dict[tuple[str, str, str], Report]
 
 LISTENERS = "audioroom_relay_listeners"
 QUERY = (
-    f"max by (namespace, room, pod) ({LISTENERS}) or "
-    f'label_replace(max by (namespace, room, pod) (timestamp({LISTENERS})), "at", "1", "", "")'
+    f"sum by (namespace, room, pod) ({LISTENERS}) or "
+    f'label_replace(min by (namespace, room, pod) (timestamp({LISTENERS})), "at", "1", "", "")'
 )
-"""Counts and their sample times in one vector, told apart by the `at` label."""
+"""Counts and their sample times in one vector, told apart by the `at` label.
+
+One pod may be reported by more than one source: the relay process counts the listeners
+connected to it, and a load generator counts the simulated ones it places there. Those
+add up (a `max` would hide the smaller part and let the edge overfill the relay); a pod
+reported by one source alone is that source's count. The time is the oldest part's, so
+the edge never takes a count for fresher than all of it is."""
 
 
 class ReportSource(Protocol):
