@@ -1,7 +1,8 @@
 # `make demo`: a compressed launch on a cluster of its own, written up under out/demo/
 # (included by the Makefile). The demo cluster is deleted afterwards, also on failure or Ctrl-C.
 DEMO_OUT ?= out/demo
-DEMO_CLUSTER := TOWNSQUARE_CLUSTER=demo hack/cluster/cluster.sh
+# TOWNSQUARE_CLUSTER names the cluster (default demo), so demos side by side never share one.
+DEMO_CLUSTER := TOWNSQUARE_CLUSTER=$(or $(TOWNSQUARE_CLUSTER),demo) hack/cluster/cluster.sh
 
 demo: venv cluster-binaries prometheus
 	@set -euo pipefail; \

@@ -310,6 +310,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     if not kubeconfig:
         raise UsageError("--kubeconfig: needed (or KUBECONFIG); 'make demo' brings up a cluster")
+    if args.real_listeners < 0:
+        raise UsageError(f"--real-listeners: must be 0 or more (got {args.real_listeners})")
     given = (("--kubeconfig", kubeconfig), ("--trace", args.trace), ("--room", args.room))
     for flag, path in given:
         if not Path(path).is_file():
@@ -326,6 +328,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 crd_dir=Path(args.crds),
                 start_in=args.start_in,
                 nodes=args.nodes,
+                real_listeners=args.real_listeners,
             )
     except demo.DemoError as exc:
         print(f"townsquare: demo failed: {exc}", file=sys.stderr)
@@ -697,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--start-in", type=parse_seconds, default=60.0, help="start after this")
     show.add_argument("--crds", default="crds", help="directory of the CRDs to install")
     show.add_argument("--out", default="out/demo", help="directory of the report")
+    show.add_argument(
+        "--real-listeners",
+        type=int,
+        default=100,
+        help="listeners held as real relay connections; the rest is simulated (default 100)",
+    )
     show.add_argument(
         "--nodes",
         action="store_true",

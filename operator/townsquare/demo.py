@@ -29,7 +29,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -42,6 +42,7 @@ from kubernetes.client.rest import ApiException
 
 from townsquare.api.manifest import load_yaml, parse_room
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION, AudioRoom
+from townsquare.hearing import BEFORE_SECONDS, Gap, PlacedGap, longest_near, place_gaps
 from townsquare.kube import karpenter
 from townsquare.kube.placeholders import headroom_priority_class
 from townsquare.metrics import escape_label_value
@@ -54,6 +55,14 @@ PROGRESS_EVERY = 2
 SETTLE_SECONDS = 60.0
 """Allowance beyond the room's own end and drain timeout before the demo gives up."""
 SETTLE_EVENTS_SECONDS = 2.0
+RELAYS_JOB = "relays"
+"""The Prometheus job of the relay processes: their series are the relays' own counts."""
+REAL_LISTENERS = 100
+"""Real listener connections the demo's load generator holds (the rest is simulated): each
+hears 50 frames a second, so a hundred cost the load generator about a tenth of a core and
+the relays less, beside the operator, edge, Prometheus, the cluster and every relay."""
+GAPS_SHOWN = 25
+"""The report lists this many of the longest gaps real listeners heard."""
 Progress = Callable[[str], None]
 
 ORIGIN_ANNOTATION = "townsquare.dev/origin"
@@ -115,7 +124,9 @@ class Child:
 
 
 class Prometheus:
-    """A Prometheus server of the demo's own on loopback: 1s scrapes of fixed targets."""
+    """A Prometheus server of the demo's own on loopback, scraping every second the demo's
+    own processes (job `demo`) and the relay processes at their pod IPs (job `relays`,
+    from a targets file the demo rewrites as pods come and go)."""
 
     def __init__(self, workdir: Path, targets: list[str], log: Path) -> None:
         binary = os.environ.get("TOWNSQUARE_PROMETHEUS") or shutil.which("prometheus")
@@ -127,6 +138,9 @@ class Prometheus:
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         interval = f"{SCRAPE_SECONDS}s"
+        self.relay_targets = workdir / "relays.json"
+        self.scraped: set[str] = set()
+        self.scrape_relays([])
         settings = {
             "global": {"scrape_interval": interval, "scrape_timeout": interval},
             "scrape_configs": [
@@ -135,11 +149,29 @@ class Prometheus:
                     # The load generator labels its series (namespace, room, pod): keep them.
                     "honor_labels": True,
                     "static_configs": [{"targets": targets}],
-                }
+                },
+                {
+                    "job_name": RELAYS_JOB,
+                    # So do the relays, with their own namespace, room and pod.
+                    "honor_labels": True,
+                    "file_sd_configs": [
+                        {"files": [str(self.relay_targets)], "refresh_interval": interval}
+                    ],
+                },
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(settings))
         self.child: Child | None = None
+
+    def scrape_relays(self, addresses: list[str]) -> None:
+        """Scrape exactly these relay processes (HOST:PORT) from now on; a relay left out
+        (its pod gone) stops being scraped and its series end."""
+        if set(addresses) == self.scraped and self.relay_targets.exists():
+            return
+        partial = self.relay_targets.with_suffix(".tmp")
+        partial.write_text(json.dumps([{"targets": sorted(addresses), "labels": {}}]))
+        partial.replace(self.relay_targets)  # never half-written when Prometheus reads it
+        self.scraped = set(addresses)
 
     def start(self, timeout: float = 60) -> None:
         command = [
@@ -254,6 +286,21 @@ class Figures:
     """Real listeners that missed a frame number, as they counted it."""
     real_longest_gap_ms: int = 0
     """The longest silence any real listener heard."""
+    real_listeners_on_relays: int = 0
+    """Most real listeners connected at once as the relay processes themselves counted them
+    (their own metrics, scraped at their pod IPs)."""
+    real_frames_lost: int = 0
+    """Frame numbers real listeners never received, all of them together."""
+    real_gaps: int = 0
+    """Gaps real listeners noticed: moves, lost connections, and silences of 0.1 s or more."""
+    real_longest_own_stall_ms: int = 0
+    """The longest time the real listeners' own process did not run (a busy machine): it
+    shows as a gap in every one of them, with no frame lost."""
+    real_longest_gap_beyond_stall_ms: int = 0
+    """The longest gap not explained by the listeners' own stalls: what relays cost them."""
+    real_longest_gap_near_scale_up_ms: int = 0
+    real_longest_gap_near_reshard_ms: int = 0
+    real_longest_gap_near_drain_ms: int = 0
 
     LABELS: ClassVar[dict[str, str]] = {
         "expected_audience": "declared audience",
@@ -270,8 +317,16 @@ class Figures:
         "prewarmed_seconds_before_start": "pre-warmed before the start (real seconds)",
         "events": "Events posted",
         "real_listeners": "listeners held as real relay connections (the rest simulated)",
+        "real_listeners_on_relays": "most real listeners the relays themselves counted at once",
         "real_listeners_that_lost_frames": "real listeners that lost frames",
+        "real_frames_lost": "frames real listeners lost",
+        "real_gaps": "gaps real listeners noticed (moves, drops, silences of 0.1 s or more)",
         "real_longest_gap_ms": "longest gap a real listener heard (ms)",
+        "real_longest_own_stall_ms": "longest stall of the real listeners' own process (ms)",
+        "real_longest_gap_beyond_stall_ms": "longest gap beyond the listeners' own stalls (ms)",
+        "real_longest_gap_near_scale_up_ms": "longest gap near a scale-up, beyond own stalls (ms)",
+        "real_longest_gap_near_reshard_ms": "longest gap near a reshard, beyond own stalls (ms)",
+        "real_longest_gap_near_drain_ms": "longest gap near a drain, beyond own stalls (ms)",
     }
 
     def rows(self) -> list[tuple[str, str, str]]:
@@ -299,6 +354,8 @@ class Report:
     html: Path
     png: Path
     elapsed_seconds: float
+    gaps: list[PlacedGap] = field(default_factory=list)
+    """Every gap the real listeners heard, with the changes announced around it."""
 
     def summary(self) -> str:
         f = self.figures
@@ -321,9 +378,14 @@ class Report:
         if not f.real_listeners:
             return "every listener simulated (no real relay connections held)"
         return (
-            f"{f.real_listeners:,} listeners on real connections: "
-            f"{f.real_listeners_that_lost_frames:,} lost frames, "
-            f"longest gap {f.real_longest_gap_ms:,} ms"
+            f"{f.real_listeners:,} listeners on real connections "
+            f"({f.real_listeners_on_relays:,} at once by the relays' own count): "
+            f"{f.real_listeners_that_lost_frames:,} lost frames ({f.real_frames_lost:,} in all), "
+            f"longest gap {f.real_longest_gap_ms:,} ms ({f.real_longest_gap_beyond_stall_ms:,} ms "
+            f"beyond their own process's stalls); near scale-ups "
+            f"{f.real_longest_gap_near_scale_up_ms:,} ms, reshards "
+            f"{f.real_longest_gap_near_reshard_ms:,} ms, drains "
+            f"{f.real_longest_gap_near_drain_ms:,} ms"
         )
 
 
@@ -354,12 +416,14 @@ def run_demo(
     before_teardown: Callable[[Running], None] | None = None,
     nodes: bool = False,
     karpenter_script: Path = Path("hack/cluster/karpenter/run.sh"),
+    real_listeners: int = REAL_LISTENERS,
 ) -> Report:
     """Play `trace` at `speed` against the room in `room_template`, starting in `start_in`s.
 
     Creates `namespace` unless it exists, and deletes it at the end only if it created it.
     `before_teardown` sees the run while Prometheus and the room are still there. `nodes`:
-    the nodes scene, with Karpenter started by `karpenter_script`.
+    the nodes scene, with Karpenter started by `karpenter_script`. The first
+    `real_listeners` of the audience hold real connections to the relay processes.
     """
     began = time.time()
     _plotting()  # fail before anything starts, not after the run
@@ -405,19 +469,30 @@ def run_demo(
         edge_url = f"http://127.0.0.1:{edge_port}"
         _poll(lambda: _answers(f"{edge_url}/readyz"), 60, "the edge to sync the shard maps")
         load = _start_loadgen(
-            namespace, name, trace, start, speed, load_port, edge_url, out_dir, env
-        )
+            namespace, name, trace, start, speed, load_port, edge_url, out_dir, env,
+            real_listeners,
+        )  # fmt: skip
         cleanup.callback(load.stop)
         # First of all, while the operator still runs and reads listeners, so that it lets go
         # of the room (kopf's finalizer) and has no reason to warn of missing metrics.
         cleanup.callback(_delete_room, api, namespace, name, operator)
         cleanup.callback(progress, "tearing down what the demo started")
         deadline = (start + room.spec.duration + room.spec.scaling.drain_timeout).timestamp()
+        core = client.CoreV1Api(api)
         samples, events = _watch(
-            api, namespace, room, operator, deadline + SETTLE_SECONDS, progress
+            api, namespace, room, operator, deadline + SETTLE_SECONDS, progress,
+            lambda: prometheus.scrape_relays(_relay_addresses(core, namespace, name)),
+        )  # fmt: skip
+        # The load generator writes what its real listeners heard when it stops.
+        load.stop()
+        heard = _loadgen_summary(load)
+        gaps = place_gaps(
+            [Gap.of(g) for g in heard.get("gaps", [])], [(e.at, e.reason) for e in events]
         )
         timeline = _timeline(prometheus, namespace, name, began, time.time())
-        figures = _figures(prometheus, room, samples, events, timeline, time.time() - began, speed)
+        figures = _figures(
+            prometheus, room, samples, events, timeline, time.time() - began, speed, heard, gaps
+        )
         report = Report(
             namespace=namespace,
             room=name,
@@ -430,6 +505,7 @@ def run_demo(
             html=out_dir / "report.html",
             png=out_dir / "timeline.png",
             elapsed_seconds=time.time() - began,
+            gaps=gaps,
         )
         write_report(report)
         progress(report.summary())
@@ -718,17 +794,45 @@ def _start_loadgen(
     edge_url: str,
     out_dir: Path,
     env: dict[str, str],
+    real_listeners: int,
 ) -> Child:
     command = _python_townsquare(
         "loadgen", "--room", f"{namespace}/{room}", "--trace", str(trace), "--port", str(port),
         "--speed", f"{speed:g}", "--start", start.isoformat().replace("+00:00", "Z"),
         "--edge", edge_url, "--check-every", "20",
-        # Real listener connections wait until the demo's Prometheus scrapes the relays
-        # themselves: until then the relays' counts would be missing from what the operator
-        # and the edge read, so every listener is simulated (and the report says so).
-        "--real-listeners", "0",
+        # The relays count these themselves (Prometheus scrapes them at their pod IPs); the
+        # load generator counts only the simulated rest, on the same pods.
+        "--real-listeners", str(real_listeners),
     )  # fmt: skip
     return Child.start("load generator", command, out_dir / "loadgen.log", env)
+
+
+def _loadgen_summary(load: Child) -> dict[str, Any]:
+    """What the real listeners heard: the summary line the load generator printed at exit
+    (empty when it printed none)."""
+    text = load.log.read_text(errors="replace") if load.log.exists() else ""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{") and '"summary"' in line:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("event") == "summary":
+                    real: dict[str, Any] = record.get("real") or {}
+                    return real
+    return {}
+
+
+def _relay_addresses(core: client.CoreV1Api, namespace: str, room: str) -> list[str]:
+    """HOST:PORT of the metrics of every relay pod that has an IP and is not going away:
+    where the cluster's pod runner serves each relay process."""
+    pods = core.list_namespaced_pod(namespace, label_selector=f"townsquare.dev/room={room}")
+    addresses = []
+    for pod in pods.items:
+        if not pod.status.pod_ip or pod.metadata.deletion_timestamp is not None:
+            continue
+        ports = [p for c in pod.spec.containers for p in c.ports or [] if p.name == "metrics"]
+        if ports:
+            addresses.append(f"{pod.status.pod_ip}:{ports[0].container_port}")
+    return addresses
 
 
 def _watch(
@@ -738,8 +842,10 @@ def _watch(
     operator: Child,
     deadline: float,
     progress: Progress,
+    every_sample: Callable[[], None] = lambda: None,
 ) -> tuple[list[Sample], list[EventRow]]:
-    """Sample the room every second, print progress and new Events, until it has Ended."""
+    """Sample the room every second, print progress and new Events, until it has Ended;
+    `every_sample` runs at each sample too."""
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     name, start = room.metadata.name, room.spec.start_time.timestamp()
     samples: list[Sample] = []
@@ -753,6 +859,7 @@ def _watch(
         )
         sample = _sample(status)
         samples.append(sample)
+        every_sample()
         for uid, event in _events(core, namespace, name).items():
             if uid not in events:
                 events[uid] = event
@@ -823,19 +930,29 @@ def _selector(namespace: str, room: str) -> str:
 def _timeline(
     prometheus: Prometheus, namespace: str, room: str, start: float, end: float
 ) -> Timeline:
-    """Per-second series from Prometheus over the run; missing seconds count as zero."""
+    """Per-second series from Prometheus over the run; missing seconds count as zero.
+
+    A relay pod is reported twice: by its relay process (real listeners) and by the load
+    generator (the simulated ones it placed there). Listeners add up per pod; a pod's
+    capacity is declared by both alike and counts once."""
     selector = _selector(namespace, room)
     queries = {
         "wanted": f"sum(audioroom_edge_wanted_listeners{selector})",
         "connected": f"sum(audioroom_relay_listeners{selector})",
-        "capacity": f"sum(audioroom_relay_capacity_listeners{selector})",
+        "capacity": f"sum(max by (pod) (audioroom_relay_capacity_listeners{selector}))",
         "waiting": f"sum(audioroom_edge_waiting_listeners{selector})",
-        "max_on_relay": f"max(audioroom_relay_listeners{selector})",
+        "max_on_relay": f"max({_per_pod(selector)})",
     }
     found = {key: prometheus.series(q, start, end) for key, q in queries.items()}
     times = sorted(set().union(*(series.keys() for series in found.values())))
     columns = {key: [series.get(t, 0.0) for t in times] for key, series in found.items()}
     return Timeline(t=times, **columns)
+
+
+def _per_pod(selector: str) -> str:
+    """Listeners on each relay pod, whichever sources report it (relay process, load
+    generator)."""
+    return f"sum by (pod) (audioroom_relay_listeners{selector})"
 
 
 def _figures(
@@ -846,11 +963,17 @@ def _figures(
     timeline: Timeline,
     window: float,
     speed: float,
+    heard: dict[str, Any],
+    gaps: list[PlacedGap],
 ) -> Figures:
-    """The headline numbers; the busiest relay from every raw sample, not the 1s steps."""
+    """The headline numbers; the busiest relay at every scrape, not only at the 1s steps of
+    the timeline; what real listeners heard from the load generator's exit summary."""
     selector = _selector(room.metadata.namespace or "", room.metadata.name)
-    busiest = prometheus.value(
-        f"max(max_over_time(audioroom_relay_listeners{selector}[{window + 5:.0f}s]))"
+    span = f"[{window + 5:.0f}s:{SCRAPE_SECONDS}s]"
+    busiest = prometheus.value(f"max_over_time(max({_per_pod(selector)}){span})")
+    relays_only = selector[:-1] + f',job="{RELAYS_JOB}"}}'
+    on_relays = prometheus.value(
+        f"max_over_time(sum(audioroom_relay_listeners{relays_only}){span})"
     )
     longest = prometheus.value(
         f"max(max_over_time(audioroom_edge_oldest_wait_seconds{selector}[{window + 5:.0f}s]))"
@@ -862,6 +985,7 @@ def _figures(
 
     spec = room.spec
     prewarmed = next((e.at for e in events if e.reason == "PreWarmed"), None)
+    near_changes = longest_near(gaps)
     return Figures(
         expected_audience=spec.expected_audience,
         planned_relays=plan_room(spec, spec.start_time).relays,
@@ -880,10 +1004,26 @@ def _figures(
         ),
         events=len(events),
         real_listeners=round(most("audioroom_loadgen_audience", ',kind="real"')),
-        real_listeners_that_lost_frames=round(
-            most("audioroom_loadgen_real_listeners_that_lost_frames")
+        real_listeners_on_relays=round(on_relays or 0),
+        real_listeners_that_lost_frames=int(
+            heard.get("listeners_that_lost_frames")
+            or most("audioroom_loadgen_real_listeners_that_lost_frames")
         ),
-        real_longest_gap_ms=round(most("audioroom_loadgen_real_longest_gap_seconds") * 1000),
+        real_frames_lost=int(heard.get("frames_lost", 0)),
+        real_gaps=len(gaps),
+        real_longest_gap_ms=round(
+            float(heard.get("longest_gap_s") or most("audioroom_loadgen_real_longest_gap_seconds"))
+            * 1000
+        ),
+        real_longest_own_stall_ms=round(
+            max((float(s["seconds"]) for s in heard.get("stalls", [])), default=0.0) * 1000
+        ),
+        real_longest_gap_beyond_stall_ms=round(
+            max((p.gap.beyond_stall for p in gaps), default=0.0) * 1000
+        ),
+        real_longest_gap_near_scale_up_ms=round(near_changes["scale-up"] * 1000),
+        real_longest_gap_near_reshard_ms=round(near_changes["reshard"] * 1000),
+        real_longest_gap_near_drain_ms=round(near_changes["drain"] * 1000),
     )
 
 
@@ -994,6 +1134,7 @@ td.Warning {{ color: #b35900; font-weight: bold; }}
 <h2>Timeline</h2>
 <img alt="listeners, capacity, relays and the busiest relay over time"
  src="data:image/png;base64,{image}" style="max-width: 100%">
+{_gaps_section(report)}
 <h2>Events</h2>
 <table>
 <tr><th>real time</th><th>event time</th><th>type</th><th>reason</th><th>message</th></tr>
@@ -1001,6 +1142,38 @@ td.Warning {{ color: #b35900; font-weight: bold; }}
 </table>
 </body></html>
 """
+
+
+def _gaps_section(report: Report) -> str:
+    """The longest gaps real listeners heard, in time order, each marked with the changes
+    (scale-up, reshard, drain) whose Events came around it."""
+    f = report.figures
+    if not f.real_listeners:
+        return ""
+    start = report.start_time.timestamp()
+    longest = sorted(report.gaps, key=lambda p: p.gap.seconds, reverse=True)[:GAPS_SHOWN]
+    rows = "\n".join(
+        f"<tr><td>{_since(p.gap.at, start)}</td><td>{html.escape(p.gap.listener)}</td>"
+        f'<td data-gap-ms="{round(p.gap.seconds * 1000)}">{p.gap.seconds * 1000:,.0f}</td>'
+        f"<td>{p.gap.stalled * 1000:,.0f}</td>"
+        f"<td>{p.gap.lost:,}</td><td>{html.escape(p.gap.cause)}</td>"
+        f'<td data-near="{" ".join(p.near)}">{", ".join(p.near) or "no change near"}</td></tr>'
+        for p in sorted(longest, key=lambda p: p.gap.at)
+    )
+    near = sum(1 for p in report.gaps if p.near)
+    return f"""<h2>What the real listeners heard</h2>
+<p>{f.real_listeners:,} listeners held real connections to the relay processes (the relays
+counted {f.real_listeners_on_relays:,} of them at once); the rest of the audience was
+simulated and counted apart. They noticed {len(report.gaps):,} gaps, {near:,} of them within
+{BEFORE_SECONDS:.0f}s after a scale-up, reshard or drain was announced. A gap is measured in
+the listeners' own process: when that process did not run (the machine busy), every listener
+shows the same gap with no frame lost, and the table says how much of each gap that was. The
+{len(longest):,} longest:</p>
+<table>
+<tr><th>real time</th><th>listener</th><th>gap (ms)</th><th>of it, own stall (ms)</th>
+<th>frames lost</th><th>cause</th><th>near</th></tr>
+{rows}
+</table>"""
 
 
 def _nodes_paragraph(report: Report) -> str:

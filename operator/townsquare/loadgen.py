@@ -15,8 +15,10 @@ Every admission and move is also written, one JSON line each, to `--record`, so 
 measure the order of admissions and the rate of moves without asking the edge.
 
 When the room's relays are real processes (the pod runner's: a loopback pod IP and an origin
-annotation), the first `--real-listeners` of the audience are real listeners instead
-(relay/listener.py): each joins through the edge, holds a TCP connection to its relay, follows
+annotation), up to `--real-listeners` of the audience are real listeners instead
+(relay/listener.py): the earliest ones not yet connected when the relays are seen to be real
+(keeping their place in the queue), then newcomers while there is room. Each joins through
+the edge, holds a TCP connection to its relay on a thread and event loop of its own, follows
 moves and counts the frames it hears. Only the rest is simulated as above; the relays count
 the real ones themselves, so the metrics here count the simulated part only, and the two parts
 are reported apart (metrics, and a `summary` line in `--record` and on stdout at exit).
@@ -30,12 +32,14 @@ import contextlib
 import json
 import random
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -52,6 +56,11 @@ from townsquare.sim.trace import Trace
 
 STEP_SECONDS = 0.2
 PODS_SECONDS = 1.0
+T = TypeVar("T")
+STALL_PROBE_SECONDS = 0.01
+STALL_NOTED_SECONDS = 0.03
+"""The real listeners' loop woke this much later than asked: it was not running (the
+process descheduled on a busy machine, or another thread holding the interpreter)."""
 REAL_LISTENERS = 100
 """Real connections one load generator holds by default: each hears 50 frames a second in
 Python, so a hundred keep about a tenth of a core of this 2-core machine busy."""
@@ -139,36 +148,77 @@ def runs_real_relays(pods: Sequence[Mapping[str, Any]]) -> bool:
 
 
 class RealListeners:
-    """Listeners holding real connections to real relays, up to `cap`; what each heard."""
+    """Listeners holding real connections to real relays, up to `cap`; what each heard.
 
-    def __init__(self, joiner: Joiner, cap: int) -> None:
-        self.joiner, self.cap = joiner, cap
+    They run on an event loop of their own, in a thread of their own. The simulated
+    audience keeps the main loop busy for up to a second at a time in a join storm, and a
+    listener on that loop counted the stall as a gap in its audio: in the demo all 40 real
+    listeners "heard" the same 0.6-0.9 s gaps at once, with no frame lost, while frames
+    waited in their sockets. Bookkeeping (`held`, `left`) stays on the caller's thread.
+    """
+
+    def __init__(self, make_joiner: Callable[[aiohttp.ClientSession], Joiner], cap: int) -> None:
+        import uvloop
+
+        self.cap = cap
         self.enabled = False
         """Set once the room's relays are seen to be real processes."""
-        self.held: dict[str, tuple[RelayListener, asyncio.Event, asyncio.Task[None]]] = {}
+        self.held: dict[str, tuple[RelayListener, asyncio.Event, Future[None]]] = {}
         self.left: list[RelayListener] = []
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="real-listeners", daemon=True
+        )
+        self.thread.start()
+        self.session = self._on_loop(_client_session()).result()
+        self.joiner = make_joiner(self.session)
+        self.stalls: list[tuple[float, float]] = []
+        """(wall time, seconds) the listeners' own loop could not run: a gap that falls in
+        one is (partly) this process not reading, not the relays not sending."""
+        self._watching = self._on_loop(self._watch_stalls())
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            expected = time.monotonic() + STALL_PROBE_SECONDS
+            await asyncio.sleep(STALL_PROBE_SECONDS)
+            late = time.monotonic() - expected
+            if late >= STALL_NOTED_SECONDS:
+                self.stalls.append((time.time() - late, late))
+
+    def _on_loop(self, work: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(work, self.loop)
 
     def can_take(self) -> bool:
         return self.enabled and len(self.held) < self.cap
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, queue_ticket: str | None = None) -> None:
+        """A real listener `name`; with the queue ticket it holds, it keeps its place."""
+        if queue_ticket and isinstance(self.joiner, EdgeJoiner):
+            self.joiner.queue_tickets[name] = queue_ticket
         listener, stop = RelayListener(name, self.joiner), asyncio.Event()
-        self.held[name] = (listener, stop, asyncio.create_task(listener.run(stop)))
+        self.held[name] = (listener, stop, self._on_loop(listener.run(stop)))
 
     def leave(self, name: str) -> None:
         listener, stop, _ = self.held.pop(name)
-        stop.set()
+        self.loop.call_soon_threadsafe(stop.set)
         self.left.append(listener)
 
     def connected(self, name: str) -> bool:
         return self.held[name][0].connected.is_set()
 
     async def close(self) -> None:
-        tasks = [task for _, _, task in self.held.values()]
+        """Every listener leaves, then the session and the loop close."""
+        running = [asyncio.wrap_future(future) for _, _, future in self.held.values()]
         for name in list(self.held):
             self.leave(name)
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        if running:
+            await asyncio.wait(running, timeout=5)
+        self._watching.cancel()
+        await asyncio.wrap_future(self._on_loop(self.session.close()))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join, 5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
     def figures(self, each: bool = False) -> dict[str, Any]:
         """What the real listeners heard, measured at the receiving end."""
@@ -192,6 +242,11 @@ class RealListeners:
             "gaps_by_cause": gaps,
         }
         if each:
+            heard = gaps_heard(everyone, time.time() - time.monotonic())
+            figures["gaps"] = with_stalls(heard, self.stalls)
+            figures["stalls"] = [
+                {"at": round(a, 3), "seconds": round(d, 3)} for a, d in self.stalls
+            ]
             figures["each"] = {
                 lst.name: {
                     "frames": lst.stats.frames,
@@ -202,6 +257,38 @@ class RealListeners:
                 for lst in everyone
             }
         return figures
+
+
+def gaps_heard(listeners: Sequence[RelayListener], wall_offset: float) -> list[dict[str, Any]]:
+    """Every interruption the real listeners heard, in wall-clock time (Unix seconds, so a
+    report can set each beside what the operator did then), oldest first."""
+    gaps = [
+        {
+            "listener": listener.name,
+            "at": round(stretch.started + wall_offset, 3),
+            "seconds": round(stretch.seconds, 3),
+            "cause": stretch.cause,
+            "lost": stretch.lost,
+        }
+        for listener in listeners
+        for stretch in listener.stats.interruptions
+    ]
+    return sorted(gaps, key=lambda gap: gap["at"])
+
+
+async def _client_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+
+def with_stalls(
+    gaps: list[dict[str, Any]], stalls: list[tuple[float, float]]
+) -> list[dict[str, Any]]:
+    """Each gap with `stalled`: the seconds of it the listeners' own loop could not run."""
+    for gap in gaps:
+        begins, ends = gap["at"], gap["at"] + gap["seconds"]
+        overlap = sum(max(0.0, min(ends, at + d) - max(begins, at)) for at, d in stalls)
+        gap["stalled"] = round(min(overlap, gap["seconds"]), 3)
+    return gaps
 
 
 @dataclass
@@ -256,6 +343,21 @@ class Audience:
             elif gone.state == "connected" and gone.pod:
                 self.relays.disconnect(gone.id, gone.pod)
         return [lr for lr in self.listeners if not lr.real and not lr.busy and lr.due <= now]
+
+    def make_real(self) -> None:
+        """Once the relays are seen to be real processes, the earliest listeners not yet
+        connected become real ones, with their place in the queue: the audience arrives
+        before the relays start, and real listeners should be the first in line (and, as the
+        last to leave, hear every drain) rather than whoever joins once relays run."""
+        if self.real is None:
+            return
+        for listener in self.listeners:
+            if not self.real.can_take():
+                return
+            if listener.real or listener.busy or listener.state == "connected":
+                continue
+            listener.real = True
+            self.real.start(listener.id, listener.ticket)
 
     def relays_changed(self, ready: set[str], now: float) -> None:
         """Listeners of a relay that is gone lost their connection: they join again."""
@@ -537,6 +639,7 @@ async def play(
                 if audience.real is not None and not audience.real.enabled and relays_real:
                     with contextlib.suppress(Exception):
                         audience.real.enabled = await asyncio.to_thread(relays_real)
+                        audience.make_real()
                 pods_at = now + PODS_SECONDS
             for listener in audience.step(demand_at(trace, trace_t), now):
                 listener.busy = True
@@ -600,10 +703,11 @@ def run(
                 check_every=check_every,
                 record=sink,
             )
-            joins = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
             if real_listeners > 0:
-                joiner = EdgeJoiner(joins, audience.edges[0], namespace, room)
-                audience.real = RealListeners(joiner, real_listeners)
+                edge = audience.edges[0]
+                audience.real = RealListeners(
+                    lambda session: EdgeJoiner(session, edge, namespace, room), real_listeners
+                )
             latest: list[Snapshot] = []
             registry = CollectorRegistry()
             registry.register(LoadCollector(latest, capacity))
@@ -623,7 +727,6 @@ def run(
                     sink.write(report + "\n")
                     sink.flush()
             finally:
-                await joins.close()
                 server.shutdown()
                 thread.join(timeout=5)
 

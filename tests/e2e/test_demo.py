@@ -31,6 +31,8 @@ TRACE = [(-1200, 0), (0, 200), (60, 900), (600, PEAK), (1500, PEAK), (2100, 150)
 TRACE += [(4200, 0)]
 EXPECTED_REASONS = {"PreWarmStarted", "PreWarmed", "Live", "ScaledUp", "Resharded"}
 EXPECTED_REASONS |= {"ScaledDown", "Draining", "Ended"}
+REAL = 40
+"""Listeners held as real connections to the relay processes; the rest is simulated."""
 
 
 def html_figures(page: str) -> dict[str, int | None]:
@@ -54,16 +56,28 @@ def test_demo_report_matches_what_the_cluster_and_prometheus_recorded(
         prometheus = PrometheusConnect(url=running.prometheus_url, retry=Retry(total=0), timeout=5)
         window = f"{running.report.elapsed_seconds + 30:.0f}s"
         selector = f'{{namespace="{namespace}"}}'
+        relays = f'{{namespace="{namespace}",job="relays"}}'
+        per_pod = f"sum by (pod) (audioroom_relay_listeners{selector})"
         for key, query in {
-            "busiest": f"max(max_over_time(audioroom_relay_listeners{selector}[{window}]))",
+            "busiest": f"max_over_time(max({per_pod})[{window}:1s])",
             "wanted": f"max(max_over_time(audioroom_edge_wanted_listeners{selector}[{window}]))",
+            # counted by the relay processes themselves, scraped at their pod IPs
+            "on_relays": f"max_over_time(sum(audioroom_relay_listeners{relays})[{window}:1s])",
+            "relay_instances": (
+                f"count(count by (instance) "
+                f"(last_over_time(audioroom_relay_listeners{relays}[{window}])))"
+            ),
+            "from_localhost": (
+                f'count(last_over_time(audioroom_relay_listeners{{job="relays",'
+                f'instance=~"127.0.0.1:.*"}}[{window}]))'
+            ),
         }.items():
             result = prometheus.custom_query(query)
             scraped[key] = float(result[0]["value"][1]) if result else None
 
     report: Report = run_demo(
         kubeconfig, namespace, trace, template, SPEED, tmp_path / "report",
-        crd_dir=REPO / "crds", start_in=20, before_teardown=ask_prometheus,
+        crd_dir=REPO / "crds", start_in=30, before_teardown=ask_prometheus, real_listeners=REAL,
     )  # fmt: skip
     figures = report.figures
 
@@ -87,6 +101,28 @@ def test_demo_report_matches_what_the_cluster_and_prometheus_recorded(
     assert figures.max_listeners_on_a_relay == scraped["busiest"], "no relay above capacity"
     assert figures.peak_wanted == scraped["wanted"] == PEAK
     assert figures.peak_ready_relays > figures.planned_relays, "scaled up beyond the plan"
+
+    # Real listeners: the relay processes counted every one of them at once, in their own
+    # series (pod IPs, not the demo's processes on 127.0.0.1), apart from the simulated rest.
+    assert figures.real_listeners == REAL
+    # A listener moving make-before-break is counted by both relays until it leaves the old.
+    assert scraped["on_relays"] == figures.real_listeners_on_relays
+    assert REAL <= figures.real_listeners_on_relays <= REAL * 1.1
+    assert scraped["relay_instances"] and scraped["relay_instances"] >= figures.planned_relays
+    assert scraped["from_localhost"] is None
+    assert figures.real_gaps == len(report.gaps)
+    near = (
+        figures.real_longest_gap_near_scale_up_ms,
+        figures.real_longest_gap_near_reshard_ms,
+        figures.real_longest_gap_near_drain_ms,
+    )
+    assert max(near) <= figures.real_longest_gap_beyond_stall_ms <= figures.real_longest_gap_ms
+    # Moves are make-before-break and resume where the listener was: nobody lost a frame,
+    # and beyond the listeners' own process stalling, no change cost anyone a second.
+    assert figures.real_listeners_that_lost_frames == 0 and figures.real_frames_lost == 0
+    assert figures.real_longest_gap_beyond_stall_ms < 1000
+    print("demo real-listener figures:", {k: getattr(figures, k) for k in type(figures).LABELS
+                                          if k.startswith("real_")})  # fmt: skip
 
     assert report.png.read_bytes().startswith(b"\x89PNG")
     page = report.html.read_text()

@@ -96,18 +96,32 @@ def test_the_edge_adds_up_a_pod_reported_by_its_relay_and_by_a_load_generator(
 ) -> None:
     """A relay process counts its real listeners and a load generator the simulated ones
     it placed on the same pod: the edge must see the sum, and one source alone as is."""
-    with contextlib.ExitStack() as stack:
-        relay = exporter(stack, {"launch-relay-0": 7})
-        load = exporter(stack, {"launch-relay-0": 5, "launch-relay-1": 3})
-        prometheus.add_target(relay)
-        prometheus.add_target(load)
-        both = 'count(audioroom_relay_listeners{namespace="ns"})'
-        wait_until(lambda: prometheus.value(both) == 3, 30, "both exporters scraped")
+    source = PrometheusReports(prometheus.url)
 
+    def counts() -> dict[str, int]:
         async def read() -> Reports:
             async with aiohttp.ClientSession() as session:
-                return await PrometheusReports(prometheus.url).read(session)
+                return await source.read(session)
 
         reports = asyncio.run(read())
-    counts = {key[2]: report.listeners for key, report in reports.items() if key[0] == "ns"}
-    assert counts == {"launch-relay-0": 12, "launch-relay-1": 3}
+        return {key[2]: report.listeners for key, report in reports.items() if key[0] == "ns"}
+
+    series = 'count(audioroom_relay_listeners{namespace="ns"})'
+    with contextlib.ExitStack() as relay_stack, contextlib.ExitStack() as load_stack:
+        prometheus.add_target(exporter(relay_stack, {"launch-relay-0": 7}))
+        load = exporter(load_stack, {"launch-relay-0": 5, "launch-relay-1": 3})
+        prometheus.add_target(load)
+        wait_until(lambda: prometheus.value(series) == 3, 30, "both exporters scraped")
+        assert counts() == {"launch-relay-0": 12, "launch-relay-1": 3}
+
+        # The load generator stops answering (a busy process fails its scrape): its series
+        # go stale, but relay-0 must not look 5 listeners emptier and take joins past its
+        # capacity; relay-1, which nobody reports any more, drops out.
+        load_stack.close()
+
+        def load_series_gone() -> bool:
+            counts()  # the edge reads every second meanwhile
+            return prometheus.value(series) == 1
+
+        wait_until(load_series_gone, 30, "the load generator's series gone")
+        assert counts() == {"launch-relay-0": 12}

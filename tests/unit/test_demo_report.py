@@ -11,6 +11,7 @@ import pytest
 
 from townsquare.cli import main
 from townsquare.demo import EventRow, Figures, Report, Sample, Timeline, write_report
+from townsquare.hearing import Gap, place_gaps
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
 
@@ -104,8 +105,33 @@ def test_the_summary_says_how_much_of_the_audience_was_real_and_what_it_heard(
     report = report_in(tmp_path)
     assert "every listener simulated" in report.summary()
     heard = dataclasses.replace(
-        report.figures, real_listeners=100, real_listeners_that_lost_frames=3,
-        real_longest_gap_ms=412,
+        report.figures, real_listeners=100, real_listeners_on_relays=98,
+        real_listeners_that_lost_frames=3, real_frames_lost=17, real_longest_gap_ms=412,
+        real_longest_gap_near_scale_up_ms=61, real_longest_gap_near_reshard_ms=61,
+        real_longest_gap_near_drain_ms=95,
     )  # fmt: skip
     summary = dataclasses.replace(report, figures=heard).summary()
-    assert "100 listeners on real connections: 3 lost frames, longest gap 412 ms" in summary
+    assert (
+        "100 listeners on real connections (98 at once by the relays' own count): "
+        "3 lost frames (17 in all), longest gap 412 ms (0 ms beyond their own process's stalls); "
+        "near scale-ups 61 ms, reshards 61 ms, drains 95 ms"
+    ) in summary
+
+
+def test_the_page_lists_the_longest_gaps_with_the_change_each_came_near(tmp_path: Path) -> None:
+    report = report_in(tmp_path)
+    t0 = START.timestamp()
+    heard = dataclasses.replace(report.figures, real_listeners=2, real_gaps=2)
+    events = [EventRow(t0 + 30, "Normal", "ScaledDown", "draining 1 relay"), *report.events]
+    gaps = place_gaps(
+        [Gap("listener-0", t0 + 33, 0.095, "relocated: draining", 0),
+         Gap("listener-1", t0 + 80, 0.4, "no notice", 20)],
+        [(e.at, e.reason) for e in events],
+    )  # fmt: skip
+    write_report(dataclasses.replace(report, figures=heard, events=events, gaps=gaps))
+
+    page = report.html.read_text()
+    rows = re.findall(r'<td data-gap-ms="(\d+)">[^<]*</td><td>[\d,]+</td><td>([\d,]+)</td>'
+                      r'<td>([^<]*)</td><td data-near="([^"]*)">', page)  # fmt: skip
+    assert rows == [("95", "0", "relocated: draining", "drain"), ("400", "20", "no notice", "")]
+    assert "1 of them within" in page

@@ -101,7 +101,7 @@ def test_real_relays_are_told_by_a_loopback_pod_ip_and_an_origin() -> None:
 
 def test_the_first_listeners_up_to_the_cap_are_real_and_the_rest_simulated() -> None:
     async def scenario() -> None:
-        real = RealListeners(NeverAdmits(), cap=3)
+        real = RealListeners(lambda session: NeverAdmits(), cap=3)
         audience = Audience("ns", "r", ["http://127.0.0.1:1"], Relays("ns/r"), real=real)
         assert len(audience.step(2, now=0.0)) == 2, "real relays not seen yet: all simulated"
         real.enabled = True
@@ -116,5 +116,22 @@ def test_the_first_listeners_up_to_the_cap_are_real_and_the_rest_simulated() -> 
         assert report["real"]["listeners"] == 3 and report["real"]["frames"] == 0
         await real.close()
         assert not real.held
+
+    asyncio.run(scenario())
+
+
+def test_the_earliest_listeners_not_yet_connected_become_real_once_relays_are() -> None:
+    async def scenario() -> None:
+        real = RealListeners(lambda session: NeverAdmits(), cap=2)
+        audience = Audience("ns", "r", ["http://127.0.0.1:1"], Relays("ns/r"), real=real)
+        audience.step(4, now=0.0)
+        first, second, *_ = audience.listeners
+        first.state, first.pod = "connected", "r-relay-0"
+        second.state, second.ticket = "waiting", "queue-ticket"
+        real.enabled = True
+        audience.make_real()
+        assert [lst.real for lst in audience.listeners] == [False, True, True, False]
+        assert audience.split() == {"real": 2, "simulated": 2}
+        await real.close()
 
     asyncio.run(scenario())

@@ -69,6 +69,9 @@ def test_a_draining_relay_sends_its_listeners_back_and_they_resume_without_loss(
             assert listener.stats.relocations == 1 and listener.stats.disconnects == 0
             assert listener.stats.lost == 0, "moved make-before-break, resuming where it was"
             assert listener.stats.relays[-1] != "r-relay-1"
+            # the gap it heard is the move's, not a lost connection (it left the old relay)
+            causes = {i.cause for i in listener.stats.interruptions}
+            assert "relocated: draining" in causes and "connection lost" not in causes
         for listener in staying:
             assert not listener.stats.moves and listener.stats.lost == 0
             assert listener.stats.disconnects == 0

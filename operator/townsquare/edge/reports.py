@@ -9,6 +9,7 @@ edge that scrapes the relays it knows directly, would be another, with nothing e
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -18,35 +19,42 @@ from townsquare.edge.admission import Report
 
 Reports = dict[tuple[str, str, str], Report]
 """(namespace, room, pod) -> the relay's last count."""
+Parts = dict[tuple[str, str, str, str], Report]
+"""(namespace, room, pod, instance) -> one source's count of a relay's listeners."""
 
 LISTENERS = "audioroom_relay_listeners"
+BY_SOURCE = "namespace, room, pod, instance"
 QUERY = (
-    f"sum by (namespace, room, pod) ({LISTENERS}) or "
-    f'label_replace(min by (namespace, room, pod) (timestamp({LISTENERS})), "at", "1", "", "")'
+    f"sum by ({BY_SOURCE}) ({LISTENERS}) or "
+    f'label_replace(max by ({BY_SOURCE}) (timestamp({LISTENERS})), "at", "1", "", "")'
 )
-"""Counts and their sample times in one vector, told apart by the `at` label.
+"""Each source's counts and their sample times in one vector, told apart by the `at` label.
 
-One pod may be reported by more than one source: the relay process counts the listeners
-connected to it, and a load generator counts the simulated ones it places there. Those
-add up (a `max` would hide the smaller part and let the edge overfill the relay); a pod
-reported by one source alone is that source's count. The time is the oldest part's, so
-the edge never takes a count for fresher than all of it is."""
+One pod may be reported by more than one source (scrape target): the relay process counts
+the listeners connected to it, and a load generator counts the simulated ones it placed
+there. Those add up (a `max` would hide the smaller part and let the edge overfill the
+relay); a pod reported by one source alone is that source's count."""
+MISSING_PART_GRACE = 10.0
+"""Seconds a source that reported a pod before still counts, at its last figure, once its
+series is gone (a failed scrape marks it stale): without it the pod would look emptier by
+that part and take joins past its capacity. A pod whose every source is gone drops out."""
 
 
 class ReportSource(Protocol):
     async def read(self, session: aiohttp.ClientSession) -> Reports: ...
 
 
-def parse_reports(result: list[Mapping[str, Any]]) -> Reports:
-    """Pair each relay's count with its sample time; NaN, negative or unpaired: dropped."""
-    counts: dict[tuple[str, str, str], float] = {}
-    times: dict[tuple[str, str, str], float] = {}
+def parse_parts(result: list[Mapping[str, Any]]) -> Parts:
+    """Pair each source's count with its sample time; NaN, negative or unpaired: dropped."""
+    counts: dict[tuple[str, str, str, str], float] = {}
+    times: dict[tuple[str, str, str, str], float] = {}
     for series in result:
         labels = series.get("metric", {})
-        key = (labels.get("namespace", ""), labels.get("room", ""), labels.get("pod", ""))
+        pod = (labels.get("namespace", ""), labels.get("room", ""), labels.get("pod", ""))
         value = float(series["value"][1])
-        if not all(key) or not math.isfinite(value) or value < 0:
+        if not all(pod) or not math.isfinite(value) or value < 0:
             continue
+        key = (*pod, labels.get("instance", ""))
         (times if labels.get("at") else counts)[key] = value
     return {
         key: Report(listeners=math.ceil(count), sampled_at=times[key])
@@ -55,12 +63,49 @@ def parse_reports(result: list[Mapping[str, Any]]) -> Reports:
     }
 
 
+def combine(parts: Parts) -> Reports:
+    """A pod's count is the sum of its sources'; its time is the oldest part's, so the
+    edge never takes the count for fresher than all of it is."""
+    reports: Reports = {}
+    for (namespace, room, pod, _), part in parts.items():
+        key = (namespace, room, pod)
+        known = reports.get(key)
+        reports[key] = (
+            part
+            if known is None
+            else Report(
+                listeners=known.listeners + part.listeners,
+                sampled_at=min(known.sampled_at, part.sampled_at),
+            )
+        )
+    return reports
+
+
+def parse_reports(result: list[Mapping[str, Any]]) -> Reports:
+    """Every pod's count from one answer to QUERY."""
+    return combine(parse_parts(result))
+
+
+def carry_missing_parts(
+    seen: Parts, previous: Mapping[tuple[str, str, str, str], tuple[Report, float]], now: float
+) -> dict[tuple[str, str, str, str], tuple[Report, float]]:
+    """The parts to count now, each with when it was last seen: those just read, and those
+    gone for less than MISSING_PART_GRACE from pods that some source still reports."""
+    kept = {key: (part, now) for key, part in seen.items()}
+    reported = {key[:3] for key in seen}
+    for key, (part, last_seen) in previous.items():
+        if key not in kept and key[:3] in reported and now - last_seen < MISSING_PART_GRACE:
+            kept[key] = (part, last_seen)
+    return kept
+
+
 class PrometheusReports:
     """Reads every relay's count from one Prometheus (the one the operator reads)."""
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
         self.url = url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.parts: dict[tuple[str, str, str, str], tuple[Report, float]] = {}
 
     async def read(self, session: aiohttp.ClientSession) -> Reports:
         async with session.get(
@@ -68,4 +113,6 @@ class PrometheusReports:
         ) as response:
             response.raise_for_status()
             body = await response.json()
-        return parse_reports(body["data"]["result"])
+        seen = parse_parts(body["data"]["result"])
+        self.parts = carry_missing_parts(seen, self.parts, time.monotonic())
+        return combine({key: part for key, (part, _) in self.parts.items()})

@@ -84,13 +84,24 @@ class ListenerStats:
     relays: list[str] = field(default_factory=list)
     """Pods this listener was welcomed by, in order."""
     interruptions: list[Interruption] = field(default_factory=list)
+    """Moves, lost connections, and any other gap that skipped frames or was notable."""
+
+
+UNANNOUNCED = "no notice"
+"""The cause of a gap that no move or lost connection explains (a stalled relay or upstream)."""
+NOTABLE_GAP = 0.1
+"""Seconds of silence a listener notices (five 20 ms frames): such a gap is kept as an
+interruption even when nothing announced it, and so is any gap that skipped frames."""
 
 
 class Listener:
-    def __init__(self, name: str, joiner: Joiner, *, resume: bool = True) -> None:
+    def __init__(
+        self, name: str, joiner: Joiner, *, resume: bool = True, notable_gap: float = NOTABLE_GAP
+    ) -> None:
         self.name = name
         self.joiner = joiner
         self.resume = resume
+        self.notable_gap = notable_gap
         self.stats = ListenerStats()
         self.connected = asyncio.Event()
         self.pod: str | None = None
@@ -180,10 +191,9 @@ class Listener:
         if self._last_arrival is not None:
             gap = now - self._last_arrival
             stats.longest_gap = max(stats.longest_gap, gap)
-            if self._cause is not None:
-                stats.interruptions.append(
-                    Interruption(self._last_arrival, gap, self._cause, missing)
-                )
+            if self._cause is not None or missing or gap >= self.notable_gap:
+                cause = self._cause or UNANNOUNCED
+                stats.interruptions.append(Interruption(self._last_arrival, gap, cause, missing))
         self._cause = None
         if stats.first_seq < 0:
             stats.first_seq = seq
@@ -254,10 +264,15 @@ class _Session(asyncio.Protocol):
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ended.done():
-            if not self._closed_by_us:
-                self.listener.stats.disconnects += 1
-            self._end("lost", "connection lost")
+        if self.ended.done():
+            return
+        if self._closed_by_us:
+            # We left (a move, or stopping): whatever caused the gap is already said, and
+            # "connection lost" would relabel every move's gap.
+            self.ended.set_result("closed")
+            return
+        self.listener.stats.disconnects += 1
+        self._end("lost", "connection lost")
 
     def close(self) -> None:
         self._closed_by_us = True
