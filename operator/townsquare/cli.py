@@ -173,6 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         listener_queries=queries,
         headroom_priority_class=args.headroom_priority_class,
         headroom_image=args.headroom_image,
+        relay_ticket_secret=args.relay_ticket_secret or None,
         peering_lifetime=timedelta(seconds=args.peering_lifetime),
     )
     kopf.run(
@@ -593,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--headroom-priority-class",
         default="townsquare-headroom",
         help="PriorityClass of node headroom placeholders (spec.nodeHeadroom); the chart's",
+    )
+    run.add_argument(
+        "--relay-ticket-secret",
+        default=os.environ.get("TOWNSQUARE_RELAY_TICKET_SECRET", ""),
+        help="Secret (in each room's namespace, key `key`) with the edge's ticket key, mounted "
+        "into relay pods so they check admit tickets (the chart's; default: none)",
     )
     run.add_argument(
         "--headroom-image",

@@ -94,6 +94,9 @@ class Settings:
     headroom_priority_class: str = placeholders.PRIORITY_CLASS
     """The PriorityClass of node headroom placeholders (the chart ships it)."""
     headroom_image: str = placeholders.IMAGE
+    relay_ticket_secret: str | None = None
+    """A Secret (in each room's namespace) with the edge's ticket key, mounted into relay
+    pods so that they check admit tickets; None: relays get no key from the operator."""
     peering_lifetime: timedelta = timedelta(seconds=30)
     """How long a replica that stopped renewing (killed, partitioned) still holds the lead:
     a standby takes over at most this long after the primary's last keepalive."""
@@ -716,7 +719,7 @@ def reconcile_room(
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
     if not outcome.released:
-        _apply_children(cluster, state, room, spec, outcome)
+        _apply_children(cluster, state, room, spec, outcome, runtime.settings)
         _apply_headroom(runtime, state, room, spec, outcome, now)
     by_ordinal = {pod.ordinal: pod for pod in pods}
     for ordinal in outcome.replace_relays:  # drained: back with the new template
@@ -756,7 +759,12 @@ def _post_events(cluster: Cluster, room: dict[str, Any], outcome: Outcome, now: 
 
 
 def _apply_children(
-    cluster: Cluster, state: RoomState, room: dict[str, Any], spec: AudioRoomSpec, outcome: Outcome
+    cluster: Cluster,
+    state: RoomState,
+    room: dict[str, Any],
+    spec: AudioRoomSpec,
+    outcome: Outcome,
+    settings: Settings,
 ) -> None:
     """Send each child whose desired content changed, the StatefulSet first; one child
     refused never keeps the others (the relay count above all) from being applied."""
@@ -764,7 +772,14 @@ def _apply_children(
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
     wanted = [
-        children.relay_stateful_set(name, namespace, uid, spec, outcome.desired_relays),
+        children.relay_stateful_set(
+            name,
+            namespace,
+            uid,
+            spec,
+            outcome.desired_relays,
+            ticket_secret=settings.relay_ticket_secret,
+        ),
         children.relay_service(name, namespace, uid, spec),
         children.shard_map_config_map(name, namespace, uid, shard_map),
         children.relay_disruption_budget(name, namespace, uid),

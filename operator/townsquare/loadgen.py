@@ -29,17 +29,16 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import json
 import random
 import signal
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 from urllib.parse import quote
 
 import aiohttp
@@ -50,17 +49,14 @@ from prometheus_client.registry import Collector
 from townsquare import tickets
 from townsquare.api.names import relay_set_name
 from townsquare.kube.client import Cluster, load_config
-from townsquare.relay.listener import EdgeJoiner, Joiner
-from townsquare.relay.listener import Listener as RelayListener
+from townsquare.relay.crowd import CrowdProcess, MakeJoiner
+from townsquare.relay.listener import EdgeJoiner
 from townsquare.sim.trace import Trace
 
 STEP_SECONDS = 0.2
 PODS_SECONDS = 1.0
-T = TypeVar("T")
-STALL_PROBE_SECONDS = 0.01
-STALL_NOTED_SECONDS = 0.03
-"""The real listeners' loop woke this much later than asked: it was not running (the
-process descheduled on a busy machine, or another thread holding the interpreter)."""
+EACH = ("gaps", "stalls", "each")
+"""Parts of the real listeners' figures too long for every scrape: the summary only."""
 REAL_LISTENERS = 100
 """Real connections one load generator holds by default: each hears 50 frames a second in
 Python, so a hundred keep about a tenth of a core of this 2-core machine busy."""
@@ -148,147 +144,53 @@ def runs_real_relays(pods: Sequence[Mapping[str, Any]]) -> bool:
 
 
 class RealListeners:
-    """Listeners holding real connections to real relays, up to `cap`; what each heard.
+    """Up to `cap` listeners holding real connections to real relays, in a process of their
+    own (relay/crowd.py: in this one, the simulation kept them from reading for seconds at
+    a time in a join storm); which of them are held here, and what they heard."""
 
-    They run on an event loop of their own, in a thread of their own. The simulated
-    audience keeps the main loop busy for up to a second at a time in a join storm, and a
-    listener on that loop counted the stall as a gap in its audio: in the demo all 40 real
-    listeners "heard" the same 0.6-0.9 s gaps at once, with no frame lost, while frames
-    waited in their sockets. Bookkeeping (`held`, `left`) stays on the caller's thread.
-    """
-
-    def __init__(self, make_joiner: Callable[[aiohttp.ClientSession], Joiner], cap: int) -> None:
-        import uvloop
-
-        self.cap = cap
+    def __init__(self, make_joiner: MakeJoiner, cap: int) -> None:
+        self.make_joiner, self.cap = make_joiner, cap
         self.enabled = False
         """Set once the room's relays are seen to be real processes."""
-        self.held: dict[str, tuple[RelayListener, asyncio.Event, Future[None]]] = {}
-        self.left: list[RelayListener] = []
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="real-listeners", daemon=True
-        )
-        self.thread.start()
-        self.session = self._on_loop(_client_session()).result()
-        self.joiner = make_joiner(self.session)
-        self.stalls: list[tuple[float, float]] = []
-        """(wall time, seconds) the listeners' own loop could not run: a gap that falls in
-        one is (partly) this process not reading, not the relays not sending."""
-        self._watching = self._on_loop(self._watch_stalls())
-
-    async def _watch_stalls(self) -> None:
-        while True:
-            expected = time.monotonic() + STALL_PROBE_SECONDS
-            await asyncio.sleep(STALL_PROBE_SECONDS)
-            late = time.monotonic() - expected
-            if late >= STALL_NOTED_SECONDS:
-                self.stalls.append((time.time() - late, late))
-
-    def _on_loop(self, work: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(work, self.loop)
+        self.held: set[str] = set()
+        self.crowd: CrowdProcess | None = None
+        """Started with the first real listener."""
+        self.final: dict[str, Any] | None = None
 
     def can_take(self) -> bool:
         return self.enabled and len(self.held) < self.cap
 
     def start(self, name: str, queue_ticket: str | None = None) -> None:
         """A real listener `name`; with the queue ticket it holds, it keeps its place."""
-        if queue_ticket and isinstance(self.joiner, EdgeJoiner):
-            self.joiner.queue_tickets[name] = queue_ticket
-        listener, stop = RelayListener(name, self.joiner), asyncio.Event()
-        self.held[name] = (listener, stop, self._on_loop(listener.run(stop)))
+        if self.crowd is None:
+            self.crowd = CrowdProcess(self.make_joiner)
+        self.held.add(name)
+        self.crowd.start(name, queue_ticket)
 
     def leave(self, name: str) -> None:
-        listener, stop, _ = self.held.pop(name)
-        self.loop.call_soon_threadsafe(stop.set)
-        self.left.append(listener)
+        self.held.discard(name)
+        if self.crowd is not None:
+            self.crowd.leave(name)
 
     def connected(self, name: str) -> bool:
-        return self.held[name][0].connected.is_set()
+        return self.crowd is not None and name in self.crowd.connected
 
     async def close(self) -> None:
-        """Every listener leaves, then the session and the loop close."""
-        running = [asyncio.wrap_future(future) for _, _, future in self.held.values()]
-        for name in list(self.held):
-            self.leave(name)
-        if running:
-            await asyncio.wait(running, timeout=5)
-        self._watching.cancel()
-        await asyncio.wrap_future(self._on_loop(self.session.close()))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        await asyncio.to_thread(self.thread.join, 5)
-        if not self.thread.is_alive():
-            self.loop.close()
+        """Every listener leaves; what they heard is kept for `figures(each=True)`."""
+        self.held.clear()
+        if self.crowd is not None and self.final is None:
+            self.final = await asyncio.to_thread(self.crowd.close)
 
     def figures(self, each: bool = False) -> dict[str, Any]:
-        """What the real listeners heard, measured at the receiving end."""
-        everyone = [listener for listener, _, _ in self.held.values()] + self.left
-        gaps: dict[str, dict[str, float]] = {}
-        for listener in everyone:
-            for stretch in listener.stats.interruptions:
-                cause = gaps.setdefault(stretch.cause, {"count": 0, "longest_s": 0.0, "lost": 0})
-                cause["count"] += 1
-                cause["longest_s"] = round(max(cause["longest_s"], stretch.seconds), 3)
-                cause["lost"] += stretch.lost
-        figures: dict[str, Any] = {
-            "listeners": len(everyone),
-            "connected": sum(1 for lst, _, _ in self.held.values() if lst.connected.is_set()),
-            "frames": sum(lst.stats.frames for lst in everyone),
-            "frames_lost": sum(lst.stats.lost for lst in everyone),
-            "listeners_that_lost_frames": sum(1 for lst in everyone if lst.stats.lost),
-            "longest_gap_s": round(max((lst.stats.longest_gap for lst in everyone), default=0), 3),
-            "disconnects": sum(lst.stats.disconnects for lst in everyone),
-            "relocations": sum(lst.stats.relocations for lst in everyone),
-            "gaps_by_cause": gaps,
-        }
-        if each:
-            heard = gaps_heard(everyone, time.time() - time.monotonic())
-            figures["gaps"] = with_stalls(heard, self.stalls)
-            figures["stalls"] = [
-                {"at": round(a, 3), "seconds": round(d, 3)} for a, d in self.stalls
-            ]
-            figures["each"] = {
-                lst.name: {
-                    "frames": lst.stats.frames,
-                    "lost": lst.stats.lost,
-                    "longest_gap_s": round(lst.stats.longest_gap, 3),
-                    "relays": lst.stats.relays,
-                }
-                for lst in everyone
-            }
-        return figures
-
-
-def gaps_heard(listeners: Sequence[RelayListener], wall_offset: float) -> list[dict[str, Any]]:
-    """Every interruption the real listeners heard, in wall-clock time (Unix seconds, so a
-    report can set each beside what the operator did then), oldest first."""
-    gaps = [
-        {
-            "listener": listener.name,
-            "at": round(stretch.started + wall_offset, 3),
-            "seconds": round(stretch.seconds, 3),
-            "cause": stretch.cause,
-            "lost": stretch.lost,
-        }
-        for listener in listeners
-        for stretch in listener.stats.interruptions
-    ]
-    return sorted(gaps, key=lambda gap: gap["at"])
-
-
-async def _client_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-
-
-def with_stalls(
-    gaps: list[dict[str, Any]], stalls: list[tuple[float, float]]
-) -> list[dict[str, Any]]:
-    """Each gap with `stalled`: the seconds of it the listeners' own loop could not run."""
-    for gap in gaps:
-        begins, ends = gap["at"], gap["at"] + gap["seconds"]
-        overlap = sum(max(0.0, min(ends, at + d) - max(begins, at)) for at, d in stalls)
-        gap["stalled"] = round(min(overlap, gap["seconds"]), 3)
-    return gaps
+        """What the real listeners heard, measured at the receiving end (the crowd's last
+        word; with `each`, after `close`, everything including every gap)."""
+        if self.final is not None:
+            return self.final if each else {k: v for k, v in self.final.items() if k not in EACH}
+        if self.crowd is None:
+            return {"listeners": 0, "frames": 0, "frames_lost": 0,
+                    "listeners_that_lost_frames": 0, "longest_gap_s": 0.0}  # fmt: skip
+        self.crowd.refresh()
+        return dict(self.crowd.latest)
 
 
 @dataclass
@@ -704,10 +606,10 @@ def run(
                 record=sink,
             )
             if real_listeners > 0:
-                edge = audience.edges[0]
-                audience.real = RealListeners(
-                    lambda session: EdgeJoiner(session, edge, namespace, room), real_listeners
+                joiner = functools.partial(
+                    EdgeJoiner, edge_url=audience.edges[0], namespace=namespace, room=room
                 )
+                audience.real = RealListeners(joiner, real_listeners)
             latest: list[Snapshot] = []
             registry = CollectorRegistry()
             registry.register(LoadCollector(latest, capacity))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from test_chart import of_kind, render, rules_of
 
 from townsquare.cli import build_parser
@@ -98,3 +99,81 @@ def test_a_value_turns_it_off_and_a_given_secret_is_used() -> None:
     (deployment,) = of_kind(docs, "Deployment")
     volume = deployment["spec"]["template"]["spec"]["volumes"][0]
     assert volume["secret"]["secretName"] == "my-key"
+
+
+def relay_flags(docs: list[dict[str, Any]]) -> list[str | None]:
+    """The --relay-ticket-secret each operator Deployment runs with."""
+    return [
+        build_parser()
+        .parse_args(d["spec"]["template"]["spec"]["containers"][0]["args"])
+        .relay_ticket_secret
+        or None
+        for d in of_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
+
+
+def test_relays_of_rooms_in_watched_namespaces_get_the_edges_key() -> None:
+    docs = render({**PROMETHEUS, "watch": {"namespaces": ["spaces", "stage"]}})
+    secrets = {
+        (s["metadata"]["namespace"], s["metadata"]["name"]): s for s in of_kind(docs, "Secret")
+    }
+    (edge_secret,) = [
+        s for s in secrets.values() if s["metadata"]["namespace"] == "townsquare-system"
+    ]
+    name = edge_secret["metadata"]["name"]
+    assert set(secrets) == {("townsquare-system", name), ("spaces", name), ("stage", name)}
+    assert {s["data"]["key"] for s in secrets.values()} == {edge_secret["data"]["key"]}, (
+        "one key: the relays check what the edge signs"
+    )
+    assert relay_flags(docs) == [name]
+
+
+def test_the_operator_mounts_the_named_secret_into_relay_pods(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from townsquare.api.manifest import parse_room
+    from townsquare.kube.children import relay_stateful_set
+
+    room = parse_room(
+        "apiVersion: townsquare.dev/v1alpha1\nkind: AudioRoom\nmetadata: {name: launch}\n"
+        "spec: {startTime: '2026-12-01T23:00:00Z', duration: 90m, expectedAudience: 1000,"
+        " relay: {image: 'registry.example/relay:1', listenersPerRelay: 100}}\n"
+    )
+    (flag,) = relay_flags(render({**PROMETHEUS, "watch": {"namespaces": ["spaces"]}}))
+    template = relay_stateful_set("launch", "spaces", "uid", room.spec, 3, ticket_secret=flag)[
+        "spec"
+    ]["template"]
+    pod = template["spec"]
+    (volume,) = pod["volumes"]
+    assert volume["secret"]["secretName"] == flag
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    assert mount["readOnly"] and mount["name"] == volume["name"]
+    key_file = {e["name"]: e.get("value") for e in container["env"]}["TOWNSQUARE_TICKET_KEY_FILE"]
+    assert key_file == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    monkeypatch.setenv("TOWNSQUARE_TICKET_KEY_FILE", key_file)  # as the pod's env sets it
+    assert build_parser().parse_args(["relay"]).ticket_key_file == key_file
+    assert template["metadata"]["annotations"]["townsquare.dev/ticket-secret"] == flag
+    without = relay_stateful_set("launch", "spaces", "uid", room.spec, 3)["spec"]["template"]
+    assert "volumes" not in without["spec"]
+
+
+def test_keys_go_only_where_asked_and_can_be_left_to_the_platform_team() -> None:
+    everywhere = render(PROMETHEUS)
+    assert [s["metadata"]["namespace"] for s in of_kind(everywhere, "Secret")] == [
+        "townsquare-system"
+    ]
+    listed = render({**PROMETHEUS, "edge": {"ticketKey": {"relayNamespaces": ["spaces"]}}})
+    assert sorted(s["metadata"]["namespace"] for s in of_kind(listed, "Secret")) == [
+        "spaces",
+        "townsquare-system",
+    ]
+    off = render(
+        {**PROMETHEUS, "watch": {"namespaces": ["spaces"]},
+         "edge": {"ticketKey": {"mountIntoRelays": False}}}
+    )  # fmt: skip
+    assert [s["metadata"]["namespace"] for s in of_kind(off, "Secret")] == ["townsquare-system"]
+    assert relay_flags(off) == [None]
+    given = render({**PROMETHEUS, "edge": {"ticketKey": {"existingSecret": "my-key"}}})
+    assert not of_kind(given, "Secret") and relay_flags(given) == ["my-key"]

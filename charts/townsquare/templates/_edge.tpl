@@ -36,3 +36,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "townsquare.edge.peers" -}}
 {{- if .Values.edge.autoscaling.enabled }}{{ .Values.edge.autoscaling.maxReplicas }}{{ else }}{{ .Values.edge.replicas }}{{ end }}
 {{- end }}
+
+{{/* Namespaces whose relays get a copy of the generated ticket key: those listed, or the
+watched ones. As a JSON list (fromJsonArray). */}}
+{{- define "townsquare.edge.relayKeyNamespaces" -}}
+{{- toJson (default .Values.watch.namespaces .Values.edge.ticketKey.relayNamespaces) }}
+{{- end }}

@@ -18,6 +18,12 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "townsquare"
 SHARD_MAP_KEY = "shardmap.json"
+TICKET_SECRET_ANNOTATION = "townsquare.dev/ticket-secret"
+"""Names the Secret a relay's ticket key comes from (read by the local cluster's pod runner,
+which starts relay processes where a kubelet would mount it)."""
+TICKET_KEY_DIR = "/etc/townsquare/tickets"
+TICKET_KEY_FILE = f"{TICKET_KEY_DIR}/key"
+"""Where a relay finds the key that signs admit tickets, as the edge does (the chart)."""
 
 
 def relay_selector(room: str) -> dict[str, str]:
@@ -44,7 +50,13 @@ def _metadata(room: str, namespace: str, uid: str, name: str, component: str) ->
 
 
 def relay_stateful_set(
-    room: str, namespace: str, uid: str, spec: AudioRoomSpec, replicas: int
+    room: str,
+    namespace: str,
+    uid: str,
+    spec: AudioRoomSpec,
+    replicas: int,
+    *,
+    ticket_secret: str | None = None,
 ) -> Manifest:
     """Relays as a StatefulSet: stable ordinals for the shard map, started in parallel.
 
@@ -61,14 +73,21 @@ def relay_stateful_set(
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "OnDelete"},
             "selector": {"matchLabels": relay_selector(room)},
-            "template": relay_pod_template(room, spec),
+            "template": relay_pod_template(room, spec, ticket_secret=ticket_secret),
         },
     }
 
 
-def relay_pod_template(room: str, spec: AudioRoomSpec) -> Manifest:
+def relay_pod_template(
+    room: str, spec: AudioRoomSpec, *, ticket_secret: str | None = None
+) -> Manifest:
     """A relay pod fit for production clusters: restricted Pod Security, no API token,
-    spread across zones and nodes, and given the time to drain when told to stop."""
+    spread across zones and nodes, and given the time to drain when told to stop.
+
+    `ticket_secret`: a Secret in the room's namespace holding the key (`key`) that the edge
+    signs admit tickets with. It is mounted read-only and named in $TOWNSQUARE_TICKET_KEY_FILE,
+    so the relay checks every listener's ticket; the operator only names it, never reads it.
+    """
     relay = spec.relay
     context = relay.security_context
     pod_spec: Manifest = {
@@ -114,6 +133,10 @@ def relay_pod_template(room: str, spec: AudioRoomSpec) -> Manifest:
         "topologySpreadConstraints": _spread(room, relay.topology_spread),
         "imagePullSecrets": [{"name": secret.name} for secret in relay.image_pull_secrets],
     }
+    annotations: dict[str, str] = {}
+    if ticket_secret:
+        _mount_ticket_key(pod_spec, ticket_secret)
+        annotations[TICKET_SECRET_ANNOTATION] = ticket_secret
     if relay.pre_stop_seconds:
         lifecycle = {"preStop": {"sleep": {"seconds": relay.pre_stop_seconds}}}
         pod_spec["containers"][0]["lifecycle"] = lifecycle
@@ -127,11 +150,28 @@ def relay_pod_template(room: str, spec: AudioRoomSpec) -> Manifest:
             "annotations": {
                 "prometheus.io/scrape": "true",
                 "prometheus.io/port": str(relay.metrics_port),
+                **annotations,
                 **relay.pod_annotations,
             },
         },
         "spec": pod_spec,
     }
+
+
+def _mount_ticket_key(pod_spec: Manifest, secret: str) -> None:
+    container = pod_spec["containers"][0]
+    container["env"].append({"name": "TOWNSQUARE_TICKET_KEY_FILE", "value": TICKET_KEY_FILE})
+    container["volumeMounts"] = [
+        {"name": "ticket-key", "mountPath": TICKET_KEY_DIR, "readOnly": True}
+    ]
+    pod_spec["volumes"] = [
+        {
+            "name": "ticket-key",
+            # A missing Secret keeps the pod from starting (an Event names it) rather than
+            # running a relay that admits nobody.
+            "secret": {"secretName": secret, "items": [{"key": "key", "path": "key"}]},
+        }
+    ]
 
 
 def termination_grace_seconds(spec: AudioRoomSpec) -> int:
