@@ -206,6 +206,8 @@ class Listener:
     queued: bool = False
     real: bool = False
     """Held by a real listener (RealListeners) rather than simulated here."""
+    gone: bool = False
+    """Left the audience (the trace fell); a request still out is undone when it ends."""
 
     @property
     def id(self) -> str:
@@ -238,8 +240,12 @@ class Audience:
                 listener.real = True
                 self.real.start(listener.id)
             self.listeners.append(listener)
-        while len(self.listeners) > wanted and not self.listeners[-1].busy:
+        while len(self.listeners) > wanted:
+            # The last to join leave first, also one whose request is still out (with
+            # thousands queued behind the concurrency limit, the last is nearly always busy,
+            # and waiting for it kept a whole audience from ever leaving): `act` finishes it.
             gone = self.listeners.pop()
+            gone.gone = True
             if gone.real and self.real is not None:
                 self.real.leave(gone.id)
             elif gone.state == "connected" and gone.pod:
@@ -294,6 +300,16 @@ class Audience:
             self._count("unreachable")
         finally:
             listener.busy = False
+            if listener.gone and listener.state == "connected" and listener.pod:
+                self._undo(listener)
+
+    def _undo(self, gone: Listener) -> None:
+        """A listener that left while its request was out connected after all: it goes,
+        unless the audience grew back meanwhile and its successor (same id) holds that pod."""
+        index = gone.index
+        successor = self.listeners[index] if index < len(self.listeners) else None
+        if successor is None or (successor.state, successor.pod) != ("connected", gone.pod):
+            self.relays.disconnect(gone.id, gone.pod or "")
 
     def _path(self, tail: str) -> str:
         return f"/v1/rooms/{quote(self.namespace)}/{quote(self.room)}/{tail}"

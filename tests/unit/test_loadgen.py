@@ -143,3 +143,17 @@ def test_the_earliest_listeners_not_yet_connected_become_real_once_relays_are() 
         await real.close()
 
     asyncio.run(scenario())
+
+
+def test_the_audience_leaves_even_while_the_last_to_join_has_a_request_out() -> None:
+    relays = Relays("ns/r")
+    audience = Audience("ns", "r", ["http://127.0.0.1:1"], relays)
+    audience.step(3, now=0.0)
+    for listener in audience.listeners:
+        listener.state, listener.pod = "connected", "r-relay-0"
+        relays.connect(listener.id, "r-relay-0", "", now=0.0)
+    last = audience.listeners[-1]
+    last.busy = True
+    audience.step(0, now=1.0)
+    assert audience.listeners == [] and relays.counts() == {"r-relay-0": 0}
+    assert last.gone, "its request finishes on a listener that has left"

@@ -26,8 +26,6 @@ from townsquare.relay.listener import EdgeJoiner, Joiner, Listener
 STALL_PROBE_SECONDS = 0.01
 STALL_NOTED_SECONDS = 0.03
 """The crowd's loop woke this much later than asked: its process was not running."""
-STATUS_SECONDS = 0.5
-"""How often the crowd tells the parent who is connected and what they heard."""
 MakeJoiner = Callable[[aiohttp.ClientSession], Joiner]
 """Builds the joiner in the crowd's process (picklable: a class or functools.partial)."""
 
@@ -142,9 +140,10 @@ class Crowd:
 
 
 def serve_crowd(conn: Connection, make_joiner: MakeJoiner) -> None:
-    """The crowd's process: obey ("start", name, ticket), ("leave", name) and ("close",)
-    from `conn`; send ("status", connected, figures) now and then and ("final", figures)
-    at the end."""
+    """The crowd's process: obey ("start", name, ticket), ("leave", name), ("status",) and
+    ("close",) from `conn`. It speaks only when asked, ("status", connected, figures), and
+    once at the end, ("final", figures): a parent too busy to read never fills the pipe, so
+    the crowd never waits on it."""
     import uvloop
 
     async def main() -> None:
@@ -162,17 +161,15 @@ def serve_crowd(conn: Connection, make_joiner: MakeJoiner) -> None:
                             crowd.start(*args)
                         elif command == "leave":
                             crowd.leave(*args)
+                        elif command == "status":
+                            conn.send(("status", crowd.connected(), crowd.figures()))
                         elif command == "close":
                             closing.set()
                 except (EOFError, OSError):
                     closing.set()  # the parent is gone
 
             loop.add_reader(conn.fileno(), on_message)
-            while not closing.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(closing.wait(), STATUS_SECONDS)
-                with contextlib.suppress(OSError):
-                    conn.send(("status", crowd.connected(), crowd.figures()))
+            await closing.wait()
             loop.remove_reader(conn.fileno())
             await crowd.close()
             watching.cancel()
@@ -196,6 +193,8 @@ class CrowdProcess:
         self.connected: set[str] = set()
         self.latest: dict[str, Any] = {}
         self.final: dict[str, Any] | None = None
+        self.asked = False
+        """A status request is out: the next waits for its answer."""
 
     def start(self, name: str, queue_ticket: str | None = None) -> None:
         self.conn.send(("start", name, queue_ticket))
@@ -205,17 +204,22 @@ class CrowdProcess:
         self.conn.send(("leave", name))
 
     def refresh(self) -> None:
-        """Read what the crowd said since the last time (never waits)."""
+        """Take the crowd's last answer, if it came, and ask again (never waits)."""
         with contextlib.suppress(EOFError, OSError):
             while self.conn.poll():
                 kind, *body = self.conn.recv()
                 if kind == "status":
                     self.connected, self.latest = set(body[0]), body[1]
+                    self.asked = False
                 elif kind == "final":
                     self.final = body[0]
+            if not self.asked and self.final is None:
+                self.conn.send(("status",))
+                self.asked = True
 
-    def close(self, timeout: float = 15.0) -> dict[str, Any]:
+    def close(self, timeout: float = 30.0) -> dict[str, Any]:
         """Every listener leaves; what they heard, each of them included (blocks)."""
+        self.asked = True  # no more status requests: the answer now is the final one
         with contextlib.suppress(OSError):
             self.conn.send(("close",))
         deadline = time.monotonic() + timeout
