@@ -344,3 +344,76 @@ def test_standby_replica_waits_then_takes_over_through_the_chart_peering_object(
             replica.stop()
     for replica in replicas:
         assert "forbidden" not in replica.log_text().lower(), replica.log_text()[-3000:]
+
+
+@pytest.mark.parametrize("release", [["--set", "prometheus.url=http://127.0.0.1:9"]], indirect=True)
+def test_relays_of_a_helm_install_check_tickets_with_the_charts_key(
+    release: str, kubeconfig: Path, api_client: client.ApiClient, tmp_path: Path
+) -> None:
+    """A platform team installs the chart (edge on: it has a Prometheus URL). The operator,
+    with the chart's own flags, mounts the chart's ticket Secret into every relay pod; the
+    relay process that runs for the pod (the pod runner reads the Secret a pod names, as a
+    kubelet mounts it) admits a listener whose ticket the chart's key signed, and refuses
+    one signed with another key."""
+    import asyncio
+    import base64
+    import os
+    import secrets
+
+    from audience import origin
+    from test_relay_tree import ROOM, relay_room
+
+    from townsquare.relay.kubeapi import KubeReader, load_credentials
+    from townsquare.relay.listener import Listener, MapJoiner
+    from townsquare.relay.topology import ConfigMapSource, PodResolver
+
+    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    chart_args = apps.read_namespaced_deployment("ts-townsquare", release).spec.template.spec
+    flags = [a for a in chart_args.containers[0].args if a.startswith("--relay-ticket-secret=")]
+    assert flags == ["--relay-ticket-secret=ts-townsquare-tickets"]
+    secret = core.read_namespaced_secret("ts-townsquare-tickets", release)
+    key = base64.b64decode(secret.data["key"])
+    key_file = tmp_path / "ticket.key"
+    key_file.write_bytes(key)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    origin_process, origin_address = origin(tmp_path, release, ROOM, key_file, kubeconfig, env)
+    operator = OperatorProcess(kubeconfig, release, tmp_path / "operator.log", flags[0])
+    operator.start()
+    rooms = Rooms(api_client, release)
+    try:
+        rooms.create(relay_room(origin_address, start_in=5))
+        wait_until(lambda: rooms.relays(ROOM) == (3, 3), 90, "three Ready relays")
+        pods = core.list_namespaced_pod(release, label_selector=f"townsquare.dev/room={ROOM}")
+        for pod in pods.items:
+            (volume,) = pod.spec.volumes
+            assert volume.secret.secret_name == "ts-townsquare-tickets"
+            assert (
+                pod.metadata.annotations["townsquare.dev/ticket-secret"] == "ts-townsquare-tickets"
+            )
+
+        async def listen(signing_key: bytes, name: str) -> Listener:
+            reader = KubeReader(load_credentials(str(kubeconfig)))
+            joiner = MapJoiner(
+                ConfigMapSource(reader, release, ROOM),
+                PodResolver(reader, release, ROOM, 7880),
+                signing_key, release, ROOM,
+            )  # fmt: skip
+            listener, stop = Listener(name, joiner), asyncio.Event()
+            task = asyncio.create_task(listener.run(stop))
+            deadline = asyncio.get_running_loop().time() + 30
+            while asyncio.get_running_loop().time() < deadline:
+                if listener.stats.frames >= 10 or listener.stats.refusals:
+                    break
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.wait({task}, timeout=5)
+            await reader.close()
+            return listener
+
+        admitted = asyncio.run(listen(key, "listener-1"))
+        assert admitted.stats.frames >= 10 and not admitted.stats.refusals
+        forged = asyncio.run(listen(secrets.token_bytes(32), "listener-2"))
+        assert forged.stats.frames == 0 and forged.stats.refusals, "a ticket of another key"
+    finally:
+        operator.stop()
+        origin_process.stop()

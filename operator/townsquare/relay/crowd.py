@@ -12,6 +12,7 @@ crowd notes its own stalls, so that a gap can be told apart from the process not
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import multiprocessing
 import time
@@ -50,10 +51,21 @@ def gaps_heard(listeners: Sequence[Listener], wall_offset: float) -> list[dict[s
 def with_stalls(
     gaps: list[dict[str, Any]], stalls: list[tuple[float, float]]
 ) -> list[dict[str, Any]]:
-    """Each gap with `stalled`: the seconds of it the listeners' own process did not run."""
+    """Each gap with `stalled`: the seconds of it the listeners' own process did not run.
+
+    Stalls follow one another (one probe measures them), so their starts and ends are both
+    in order: each gap looks only at the stalls around it (a busy demo has thousands of
+    each, and comparing every pair took longer than the load generator may take to stop).
+    """
+    ordered = sorted(stalls)
+    starts = [at for at, _ in ordered]
+    ends = [at + d for at, d in ordered]
     for gap in gaps:
-        begins, ends = gap["at"], gap["at"] + gap["seconds"]
-        overlap = sum(max(0.0, min(ends, at + d) - max(begins, at)) for at, d in stalls)
+        begins, finishes = gap["at"], gap["at"] + gap["seconds"]
+        first, last = bisect.bisect_left(ends, begins), bisect.bisect_left(starts, finishes)
+        overlap = sum(
+            max(0.0, min(finishes, ends[i]) - max(begins, starts[i])) for i in range(first, last)
+        )
         gap["stalled"] = round(min(overlap, gap["seconds"]), 3)
     return gaps
 
