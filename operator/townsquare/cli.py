@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -175,8 +175,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         headroom_image=args.headroom_image,
         relay_ticket_secret=args.relay_ticket_secret or None,
         peering_lifetime=timedelta(seconds=args.peering_lifetime),
+        peering=args.peering,
+        priority=args.priority,
+        namespaces=tuple(args.namespace or ()),
     )
     kopf.run(
+        # Our identity in kopf's peering too: the operator reads who may act from it.
+        identity=cast(Any, settings.identity),
         registry=handlers.REGISTRY,
         memo=kopf.Memo(settings=settings),
         clusterwide=not args.namespace,

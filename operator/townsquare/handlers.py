@@ -1,9 +1,11 @@
 """kopf wiring: read the room and its relays, call the core once, write what it decided.
 
-Each room has one daemon that sleeps until its next deadline (a room months ahead costs a
-sleeping coroutine) and wakes early when its spec, its relay pods or a child changed by
-someone else change, or when a new reading of listeners arrives. Relay pods come from one
-shared watch (an index), never a LIST per room. Listeners are read by `ListenerPoller`.
+One scheduler (`passes.PassScheduler`) runs every room's passes: a room is due at its next
+deadline (a room months ahead costs an entry in a heap) or sooner when its spec, its relay
+pods or a child changed by someone else change, or when a new reading of listeners arrives.
+kopf's event handlers only wake rooms, so kopf keeps no copy of a room (a daemon per room
+would). Relay pods come from one shared watch (an index), never a LIST per room. Listeners
+are read by `ListenerPoller`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from typing import Any
 import kopf
 
 from townsquare import observability
-from townsquare.api.models import GROUP, PLURAL, VERSION, AudioRoomSpec, AudioRoomStatus
+from townsquare.api.models import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    AudioRoomSpec,
+    AudioRoomStatus,
+    MetricsSpec,
+)
 from townsquare.headroom import Placeholder
 from townsquare.kube import children, placeholders
 from townsquare.kube.client import (
@@ -56,7 +65,8 @@ from townsquare.metrics import (
     covering,
     room_metrics,
 )
-from townsquare.partitions import Partition
+from townsquare.partitions import Partition, peering_allows
+from townsquare.passes import PassScheduler
 from townsquare.policy import TenantPolicy, violations
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
@@ -64,6 +74,10 @@ from townsquare.telemetry import release_free_heap, room_logger
 
 ANNOTATION_PREFIX = GROUP
 RETRY_SECONDS = 5.0
+KOPF_WORKERS = 128
+"""Objects of one kind kopf handles at once (each may hold an API connection)."""
+PEERING_CHECK_SECONDS = 1.0
+"""How often a replica with peering reads whether kopf lets it act."""
 TRIM_SECONDS = 60.0
 """How often freed heap goes back to the system (see telemetry.release_free_heap)."""
 Key = tuple[str, str]
@@ -100,6 +114,15 @@ class Settings:
     peering_lifetime: timedelta = timedelta(seconds=30)
     """How long a replica that stopped renewing (killed, partitioned) still holds the lead:
     a standby takes over at most this long after the primary's last keepalive."""
+    peering: str | None = None
+    """kopf's peering object (None: standalone). Passes run only while it lets us act."""
+    priority: int = 0
+    namespaces: tuple[str, ...] = ()
+    """The namespaces served (empty: the whole cluster): where the peering objects are."""
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """This replica in kopf's peering and in the Events it posts."""
+    workers: int = 8
+    """Room passes at once: a start-up of thousands of rooms queues behind them."""
 
 
 @dataclass(frozen=True)
@@ -126,16 +149,17 @@ class EmptyMap:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class RoomState:
     """What the operator keeps in memory about one room, in one place: forgetting the room
-    forgets all of it at once."""
+    forgets all of it at once. Thousands of rooms: only what the next pass needs."""
 
-    poke: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set to reconcile now rather than at the next deadline (only from the event loop)."""
-    spec: AudioRoomSpec | None = None
-    """The spec last reconciled: the poller reads listeners for rooms that have one."""
-    applied: dict[str, tuple[str, tuple[str, int] | None]] = field(default_factory=dict)
+    metrics: MetricsSpec | None = None
+    """Where the poller reads this room's listeners (None: it reads none)."""
+    generation: int = 0
+    """The newest generation of the spec a pass has read or will read: a watch event of an
+    older one (our own status patches, kopf's finalizer) wakes nobody."""
+    applied: dict[str, tuple[bytes, tuple[str, int] | None]] = field(default_factory=dict)
     """Per child: a digest of what was last applied, and the version the server stored it
     as (None while the apply is in flight). A child is re-sent only when its desired content
     changes, or when a watch shows someone else changed it."""
@@ -151,6 +175,18 @@ class RoomState:
     """The relay StatefulSet's template revision, from its watch (None: not seen yet)."""
     replaced: set[str] = field(default_factory=set)
     """UIDs of relay pods deleted for a rollout: gone, even before the watch says so."""
+    deleting: bool = False
+    """The room is being deleted: its passes drain it (kopf's deletion handler waits)."""
+    released: asyncio.Event | None = None
+    """Set when a deleted room has drained and may go (only while deleting)."""
+
+    def reread(self) -> None:
+        """Forget what another replica may have changed meanwhile: the next pass reads
+        the room, its children and its shard map afresh."""
+        self.applied.clear()
+        self.scaling = None
+        self.shard_map = self.shard_map_at = self.relay_revision = None
+        self.replaced.clear()
 
 
 @dataclass
@@ -160,12 +196,19 @@ class Runtime:
     cluster: Cluster
     settings: Settings
     loop: asyncio.AbstractEventLoop
+    indexes: Mapping[str, Any]
+    """kopf's indexes of relay pods and placeholders (live views, filled by its watches)."""
     rooms: dict[Key, RoomState] = field(default_factory=dict)
     sources: dict[str, PrometheusSource] = field(default_factory=dict)
-    reconciling: dict[Key, float] = field(default_factory=dict)
-    """Rooms whose reconcile is running, with its start (monotonic): for liveness."""
+    passes: PassScheduler[Key] = field(init=False)
     poller_tick: float = field(default_factory=time.monotonic)
     """When the listener poller last started a tick (monotonic): for liveness."""
+
+    def __post_init__(self) -> None:
+        self.passes = PassScheduler(
+            self._pass, workers=self.settings.workers, retry_seconds=RETRY_SECONDS
+        )
+        self.passes.paused = self.settings.peering is not None  # as kopf starts: paused
 
     def room(self, key: Key) -> RoomState:
         """The room's state, created on first use (call on the event loop)."""
@@ -174,10 +217,10 @@ class Runtime:
             state = self.rooms[key] = RoomState()
         return state
 
-    def prometheus_for(self, spec: AudioRoomSpec) -> Source:
+    def prometheus_for(self, metrics: MetricsSpec) -> Source:
         settings = self.settings
         return choose_prometheus(
-            spec.metrics.prometheus_url, settings.prometheus_url, settings.allowed_prometheus_urls
+            metrics.prometheus_url, settings.prometheus_url, settings.allowed_prometheus_urls
         )
 
     @property
@@ -199,17 +242,18 @@ class Runtime:
             self.loop.call_soon_threadsafe(self._wake_on_loop, (namespace, name))
 
     def _wake_on_loop(self, key: Key) -> None:
-        state = self.rooms.get(key)  # a deleted room has no daemon, and no state
-        if state is not None:
-            state.poke.set()
+        if key in self.rooms:  # a room not (or no longer) served has no state
+            self.passes.wake(key)
 
     def forget(self, key: Key) -> None:
         self.rooms.pop(key, None)
+        self.passes.forget(key)
 
     def stalled(self, now: float) -> str | None:
         """Why the operator should be restarted, or None while it makes progress."""
         limit = self.settings.stall_after.total_seconds()
-        stuck = [key for key, began in list(self.reconciling.items()) if now - began > limit]
+        running = list(self.passes.running.items())
+        stuck = [key for key, began in running if now - began > limit]
         if stuck:
             rooms = ", ".join(f"{ns}/{name}" for ns, name in stuck[:5])
             return f"{len(stuck)} reconcile(s) running for over {limit:.0f}s: {rooms}"
@@ -217,6 +261,64 @@ class Runtime:
         if quiet > limit + self.settings.metrics_interval.total_seconds():
             return f"the listener poller has not ticked for {quiet:.0f}s"
         return None
+
+    async def _pass(self, key: Key) -> float | None:
+        """One pass over a room, for the scheduler: seconds until it is due again."""
+        state = self.rooms.get(key)
+        if state is None:
+            return None
+        outcome, failed = await _reconcile_once(self, state, key, deleting=state.deleting)
+        if state.deleting:
+            if not failed and (outcome is None or outcome.released):
+                if state.released is not None:
+                    state.released.set()
+                return None
+            wake = _seconds_until(outcome.wake_at if outcome else None) or RETRY_SECONDS
+            return min(wake, RETRY_SECONDS)
+        if failed:
+            return RETRY_SECONDS
+        return _seconds_until(outcome.wake_at) if outcome else None
+
+    def register(self, key: Key, spec: Mapping[str, Any], generation: int) -> None:
+        """Serve a room kopf has shown us: its first pass now, or (when its listeners are
+        read) once the poller has read them, so that a restarted operator decides with data
+        instead of reporting metrics missing meanwhile."""
+        state = self.rooms.get(key)
+        if state is not None:
+            return
+        state = self.rooms[key] = RoomState(generation=generation)
+        delay = 0.0
+        with contextlib.suppress(ValueError):
+            state.metrics = self._read_metrics_of(key, AudioRoomSpec.model_validate(dict(spec)))
+            if state.metrics is not None:
+                settings = self.settings
+                delay = (
+                    2 * settings.metrics_interval.total_seconds() + settings.metrics_timeout.seconds
+                )
+        self.passes.wake(key, delay)
+
+    def _read_metrics_of(self, key: Key, spec: AudioRoomSpec) -> MetricsSpec | None:
+        """What the poller reads for a room: nothing without a Prometheus, and never a
+        refused room's query (it may reach too far)."""
+        policy = self.settings.policy
+        if self.prometheus_for(spec.metrics).url is None:
+            return None
+        if policy and violations(spec, key[0], policy):
+            return None
+        return spec.metrics
+
+    def pause(self) -> None:
+        """Another replica acts: no pass starts until `resume`, and the rooms leave this
+        replica's own /metrics (the acting replica shows them)."""
+        self.passes.paused = True
+        for namespace, name in self.rooms:
+            observability.forget_room(namespace, name)
+
+    def resume(self) -> None:
+        """This replica acts again: every room is read afresh and passed at once."""
+        for state in self.rooms.values():
+            state.reread()
+        self.passes.resume()
 
 
 @kopf.on.login(registry=REGISTRY)
@@ -227,7 +329,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup(registry=REGISTRY)
-async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
     """Progress in annotations under our prefix (never pruned status), one client, a poller."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
@@ -242,21 +344,30 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.watching.client_timeout = 660
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
+    # kopf's HTTP pool is unbounded: it opens a TLS connection for each object it patches
+    # at once. At start-up, 1,000 new rooms each wanting a finalizer took RSS from 150 to
+    # 470 MiB in 10 s. Handling a bounded number of objects at once bounds the connections;
+    # an object's idle worker leaves its place at once.
+    settings.queueing.worker_limit = KOPF_WORKERS
+    settings.queueing.idle_timeout = 0.5
     options: Settings = getattr(memo, "settings", None) or Settings()
     settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
     if options.partition.count > 1:
         # Each partition's own finalizer: with one shared name, a partition that does not
         # serve a room removes the finalizer its owner keeps adding, for ever.
         settings.persistence.finalizer = f"{GROUP}/partition-{options.partition.index}"
-    identity = f"{socket.gethostname()}-{os.getpid()}"
     runtime = Runtime(
-        cluster=Cluster(load_config(), identity=identity),
+        cluster=Cluster(load_config(), identity=options.identity),
         settings=options,
         loop=asyncio.get_running_loop(),
+        indexes={name: kwargs[name] for name in ("relay_pod_index", "placeholder_index")},
     )
     memo.runtime = runtime
     memo.poller = ListenerPoller(runtime)
     memo.poller.start()
+    memo.tasks = [asyncio.create_task(runtime.passes.run())]
+    if options.peering is not None:
+        memo.tasks.append(asyncio.create_task(_follow_peering(runtime)))
 
 
 @kopf.on.cleanup(registry=REGISTRY)
@@ -264,6 +375,38 @@ async def stop_poller(memo: Any, **_: Any) -> None:
     poller: ListenerPoller | None = getattr(memo, "poller", None)
     if poller is not None:
         await poller.stop()
+    tasks: list[asyncio.Task[None]] = getattr(memo, "tasks", [])
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _follow_peering(runtime: Runtime) -> None:
+    """Pause the passes while kopf's peering lets another replica act, as kopf pauses its
+    own handlers (a daemon per room used to be stopped by kopf; one scheduler is not)."""
+    settings = runtime.settings
+    assert settings.peering is not None
+    log = room_logger("-", "-").bind(component="peering")
+    while True:
+        try:
+            peers = await asyncio.to_thread(
+                runtime.cluster.read_peers, settings.peering, settings.namespaces
+            )
+        except Exception as error:  # keep acting (or waiting) as before, as kopf does
+            log.warning("reading the peering object failed", error=str(error)[:200])
+        else:
+            now = datetime.now(UTC)
+            allowed = peers is not None and all(
+                peering_allows(status, settings.identity, settings.priority, now)
+                for status in peers
+            )
+            if allowed and runtime.passes.paused:
+                log.info("acting: no live replica of a higher or equal priority")
+                runtime.resume()
+            elif not allowed and not runtime.passes.paused:
+                log.info("pausing: another replica acts")
+                runtime.pause()
+        await asyncio.sleep(PEERING_CHECK_SECONDS)
 
 
 @kopf.on.probe(id="progress", registry=REGISTRY)
@@ -340,15 +483,15 @@ class ListenerPoller:
         runtime = self.runtime
         batched: dict[tuple[str, str], list[tuple[Key, RoomState]]] = defaultdict(list)
         for key, state in list(runtime.rooms.items()):
-            spec = state.spec
-            url = runtime.prometheus_for(spec).url if spec else None
-            if spec is None or url is None:
+            metrics = state.metrics
+            url = runtime.prometheus_for(metrics).url if metrics else None
+            if metrics is None or url is None:
                 continue
-            if spec.metrics.listeners_query:
+            if metrics.listeners_query:
                 source = runtime.source(url)
-                self._start(("room", key), [(key, state)], source.read_room, spec.metrics, *key)
-            elif spec.metrics.preset in runtime.listener_queries:
-                batched[(url, spec.metrics.preset)].append((key, state))
+                self._start(("room", key), [(key, state)], source.read_room, metrics, *key)
+            elif metrics.preset in runtime.listener_queries:
+                batched[(url, metrics.preset)].append((key, state))
         queries = runtime.listener_queries
         for (url, preset), rooms in batched.items():
             read = runtime.source(url).read
@@ -386,7 +529,7 @@ class ListenerPoller:
                 changed = _figures(fresh) != _figures(state.reading)
                 state.reading = fresh
                 if changed and self.runtime.rooms.get(key) is state:
-                    state.poke.set()
+                    self.runtime.passes.wake(key)
         except Exception:
             room_logger("-", "-").bind(component="metrics").exception("reading listeners failed")
         finally:
@@ -398,21 +541,6 @@ def _figures(reading: Metrics | None) -> tuple[Any, ...] | None:
     if reading is None:
         return None
     return (reading.listeners, reading.waiting, dict(reading.by_relay), reading.problem)
-
-
-async def _first_reading(runtime: Runtime, state: RoomState, key: Key, spec: AudioRoomSpec) -> None:
-    """Wait (briefly) until the poller has read this room, so that a restarted operator
-    decides with data instead of reporting metrics missing meanwhile."""
-    policy = runtime.settings.policy
-    if runtime.prometheus_for(spec).url is None or (policy and violations(spec, key[0], policy)):
-        return  # a refused room's query is never run, not even once
-    state.spec = spec
-    settings = runtime.settings
-    deadline = 2 * settings.metrics_interval.total_seconds() + settings.metrics_timeout.seconds
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(deadline):
-            while state.reading is None:
-                await asyncio.sleep(0.1)
 
 
 def _timed_read(read: Callable[..., Reading], *args: Any) -> Reading:
@@ -476,22 +604,16 @@ async def placeholder_changed(
 
 
 async def _reconcile_once(
-    runtime: Runtime,
-    state: RoomState,
-    key: Key,
-    indexes: dict[str, Any],
-    deleting: bool = False,
+    runtime: Runtime, state: RoomState, key: Key, deleting: bool = False
 ) -> tuple[Outcome | None, bool]:
     """One pass off the event loop: (its outcome, whether it failed and must be retried)."""
     namespace, name = key
-    state.poke.clear()
-    pod_index: kopf.Index[Key, RelayPod] = indexes["relay_pod_index"]
-    held_index: kopf.Index[Key, Placeholder] = indexes["placeholder_index"]
+    pod_index: kopf.Index[Key, RelayPod] = runtime.indexes["relay_pod_index"]
+    held_index: kopf.Index[Key, Placeholder] = runtime.indexes["placeholder_index"]
     listed = pod_index.get(key, ())
     state.replaced &= {pod.uid for pod in listed}  # forget those the watch saw go
     pods = sorted((p for p in listed if p.uid not in state.replaced), key=lambda p: p.ordinal)
     holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
-    runtime.reconciling[key] = time.monotonic()
     try:
         with observability.time_reconcile():
             outcome = await asyncio.to_thread(
@@ -501,59 +623,21 @@ async def _reconcile_once(
     except Exception:
         room_logger(namespace, name).exception("reconcile failed; retrying")
         return None, True
-    finally:
-        runtime.reconciling.pop(key, None)
-
-
-async def _sleep(state: RoomState, delay: float | None) -> None:
-    """Until the deadline, or sooner when something about the room changes."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(state.poke.wait(), timeout=delay)
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, when=_serves, registry=REGISTRY)
-async def run_room(
-    name: str,
-    namespace: str | None,
-    spec: kopf.Spec,
-    stopped: kopf.DaemonStopped,
-    memo: Any,
-    **kwargs: Any,
-) -> None:
-    """Reconcile the room, then sleep until its next deadline or a poke."""
-    assert namespace is not None, "AudioRoom is namespaced"
-    runtime = _runtime(memo)
-    key = (namespace, name)
-    state = runtime.room(key)
-    with contextlib.suppress(ValueError):
-        await _first_reading(runtime, state, key, AudioRoomSpec.model_validate(dict(spec)))
-    try:
-        while not stopped:
-            outcome, failed = await _reconcile_once(runtime, state, key, kwargs)
-            wake_at = outcome.wake_at if outcome else None
-            await _sleep(state, RETRY_SECONDS if failed else _seconds_until(wake_at))
-    finally:
-        reason = stopped.reason
-        if reason is None or not reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-            runtime.forget(key)  # a deleted room keeps its state: it drains before it goes
-            observability.forget_room(namespace, name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_serves, registry=REGISTRY)
-async def drain_before_deletion(name: str, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+async def drain_before_deletion(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     """A room deleted mid-event drains first: its relays go as they empty (or at
     drainTimeout), and only then does kopf release the room to the garbage collector."""
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
     state = runtime.room(key)
+    state.deleting = True
+    released = state.released = state.released or asyncio.Event()
+    runtime.passes.wake(key)
     try:
-        while True:
-            outcome, failed = await _reconcile_once(runtime, state, key, kwargs, deleting=True)
-            if not failed and (outcome is None or outcome.released):
-                return
-            wake = _seconds_until(outcome.wake_at if outcome else None) or RETRY_SECONDS
-            await _sleep(state, min(wake, RETRY_SECONDS))
+        await released.wait()
     finally:
         runtime.forget(key)
         observability.forget_room(namespace, name)
@@ -567,11 +651,35 @@ def _seconds_until(moment: datetime | None) -> float | None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL, when=_serves, registry=REGISTRY)
 async def room_changed(
-    name: str, namespace: str | None, meta: kopf.Meta, status: kopf.Status, memo: Any, **_: Any
+    name: str,
+    namespace: str | None,
+    type: str | None,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    memo: Any,
+    **_: Any,
 ) -> None:
-    """A new generation of the spec is reconciled at once, not at the next deadline."""
-    if meta.get("generation") != status.get("observedGeneration"):
-        _runtime(memo).wake(namespace, name)
+    """A room kopf shows us is served from now on; a new generation of its spec is
+    reconciled at once, not at the next deadline; a room gone is forgotten."""
+    assert namespace is not None, "AudioRoom is namespaced"
+    runtime = _runtime(memo)
+    key = (namespace, name)
+    if type == "DELETED":
+        state = runtime.rooms.get(key)
+        if state is not None and state.released is not None:
+            state.released.set()  # gone without us: nothing is left to drain
+        runtime.forget(key)
+        observability.forget_room(namespace, name)
+    elif (state := runtime.rooms.get(key)) is None:
+        runtime.register(key, spec, int(meta.get("generation") or 0))
+    elif int(meta.get("generation") or 0) > state.generation:
+        state.generation = int(meta.get("generation") or 0)
+        runtime.passes.wake(key)
+
+
+def _has_relay_pods(runtime: Runtime, key: Key) -> bool:
+    """Whether the shared watch shows relay pods of the room."""
+    return bool(runtime.indexes["relay_pod_index"].get(key, ()))
 
 
 def _on_child(kind: str) -> Any:
@@ -595,8 +703,12 @@ def _on_child(kind: str) -> Any:
         if kind == "StatefulSet":
             revision = status.get("updateRevision") if status else None
             if revision and revision != state.relay_revision:
+                first = not state.relay_revision
                 state.relay_revision = revision  # a new template: its rollout begins
-                runtime.wake(namespace, room)
+                if not first or _has_relay_pods(runtime, (str(namespace), str(room))):
+                    # The first revision of a room without relays replaces nobody: it
+                    # waits for the room's next pass (a status patch less per new room).
+                    runtime.wake(namespace, room)
         child = f"{kind}/{name}"
         applied = state.applied.get(child)
         if applied is None or applied[1] is None:
@@ -636,7 +748,10 @@ def reconcile_room(
     """One pass for one room: read, decide, write. `deleting`: the pass of a room being
     deleted, which drains it; other passes leave such a room alone (None)."""
     cluster = runtime.cluster
-    room = cluster.read_room(namespace, name)
+    room = cluster.room_if_exists(namespace, name)
+    if room is None:  # gone while this replica was paused, or just now
+        runtime.loop.call_soon_threadsafe(runtime.forget, (namespace, name))
+        return None
     deleted_at = room["metadata"].get("deletionTimestamp")
     if deleted_at:
         # Its placeholders go at once (they would hold nodes until the garbage collector
@@ -646,12 +761,13 @@ def reconcile_room(
     if deleted_at and not deleting:
         # Deletion bumps a custom resource's generation: the deletion handler drains it.
         return None
+    state.generation = max(state.generation, room["metadata"]["generation"])
     spec = AudioRoomSpec.model_validate(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
-    state.spec = spec
     now = datetime.now(UTC)
     metrics = None
-    source = runtime.prometheus_for(spec)
+    source = runtime.prometheus_for(spec.metrics)
+    state.metrics = spec.metrics if source.url else None
     if source.refusal:
         metrics = Metrics(listeners=None, problem=source.refusal)
     elif source.url:
@@ -704,7 +820,7 @@ def reconcile_room(
         policy=runtime.settings.policy,
     )
     if outcome.refused:
-        state.spec = None  # its listeners are never read: its query may reach too far
+        state.metrics = None  # its listeners are never read: its query may reach too far
         _write_status(cluster, namespace, name, previous, outcome)
         _post_events(cluster, room, outcome, now)
         return outcome
@@ -787,7 +903,8 @@ def _apply_children(
     failures: list[str] = []
     for manifest in wanted:
         child = f"{manifest['kind']}/{manifest['metadata']['name']}"
-        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        content = json.dumps(manifest, sort_keys=True).encode()
+        digest = hashlib.blake2b(content, digest_size=16).digest()
         last = state.applied.get(child)
         if last is not None and last[0] == digest:
             continue

@@ -1,10 +1,14 @@
-"""Which operator partition serves a room: a stable hash of the room, so every replica of
-every partition agrees without talking to the others. Pure."""
+"""Which operator acts on a room: the partition that serves it, by a stable hash of the room
+that every replica of every partition agrees on without talking to the others, and within
+the partition the replica that kopf's peering lets act. Pure."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,22 @@ def partition_of(namespace: str, room: str, count: int) -> int:
     which is salted per process)."""
     digest = hashlib.blake2b(f"{namespace}/{room}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count
+
+
+def peering_allows(
+    peers: Mapping[str, Mapping[str, Any] | None], identity: str, priority: int, now: datetime
+) -> bool:
+    """Whether this replica may act, by kopf's peering rule: no other live replica in the
+    peering object (`status`: identity -> priority, lifetime, lastseen) has a priority as
+    high as ours. Replicas of equal priority all wait, as kopf makes them."""
+    for other, peer in peers.items():
+        if other == identity or not peer:
+            continue
+        seen = peer.get("lastseen")
+        lastseen = datetime.fromisoformat(str(seen)) if seen else now
+        if lastseen.tzinfo is None:
+            lastseen = lastseen.replace(tzinfo=UTC)
+        alive = lastseen + timedelta(seconds=int(peer.get("lifetime", 60))) > now
+        if alive and int(peer.get("priority", 0)) >= priority:
+            return False
+    return True

@@ -1,16 +1,18 @@
-"""Rooms split across operator partitions: one partition per room, stable, near even."""
+"""Rooms split across operator partitions: one partition per room, stable, near even; within
+a partition, kopf's peering rule says which replica acts."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from townsquare.partitions import Partition, partition_of
+from townsquare.partitions import Partition, partition_of, peering_allows
 
 NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
 
@@ -42,3 +44,33 @@ def test_bad_partitions_are_refused_with_the_reason(text: str) -> None:
 
 def test_parse() -> None:
     assert Partition.parse("1/3") == Partition(1, 3)
+
+
+NOW = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
+
+
+def _peer(priority: int, seen_ago: float, lifetime: int = 30) -> dict[str, object]:
+    lastseen = (NOW - timedelta(seconds=seen_ago)).isoformat()
+    return {"priority": priority, "lifetime": lifetime, "lastseen": lastseen}
+
+
+def test_the_highest_live_replica_acts_and_the_others_wait() -> None:
+    peers = {"primary": _peer(100, 2), "standby": _peer(99, 1)}
+    assert peering_allows(peers, "primary", 100, NOW)
+    assert not peering_allows(peers, "standby", 99, NOW)
+
+
+def test_a_replica_whose_keepalive_expired_no_longer_holds_the_others() -> None:
+    peers = {"primary": _peer(100, 31), "standby": _peer(99, 1)}
+    assert peering_allows(peers, "standby", 99, NOW)
+
+
+def test_replicas_of_equal_priority_all_wait_as_kopf_makes_them() -> None:
+    peers = {"a": _peer(100, 1), "b": _peer(100, 1)}
+    assert not peering_allows(peers, "a", 100, NOW)
+    assert not peering_allows(peers, "b", 100, NOW)
+
+
+def test_a_replica_alone_or_among_removed_peers_acts() -> None:
+    assert peering_allows({}, "alone", 0, NOW)
+    assert peering_allows({"alone": _peer(0, 1), "gone": None}, "alone", 0, NOW)

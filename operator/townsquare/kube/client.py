@@ -177,6 +177,44 @@ class Cluster:
         )
         return room
 
+    def room_if_exists(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The room as stored now, or None when it is gone."""
+        try:
+            return self.read_room(namespace, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def read_peers(self, peering: str, namespaces: tuple[str, ...]) -> list[dict[str, Any]] | None:
+        """The peers in kopf's peering object(s) (its `status`: identity -> priority,
+        lifetime, lastseen): the cluster's one, or one per namespace served. None when one
+        is missing: kopf then keeps every replica paused."""
+        found = []
+        try:
+            if not namespaces:
+                bodies = [
+                    self.custom.get_cluster_custom_object(
+                        "kopf.dev", "v1", "clusterkopfpeerings", peering,
+                        _request_timeout=self.timeout,
+                    )
+                ]  # fmt: skip
+            else:
+                bodies = [
+                    self.custom.get_namespaced_custom_object(
+                        "kopf.dev", "v1", namespace, "kopfpeerings", peering,
+                        _request_timeout=self.timeout,
+                    )
+                    for namespace in namespaces
+                ]  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        for body in bodies:
+            found.append(dict(body.get("status") or {}))
+        return found
+
     def relay_pods(self, namespace: str, room: str) -> list[RelayPod]:
         """The room's relay pods with their ordinals and readiness (one LIST: for tools; the
         operator reads its shared watch instead)."""

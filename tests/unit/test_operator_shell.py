@@ -1,0 +1,141 @@
+"""The operator's shell without a cluster: a stalled pass turns the liveness probe red, and
+one slow tenant query delays no other room's reading."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import kopf
+import pytest
+
+from townsquare import handlers
+from townsquare.api.models import MetricsSpec
+from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
+from townsquare.kube.client import Cluster
+from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
+
+PROMETHEUS = "http://127.0.0.1:9"
+"""Never reached: the sources below answer from memory."""
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+    assert check(), what
+
+
+def _runtime(cluster: object, settings: Settings) -> Runtime:
+    return Runtime(
+        cluster=cast(Cluster, cluster),
+        settings=settings,
+        loop=asyncio.get_running_loop(),
+        indexes={"relay_pod_index": {}, "placeholder_index": {}},
+    )
+
+
+class StuckApiServer:
+    """A read that never answers (a half-open connection) until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def room_if_exists(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.entered.set()
+        self.release.wait(30)
+        return None  # the room is gone: the pass ends
+
+
+def test_a_stalled_pass_turns_the_liveness_probe_red_and_green_again() -> None:
+    async def scenario() -> None:
+        api = StuckApiServer()
+        runtime = _runtime(api, Settings(stall_after=timedelta(milliseconds=50)))
+        memo = SimpleNamespace(runtime=runtime)
+        runner = asyncio.create_task(runtime.passes.run())
+        try:
+            runtime.register(("spaces", "launch"), {}, generation=1)
+            await _until(api.entered.is_set, "the pass to reach the API server")
+            await asyncio.sleep(0.1)  # longer than stall_after
+            with pytest.raises(kopf.PermanentError, match="spaces/launch"):
+                handlers.progress(memo=memo)
+            api.release.set()
+            await _until(lambda: not runtime.passes.running, "the pass to end")
+            assert handlers.progress(memo=memo) == "reconciling"
+        finally:
+            api.release.set()
+            runner.cancel()
+
+    asyncio.run(scenario())
+
+
+class TenantPrometheus(PrometheusSource):
+    """Answers the batched query at once and one room's own query only when released."""
+
+    def __init__(self, fast_rooms: list[tuple[str, str]]) -> None:
+        super().__init__(PROMETHEUS)
+        self.fast_rooms = fast_rooms
+        self.release = threading.Event()
+        self.batched_reads = 0
+        self.room_reads = 0
+
+    def read(self, preset: str, queries: Mapping[str, str] = PRESETS) -> Reading:
+        self.batched_reads += 1
+        sampled = time.time()
+        return Reading(
+            rooms={
+                (namespace, room): RoomListeners({f"{room}-relay-0": 10}, sampled)
+                for namespace, room in self.fast_rooms
+            }
+        )
+
+    def read_room(self, metrics: MetricsSpec, namespace: str, room: str) -> Reading:
+        self.room_reads += 1
+        self.release.wait(30)
+        return Reading(error="answered too late")
+
+
+def test_a_slow_tenant_query_delays_no_other_room() -> None:
+    async def scenario() -> None:
+        fast = [("spaces", f"room-{i}") for i in range(5)]
+        slow = ("tenant", "custom")
+        source = TenantPrometheus(fast)
+        runtime = _runtime(object(), Settings(prometheus_url=PROMETHEUS))
+        runtime.sources[PROMETHEUS] = source
+        for key in fast:
+            runtime.rooms[key] = RoomState(metrics=MetricsSpec())
+        query = 'sum(audioroom_relay_listeners{room="$room"})'
+        runtime.rooms[slow] = RoomState(metrics=MetricsSpec(listeners_query=query))
+        poller = ListenerPoller(runtime)
+        try:
+            poller.tick()
+            await _until(
+                lambda: all(
+                    (reading := runtime.rooms[key].reading) and reading.listeners == 10
+                    for key in fast
+                ),
+                "every other room's reading",
+            )
+            assert source.room_reads == 1 and not source.release.is_set(), "still waiting"
+            assert runtime.rooms[slow].reading is None
+            poller.tick()  # the next tick reads the others again, and waits for no one
+            await _until(lambda: source.batched_reads == 2, "the next batched read")
+            assert source.room_reads == 1, "the slow query is not started twice"
+            source.release.set()
+            await _until(
+                lambda: runtime.rooms[slow].reading is not None, "the slow room's own reading"
+            )
+            reading = runtime.rooms[slow].reading
+            assert reading is not None and reading.listeners is None
+            assert reading.problem == "answered too late"
+        finally:
+            source.release.set()
+            await poller.stop()
+
+    asyncio.run(scenario())
