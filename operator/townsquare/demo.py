@@ -1148,13 +1148,13 @@ td.Warning {{ color: #b35900; font-weight: bold; }}
 
 
 def _gaps_section(report: Report) -> str:
-    """The longest gaps real listeners heard, in time order, each marked with the changes
-    (scale-up, reshard, drain) whose Events came around it."""
+    """The gaps that cost real listeners most beyond their own process's stalls, in time
+    order, each marked with the changes (scale-up, reshard, drain) announced around it."""
     f = report.figures
     if not f.real_listeners:
         return ""
     start = report.start_time.timestamp()
-    longest = sorted(report.gaps, key=lambda p: p.gap.seconds, reverse=True)[:GAPS_SHOWN]
+    longest = sorted(report.gaps, key=lambda p: p.gap.beyond_stall, reverse=True)[:GAPS_SHOWN]
     rows = "\n".join(
         f"<tr><td>{_since(p.gap.at, start)}</td><td>{html.escape(p.gap.listener)}</td>"
         f'<td data-gap-ms="{round(p.gap.seconds * 1000)}">{p.gap.seconds * 1000:,.0f}</td>'
@@ -1170,8 +1170,8 @@ counted {f.real_listeners_on_relays:,} of them at once); the rest of the audienc
 simulated and counted apart. They noticed {len(report.gaps):,} gaps, {near:,} of them within
 {BEFORE_SECONDS:.0f}s after a scale-up, reshard or drain was announced. A gap is measured in
 the listeners' own process: when that process did not run (the machine busy), every listener
-shows the same gap with no frame lost, and the table says how much of each gap that was. The
-{len(longest):,} longest:</p>
+shows the same gap with no frame lost (the longest such stall: {f.real_longest_own_stall_ms:,} ms).
+The {len(longest):,} gaps longest beyond that, in time order:</p>
 <table>
 <tr><th>real time</th><th>listener</th><th>gap (ms)</th><th>of it, own stall (ms)</th>
 <th>frames lost</th><th>cause</th><th>near</th></tr>

@@ -14,10 +14,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import multiprocessing
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -151,11 +155,11 @@ class Crowd:
         return figures
 
 
-def serve_crowd(conn: Connection, make_joiner: MakeJoiner) -> None:
+def serve_crowd(conn: Connection, make_joiner: MakeJoiner, final: str) -> None:
     """The crowd's process: obey ("start", name, ticket), ("leave", name), ("status",) and
-    ("close",) from `conn`. It speaks only when asked, ("status", connected, figures), and
-    once at the end, ("final", figures): a parent too busy to read never fills the pipe, so
-    the crowd never waits on it."""
+    ("close",) from `conn`. It speaks only when asked, ("status", connected, figures): a
+    parent too busy to read never fills the pipe, so the crowd never waits on it. At the
+    end it writes everything the listeners heard to the file `final` (JSON) and exits."""
     import uvloop
 
     async def main() -> None:
@@ -185,8 +189,13 @@ def serve_crowd(conn: Connection, make_joiner: MakeJoiner) -> None:
             loop.remove_reader(conn.fileno())
             await crowd.close()
             watching.cancel()
-            with contextlib.suppress(OSError):
-                conn.send(("final", crowd.figures(each=True)))
+            began = time.monotonic()
+            partial = Path(final).with_suffix(".partial")
+            partial.write_text(json.dumps(crowd.figures(each=True)))
+            partial.replace(final)
+            took = round(time.monotonic() - began, 3)
+            closed = {"event": "crowd closed", "listeners": len(crowd.left), "write_s": took}
+            print(json.dumps(closed), flush=True)
 
     uvloop.run(main())
 
@@ -197,8 +206,14 @@ class CrowdProcess:
     def __init__(self, make_joiner: MakeJoiner) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         self.conn, child = context.Pipe()
+        handle, path = tempfile.mkstemp(prefix="townsquare-crowd-", suffix=".json")
+        os.close(handle)
+        self.final_file = Path(path)
         self.process = context.Process(
-            target=serve_crowd, args=(child, make_joiner), name="real-listeners", daemon=True
+            target=serve_crowd,
+            args=(child, make_joiner, str(self.final_file)),
+            name="real-listeners",
+            daemon=True,
         )
         self.process.start()
         child.close()
@@ -223,24 +238,31 @@ class CrowdProcess:
                 if kind == "status":
                     self.connected, self.latest = set(body[0]), body[1]
                     self.asked = False
-                elif kind == "final":
-                    self.final = body[0]
             if not self.asked and self.final is None:
                 self.conn.send(("status",))
                 self.asked = True
 
     def close(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Every listener leaves; what they heard, each of them included (blocks)."""
-        self.asked = True  # no more status requests: the answer now is the final one
+        """Every listener leaves; what they heard, each of them included (blocks until the
+        crowd has written it, at most `timeout`; else its last status)."""
+        self.asked = True  # no more status requests
         with contextlib.suppress(OSError):
             self.conn.send(("close",))
         deadline = time.monotonic() + timeout
-        while self.final is None and time.monotonic() < deadline and self.process.is_alive():
-            if self.conn.poll(0.2):
-                self.refresh()
-        self.refresh()
-        self.process.join(timeout=5)
+        while self.process.is_alive() and time.monotonic() < deadline:
+            self.refresh()  # the answer to a request still out, so the crowd never waits
+            self.process.join(timeout=0.2)
         if self.process.is_alive():
             self.process.kill()
         self.conn.close()
-        return self.final if self.final is not None else self.latest
+        try:
+            self.final = json.loads(self.final_file.read_text() or "null")
+        except (OSError, ValueError):
+            self.final = None
+        finally:
+            self.final_file.unlink(missing_ok=True)
+        if self.final is None:
+            missing = {"event": "crowd gave no final figures", "exit": self.process.exitcode}
+            print(json.dumps(missing), flush=True)
+            return self.latest
+        return self.final
