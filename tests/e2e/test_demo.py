@@ -18,7 +18,7 @@ from prometheus_api_client import PrometheusConnect
 from rooms import CAPACITY, GROUP, PLURAL, VERSION, Rooms, scaling_room, write_trace
 from urllib3.util.retry import Retry
 
-from townsquare.demo import Report, Running, run_demo
+from townsquare.demo import GAPS_SHOWN, Report, Running, run_demo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -123,6 +123,10 @@ def test_demo_report_matches_what_the_cluster_and_prometheus_recorded(
     # and beyond the listeners' own process stalling, no change cost anyone a second.
     assert figures.real_listeners_that_lost_frames == 0 and figures.real_frames_lost == 0
     assert figures.real_longest_gap_beyond_stall_ms < 1000
+    # The page lists the gaps that cost most, each marked with the changes around it.
+    rows = re.findall(r'<td data-near="([^"]*)">', report.html.read_text())
+    assert len(rows) == min(GAPS_SHOWN, figures.real_gaps) > 0
+    assert any(placed.near for placed in report.gaps), "moves follow the reshards and drains"
     print("demo real-listener figures:", {k: getattr(figures, k) for k in type(figures).LABELS
                                           if k.startswith("real_")})  # fmt: skip
 
