@@ -183,6 +183,34 @@ def test_scale_up_cancels_drains_first() -> None:
     assert decision.replicas == 13
 
 
+def test_an_overshoot_of_a_few_percent_is_drained_after_the_window() -> None:
+    """A ramp left the room 5% above what the audience needs: after a full window it drains
+    to what is needed (a 10% tolerance kept the overshoot for the whole event)."""
+    room = spec(audience=0, minRelays=2)  # 700 listeners per relay at the target
+    steps: list[tuple[float, int | None]] = [(3600 + 5 * i, 95 * 700) for i in range(150)]
+    decisions = run(room, ScalingState.initial(100), steps)
+    downs = [d for d in decisions if d.direction == "down"]
+    assert len(downs) == 1
+    assert downs[0].relays == 95
+    assert decisions[-1].relays == 95
+
+
+def test_listeners_before_the_prewarm_beyond_min_relays_start_the_plan() -> None:
+    """The room opened early and fills: the plan starts now instead of at prewarmAt, since
+    new relays take their start-up while the first ones fill."""
+    room = spec()  # 715 relays, prewarmLead 15m: prewarmAt is 900 s before the start
+    plan = plan_room(room, EARLY)
+    before = plan.prewarm_at - START
+    few = decide(room, plan, Observation(1_000), ScalingState.initial(2), at(-1000))
+    assert few.relays == 2  # two relays carry them at the target: nothing is early yet
+    many = decide(room, plan, Observation(5_000), ScalingState.initial(2), at(-1000))
+    assert many.relays == plan.relays == 715
+    assert "before the pre-warm" in many.reason
+    too_soon = before.total_seconds() - plan.lead.total_seconds() - 1
+    long_before = decide(room, plan, Observation(5_000), ScalingState.initial(2), at(too_soon))
+    assert long_before.relays < plan.relays
+
+
 def test_small_rises_within_the_tolerance_leave_the_size_alone() -> None:
     room = spec(audience=0)
     plan = plan_room(room, EARLY)
