@@ -183,18 +183,6 @@ def test_scale_up_cancels_drains_first() -> None:
     assert decision.replicas == 13
 
 
-def test_an_overshoot_of_a_few_percent_is_drained_after_the_window() -> None:
-    """A ramp left the room 5% above what the audience needs: after a full window it drains
-    to what is needed (a 10% tolerance kept the overshoot for the whole event)."""
-    room = spec(audience=0, minRelays=2)  # 700 listeners per relay at the target
-    steps: list[tuple[float, int | None]] = [(3600 + 5 * i, 95 * 700) for i in range(150)]
-    decisions = run(room, ScalingState.initial(100), steps)
-    downs = [d for d in decisions if d.direction == "down"]
-    assert len(downs) == 1
-    assert downs[0].relays == 95
-    assert decisions[-1].relays == 95
-
-
 def test_listeners_before_the_prewarm_beyond_min_relays_start_the_plan() -> None:
     """The room opened early and fills: the plan starts now instead of at prewarmAt, since
     new relays take their start-up while the first ones fill."""
