@@ -361,12 +361,16 @@ def reconcile(
         _announce_warmup(spec, plan_status, was, phase, draft)
         _announce_scaling(decision, was, phase, draft)
         step = _roll(spec, previous, seen, accepting, decision, draft)
+        state = _with_surge(state, previous, step, accepting, seen.now)
+        replicas = max(state.replicas, accepting + len(step.surge if step else ()))
+        accepting += len(step.surge) if step else 0
         wake_at = _next_deadline(spec, plan_status, phase, seen.now)
         if step is not None and step.draining:
             timeout = spec.scaling.drain_timeout
             wake_at = min([wake_at or seen.now] + [t + timeout for _, t in step.draining])
 
-    rolling = {o for o, _ in step.draining} if step else set()
+    # Relays replaced in this pass are still Ready as seen, but their pods go now: no joins.
+    rolling = {o for o, _ in step.draining} | set(step.replace) if step else set()
     ready = seen.ready_set()
     nodes = _node_headroom(room, spec, previous, plan_status, phase, draft)
     rebalanced = rebalance(
@@ -538,11 +542,12 @@ def _roll(
 ) -> RolloutStep | None:
     """The rollout's step for a running room, with its Events; None when nothing is outdated."""
     before = {d.ordinal: d.since for d in previous.rollout.draining} if previous.rollout else {}
-    if not seen.outdated_ordinals and not before:
+    held = _surge_of(previous)
+    if not seen.outdated_ordinals and not before and not held:
         return None
     metrics = seen.metrics
     known = metrics is not None and metrics.listeners is not None
-    demand = decision.forecast if decision.forecast is not None else _demand(seen)
+    demand = _rollout_demand(spec, seen, decision)
     if metrics is None:  # no Prometheus at all: nothing to wait for, each drain takes its timeout
         demand = 0.0
     step = plan_rollout(
@@ -557,8 +562,25 @@ def _roll(
         max_surge=spec.rollout.max_surge,
         now=seen.now,
         drain_timeout=spec.scaling.drain_timeout,
+        surge=sum(1 for o in held if o >= accepting),
+        max_relays=spec.scaling.max_relays,
     )
     outdated = len(seen.outdated_ordinals)
+    added = [o for o in step.surge if o not in held]
+    if added:
+        draft.event(
+            NORMAL,
+            "RolloutSurge",
+            f"adding relays {_ordinals(tuple(added))} for the rollout: {accepting:,} relays "
+            f"have no spare capacity for {demand or 0:,.0f} listeners while some drain",
+        )
+    ended = [o for o in held if o >= accepting and o not in step.surge]
+    if ended:
+        draft.event(
+            NORMAL,
+            "RolloutSurgeDone",
+            f"rollout over: draining the extra relays {_ordinals(tuple(ended))}",
+        )
     if step.started:
         draft.event(
             NORMAL,
@@ -583,6 +605,41 @@ def _roll(
     return step
 
 
+def _rollout_demand(spec: AudioRoomSpec, seen: Observed, decision: Decision) -> float | None:
+    """Listeners the relays left serving must carry while others drain: those read (or
+    forecast), and no fewer than the scaling policy still keeps relays for, by the plan floor
+    or within its scale-down window. A rollout drain is a brief scale-down: one low reading
+    must not open it."""
+    read = decision.forecast if decision.forecast is not None else _demand(seen)
+    if read is None:
+        return None
+    kept = max([decision.floor, *(relays for _, relays in decision.state.targets)])
+    per_relay = spec.relay.listeners_per_relay * spec.scaling.target_utilization
+    return max(float(read), kept * per_relay)
+
+
+def _surge_of(previous: AudioRoomStatus) -> tuple[int, ...]:
+    return tuple(previous.rollout.surge) if previous.rollout else ()
+
+
+def _with_surge(
+    state: ScalingState,
+    previous: AudioRoomStatus,
+    step: RolloutStep | None,
+    accepting: int,
+    now: datetime,
+) -> ScalingState:
+    """The scaling state around the rollout's extra relays: one held again stops draining
+    (a draining relay is the cheapest extra one); one no longer held drains like any relay
+    above the accepting ones, and the scaling policy removes it once empty."""
+    held = set(step.surge) if step else set()
+    since = {o: t for o, t in state.draining if o not in held}
+    for ordinal in _surge_of(previous):
+        if ordinal >= accepting and ordinal not in held:
+            since.setdefault(ordinal, now)
+    return replace(state, draining=tuple(sorted(since.items())))
+
+
 def _ordinals(ordinals: tuple[int, ...]) -> str:
     return ", ".join(str(o) for o in ordinals)
 
@@ -597,6 +654,7 @@ def _rollout_status(
         updated=max(0, (seen.existing_relays or 0) - len(seen.outdated_ordinals)),
         outdated=sum(1 for o in seen.outdated_ordinals if o < replicas),
         draining=[RolloutDrain(ordinal=o, since=t) for o, t in (step.draining if step else ())],
+        surge=list(step.surge) if step else [],
     )
 
 

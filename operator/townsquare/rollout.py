@@ -4,14 +4,16 @@ The StatefulSet replaces no pod by itself (`OnDelete`). Each pass, `plan_rollout
 few outdated relays draining (the shard map then sends no joins to them and moves their
 listeners within the migration budget), and names those that have emptied (or whose drain
 timed out): the operator deletes exactly those pods, and the StatefulSet brings them back
-with the new template. Two limits hold throughout:
+with the new template. Three limits hold throughout:
 
-- at most `maxSurge` relays are out of service for the rollout at once (draining, or
-  deleted and not Ready again);
 - the relays left accepting joins always carry the demand (at 90% of their capacity, for
   the unevenness of hashing): a relay is drained only when the others can take its
-  listeners. Without a fresh listener count,
-  nothing new is drained (never blind).
+  listeners. Without a fresh listener count, nothing new is drained (never blind);
+- when the room has no such slack, the rollout first adds up to `maxSurge` extra relays
+  (new ones come with the new template), never beyond `maxRelays`, and drains them again,
+  like any scale-down, once no outdated relay is left;
+- at most `maxSurge` relays are in flight at once: draining for the rollout, deleted and
+  not Ready again, or added and not Ready yet.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ class RolloutStep:
     started: tuple[int, ...]
     """Relays whose rollout drain began in this pass."""
     held_by_capacity: bool
-    """Outdated relays wait: the others could not carry the demand without them."""
+    """Outdated relays wait: the others could not carry the demand without them, and no
+    extra relay may be added (maxRelays)."""
+    surge: tuple[int, ...] = ()
+    """Extra relays the rollout holds above the accepting ones, accepting joins too: the
+    ordinals from `accepting` up. Empty once the rollout is over: they then drain."""
 
 
 ROLLOUT_FILL = 0.9
@@ -61,13 +67,16 @@ def plan_rollout(
     max_surge: int,
     now: datetime,
     drain_timeout: timedelta,
+    max_relays: int,
+    surge: int = 0,
 ) -> RolloutStep:
     """The next step of the rollout over relays 0..accepting-1.
 
     `outdated` relays run an older template; `draining` is what the previous step returned;
     `relay_listeners` per relay as sampled at `sampled_at` (None: unknown); `demand` is all
     listeners wanting a relay (None: unknown). Relays at or above `accepting` are leaving
-    anyway (scale-down) and are not replaced.
+    anyway (scale-down) and are not replaced. `surge` is how many extra relays above
+    `accepting` the previous step held (see `RolloutStep.surge`); `max_relays` caps them.
     """
     still = {o: since for o, since in draining.items() if o in outdated and o < accepting}
     empty = {
@@ -82,8 +91,6 @@ def plan_rollout(
     replace = sorted(empty | expired)
     for ordinal in replace:
         still.pop(ordinal)
-    starting = sum(1 for o in range(accepting) if o not in ready)
-    in_flight = len(still) + len(replace) + starting
     candidates = sorted(
         (
             o
@@ -92,8 +99,16 @@ def plan_rollout(
         ),
         key=lambda o: ((relay_listeners or {}).get(o, 0), o),
     )
-    serving = sum(1 for o in range(accepting) if o in ready and o not in still and o not in replace)
-    spare = 0 if demand is None else serving - relays_for_demand(demand, capacity)
+    # Extra relays stay until every relay they stood in for is back Ready.
+    back = ready.issuperset(range(accepting))
+    unfinished = bool(candidates or still or replace) or (surge > 0 and not back)
+    need = None if demand is None else relays_for_demand(demand, capacity)
+    extra = _surge(accepting, surge, need, max_surge, max_relays, unfinished)
+    serving_range = range(accepting + extra)
+    starting = sum(1 for o in serving_range if o not in ready)
+    in_flight = len(still) + len(replace) + starting
+    serving = sum(1 for o in serving_range if o in ready and o not in still and o not in replace)
+    spare = 0 if need is None else serving - need
     slots = max(0, min(max_surge - in_flight, spare))
     started = candidates[:slots]
     for ordinal in started:
@@ -104,4 +119,25 @@ def plan_rollout(
         timed_out=tuple(sorted(expired - empty)),
         started=tuple(started),
         held_by_capacity=bool(candidates) and spare <= 0 and max_surge > in_flight,
+        surge=tuple(range(accepting, accepting + extra)),
     )
+
+
+def _surge(
+    accepting: int,
+    held: int,
+    need: int | None,
+    max_surge: int,
+    max_relays: int,
+    unfinished: bool,
+) -> int:
+    """Extra relays for the rollout: enough that `max_surge` relays may be out while the rest
+    carry the demand, kept until the rollout ends (a dip in demand does not churn them), and
+    held as they are while the demand is unknown."""
+    if not unfinished:
+        return 0
+    room = max(0, min(max_surge, max_relays - accepting))
+    if need is None:
+        return min(held, room)
+    wanted = need + max_surge - accepting
+    return max(0, min(room, max(held, wanted)))

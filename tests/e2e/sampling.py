@@ -64,3 +64,14 @@ def is_ready(pod: client.V1Pod) -> bool:
 def alive(pods: list[client.V1Pod]) -> list[client.V1Pod]:
     """Pods not being deleted."""
     return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def moves_in_any_minute(moves: list[dict[str, Any]]) -> int:
+    """The most listener moves (the load generator's record) within any 60 s."""
+    times = sorted(e["at"] for e in moves)
+    most, left = 0, 0
+    for right, at in enumerate(times):
+        while times[left] < at - 60:
+            left += 1
+        most = max(most, right - left + 1)
+    return most

@@ -24,6 +24,7 @@ from harness import Prometheus, wait_until
 from kubernetes import client, watch
 from operator_process import OperatorProcess
 from rooms import GROUP, VERSION, LoadGenerator, Rooms, rfc3339, write_trace
+from sampling import moves_in_any_minute
 
 from townsquare.sharding import shard_of
 
@@ -159,16 +160,6 @@ def overtaking(admissions: list[dict[str, Any]], history: MapHistory) -> list[fl
 def quantiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values) or [0.0]
     return ordered[len(ordered) // 2], ordered[int(len(ordered) * 0.95)]
-
-
-def moves_in_any_minute(moves: list[dict[str, Any]]) -> int:
-    times = sorted(e["at"] for e in moves)
-    most, left = 0, 0
-    for right, at in enumerate(times):
-        while times[left] < at - 60:
-            left += 1
-        most = max(most, right - left + 1)
-    return most
 
 
 def test_a_join_storm_through_three_edge_replicas(

@@ -383,3 +383,81 @@ def test_a_room_deleted_before_its_start_without_any_count_goes_at_once() -> Non
     assert "DrainTimedOut" not in reasons(deleted)
     gone = reconcile("r", spec, deleted.status, seen(at, 0, deleting_since=at))
     assert gone.released
+
+
+# --- a rollout in a room with no slack --------------------------------------------------
+
+
+def test_a_tight_room_rolls_out_with_extra_relays_that_drain_when_it_is_over() -> None:
+    """6 relays of 1000 at 90% target carry 5,000 listeners with no relay to spare: the
+    rollout adds two relays first, and lets them drain once every relay is replaced."""
+    spec = room(
+        expectedAudience=5000,
+        scaling={"targetUtilization": 0.9, "maxRelays": 20, "planHold": "1h"},
+    )
+    at = START + timedelta(minutes=10)
+    everyone = dict.fromkeys(range(6), 833)
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 6, metrics=counted(5000, at, everyone)))
+    assert live.status.phase == "Live" and live.desired_relays == 6
+
+    def step(previous: Outcome, ready: set[int], outdated: set[int], by_relay: dict[int, int],
+             after: timedelta) -> Outcome:  # fmt: skip
+        now = at + after
+        return reconcile(
+            "r", spec, previous.status,
+            seen(now, len(ready), ready_ordinals=frozenset(ready), revision="v2",
+                 outdated_ordinals=frozenset(outdated), existing_relays=previous.desired_relays,
+                 metrics=counted(sum(by_relay.values()), now, by_relay)),
+            previous.scaling_state, previous.shard_map, at,
+        )  # fmt: skip
+
+    changed = step(live, set(range(6)), set(range(6)), everyone, timedelta(seconds=10))
+    assert changed.desired_relays == 8
+    assert changed.status.rollout is not None and changed.status.rollout.surge == [6, 7]
+    assert "RolloutSurge" in reasons(changed) and "RollingOut" not in reasons(changed)
+    surged = step(changed, set(range(8)), set(range(6)), everyone, timedelta(seconds=20))
+    assert surged.status.rollout is not None
+    assert len(surged.status.rollout.draining) == 2, "8 serve, 6 carry the demand at 90%: 2 go"
+    assert {o for o, state in surged.shard_map.relays.items() if state == "active"} >= {6, 7}
+    assert surged.status.listeners.capacity >= 5000
+    # every relay replaced and back Ready: the rollout is over, the extra relays drain
+    spread = {**dict.fromkeys(range(8), 625)}
+    over = step(surged, set(range(8)), set(), spread, timedelta(seconds=60))
+    assert "RolloutSurgeDone" in reasons(over)
+    assert over.status.rollout is not None and over.status.rollout.surge == []
+    assert over.desired_relays == 8, "they still carry listeners"
+    assert {over.shard_map.relays.get(o) for o in (6, 7)} == {"draining"}
+    moved = {**dict.fromkeys(range(6), 833), 6: 0, 7: 0}
+    gone = step(over, set(range(8)), set(), moved, timedelta(seconds=90))
+    assert gone.desired_relays == 6
+
+
+def test_one_low_reading_opens_no_rollout_drain_the_recent_demand_forbids() -> None:
+    """5,000 listeners a moment ago, 2,000 in one reading: a rollout keeps the relays the
+    scale-down window keeps, adding extra relays rather than draining on the dip."""
+    spec = room(
+        expectedAudience=1000,
+        scaling={"targetUtilization": 0.9, "maxRelays": 20, "planHold": "1m",
+                 "scaleDownStabilization": "5m"},
+    )  # fmt: skip
+    at = START + timedelta(minutes=10)
+    full = dict.fromkeys(range(6), 833)
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 6, metrics=counted(5000, at, full)))
+    for second in (5, 10):
+        now = at + timedelta(seconds=second)
+        live = reconcile(
+            "r", spec, live.status, seen(now, 6, metrics=counted(5000, now, full)),
+            live.scaling_state, live.shard_map, at,
+        )  # fmt: skip
+    assert live.desired_relays == 6
+    later = at + timedelta(seconds=15)
+    dip = dict.fromkeys(range(6), 333)
+    changed = reconcile(
+        "r", spec, live.status,
+        seen(later, 6, revision="v2", outdated_ordinals=frozenset(range(6)), existing_relays=6,
+             metrics=counted(2000, later, dip)),
+        live.scaling_state, live.shard_map, at,
+    )  # fmt: skip
+    assert changed.status.rollout is not None
+    assert changed.status.rollout.draining == [], "no drain on one low reading"
+    assert changed.status.rollout.surge == [6, 7]

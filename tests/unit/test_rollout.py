@@ -1,7 +1,9 @@
-"""Drained rollouts: a few relays at a time, drained first, never below the demand."""
+"""Drained rollouts: a few relays at a time, drained first, never below the demand, with
+extra relays when the room has no slack."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +29,7 @@ def step(**given_args: Any) -> RolloutStep:
         "max_surge": 2,
         "now": NOW,
         "drain_timeout": TIMEOUT,
+        "max_relays": 6,
     }
     args.update(given_args)
     return plan_rollout(**args)
@@ -69,10 +72,48 @@ def test_a_drain_that_times_out_replaces_the_relay_and_says_so() -> None:
 
 def test_no_relay_is_drained_when_the_others_could_not_carry_the_demand() -> None:
     full = step(demand=5600.0)
-    assert full.started == ()
-    assert full.held_by_capacity
+    assert full.started == () and full.surge == ()
+    assert full.held_by_capacity, "maxRelays leaves no room for an extra relay"
     one_spare = step(demand=4400.0)  # 5 relays at 90% carry it
     assert len(one_spare.started) == 1
+
+
+def test_a_room_without_slack_first_adds_extra_relays_then_drains() -> None:
+    tight = step(demand=5600.0, max_relays=20)  # needs 7 relays at 90%: more than the 6
+    assert tight.surge == (6, 7)
+    assert tight.started == (), "nothing drains while the extra relays start"
+    assert not tight.held_by_capacity
+    up = step(demand=5600.0, max_relays=20, surge=2, ready=frozenset(range(8)))
+    assert up.surge == (6, 7)
+    assert len(up.started) == 1, "8 relays serve, 7 carry the demand: one may drain"
+
+
+def test_only_as_many_extra_relays_as_needed_and_never_beyond_max_relays() -> None:
+    assert step(demand=4400.0, max_relays=20).surge == (6,)  # 5 carry it: one more, two out
+    assert step(demand=1800.0, max_relays=20).surge == (), "slack enough: no extra relay"
+    capped = step(demand=5600.0, max_relays=7)
+    assert capped.surge == (6,)
+    assert capped.started == ()
+
+
+def test_extra_relays_stay_until_the_relays_they_stood_in_for_are_back() -> None:
+    restarting = step(
+        outdated=frozenset(), ready=frozenset({0, 1, 2, 4, 5, 6, 7}), surge=2, max_relays=20
+    )
+    assert restarting.surge == (6, 7), "relay 3 is still starting with the new template"
+    done = step(outdated=frozenset(), ready=frozenset(range(8)), surge=2, max_relays=20)
+    assert done.surge == (), "the rollout is over: the extra relays go"
+
+
+def test_extra_relays_are_kept_not_added_when_the_demand_is_unknown() -> None:
+    blind = {"demand": None, "relay_listeners": None, "sampled_at": None, "max_relays": 20}
+    assert step(**blind).surge == ()
+    assert step(**blind, surge=2).surge == (6, 7)
+
+
+def test_a_dip_in_demand_mid_rollout_keeps_the_extra_relays() -> None:
+    dip = step(demand=100.0, surge=2, ready=frozenset(range(8)), max_relays=20)
+    assert dip.surge == (6, 7)
 
 
 def test_nothing_new_is_drained_blind() -> None:
@@ -103,35 +144,55 @@ def test_a_relay_back_with_the_new_template_leaves_the_rollout() -> None:
 @given(
     relays=st.integers(min_value=1, max_value=30),
     surge=st.integers(min_value=1, max_value=5),
+    room=st.integers(min_value=0, max_value=6),
     demand=st.integers(min_value=0, max_value=30_000),
-    loads=st.lists(st.integers(min_value=0, max_value=1000), min_size=30, max_size=30),
+    loads=st.lists(st.integers(min_value=0, max_value=1000), min_size=40, max_size=40),
 )
 def test_a_whole_rollout_never_exceeds_max_surge_nor_goes_below_demand(
-    relays: int, surge: int, demand: int, loads: list[int]
+    relays: int, surge: int, room: int, demand: int, loads: list[int]
 ) -> None:
-    """Play a rollout to its end: listeners leave a drained relay within a pass."""
+    """Play a rollout to its end: listeners leave a drained relay within a pass, a new
+    relay is Ready a pass after it was created, an extra relay let go drains and goes."""
+    max_relays = relays + room
+    need = math.ceil(demand / 900 - 1e-9)
     outdated = set(range(relays))
+    existing = set(range(relays))
     draining: dict[int, datetime] = {}
     starting: set[int] = set()
+    held = 0
     now = NOW
-    for _ in range(4 * relays + 4):
-        ready = frozenset(set(range(relays)) - starting)
-        listeners = {o: 0 if o in draining else loads[o] for o in range(relays)}
+    for _ in range(4 * relays + 8):
+        ready = frozenset(existing - starting)
+        listeners = {o: 0 if o in draining else loads[o % 40] for o in existing}
         result = plan_rollout(
             accepting=relays, ready=ready, outdated=frozenset(outdated), draining=draining,
             relay_listeners=listeners, sampled_at=now, demand=float(demand), capacity=1000,
-            max_surge=surge, now=now, drain_timeout=TIMEOUT,
+            max_surge=surge, now=now, drain_timeout=TIMEOUT, max_relays=max_relays,
+            surge=held,
         )  # fmt: skip
-        out = len(result.draining) + len(result.replace) + (relays - len(ready))
-        assert out <= max(surge, relays - len(ready))
-        serving = relays - out
+        assert relays + len(result.surge) <= max(max_relays, relays)
+        assert len(result.surge) <= surge
+        counted = range(relays + len(result.surge))
+        not_ready = {o for o in counted if o not in ready}
+        out = len(result.draining) + len(result.replace) + len(not_ready)
+        assert out <= surge, "at most maxSurge relays in flight"
+        serving = sum(
+            1 for o in counted if o in ready and o not in dict(result.draining)
+            and o not in result.replace
+        )  # fmt: skip
+        assert serving >= min(need, relays), "never below what the audience needs"
         if result.started:
             assert serving * 1000 * 0.9 >= demand
         for ordinal in result.replace:
             assert listeners[ordinal] == 0 or ordinal in result.timed_out
             outdated.discard(ordinal)
-        starting = set(result.replace)  # back Ready, new, by the next pass
+        added = set(result.surge) - existing
+        existing = (existing & set(range(relays))) | set(result.surge)
+        starting = set(result.replace) | added  # back Ready, new, by the next pass
         draining = dict(result.draining)
+        held = len(result.surge)
         now += timedelta(seconds=10)
-    if demand <= (relays - 1) * 900:
-        assert not outdated, "the rollout finishes when one relay can be spared"
+    extra = max(0, min(surge, room))
+    if demand <= (relays + extra - 1) * 900:
+        assert not outdated, "the rollout finishes when one relay can be spared or added"
+        assert held == 0, "and the extra relays go"

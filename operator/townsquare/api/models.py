@@ -216,7 +216,9 @@ class RolloutSpec(ApiModel):
     """How a change of the relay pod template reaches running relays: drained, a few at a time."""
 
     max_surge: int = Field(default=2, ge=1, le=1000)
-    """Most relays out of service for the rollout at once (draining or being replaced)."""
+    """Most relays in flight for the rollout at once (draining, being replaced, or extra
+    relays starting), and the most extra relays it adds (within maxRelays) when the others
+    have no spare capacity for the audience."""
 
 
 CRON_PATTERN = r"^\S+(\s+\S+){4}$"
@@ -404,6 +406,9 @@ class RolloutStatus(ApiModel):
     updated: int = Field(default=0, ge=0)
     outdated: int = Field(default=0, ge=0)
     draining: list[RolloutDrain] = Field(default_factory=list)
+    surge: list[int] = Field(default_factory=list)
+    """Extra relays the rollout holds (ordinals) so that capacity never drops below demand;
+    they drain once the rollout is over."""
 
 
 class ShardMapRef(ApiModel):
