@@ -209,3 +209,23 @@ class Prometheus:
         if len(result) > 1:
             raise AssertionError(f"{query} returned {len(result)} series, expected one")
         return float(result[0]["value"][1])
+
+
+def chart_documents(
+    template: str, namespace: str, values: dict[str, object]
+) -> list[dict[str, object]]:
+    """The chart's `template` (e.g. templates/drain-policy.yaml) as `helm template` renders it
+    with `values` (top-level keys, as JSON), by the pinned helm (built once, then cached)."""
+    helm = (
+        subprocess.run(
+            [str(REPO / "hack" / "helm" / "build.sh")], capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    command = [helm, "template", "e2e", str(REPO / "charts" / "townsquare"),
+               "--namespace", namespace, "--show-only", template]  # fmt: skip
+    for key, value in values.items():
+        command += ["--set-json", f"{key}={json.dumps(value)}"]
+    rendered = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]

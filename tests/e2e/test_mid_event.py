@@ -4,7 +4,9 @@ them by the shard map the operator publishes and reports them per relay pod."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 from edges import EdgeFleet
-from harness import Prometheus, wait_until
+from harness import Prometheus, chart_documents, wait_until
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from operator_process import OperatorProcess
@@ -89,14 +91,50 @@ def test_an_ended_room_re_armed_by_a_new_start_time_runs_again(
     assert "Live" in reasons[reasons.index("Replanned") :], "the re-armed room went live"
 
 
+@pytest.fixture
+def drain_policy(api_client: client.ApiClient, namespace: str) -> Iterator[str]:
+    """The chart's drain-first admission policy, for this namespace only."""
+    only_here = {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    policy, binding = chart_documents(
+        "templates/drain-policy.yaml",
+        namespace,
+        {"drainBeforeDeletion": {"enabled": True, "namespaceSelector": only_here}},
+    )
+    admission = client.AdmissionregistrationV1Api(api_client)
+    admission.create_validating_admission_policy(policy)
+    admission.create_validating_admission_policy_binding(binding)
+    name = str(policy["metadata"]["name"])  # type: ignore[index]
+    try:
+        yield name
+    finally:
+        admission.delete_validating_admission_policy_binding(name)
+        admission.delete_validating_admission_policy(name)
+
+
+def refused_deletion(rooms: Rooms, stateful_set: str) -> str | None:
+    """The API server's refusal of deleting `stateful_set` (asked as a dry run), or None."""
+    try:
+        rooms.apps.delete_namespaced_stateful_set(stateful_set, rooms.namespace, dry_run="All")
+    except ApiException as error:
+        if error.status in (400, 403, 422):
+            return str(json.loads(error.body)["message"])
+        raise
+    return None
+
+
+@pytest.mark.parametrize("cascade", ["Background", "Foreground"])
 def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     api_client: client.ApiClient,
     namespace: str,
     kubeconfig: Path,
     prometheus: Prometheus,
     scaling_operator: OperatorProcess,
+    drain_policy: str,
     tmp_path: Path,
+    cascade: str,
 ) -> None:
+    """`kubectl delete` (Background) and `kubectl delete --cascade=foreground` alike: with the
+    chart's drain policy the garbage collector cannot take the relays before the drain."""
     rooms = Rooms(api_client, namespace)
     manifest = scaling_room("leaving", start_in=5, duration="10m", audience=300)
     manifest["spec"]["scaling"]["drainTimeout"] = "2m"
@@ -114,9 +152,18 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
         wait_until(
             lambda: sum(listeners_by_pod(load).values()) >= 300, 90, "300 listeners connected"
         )
+        refusal = wait_until(
+            lambda: refused_deletion(rooms, "leaving-relay"), 30, "the drain policy in force"
+        )
+        assert "still runs" in refusal and drain_policy in refusal
         wait_until(lambda: time.time() > start + 12, 30, "mid-event")
         deleted_at = time.time()
-        rooms.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "leaving")
+        rooms.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "leaving",
+            body=client.V1DeleteOptions(propagation_policy=cascade),
+        )  # fmt: skip
+        finalizers = rooms.get("leaving")["metadata"].get("finalizers", [])
+        assert ("foregroundDeletion" in finalizers) == (cascade == "Foreground")
 
         def gone() -> bool:
             try:
@@ -125,7 +172,9 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
                 return error.status == 404
             return False
 
-        wait_until(gone, 90, "the room to be drained and released")
+        # In the foreground the garbage collector retries the relays' deletion with backoff.
+        wait_until(gone, 180, "the room to be drained and released")
+        gone_at = time.time()
     finally:
         watch.stop()
         load.stop()
@@ -140,6 +189,12 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     assert min(t for t, _, _ in removals) > deleted_at + 5, "no relay went at the deletion"
     draining = [e for e in rooms.events("leaving") if e.reason == "Draining"]
     assert draining and "the room was deleted" in draining[0].message
+    last = max(t for t, _, _ in removals)
+    print(
+        f"{cascade}: first relay removed {min(t for t, _, _ in removals) - deleted_at:.0f}s "
+        f"after the deletion, the last {last - deleted_at:.0f}s; the room gone "
+        f"{gone_at - last:.0f}s after its last relay"
+    )
 
 
 def test_a_min_relays_zero_room_grows_from_zero_when_joins_wait(

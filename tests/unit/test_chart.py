@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 from townsquare import observability
+from townsquare.api.models import AudioRoomSpec
 from townsquare.cli import build_parser
+from townsquare.kube.children import relay_stateful_set
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "townsquare"
@@ -67,6 +69,14 @@ def _leaves(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def tenant_policy(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in of_kind(docs, kind) if d["metadata"]["name"].endswith("-tenants")]
+
+
+def drain_policy(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in of_kind(docs, kind) if d["metadata"]["name"].endswith("-drain-first")]
 
 
 def rules_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -511,13 +521,13 @@ def test_the_tenant_policy_carries_its_values_into_cel_and_the_operator_flags() 
             },
         }
     )
-    (policy,) = of_kind(docs, "ValidatingAdmissionPolicy")
+    (policy,) = tenant_policy(docs, "ValidatingAdmissionPolicy")
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
     assert json.loads(variables["registries"]) == ["registry.example", "ghcr.io/acme"]
     assert variables["maxRelays"] == "300"
     assert json.loads(variables["queryNames"]) == ["contract", "livekit", "janus"]
     assert json.loads(variables["freePromQLNamespaces"]) == ["platform"]
-    (binding,) = of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    (binding,) = tenant_policy(docs, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
@@ -534,7 +544,7 @@ def test_the_tenant_policy_carries_its_values_into_cel_and_the_operator_flags() 
 
 def test_the_tenant_policy_can_be_left_out_but_the_operator_keeps_its_flags() -> None:
     docs = render({"tenantPolicy": {"enabled": False}})
-    assert not of_kind(docs, "ValidatingAdmissionPolicy")
+    assert not tenant_policy(docs, "ValidatingAdmissionPolicy")
     (deployment,) = of_kind(docs, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--free-promql-namespaces=" in args, "no free PromQL unless listed"
@@ -568,3 +578,33 @@ def test_the_chart_ships_the_headroom_priority_class_rooms_default_to() -> None:
     assert not of_kind(
         render({"nodeHeadroom": {"priorityClass": {"create": False}}}), "PriorityClass"
     )
+
+
+def test_the_drain_policy_keeps_relays_until_their_stateful_set_has_none() -> None:
+    """Installed by default: the garbage collector (a foreground deletion, a namespace being
+    deleted) may delete a relay StatefulSet only once the drain brought it to 0 replicas."""
+    docs = render({"watch": {"namespaces": ["spaces"]}})
+    (policy,) = drain_policy(docs, "ValidatingAdmissionPolicy")
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["resources"], rule["operations"]) == (
+        ["apps"], ["statefulsets"], ["DELETE"],
+    )  # fmt: skip
+    spec = AudioRoomSpec.model_validate(
+        {
+            "startTime": "2026-12-01T23:00:00Z",
+            "duration": "1h",
+            "expectedAudience": 100,
+            "relay": {"image": "registry.example/relay:1"},
+        }
+    )
+    labels = relay_stateful_set("r", "spaces", "uid", spec, 3)["metadata"]["labels"]
+    selected = policy["spec"]["matchConstraints"]["objectSelector"]["matchLabels"]
+    assert selected.items() <= labels.items(), "the relay StatefulSets are the ones it guards"
+    (validation,) = policy["spec"]["validations"]
+    assert "oldObject.spec.replicas == 0" in validation["expression"]
+    (binding,) = drain_policy(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["spaces"]
+    off = render({"drainBeforeDeletion": {"enabled": False}})
+    assert not drain_policy(off, "ValidatingAdmissionPolicy")
