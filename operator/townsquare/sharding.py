@@ -346,10 +346,13 @@ class _Receivers:
         self._change(relay, -weight)
 
     def _change(self, relay: int, weight: float) -> None:
-        self.load[relay] += weight
-        if relay in self.deficits:
-            heapq.heappush(self.short, (self.load[relay], relay))
-            heapq.heappush(self.roomy, (self.load[relay], relay))
+        load = self.load[relay] + weight
+        self.load[relay] = load
+        deficit = self.deficits.get(relay)
+        if deficit is not None:
+            if deficit > 0:  # a relay short of none is never taken from `short`
+                heapq.heappush(self.short, (load, relay))
+            heapq.heappush(self.roomy, (load, relay))
 
 
 def _balanced_targets(
