@@ -427,8 +427,10 @@ def _runtime(memo: Any) -> Runtime:
 
 def _serves(name: str, namespace: str | None, memo: Any, **_: Any) -> bool:
     """Whether this operator's partition serves the room (every handler filters on it)."""
-    partition: Partition = getattr(memo, "settings", Settings()).partition
-    return namespace is not None and partition.serves(namespace, name)
+    settings: Settings | None = getattr(memo, "settings", None)  # called on every event
+    return namespace is not None and (
+        settings is None or settings.partition.serves(namespace, name)
+    )
 
 
 def _serves_owner(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> bool:

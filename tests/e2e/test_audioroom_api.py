@@ -78,6 +78,7 @@ def test_valid_audioroom_is_stored_and_read_back(
         ("expectedAudience", -1),
         ("scaling.targetUtilization", 1.5),
         ("scaling.minRelays", 1201),  # above maxRelays (1200)
+        ("scaling.maxRelays", 20_000),  # its shard map could pass a ConfigMap's 1 MiB
         ("startTime", "2026-12-01 23:00"),  # no T, no offset
     ],
 )

@@ -9,9 +9,18 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from townsquare.api.models import (
+    SHARD_MAP_BYTES_PER_RELAY,
+    SHARD_MAP_BYTES_PER_SHARD,
+    SHARD_MAP_LIMIT_BYTES,
+    AudioRoomSpec,
+    shard_map_fits,
+)
+from townsquare.kube.children import shard_map_config_map
 from townsquare.sharding import (
     ShardMap,
     fanout_parents,
@@ -313,3 +322,40 @@ def test_the_operator_holds_an_unready_relay_only_while_its_own_count_shows_list
     assert _held(shard_map, seen({0: 5, 1: 5, 2: 0, 3: 5}), replicas=4) == []
     assert _held(shard_map, seen({0: 5, 1: 5, 3: 5}), replicas=4) == []  # series gone
     assert _held(shard_map, seen({0: 5, 1: 5, 2: 4, 3: 5}), replicas=2) == []  # removed
+
+
+@pytest.mark.parametrize("shards", [1, 4096, 65536])
+def test_the_largest_shard_map_the_api_allows_fits_in_its_config_map(shards: int) -> None:
+    """Every relay draining with a 5-digit parent, every slot a 5-digit ordinal: the map as
+    published stays within a ConfigMap's 1 MiB, at the most relays the rule allows."""
+    relays = (SHARD_MAP_LIMIT_BYTES - shards * SHARD_MAP_BYTES_PER_SHARD) // (
+        SHARD_MAP_BYTES_PER_RELAY
+    )
+    assert shard_map_fits(relays, shards) and not shard_map_fits(relays + 1, shards)
+    ordinals = range(99_999 - relays + 1, 99_999 + 1)  # the widest ordinals there are
+    largest = ShardMap(
+        generation=10**9,
+        assignment=tuple(99_999 for _ in range(shards)),
+        relays=dict.fromkeys(ordinals, "draining"),
+        parents=dict.fromkeys(ordinals, 99_998),
+        admission="queueing",
+        capacity=10**12,
+        migrations_per_minute=10_000_000,
+    )
+    published = json.dumps(largest.to_dict(), separators=(",", ":"))
+    config_map = shard_map_config_map("r" * 40, "n" * 63, "uid", published)
+    data = sum(len(key) + len(value.encode()) for key, value in config_map["data"].items())
+    assert data <= 1024 * 1024
+
+
+def test_a_room_whose_shard_map_could_not_fit_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="maxRelays x 52 \\+ shards x 6"):
+        AudioRoomSpec.model_validate(
+            {
+                "startTime": "2026-12-01T23:00:00Z",
+                "duration": "1h",
+                "expectedAudience": 1000,
+                "relay": {"image": "registry.example/relay:1.4"},
+                "scaling": {"maxRelays": 19_673},
+            }
+        )

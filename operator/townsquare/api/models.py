@@ -288,6 +288,21 @@ class NodeHeadroomSpec(ApiModel):
     """How long before prewarmAt to ask for nodes; measured from the room's waits when empty."""
 
 
+SHARD_MAP_LIMIT_BYTES = 1024 * 1024 - 1024
+"""A ConfigMap holds at most 1 MiB of data; 1 KiB is left for the map's other fields."""
+SHARD_MAP_BYTES_PER_RELAY = 52
+"""The longest entry of one relay in the published map (5-digit ordinals, as maxRelays
+allows): `{"ordinal":99999,"state":"draining","parent":99998},`."""
+SHARD_MAP_BYTES_PER_SHARD = 6
+"""The longest slot of the map's assignment: a 5-digit ordinal and a comma."""
+
+
+def shard_map_fits(max_relays: int, shards: int) -> bool:
+    """Whether the largest shard map of the room fits in its ConfigMap."""
+    size = max_relays * SHARD_MAP_BYTES_PER_RELAY + shards * SHARD_MAP_BYTES_PER_SHARD
+    return size <= SHARD_MAP_LIMIT_BYTES
+
+
 class AudioRoomSpec(ApiModel):
     """An announced live audio event: when it starts and how many listeners are expected."""
 
@@ -305,6 +320,24 @@ class AudioRoomSpec(ApiModel):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     node_headroom: NodeHeadroomSpec = Field(default_factory=NodeHeadroomSpec)
+
+    rules = (
+        Rule(
+            cel=(
+                f"self.scaling.maxRelays * {SHARD_MAP_BYTES_PER_RELAY}"
+                f" + self.sharding.shards * {SHARD_MAP_BYTES_PER_SHARD}"
+                f" <= {SHARD_MAP_LIMIT_BYTES}"
+            ),
+            message=(
+                "with sharding.shards, the shard map of this many relays could pass the 1 MiB"
+                f" a ConfigMap holds: maxRelays x {SHARD_MAP_BYTES_PER_RELAY} + shards x"
+                f" {SHARD_MAP_BYTES_PER_SHARD} must stay within {SHARD_MAP_LIMIT_BYTES:,}"
+                " (with 4096 shards, at most 19,672 relays)"
+            ),
+            holds=lambda s: shard_map_fits(s.scaling.max_relays, s.sharding.shards),
+            field_path=".scaling.maxRelays",
+        ),
+    )
 
 
 class ObjectMeta(BaseModel):
