@@ -268,6 +268,7 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
 
 
 def _cmd_edge(args: argparse.Namespace) -> int:
+    import socket
     import time
 
     from townsquare.edge.admission import Gate, Settings
@@ -293,7 +294,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         admit_ttl=args.admit_ttl,
         retry_after=args.refresh,
-        waiter_expiry=max(4.0, 4 * args.refresh),
+        waiter_expiry=args.refresh,
         started_at=time.time(),
     )
     gate = Gate(key, settings)
@@ -303,6 +304,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         watcher=watcher,
         reports=PrometheusReports(args.prometheus_url),
         refresh_seconds=args.refresh,
+        replica=f"{socket.gethostname()}:{args.port}",
     )
     serve(edge, args.host, args.port)
     return 0

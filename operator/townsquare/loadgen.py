@@ -203,7 +203,11 @@ class Listener:
     due: float = 0.0
     busy: bool = False
     first_attempt: float | None = None
+    first_answered: float | None = None
+    """When the answer to the first attempt came back (the edge saw it in between)."""
     queued: bool = False
+    late: float = 0.0
+    """While queued: the most it retried after its own schedule (a busy machine)."""
     real: bool = False
     """Held by a real listener (RealListeners) rather than simulated here."""
     gone: bool = False
@@ -321,13 +325,17 @@ class Audience:
         if listener.ticket:
             body["ticket"] = listener.ticket
         began = time.time()
-        if listener.first_attempt is None:
-            listener.first_attempt = began
+        if listener.queued:
+            listener.late = max(listener.late, began - listener.due)
         async with session.post(edge + self._path("join"), json=body) as response:
             answer = await response.json(content_type=None)
             status = response.status
             retry = float(response.headers.get("Retry-After", "1"))
         now = time.time()
+        if listener.first_attempt is None:
+            # The first attempt an edge answered: a replica that could not be reached took
+            # no place in line for it.
+            listener.first_attempt, listener.first_answered = began, now
         if status == 200:
             self._count("admitted")
             if not self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
@@ -339,13 +347,16 @@ class Audience:
                 event="admitted",
                 listener=listener.id,
                 first=listener.first_attempt,
+                first_answered=listener.first_answered,
+                asked=began,
                 at=now,
                 pod=answer["pod"],
                 generation=answer["generation"],
                 queued=listener.queued,
+                late=round(listener.late, 3),
                 edge=index,
             )
-            listener.first_attempt, listener.queued = None, False
+            listener.first_attempt, listener.queued, listener.late = None, False, 0.0
         elif status == 429:
             self._count("queued")
             listener.state, listener.queued = "waiting", True

@@ -137,18 +137,25 @@ def test_admissions_before_a_report_count_until_their_tickets_expire() -> None:
 
 
 def test_draining_unready_and_unreported_relays_receive_no_joins() -> None:
+    # Draining relays keep their shards until the operator moves them: their joins wait
+    # while no other relay has room, and take a seat elsewhere once one has.
     draining = room_map(relays=2, draining=(1,))
-    gate = gate_for(draining)
-    room = gate.rooms[(NS, ROOM)]
-    # Draining relays keep their shards until the operator moves them: joins wait.
     assert draining.relays[1] == "draining"
     on_draining = listeners_of(draining, 1, 3)
+    full = gate_for(draining, listeners={0: 10})
+    room = full.rooms[(NS, ROOM)]
     for listener in on_draining:
-        answer = gate.join(room, listener, None, now=101.0)
+        answer = full.join(room, listener, None, now=101.0)
         assert isinstance(answer, Queued)
-        assert "draining" in answer.reason
+        assert "draining" in answer.reason and "no other relay has room" in answer.reason
+    roomy = gate_for(draining)
+    room = roomy.rooms[(NS, ROOM)]
+    for listener in on_draining:
+        answer = roomy.join(room, listener, None, now=101.0)
+        assert isinstance(answer, Admitted) and answer.guest
+        assert answer.pod == f"{ROOM}-relay-0"
 
-    unready = gate_for(room_map(relays=2), ready=(0,))
+    unready = gate_for(room_map(relays=2), ready=(0,), listeners={0: 10})
     room = unready.rooms[(NS, ROOM)]
     for listener in listeners_of(room.shard_map, 1, 3):
         answer = unready.join(room, listener, None, now=101.0)
@@ -176,16 +183,16 @@ def test_queued_listeners_are_admitted_in_the_order_of_their_first_attempt() -> 
     room = gate.rooms[(NS, ROOM)]
     tickets_by_listener: dict[str, str] = {}
     for i, listener in enumerate(["w0", "w1", "w2", "w3", "w4"]):
-        answer = gate.join(room, listener, None, now=101.0 + i)
+        answer = gate.join(room, listener, None, now=101.0 + i * 0.3)
         assert isinstance(answer, Queued)
         assert answer.position == i + 1
         assert answer.waiting == i + 1
         tickets_by_listener[listener] = answer.ticket
     # Two seats free up. The latest arrivals retry first, yet the two oldest get the seats.
-    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(1, 120.0)})
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(1, 102.5)})
     admitted = []
     for listener in ["w4", "w3", "w1", "w2", "w0", "w4", "w3", "w2"]:
-        answer = gate.join(room, listener, tickets_by_listener[listener], now=121.0)
+        answer = gate.join(room, listener, tickets_by_listener[listener], now=103.0)
         if isinstance(answer, Admitted):
             admitted.append(listener)
     assert admitted == ["w1", "w0"]
@@ -269,38 +276,109 @@ def test_the_map_carries_the_migration_budget_the_replicas_share() -> None:
     assert ShardMap.from_dict(older).migrations_per_minute is None
 
 
-def test_listeners_far_back_in_line_are_told_to_retry_later() -> None:
+def test_listeners_far_behind_the_oldest_waiting_join_are_told_to_retry_later() -> None:
     gate = gate_for(room_map(relays=1, capacity=1), listeners={0: 1})
     room = gate.rooms[(NS, ROOM)]
-    answers = [gate.join(room, f"w{i}", None, now=101.0 + i * 0.001) for i in range(700)]
-    retries = [a.retry_after for a in answers if isinstance(a, Queued)]
-    assert retries[0] == 1 and retries[99] == 1 and retries[100] == 2
-    assert max(retries) == 5, "never more than five refresh intervals"
+    gate.set_waiting_elsewhere({(NS, ROOM): 100.0})
+    retries = {}
+    for behind in (0.5, 1.9, 2.5, 4.5, 30.0):
+        answer = gate.join(room, f"w{behind}", None, now=100.0 + behind)
+        assert isinstance(answer, Queued)
+        retries[behind] = answer.retry_after
+    assert retries == {0.5: 1, 1.9: 1, 2.5: 2, 4.5: 3, 30.0: 5}, "at most five intervals"
 
 
-def test_waiters_of_a_moved_shard_keep_their_places_in_the_new_relays_line() -> None:
+def test_a_new_relays_seats_go_to_the_oldest_waiters_of_the_room_whatever_their_shard() -> None:
     before = room_map(relays=1, capacity=3)
     gate = gate_for(before, listeners={0: 3})
     room = gate.rooms[(NS, ROOM)]
     waiting = {}
     for i in range(40):
-        answer = gate.join(room, f"w{i}", None, now=101.0 + i)
+        answer = gate.join(room, f"w{i}", None, now=101.0 + i * 0.02)
         assert isinstance(answer, Queued)
         waiting[f"w{i}"] = answer.ticket
     # A second relay arrives and takes half the shards; it has room for three.
     after = rebalance(before, active=[0, 1], fanout=8).map
     gate.set_map(NS, ROOM, after)
     gate.set_slice(NS, ROOM, "slice-b", {f"{ROOM}-relay-1": Endpoint("10.0.0.2:7000", True)})
-    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-1"): Report(0, 150.0)})
-    moved = [w for w in waiting if after.relay_for(w) == 1]
-    # The youngest of them retry first, yet the seats go to the three oldest.
-    admitted = []
-    for listener in reversed(moved):
-        answer = gate.join(room, listener, waiting[listener], now=151.0)
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-1"): Report(0, 102.0)})
+    # The youngest retry first, yet the seats go to the three oldest, on the new relay:
+    # those whose shard stayed on the full relay sit there as guests.
+    admitted: dict[str, Admitted] = {}
+    for listener in [*reversed(waiting), *waiting]:
+        answer = gate.join(room, listener, waiting[listener], now=102.5)
         if isinstance(answer, Admitted):
-            admitted.append(listener)
-    for listener in moved:
-        answer = gate.join(room, listener, waiting[listener], now=151.5)
-        if isinstance(answer, Admitted):
-            admitted.append(listener)
-    assert sorted(admitted, key=moved.index) == moved[:3]
+            admitted[listener] = answer
+    assert sorted(admitted) == ["w0", "w1", "w2"]
+    assert {a.pod for a in admitted.values()} == {f"{ROOM}-relay-1"}
+    guests = {w for w, a in admitted.items() if a.guest}
+    assert guests == {w for w in admitted if after.relay_for(w) == 0}
+    for listener, answer in admitted.items():
+        claims = tickets.verify(KEY, answer.ticket, "admit", now=102.5)
+        assert claims["shard"] == (None if listener in guests else shard_of(listener, 64))
+        assert answer.shard == shard_of(listener, 64)
+
+
+def test_a_join_waits_while_one_that_came_more_than_the_window_earlier_still_waits() -> None:
+    shard_map = room_map(relays=2, capacity=10, admission="queueing")
+    gate = gate_for(shard_map, listeners={0: 10, 1: 9})
+    room = gate.rooms[(NS, ROOM)]
+    old = listeners_of(shard_map, 0, 1, prefix="old")[0]
+    young = listeners_of(shard_map, 1, 1, prefix="young")[0]
+    first = gate.join(room, old, None, now=101.0)
+    queued = gate.join(room, young, None, now=101.9)
+    assert isinstance(first, Queued) and isinstance(queued, Queued)
+    # The young one's relay has a seat, but the old one came 0.9 s earlier and still waits.
+    held = gate.join(room, young, queued.ticket, now=102.0)
+    assert isinstance(held, Queued) and "earlier still wait" in held.reason
+    # The old one retries: its relay is full, so it takes that seat, as a guest.
+    seated = gate.join(room, old, first.ticket, now=102.1)
+    assert isinstance(seated, Admitted) and seated.guest and seated.pod == f"{ROOM}-relay-1"
+    again = gate.join(room, young, queued.ticket, now=102.9)
+    assert isinstance(again, Queued) and "full" in again.reason
+
+
+def test_joins_waiting_at_another_replica_hold_back_younger_ones_here() -> None:
+    gate = gate_for(room_map(relays=1, capacity=10))
+    room = gate.rooms[(NS, ROOM)]
+    gate.set_waiting_elsewhere({(NS, ROOM): 100.0})
+    held = gate.join(room, "young", None, now=101.0)
+    assert isinstance(held, Queued) and "earlier still wait" in held.reason
+    assert isinstance(gate.join(room, "near", None, now=100.5), Admitted)
+    gate.set_waiting_elsewhere({})  # the other replica admitted it
+    assert isinstance(gate.join(room, "young", held.ticket, now=102.0), Admitted)
+
+
+def test_a_listener_that_stopped_retrying_holds_back_no_one_for_long() -> None:
+    gate = gate_for(room_map(relays=1, capacity=10), listeners={0: 10})
+    room = gate.rooms[(NS, ROOM)]
+    assert isinstance(gate.join(room, "gone", None, now=101.0), Queued)
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(0, 101.5)})
+    assert isinstance(gate.join(room, "next", None, now=102.0), Queued)
+    # "gone" was told to retry after 1 s; past 1.25 s and one more interval it is gone.
+    assert isinstance(gate.join(room, "next", None, now=103.3), Admitted)
+
+
+def test_a_guest_goes_home_once_no_join_waits_and_within_the_budget() -> None:
+    shard_map = room_map(relays=2, capacity=10, budget=60)
+    gate = gate_for(shard_map, listeners={1: 5})
+    room = gate.rooms[(NS, ROOM)]
+    guest = listeners_of(shard_map, 0, 1, prefix="g")[0]
+    other = f"{ROOM}-relay-1"
+    room.wait("w", 101.0, 110.0)  # a join waits here
+    held = gate.locate(room, guest, other, now=101.0)
+    assert isinstance(held, Held) and "wait for a seat" in held.reason
+    room.leave("w")
+    home = gate.locate(room, guest, other, now=101.0)
+    assert isinstance(home, Location) and home.moved and home.pod == f"{ROOM}-relay-0"
+    assert tickets.verify(KEY, home.ticket or "", "admit", now=101.0)["shard"] == home.shard
+
+
+def test_listeners_leave_a_draining_relay_even_while_joins_wait() -> None:
+    shard_map = room_map(relays=2, capacity=10, draining=(1,), budget=60)
+    gate = gate_for(shard_map, listeners={1: 5})
+    room = gate.rooms[(NS, ROOM)]
+    room.wait("w", 101.0, 110.0)
+    mover = listeners_of(shard_map, 0, 1, prefix="m")[0]
+    moved = gate.locate(room, mover, f"{ROOM}-relay-1", now=101.0)
+    assert isinstance(moved, Location) and moved.moved

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map
 
 from townsquare.edge.admission import Gate
-from townsquare.edge.reports import parse_reports
+from townsquare.edge.reports import Readings, parse_reports, parse_waiting
 from townsquare.edge.server import Edge
 from townsquare.edge.watch import ApiServer, Watcher, endpoints_of
 
@@ -194,16 +194,22 @@ def test_endpoint_slices_and_prometheus_answers_are_read_as_the_api_gives_them()
     assert not found["r-relay-1"].ready
     assert not found["r-relay-2"].ready
     labels = {"namespace": "n", "room": "r", "pod": "r-relay-0"}
-    reports = parse_reports(
-        [
-            {"metric": labels, "value": [200.0, "7"]},
-            {"metric": {**labels, "at": "1"}, "value": [200.0, "199.5"]},
-            {"metric": {**labels, "pod": "r-relay-1"}, "value": [200.0, "NaN"]},
-        ]
-    )
+    answer: list[dict[str, Any]] = [
+        {"metric": labels, "value": [200.0, "7"]},
+        {"metric": {**labels, "at": "1"}, "value": [200.0, "199.5"]},
+        {"metric": {**labels, "pod": "r-relay-1"}, "value": [200.0, "NaN"]},
+        {"metric": {"namespace": "n", "room": "r", "replica": "a"}, "value": [200.0, "150"]},
+        {"metric": {"namespace": "n", "room": "r", "replica": "b"}, "value": [200.0, "120"]},
+        {"metric": {"namespace": "n", "room": "q", "replica": "a"}, "value": [200.0, "90"]},
+    ]
+    reports = parse_reports(answer)
+    readings = Readings(reports, parse_waiting(answer))
     assert reports == {("n", "r", "r-relay-0"): reports[("n", "r", "r-relay-0")]}
     assert reports[("n", "r", "r-relay-0")].listeners == 7
     assert reports[("n", "r", "r-relay-0")].sampled_at == 199.5
+    # What a replica reads of the others' lines: never its own.
+    assert readings.waiting_elsewhere("a") == {("n", "r"): 120.0}
+    assert readings.waiting_elsewhere("c") == {("n", "r"): 120.0, ("n", "q"): 90.0}
 
 
 def test_client_disconnects_cost_nothing() -> None:

@@ -18,7 +18,8 @@ from townsquare.relay.listener import Listener, MapJoiner
 from townsquare.relay.metrics import serve_metrics
 from townsquare.relay.topology import FileMapSource
 from townsquare.relay.upstream import feed_ticket
-from townsquare.sharding import rebalance
+from townsquare.sharding import rebalance, shard_of
+from townsquare.tickets import sign
 
 NAMES = [f"listener-{i}" for i in range(20)]
 
@@ -235,5 +236,33 @@ def test_the_origin_feeds_only_the_relays_the_map_gives_it(tmp_path: Path) -> No
         assert admitted.fallback
         fed = {c.admitted.name for c in origin.relays if c.admitted}
         assert fed == {"r-relay-0", "r-relay-1"}
+
+    run_room(tmp_path, body)
+
+
+def test_a_guest_ticket_names_no_shard_so_a_relay_lets_it_in_whatever_its_map_says(
+    tmp_path: Path,
+) -> None:
+    """The edge seats a queued listener on another relay when its shard's relay is full."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        name = next(n for n in NAMES if first.relay_for(n) == 0)
+        relay = room.relays[1]
+        claims = {
+            "listener": name,
+            "room": relay.config.room_key,
+            "pod": relay.config.pod,
+            "generation": first.generation,
+        }
+        expires = time.time() + 10
+        guest = relay.admit(
+            {"ticket": sign(KEY, "admit", {**claims, "shard": None}, expires=expires)}
+        )
+        assert guest.name == name and guest.shard is None
+        shard = shard_of(name, first.shards)
+        with pytest.raises(RefusedError, match="shard-moved"):
+            relay.admit({"ticket": sign(KEY, "admit", {**claims, "shard": shard}, expires=expires)})
 
     run_room(tmp_path, body)

@@ -2,18 +2,31 @@
 
 Replicas never talk to each other. What they share is the shard map (which relay carries
 each shard, which relays drain, whether the room queues, the migration budget), the relays'
-readiness (EndpointSlices) and the relays' own listener reports. Three rules make that
-enough:
+readiness (EndpointSlices), the relays' own listener reports, and each other's oldest
+waiting join, which every replica exports to the Prometheus it reads the reports from.
+Four rules make that enough:
 
 - Capacity: a relay's spare room is its capacity minus its last reported listeners; each of
   the `replicas` replicas may fill only `spare // replicas` of it, counting its own
   admissions since the report (and for `admit_ttl` before it: a listener admitted then may
   not have connected yet, and its ticket expires after `admit_ttl`). The replicas' shares
   add up to at most the spare room, so together they cannot overfill a relay.
-- Order: joins wait first come, first served per relay, by the time of their first attempt,
-  which the queue ticket carries, so whichever replica a retry reaches knows its place.
-- Moves: a listener whose shard the map moved is sent to the new relay while this replica
-  has spent less than `maxMigrationsPerMinute // replicas` moves in the last minute.
+- Order: the room has one line, by the time of each join's first attempt, which the queue
+  ticket carries, so whichever replica a retry reaches knows its place. A join is admitted
+  only while no join whose first attempt came more than `REORDER_SHARE` of a refresh
+  interval (`retry_after`) before its own still waits, here or at another replica; the
+  rest of the interval is left for the time a request takes from a listener to the edge.
+  So the admissions follow the arrivals, as the listeners themselves time them, with at
+  most one refresh interval of reordering.
+- Seats: a queued join takes any free seat. Its shard's relay when that relay has room,
+  otherwise the active relay with the most room, as a guest: an older join whose relay is
+  full does not wait while younger joins of other shards take the new relays. A guest's
+  ticket names no shard, so its relay keeps it until it drains; asked where its relay is,
+  the edge sends it home when its shard's relay has room, as any move.
+- Moves: a listener whose shard the map moved (or a guest) is sent to its shard's relay
+  while this replica has spent less than `maxMigrationsPerMinute // replicas` moves in the
+  last minute, and, off a relay that is not draining, only once no join waits here: while
+  joins wait, a move would only take the seat of one.
 
 Time is a parameter everywhere; the shell passes the clock in.
 """
@@ -33,8 +46,18 @@ from townsquare.sharding import ShardMap, shard_of
 MAX_ID_BYTES = 256
 MOVE_WINDOW_SECONDS = 60.0
 MAX_RETRY_FACTOR = 5
-WAITERS_PER_RETRY_STEP = 100
-"""Every this many joins ahead in line add one refresh interval to a Retry-After."""
+BEHIND_PER_RETRY_STEP = 2.0
+"""Every this many refresh intervals between a join's first attempt and the oldest waiting
+one's add one refresh interval to its Retry-After: the line moves at most about one refresh
+interval of arrivals per retry, so a join far behind is not due sooner, and it is back by
+the time the joins just ahead of it are admitted (a join that is not back holds the younger
+ones until it is)."""
+REORDER_SHARE = 0.75
+"""Of a refresh interval, how far apart two joins' first attempts (as the edge saw them) may
+be and the later one still get in first."""
+LATE_RETRY_FRACTION = 0.25
+"""A waiter may retry this fraction of its Retry-After late (clients add jitter) before it
+stops holding its place ahead of younger joins."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +69,13 @@ class Settings:
     admit_ttl: float = 10.0
     """Seconds an admit ticket is valid: a listener connects within it or not at all."""
     retry_after: float = 1.0
-    """Seconds a queued listener waits before it retries (the refresh interval); listeners
-    far back in line are told to wait longer, up to `MAX_RETRY_FACTOR` times this."""
-    waiter_expiry: float = 5.0
-    """A queued listener not heard from for this long past its Retry-After has given up."""
+    """Seconds a queued listener waits before it retries (the refresh interval, and the most
+    reordering the line allows); listeners far back in line are told to wait longer, up to
+    `MAX_RETRY_FACTOR` times this."""
+    waiter_expiry: float = 1.0
+    """A queued listener not heard from for this long past its Retry-After (plus
+    `LATE_RETRY_FRACTION` of it) has given up: it leaves the line, and holds back no one.
+    Its ticket still keeps its place should it come back."""
     queue_ttl: float = 3600.0
     """How long a queue ticket keeps its place without a retry."""
     started_at: float = 0.0
@@ -81,6 +107,8 @@ class Admitted:
     shard: int
     generation: int
     ticket: str
+    guest: bool = False
+    """Seated on a relay other than its shard's, which had no room."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +144,11 @@ class Held:
 class _Waiter:
     first: float
     expires: float
-    pod: str | None
 
 
 @dataclass
 class Room:
-    """One room as one replica knows it: the map, its relays, reports, and its own queue."""
+    """One room as one replica knows it: the map, its relays, reports, and its own line."""
 
     namespace: str
     name: str
@@ -133,10 +160,14 @@ class Room:
     """Admission times per pod, by this replica, still inside the report window."""
     waiters: dict[str, _Waiter] = field(default_factory=dict)
     queue: list[tuple[float, str]] = field(default_factory=list)
-    """(first attempt, listener) of every waiter, sorted: the room's line."""
-    lines: dict[str | None, list[tuple[float, str]]] = field(default_factory=dict)
-    """The same per relay pod (None: the shard has no relay yet)."""
+    """(first attempt, listener) of every waiter here, sorted: this replica's part of the
+    room's line."""
+    elsewhere: float | None = None
+    """The first attempt of the oldest join waiting at another replica (None: none)."""
     moves: deque[float] = field(default_factory=deque)
+    _seats: dict[str, int] | None = None
+    """Seats this replica may still fill per usable relay (only those with any): computed
+    from the reports, the map and the endpoints, kept in step with admissions."""
 
     @property
     def key(self) -> str:
@@ -180,19 +211,49 @@ class Room:
             recent.popleft()
         return share - len(recent)
 
+    def seats(self, settings: Settings) -> dict[str, int]:
+        """Free seats per usable relay for this replica (relays with none left out)."""
+        if self._seats is None:
+            self._seats = {}
+            for ordinal, state in self.shard_map.relays.items():
+                pod = self.pod_of(ordinal)
+                if state == "active" and self.unusable(pod, settings) is None:
+                    free = self.spare(pod, settings)
+                    if free > 0:
+                        self._seats[pod] = free
+        return self._seats
+
+    def changed(self) -> None:
+        """The map, endpoints or reports changed: count the seats again when next asked."""
+        self._seats = None
+
+    def seat(self, home: str | None, ahead: int, settings: Settings) -> str | None:
+        """The relay for a join with `ahead` joins before it in line here: its shard's relay
+        if that has a seat, else the one with the most; None while the seats here are
+        fewer than the joins ahead plus this one."""
+        seats = self.seats(settings)
+        if ahead >= sum(seats.values()):
+            return None
+        if home is not None and home in seats:
+            return home
+        return max(seats, key=lambda pod: (seats[pod], -int(pod.rsplit("-", 1)[1])))
+
     def admit(self, pod: str, now: float) -> None:
         self.admitted.setdefault(pod, deque()).append(now)
+        if self._seats is not None and pod in self._seats:
+            self._seats[pod] -= 1
+            if self._seats[pod] <= 0:
+                del self._seats[pod]
 
-    def wait(self, listener: str, first: float, pod: str | None, expires: float) -> None:
+    def wait(self, listener: str, first: float, expires: float) -> None:
         """Put (or keep) the listener in line until `expires`; its place is its first attempt."""
         waiter = self.waiters.get(listener)
-        if waiter is not None and (waiter.first, waiter.pod) != (first, pod):
+        if waiter is not None and waiter.first != first:
             self.leave(listener)
             waiter = None
         if waiter is None:
-            self.waiters[listener] = _Waiter(first, expires, pod)
+            self.waiters[listener] = _Waiter(first, expires)
             bisect.insort(self.queue, (first, listener))
-            bisect.insort(self.lines.setdefault(pod, []), (first, listener))
         else:
             waiter.expires = expires
 
@@ -201,26 +262,30 @@ class Room:
         if waiter is None:
             return
         entry = (waiter.first, listener)
-        _remove(self.queue, entry)
-        line = self.lines.get(waiter.pod)
-        if line is not None:
-            _remove(line, entry)
-            if not line:
-                del self.lines[waiter.pod]
+        index = bisect.bisect_left(self.queue, entry)
+        if index < len(self.queue) and self.queue[index] == entry:
+            del self.queue[index]
 
-    def regroup(self) -> None:
-        """Put every waiter in the line of its shard's relay under the current map, so a
-        moved shard's waiters keep their places in the new relay's line at once."""
-        lines: dict[str | None, list[tuple[float, str]]] = {}
-        for first, listener in self.queue:  # sorted, so every line comes out sorted
-            waiter = self.waiters[listener]
-            waiter.pod = self.target(listener)[1]
-            lines.setdefault(waiter.pod, []).append((first, listener))
-        self.lines = lines
+    def ahead(self, first: float, listener: str) -> int:
+        """Waiters here whose first attempt came before this one's."""
+        return bisect.bisect_left(self.queue, (first, listener))
 
-    def ahead(self, pod: str | None, first: float, listener: str) -> int:
-        """Waiters for `pod` whose first attempt came before this one's."""
-        return bisect.bisect_left(self.lines.get(pod, []), (first, listener))
+    def oldest(self, now: float) -> float | None:
+        """The first attempt of the oldest join still waiting here (waiters who stopped
+        retrying leave the line first)."""
+        while self.queue:
+            first, listener = self.queue[0]
+            if self.waiters[listener].expires >= now:
+                return first
+            self.leave(listener)
+        return None
+
+    def oldest_anywhere(self, now: float) -> float | None:
+        """The first attempt of the oldest join waiting here or at another replica."""
+        here = self.oldest(now)
+        if here is None or self.elsewhere is None:
+            return here if here is not None else self.elsewhere
+        return min(here, self.elsewhere)
 
     def expire(self, now: float) -> None:
         """Forget waiters that stopped retrying."""
@@ -242,12 +307,7 @@ class Room:
                 if pod not in merged or endpoint.ready:
                     merged[pod] = endpoint
         self.endpoints = merged
-
-
-def _remove(line: list[tuple[float, str]], entry: tuple[float, str]) -> None:
-    index = bisect.bisect_left(line, entry)
-    if index < len(line) and line[index] == entry:
-        del line[index]
+        self.changed()
 
 
 class Gate:
@@ -274,10 +334,8 @@ class Gate:
                 room.set_slice(slice_name, endpoints)
             self.rooms[key] = room
         elif shard_map.generation >= room.shard_map.generation:
-            moved = shard_map.assignment != room.shard_map.assignment
             room.shard_map = shard_map
-            if moved:
-                room.regroup()
+            room.changed()
 
     def set_slice(
         self, namespace: str, name: str, slice_name: str, endpoints: Mapping[str, Endpoint] | None
@@ -303,6 +361,13 @@ class Gate:
             known = room.reports.get(pod)
             if known is None or report.sampled_at >= known.sampled_at:
                 room.reports[pod] = report
+                room.changed()
+
+    def set_waiting_elsewhere(self, oldest: Mapping[tuple[str, str], float]) -> None:
+        """The first attempt of the oldest join waiting at the other replicas, per
+        (namespace, room); a room left out has none waiting there."""
+        for key, room in self.rooms.items():
+            room.elsewhere = oldest.get(key)
 
     def expire(self, now: float) -> None:
         for room in self.rooms.values():
@@ -313,7 +378,7 @@ class Gate:
     # Decisions.
 
     def join(self, room: Room, listener: str, ticket: str | None, now: float) -> Admitted | Queued:
-        """Admit the listener to its shard's relay, or keep it in line.
+        """Admit the listener to a relay, or keep it in line.
 
         A forged or foreign ticket raises TicketError (the caller answers 400); an expired
         one simply starts a new place in line.
@@ -322,33 +387,49 @@ class Gate:
         first = now
         if ticket is not None:
             first = self._first_attempt(room, listener, ticket, now)
-        shard, pod = room.target(listener)
-        reason = room.unusable(pod, settings)
-        if reason is None and ticket is None and room.shard_map.admission == "queueing":
+        shard, home = room.target(listener)
+        known = room.waiters.get(listener)
+        if known is not None and known.first != first:
+            room.leave(listener)  # came back without its ticket: a new place, not the old one
+        ahead = room.ahead(first, listener)
+        oldest = room.oldest_anywhere(now)
+        behind = 0.0 if oldest is None else max(0.0, first - oldest)
+        reason = None
+        if ticket is None and room.shard_map.admission == "queueing":
             reason = "the room is queueing joins"
-        ahead = room.ahead(pod, first, listener)
-        if reason is None and pod is not None:
-            if ahead >= room.spare(pod, settings):
-                reason = f"relay {pod} is full" if ahead == 0 else f"{ahead} joins wait ahead"
+        else:
+            if behind > settings.retry_after * REORDER_SHARE:
+                reason = f"joins that came {behind:.0f}s earlier still wait"
             else:
-                room.leave(listener)
-                room.admit(pod, now)
-                return self._admitted(room, listener, shard, pod)
-        steps = min(MAX_RETRY_FACTOR, 1 + ahead // WAITERS_PER_RETRY_STEP)
-        retry_after = max(1, math.ceil(settings.retry_after * steps))
-        room.wait(listener, first, pod, now + retry_after + settings.waiter_expiry)
+                pod = room.seat(home, ahead, settings)
+                if pod is not None:
+                    room.leave(listener)
+                    room.admit(pod, now)
+                    return self._admitted(room, listener, shard, pod, guest=pod != home)
+                reason = self._no_seat(room, home, ahead)
+        steps = 1 + int(behind / (settings.retry_after * BEHIND_PER_RETRY_STEP))
+        retry_after = max(1, math.ceil(settings.retry_after * min(MAX_RETRY_FACTOR, steps)))
+        late = retry_after * (1 + LATE_RETRY_FRACTION) + settings.waiter_expiry
+        room.wait(listener, first, now + late)
         claims = {"listener": listener, "room": room.key, "first": first}
         return Queued(
-            position=bisect.bisect_left(room.queue, (first, listener)) + 1,
+            position=ahead + 1,
             waiting=len(room.waiters),
             ticket=tickets.sign(self.key, "queue", claims, expires=now + settings.queue_ttl),
             retry_after=retry_after,
-            reason=reason or "queued",
+            reason=reason,
         )
 
+    def _no_seat(self, room: Room, home: str | None, ahead: int) -> str:
+        if room.seats(self.settings):
+            return f"{ahead} joins wait ahead"
+        why = room.unusable(home, self.settings) or f"relay {home} is full"
+        return f"{why}, and no other relay has room"
+
     def locate(self, room: Room, listener: str, current: str | None, now: float) -> Location | Held:
-        """Where the listener's relay is; when its shard moved away from `current`, a ticket
-        for the new relay, within the migration budget and the new relay's room."""
+        """Where the listener's relay is; when it is elsewhere than `current` (its shard
+        moved, or it is a guest there), a ticket for it, within the migration budget and
+        the relay's room, once no join waits here (unless `current` drains)."""
         shard, pod = room.target(listener)
         generation = room.shard_map.generation
         retry = max(1, math.ceil(self.settings.retry_after))
@@ -358,9 +439,12 @@ class Gate:
         relay = address.address if address else ""
         if current is None or current == pod:
             return Location(relay, pod, shard, generation, moved=False)
+        room.leave(listener)  # it holds a relay: it waits for none
         reason = room.unusable(pod, self.settings)
         if reason is None and room.spare(pod, self.settings) <= 0:
             reason = f"relay {pod} is full"
+        if reason is None and room.oldest(now) is not None and not _drains(room, current):
+            reason = f"{len(room.waiters)} joins wait for a seat; moves come after them"
         budget = room.shard_map.migrations_per_minute
         if reason is None and budget is not None:
             while room.moves and room.moves[0] <= now - MOVE_WINDOW_SECONDS:
@@ -388,7 +472,9 @@ class Gate:
             raise tickets.TicketError("ticket: no valid first attempt")
         return float(first)
 
-    def _admitted(self, room: Room, listener: str, shard: int, pod: str) -> Admitted:
+    def _admitted(
+        self, room: Room, listener: str, shard: int, pod: str, *, guest: bool
+    ) -> Admitted:
         endpoint = room.endpoints[pod]
         last = room.admitted[pod][-1]
         return Admitted(
@@ -396,10 +482,15 @@ class Gate:
             pod=pod,
             shard=shard,
             generation=room.shard_map.generation,
-            ticket=self._admit_ticket(room, listener, shard, pod, last),
+            ticket=self._admit_ticket(room, listener, None if guest else shard, pod, last),
+            guest=guest,
         )
 
-    def _admit_ticket(self, room: Room, listener: str, shard: int, pod: str, now: float) -> str:
+    def _admit_ticket(
+        self, room: Room, listener: str, shard: int | None, pod: str, now: float
+    ) -> str:
+        """A relay checks the shard a ticket names against its map; a guest's names none,
+        so the relay keeps it whatever its map says until it drains."""
         claims = {
             "listener": listener,
             "room": room.key,
@@ -415,3 +506,20 @@ class Gate:
         """(room, waiting listeners, seconds the oldest has waited) for every room."""
         for room in self.rooms.values():
             yield room, len(room.waiters), room.oldest_wait(now)
+
+    def oldest_waiting(self, now: float) -> Iterable[tuple[Room, float]]:
+        """(room, first attempt of its oldest join waiting here) for rooms with any: what
+        the other replicas read back, through Prometheus, to keep the room's order."""
+        for room in self.rooms.values():
+            oldest = room.oldest(now)
+            if oldest is not None:
+                yield room, oldest
+
+
+def _drains(room: Room, pod: str) -> bool:
+    """The pod is leaving: marked draining, or gone from the map."""
+    try:
+        ordinal = int(pod.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return True
+    return room.shard_map.relays.get(ordinal) != "active"

@@ -1,9 +1,12 @@
-"""The relays' own listener counts, as the edge sees them.
+"""What the edge reads back each refresh: the relays' own listener counts, and the oldest
+join waiting at each edge replica.
 
-Today they come from Prometheus: one batched instant query per refresh for every relay of
-every room (the metric contract's `audioroom_relay_listeners`, with the time of each
-sample). It is one implementation of `ReportSource`; relays that push their counts, or an
-edge that scrapes the relays it knows directly, would be another, with nothing else changed.
+Today both come from Prometheus, in one batched instant query per refresh for every room:
+the metric contract's `audioroom_relay_listeners` with the time of each sample, and the
+`audioroom_edge_oldest_waiting_since_seconds` every edge replica exports (so a replica keeps
+the room's line in order without talking to the others). It is one implementation of
+`ReportSource`; relays that push their counts, or an edge that scrapes the relays it knows
+directly, would be another, with nothing else changed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -23,12 +27,15 @@ Parts = dict[tuple[str, str, str, str], Report]
 """(namespace, room, pod, instance) -> one source's count of a relay's listeners."""
 
 LISTENERS = "audioroom_relay_listeners"
+OLDEST_WAITING = "audioroom_edge_oldest_waiting_since_seconds"
 BY_SOURCE = "namespace, room, pod, instance"
 QUERY = (
     f"sum by ({BY_SOURCE}) ({LISTENERS}) or "
     f'label_replace(max by ({BY_SOURCE}) (timestamp({LISTENERS})), "at", "1", "", "")'
+    f" or min by (namespace, room, replica) ({OLDEST_WAITING})"
 )
-"""Each source's counts and their sample times in one vector, told apart by the `at` label.
+"""Each source's counts and their sample times in one vector, told apart by the `at` label,
+and the edge replicas' oldest waiting joins, told apart by the `replica` label.
 
 One pod may be reported by more than one source (scrape target): the relay process counts
 the listeners connected to it, and a load generator counts the simulated ones it placed
@@ -40,8 +47,24 @@ series is gone (a failed scrape marks it stale): without it the pod would look e
 that part and take joins past its capacity. A pod whose every source is gone drops out."""
 
 
+@dataclass(frozen=True)
+class Readings:
+    reports: Reports = field(default_factory=dict)
+    waiting: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    """(namespace, room, replica) -> first attempt of the oldest join waiting there."""
+
+    def waiting_elsewhere(self, replica: str) -> dict[tuple[str, str], float]:
+        """Per room, the oldest join waiting at any replica other than `replica`."""
+        oldest: dict[tuple[str, str], float] = {}
+        for (namespace, room, other), first in self.waiting.items():
+            if other != replica:
+                key = (namespace, room)
+                oldest[key] = min(first, oldest.get(key, first))
+        return oldest
+
+
 class ReportSource(Protocol):
-    async def read(self, session: aiohttp.ClientSession) -> Reports: ...
+    async def read(self, session: aiohttp.ClientSession) -> Readings: ...
 
 
 def parse_parts(result: list[Mapping[str, Any]]) -> Parts:
@@ -61,6 +84,18 @@ def parse_parts(result: list[Mapping[str, Any]]) -> Parts:
         for key, count in counts.items()
         if key in times
     }
+
+
+def parse_waiting(result: list[Mapping[str, Any]]) -> dict[tuple[str, str, str], float]:
+    """The replicas' oldest waiting joins in one answer to QUERY (NaN or negative: dropped)."""
+    waiting: dict[tuple[str, str, str], float] = {}
+    for series in result:
+        labels = series.get("metric", {})
+        key = (labels.get("namespace", ""), labels.get("room", ""), labels.get("replica", ""))
+        value = float(series["value"][1])
+        if all(key) and math.isfinite(value) and value >= 0:
+            waiting[key] = value
+    return waiting
 
 
 def combine(parts: Parts) -> Reports:
@@ -107,12 +142,13 @@ class PrometheusReports:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.parts: dict[tuple[str, str, str, str], tuple[Report, float]] = {}
 
-    async def read(self, session: aiohttp.ClientSession) -> Reports:
+    async def read(self, session: aiohttp.ClientSession) -> Readings:
         async with session.get(
             f"{self.url}/api/v1/query", params={"query": QUERY}, timeout=self.timeout
         ) as response:
             response.raise_for_status()
             body = await response.json()
-        seen = parse_parts(body["data"]["result"])
-        self.parts = carry_missing_parts(seen, self.parts, time.monotonic())
-        return combine({key: part for key, (part, _) in self.parts.items()})
+        result = body["data"]["result"]
+        self.parts = carry_missing_parts(parse_parts(result), self.parts, time.monotonic())
+        reports = combine({key: part for key, (part, _) in self.parts.items()})
+        return Readings(reports, parse_waiting(result))

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from townsquare import tickets
 from townsquare.edge.admission import MAX_ID_BYTES, Admitted, Gate, Held, Room
-from townsquare.edge.reports import ReportSource
+from townsquare.edge.reports import OLDEST_WAITING, ReportSource
 from townsquare.edge.watch import Watcher
 
 MAX_BODY_BYTES = 4096
@@ -98,9 +98,10 @@ def _error(status: int, message: str) -> web.Response:
 class WaitingCollector(Collector):
     """Waiting joins and the oldest wait per room, computed when Prometheus scrapes."""
 
-    def __init__(self, gate: Gate, clock: Callable[[], float]) -> None:
+    def __init__(self, gate: Gate, clock: Callable[[], float], replica: str) -> None:
         self.gate = gate
         self.clock = clock
+        self.replica = replica
 
     def collect(self) -> Any:
         labels = ["namespace", "room"]
@@ -114,12 +115,21 @@ class WaitingCollector(Collector):
             "How long the oldest waiting join has waited (by its first attempt)",
             labels=labels,
         )
+        since = GaugeMetricFamily(
+            OLDEST_WAITING,
+            "First attempt (unix seconds) of the oldest join waiting at this replica, for rooms"
+            " with any: the other replicas read it back to keep the room's line in order",
+            labels=[*labels, "replica"],
+        )
         now = self.clock()
         for room, count, age in self.gate.waiting(now):
             waiting.add_metric([room.namespace, room.name], count)
             oldest.add_metric([room.namespace, room.name], age)
+        for room, first in self.gate.oldest_waiting(now):
+            since.add_metric([room.namespace, room.name, self.replica], first)
         yield waiting
         yield oldest
+        yield since
 
 
 class Edge:
@@ -133,14 +143,17 @@ class Edge:
         reports: ReportSource | None = None,
         refresh_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
+        replica: str = "edge",
     ) -> None:
         self.gate = gate
+        self.replica = replica
+        """This replica's name among the others (the `replica` label it exports)."""
         self.watcher = watcher
         self.reports = reports
         self.refresh_seconds = refresh_seconds
         self.clock = clock
         self.registry = CollectorRegistry()
-        self.registry.register(WaitingCollector(gate, clock))
+        self.registry.register(WaitingCollector(gate, clock, replica))
         joins = Counter(
             "audioroom_edge_joins",
             "Join and location requests by outcome",
@@ -277,12 +290,15 @@ class Edge:
                     await task
 
     async def _refresh(self, session: aiohttp.ClientSession) -> None:
-        """Every refresh interval: the relays' reports, and forget waiters who left."""
+        """Every refresh interval: the relays' reports and the other replicas' oldest
+        waiting joins, and forget waiters who left."""
         while True:
             began = time.monotonic()
             if self.reports is not None:
                 try:
-                    self.gate.set_reports(await self.reports.read(session))
+                    readings = await self.reports.read(session)
+                    self.gate.set_reports(readings.reports)
+                    self.gate.set_waiting_elsewhere(readings.waiting_elsewhere(self.replica))
                     if not self.reports_ok:
                         log.info("relay reports read")
                     self.reports_ok = True
@@ -290,6 +306,9 @@ class Edge:
                     if self.reports_ok:
                         log.warning("reading relay reports failed", error=repr(error))
                     self.reports_ok = False
+                    # Order never outranks service: with no news from the others, only
+                    # this replica's own line holds joins back.
+                    self.gate.set_waiting_elsewhere({})
             self.gate.expire(self.clock())
             elapsed = time.monotonic() - began
             await asyncio.sleep(max(0.05, self.refresh_seconds - elapsed))
