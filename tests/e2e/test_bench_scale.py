@@ -202,6 +202,17 @@ def _percentile(values: list[float], share: float) -> float:
 
 
 def _namespace(api: client.ApiClient, name: str) -> str:
+    core = client.CoreV1Api(api)
+    wait_until(  # the garbage collector's deletions of an earlier run would count as writes
+        lambda: (
+            not [
+                n for n in core.list_namespace().items if n.metadata.name.startswith("bench-scale-")
+            ]
+        ),
+        1800,
+        "earlier bench namespaces to be deleted",
+        interval=5,
+    )
     client.CoreV1Api(api).create_namespace(
         client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
     )
