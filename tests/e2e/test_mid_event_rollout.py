@@ -253,7 +253,7 @@ def test_doubling_listeners_per_relay_mid_event_reaches_the_map_status_and_edge(
     manifest = steady_room("bigger")
     manifest["spec"]["scaling"]["maxRelays"] = RELAYS
     selector = f'namespace="{namespace}",room="bigger"'
-    busiest = f"max(audioroom_relay_listeners{{{selector}}})"
+    busiest = f"max(sum by (pod) (audioroom_relay_listeners{{{selector}}}))"
     connected = f"sum(audioroom_relay_listeners{{{selector}}})"
 
     def published_capacity() -> int:
@@ -273,6 +273,10 @@ def test_doubling_listeners_per_relay_mid_event_reaches_the_map_status_and_edge(
         )
         changed_at = time.time()
         peak_before = peak_since(began)
+        at_change = prometheus.client().custom_query(
+            f"sum by (pod) (audioroom_relay_listeners{{{selector}}})"
+        )
+        print("per relay at the change:", {r["metric"]["pod"]: r["value"][1] for r in at_change})
         rooms.patch_spec("bigger", {"relay": {"listenersPerRelay": 2 * CAPACITY}})
         wait_until(lambda: published_capacity() == 2 * CAPACITY, 20, "the map's new capacity")
         wait_until(
