@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ async def first_reply(address: tuple[str, int], data: bytes) -> tuple[str, dict[
         return Kind(code).name.lower(), json.loads(body)
     finally:
         writer.close()
+
+
+async def connect(address: tuple[str, int], tickets: list[str]) -> list[asyncio.StreamWriter]:
+    """Listeners admitted with `tickets`, each connected once the relay welcomed it."""
+    writers = []
+    for ticket in tickets:
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(hello(ticket))
+        await reader.readexactly(HEADER.size)  # the welcome
+        writers.append(writer)
+    return writers
 
 
 def hello(ticket: str | None) -> bytes:
@@ -136,18 +148,40 @@ def test_joins_beyond_capacity_are_refused(tmp_path: Path) -> None:
     async def main() -> None:
         room = LoopbackRoom(tmp_path, capacity=3)
         try:
-            await room.start(tree(1, fanout=8))
+            await room.start(tree(1, fanout=8, capacity=3))
             address = room.relays[0].address
             tickets = [admit("r-relay-0", listener=f"l{i}") for i in range(4)]
-            writers = []
-            for ticket in tickets[:3]:
-                reader, writer = await asyncio.open_connection(*address)
-                writer.write(hello(ticket))
-                await reader.readexactly(HEADER.size)  # the welcome
-                writers.append(writer)
+            writers = await connect(address, tickets[:3])
             kind, fields = await first_reply(address, hello(tickets[3]))
             assert (kind, fields["reason"]) == ("refuse", "full")
             assert len(room.relays[0].listeners) == 3
+            for writer in writers:
+                writer.close()
+        finally:
+            await room.close()
+
+    asyncio.run(main())
+
+
+def test_a_capacity_raised_in_the_live_map_reaches_a_running_relay(tmp_path: Path) -> None:
+    """listenersPerRelay doubled mid-event: a relay started with the old capacity takes the
+    new one from the map it reads (as the edge does), and refuses beyond it."""
+
+    async def main() -> None:
+        room = LoopbackRoom(tmp_path, capacity=2)
+        try:
+            await room.start(tree(1, fanout=8, capacity=2))
+            address = room.relays[0].address
+            tickets = [admit("r-relay-0", listener=f"l{i}") for i in range(5)]
+            writers = await connect(address, tickets[:2])
+            kind, fields = await first_reply(address, hello(tickets[2]))
+            assert (kind, fields["reason"]) == ("refuse", "full")
+            room.publish(replace(room.current_map(), capacity=4))
+            await until(lambda: room.relays[0].capacity == 4, 5, "the relay to read the new map")
+            writers += await connect(address, tickets[2:4])
+            kind, fields = await first_reply(address, hello(tickets[4]))
+            assert (kind, fields["reason"]) == ("refuse", "full")
+            assert len(room.relays[0].listeners) == 4
             for writer in writers:
                 writer.close()
         finally:

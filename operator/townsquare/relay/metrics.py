@@ -36,7 +36,7 @@ class HubCollector(Collector):
             capacity = GaugeMetricFamily(
                 "audioroom_relay_capacity_listeners", "Declared maximum listeners", labels=LABELS
             )
-            capacity.add_metric(labels, relay.config.capacity)
+            capacity.add_metric(labels, relay.capacity)
             draining = GaugeMetricFamily(
                 "audioroom_relay_draining", "1 while accepting no new joins", labels=LABELS
             )

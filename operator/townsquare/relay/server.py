@@ -101,6 +101,14 @@ class Relay(Hub):
         self._move_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def capacity(self) -> int:
+        """The room's capacity per relay as the live shard map says, so a mid-event change of
+        `listenersPerRelay` reaches this relay with the map, as it reaches the edge, instead
+        of after this pod is replaced; `config.capacity` (the pod's environment) until the
+        first map is read."""
+        return self.map.capacity if self.map is not None else self.config.capacity
+
     # -- who may connect ------------------------------------------------------------------
 
     def admit(self, hello: dict[str, Any]) -> Admitted:
@@ -128,8 +136,9 @@ class Relay(Hub):
         shard, generation = claims.get("shard"), int(claims.get("generation") or 0)
         if self._moved_away(shard, generation):
             raise RefusedError("shard-moved", f"shard {shard} moved: ask the edge again")
-        if listener not in self.listeners and len(self.listeners) >= self.config.capacity:
-            raise RefusedError("full", f"at capacity ({self.config.capacity} listeners)")
+        capacity = self.capacity
+        if listener not in self.listeners and len(self.listeners) >= capacity:
+            raise RefusedError("full", f"at capacity ({capacity} listeners)")
         return Admitted(
             role="listener",
             name=listener,
