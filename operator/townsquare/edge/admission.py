@@ -168,6 +168,7 @@ class Room:
     _seats: dict[str, int] | None = None
     """Seats this replica may still fill per usable relay (only those with any): computed
     from the reports, the map and the endpoints, kept in step with admissions."""
+    _seats_total: int = 0
 
     @property
     def key(self) -> str:
@@ -221,6 +222,7 @@ class Room:
                     free = self.spare(pod, settings)
                     if free > 0:
                         self._seats[pod] = free
+            self._seats_total = sum(self._seats.values())
         return self._seats
 
     def changed(self) -> None:
@@ -232,7 +234,7 @@ class Room:
         if that has a seat, else the one with the most; None while the seats here are
         fewer than the joins ahead plus this one."""
         seats = self.seats(settings)
-        if ahead >= sum(seats.values()):
+        if ahead >= self._seats_total:
             return None
         if home is not None and home in seats:
             return home
@@ -242,6 +244,7 @@ class Room:
         self.admitted.setdefault(pod, deque()).append(now)
         if self._seats is not None and pod in self._seats:
             self._seats[pod] -= 1
+            self._seats_total -= 1
             if self._seats[pod] <= 0:
                 del self._seats[pod]
 
