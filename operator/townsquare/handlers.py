@@ -267,8 +267,11 @@ class Runtime:
         state = self.rooms.get(key)
         if state is None:
             return None
-        outcome, failed = await _reconcile_once(self, state, key, deleting=state.deleting)
-        if state.deleting:
+        deleting = state.deleting  # as this pass runs: deletion may begin meanwhile
+        outcome, failed = await _reconcile_once(self, state, key, deleting=deleting)
+        if state.deleting and not deleting:
+            return 0.0  # an ordinary pass that found the room deleted: the drain begins now
+        if deleting:
             if not failed and (outcome is None or outcome.released):
                 if state.released is not None:
                     state.released.set()

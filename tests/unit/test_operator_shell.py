@@ -139,3 +139,41 @@ def test_a_slow_tenant_query_delays_no_other_room() -> None:
             await poller.stop()
 
     asyncio.run(scenario())
+
+
+class DeletedMeanwhile:
+    """The room is read as deleted, by a pass that began before its deletion."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.reads: list[str] = []
+
+    def room_if_exists(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads.append(name)
+        self.entered.set()
+        self.release.wait(30)
+        meta = {"name": name, "namespace": namespace, "generation": 2, "uid": "u"}
+        return {"metadata": {**meta, "deletionTimestamp": "2026-12-01T23:00:00Z"}, "spec": {}}
+
+
+def test_a_pass_that_began_before_the_deletion_does_not_release_the_room() -> None:
+    async def scenario() -> None:
+        api = DeletedMeanwhile()
+        runtime = _runtime(api, Settings())
+        runner = asyncio.create_task(runtime.passes.run())
+        key = ("spaces", "leaving")
+        try:
+            runtime.register(key, {}, generation=1)
+            await _until(api.entered.is_set, "an ordinary pass to read the room")
+            state = runtime.rooms[key]
+            state.deleting, state.released = True, asyncio.Event()  # as kopf's handler does
+            runtime.passes.wake(key)
+            api.release.set()
+            await _until(lambda: len(api.reads) >= 2, "the draining pass that follows")
+            assert not state.released.is_set(), "released before any drain"
+        finally:
+            api.release.set()
+            runner.cancel()
+
+    asyncio.run(scenario())
