@@ -12,7 +12,7 @@ import requests
 from harness import Prometheus, wait_until
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from townsquare.edge.reports import PrometheusReports, Reports
+from townsquare.edge.reports import PrometheusReports, Readings
 
 pytestmark = pytest.mark.e2e
 
@@ -99,11 +99,11 @@ def test_the_edge_adds_up_a_pod_reported_by_its_relay_and_by_a_load_generator(
     source = PrometheusReports(prometheus.url)
 
     def counts() -> dict[str, int]:
-        async def read() -> Reports:
+        async def read() -> Readings:
             async with aiohttp.ClientSession() as session:
                 return await source.read(session)
 
-        reports = asyncio.run(read())
+        reports = asyncio.run(read()).reports
         return {key[2]: report.listeners for key, report in reports.items() if key[0] == "ns"}
 
     series = 'count(audioroom_relay_listeners{namespace="ns"})'

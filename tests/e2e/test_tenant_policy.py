@@ -181,13 +181,18 @@ def test_the_operator_refuses_to_act_on_a_room_outside_its_own_flags(
         )
         names = {s.metadata.name for s in apps.list_namespaced_stateful_set(namespace).items}
         assert names == {"inside-relay"}, "nothing was created for the refused rooms"
-        events = (
-            client.CoreV1Api(api_client)
-            .list_namespaced_event(
-                namespace, field_selector="involvedObject.name=outside,reason=Refused"
+
+        def refusals() -> list[Any]:
+            return list(
+                client.CoreV1Api(api_client)
+                .list_namespaced_event(
+                    namespace, field_selector="involvedObject.name=outside,reason=Refused"
+                )
+                .items
             )
-            .items
-        )
-        assert events and events[0].type == "Warning"
+
+        # A pass writes the room's status before it posts the Events it decided on.
+        events = wait_until(refusals, 30, "the Refused Event")
+        assert events[0].type == "Warning"
     finally:
         operator.stop()
