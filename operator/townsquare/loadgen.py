@@ -486,13 +486,11 @@ class LoadCollector(Collector):
             GaugeMetricFamily, "audioroom_edge_wanted_listeners",
             "Listeners who want to be connected (the trace's demand)", room, audience.wanted,
         )  # fmt: skip
-        states = GaugeMetricFamily(
+        states = _by_label(
             "audioroom_loadgen_listeners",
             "The audience by state: idle, waiting (queued), connected",
-            labels=["namespace", "room", "state"],
-        )
-        for state, count in audience.states.items():
-            states.add_metric([*room, state], count)
+            room, "state", audience.states,
+        )  # fmt: skip
         twice = _per_room(
             GaugeMetricFamily, "audioroom_loadgen_listeners_on_two_relays",
             "Listeners that two relays both count", room, audience.on_two_relays,
@@ -505,13 +503,11 @@ class LoadCollector(Collector):
             CounterMetricFamily, "audioroom_loadgen_refused_tickets",
             "Connections the relays refused for a bad admit ticket", room, audience.refused,
         )  # fmt: skip
-        split = GaugeMetricFamily(
+        split = _by_label(
             "audioroom_loadgen_audience",
             "The audience by kind: real connections to real relays, or simulated here",
-            labels=["namespace", "room", "kind"],
-        )
-        for kind, count in audience.split.items():
-            split.add_metric([*room, kind], count)
+            room, "kind", audience.split,
+        )  # fmt: skip
         yield from (listeners, capacity, wanted, states, twice, moves, refused, split)
         yield from self._real(audience, room)
 
@@ -672,4 +668,14 @@ def _per_room(
     """One series for the whole room, labelled by namespace and room."""
     metric = family(name, text, labels=["namespace", "room"])
     metric.add_metric(room, value)
+    return metric
+
+
+def _by_label(
+    name: str, text: str, room: list[str], label: str, counts: Mapping[str, float]
+) -> GaugeMetricFamily:
+    """One gauge series per value of `label` in the room (the audience by state or kind)."""
+    metric = GaugeMetricFamily(name, text, labels=["namespace", "room", label])
+    for value, count in counts.items():
+        metric.add_metric([*room, value], count)
     return metric
