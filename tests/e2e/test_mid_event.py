@@ -172,10 +172,14 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
                 return error.status == 404
             return False
 
-        # In the foreground the garbage collector retries the relays' deletion with a backoff
-        # that doubles (it has reached 40-80 s by the time the drain ends on a loaded machine).
-        wait_until(gone, 300, "the room to be drained and released")
+        # The drain takes up to drainTimeout (2 m); the room goes as soon as it has drained.
+        wait_until(gone, 180, "the room to be drained and released")
         gone_at = time.time()
+        wait_until(
+            lambda: not rooms.apps.list_namespaced_stateful_set(namespace).items,
+            60,
+            "the garbage collector to remove the drained relays' StatefulSet",
+        )
     finally:
         watch.stop()
         load.stop()

@@ -31,7 +31,17 @@ def relay_selector(room: str) -> dict[str, str]:
     return {ROOM_LABEL: room, COMPONENT_LABEL: "relay"}
 
 
-def _metadata(room: str, namespace: str, uid: str, name: str, component: str) -> Manifest:
+def _metadata(
+    room: str,
+    namespace: str,
+    uid: str,
+    name: str,
+    component: str,
+    *,
+    blocks_owner_deletion: bool = True,
+) -> Manifest:
+    """A child's metadata, owned by its room. `blocks_owner_deletion` False lets a
+    foreground deletion of the room finish without waiting for this child."""
     return {
         "name": name,
         "namespace": namespace,
@@ -43,7 +53,7 @@ def _metadata(room: str, namespace: str, uid: str, name: str, component: str) ->
                 "name": room,
                 "uid": uid,
                 "controller": True,
-                "blockOwnerDeletion": True,
+                "blockOwnerDeletion": blocks_owner_deletion,
             }
         ],
     }
@@ -66,7 +76,14 @@ def relay_stateful_set(
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _metadata(room, namespace, uid, relay_set_name(room), "relay"),
+        # Not blocking: in a foreground deletion the drain policy refuses the garbage
+        # collector until the drain ends, and the collector's retries back off (5 ms doubling,
+        # minutes apart by then), so a blocking StatefulSet held the room minutes after its
+        # drain. The finalizer holds the room until drained; then the collector removes the
+        # empty StatefulSet at once, its owner being gone.
+        "metadata": _metadata(
+            room, namespace, uid, relay_set_name(room), "relay", blocks_owner_deletion=False
+        ),
         "spec": {
             "replicas": replicas,
             "serviceName": relay_service_name(room),
