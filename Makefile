@@ -69,7 +69,7 @@ crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
 
 test: lint typecheck layers e2e-prerequisites chart-check
-	$(RUN) pytest -q -n 3
+	$(RUN) pytest -q -n 3 --durations=25
 
 clean:
 	rm -rf .venv .tools .mypy_cache .pytest_cache .ruff_cache
