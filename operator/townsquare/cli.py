@@ -373,18 +373,39 @@ def _address(flag: str, text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
-def _relay_sources(args: argparse.Namespace) -> Any:
-    from townsquare.relay.process import Sources
-
+def _relay_addresses(args: argparse.Namespace) -> dict[int, tuple[str, int]]:
     addresses: dict[int, tuple[str, int]] = {}
     for entry in args.relay_address or ():
         ordinal, equals, address = entry.partition("=")
         if not equals or not ordinal.isdigit():
             raise UsageError(f"--relay-address: expected ORDINAL=HOST:PORT (got {entry!r})")
         addresses[int(ordinal)] = _address("--relay-address", address, args.port)
+    return addresses
+
+
+def _relay_sources(args: argparse.Namespace) -> Any:
+    from townsquare.relay.process import RelaySources
+
+    if not args.map_file:
+        raise UsageError(
+            "--map-file: needed (or TOWNSQUARE_MAP_FILE): the room's <room>-shards ConfigMap "
+            "mounted as a file (a relay never calls the API server)"
+        )
+    return RelaySources(
+        map_file=Path(args.map_file),
+        hosts_file=Path(args.hosts_file) if args.hosts_file else None,
+        relay_addresses=_relay_addresses(args),
+    )
+
+
+def _origin_sources(args: argparse.Namespace) -> Any:
+    from townsquare.relay.process import OriginSources
+
+    if args.no_map:
+        return None
     if args.map_file:
-        return Sources(map_file=Path(args.map_file), relay_addresses=addresses)
-    return Sources(kubeconfig=args.kubeconfig)
+        return OriginSources(map_file=Path(args.map_file))
+    return OriginSources(kubeconfig=args.kubeconfig)
 
 
 def _room_of(args: argparse.Namespace) -> tuple[str, str]:
@@ -419,9 +440,10 @@ def _cmd_relay(args: argparse.Namespace) -> int:
         map_interval=args.map_interval,
         hub=HubSettings(buffer_frames=args.buffer_frames),
     )
+    sources = _relay_sources(args)
     configure_logging(args.log_format)
     try:
-        run(run_relay(config, _relay_sources(args), args.metrics_port))
+        run(run_relay(config, sources, args.metrics_port))
     except OSError as exc:
         raise UsageError(f"--address {args.address}: {exc.strerror or exc}") from None
     return 0
@@ -447,7 +469,7 @@ def _cmd_origin(args: argparse.Namespace) -> int:
         map_interval=args.map_interval,
         hub=HubSettings(buffer_frames=args.buffer_frames),
     )
-    sources = None if args.no_map else _relay_sources(args)
+    sources = _origin_sources(args)
     configure_logging(args.log_format)
     try:
         run(run_origin(config, sources, args.metrics_port))
@@ -456,7 +478,7 @@ def _cmd_origin(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_plane_options(parser: argparse.ArgumentParser, port: int) -> None:
+def _data_plane_options(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--namespace", default=env("POD_NAMESPACE"), help="the room's namespace")
     parser.add_argument("--room", default=env("TOWNSQUARE_ROOM"), help="the AudioRoom's name")
@@ -464,16 +486,6 @@ def _data_plane_options(parser: argparse.ArgumentParser, port: int) -> None:
         "--ticket-key-file",
         default=env("TOWNSQUARE_TICKET_KEY_FILE"),
         help="the shared ticket key (the Secret mounted from the chart)",
-    )
-    parser.add_argument("--address", default="127.0.0.1", help="IP to listen on (the pod's)")
-    parser.add_argument("--port", type=int, default=port, help="port for listeners and relays")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="/metrics (0: off)")
-    parser.add_argument("--kubeconfig", help="read the shard map with it (default: KUBECONFIG)")
-    parser.add_argument("--map-file", help="read the shard map from this JSON file instead")
-    parser.add_argument(
-        "--relay-address",
-        action="append",
-        help="with --map-file: ORDINAL=HOST:PORT of a relay (repeatable)",
     )
     parser.add_argument("--map-interval", type=parse_seconds, default=1.0)
     parser.add_argument("--buffer-frames", type=int, default=100, help="frames kept to resume")
@@ -728,19 +740,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.set_defaults(handler=_cmd_demo)
 
-    relay = commands.add_parser("relay", help="the reference relay for one room (one pod)")
-    _data_plane_options(relay, 7880)
-    relay.add_argument("--pod", default=os.environ.get("POD_NAME"), help="this relay's pod name")
+    relay = commands.add_parser(
+        "relay", help="the reference relay for one room (one pod; no API server access)"
+    )
+    _data_plane_options(relay)
+    env = os.environ.get
+    # A relay pod's container gets these from its environment (kube/children.py).
+    relay.add_argument(
+        "--address", default=env("POD_IP", "127.0.0.1"), help="IP to listen on ($POD_IP)"
+    )
+    relay.add_argument(
+        "--port", type=int, default=env("TOWNSQUARE_PORT", "7880"),
+        help="port for listeners and child relays ($TOWNSQUARE_PORT)",
+    )  # fmt: skip
+    relay.add_argument(
+        "--metrics-port", type=int, default=env("TOWNSQUARE_METRICS_PORT", "9090"),
+        help="/metrics, 0: off ($TOWNSQUARE_METRICS_PORT)",
+    )  # fmt: skip
+    relay.add_argument(
+        "--map-file",
+        default=env("TOWNSQUARE_MAP_FILE"),
+        help="the room's shard map: the mounted <room>-shards ConfigMap's shardmap.json, "
+        "read again when it changes ($TOWNSQUARE_MAP_FILE)",
+    )
+    relay.add_argument(
+        "--hosts-file",
+        default=env("TOWNSQUARE_HOSTS_FILE"),
+        help="find parent relays' addresses in this /etc/hosts-style file instead of DNS "
+        "(where there is no cluster DNS, as on the local kwok cluster)",
+    )
+    relay.add_argument(
+        "--relay-address",
+        action="append",
+        help="ORDINAL=HOST:PORT of a relay, instead of DNS (repeatable; tests)",
+    )
+    relay.add_argument("--pod", default=env("POD_NAME"), help="this relay's pod name")
     relay.add_argument(
         "--origin",
-        default=os.environ.get("TOWNSQUARE_ORIGIN"),
+        default=env("TOWNSQUARE_ORIGIN"),
         help="HOST:PORT of the room's origin (default: $TOWNSQUARE_ORIGIN)",
     )
     relay.add_argument(
         "--capacity",
         type=int,
-        default=int(os.environ.get("TOWNSQUARE_CAPACITY", "1000")),
-        help="listeners at most (default: $TOWNSQUARE_CAPACITY or 1000)",
+        default=env("TOWNSQUARE_CAPACITY", "1000"),
+        help="listeners at most until the map says (default: $TOWNSQUARE_CAPACITY or 1000)",
     )
     relay.add_argument(
         "--migrations-per-minute",
@@ -751,7 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
     relay.set_defaults(handler=_cmd_relay)
 
     origin = commands.add_parser("origin", help="a synthetic speakers' stream for one room")
-    _data_plane_options(origin, 7880)
+    _data_plane_options(origin)
+    origin.add_argument("--address", default="127.0.0.1", help="IP to listen on")
+    origin.add_argument("--port", type=int, default=7880, help="port relays connect to")
+    origin.add_argument("--metrics-port", type=int, default=9090, help="/metrics (0: off)")
+    origin.add_argument("--kubeconfig", help="read the shard map with it (default: KUBECONFIG)")
+    origin.add_argument("--map-file", help="read the shard map from this JSON file instead")
     origin.add_argument("--frame-interval", type=parse_seconds, default=0.020)
     origin.add_argument("--frame-bytes", type=int, default=60, help="payload bytes per frame")
     origin.add_argument("--no-map", action="store_true", help="feed any relay of the room")

@@ -721,7 +721,7 @@ def _start_operator(
     command = _python_townsquare(
         "run", "--namespace", namespace, "--prometheus-url", prometheus_url,
         "--metrics-interval", "1", "--metrics-max-age", "5", "--metrics-port", "0",
-        "--log-format", "json",
+        "--relay-ticket-secret", TICKET_SECRET, "--log-format", "json",
     )  # fmt: skip
     return Child.start("operator", command, out_dir / "operator.log", env)
 

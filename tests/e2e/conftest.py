@@ -173,6 +173,9 @@ def scaling_operator(
     process = OperatorProcess(
         kubeconfig, namespace, tmp_path / "operator.log",
         "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
+        # Relay pods mount the ticket key as they do in production (tests that run real
+        # relays create this Secret; kwok runs the others without it).
+        "--relay-ticket-secret", "townsquare-tickets",
     )  # fmt: skip
     process.start()
     process.wait_started()

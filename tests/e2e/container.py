@@ -98,8 +98,8 @@ def pod_flags(
     """How podman runs `container` of `pod` as a kubelet would (camelCase pod spec).
 
     `fields` gives the values of the env's fieldRefs (metadata.name, ...); `secrets` the
-    files of each secret volume (volume name -> item path -> host file). With `publish`,
-    every container port is published on a free 127.0.0.1 port; without, the container is
+    files of each secret or configMap volume (volume name -> item path -> host file). With
+    `publish`, every container port is published on a free 127.0.0.1 port; without, the container is
     meant for the host's network and binds its ports itself.
     """
     _known(pod, POD_KEYS, "pod spec")
@@ -132,15 +132,16 @@ def pod_flags(
     run = PodRun(flags, list(container.get("args", [])))
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
-        if "secret" in volume:
-            items = volume["secret"].get("items") or []
+        source = volume.get("secret") or volume.get("configMap")
+        if source is not None:
+            items = source.get("items") or []
             given = (secrets or {}).get(volume["name"], {})
             assert {item["path"] for item in items} == set(given), f"volume {volume}: files?"
             for item in items:
                 inside = f"{mount['mountPath'].rstrip('/')}/{item['path']}"
                 flags += ["--volume", f"{given[item['path']]}:{inside}:ro"]
             continue
-        assert set(volume) == {"name", "emptyDir"}, f"volume {volume}: emptyDir or secret"
+        assert set(volume) == {"name", "emptyDir"}, f"volume {volume}: emptyDir, secret or map"
         size = volume["emptyDir"].get("sizeLimit")
         options = f"rw,mode=1777{f',size={quantity(size)}' if size else ''}"
         flags += ["--tmpfs", f"{mount['mountPath']}:{options}"]

@@ -363,9 +363,8 @@ def test_relays_of_a_helm_install_check_tickets_with_the_charts_key(
     from audience import origin
     from test_relay_tree import ROOM, relay_room
 
-    from townsquare.relay.kubeapi import KubeReader, load_credentials
+    from townsquare.relay.kubeapi import ConfigMapSource, KubeReader, PodResolver, load_credentials
     from townsquare.relay.listener import Listener, MapJoiner
-    from townsquare.relay.topology import ConfigMapSource, PodResolver
 
     apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
     chart_args = apps.read_namespaced_deployment("ts-townsquare", release).spec.template.spec

@@ -397,14 +397,26 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
     relays = client.AppsV1Api(api_client).read_namespaced_stateful_set(f"{room}-relay", namespace)
     pod_spec = api_client.sanitize_for_serialization(relays)["spec"]["template"]["spec"]
     (relay_container,) = pod_spec["containers"]
-    fields = {"metadata.name": pod.metadata.name, "metadata.namespace": namespace}
-    relay_run = pod_flags(pod_spec, relay_container, fields, publish=False)
     ip = pod.status.pod_ip
-    owner = int(relay_run.flags[relay_run.flags.index("--user") + 1].split(":")[0])
+    fields = {"metadata.name": pod.metadata.name, "metadata.namespace": namespace,
+              "status.podIP": ip,
+              "metadata.annotations['townsquare.dev/origin']": ""}  # fmt: skip
+    # The shard map as the kubelet would mount it (a snapshot: one relay, nothing moves).
+    shard_map = wait_until(
+        lambda: (core.read_namespaced_config_map(f"{room}-shards", namespace).data or {}).get(
+            "shardmap.json"
+        ),
+        60,
+        "the room's shard map",
+    )
+    owner = int(pod_spec["securityContext"]["runAsUser"])
+    mounts = Mounts(owner)
+    relay_volumes = {"shard-map": {"shardmap.json": mounts.private(shard_map)}}
+    relay_run = pod_flags(pod_spec, relay_container, fields, publish=False, secrets=relay_volumes)
+    assert relay_run.flags[relay_run.flags.index("--user") + 1].startswith(f"{owner}:")
 
     chart_pod, chart_container = operator_of(rendered_deployment())
     hardened = pod_flags(chart_pod, chart_container, publish=False).flags
-    mounts = Mounts(owner)
     secret_key = secrets.token_hex(32)
     key_file = mounts.add(secret_key, "/run/townsquare/ticket-key")
     config, config_in_pod = cluster_credentials(kubeconfig, mounts)
@@ -428,12 +440,12 @@ def test_the_edge_a_relay_and_the_origin_from_the_image_serve_a_join(
                                  "--port", str(origin_port), "--metrics-port", "0"]),
         tmp_path / "origin.log", *common,
     )  # fmt: skip
+    # The relay as its pod runs it: everything from the pod's env and volumes (no API
+    # access, no kubeconfig); only the ticket key (the operator mounts none here) and the
+    # origin (no annotation) are given.
     relay = ContainerProcess(
         image, PodRun(relay_run.flags, [
-            "relay", *data_plane, "--pod", pod.metadata.name, "--address", ip,
-            "--port", str(relay_run.ports["listeners"]),
-            "--metrics-port", str(relay_run.ports["metrics"]),
-            "--capacity", _env(relay_container, "TOWNSQUARE_CAPACITY"),
+            "relay", "--ticket-key-file", key_file, "--log-format", "json",
             "--origin", f"127.0.0.1:{origin_port}",
         ]),
         tmp_path / "relay.log", *common,

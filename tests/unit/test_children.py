@@ -69,3 +69,18 @@ def test_pull_secrets_priority_affinity_and_security_context_from_the_spec() -> 
     assert pod["affinity"] == affinity
     assert pod["securityContext"]["runAsUser"] == 1000
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+
+
+def test_a_relay_gets_its_map_from_a_mounted_config_map_and_needs_no_api_token() -> None:
+    pod = relays(port=7000, metricsPort=7001)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"]
+           for e in container["env"]}  # fmt: skip
+    [volume] = [v for v in pod["volumes"] if v["name"] == "shard-map"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "shard-map"]
+    assert volume["configMap"]["name"] == "r-shards" and volume["configMap"]["optional"]
+    assert env["TOWNSQUARE_MAP_FILE"] == f"{mount['mountPath']}/shardmap.json"
+    assert mount["readOnly"] and pod["automountServiceAccountToken"] is False
+    assert env["TOWNSQUARE_ORIGIN"] == "metadata.annotations['townsquare.dev/origin']"
+    assert (env["TOWNSQUARE_PORT"], env["TOWNSQUARE_METRICS_PORT"]) == ("7000", "7001")
+    assert env["POD_IP"] == "status.podIP"

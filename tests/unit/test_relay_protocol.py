@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -53,6 +55,9 @@ def test_a_hello_that_is_not_a_json_object_says_so() -> None:
           "--origin", "nowhere:x", "--ticket-key-file", "/dev/null"],
          "--ticket-key-file: ticket key"),
         (["origin", "--room", "r", "--ticket-key-file", "/dev/null"], "--namespace and --room"),
+        (["relay", "--namespace", "n", "--room", "r", "--pod", "r-relay-0",
+          "--origin", "127.0.0.1:1", "--ticket-key-file", "KEY"], "--map-file: needed"),
+        (["relay", "--kubeconfig", "/etc/kubeconfig"], "unrecognized arguments: --kubeconfig"),
     ],
 )  # fmt: skip
 def test_relay_and_origin_refuse_bad_options_in_one_line(
@@ -60,9 +65,14 @@ def test_relay_and_origin_refuse_bad_options_in_one_line(
     message: str,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    for name in ("POD_NAMESPACE", "TOWNSQUARE_TICKET_KEY_FILE", "TOWNSQUARE_ROOM"):
+    for name in ("POD_NAMESPACE", "TOWNSQUARE_TICKET_KEY_FILE", "TOWNSQUARE_ROOM",
+                 "TOWNSQUARE_MAP_FILE"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    argv = [str(key) if arg == "KEY" else arg for arg in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err

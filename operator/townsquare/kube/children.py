@@ -21,6 +21,13 @@ SHARD_MAP_KEY = "shardmap.json"
 TICKET_SECRET_ANNOTATION = "townsquare.dev/ticket-secret"
 """Names the Secret a relay's ticket key comes from (read by the local cluster's pod runner,
 which starts relay processes where a kubelet would mount it)."""
+ORIGIN_ANNOTATION = "townsquare.dev/origin"
+"""The room's origin (HOST:PORT), set through spec.relay.podAnnotations; the relay gets it in
+$TOWNSQUARE_ORIGIN through the downward API."""
+SHARD_MAP_DIR = "/etc/townsquare/shards"
+SHARD_MAP_FILE = f"{SHARD_MAP_DIR}/{SHARD_MAP_KEY}"
+"""Where a relay reads its room's shard map: the `<room>-shards` ConfigMap as a volume, which
+the kubelet keeps up to date, so a relay needs no API access (it has no token)."""
 TICKET_KEY_DIR = "/etc/townsquare/tickets"
 TICKET_KEY_FILE = f"{TICKET_KEY_DIR}/key"
 """Where a relay finds the key that signs admit tickets, as the edge does (the chart)."""
@@ -101,6 +108,10 @@ def relay_pod_template(
     """A relay pod fit for production clusters: restricted Pod Security, no API token,
     spread across zones and nodes, and given the time to drain when told to stop.
 
+    What a relay needs comes without the API server: the shard map as a mounted ConfigMap
+    ($TOWNSQUARE_MAP_FILE), its parent by the headless Service's DNS names, its own address,
+    ports and origin in its environment.
+
     `ticket_secret`: a Secret in the room's namespace holding the key (`key`) that the edge
     signs admit tickets with. It is mounted read-only and named in $TOWNSQUARE_TICKET_KEY_FILE,
     so the relay checks every listener's ticket; the operator only names it, never reads it.
@@ -133,8 +144,16 @@ def relay_pod_template(
                 "env": [
                     {"name": "TOWNSQUARE_ROOM", "value": room},
                     {"name": "TOWNSQUARE_CAPACITY", "value": str(relay.listeners_per_relay)},
+                    {"name": "TOWNSQUARE_PORT", "value": str(relay.port)},
+                    {"name": "TOWNSQUARE_METRICS_PORT", "value": str(relay.metrics_port)},
+                    {"name": "TOWNSQUARE_MAP_FILE", "value": SHARD_MAP_FILE},
                     _field_env("POD_NAME", "metadata.name"),
                     _field_env("POD_NAMESPACE", "metadata.namespace"),
+                    _field_env("POD_IP", "status.podIP"),
+                    _field_env("TOWNSQUARE_ORIGIN", f"metadata.annotations['{ORIGIN_ANNOTATION}']"),
+                ],
+                "volumeMounts": [
+                    {"name": "shard-map", "mountPath": SHARD_MAP_DIR, "readOnly": True}
                 ],
                 "readinessProbe": {"tcpSocket": {"port": "listeners"}, "periodSeconds": 5},
                 "resources": relay.resources.model_dump(exclude_defaults=True),
@@ -149,6 +168,18 @@ def relay_pod_template(
         "nodeSelector": dict(relay.node_selector),
         "topologySpreadConstraints": _spread(room, relay.topology_spread),
         "imagePullSecrets": [{"name": secret.name} for secret in relay.image_pull_secrets],
+        "volumes": [
+            {
+                "name": "shard-map",
+                # Optional: a relay starts before the operator's first map and feeds from
+                # the origin until the file appears.
+                "configMap": {
+                    "name": shard_map_name(room),
+                    "items": [{"key": SHARD_MAP_KEY, "path": SHARD_MAP_KEY}],
+                    "optional": True,
+                },
+            }
+        ],
     }
     annotations: dict[str, str] = {}
     if ticket_secret:
@@ -178,17 +209,17 @@ def relay_pod_template(
 def _mount_ticket_key(pod_spec: Manifest, secret: str) -> None:
     container = pod_spec["containers"][0]
     container["env"].append({"name": "TOWNSQUARE_TICKET_KEY_FILE", "value": TICKET_KEY_FILE})
-    container["volumeMounts"] = [
+    container["volumeMounts"].append(
         {"name": "ticket-key", "mountPath": TICKET_KEY_DIR, "readOnly": True}
-    ]
-    pod_spec["volumes"] = [
+    )
+    pod_spec["volumes"].append(
         {
             "name": "ticket-key",
             # A missing Secret keeps the pod from starting (an Event names it) rather than
             # running a relay that admits nobody.
             "secret": {"secretName": secret, "items": [{"key": "key", "path": "key"}]},
         }
-    ]
+    )
 
 
 def termination_grace_seconds(spec: AudioRoomSpec) -> int:

@@ -1,8 +1,9 @@
-"""The two reads a relay makes of the Kubernetes API: its room's shard map and a pod's IP.
+"""The two reads the origin and test tools make of the Kubernetes API: a room's shard map
+and a pod's IP. Never the relay's: a relay pod has no API access (see `topology`).
 
-Deliberately not the operator's client (`townsquare.kube`) nor the `kubernetes` package: a
-relay must keep serving while the operator restarts, start fast, and stay small, so it
-speaks plain HTTPS with aiohttp using the kubeconfig (or the pod's service account).
+Deliberately not the operator's client (`townsquare.kube`) nor the `kubernetes` package:
+the origin must keep serving while the operator restarts, start fast, and stay small, so it
+speaks plain HTTPS with aiohttp using the kubeconfig (or a pod's service account).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Any
 
 import aiohttp
 import yaml
+
+from townsquare.relay.topology import SHARD_MAP_KEY, parse_map, relay_pod_name
+from townsquare.sharding import ShardMap
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -144,3 +148,25 @@ class KubeReader:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+class ConfigMapSource:
+    """The shard map as the operator publishes it, read from the API server."""
+
+    def __init__(self, reader: KubeReader, namespace: str, room: str) -> None:
+        self.reader, self.namespace, self.name = reader, namespace, f"{room}-shards"
+
+    async def read(self) -> ShardMap | None:
+        data = await self.reader.config_map(self.namespace, self.name)
+        return parse_map((data or {}).get(SHARD_MAP_KEY))
+
+
+class PodResolver:
+    """A relay's address: its pod's IP from the API server, and the room's relay port."""
+
+    def __init__(self, reader: KubeReader, namespace: str, room: str, port: int) -> None:
+        self.reader, self.namespace, self.room, self.port = reader, namespace, room, port
+
+    async def relay_address(self, ordinal: int) -> tuple[str, int] | None:
+        ip = await self.reader.pod_ip(self.namespace, relay_pod_name(self.room, ordinal))
+        return (ip, self.port) if ip else None

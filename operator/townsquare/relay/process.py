@@ -16,27 +16,42 @@ from pathlib import Path
 import uvloop
 
 from townsquare.relay.hub import Hub
-from townsquare.relay.kubeapi import KubeReader, load_credentials
+from townsquare.relay.kubeapi import ConfigMapSource, KubeReader, load_credentials
 from townsquare.relay.metrics import serve_metrics
 from townsquare.relay.origin import Origin, OriginConfig
 from townsquare.relay.server import Relay, RelayConfig
 from townsquare.relay.topology import (
-    ConfigMapSource,
+    DnsResolver,
     FileMapSource,
     MapSource,
-    PodResolver,
     Resolver,
     StaticResolver,
 )
 
 
 @dataclass(frozen=True)
-class Sources:
-    """Where the map and relay addresses come from: a cluster, or files for tests."""
+class RelaySources:
+    """Where a relay finds the map and its parent: never the API server (a relay pod has no
+    token). `map_file` is the mounted `<room>-shards` ConfigMap; a parent is found by DNS
+    (or in `hosts_file`), unless `relay_addresses` fixes addresses (tests, the benchmark)."""
+
+    map_file: Path
+    hosts_file: Path | None = None
+    relay_addresses: dict[int, tuple[str, int]] | None = None
+
+    def resolver(self, namespace: str, room: str, port: int) -> Resolver:
+        if self.relay_addresses:
+            return StaticResolver(self.relay_addresses)
+        return DnsResolver(namespace, room, port, self.hosts_file)
+
+
+@dataclass(frozen=True)
+class OriginSources:
+    """Where the origin reads the map: a file, or the API server with `kubeconfig` (the
+    origin is the speakers' side, run where the room's publisher has credentials)."""
 
     kubeconfig: str | None = None
     map_file: Path | None = None
-    relay_addresses: dict[int, tuple[str, int]] | None = None
 
 
 async def _until_signalled(hub: Hub, stop: Callable[[], Awaitable[None]]) -> None:
@@ -49,20 +64,9 @@ async def _until_signalled(hub: Hub, stop: Callable[[], Awaitable[None]]) -> Non
     await asyncio.sleep(0.2)  # let the goodbyes reach the sockets
 
 
-def _sources(
-    sources: Sources, namespace: str, room: str, port: int
-) -> tuple[MapSource | None, Resolver, KubeReader | None]:
-    if sources.map_file is not None:
-        return FileMapSource(sources.map_file), StaticResolver(sources.relay_addresses or {}), None
-    reader = KubeReader(load_credentials(sources.kubeconfig))
-    maps = ConfigMapSource(reader, namespace, room)
-    return maps, PodResolver(reader, namespace, room, port), reader
-
-
-async def run_relay(config: RelayConfig, sources: Sources, metrics_port: int) -> None:
-    maps, resolver, reader = _sources(sources, config.namespace, config.room, config.port)
-    assert maps is not None
-    relay = Relay(config, maps, resolver)
+async def run_relay(config: RelayConfig, sources: RelaySources, metrics_port: int) -> None:
+    maps = FileMapSource(sources.map_file)
+    relay = Relay(config, maps, sources.resolver(config.namespace, config.room, config.port))
     await relay.start()
     runner = await serve_metrics(
         relay, config.namespace, config.room, config.pod, config.host, metrics_port
@@ -71,14 +75,18 @@ async def run_relay(config: RelayConfig, sources: Sources, metrics_port: int) ->
         await _until_signalled(relay, relay.stop)
     finally:
         await runner.cleanup()
-        if reader is not None:
-            await reader.close()
 
 
-async def run_origin(config: OriginConfig, sources: Sources | None, metrics_port: int) -> None:
-    maps, reader = None, None
-    if sources is not None:
-        maps, _, reader = _sources(sources, config.namespace, config.room, config.port)
+async def run_origin(
+    config: OriginConfig, sources: OriginSources | None, metrics_port: int
+) -> None:
+    maps: MapSource | None = None
+    reader = None
+    if sources is not None and sources.map_file is not None:
+        maps = FileMapSource(sources.map_file)
+    elif sources is not None:
+        reader = KubeReader(load_credentials(sources.kubeconfig))
+        maps = ConfigMapSource(reader, config.namespace, config.room)
     origin = Origin(config, maps)
     await origin.start()
     runner = None

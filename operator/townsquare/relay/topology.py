@@ -1,18 +1,23 @@
 """Where a relay learns the room's shard map, and where its upstream listens.
 
-On a cluster both come from the API server (the `<room>-shards` ConfigMap the operator
-publishes, and the parent relay pod's IP). Tests and the benchmark use a JSON file and fixed
-addresses instead, so a relay never needs the operator, and its tests need no cluster.
+A relay pod has no API access (no service-account token, no RBAC), so both come without it:
+the map is the `<room>-shards` ConfigMap mounted as a file, which the kubelet swaps
+atomically when the operator changes it, and a parent relay is found by the stable DNS name
+the room's headless Service gives each StatefulSet pod. Where there is no cluster DNS (the
+local kwok cluster), a hosts file carries the same records; tests and the benchmark give
+fixed addresses instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from townsquare.relay.kubeapi import KubeReader
+from townsquare.api.names import relay_service_name
 from townsquare.sharding import ShardMap
 
 SHARD_MAP_KEY = "shardmap.json"
@@ -48,39 +53,76 @@ def parse_map(document: str | None) -> ShardMap | None:
         return None
 
 
-class ConfigMapSource:
-    """The shard map as the operator publishes it."""
-
-    def __init__(self, reader: KubeReader, namespace: str, room: str) -> None:
-        self.reader, self.namespace, self.name = reader, namespace, f"{room}-shards"
-
-    async def read(self) -> ShardMap | None:
-        data = await self.reader.config_map(self.namespace, self.name)
-        return parse_map((data or {}).get(SHARD_MAP_KEY))
-
-
 class FileMapSource:
-    """A map in a JSON file (the `to_dict` form), for tests and the benchmark."""
+    """The map in a JSON file (the `to_dict` form): the mounted ConfigMap in a pod.
+
+    Read again only when the file changed. The kubelet updates a ConfigMap volume by
+    pointing a symlink at a new directory, so the path's inode and mtime (symlinks
+    followed) change with every update, and a reader never sees half a file.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._map: ShardMap | None = None
 
     async def read(self) -> ShardMap | None:
         try:
-            return parse_map(self.path.read_text())
+            stat = self.path.stat()
+            signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if signature != self._seen:
+                self._map = parse_map(self.path.read_text())
+                self._seen = signature
         except OSError:
             return None
+        return self._map
 
 
-class PodResolver:
-    """A relay's address: its pod's IP from the API server, and the room's relay port."""
+def relay_dns_name(namespace: str, room: str, ordinal: int) -> str:
+    """The relay pod's name under the room's headless Service: `<pod>.<service>.<ns>.svc`
+    (a StatefulSet pod's hostname and subdomain; the pod's DNS search path completes it)."""
+    return f"{relay_pod_name(room, ordinal)}.{relay_service_name(room)}.{namespace}.svc"
 
-    def __init__(self, reader: KubeReader, namespace: str, room: str, port: int) -> None:
-        self.reader, self.namespace, self.room, self.port = reader, namespace, room, port
+
+def read_hosts(path: Path) -> dict[str, str]:
+    """`IP NAME...` lines, as in /etc/hosts: name -> IP (the first line naming it wins)."""
+    found: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        for name in fields[1:]:
+            found.setdefault(name, fields[0])
+    return found
+
+
+class DnsResolver:
+    """A relay's address by its DNS name, on the room's relay port.
+
+    Only Ready pods have a record (the Service does not publish unready addresses), so a
+    parent that is starting or gone does not resolve and the relay feeds from further up.
+    With `hosts_file` the records come from that file instead of the system's resolver.
+    """
+
+    def __init__(
+        self, namespace: str, room: str, port: int, hosts_file: Path | None = None
+    ) -> None:
+        self.namespace, self.room, self.port, self.hosts_file = namespace, room, port, hosts_file
 
     async def relay_address(self, ordinal: int) -> tuple[str, int] | None:
-        ip = await self.reader.pod_ip(self.namespace, relay_pod_name(self.room, ordinal))
-        return (ip, self.port) if ip else None
+        name = relay_dns_name(self.namespace, self.room, ordinal)
+        if self.hosts_file is not None:
+            try:
+                ip = read_hosts(self.hosts_file).get(name)
+            except OSError:
+                return None
+            return (ip, self.port) if ip else None
+        loop = asyncio.get_running_loop()
+        try:
+            found = await asyncio.wait_for(
+                loop.getaddrinfo(name, self.port, type=socket.SOCK_STREAM), 2.0
+            )
+        except (OSError, TimeoutError):
+            return None
+        return (str(found[0][4][0]), self.port) if found else None
 
 
 class StaticResolver:
