@@ -459,6 +459,10 @@ class PodRunner:
         if self.hosts.get((namespace, room)) == text:
             return
         path = self.hosts_file(namespace, room)
+        if not text:  # the room has no relay pods left
+            path.unlink(missing_ok=True)
+            self.hosts.pop((namespace, room), None)
+            return
         partial = path.with_suffix(".tmp")
         partial.write_text(text)
         partial.replace(path)

@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOM = "stage"
 FIRST, MORE, LEAVING = 15, 10, 12
 """15 listeners need 3 relays of 10 at 70%; 25 need 4 (the ceiling); 13 need 3 again."""
+MOVED_GAP_BOUND = 1.0
+"""Seconds a moved listener may go without a frame (measured: 0.1-0.3 s; a move is
+make-before-break, so only the machine's own stalls show)."""
 
 
 def relay_room(origin_address: str, start_in: float) -> dict[str, Any]:
@@ -117,10 +120,27 @@ def runner_pid(kubeconfig: Path, namespace: str, pod: str) -> int:
 
 
 def prometheus_listeners(prometheus: Prometheus, namespace: str) -> dict[str, float]:
-    result = prometheus.client().custom_query(
-        f'audioroom_relay_listeners{{namespace="{namespace}"}}'
-    )
+    return relay_series(prometheus, namespace, "audioroom_relay_listeners")
+
+
+def relay_series(prometheus: Prometheus, namespace: str, metric: str) -> dict[str, float]:
+    """One gauge per relay pod, as the relay processes export it."""
+    result = prometheus.client().custom_query(f'{metric}{{namespace="{namespace}"}}')
     return {r["metric"]["pod"]: float(r["value"][1]) for r in result}
+
+
+def fed_as_the_map_says(prometheus: Prometheus, namespace: str, pods: RelayPods) -> bool:
+    """Every relay feeds exactly the relays the map hangs under it, by its own count
+    (`audioroom_relay_downstream_relays`): a child that could not find its parent and fed
+    from the origin instead would leave its parent's count short."""
+    tree = pods.relays_in_map()
+    children = {f"{ROOM}-relay-{o}": 0 for o in tree}
+    for _, parent in tree.values():
+        if parent is not None:
+            children[f"{ROOM}-relay-{parent}"] += 1
+    return relay_series(prometheus, namespace, "audioroom_relay_downstream_relays") == {
+        pod: float(n) for pod, n in children.items()
+    }
 
 
 def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_relay(
@@ -154,12 +174,16 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         wait_until(lambda: len(pods.ips()) == 3 and rooms.relays(ROOM) == (3, 3), 60,
                    "three Ready relay pods")  # fmt: skip
         ips = pods.ips()
-        if not all(ipaddress.ip_address(ip).is_loopback for ip in ips.values()):
-            pytest.skip(f"relay pods have no loopback IPs here ({ips}): no pod runner")
+        assert all(ipaddress.ip_address(ip).is_loopback for ip in ips.values()), (
+            f"relay pods must have loopback IPs ({ips}): is the cluster's pod runner up?"
+        )
         wait_until(lambda: len(pods.relays_in_map()) == 3, 60, "a map of three relays")
         tree = pods.relays_in_map()
         tier_two = [o for o, (_, parent) in tree.items() if parent is not None]
         assert tier_two, f"fanout 2 with three relays must make a second tier: {tree}"
+        # who feeds whom, by the relays' own counts (found by name, with no API access)
+        wait_until(lambda: fed_as_the_map_says(prometheus, namespace, pods), 30,
+                   "each relay feeding the relays the map hangs under it")  # fmt: skip
 
         audience = Audience(edge_url, namespace, ROOM)
         audience.add(FIRST)
@@ -177,10 +201,13 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         wait_until(lambda: audience.hearing(10) and audience.by_pod().get(f"{ROOM}-relay-3"),
                    60, "everyone connected, some on the new relay")  # fmt: skip
         audience.frames_flow(25, 20)
+        wait_until(lambda: fed_as_the_map_says(prometheus, namespace, pods), 30,
+                   "the grown tree fed as the map says")  # fmt: skip
         grown = time.monotonic()
 
         # -- listeners leave: a scale-down by drain; relay 3 sends the rest back, is removed
-        audience.remove(audience.listeners[-LEAVING:])
+        leaving = audience.listeners[-LEAVING:]
+        audience.remove(leaving)
         wait_until(lambda: rooms.relays(ROOM)[0] == 3 and len(pods.ips()) == 3, 90,
                    "relay 3 drained and removed")  # fmt: skip
         assert audience.by_pod().get(f"{ROOM}-relay-3", 0) == 0
@@ -221,7 +248,15 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         # -- verdicts from what each listener heard
         moved = [lst for lst in audience.listeners if lst.stats.relocations]
         assert moved, "the reshard and the drain moved somebody"
+        everyone = audience.listeners + audience.gone
+        assert any(lst.stats.moves["shard-moved"] for lst in everyone), "no shard moved"
         assert any(lst.stats.moves["draining"] for lst in audience.listeners), "a drain moved"
+        # the 12 who left heard every frame while they stayed, moved or not
+        assert len(leaving) == LEAVING and all(lst in audience.gone for lst in leaving)
+        for listener in leaving:
+            stats = listener.stats
+            assert stats.frames >= 50, f"{listener.name} heard only {stats.frames} frames"
+            assert (stats.lost, stats.disconnects) == (0, 0), f"{listener.name}: {stats}"
         stranded_names = {lst.name for lst in stranded}
         for listener in audience.listeners:
             stats = listener.stats
@@ -257,6 +292,9 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         print("relay e2e figures:", json.dumps(figures))
         (tmp_path / "figures.json").write_text(json.dumps(figures))
         assert max(kill_gaps, default=0.0) > 0, "the kill interrupted its listeners"
+        assert move_gaps, "a listener that was not cut off moved"
+        assert max(move_gaps) <= MOVED_GAP_BOUND, f"moved listeners back too late: {figures}"
+        assert figures["frames_lost_moved"] == 0
     except BaseException:
         print("origin log:\n", origin_process.tail())
         print("edge log:\n", edge_process.tail())
