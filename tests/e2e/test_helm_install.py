@@ -384,7 +384,7 @@ def test_relays_of_a_helm_install_check_tickets_with_the_charts_key(
         wait_until(lambda: rooms.relays(ROOM) == (3, 3), 90, "three Ready relays")
         pods = core.list_namespaced_pod(release, label_selector=f"townsquare.dev/room={ROOM}")
         for pod in pods.items:
-            (volume,) = pod.spec.volumes
+            (volume,) = [v for v in pod.spec.volumes if v.secret is not None]
             assert volume.secret.secret_name == "ts-townsquare-tickets"
             assert (
                 pod.metadata.annotations["townsquare.dev/ticket-secret"] == "ts-townsquare-tickets"
