@@ -206,6 +206,8 @@ class Listener:
     first_answered: float | None = None
     """When the answer to the first attempt came back (the edge saw it in between)."""
     queued: bool = False
+    place: tuple[int, int, float, int] | None = None
+    """The first 429's position and waiting, when it came back, and from which edge."""
     late: float = 0.0
     """While queued: the most it retried after its own schedule (a busy machine)."""
     real: bool = False
@@ -250,6 +252,14 @@ class Audience:
             # and waiting for it kept a whole audience from ever leaving): `act` finishes it.
             gone = self.listeners.pop()
             gone.gone = True
+            if gone.queued and gone.state == "waiting":
+                self._write(
+                    event="left",
+                    listener=gone.id,
+                    first=gone.first_attempt,
+                    first_answered=gone.first_answered,
+                    at=now,
+                )
             if gone.real and self.real is not None:
                 self.real.leave(gone.id)
             elif gone.state == "connected" and gone.pod:
@@ -355,10 +365,14 @@ class Audience:
                 queued=listener.queued,
                 late=round(listener.late, 3),
                 edge=index,
+                place=listener.place,
             )
             listener.first_attempt, listener.queued, listener.late = None, False, 0.0
+            listener.place = None
         elif status == 429:
             self._count("queued")
+            if not listener.queued:
+                listener.place = (answer["position"], answer["waiting"], now, index)
             listener.state, listener.queued = "waiting", True
             listener.ticket = answer["ticket"]
             listener.due = now + retry * random.uniform(0.8, 1.2)

@@ -7,7 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from townsquare import tickets
-from townsquare.edge.admission import Admitted, Endpoint, Gate, Held, Location, Queued, Report
+from townsquare.edge.admission import (
+    Admitted,
+    Endpoint,
+    Gate,
+    Held,
+    Line,
+    Location,
+    News,
+    Queued,
+    Report,
+    line_of,
+)
 from townsquare.edge.admission import Settings as EdgeSettings
 from townsquare.sharding import ShardMap, new_map, rebalance, shard_of
 
@@ -276,10 +287,20 @@ def test_the_map_carries_the_migration_budget_the_replicas_share() -> None:
     assert ShardMap.from_dict(older).migrations_per_minute is None
 
 
+def news_of(oldest: float | None, heard: float, waiting: int = 1) -> News:
+    """News from one other replica, scraped at `heard`, whose line (if any) starts at
+    `oldest`, one join a second."""
+    if oldest is None:
+        return News(heard={"other": heard})
+    firsts = [oldest + i for i in range(waiting)]
+    line = line_of([(first, f"o{i}") for i, first in enumerate(firsts)])
+    return News(heard={"other": heard}, lines={(NS, ROOM): {"other": line}})
+
+
 def test_listeners_far_behind_the_oldest_waiting_join_are_told_to_retry_later() -> None:
     gate = gate_for(room_map(relays=1, capacity=1), listeners={0: 1})
     room = gate.rooms[(NS, ROOM)]
-    gate.set_waiting_elsewhere({(NS, ROOM): 100.0})
+    gate.set_news(news_of(100.0, heard=100.0))
     retries = {}
     for behind in (0.5, 1.9, 2.5, 4.5, 30.0):
         answer = gate.join(room, f"w{behind}", None, now=100.0 + behind)
@@ -341,12 +362,58 @@ def test_a_join_waits_while_one_that_came_more_than_the_window_earlier_still_wai
 def test_joins_waiting_at_another_replica_hold_back_younger_ones_here() -> None:
     gate = gate_for(room_map(relays=1, capacity=10))
     room = gate.rooms[(NS, ROOM)]
-    gate.set_waiting_elsewhere({(NS, ROOM): 100.0})
+    gate.set_news(news_of(100.0, heard=100.5))
     held = gate.join(room, "young", None, now=101.0)
     assert isinstance(held, Queued) and "earlier still wait" in held.reason
     assert isinstance(gate.join(room, "near", None, now=100.5), Admitted)
-    gate.set_waiting_elsewhere({})  # the other replica admitted it
+    gate.set_news(news_of(None, heard=101.5))  # the other replica admitted it
     assert isinstance(gate.join(room, "young", held.ticket, now=102.0), Admitted)
+
+
+def test_a_queued_join_waits_until_the_other_replicas_news_covers_its_first_attempt() -> None:
+    """A join queued at another replica since its last scrape is unknown here: a queued
+    join younger than that news by more than the window waits for the next news."""
+    gate = gate_for(room_map(relays=1, capacity=10, admission="queueing"))
+    room = gate.rooms[(NS, ROOM)]
+    gate.set_news(news_of(None, heard=100.0))
+    queued = gate.join(room, "late", None, now=101.0)
+    assert isinstance(queued, Queued) and "queueing" in queued.reason
+    gate.set_map(NS, ROOM, room_map(relays=1, capacity=10))
+    held = gate.join(room, "late", queued.ticket, now=102.0)
+    assert isinstance(held, Queued) and "not known" in held.reason
+    gate.set_news(news_of(None, heard=100.3))  # sampled 0.7 s before its first attempt
+    assert isinstance(gate.join(room, "late", queued.ticket, now=103.0), Admitted)
+    # A new join does not wait for news (the map is open): it is the one exception.
+    gate.set_news(news_of(None, heard=90.0))
+    assert isinstance(gate.join(room, "new", None, now=104.0), Admitted)
+
+
+def test_position_and_waiting_count_the_whole_rooms_line() -> None:
+    gate = gate_for(room_map(relays=1, capacity=10, admission="queueing"))
+    room = gate.rooms[(NS, ROOM)]
+    gate.set_news(news_of(100.0, heard=110.0, waiting=11))  # first attempts 100 ... 110
+    for listener, now in (("a", 104.5), ("b", 105.5)):
+        assert isinstance(gate.join(room, listener, None, now=now), Queued)
+    answer = gate.join(room, "c", None, now=105.0)
+    assert isinstance(answer, Queued)
+    # Ahead: "a" here, and the five of the other line who came at 100 ... 104 (its tenths
+    # place 105.0 halfway through it).
+    assert (answer.position, answer.waiting) == (7, 14)
+    gate.set_news(News())  # Prometheus unreachable: this replica's own line only
+    alone = gate.join(room, "d", None, now=106.0)
+    assert isinstance(alone, Queued) and (alone.position, alone.waiting) == (4, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1000, allow_nan=False), min_size=1, max_size=300),
+    st.floats(-10, 1010, allow_nan=False),
+)
+def test_a_line_places_a_join_within_a_tenth_of_it(firsts: list[float], first: float) -> None:
+    line = line_of(sorted((f, str(i)) for i, f in enumerate(firsts)))
+    exact = sum(1 for f in firsts if f < first)
+    assert abs(line.ahead_of(first) - exact) <= len(firsts) / 10 + 1
+    assert line == Line(len(firsts), line.firsts) and list(line.firsts) == sorted(line.firsts)
 
 
 def test_a_listener_that_stopped_retrying_holds_back_no_one_for_long() -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from townsquare.edge.admission import Admitted, Endpoint, Gate, Report, Settings
+from townsquare.edge.admission import Admitted, Endpoint, Gate, Line, News, Report, Settings
 from townsquare.sharding import ShardMap, new_map, rebalance
 
 KEY = b"k" * 32
@@ -74,7 +74,7 @@ class Storm:
     routing: str = "random"
     """random: each request at any live replica; sticky: at the listener's own replica."""
     share_lines: bool = True
-    """Replicas read back each other's oldest waiting join (as from Prometheus)."""
+    """Replicas read back each other's lines (as from Prometheus)."""
     kill: tuple[int, float] | None = None
     """(replica, time) of a replica's death."""
     audience: int = 300
@@ -100,7 +100,8 @@ class Storm:
         relays = 1
         connected: dict[str, int] = {}
         busiest = 0
-        scraped: dict[int, float] = {}
+        scraped: dict[int, list[Line]] = {}
+        scraped_at = 0.0
         listeners = [
             Listener(
                 f"l-{i}",
@@ -149,19 +150,20 @@ class Storm:
                     (NS, ROOM, f"{ROOM}-relay-{r}"): Report(connected.get(_pod(r), 0), now)
                     for r in range(relays)
                 }
-                scraped = {}
-                for replica in alive:
-                    for _, first in gates[replica].oldest_waiting(now):
-                        scraped[replica] = first
+                scraped = {r: [line for _, line in gates[r].lines(now)] for r in alive}
+                scraped_at = now
             elif kind == "refresh":
                 replica = int(str(data))
                 if replica not in alive:
                     continue
                 gates[replica].set_reports(reports)
                 if self.share_lines:
-                    others = [f for r, f in scraped.items() if r != replica]
-                    gates[replica].set_waiting_elsewhere(
-                        {(NS, ROOM): min(others)} if others else {}
+                    others = {str(r): lines for r, lines in scraped.items() if r != replica}
+                    gates[replica].set_news(
+                        News(
+                            heard={r: scraped_at for r in others},
+                            lines={(NS, ROOM): {r: ls[0] for r, ls in others.items() if ls}},
+                        )
                     )
                 gates[replica].expire(now)
             elif kind == "kill":

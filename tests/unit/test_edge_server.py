@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map
 
 from townsquare.edge.admission import Gate
-from townsquare.edge.reports import Readings, parse_reports, parse_waiting
+from townsquare.edge.reports import Readings, parse_news, parse_reports
 from townsquare.edge.server import Edge
 from townsquare.edge.watch import ApiServer, Watcher, endpoints_of
 
@@ -147,6 +147,16 @@ def test_metrics_show_waiting_joins_outcomes_and_latency() -> None:
         assert 'audioroom_edge_joins_total{outcome="queued"} 1.0' in text
         assert 'audioroom_edge_joins_total{outcome="bad_request"} 1.0' in text
         assert "audioroom_edge_join_seconds_count 3.0" in text
+        # The line the other replicas read back: its tenths, its length, and a series on
+        # every scrape whose time tells them how fresh their news of this replica is.
+        names = f'replica="edge",room="{ROOM}"'
+        line = "audioroom_edge_line_first_attempt_seconds"
+        assert f'{line}_count{{namespace="{NS}",{names}}} 1.0' in text
+        tenths = [
+            f'{line}{{namespace="{NS}",quantile="{q / 10}",{names}}} 101.0' for q in range(11)
+        ]
+        assert all(tenth in text for tenth in tenths)
+        assert 'audioroom_edge_line_rooms{replica="edge"} 1.0' in text
 
     run(gate_for(room_map(relays=1, capacity=1)), scenario)
 
@@ -198,18 +208,40 @@ def test_endpoint_slices_and_prometheus_answers_are_read_as_the_api_gives_them()
         {"metric": labels, "value": [200.0, "7"]},
         {"metric": {**labels, "at": "1"}, "value": [200.0, "199.5"]},
         {"metric": {**labels, "pod": "r-relay-1"}, "value": [200.0, "NaN"]},
-        {"metric": {"namespace": "n", "room": "r", "replica": "a"}, "value": [200.0, "150"]},
-        {"metric": {"namespace": "n", "room": "r", "replica": "b"}, "value": [200.0, "120"]},
-        {"metric": {"namespace": "n", "room": "q", "replica": "a"}, "value": [200.0, "90"]},
+        *line_series("n", "r", "a", count=3, oldest=150.0),
+        *line_series("n", "r", "b", count=2, oldest=120.0),
+        *line_series("n", "q", "a", count=1, oldest=90.0),
+        {"metric": {"replica": "a", "heard": "1"}, "value": [200.0, "199.0"]},
+        {"metric": {"replica": "b", "heard": "1"}, "value": [200.0, "198.0"]},
+        {"metric": {"replica": "c", "heard": "1"}, "value": [200.0, "NaN"]},
     ]
     reports = parse_reports(answer)
-    readings = Readings(reports, parse_waiting(answer))
+    readings = Readings(reports, parse_news(answer))
     assert reports == {("n", "r", "r-relay-0"): reports[("n", "r", "r-relay-0")]}
     assert reports[("n", "r", "r-relay-0")].listeners == 7
     assert reports[("n", "r", "r-relay-0")].sampled_at == 199.5
     # What a replica reads of the others' lines: never its own.
-    assert readings.waiting_elsewhere("a") == {("n", "r"): 120.0}
-    assert readings.waiting_elsewhere("c") == {("n", "r"): 120.0, ("n", "q"): 90.0}
+    news = readings.news_for("a")
+    assert news.heard == {"b": 198.0}
+    assert {
+        room: {r: line.waiting for r, line in lines.items()} for room, lines in news.lines.items()
+    } == {("n", "r"): {"b": 2}}
+    assert news.lines[("n", "r")]["b"].oldest == 120.0
+    others = readings.news_for("c")
+    assert others.heard == {"a": 199.0, "b": 198.0}
+    assert others.lines[("n", "q")]["a"].firsts == tuple(90.0 + i for i in range(11))
+
+
+def line_series(
+    namespace: str, room: str, replica: str, count: int, oldest: float
+) -> list[dict[str, Any]]:
+    """A replica's line as QUERY returns it: its tenths (one second apart) and its count."""
+    labels = {"namespace": namespace, "room": room, "replica": replica}
+    tenths = [
+        {"metric": {**labels, "quantile": repr(i / 10)}, "value": [200.0, str(oldest + i)]}
+        for i in range(11)
+    ]
+    return [*tenths, {"metric": {**labels, "count": "1"}, "value": [200.0, str(count)]}]
 
 
 def test_client_disconnects_cost_nothing() -> None:

@@ -2,8 +2,9 @@
 
 Replicas never talk to each other. What they share is the shard map (which relay carries
 each shard, which relays drain, whether the room queues, the migration budget), the relays'
-readiness (EndpointSlices), the relays' own listener reports, and each other's oldest
-waiting join, which every replica exports to the Prometheus it reads the reports from.
+readiness (EndpointSlices), the relays' own listener reports, and each other's line (how
+many wait, and the first attempts at its tenths), which every replica exports to the
+Prometheus it reads the reports from; the scrape's time says how fresh that news is.
 Four rules make that enough:
 
 - Capacity: a relay's spare room is its capacity minus its last reported listeners; each of
@@ -16,8 +17,12 @@ Four rules make that enough:
   only while no join whose first attempt came more than `REORDER_SHARE` of a refresh
   interval (`retry_after`) before its own still waits, here or at another replica; the
   rest of the interval is left for the time a request takes from a listener to the edge.
-  So the admissions follow the arrivals, as the listeners themselves time them, with at
-  most one refresh interval of reordering.
+  A queued join (one with a ticket) is also admitted only once the news of every other
+  replica's line was sampled no earlier than that window before its first attempt: a join
+  that waited there since before then is in that news. So queued listeners get in in the
+  order they came, as they themselves time it, with at most one refresh interval of
+  reordering. A new join (no ticket, the map open) does not wait for news: it can pass
+  a join that another replica queued since its last news, by at most that news's age.
 - Seats: a queued join takes any free seat. Its shard's relay when that relay has room,
   otherwise the active relay with the most room, as a guest: an older join whose relay is
   full does not wait while younger joins of other shards take the new relays. A guest's
@@ -140,6 +145,53 @@ class Held:
     retry_after: int
 
 
+LINE_QUANTILES = tuple(i / 10 for i in range(11))
+"""Where in a replica's line the first attempts are exported: its oldest, its tenths, its
+youngest. Enough to place a join in the room's line within a tenth of each other line."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """Another replica's line for a room, as its last scrape showed it."""
+
+    waiting: int
+    firsts: tuple[float, ...]
+    """First attempts at LINE_QUANTILES of that line, oldest first."""
+
+    @property
+    def oldest(self) -> float:
+        return self.firsts[0]
+
+    def ahead_of(self, first: float) -> float:
+        """About how many of its joins came before `first`: linear between its tenths."""
+        firsts = self.firsts
+        above = bisect.bisect_left(firsts, first)
+        if above == 0 or self.waiting == 0:
+            return 0.0
+        if above == len(firsts):
+            return float(self.waiting)
+        low, high = firsts[above - 1], firsts[above]
+        steps = len(firsts) - 1
+        fraction = (above - 1 + (first - low) / (high - low)) / steps
+        return (self.waiting - 1) * fraction  # the join at a tenth q has q * (n - 1) ahead
+
+
+def line_of(queue: list[tuple[float, str]]) -> Line:
+    """What a replica exports of its (sorted, non-empty) line."""
+    last = len(queue) - 1
+    return Line(len(queue), tuple(queue[round(q * last)][0] for q in LINE_QUANTILES))
+
+
+@dataclass(frozen=True)
+class News:
+    """The other replicas' lines, through Prometheus, and when each was scraped."""
+
+    heard: Mapping[str, float] = field(default_factory=dict)
+    """Replica -> the time of its last scrape (every live replica, lines or not)."""
+    lines: Mapping[tuple[str, str], Mapping[str, Line]] = field(default_factory=dict)
+    """(namespace, room) -> replica -> its line (rooms with joins waiting there)."""
+
+
 @dataclass
 class _Waiter:
     first: float
@@ -162,8 +214,10 @@ class Room:
     queue: list[tuple[float, str]] = field(default_factory=list)
     """(first attempt, listener) of every waiter here, sorted: this replica's part of the
     room's line."""
-    elsewhere: float | None = None
-    """The first attempt of the oldest join waiting at another replica (None: none)."""
+    others: Mapping[str, Line] = field(default_factory=dict)
+    """The other replicas' lines, as of `heard`."""
+    heard: float | None = None
+    """When the stalest news of the other replicas was sampled (None: none heard from)."""
     moves: deque[float] = field(default_factory=deque)
     _seats: dict[str, int] | None = None
     """Seats this replica may still fill per usable relay (only those with any): computed
@@ -285,10 +339,18 @@ class Room:
 
     def oldest_anywhere(self, now: float) -> float | None:
         """The first attempt of the oldest join waiting here or at another replica."""
+        firsts = [line.oldest for line in self.others.values()]
         here = self.oldest(now)
-        if here is None or self.elsewhere is None:
-            return here if here is not None else self.elsewhere
-        return min(here, self.elsewhere)
+        if here is not None:
+            firsts.append(here)
+        return min(firsts, default=None)
+
+    def place(self, first: float, ahead: int) -> tuple[int, int]:
+        """(position, waiting) in the room's line: this replica's own line now, the others'
+        as of their last news (their part of the position within a tenth of each)."""
+        elsewhere = sum(line.ahead_of(first) for line in self.others.values())
+        waiting = len(self.waiters) + sum(line.waiting for line in self.others.values())
+        return min(ahead + round(elsewhere) + 1, waiting), waiting
 
     def expire(self, now: float) -> None:
         """Forget waiters that stopped retrying."""
@@ -366,11 +428,13 @@ class Gate:
                 room.reports[pod] = report
                 room.changed()
 
-    def set_waiting_elsewhere(self, oldest: Mapping[tuple[str, str], float]) -> None:
-        """The first attempt of the oldest join waiting at the other replicas, per
-        (namespace, room); a room left out has none waiting there."""
+    def set_news(self, news: News) -> None:
+        """The other replicas' lines (a room left out has none waiting there); empty news
+        (no other replica, or no Prometheus) leaves only this replica's line to keep."""
+        heard = min(news.heard.values(), default=None)
         for key, room in self.rooms.items():
-            room.elsewhere = oldest.get(key)
+            room.others = news.lines.get(key, {})
+            room.heard = heard
 
     def expire(self, now: float) -> None:
         for room in self.rooms.values():
@@ -397,12 +461,15 @@ class Gate:
         ahead = room.ahead(first, listener)
         oldest = room.oldest_anywhere(now)
         behind = 0.0 if oldest is None else max(0.0, first - oldest)
+        window = settings.retry_after * REORDER_SHARE
         reason = None
         if ticket is None and room.shard_map.admission == "queueing":
             reason = "the room is queueing joins"
         else:
-            if behind > settings.retry_after * REORDER_SHARE:
+            if behind > window:
                 reason = f"joins that came {behind:.0f}s earlier still wait"
+            elif ticket is not None and room.heard is not None and room.heard < first - window:
+                reason = "the other edge replicas' lines are not known up to this join yet"
             else:
                 pod = room.seat(home, ahead, settings)
                 if pod is not None:
@@ -415,9 +482,10 @@ class Gate:
         late = retry_after * (1 + LATE_RETRY_FRACTION) + settings.waiter_expiry
         room.wait(listener, first, now + late)
         claims = {"listener": listener, "room": room.key, "first": first}
+        position, waiting = room.place(first, ahead)
         return Queued(
-            position=ahead + 1,
-            waiting=len(room.waiters),
+            position=position,
+            waiting=waiting,
             ticket=tickets.sign(self.key, "queue", claims, expires=now + settings.queue_ttl),
             retry_after=retry_after,
             reason=reason,
@@ -510,13 +578,14 @@ class Gate:
         for room in self.rooms.values():
             yield room, len(room.waiters), room.oldest_wait(now)
 
-    def oldest_waiting(self, now: float) -> Iterable[tuple[Room, float]]:
-        """(room, first attempt of its oldest join waiting here) for rooms with any: what
-        the other replicas read back, through Prometheus, to keep the room's order."""
+    def lines(self, now: float) -> Iterable[tuple[Room, Line]]:
+        """(room, this replica's line) for rooms with joins waiting here: what the other
+        replicas read back, through Prometheus, to keep the room's order and answer
+        position and waiting for the whole room."""
         for room in self.rooms.values():
-            oldest = room.oldest(now)
-            if oldest is not None:
-                yield room, oldest
+            room.expire(now)
+            if room.queue:
+                yield room, line_of(room.queue)
 
 
 def _drains(room: Room, pod: str) -> bool:

@@ -1,10 +1,13 @@
-"""What the edge reads back each refresh: the relays' own listener counts, and the oldest
-join waiting at each edge replica.
+"""What the edge reads back each refresh: the relays' own listener counts, and each edge
+replica's line.
 
 Today both come from Prometheus, in one batched instant query per refresh for every room:
 the metric contract's `audioroom_relay_listeners` with the time of each sample, and the
-`audioroom_edge_oldest_waiting_since_seconds` every edge replica exports (so a replica keeps
-the room's line in order without talking to the others). It is one implementation of
+line every edge replica exports (`audioroom_edge_line_first_attempt_seconds`, a summary of
+the first attempts waiting there, and `audioroom_edge_line_rooms`, present on every scrape,
+whose sample time says how fresh a replica's news is), so a replica keeps the room's line in
+order, and tells a listener its place in it, without talking to the others. It is one
+implementation of
 `ReportSource`; relays that push their counts, or an edge that scrapes the relays it knows
 directly, would be another, with nothing else changed.
 """
@@ -19,7 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from townsquare.edge.admission import Report
+from townsquare.edge.admission import LINE_QUANTILES, Line, News, Report
 
 Reports = dict[tuple[str, str, str], Report]
 """(namespace, room, pod) -> the relay's last count."""
@@ -27,15 +30,20 @@ Parts = dict[tuple[str, str, str, str], Report]
 """(namespace, room, pod, instance) -> one source's count of a relay's listeners."""
 
 LISTENERS = "audioroom_relay_listeners"
-OLDEST_WAITING = "audioroom_edge_oldest_waiting_since_seconds"
+LINE = "audioroom_edge_line_first_attempt_seconds"
+LINE_ROOMS = "audioroom_edge_line_rooms"
 BY_SOURCE = "namespace, room, pod, instance"
+BY_LINE = "namespace, room, replica"
 QUERY = (
     f"sum by ({BY_SOURCE}) ({LISTENERS}) or "
     f'label_replace(max by ({BY_SOURCE}) (timestamp({LISTENERS})), "at", "1", "", "")'
-    f" or min by (namespace, room, replica) ({OLDEST_WAITING})"
+    f" or max by ({BY_LINE}, quantile) ({LINE})"
+    f' or label_replace(max by ({BY_LINE}) ({LINE}_count), "count", "1", "", "")'
+    f' or label_replace(max by (replica) (timestamp({LINE_ROOMS})), "heard", "1", "", "")'
 )
-"""Each source's counts and their sample times in one vector, told apart by the `at` label,
-and the edge replicas' oldest waiting joins, told apart by the `replica` label.
+"""Each source's counts and their sample times in one vector, told apart by the `at` label;
+the edge replicas' lines (`quantile`, `count`) and when each replica was last scraped
+(`heard`), told apart by the `replica` label.
 
 One pod may be reported by more than one source (scrape target): the relay process counts
 the listeners connected to it, and a load generator counts the simulated ones it placed
@@ -50,17 +58,18 @@ that part and take joins past its capacity. A pod whose every source is gone dro
 @dataclass(frozen=True)
 class Readings:
     reports: Reports = field(default_factory=dict)
-    waiting: dict[tuple[str, str, str], float] = field(default_factory=dict)
-    """(namespace, room, replica) -> first attempt of the oldest join waiting there."""
+    news: News = field(default_factory=News)
+    """Every replica's line, its own included."""
 
-    def waiting_elsewhere(self, replica: str) -> dict[tuple[str, str], float]:
-        """Per room, the oldest join waiting at any replica other than `replica`."""
-        oldest: dict[tuple[str, str], float] = {}
-        for (namespace, room, other), first in self.waiting.items():
-            if other != replica:
-                key = (namespace, room)
-                oldest[key] = min(first, oldest.get(key, first))
-        return oldest
+    def news_for(self, replica: str) -> News:
+        """What `replica` needs of the others' lines: never its own."""
+        lines: dict[tuple[str, str], dict[str, Line]] = {}
+        for room, by_replica in self.news.lines.items():
+            others = {name: line for name, line in by_replica.items() if name != replica}
+            if others:
+                lines[room] = others
+        heard = {name: at for name, at in self.news.heard.items() if name != replica}
+        return News(heard, lines)
 
 
 class ReportSource(Protocol):
@@ -86,16 +95,41 @@ def parse_parts(result: list[Mapping[str, Any]]) -> Parts:
     }
 
 
-def parse_waiting(result: list[Mapping[str, Any]]) -> dict[tuple[str, str, str], float]:
-    """The replicas' oldest waiting joins in one answer to QUERY (NaN or negative: dropped)."""
-    waiting: dict[tuple[str, str, str], float] = {}
+def parse_news(result: list[Mapping[str, Any]]) -> News:
+    """The replicas' lines in one answer to QUERY. A line whose count or tenths are missing
+    or not finite is dropped; a replica whose scrape time is missing is not heard from."""
+    heard: dict[str, float] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    firsts: dict[tuple[str, str, str], dict[str, float]] = {}
     for series in result:
         labels = series.get("metric", {})
-        key = (labels.get("namespace", ""), labels.get("room", ""), labels.get("replica", ""))
+        replica = labels.get("replica", "")
         value = float(series["value"][1])
-        if all(key) and math.isfinite(value) and value >= 0:
-            waiting[key] = value
-    return waiting
+        if not replica or not math.isfinite(value):
+            continue
+        if labels.get("heard"):
+            heard[replica] = value
+            continue
+        key = (labels.get("namespace", ""), labels.get("room", ""), replica)
+        if not all(key):
+            continue
+        if labels.get("count"):
+            counts[key] = int(value)
+        elif "quantile" in labels:
+            firsts.setdefault(key, {})[labels["quantile"]] = value
+    lines: dict[tuple[str, str], dict[str, Line]] = {}
+    wanted = [quantile_label(q) for q in LINE_QUANTILES]
+    for key, count in counts.items():
+        found = firsts.get(key, {})
+        if count > 0 and all(q in found for q in wanted):
+            line = Line(count, tuple(sorted(found[q] for q in wanted)))
+            lines.setdefault(key[:2], {})[key[2]] = line
+    return News(heard, lines)
+
+
+def quantile_label(quantile: float) -> str:
+    """How prometheus_client writes a quantile label ("0.0", "0.1", ..., "1.0")."""
+    return repr(float(quantile))
 
 
 def combine(parts: Parts) -> Reports:
@@ -151,4 +185,4 @@ class PrometheusReports:
         result = body["data"]["result"]
         self.parts = carry_missing_parts(parse_parts(result), self.parts, time.monotonic())
         reports = combine({key: part for key, (part, _) in self.parts.items()})
-        return Readings(reports, parse_waiting(result))
+        return Readings(reports, parse_news(result))

@@ -20,12 +20,20 @@ import aiohttp
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from townsquare import tickets
-from townsquare.edge.admission import MAX_ID_BYTES, Admitted, Gate, Held, Room
-from townsquare.edge.reports import OLDEST_WAITING, ReportSource
+from townsquare.edge.admission import (
+    LINE_QUANTILES,
+    MAX_ID_BYTES,
+    Admitted,
+    Gate,
+    Held,
+    News,
+    Room,
+)
+from townsquare.edge.reports import LINE, LINE_ROOMS, ReportSource, quantile_label
 from townsquare.edge.watch import Watcher
 
 MAX_BODY_BYTES = 4096
@@ -115,21 +123,34 @@ class WaitingCollector(Collector):
             "How long the oldest waiting join has waited (by its first attempt)",
             labels=labels,
         )
-        since = GaugeMetricFamily(
-            OLDEST_WAITING,
-            "First attempt (unix seconds) of the oldest join waiting at this replica, for rooms"
-            " with any: the other replicas read it back to keep the room's line in order",
-            labels=[*labels, "replica"],
+        line = Metric(
+            LINE,
+            "First attempts (unix seconds) of the joins waiting at this replica, at the tenths"
+            " of its line, for rooms with any: the other replicas read them back to keep the"
+            " room's line in order and to tell listeners their place in it",
+            "summary",
+        )
+        rooms = GaugeMetricFamily(
+            LINE_ROOMS,
+            "Rooms with joins waiting at this replica (on every scrape: its time tells the"
+            " other replicas how fresh their news of this one is)",
+            labels=["replica"],
         )
         now = self.clock()
+        lines = list(self.gate.lines(now))  # first: it forgets waiters who left
         for room, count, age in self.gate.waiting(now):
             waiting.add_metric([room.namespace, room.name], count)
             oldest.add_metric([room.namespace, room.name], age)
-        for room, first in self.gate.oldest_waiting(now):
-            since.add_metric([room.namespace, room.name, self.replica], first)
+        for room, found in lines:
+            names = {"namespace": room.namespace, "room": room.name, "replica": self.replica}
+            for quantile, first in zip(LINE_QUANTILES, found.firsts, strict=True):
+                line.add_sample(LINE, {**names, "quantile": quantile_label(quantile)}, first)
+            line.add_sample(f"{LINE}_count", names, found.waiting)
+        rooms.add_metric([self.replica], len(lines))
         yield waiting
         yield oldest
-        yield since
+        yield line
+        yield rooms
 
 
 class Edge:
@@ -290,15 +311,15 @@ class Edge:
                     await task
 
     async def _refresh(self, session: aiohttp.ClientSession) -> None:
-        """Every refresh interval: the relays' reports and the other replicas' oldest
-        waiting joins, and forget waiters who left."""
+        """Every refresh interval: the relays' reports and the other replicas' lines, and
+        forget waiters who left."""
         while True:
             began = time.monotonic()
             if self.reports is not None:
                 try:
                     readings = await self.reports.read(session)
                     self.gate.set_reports(readings.reports)
-                    self.gate.set_waiting_elsewhere(readings.waiting_elsewhere(self.replica))
+                    self.gate.set_news(readings.news_for(self.replica))
                     if not self.reports_ok:
                         log.info("relay reports read")
                     self.reports_ok = True
@@ -308,7 +329,7 @@ class Edge:
                     self.reports_ok = False
                     # Order never outranks service: with no news from the others, only
                     # this replica's own line holds joins back.
-                    self.gate.set_waiting_elsewhere({})
+                    self.gate.set_news(News())
             self.gate.expire(self.clock())
             elapsed = time.monotonic() - began
             await asyncio.sleep(max(0.05, self.refresh_seconds - elapsed))
