@@ -209,9 +209,11 @@ def tenant_policy(args: argparse.Namespace) -> tuple[TenantPolicy, dict[str, str
             f"--max-relays-per-room: must be at least 1 (got {args.max_relays_per_room})"
         )
     free = args.free_promql_namespaces.strip()
+    own = (args.prometheus_url,) if args.prometheus_url else ()
     policy = TenantPolicy(
         allowed_registries=tuple(args.allowed_registry or ()),
         max_relays=args.max_relays_per_room,
+        allowed_prometheus_urls=own + tuple(args.allow_prometheus_url or ()),
         named_queries=BUILT_IN_QUERIES | queries.keys(),
         free_promql_namespaces=(
             None if free == "*" else frozenset(n for n in free.split(",") if n.strip())

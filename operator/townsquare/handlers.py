@@ -26,8 +26,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from townsquare import observability
+from townsquare.api.errors import describe
 from townsquare.api.models import (
     GROUP,
     PLURAL,
@@ -767,7 +769,7 @@ def reconcile_room(
         # Deletion bumps a custom resource's generation: the deletion handler drains it.
         return None
     state.generation = max(state.generation, room["metadata"]["generation"])
-    spec = AudioRoomSpec.model_validate(room["spec"])
+    spec, problems = _read_spec(room["spec"])
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
     now = datetime.now(UTC)
     metrics = None
@@ -823,6 +825,7 @@ def reconcile_room(
         shard_map,
         state.shard_map_at,
         policy=runtime.settings.policy,
+        spec_problems=problems,
     )
     if outcome.refused:
         state.metrics = None  # its listeners are never read: its query may reach too far
@@ -848,6 +851,22 @@ def reconcile_room(
         state.replaced.add(by_ordinal[ordinal].uid)
     _observe(namespace, name, spec, outcome)
     return outcome
+
+
+def _read_spec(stored: dict[str, Any]) -> tuple[AudioRoomSpec, list[str]]:
+    """The room's spec, and what in it the API server let through but the operator cannot
+    use. Only the schedule can be such (a time zone the API server cannot check, or a CRD
+    older than the cron rule): without it the room is refused, yet a deleted one still
+    drains, so it never stays Terminating."""
+    try:
+        return AudioRoomSpec.model_validate(stored), []
+    except ValidationError as error:
+        if "schedule" not in stored:
+            raise
+        problem = f"spec.{describe(error)}"
+    return AudioRoomSpec.model_validate({k: v for k, v in stored.items() if k != "schedule"}), [
+        problem
+    ]
 
 
 def _observe(namespace: str, name: str, spec: AudioRoomSpec, outcome: Outcome) -> None:

@@ -9,7 +9,7 @@ after a restart is in what it returns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -293,18 +293,23 @@ def reconcile(
     shard_map: ShardMap | None = None,
     shard_map_at: datetime | None = None,
     policy: TenantPolicy | None = None,
+    spec_problems: Sequence[str] = (),
 ) -> Outcome:
     """Decide the room's phase, relays, shard map, conditions and Events at `seen.now`.
 
     `scaling_state` and `shard_map` are what the previous call returned (after a restart:
     what was stored); `shard_map_at` is when that map was published, for the migration
-    budget. With a `policy`, a room that breaks it is refused: nothing is decided for it.
+    budget. With a `policy`, a room that breaks it is refused: nothing is decided for it;
+    so is a room with `spec_problems` (parts of its spec the operator cannot use). A
+    deleted room is drained either way.
     """
     draft = _Draft(conditions=list(previous.conditions), seen=seen)
+    problems = list(spec_problems)
     if policy is not None:
-        problems = violations(spec, seen.namespace, policy)
-        if problems and seen.deleting_since is None:
-            return _refuse(previous, problems, draft)
+        problems += violations(spec, seen.namespace, policy)
+    if problems and seen.deleting_since is None:
+        return _refuse(previous, problems, draft, "InvalidSpec" if spec_problems else None)
+    if policy is not None:
         draft.condition("Accepted", "True", "WithinPolicy", "the room is within the tenant policy")
     start = occurrence_start(spec, seen.now, previous)
     if start != spec.start_time:
@@ -479,10 +484,13 @@ def _headroom_status(decision: headroom.Headroom) -> NodeHeadroomStatus | None:
     )
 
 
-def _refuse(previous: AudioRoomStatus, problems: list[str], draft: _Draft) -> Outcome:
-    """A room outside the tenant policy: say why, change nothing else, decide nothing."""
+def _refuse(
+    previous: AudioRoomStatus, problems: list[str], draft: _Draft, reason: str | None = None
+) -> Outcome:
+    """A room outside the tenant policy, or with a spec the operator cannot use: say why,
+    change nothing else, decide nothing."""
     message = "; ".join(problems)
-    before = draft.condition("Accepted", "False", "PolicyViolation", message)
+    before = draft.condition("Accepted", "False", reason or "PolicyViolation", message)
     if before != "False" or previous.observed_generation != draft.seen.generation:
         draft.event(WARNING, "Refused", f"the operator does not act on this room: {message}")
     status = previous.model_copy(

@@ -80,6 +80,7 @@ def test_valid_audioroom_is_stored_and_read_back(
         ("scaling.minRelays", 1201),  # above maxRelays (1200)
         ("scaling.maxRelays", 20_000),  # its shard map could pass a ConfigMap's 1 MiB
         ("startTime", "2026-12-01 23:00"),  # no T, no offset
+        ("schedule", {"cron": "61 17 * * 4"}),  # minute 61: the CRD's CEL cron grammar
     ],
 )
 def test_invalid_audioroom_is_refused_naming_the_field(

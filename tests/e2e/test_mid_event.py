@@ -157,6 +157,7 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
         )
         assert "still runs" in refusal and drain_policy in refusal
         wait_until(lambda: time.time() > start + 12, 30, "mid-event")
+        map_before = rooms.core.read_namespaced_config_map("leaving-shards", namespace)
         deleted_at = time.time()
         rooms.custom.delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "leaving",
@@ -164,6 +165,21 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
         )  # fmt: skip
         finalizers = rooms.get("leaving")["metadata"].get("finalizers", [])
         assert ("foregroundDeletion" in finalizers) == (cascade == "Foreground")
+
+        # The edge places and moves listeners by the shard map all through the drain. In the
+        # foreground the garbage collector deletes it at once; the operator puts it back.
+        def shard_map_uid() -> str:
+            found = rooms.core.read_namespaced_config_map("leaving-shards", namespace)
+            return str(found.metadata.uid)
+
+        if cascade == "Foreground":
+            wait_until(
+                lambda: shard_map_uid() != map_before.metadata.uid,
+                30,
+                "the operator to put back the shard map the garbage collector deleted",
+            )
+        else:
+            assert shard_map_uid() == map_before.metadata.uid
 
         def gone() -> bool:
             try:

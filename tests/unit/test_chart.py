@@ -20,7 +20,9 @@ import yaml
 from townsquare import observability
 from townsquare.api.models import AudioRoomSpec
 from townsquare.cli import build_parser
+from townsquare.cli import tenant_policy as tenant_policy_of
 from townsquare.kube.children import relay_stateful_set
+from townsquare.policy import violations
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "townsquare"
@@ -512,6 +514,7 @@ def test_the_tenant_policy_carries_its_values_into_cel_and_the_operator_flags() 
     docs = render(
         {
             "watch": {"namespaces": ["spaces"]},
+            "prometheus": {"url": "http://prometheus.monitoring:9090"},
             "tenantPolicy": {
                 "allowedRegistries": ["registry.example/", "ghcr.io/acme"],
                 "maxRelaysPerRoom": 300,
@@ -527,12 +530,20 @@ def test_the_tenant_policy_carries_its_values_into_cel_and_the_operator_flags() 
     assert variables["maxRelays"] == "300"
     assert json.loads(variables["queryNames"]) == ["contract", "livekit", "janus"]
     assert json.loads(variables["freePromQLNamespaces"]) == ["platform"]
+    assert json.loads(variables["prometheusUrls"]) == [
+        "http://prom.monitoring:9090",
+        "http://prometheus.monitoring:9090",  # the operator's own, which rooms may name
+    ]
     (binding,) = tenant_policy(docs, "ValidatingAdmissionPolicyBinding")
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
     assert selector["values"] == ["spaces"], "the policy covers the namespaces served"
-    (deployment,) = of_kind(docs, "Deployment")
+    (deployment,) = (
+        d
+        for d in of_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    )
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     parsed = build_parser().parse_args(args)
     assert parsed.allowed_registry == ["registry.example/", "ghcr.io/acme"]
@@ -540,6 +551,24 @@ def test_the_tenant_policy_carries_its_values_into_cel_and_the_operator_flags() 
     assert parsed.listener_query == ["janus=sum by (namespace, room, pod) (janus_listeners)"]
     assert parsed.free_promql_namespaces == "platform"
     assert parsed.allow_prometheus_url == ["http://prom.monitoring:9090"]
+    # The operator refuses, on its own, the URLs the admission policy refuses.
+    operator_policy, _ = tenant_policy_of(parsed)
+    for url, allowed in [
+        ("http://prom.monitoring:9090", True),
+        ("http://prometheus.monitoring:9090", True),
+        ("http://169.254.169.254/latest", False),
+    ]:
+        room = AudioRoomSpec.model_validate(
+            {
+                "startTime": "2026-12-01T23:00:00Z",
+                "duration": "1h",
+                "expectedAudience": 100,
+                "relay": {"image": "registry.example/relay:1"},
+                "scaling": {"maxRelays": 300},
+                "metrics": {"prometheusUrl": url},
+            }
+        )
+        assert bool(violations(room, "spaces", operator_policy)) != allowed, url
 
 
 def test_the_tenant_policy_can_be_left_out_but_the_operator_keeps_its_flags() -> None:
@@ -581,8 +610,8 @@ def test_the_chart_ships_the_headroom_priority_class_rooms_default_to() -> None:
 
 
 def test_the_drain_policy_keeps_relays_until_their_stateful_set_has_none() -> None:
-    """Installed by default: the garbage collector (a foreground deletion, a namespace being
-    deleted) may delete a relay StatefulSet only once the drain brought it to 0 replicas."""
+    """Installed by default: the garbage collector (a foreground deletion) may delete a relay
+    StatefulSet only once the drain brought it to 0 replicas."""
     docs = render({"watch": {"namespaces": ["spaces"]}})
     (policy,) = drain_policy(docs, "ValidatingAdmissionPolicy")
     (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]

@@ -6,6 +6,7 @@ refuse the same manifests for the same reasons.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -221,16 +222,58 @@ class RolloutSpec(ApiModel):
     have no spare capacity for the audience."""
 
 
-CRON_PATTERN = r"^\S+(\s+\S+){4}$"
-TIME_ZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$"
+def _cron_field(value: str) -> str:
+    """One cron field: `*` or a value or range, each with an optional step, comma-separated."""
+    item = rf"(\*|{value}(-{value})?)(/[0-9]{{1,2}})?"
+    return rf"{item}(,{item})*"
+
+
+_MONTHS = "jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec"
+_WEEKDAYS = "sun|mon|tue|wed|thu|fri|sat"
+CRON_GRAMMAR = (
+    "(?i)^"
+    + r"\s+".join(
+        _cron_field(value)
+        for value in (
+            "[0-5]?[0-9]",  # minute
+            "(1?[0-9]|2[0-3])",  # hour
+            "(0?[1-9]|[12][0-9]|3[01])",  # day of the month
+            f"(0?[1-9]|1[0-2]|{_MONTHS})",  # month
+            f"([0-7]|{_WEEKDAYS})",  # day of the week
+        )
+    )
+    + "$"
+)
+"""Five cron fields within their ranges, so the API server refuses `61 * * * *` at apply
+time instead of the operator finding it mid-event. A CEL rule, for a message people read."""
+CRON_MESSAGE = (
+    "must be five cron fields: minute 0-59, hour 0-23, day 1-31, month 1-12 or jan-dec, "
+    "weekday 0-7 or sun-sat (each *, a value, a range, a /step or a list), such as 0 17 * * 4"
+)
 
 
 def _valid_cron(text: str) -> str:
-    if not croniter.is_valid(text):
-        raise ValueError(
-            f"must be a cron expression of five fields, such as 0 17 * * 4 (got {text!r})"
-        )
+    if not re.match(CRON_GRAMMAR, text) or not croniter.is_valid(text):
+        raise ValueError(f"{CRON_MESSAGE} (got {text!r})")
     return text
+
+
+Cron = Annotated[
+    str,
+    AfterValidator(_valid_cron),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 256,
+            "x-kubernetes-validations": [
+                {"rule": f"self.matches({json.dumps(CRON_GRAMMAR)})", "message": CRON_MESSAGE}
+            ],
+        }
+    ),
+]
+
+
+TIME_ZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$"
 
 
 def _valid_time_zone(text: str) -> str:
@@ -244,7 +287,7 @@ def _valid_time_zone(text: str) -> str:
 class ScheduleSpec(ApiModel):
     """A recurring room: every occurrence starts at a time of the cron schedule."""
 
-    cron: Annotated[str, AfterValidator(_valid_cron)] = Field(max_length=256, pattern=CRON_PATTERN)
+    cron: Cron = Field(max_length=256)
     """Five-field cron (minute hour day month weekday), read in `timeZone`."""
     time_zone: Annotated[str, AfterValidator(_valid_time_zone)] = Field(
         default="UTC", max_length=64, pattern=TIME_ZONE_PATTERN
