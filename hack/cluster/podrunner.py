@@ -22,11 +22,13 @@ The API server refuses loopback IPs in Endpoints and EndpointSlices, so the runn
 publishes each relay Service's endpoints itself, as an FQDN-type EndpointSlice whose
 addresses are the pods' IPs (ready while the pod is Ready and its process runs).
 
-A relay pod runs here only if its origin ($TOWNSQUARE_ORIGIN, from the pod annotation
-townsquare.dev/origin) is an IP in 127.0.0.0/8 and its IP is on loopback: nothing outside
-127.0.0.0/8 is ever contacted (a pod that does not qualify is left alone, logged once; a
-pod with no origin at all is played by a load generator, as kwok pods run nothing). Runs
-until SIGTERM (cluster.sh down), or until the API server has been unreachable for a minute.
+A relay pod runs here only if its container's args run the reference relay (`[relay]`, set
+by spec.relay.args: the image's entrypoint is `townsquare`), its origin ($TOWNSQUARE_ORIGIN,
+from the pod annotation townsquare.dev/origin) is an IP in 127.0.0.0/8 and its IP is on
+loopback: nothing outside 127.0.0.0/8 is ever contacted (a pod that does not qualify is
+left alone, logged once, and never ready; a pod with no origin at all is played by a load
+generator, as kwok pods run nothing). Runs until SIGTERM (cluster.sh down), or until the
+API server has been unreachable for a minute.
 
     python hack/cluster/podrunner.py --kubeconfig K --state-dir D [--python P]
 """
@@ -59,8 +61,8 @@ RESTART_SECONDS = 1.0
 SECRET_REFRESH_SECONDS = 10.0
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MALLOC_ARENA_MAX": "2"}
 """What the image's ENV gives every container (Dockerfile), besides PATH."""
-DEFAULT_ARGS = ("relay",)
-"""The reference relay image's command when the container names none."""
+ENTRYPOINT = "townsquare"
+"""The townsquare image's entrypoint; a relay container's args must start with `relay`."""
 
 
 def log(message: str, **fields: Any) -> None:
@@ -287,7 +289,12 @@ class PodRunner:
             self.warn_once(key + str(reason), f"not started: {reason}", pod=key)
             self.refused.add(key)
             return None
-        args = tuple(container.args or ()) or DEFAULT_ARGS
+        args = tuple(container.args or ())
+        if args[:1] != ("relay",):
+            reason = f"container args {list(args)} do not run `{ENTRYPOINT} relay`"
+            self.warn_once(key + reason, f"not started: {reason} (spec.relay.args)", pod=key)
+            self.refused.add(key)
+            return None
         return Want(meta.namespace, meta.name, meta.uid, room, ip, env, mounts, args)
 
     def pod_dir(self, want: Want) -> Path:
@@ -355,7 +362,7 @@ class PodRunner:
 
     def start(self, want: Want, volumes: dict[str, Path], restarts: int = 0) -> None:
         env = process_env(want, volumes, self.hosts_file(want.namespace, want.room))
-        command = [self.python, "-m", "townsquare", *want.args]
+        command = [self.python, "-m", ENTRYPOINT, *want.args]
         sink = (self.state_dir / "logs" / f"{want.namespace}_{want.pod}.log").open("ab")
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                    cwd=self.pod_dir(want), start_new_session=True)  # fmt: skip

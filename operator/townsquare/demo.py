@@ -464,6 +464,7 @@ def run_demo(
         cleanup.callback(origin.stop)
         annotations = manifest["spec"]["relay"].setdefault("podAnnotations", {})
         annotations[ORIGIN_ANNOTATION] = origin.address
+        manifest["spec"]["relay"]["args"] = ["relay"]  # the reference relay
         client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, manifest
         )

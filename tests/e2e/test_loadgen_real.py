@@ -45,6 +45,7 @@ def room(origin_address: str) -> dict[str, Any]:
                 "image": "registry.example/relay:test",
                 "listenersPerRelay": 10,
                 "startupSeconds": 1,
+                "args": ["relay"],  # the reference relay, as the pod runner requires
                 "podAnnotations": {
                     "pod-ready.stage.kwok.x-k8s.io/delay": "1s",
                     "townsquare.dev/origin": origin_address,

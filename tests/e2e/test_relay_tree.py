@@ -51,6 +51,7 @@ def relay_room(origin_address: str, start_in: float) -> dict[str, Any]:
                 "image": "registry.example/relay:test",
                 "listenersPerRelay": 10,
                 "startupSeconds": 1,
+                "args": ["relay"],  # the reference relay, as the pod runner requires
                 "podAnnotations": {
                     "pod-ready.stage.kwok.x-k8s.io/delay": "1s",
                     "townsquare.dev/origin": origin_address,

@@ -84,3 +84,6 @@ def test_a_relay_gets_its_map_from_a_mounted_config_map_and_needs_no_api_token()
     assert env["TOWNSQUARE_ORIGIN"] == "metadata.annotations['townsquare.dev/origin']"
     assert (env["TOWNSQUARE_PORT"], env["TOWNSQUARE_METRICS_PORT"]) == ("7000", "7001")
     assert env["POD_IP"] == "status.podIP"
+    assert "args" not in container, "the image's own command unless spec.relay.args says"
+    [reference] = relays(args=["relay"])["spec"]["template"]["spec"]["containers"]
+    assert reference["args"] == ["relay"]

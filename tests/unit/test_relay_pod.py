@@ -72,15 +72,15 @@ def until(check: object, seconds: float, what: str) -> None:
     raise AssertionError(f"not within {seconds} s: {what}")
 
 
-def pod_env(
+def pod_container(
     ordinal: int, ip: str, ports: dict[str, int], origin: str, key_file: Path
-) -> list[tuple[str, str]]:
-    """The relay container's env as the operator declares it, fieldRefs resolved as a
-    kubelet resolves them for pod `ordinal` (values under a mount path kept as they are)."""
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """The relay container's env and args as the operator declares them, fieldRefs resolved
+    as a kubelet resolves them for pod `ordinal` (values under a mount path kept as is)."""
     room = parse_room(
         "apiVersion: townsquare.dev/v1alpha1\nkind: AudioRoom\nmetadata: {name: r}\n"
         "spec: {startTime: '2026-12-01T23:00:00Z', duration: 90m, expectedAudience: 10,"
-        f" relay: {{image: 'registry.example/relay:1', listenersPerRelay: 10,"
+        f" relay: {{image: 'registry.example/relay:1', listenersPerRelay: 10, args: [relay],"
         f" port: {ports['listeners']}, metricsPort: {ports['metrics']}}}}}\n"
     )
     template = relay_pod_template(ROOM, room.spec)
@@ -98,7 +98,8 @@ def pod_env(
         else:
             env.append((entry["name"], fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]))
     # the ticket key Secret's volume (the operator's --relay-ticket-secret), given directly
-    return [*env, ("TOWNSQUARE_TICKET_KEY_FILE", str(key_file))]
+    env.append(("TOWNSQUARE_TICKET_KEY_FILE", str(key_file)))
+    return tuple(env), tuple(container["args"])
 
 
 @pytest.fixture
@@ -168,19 +169,20 @@ def test_a_relay_runs_with_no_api_access_following_its_mounted_map_and_its_paren
     hosts = tmp_path / "hosts"
     hosts.write_text(f"{ips[0]} {relay_dns_name(NAMESPACE, ROOM, 0)}\n")
     for ordinal, ip in enumerate(ips):
+        env, args = pod_container(ordinal, ip, ports, f"127.0.0.1:{origin_port}", key_file)
         want = runner.Want(
-            NAMESPACE, f"{ROOM}-relay-{ordinal}", "uid", ROOM, ip,
-            tuple(pod_env(ordinal, ip, ports, f"127.0.0.1:{origin_port}", key_file)),
+            NAMESPACE, f"{ROOM}-relay-{ordinal}", "uid", ROOM, ip, env,
             (runner.Mount("/etc/townsquare/shards", "shard-map", "configMap", f"{ROOM}-shards",
                           (("shardmap.json", "shardmap.json"),), True),),
-            ("relay",),
+            args,
         )  # fmt: skip
-        env = runner.process_env(want, {"shard-map": volume}, hosts)
-        env["HOME"] = str(tmp_path / "home")
-        assert not [name for name in env if name.startswith(("KUBE", "KUBERNETES"))], env
-        assert env["TOWNSQUARE_MAP_FILE"] == str(volume / "shardmap.json")
+        environment = runner.process_env(want, {"shard-map": volume}, hosts)
+        environment["HOME"] = str(tmp_path / "home")
+        leaked = [name for name in environment if name.startswith("KUBE")]
+        assert not leaked, environment
+        assert environment["TOWNSQUARE_MAP_FILE"] == str(volume / "shardmap.json")
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "townsquare", *want.args], env=env, cwd=tmp_path,
+            [sys.executable, "-m", "townsquare", *want.args], env=environment, cwd=tmp_path,
             stdout=(tmp_path / f"relay-{ordinal}.log").open("wb"), stderr=subprocess.STDOUT,
         ))  # fmt: skip
 

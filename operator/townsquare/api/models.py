@@ -154,6 +154,9 @@ class RelaySpec(ApiModel):
 
     image: str = Field(min_length=1, max_length=512)
     """Container image of the relay."""
+    args: list[str] = Field(default_factory=list, max_length=64)
+    """Arguments of the relay container (empty: the image's own command). `[relay]` runs the
+    reference relay from the townsquare image; its settings come from the pod's env."""
     listeners_per_relay: int = Field(default=1000, ge=1, le=1_000_000)
     """Hard capacity of one relay: listeners above it degrade everyone on that relay."""
     startup_seconds: int = Field(default=45, ge=1, le=3600)

@@ -185,6 +185,8 @@ def relay_pod_template(
     if ticket_secret:
         _mount_ticket_key(pod_spec, ticket_secret)
         annotations[TICKET_SECRET_ANNOTATION] = ticket_secret
+    if relay.args:
+        pod_spec["containers"][0]["args"] = list(relay.args)
     if relay.pre_stop_seconds:
         lifecycle = {"preStop": {"sleep": {"seconds": relay.pre_stop_seconds}}}
         pod_spec["containers"][0]["lifecycle"] = lifecycle
