@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -41,10 +41,12 @@ from townsquare.api.models import (
 from townsquare.headroom import Placeholder
 from townsquare.kube import children, placeholders
 from townsquare.kube.client import (
+    FINALIZER,
     Cluster,
     RelayPod,
     child_version,
     load_config,
+    our_finalizers,
     relay_pod,
     timestamp,
 )
@@ -54,6 +56,7 @@ from townsquare.lifecycle import (
     Metrics,
     Observed,
     Outcome,
+    has_children,
     reconcile,
     stored_scaling_state,
 )
@@ -74,7 +77,6 @@ from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import release_free_heap, room_logger
 
-ANNOTATION_PREFIX = GROUP
 RETRY_SECONDS = 5.0
 KOPF_WORKERS = 128
 """Objects of one kind kopf handles at once (each may hold an API connection)."""
@@ -178,9 +180,8 @@ class RoomState:
     replaced: set[str] = field(default_factory=set)
     """UIDs of relay pods deleted for a rollout: gone, even before the watch says so."""
     deleting: bool = False
-    """The room is being deleted: its passes drain it (kopf's deletion handler waits)."""
-    released: asyncio.Event | None = None
-    """Set when a deleted room has drained and may go (only while deleting)."""
+    """The room is being deleted and holds our finalizer: its passes drain it, and the
+    last one releases it."""
 
     def reread(self) -> None:
         """Forget what another replica may have changed meanwhile: the next pass reads
@@ -275,9 +276,7 @@ class Runtime:
             return 0.0  # an ordinary pass that found the room deleted: the drain begins now
         if deleting:
             if not failed and (outcome is None or outcome.released):
-                if state.released is not None:
-                    state.released.set()
-                return None
+                return None  # released (or gone): its DELETED event forgets it
             wake = _seconds_until(outcome.wake_at if outcome else None) or RETRY_SECONDS
             return min(wake, RETRY_SECONDS)
         if failed:
@@ -326,6 +325,23 @@ class Runtime:
         self.passes.resume()
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No copy of an object's last-handled state: kopf builds one for every watch event (a
+    deep copy of the body: rooms, children, relay pods) to feed change handlers, and this
+    operator has none: it only watches, and its passes read what they need."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.login(registry=REGISTRY)
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """The same credentials the kubernetes client uses (in-cluster or KUBECONFIG)."""
@@ -335,13 +351,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup(registry=REGISTRY)
 async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
-    """Progress in annotations under our prefix (never pruned status), one client, a poller."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=ANNOTATION_PREFIX
-    )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
+    """kopf's timeouts and limits, one client, a poller and the passes' scheduler."""
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     # Watches end and are re-established every ten minutes, so a half-open connection (an
     # API server gone behind it) is noticed instead of waited on for ever.
@@ -357,10 +368,6 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
     settings.queueing.idle_timeout = 0.5
     options: Settings = getattr(memo, "settings", None) or Settings()
     settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
-    if options.partition.count > 1:
-        # Each partition's own finalizer: with one shared name, a partition that does not
-        # serve a room removes the finalizer its owner keeps adding, for ever.
-        settings.persistence.finalizer = f"{GROUP}/partition-{options.partition.index}"
     runtime = Runtime(
         cluster=Cluster(load_config(), identity=options.identity),
         settings=options,
@@ -632,24 +639,6 @@ async def _reconcile_once(
         return None, True
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, when=_serves, registry=REGISTRY)
-async def drain_before_deletion(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    """A room deleted mid-event drains first: its relays go as they empty (or at
-    drainTimeout), and only then does kopf release the room to the garbage collector."""
-    assert namespace is not None, "AudioRoom is namespaced"
-    runtime = _runtime(memo)
-    key = (namespace, name)
-    state = runtime.room(key)
-    state.deleting = True
-    released = state.released = state.released or asyncio.Event()
-    runtime.passes.wake(key)
-    try:
-        await released.wait()
-    finally:
-        runtime.forget(key)
-        observability.forget_room(namespace, name)
-
-
 def _seconds_until(moment: datetime | None) -> float | None:
     if moment is None:
         return None
@@ -667,20 +656,29 @@ async def room_changed(
     **_: Any,
 ) -> None:
     """A room kopf shows us is served from now on; a new generation of its spec is
-    reconciled at once, not at the next deadline; a room gone is forgotten."""
+    reconciled at once, not at the next deadline; a room deleted while our finalizer holds
+    it drains first (its relays go as they empty, or at drainTimeout), then its last pass
+    releases it; a room gone is forgotten.
+
+    No kopf deletion handler: kopf would add its finalizer and a last-handled annotation to
+    every room (two writes, and most of kopf's work per event), where only a room with
+    relays needs holding."""
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
     if type == "DELETED":
-        state = runtime.rooms.get(key)
-        if state is not None and state.released is not None:
-            state.released.set()  # gone without us: nothing is left to drain
         runtime.forget(key)
         observability.forget_room(namespace, name)
-    elif (state := runtime.rooms.get(key)) is None:
+        return
+    state = runtime.rooms.get(key)
+    if state is None:
         runtime.register(key, spec, int(meta.get("generation") or 0))
+        state = runtime.rooms[key]
     elif int(meta.get("generation") or 0) > state.generation:
         state.generation = int(meta.get("generation") or 0)
+        runtime.passes.wake(key)
+    if meta.get("deletionTimestamp") and our_finalizers(meta) and not state.deleting:
+        state.deleting = True
         runtime.passes.wake(key)
 
 
@@ -766,7 +764,7 @@ def reconcile_room(
         for pod in holding:
             cluster.delete_pod(namespace, pod.name)
     if deleted_at and not deleting:
-        # Deletion bumps a custom resource's generation: the deletion handler drains it.
+        # Deletion bumps a custom resource's generation: its event starts the draining passes.
         return None
     state.generation = max(state.generation, room["metadata"]["generation"])
     spec, problems = _read_spec(room["spec"])
@@ -786,11 +784,13 @@ def reconcile_room(
     nodes = placeholders.room_nodes(name, pods, holding)
     held = state.shard_map
     shard_map = held.expand() if isinstance(held, EmptyMap) else held
-    if held is None:
+    # A room whose status names no shard map never had children: nothing to read.
+    known = has_children(previous) or previous.phase not in (None, "Scheduled")
+    if held is None and known:
         shard_map = cluster.read_shard_map(namespace, name)
-    if state.relay_revision is None:
+    if state.relay_revision is None and known:
         state.relay_revision = cluster.relay_revision(namespace, name)
-    revision = state.relay_revision
+    revision = state.relay_revision or ""
     running = previous.relays.desired if previous.relays else 0
     seen = Observed(
         now=now,
@@ -842,8 +842,13 @@ def reconcile_room(
     # reconciled again, so an Event not posted now would be lost.
     _write_status(cluster, namespace, name, previous, outcome)
     _post_events(cluster, room, outcome, now)
-    if not outcome.released:
-        _apply_children(cluster, state, room, spec, outcome, runtime.settings)
+    if outcome.released:
+        cluster.release_room(room)
+    else:
+        if outcome.children:
+            if not deleted_at and FINALIZER not in room["metadata"].get("finalizers", ()):
+                cluster.hold_room(room)  # before any relay exists: a deletion drains it
+            _apply_children(cluster, state, room, spec, outcome, runtime.settings)
         _apply_headroom(runtime, state, room, spec, outcome, now)
     by_ordinal = {pod.ordinal: pod for pod in pods}
     for ordinal in outcome.replace_relays:  # drained: back with the new template

@@ -138,6 +138,10 @@ class Outcome:
     """The room breaks the operator's tenant policy: nothing of it is to be applied."""
     headroom: headroom.Headroom | None = None
     """Placeholders to create and delete."""
+    children: bool = True
+    """The room's StatefulSet, Service, shard map and budget exist or are due now. A room
+    scheduled ahead with no relay gets none until its pre-warm: thousands of rooms booked
+    days ahead cost the API server and the operator a status each, not five objects."""
 
 
 def occurrence_start(spec: AudioRoomSpec, now: datetime, previous: AudioRoomStatus) -> datetime:
@@ -404,6 +408,9 @@ def reconcile(
         wake_at = recheck if wake_at is None else min(wake_at, recheck)
     metrics = seen.metrics
     serving = accepting - len(rolling)
+    children = has_children(previous) or (
+        seen.deleting_since is None and (phase not in ("Scheduled", "Ended") or replicas > 0)
+    )
     status = AudioRoomStatus(
         phase=phase,
         observed_generation=seen.generation,
@@ -420,9 +427,9 @@ def reconcile(
             capacity=capacity_of(serving, spec),
             waiting=metrics.waiting if metrics else 0,
         ),
-        shard_map=ShardMapRef(
-            config_map=shard_map_name(room), generation=rebalanced.map.generation
-        ),
+        shard_map=ShardMapRef(config_map=shard_map_name(room), generation=rebalanced.map.generation)
+        if children
+        else None,
         rollout=_rollout_status(seen, replicas, step, previous.rollout),
         node_headroom=_headroom_status(nodes),
         scaling_state=_persisted(state),
@@ -439,7 +446,14 @@ def reconcile(
         replace_relays=step.replace if step else (),
         released=seen.deleting_since is not None and phase == "Ended",
         headroom=nodes,
+        children=children,
     )
+
+
+def has_children(status: AudioRoomStatus) -> bool:
+    """Whether a pass may have applied the room's children: its status names the shard map
+    from the first pass that applies them (the status is written before the children)."""
+    return status.shard_map is not None
 
 
 def _node_headroom(
@@ -507,6 +521,7 @@ def _refuse(
         decision=None,
         wake_at=None,
         refused=True,
+        children=False,
     )
 
 

@@ -76,6 +76,22 @@ def test_scheduled_room_sleeps_until_prewarm() -> None:
     assert outcome.status.plan.relays == 10
 
 
+def test_a_room_booked_ahead_with_no_relay_gets_children_only_at_its_pre_warm() -> None:
+    spec = room(minRelays=0)
+    scheduled = step(spec, AudioRoomStatus(), timedelta(days=-2))
+    assert (scheduled.status.phase, scheduled.desired_relays) == ("Scheduled", 0)
+    assert not scheduled.children and scheduled.status.shard_map is None
+    assert step(room(minRelays=1), AudioRoomStatus(), timedelta(days=-2)).children, "a floor"
+    prewarming = step(spec, scheduled.status, timedelta(minutes=-2))
+    assert prewarming.status.phase == "PreWarming" and prewarming.children
+    assert prewarming.status.shard_map is not None
+    # Once applied, a room keeps its children, also when it is moved back to Scheduled.
+    later = spec.model_copy(update={"start_time": START + timedelta(days=7)})
+    moved = step(later, prewarming.status, timedelta(minutes=-1))
+    assert moved.status.phase == "Scheduled"
+    assert moved.children and moved.status.shard_map is not None
+
+
 def test_nothing_changes_when_nothing_happens() -> None:
     spec = room()
     first = step(spec, AudioRoomStatus(), timedelta(minutes=-1), ready=4)

@@ -30,6 +30,20 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 10.0
 POOL_SIZE = 32
 """Connections kept to the API server: at least the worker threads that call it at once."""
+FINALIZER = f"{GROUP}/drain"
+"""Holds a room with children until its relays have drained, so a deletion mid-event never
+drops listeners. A room with no children yet has none: it goes at once."""
+EARLIER_FINALIZERS = ("kopf.zalando.org/KopfFinalizerMarker", f"{GROUP}/partition-")
+"""What earlier versions held rooms with (kopf's, one a partition): released the same way."""
+
+
+def our_finalizers(meta: Mapping[str, Any]) -> list[str]:
+    """The finalizers on a room that this operator (or an earlier version of it) put there."""
+    return [
+        f
+        for f in meta.get("finalizers") or ()
+        if f == FINALIZER or f == EARLIER_FINALIZERS[0] or f.startswith(EARLIER_FINALIZERS[1])
+    ]
 
 
 def load_config(pool_size: int = POOL_SIZE) -> client.ApiClient:
@@ -176,6 +190,26 @@ class Cluster:
             GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout
         )
         return room
+
+    def hold_room(self, room: Mapping[str, Any]) -> None:
+        """Add our finalizer to the room as read (a conflict, if it changed since, fails the
+        call and the pass retries): from now on its deletion waits for the drain."""
+        self._set_finalizers(room, [*room["metadata"].get("finalizers", ()), FINALIZER])
+
+    def release_room(self, room: Mapping[str, Any]) -> None:
+        """Remove our finalizers (and earlier versions'): the room may go."""
+        ours = set(our_finalizers(room["metadata"]))
+        kept = [f for f in room["metadata"].get("finalizers", ()) if f not in ours]
+        self._set_finalizers(room, kept)
+
+    def _set_finalizers(self, room: Mapping[str, Any], finalizers: list[str]) -> None:
+        meta = room["metadata"]
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        response = self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
+            _request_timeout=self.timeout, _preload_content=False,
+        )  # fmt: skip
+        _drained(response)
 
     def room_if_exists(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The room as stored now, or None when it is gone."""
