@@ -125,8 +125,10 @@ class Settings:
     """The namespaces served (empty: the whole cluster): where the peering objects are."""
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """This replica in kopf's peering and in the Events it posts."""
-    workers: int = 8
-    """Room passes at once: a start-up of thousands of rooms queues behind them."""
+    workers: int = 16
+    """Room passes at once, each on a thread of its own: a pass mostly waits for the API
+    server (0.1-0.25 s a pass at 10,000 rooms on a loaded machine), so a start-up of
+    thousands of rooms goes as fast as the passes in flight allow."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class EmptyMap:
 
     @staticmethod
     def of(shard_map: ShardMap) -> ShardMap | EmptyMap:
-        if shard_map.relays or any(relay is not None for relay in shard_map.assignment):
+        if shard_map.relays or shard_map.assignment.count(None) != shard_map.shards:
             return shard_map
         return EmptyMap(
             shard_map.generation, shard_map.shards, shard_map.admission, shard_map.capacity
@@ -204,6 +206,8 @@ class Runtime:
     rooms: dict[Key, RoomState] = field(default_factory=dict)
     sources: dict[str, PrometheusSource] = field(default_factory=dict)
     passes: PassScheduler[Key] = field(init=False)
+    pass_threads: ThreadPoolExecutor = field(init=False)
+    """The passes' threads: asyncio's default pool has only cores + 4."""
     poller_tick: float = field(default_factory=time.monotonic)
     """When the listener poller last started a tick (monotonic): for liveness."""
 
@@ -212,6 +216,7 @@ class Runtime:
             self._pass, workers=self.settings.workers, retry_seconds=RETRY_SECONDS
         )
         self.passes.paused = self.settings.peering is not None  # as kopf starts: paused
+        self.pass_threads = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="pass")
 
     def room(self, key: Key) -> RoomState:
         """The room's state, created on first use (call on the event loop)."""
@@ -391,6 +396,9 @@ async def stop_poller(memo: Any, **_: Any) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is not None:
+        runtime.pass_threads.shutdown(wait=False, cancel_futures=True)
 
 
 async def _follow_peering(runtime: Runtime) -> None:
@@ -630,9 +638,10 @@ async def _reconcile_once(
     holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
     try:
         with observability.time_reconcile():
-            outcome = await asyncio.to_thread(
-                reconcile_room, runtime, state, namespace, name, pods, holding, deleting
-            )
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                runtime.pass_threads,
+                reconcile_room, runtime, state, namespace, name, pods, holding, deleting,
+            )  # fmt: skip
         return outcome, False
     except Exception:
         room_logger(namespace, name).exception("reconcile failed; retrying")

@@ -166,11 +166,12 @@ def rebalance(
     live = active_set | draining_set | held_set
     owned: dict[int, list[int]] = {r: [] for r in live}
     orphans: list[int] = []
-    for shard, relay in enumerate(current.assignment):
-        if relay in owned:
-            owned[relay].append(shard)
-        else:
-            orphans.append(shard)
+    if live:
+        for shard, relay in enumerate(current.assignment):
+            if relay in owned:
+                owned[relay].append(shard)
+            else:
+                orphans.append(shard)
 
     assignment = list(current.assignment)
     load = {r: sum(map(weights.__getitem__, owned[r])) for r in owned}
@@ -227,10 +228,13 @@ def rebalance(
         moved += shed_moved
         migrated += shed_migrated
         pending = pending or shed_pending
-    else:
+    elif live:
         for shard in orphans:
             assignment[shard] = None
         moved = sum(1 for s in orphans if current.assignment[s] is not None)
+    else:  # no relay at all (most rooms, booked ahead): every shard is unassigned
+        assignment = [None] * shards
+        moved = shards - current.assignment.count(None)
 
     if shard_listeners is None and demand is None:
         admission = current.admission  # no reading: fail-static, as the relay count is
