@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -22,6 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 MIN_KEY_BYTES = 16
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+"""One encoder for every ticket: `json.dumps` with options builds a new one per call."""
 
 
 class TicketError(ValueError):
@@ -36,8 +39,16 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """The HMAC state after the key: copying it skips hashing the key's pads per ticket."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def _mac(key: bytes, payload: str) -> str:
-    return _b64(hmac.new(key, payload.encode("ascii"), hashlib.sha256).digest())
+    mac = _keyed(key).copy()
+    mac.update(payload.encode("ascii"))
+    return _b64(mac.digest())
 
 
 def check_key(key: bytes) -> bytes:
@@ -50,7 +61,7 @@ def check_key(key: bytes) -> bytes:
 def sign(key: bytes, kind: str, claims: Mapping[str, Any], *, expires: float) -> str:
     """A ticket of `kind` carrying `claims`, valid until `expires` (Unix seconds)."""
     body = {**claims, "kind": kind, "exp": round(expires, 3)}
-    payload = _b64(json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8"))
+    payload = _b64(_encode(body).encode("utf-8"))
     return f"{payload}.{_mac(check_key(key), payload)}"
 
 

@@ -83,6 +83,9 @@ class Storm:
     give_up: float = 0.05
     seed: int = 0
     until: float = 60.0
+    scrape_every: float = REFRESH
+    """How often Prometheus scrapes the replicas (their news of each other ages up to this
+    plus one refresh)."""
     events: list[tuple[float, int, str, object]] = field(default_factory=list)
 
     def run(self) -> Outcome:
@@ -123,8 +126,9 @@ class Storm:
             push(listener.arrives, "attempt", index)
         for at in self.relays_at[1:]:
             push(at, "relay", None)
+        for tick in range(int(self.until / self.scrape_every)):
+            push(tick * self.scrape_every, "scrape", None)
         for tick in range(int(self.until / REFRESH)):
-            push(tick * REFRESH, "scrape", None)
             for replica in range(self.replicas):
                 push(tick * REFRESH + 0.5 + replica * 0.1, "refresh", replica)
         if self.kill is not None:
@@ -227,6 +231,7 @@ SCENARIOS = {
     "random, a replica dies": Storm(routing="random", kill=(1, 6.0)),
     "five replicas": Storm(replicas=5),
     "one replica": Storm(replicas=1),
+    "scrapes every 2.5 s": Storm(scrape_every=2.5),
 }
 
 

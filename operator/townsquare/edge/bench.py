@@ -153,6 +153,15 @@ class Result:
     p50_ms: float
     p99_ms: float
     statuses: dict[int, int]
+    cpu_us_per_join: float
+    """The servers' own CPU time (user and system) per answered join: what a join costs,
+    whatever else the machine runs (throughput on a shared machine follows its load)."""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(
@@ -175,6 +184,7 @@ def measure(
         for port in ports:
             _wait_listening(port)
         out: multiprocessing.Queue[object] = context.Queue()
+        cpu_before = sum(_cpu_seconds(server.pid or 0) for server in servers)
         load_core = cores[-1] if replicas == 1 and len(cores) > 1 else None
         loaders = [
             context.Process(
@@ -193,6 +203,7 @@ def measure(
             latencies += part
             for code, count in codes.items():
                 statuses[code] = statuses.get(code, 0) + count
+        cpu = sum(_cpu_seconds(server.pid or 0) for server in servers) - cpu_before
         for loader in loaders:
             loader.join()
     finally:
@@ -206,6 +217,7 @@ def measure(
         p50_ms=statistics.median(latencies) * 1000,
         p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
         statuses=statuses,
+        cpu_us_per_join=cpu / max(1, len(latencies)) * 1e6,
     )
 
 
@@ -231,28 +243,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Rounds interleave the servers, so that whatever else loads the machine weighs on
     # each about equally; figures are medians over the rounds, ratios are within a round.
     rounds: list[list[Result]] = []
+    load_before = os.getloadavg()[0]
     for number in range(args.rounds):
         row = []
         for name, kind, replicas in runs:
             result = measure(name, kind, replicas, args.seconds, args.connections, args.clients)
             print(f"round {number + 1}: {name}: {result.joins_per_second:,.0f}/s "
-                  f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms", flush=True)  # fmt: skip
+                  f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms "
+                  f"{result.cpu_us_per_join:.0f} us CPU/join", flush=True)  # fmt: skip
             row.append(result)
         rounds.append(row)
     cores = len(os.sched_getaffinity(0))
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     lines = [
         "# Edge benchmark (`make bench-edge`)",
         "",
-        f"Loopback, {cores} cores shared with whatever else runs; {args.rounds} rounds of "
+        f"Loopback, {cores} cores shared with whatever else runs ({load}); {args.rounds} rounds of "
         f"{args.seconds:.0f} s per server, interleaved; {args.clients} closed-loop client "
         f"process(es) with {args.connections} keep-alive connections in all. With one "
         "server process, it and the client are pinned to one core each; with more, all "
         "processes share the cores. Every join is admitted (a room of 4,096 shards on 1,000 "
         "relays with room to spare). Medians over the rounds (min-max in brackets); the ratio "
-        "is to the trivial handler in the same round.",
+        "is to the trivial handler in the same round. CPU per join is the server processes' "
+        "own user and system time over the joins they answered (the costs of a join, which "
+        "the machine's load hardly moves, unlike joins/s).",
         "",
-        "| server | joins/s | ratio to the trivial handler | p50 ms | p99 ms |",
-        "|---|---|---|---|---|",
+        "| server | joins/s | ratio to the trivial handler | p50 ms | p99 ms "
+        "| server CPU µs/join | its ratio to the trivial handler's |",
+        "|---|---|---|---|---|---|---|",
     ]
     for index, (name, _, _) in enumerate(runs):
         mine = [row[index] for row in rounds]
@@ -260,9 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios = [row[index].joins_per_second / row[0].joins_per_second for row in rounds]
         p50 = [r.p50_ms for r in mine]
         p99 = [r.p99_ms for r in mine]
+        cpu = [r.cpu_us_per_join for r in mine]
+        costs = [row[index].cpu_us_per_join / row[0].cpu_us_per_join for row in rounds]
         lines.append(
             f"| {name} | {_spread(rates, '{:,.0f}')} | {_spread(ratios, '{:.2f}')} "
-            f"| {_spread(p50, '{:.2f}')} | {_spread(p99, '{:.1f}')} |"
+            f"| {_spread(p50, '{:.2f}')} | {_spread(p99, '{:.1f}')} "
+            f"| {_spread(cpu, '{:.0f}')} | {_spread(costs, '{:.2f}')} |"
         )
     failed = sum(c for row in rounds for r in row for s, c in r.statuses.items() if s != 200)
     lines += ["", f"Answers other than 200: {failed}."]
