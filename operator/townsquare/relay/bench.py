@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -31,8 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -111,45 +112,108 @@ async def _egress(session: aiohttp.ClientSession, metrics_port: int) -> float:
     return float(line.split()[-1])
 
 
-async def forwarding(listeners: int, seconds: float, workdir: Path) -> float:
-    """Frames one relay process sends per CPU-second, with `listeners` connected."""
+@dataclass
+class RelayUnderTest:
+    """An origin and one relay process, and the listeners connected to it so far."""
+
+    relay: subprocess.Popen[bytes]
+    key: bytes
+    generation: int
+    port: int
+    metrics_port: int
+    transports: list[asyncio.BaseTransport] = field(default_factory=list)
+    received: list[int] = field(default_factory=lambda: [0])
+    """Bytes all listeners received."""
+
+    async def connect(self, listeners: int) -> None:
+        """`listeners` more listeners, each admitted with its own ticket."""
+        loop = asyncio.get_running_loop()
+        start = len(self.transports)
+        for i in range(start, start + listeners):
+            claims = {"listener": f"l{i}", "room": "bench/r", "pod": "r-relay-0",
+                      "shard": 0, "generation": self.generation}  # fmt: skip
+            ticket = sign(self.key, "admit", claims, expires=time.time() + 600)
+            hello = control(Kind.HELLO, {"v": 1, "role": "listener", "ticket": ticket})
+            transport, _ = await loop.create_connection(
+                functools.partial(Counting, hello, self.received), HOST, self.port
+            )
+            self.transports.append(transport)
+
+
+@contextlib.asynccontextmanager
+async def relay_under_test(capacity: int, workdir: Path) -> AsyncIterator[RelayUnderTest]:
     key = secrets.token_bytes(32)
     (workdir / "key").write_bytes(key)
-    shard_map = rebalance(new_map(64, listeners * 2), active=[0], fanout=8).map
+    shard_map = rebalance(new_map(64, capacity), active=[0], fanout=8).map
     (workdir / "map.json").write_text(json.dumps(shard_map.to_dict()))
     origin_port, relay_port, metrics_port = free_port(), free_port(), free_port()
     common = ["--namespace", "bench", "--room", "r", "--ticket-key-file", str(workdir / "key"),
-              "--map-file", str(workdir / "map.json"), "--log-format", "json"]  # fmt: skip
-    origin = _spawn("origin", *common, "--port", str(origin_port), "--metrics-port", "0")
-    relay = _spawn("relay", *common, "--pod", "r-relay-0", "--origin", f"{HOST}:{origin_port}",
+              "--log-format", "json"]  # fmt: skip
+    origin = _spawn("origin", *common, "--map-file", str(workdir / "map.json"),
+                    "--port", str(origin_port), "--metrics-port", "0")  # fmt: skip
+    relay = _spawn("relay", *common, "--map-file", str(workdir / "map.json"), "--pod",
+                   "r-relay-0", "--origin", f"{HOST}:{origin_port}", "--address", HOST,
                    "--port", str(relay_port), "--metrics-port", str(metrics_port),
-                   "--capacity", str(listeners * 2))  # fmt: skip
-    loop = asyncio.get_running_loop()
-    transports = []
+                   "--capacity", str(capacity))  # fmt: skip
+    under_test = RelayUnderTest(relay, key, shard_map.generation, relay_port, metrics_port)
     try:
         await _until_port(relay_port)
-        totals = [0]
-        for i in range(listeners):
-            claims = {"listener": f"l{i}", "room": "bench/r", "pod": "r-relay-0",
-                      "shard": 0, "generation": shard_map.generation}  # fmt: skip
-            ticket = sign(key, "admit", claims, expires=time.time() + 60)
-            hello = control(Kind.HELLO, {"v": 1, "role": "listener", "ticket": ticket})
-            transport, _ = await loop.create_connection(
-                functools.partial(Counting, hello, totals), HOST, relay_port
-            )
-            transports.append(transport)
-        async with aiohttp.ClientSession() as session:
-            await asyncio.sleep(1.0)  # everyone welcomed, the stream flowing
-            sent0, cpu0 = await _egress(session, metrics_port), cpu_seconds(relay.pid)
-            await asyncio.sleep(seconds)
-            sent1, cpu1 = await _egress(session, metrics_port), cpu_seconds(relay.pid)
-        return (sent1 - sent0) / max(cpu1 - cpu0, 1e-3)
+        yield under_test
     finally:
-        for transport in transports:
+        for transport in under_test.transports:
             transport.close()
         for process in (relay, origin):
             process.terminate()
             process.wait(timeout=10)
+
+
+async def forwarding(listeners: int, seconds: float, workdir: Path) -> float:
+    """Frames one relay process sends per CPU-second, with `listeners` connected."""
+    async with relay_under_test(listeners * 2, workdir) as bench:
+        await bench.connect(listeners)
+        async with aiohttp.ClientSession() as session:
+            await asyncio.sleep(1.0)  # everyone welcomed, the stream flowing
+            sent0, cpu0 = await _egress(session, bench.metrics_port), cpu_seconds(bench.relay.pid)
+            await asyncio.sleep(seconds)
+            sent1, cpu1 = await _egress(session, bench.metrics_port), cpu_seconds(bench.relay.pid)
+        return (sent1 - sent0) / max(cpu1 - cpu0, 1e-3)
+
+
+@dataclass(frozen=True)
+class Step:
+    listeners: int
+    delivered: float
+    """Share of the frames due (listeners x 50 per second of the window) they received."""
+    relay_cores: float
+    """The relay process's CPU time over the window's wall time."""
+    load: float
+    """The machine's 1-minute load average at the end of the window."""
+
+
+DELIVERED_ENOUGH = 0.98
+
+
+async def saturation(steps: list[int], seconds: float, workdir: Path) -> list[Step]:
+    """Listeners added step by step until they no longer hear (nearly) every frame at 50
+    frames/s: the count is driven, not extrapolated. The verdict comes from the bytes the
+    listeners received; the relay's CPU share says whether the relay or the machine ran out."""
+    wire = len(frame(0, 0, bytes(FRAME_BYTES)))
+    found: list[Step] = []
+    async with relay_under_test(max(steps) * 2, workdir) as bench:
+        for listeners in steps:
+            await bench.connect(listeners - len(bench.transports))
+            await asyncio.sleep(1.5)  # everyone welcomed, the stream flowing
+            got0, cpu0, wall0 = bench.received[0], cpu_seconds(bench.relay.pid), time.monotonic()
+            await asyncio.sleep(seconds)
+            got1, cpu1, wall1 = bench.received[0], cpu_seconds(bench.relay.pid), time.monotonic()
+            due = listeners * (wall1 - wall0) / FRAME_SECONDS
+            step = Step(listeners, (got1 - got0) / wire / due, (cpu1 - cpu0) / (wall1 - wall0),
+                        os.getloadavg()[0])  # fmt: skip
+            found.append(step)
+            print(f"saturation: {step}", file=sys.stderr, flush=True)
+            if step.delivered < DELIVERED_ENOUGH:
+                break
+    return found
 
 
 class Echo(asyncio.Protocol):
@@ -274,6 +338,47 @@ class Figures:
     relay: list[float]
     echo: list[float]
     gaps: list[float]
+    steps: list[Step] = field(default_factory=list)
+
+
+def carried(steps: list[Step]) -> Step | None:
+    """The largest step whose listeners heard (nearly) every frame."""
+    return max((s for s in steps if s.delivered >= DELIVERED_ENOUGH),
+               key=lambda s: s.listeners, default=None)  # fmt: skip
+
+
+def saturation_lines(steps: list[Step]) -> list[str]:
+    if not steps:
+        return []
+    best, last = carried(steps), steps[-1]
+    if last.delivered >= DELIVERED_ENOUGH:
+        verdict = f"every step was carried, up to {last.listeners:,} listeners (the largest tried)"
+    else:
+        if last.relay_cores >= 0.9:
+            short_of = "the relay's core"
+        else:
+            short_of = f"the machine (the relay got {last.relay_cores:.2f} of a core)"
+        verdict = (
+            f"{best.listeners if best else 0:,} listeners carried; at {last.listeners:,} they "
+            f"heard {last.delivered:.1%} of the frames due, short of {short_of}"
+        )
+    rows = [
+        f"| {s.listeners:,} | {s.delivered:.1%} | {s.relay_cores:.2f} | {s.load:.1f} |"
+        for s in steps
+    ]
+    return [
+        "",
+        "## Listeners driven to saturation",
+        "",
+        "One relay process at 50 frames/s; listeners added step by step (connections held by",
+        "the benchmark process, which shares the machine) until they hear less than "
+        f"{DELIVERED_ENOUGH:.0%}",
+        "of the frames due, counted from the bytes they received. Result: " + verdict + ".",
+        "",
+        "| listeners | frames heard / due | relay CPU (cores) | load average |",
+        "| --- | --- | --- | --- |",
+        *rows,
+    ]
 
 
 def _p95(values: list[float]) -> float:
@@ -324,19 +429,22 @@ def report(figures: Figures, listeners: int, command: str) -> str:
         "the clients got back by the echo process's CPU time. Moves: listeners on two or three",
         "relays while the map adds a relay and drains it again, every 3 s; the gap is each",
         "moved listener's longest silence in that round (joins from the map and the key, no",
-        "edge).",
+        "edge). Listeners per relay divides frames per CPU-second by 50: an extrapolation;",
+        "the section below drives listeners until the relay no longer carries them.",
+        *saturation_lines(figures.steps),
     ]
     return "\n".join(lines) + "\n"
 
 
-async def run_all(listeners: int, runs: int, seconds: float) -> Figures:
+async def run_all(listeners: int, runs: int, seconds: float, steps: list[int]) -> Figures:
     relay, echo = [], []
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         for _ in range(runs):
             relay.append(await forwarding(listeners, seconds, Path(tmp)))
             echo.append(await echoing(listeners, seconds))
         gaps = await move_gaps(60, 6, Path(tmp))
-    return Figures(relay, echo, gaps)
+        driven = await saturation(steps, seconds, Path(tmp)) if steps else []
+    return Figures(relay, echo, gaps, driven)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,12 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listeners", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--saturation-steps",
+        default="500,1000,2000,3000,4000,6000",
+        help="listener counts to drive one relay through (comma-separated; empty: skip)",
+    )
     parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_port:
         serve_echo(args.echo_port)
         return 0
-    figures = uvloop.run(run_all(args.listeners, args.runs, args.seconds))
+    steps = [int(n) for n in args.saturation_steps.split(",") if n.strip()]
+    figures = uvloop.run(run_all(args.listeners, args.runs, args.seconds, steps))
     command = "make bench-relay"
     text = report(figures, args.listeners, command)
     Path(args.out).write_text(text)
