@@ -134,11 +134,18 @@ class Relays:
 
 def runs_real_relays(pods: Sequence[Mapping[str, Any]]) -> bool:
     """Whether relay pods (API objects) are real processes: the pod runner starts one for a
-    running pod with a loopback IP and an origin to pull from."""
+    running pod with a loopback IP, container args that run the reference relay, and an
+    origin on loopback to pull from."""
     for pod in pods:
         ip = (pod.get("status") or {}).get("podIP") or ""
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
-        if ip.startswith("127.") and annotations.get(ORIGIN_ANNOTATION):
+        containers = (pod.get("spec") or {}).get("containers") or [{}]
+        origin = str(annotations.get(ORIGIN_ANNOTATION) or "")
+        if (
+            ip.startswith("127.")
+            and origin.startswith("127.")
+            and list(containers[0].get("args") or [])[:1] == ["relay"]
+        ):
             return True
     return False
 

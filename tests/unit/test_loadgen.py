@@ -93,12 +93,15 @@ class NeverAdmits:
 
 
 def test_real_relays_are_told_by_a_loopback_pod_ip_and_an_origin() -> None:
-    def pod(ip: str, origin: str | None) -> dict[str, Any]:
+    def pod(ip: str, origin: str | None, args: tuple[str, ...] = ("relay",)) -> dict[str, Any]:
         annotations = {"townsquare.dev/origin": origin} if origin else {}
-        return {"metadata": {"annotations": annotations}, "status": {"podIP": ip}}
+        return {"metadata": {"annotations": annotations}, "status": {"podIP": ip},
+                "spec": {"containers": [{"name": "relay", "args": list(args)}]}}  # fmt: skip
 
-    assert runs_real_relays([pod("10.0.0.4", "127.0.0.1:7000"), pod("127.1.0.5", "o:1")])
+    assert runs_real_relays([pod("10.0.0.4", "127.0.0.1:7000"), pod("127.1.0.5", "127.0.0.1:1")])
     assert not runs_real_relays([pod("127.1.0.5", None)]), "no origin: the runner starts none"
+    assert not runs_real_relays([pod("127.1.0.5", "10.0.0.9:1")]), "the runner refuses it"
+    assert not runs_real_relays([pod("127.1.0.5", "127.0.0.1:1", ())]), "the image's own command"
     assert not runs_real_relays([pod("10.0.0.4", "127.0.0.1:7000")])
     assert not runs_real_relays([])
 
