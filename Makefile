@@ -14,7 +14,7 @@ help:
 	@echo "make demo-nodes  the same where relays wait for nodes Karpenter adds, with node headroom"
 	@echo "make test      lint, type-check, layer contracts, unit, simulation and e2e tests"
 	@echo "make unit      the fast tests only (no cluster)"
-	@echo "make bench     the policy and relay benchmarks (docs/benchmarks*.md)"
+	@echo "make bench     the policy, relay and edge benchmarks (docs/benchmarks*.md)"
 	@echo "make bench-relay  frames per core of one relay vs an echo server, gaps of moves"
 	@echo "make bench-operator  reaction time and API writes on the local cluster"
 	@echo "make bench-scale     1,000 and 10,000 rooms: start-up, RSS, CPU, writes, latency"
@@ -45,7 +45,7 @@ layers: venv
 unit: venv
 	$(RUN) pytest -m "not e2e" -q
 
-bench: venv bench-relay
+bench: venv bench-relay bench-edge
 	$(RUN) python -m townsquare.sim.bench examples/traces docs
 
 # Loopback only, no cluster: writes docs/benchmarks-relay.md.
