@@ -155,7 +155,7 @@ class Result:
     statuses: dict[int, int]
     cpu_us_per_join: float
     """The servers' own CPU time (user and system) per answered join: what a join costs,
-    whatever else the machine runs (throughput on a shared machine follows its load)."""
+    which the machine's other load moves less than it moves joins/s."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -265,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "processes share the cores. Every join is admitted (a room of 4,096 shards on 1,000 "
         "relays with room to spare). Medians over the rounds (min-max in brackets); the ratio "
         "is to the trivial handler in the same round. CPU per join is the server processes' "
-        "own user and system time over the joins they answered (the costs of a join, which "
-        "the machine's load hardly moves, unlike joins/s).",
+        "own user and system time over the joins they answered (what a join costs; the "
+        "machine's load moves it less than joins/s).",
         "",
         "| server | joins/s | ratio to the trivial handler | p50 ms | p99 ms "
         "| server CPU µs/join | its ratio to the trivial handler's |",
