@@ -52,6 +52,10 @@ def test_bad_input_gets_400_with_one_line_naming_the_field() -> None:
         json.dumps({"listener": "a", "ticket": 5}): "ticket: must be the string",
         json.dumps({"listener": "a", "ticket": "nonsense"}): "ticket: not of the form",
         json.dumps({"listener": "a" * 5000}): "body: 5,016 bytes, at most 4,096",
+        "[" * 4000: "body: nested too deeply",
+        '{"listener": "\\ud800"}': "listener: not valid UTF-8 (a lone surrogate)",
+        '{"listener": "a", "ticket": "a.\\udfff"}': "ticket: must be the string a 429 answer gave",
+        '{"listener": ' + "[" * 3000 + "}": "body: nested too deeply",
     }
 
     async def scenario(client: TestClient[Any, Any]) -> None:

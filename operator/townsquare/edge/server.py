@@ -65,6 +65,8 @@ def parse_join(body: bytes) -> tuple[str, str | None]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequestError("body: not valid JSON") from None
+    except RecursionError:
+        raise BadRequestError("body: nested too deeply (a join is one flat object)") from None
     if not isinstance(data, dict):
         raise BadRequestError('body: expected a JSON object like {"listener": "<id>"}')
     unknown = sorted(set(data) - JOIN_FIELDS)
@@ -72,7 +74,9 @@ def parse_join(body: bytes) -> tuple[str, str | None]:
         raise BadRequestError(f"body: unknown field {unknown[0]!r} (allowed: listener, ticket)")
     listener = check_id(data.get("listener"), "listener")
     ticket = data.get("ticket")
-    if ticket is not None and (not isinstance(ticket, str) or len(ticket) > MAX_BODY_BYTES):
+    if ticket is not None and (
+        not isinstance(ticket, str) or len(ticket) > MAX_BODY_BYTES or not ticket.isascii()
+    ):
         raise BadRequestError("ticket: must be the string a 429 answer gave")
     return listener, ticket
 
@@ -84,7 +88,10 @@ def check_id(value: object, field: str) -> str:
         raise BadRequestError(f"{field}: must be a string")
     if not value:
         raise BadRequestError(f"{field}: must not be empty")
-    size = len(value.encode("utf-8"))
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequestError(f"{field}: not valid UTF-8 (a lone surrogate)") from None
     if size > MAX_ID_BYTES:
         raise BadRequestError(f"{field}: {size:,} bytes, at most {MAX_ID_BYTES}")
     return value
