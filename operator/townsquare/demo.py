@@ -452,7 +452,7 @@ def run_demo(
         operator = _start_operator(namespace, prometheus.url, out_dir, env)
         cleanup.callback(operator.stop)
         # Every join goes through an edge replica; the relays check its tickets with the
-        # same key (the cluster's pod runner reads it from the Secret).
+        # same key (the relay pods mount the Secret, --relay-ticket-secret).
         env["TOWNSQUARE_TICKET_KEY"] = secrets.token_hex(16)
         edge = _start_edge(namespace, prometheus.url, edge_port, out_dir, env)
         cleanup.callback(edge.stop)

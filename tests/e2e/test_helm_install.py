@@ -352,7 +352,7 @@ def test_relays_of_a_helm_install_check_tickets_with_the_charts_key(
 ) -> None:
     """A platform team installs the chart (edge on: it has a Prometheus URL). The operator,
     with the chart's own flags, mounts the chart's ticket Secret into every relay pod; the
-    relay process that runs for the pod (the pod runner reads the Secret a pod names, as a
+    relay process that runs for the pod (the pod runner writes the pod's Secret volume, as a
     kubelet mounts it) admits a listener whose ticket the chart's key signed, and refuses
     one signed with another key."""
     import asyncio

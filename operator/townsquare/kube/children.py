@@ -19,8 +19,7 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "townsquare"
 SHARD_MAP_KEY = "shardmap.json"
 TICKET_SECRET_ANNOTATION = "townsquare.dev/ticket-secret"
-"""Names the Secret a relay's ticket key comes from (read by the local cluster's pod runner,
-which starts relay processes where a kubelet would mount it)."""
+"""Names the Secret mounted as the relay's ticket key, for on-call reading the pod."""
 ORIGIN_ANNOTATION = "townsquare.dev/origin"
 """The room's origin (HOST:PORT), set through spec.relay.podAnnotations; the relay gets it in
 $TOWNSQUARE_ORIGIN through the downward API."""
