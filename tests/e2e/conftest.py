@@ -173,8 +173,22 @@ def scaling_operator(
     process = OperatorProcess(
         kubeconfig, namespace, tmp_path / "operator.log",
         "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
-        # Relay pods mount the ticket key as they do in production (tests that run real
-        # relays create this Secret; kwok runs the others without it).
+    )  # fmt: skip
+    process.start()
+    process.wait_started()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def relay_operator(
+    kubeconfig: Path, namespace: str, crds: list[str], tmp_path: Path, prometheus: Prometheus
+) -> Iterator[OperatorProcess]:
+    """The scaling operator for rooms whose relays really run: their pods mount the ticket
+    key from the Secret `townsquare-tickets` (the test creates it), as in production."""
+    process = OperatorProcess(
+        kubeconfig, namespace, tmp_path / "operator.log",
+        "--prometheus-url", prometheus.url, "--metrics-interval", "1", "--metrics-max-age", "5",
         "--relay-ticket-secret", "townsquare-tickets",
     )  # fmt: skip
     process.start()

@@ -69,7 +69,7 @@ def test_the_loadgen_holds_real_listeners_up_to_its_cap_and_simulates_the_rest(
     namespace: str,
     kubeconfig: Path,
     prometheus: Prometheus,
-    scaling_operator: OperatorProcess,
+    relay_operator: OperatorProcess,
     tmp_path: Path,
 ) -> None:
     rooms = Rooms(api_client, namespace)

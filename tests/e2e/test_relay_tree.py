@@ -149,7 +149,7 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
     namespace: str,
     kubeconfig: Path,
     prometheus: Prometheus,
-    scaling_operator: OperatorProcess,
+    relay_operator: OperatorProcess,
     tmp_path: Path,
 ) -> None:
     began = time.monotonic()
