@@ -3,9 +3,10 @@
 It replays a trace (`t_seconds,listeners`, t relative to the room's start, optionally sped
 up). Listener i is `listener-i`; the first `wanted` of them want a relay. Each joins with
 `POST /v1/rooms/{namespace}/{room}/join` at an edge replica, retries with its queue ticket
-after `Retry-After` when it is held, asks `GET .../listeners/{id}?pod=` now and then whether
-its shard moved (and follows with the new ticket), rejoins when its relay is gone, and
-leaves when the trace falls (the last to join leave first). It places nobody itself.
+after `Retry-After` when it is held, asks `GET .../listeners/{id}?ticket=<its admit ticket>`
+now and then whether its shard moved (and follows with the new ticket), rejoins when its
+relay is gone, and leaves when the trace falls (the last to join leave first). It places
+nobody itself.
 
 It also plays the relays' side of the metric contract, since no relay process runs on the
 local cluster yet: every Ready relay pod's `audioroom_relay_listeners` counts exactly the
@@ -207,6 +208,9 @@ class Listener:
     """idle (wants to join), waiting (holds a queue ticket), connected."""
     pod: str | None = None
     ticket: str | None = None
+    """While waiting: the queue ticket that keeps its place."""
+    seat: str | None = None
+    """While connected: the admit ticket of its relay, which proves the seat to a move."""
     due: float = 0.0
     busy: bool = False
     first_attempt: float | None = None
@@ -294,6 +298,7 @@ class Audience:
         for listener in self.listeners:
             if listener.state == "connected" and listener.id in dropped:
                 listener.state, listener.pod, listener.due = "idle", None, now
+                listener.seat = None
 
     def edge_for(self, listener: Listener, now: float) -> tuple[int, str]:
         """The listener's own replica (as a load balancer hashing on it would pick), or the
@@ -359,6 +364,7 @@ class Audience:
                 listener.due = now + 1.0
                 return
             listener.state, listener.pod, listener.ticket = "connected", answer["pod"], None
+            listener.seat = answer["ticket"]
             listener.due = now + self.check_every * random.uniform(0.5, 1.5)
             self._write(
                 event="admitted",
@@ -389,7 +395,8 @@ class Audience:
 
     async def _check(self, session: aiohttp.ClientSession, edge: str, listener: Listener) -> None:
         url = edge + self._path(f"listeners/{quote(listener.id)}")
-        async with session.get(url, params={"pod": listener.pod or ""}) as response:
+        params = {"ticket": listener.seat} if listener.seat else {}
+        async with session.get(url, params=params) as response:
             answer = await response.json(content_type=None)
             status = response.status
         now = time.time()
@@ -399,7 +406,7 @@ class Audience:
         old = listener.pod or ""
         if self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
             self.relays.disconnect(listener.id, old)
-            listener.pod = answer["pod"]
+            listener.pod, listener.seat = answer["pod"], answer["ticket"]
             self.moves += 1
             self._write(
                 event="moved",

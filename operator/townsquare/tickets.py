@@ -67,6 +67,19 @@ def sign(key: bytes, kind: str, claims: Mapping[str, Any], *, expires: float) ->
 
 def verify(key: bytes, ticket: str, kind: str, *, now: float) -> dict[str, Any]:
     """The claims of a genuine, unexpired ticket of `kind`; TicketError says why not."""
+    claims = genuine(key, ticket, kind)
+    expires = claims.get("exp")
+    if not isinstance(expires, int | float) or expires < now:
+        raise TicketError("ticket: expired")
+    return claims
+
+
+def genuine(key: bytes, ticket: str, kind: str) -> dict[str, Any]:
+    """The claims of a ticket of `kind` that `key` signed, expired or not: an admit
+    ticket's expiry bounds when its listener may connect, yet it still proves, later,
+    where the edge seated it."""
+    if not ticket.isascii():
+        raise TicketError("ticket: not of the form <payload>.<mac>")
     payload, dot, mac = ticket.partition(".")
     if not dot or not payload or not mac:
         raise TicketError("ticket: not of the form <payload>.<mac>")
@@ -80,7 +93,4 @@ def verify(key: bytes, ticket: str, kind: str, *, now: float) -> dict[str, Any]:
         raise TicketError("ticket: payload is not a JSON object")
     if claims.get("kind") != kind:
         raise TicketError(f"ticket: kind {claims.get('kind')!r}, expected {kind!r}")
-    expires = claims.get("exp")
-    if not isinstance(expires, int | float) or expires < now:
-        raise TicketError("ticket: expired")
     return claims

@@ -53,6 +53,12 @@ def room_map(
     )
 
 
+def seat_at(listener: str, pod: str, *, at: float = 90.0) -> str:
+    """The admit ticket an edge gave `listener` for `pod` at `at` (expired by now=101)."""
+    claims = {"listener": listener, "room": f"{NS}/{ROOM}", "pod": pod, "shard": None}
+    return tickets.sign(KEY, "admit", {**claims, "generation": 1}, expires=at + 5.0)
+
+
 def gate_for(
     shard_map: ShardMap,
     *,
@@ -253,14 +259,16 @@ def test_moves_follow_the_map_within_the_replica_share_of_the_budget() -> None:
     room = gate.rooms[(NS, ROOM)]
     moved = listeners_of(shard_map, 1, 3)
     old_pod = f"{ROOM}-relay-0"
-    here = gate.locate(room, moved[0], f"{ROOM}-relay-1", now=101.0)
+    here = gate.locate(room, moved[0], seat_at(moved[0], f"{ROOM}-relay-1"), now=101.0)
     assert isinstance(here, Location) and not here.moved and here.ticket is None
-    answers = [gate.locate(room, listener, old_pod, now=101.0) for listener in moved]
+    answers = [
+        gate.locate(room, listener, seat_at(listener, old_pod), now=101.0) for listener in moved
+    ]
     assert isinstance(answers[0], Location) and answers[0].moved and answers[0].ticket
     assert isinstance(answers[1], Location) and answers[1].moved
     assert isinstance(answers[2], Held), "two replicas share 4 moves a minute: 2 each"
     assert "budget" in answers[2].reason
-    later = gate.locate(room, moved[2], old_pod, now=161.5)
+    later = gate.locate(room, moved[2], seat_at(moved[2], old_pod), now=161.5)
     assert isinstance(later, Location) and later.moved
 
 
@@ -433,10 +441,10 @@ def test_a_guest_goes_home_once_no_join_waits_and_within_the_budget() -> None:
     guest = listeners_of(shard_map, 0, 1, prefix="g")[0]
     other = f"{ROOM}-relay-1"
     room.wait("w", 101.0, 110.0)  # a join waits here
-    held = gate.locate(room, guest, other, now=101.0)
+    held = gate.locate(room, guest, seat_at(guest, other), now=101.0)
     assert isinstance(held, Held) and "wait for a seat" in held.reason
     room.leave("w")
-    home = gate.locate(room, guest, other, now=101.0)
+    home = gate.locate(room, guest, seat_at(guest, other), now=101.0)
     assert isinstance(home, Location) and home.moved and home.pod == f"{ROOM}-relay-0"
     assert tickets.verify(KEY, home.ticket or "", "admit", now=101.0)["shard"] == home.shard
 
@@ -447,5 +455,44 @@ def test_listeners_leave_a_draining_relay_even_while_joins_wait() -> None:
     room = gate.rooms[(NS, ROOM)]
     room.wait("w", 101.0, 110.0)
     mover = listeners_of(shard_map, 0, 1, prefix="m")[0]
-    moved = gate.locate(room, mover, f"{ROOM}-relay-1", now=101.0)
+    moved = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-1"), now=101.0)
     assert isinstance(moved, Location) and moved.moved
+
+
+def test_no_stranger_can_skip_the_queue_by_claiming_a_seat() -> None:
+    # The probe: the room queues, 10 joins wait here, and strangers ask to be "moved"
+    # off a relay they never held, or one that is not in the map at all.
+    shard_map = room_map(relays=2, capacity=100, budget=60, admission="queueing")
+    gate = gate_for(shard_map)
+    room = gate.rooms[(NS, ROOM)]
+    for i in range(10):
+        assert isinstance(gate.join(room, f"w{i}", None, now=101.0), Queued)
+    moves = 0
+    for i in range(300):
+        stranger = f"stranger-{i}"
+        answer = gate.locate(room, stranger, None, now=101.0)
+        assert isinstance(answer, Location) and not answer.moved and answer.ticket is None
+        for pod in (
+            "nonsense",
+            f"{ROOM}-relay-9",
+            f"{ROOM}-relay-{1 - shard_map.assignment[shard_of(stranger, 64)]}",
+        ):
+            with pytest.raises(tickets.TicketError):
+                gate.locate(room, stranger, pod, now=101.0)  # a bare pod name is no ticket
+        with pytest.raises(tickets.TicketError, match="another listener"):
+            gate.locate(room, stranger, seat_at("w0", f"{ROOM}-relay-0"), now=101.0)
+        with pytest.raises(tickets.TicketError, match="not in the room's map"):
+            gate.locate(room, stranger, seat_at(stranger, "nonsense"), now=101.0)
+        moves += len(room.moves)
+    assert moves == 0
+    assert len(room.waiters) == 10
+
+
+def test_a_seated_listener_off_an_active_relay_still_waits_behind_the_queue() -> None:
+    shard_map = room_map(relays=2, capacity=100, budget=60, admission="queueing")
+    gate = gate_for(shard_map)
+    room = gate.rooms[(NS, ROOM)]
+    gate.join(room, "w", None, now=101.0)
+    mover = listeners_of(shard_map, 1, 1)[0]
+    held = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-0"), now=101.0)
+    assert isinstance(held, Held) and "moves come after them" in held.reason

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
-from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map
+from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map, seat_at
 
 from townsquare.edge.admission import Gate
 from townsquare.edge.reports import Readings, parse_news, parse_reports
@@ -119,11 +119,46 @@ def test_location_and_a_moved_shard() -> None:
         assert here["pod"] == f"{ROOM}-relay-1"
         assert here["moved"] is False
         assert "ticket" not in here
-        response = await client.get(path, params={"pod": f"{ROOM}-relay-0"})
+        response = await client.get(path, params={"ticket": seat_at(listener, f"{ROOM}-relay-0")})
         moved = await response.json()
         assert moved["moved"] is True
         assert moved["relay"] == "10.0.0.2:7000"
         assert moved["ticket"]
+
+    run(gate_for(shard_map), scenario)
+
+
+def test_a_move_needs_the_listener_own_admit_ticket_and_says_which_field_is_wrong() -> None:
+    shard_map = room_map(relays=2, budget=60)
+    listener, other = listeners_of(shard_map, 1, 2)
+    old = f"{ROOM}-relay-0"
+    cases = {
+        (("pod", old),): "pod: not accepted; send ticket=",
+        (("ticket", seat_at(other, old)),): "ticket: issued to another listener or room",
+        (("ticket", seat_at(listener, f"{ROOM}-relay-7")),): "ticket: relay launch-relay-7 is not",
+        (("ticket", "nonsense"),): "ticket: not of the form",
+        (("ticket", "a.\u00e9"),): "ticket: must be the admit ticket",
+        (("ticket", seat_at(listener, old)), ("pod", old)): "pod: not accepted",
+        (("color", "red"),): "color: unknown parameter",
+    }
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        path = f"/v1/rooms/{NS}/{ROOM}/listeners/{listener}"
+        for params, message in cases.items():
+            response = await client.get(path, params=list(params))
+            text = await response.text()
+            assert response.status == 400, params
+            assert "\n" not in text.strip()
+            assert json.loads(text)["error"].startswith(message), (params, text)
+        seat = seat_at(listener, old)
+        response = await client.get(path, params={"ticket": seat})
+        moved = await response.json()
+        assert moved["moved"] is True
+        replay = await client.get(path, params={"ticket": seat})
+        assert replay.status == 400, "a spent ticket wins no second move"
+        assert (await replay.json())["error"].startswith("ticket: superseded by the move")
+        response = await client.get(path, params={"ticket": moved["ticket"]})
+        assert (await response.json())["moved"] is False, "the new ticket seats it at home"
 
     run(gate_for(shard_map), scenario)
 

@@ -88,7 +88,7 @@ class NeverAdmits:
     async def join(self, listener: str) -> Admission:
         raise NoRelayYetError("queued", 0.05)
 
-    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+    async def relocate(self, listener: str, current: Admission) -> Admission | None:
         return None
 
 

@@ -14,7 +14,7 @@ import pytest
 from relay_room import KEY, LoopbackRoom, frames_flow, tree, until
 
 from townsquare.relay.hub import RefusedError
-from townsquare.relay.listener import Listener, MapJoiner
+from townsquare.relay.listener import Admission, Listener, MapJoiner
 from townsquare.relay.metrics import serve_metrics
 from townsquare.relay.topology import FileMapSource
 from townsquare.relay.upstream import feed_ticket
@@ -195,7 +195,7 @@ def test_the_metric_contract_counts_what_the_relay_holds(tmp_path: Path) -> None
 
 def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: Path) -> None:
     class Stubborn(MapJoiner):
-        async def relocate(self, listener: str, current_pod: str) -> None:
+        async def relocate(self, listener: str, current: Admission) -> None:
             return None  # the edge holds every move
 
     async def body(room: LoopbackRoom) -> None:

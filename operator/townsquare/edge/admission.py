@@ -60,6 +60,8 @@ ones until it is)."""
 REORDER_SHARE = 0.75
 """Of a refresh interval, how far apart two joins' first attempts (as the edge saw them) may
 be and the later one still get in first."""
+TICKET_ROUNDING = 0.001
+"""Tickets carry their expiry to the millisecond."""
 LATE_RETRY_FRACTION = 0.25
 """A waiter may retry this fraction of its Retry-After late (clients add jitter) before it
 stops holding its place ahead of younger joins."""
@@ -219,6 +221,10 @@ class Room:
     heard: float | None = None
     """When the stalest news of the other replicas was sampled (None: none heard from)."""
     moves: deque[float] = field(default_factory=deque)
+    """When this replica gave each move of the last minute."""
+    movers: dict[str, float] = field(default_factory=dict)
+    """Listener -> when this replica last moved it (the last minute): an admit ticket
+    issued before that is spent, so replaying it wins no second move."""
     _seats: dict[str, int] | None = None
     """Seats this replica may still fill per usable relay (only those with any): computed
     from the reports, the map and the endpoints, kept in step with admissions."""
@@ -278,6 +284,16 @@ class Room:
                         self._seats[pod] = free
             self._seats_total = sum(self._seats.values())
         return self._seats
+
+    def forget_moves(self, now: float) -> None:
+        """Moves older than the budget's window no longer count."""
+        while self.moves and self.moves[0] <= now - MOVE_WINDOW_SECONDS:
+            self.moves.popleft()
+        if self.movers and not self.moves:
+            self.movers.clear()
+        elif len(self.movers) > len(self.moves):
+            cutoff = now - MOVE_WINDOW_SECONDS
+            self.movers = {who: at for who, at in self.movers.items() if at > cutoff}
 
     def changed(self) -> None:
         """The map, endpoints or reports changed: count the seats again when next asked."""
@@ -439,8 +455,7 @@ class Gate:
     def expire(self, now: float) -> None:
         for room in self.rooms.values():
             room.expire(now)
-            while room.moves and room.moves[0] <= now - MOVE_WINDOW_SECONDS:
-                room.moves.popleft()
+            room.forget_moves(now)
 
     # Decisions.
 
@@ -497,10 +512,17 @@ class Gate:
         why = room.unusable(home, self.settings) or f"relay {home} is full"
         return f"{why}, and no other relay has room"
 
-    def locate(self, room: Room, listener: str, current: str | None, now: float) -> Location | Held:
-        """Where the listener's relay is; when it is elsewhere than `current` (its shard
-        moved, or it is a guest there), a ticket for it, within the migration budget and
-        the relay's room, once no join waits here (unless `current` drains)."""
+    def locate(self, room: Room, listener: str, seat: str | None, now: float) -> Location | Held:
+        """Where the listener's relay is; when it holds a seat elsewhere (its shard moved,
+        or it is a guest there), a ticket for its relay, within the migration budget and
+        the relay's room, once no join waits here (unless its seat's relay drains).
+
+        `seat` is the listener's latest admit ticket: the only proof of where it sits, so
+        a move cannot be had by naming a relay. A forged ticket, one for another listener
+        or room, one superseded by a move this replica gave, or one whose relay left the
+        map raises TicketError (the caller answers 400); an expired one still proves the
+        seat, since listeners stay long after they connected."""
+        current = None if seat is None else self._seated_at(room, listener, seat)
         shard, pod = room.target(listener)
         generation = room.shard_map.generation
         retry = max(1, math.ceil(self.settings.retry_after))
@@ -518,16 +540,35 @@ class Gate:
             reason = f"{len(room.waiters)} joins wait for a seat; moves come after them"
         budget = room.shard_map.migrations_per_minute
         if reason is None and budget is not None:
-            while room.moves and room.moves[0] <= now - MOVE_WINDOW_SECONDS:
-                room.moves.popleft()
+            room.forget_moves(now)
             if len(room.moves) >= budget // self.settings.replicas:
                 reason = f"the migration budget ({budget:,}/min) is spent; stay on {current}"
         if reason is not None:
             return Held(reason, retry)
         room.admit(pod, now)
+        room.forget_moves(now)
         room.moves.append(now)
+        room.movers[listener] = now
         ticket = self._admit_ticket(room, listener, shard, pod, now)
         return Location(relay, pod, shard, generation, moved=True, ticket=ticket)
+
+    def _seated_at(self, room: Room, listener: str, seat: str) -> str:
+        """The pod a genuine admit ticket of this listener seats it at, or TicketError."""
+        claims = tickets.genuine(self.key, seat, "admit")
+        if claims.get("listener") != listener or claims.get("room") != room.key:
+            raise tickets.TicketError("ticket: issued to another listener or room")
+        pod = claims.get("pod")
+        if not isinstance(pod, str) or _ordinal(pod) not in room.shard_map.relays:
+            raise tickets.TicketError(
+                f"ticket: relay {pod} is not in the room's map any more; join again"
+            )
+        moved = room.movers.get(listener)
+        issued = float(claims.get("exp", 0)) - self.settings.admit_ttl
+        if moved is not None and issued < moved - TICKET_ROUNDING:
+            raise tickets.TicketError(
+                "ticket: superseded by the move this edge gave; send the newest admit ticket"
+            )
+        return pod
 
     def _first_attempt(self, room: Room, listener: str, ticket: str, now: float) -> float:
         try:
@@ -588,10 +629,14 @@ class Gate:
                 yield room, line_of(room.queue)
 
 
+def _ordinal(pod: str) -> int | None:
+    try:
+        return int(pod.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def _drains(room: Room, pod: str) -> bool:
     """The pod is leaving: marked draining, or gone from the map."""
-    try:
-        ordinal = int(pod.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return True
-    return room.shard_map.relays.get(ordinal) != "active"
+    ordinal = _ordinal(pod)
+    return ordinal is None or room.shard_map.relays.get(ordinal) != "active"

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,21 @@ def parse_join(body: bytes) -> tuple[str, str | None]:
     ):
         raise BadRequestError("ticket: must be the string a 429 answer gave")
     return listener, ticket
+
+
+def parse_seat(query: Mapping[str, str]) -> str | None:
+    """The admit ticket a location request proves its seat with (None: just asking)."""
+    unknown = sorted(set(query) - {"ticket"})
+    if unknown == ["pod"]:
+        raise BadRequestError(
+            "pod: not accepted; send ticket=<your latest admit ticket> to prove your seat"
+        )
+    if unknown:
+        raise BadRequestError(f"{unknown[0]}: unknown parameter (allowed: ticket)")
+    seat = query.get("ticket")
+    if seat is not None and (not seat or len(seat) > MAX_BODY_BYTES or not seat.isascii()):
+        raise BadRequestError("ticket: must be the admit ticket a join or a move gave")
+    return seat
 
 
 def check_id(value: object, field: str) -> str:
@@ -269,9 +284,7 @@ class Edge:
     async def locate(self, request: web.Request) -> web.Response:
         try:
             listener = check_id(request.match_info["id"], "id")
-            current = request.query.get("pod")
-            if current is not None:
-                check_id(current, "pod")
+            seat = parse_seat(request.query)
         except BadRequestError as error:
             self.outcomes["bad_request"].inc()
             return _error(400, str(error))
@@ -280,7 +293,11 @@ class Edge:
             self.outcomes["unknown_room"].inc()
             info = request.match_info
             return _error(404, f"room {info['namespace']}/{info['room']}: unknown (no shard map)")
-        answer = self.gate.locate(room, listener, current, self.clock())
+        try:
+            answer = self.gate.locate(room, listener, seat, self.clock())
+        except tickets.TicketError as error:
+            self.outcomes["bad_request"].inc()
+            return _error(400, str(error))
         if isinstance(answer, Held):
             self.outcomes["held"].inc()
             return _json(429, {"error": answer.reason}, {"Retry-After": str(answer.retry_after)})

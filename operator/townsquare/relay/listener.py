@@ -50,8 +50,9 @@ class NoRelayYetError(Exception):
 class Joiner(Protocol):
     async def join(self, listener: str) -> Admission: ...
 
-    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
-        """Where to go now that the current relay asked us to move; None: stay for now."""
+    async def relocate(self, listener: str, current: Admission) -> Admission | None:
+        """Where to go now that the current relay asked us to move; None: stay for now.
+        `current` is the admission the listener holds: its ticket proves its seat."""
         ...
 
 
@@ -161,7 +162,7 @@ class Listener:
     async def _relocate(self, session: _Session) -> _Session:
         """Connect to the relay the joiner names; leave the old one once welcomed there."""
         try:
-            admission = await self.joiner.relocate(self.name, session.admission.pod)
+            admission = await self.joiner.relocate(self.name, session.admission)
             if admission is None:
                 return session  # held: the relay will ask again
             new = await self._connect(admission)
@@ -323,12 +324,12 @@ class MapJoiner:
         ticket = sign(self.key, "admit", claims, expires=time.time() + self.ticket_seconds)
         return Admission(address[0], address[1], ticket, pod)
 
-    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+    async def relocate(self, listener: str, current: Admission) -> Admission | None:
         try:
             admission = await self.join(listener)
         except NoRelayYetError:
             return None
-        return None if admission.pod == current_pod else admission
+        return None if admission.pod == current.pod else admission
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -364,9 +365,9 @@ class EdgeJoiner:
         host, port = split_address(answer["relay"])
         return Admission(host, port, answer["ticket"], answer["pod"])
 
-    async def relocate(self, listener: str, current_pod: str) -> Admission | None:
+    async def relocate(self, listener: str, current: Admission) -> Admission | None:
         url = f"{self.base}/listeners/{quote(listener)}"
-        async with self.session.get(url, params={"pod": current_pod}) as response:
+        async with self.session.get(url, params={"ticket": current.ticket}) as response:
             if response.status != 200:
                 return None
             answer = await response.json()
