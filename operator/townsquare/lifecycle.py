@@ -36,7 +36,7 @@ from townsquare.api.names import shard_map_name
 from townsquare.api.types import format_duration
 from townsquare.planning import Plan, capacity_of, plan_room
 from townsquare.policy import TenantPolicy, violations
-from townsquare.rollout import RolloutStep, plan_rollout
+from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout
 from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
 from townsquare.sharding import ShardMap, new_map, rebalance, shard_listeners_from_relays
 
@@ -149,10 +149,16 @@ def occurrence_start(spec: AudioRoomSpec, now: datetime, previous: AudioRoomStat
 
     Without a schedule that is `startTime`. With one, it is the first cron time, not before
     `startTime`, whose drain is not over yet, skipping the occurrence the room last ended.
+    An occurrence that has begun is kept until the room records it Ended, even past its
+    drain deadline: every occurrence ends (relays gone, an Ended Event) before the next is
+    armed afresh.
     """
     schedule = spec.schedule
     if schedule is None:
         return spec.start_time
+    current = previous.plan.start_time if previous.plan else None
+    if current is not None and previous.phase not in (None, "Ended") and current <= now:
+        return current
     earliest = max(spec.start_time, now - spec.duration - spec.scaling.drain_timeout)
     finished = previous.plan.start_time if previous.plan and previous.phase == "Ended" else None
     if finished is not None and finished >= earliest:
@@ -567,12 +573,11 @@ def _roll(
     before = {d.ordinal: d.since for d in previous.rollout.draining} if previous.rollout else {}
     held = _surge_of(previous)
     if not seen.outdated_ordinals and not before and not held:
+        _held_condition(spec, None, accepting, None, draft)
         return None
     metrics = seen.metrics
     known = metrics is not None and metrics.listeners is not None
     demand = _rollout_demand(spec, seen, decision)
-    if metrics is None:  # no Prometheus at all: nothing to wait for, each drain takes its timeout
-        demand = 0.0
     step = plan_rollout(
         accepting=accepting,
         ready=seen.ready_set(),
@@ -589,6 +594,7 @@ def _roll(
         max_relays=spec.scaling.max_relays,
     )
     outdated = len(seen.outdated_ordinals)
+    _held_condition(spec, step, accepting, demand, draft)
     added = [o for o in step.surge if o not in held]
     if added:
         draft.event(
@@ -628,12 +634,38 @@ def _roll(
     return step
 
 
+def _held_condition(
+    spec: AudioRoomSpec,
+    step: RolloutStep | None,
+    accepting: int,
+    demand: float | None,
+    draft: _Draft,
+) -> None:
+    """RolloutHeld: outdated relays wait because the room has no relay to spare and may add
+    none. The operator cannot fix that itself, so it says so once, with the numbers."""
+    if step is not None and step.held_by_capacity:
+        message = (
+            f"{len(draft.seen.outdated_ordinals):,} outdated relays wait: the {accepting:,} "
+            f"relays serving are needed for {demand or 0:,.0f} listeners (at "
+            f"{ROLLOUT_FILL:.0%} of {spec.relay.listeners_per_relay:,} each) and maxRelays "
+            f"({spec.scaling.max_relays:,}) leaves no room for an extra relay; raise maxRelays "
+            "or the rollout goes on when the audience falls"
+        )
+        if draft.condition("RolloutHeld", "True", "NoSpareCapacity", message) != "True":
+            draft.event(WARNING, "RolloutHeld", message)
+    elif any(c.type == "RolloutHeld" and c.status == "True" for c in draft.conditions):
+        draft.condition("RolloutHeld", "False", "RollingOut", "the rollout is not held")
+
+
 def _rollout_demand(spec: AudioRoomSpec, seen: Observed, decision: Decision) -> float | None:
     """Listeners the relays left serving must carry while others drain: those read (or
     forecast), and no fewer than the scaling policy still keeps relays for, by the plan floor
     or within its scale-down window. A rollout drain is a brief scale-down: one low reading
-    must not open it."""
+    must not open it. Without Prometheus the declared audience stands for the reading (each
+    drain then takes its timeout, as no count will show it empty)."""
     read = decision.forecast if decision.forecast is not None else _demand(seen)
+    if seen.metrics is None:
+        read = spec.expected_audience
     if read is None:
         return None
     kept = max([decision.floor, *(relays for _, relays in decision.state.targets)])

@@ -13,7 +13,13 @@ with the new template. Three limits hold throughout:
   (new ones come with the new template), never beyond `maxRelays`, and drains them again,
   like any scale-down, once no outdated relay is left;
 - at most `maxSurge` relays are in flight at once: draining for the rollout, deleted and
-  not Ready again, or added and not Ready yet.
+  not Ready again, or added and not Ready yet. An outdated relay that is not Ready is out
+  of service already (crash-looping, or a bad template rolled out and then reverted): it
+  is replaced at once when no listener is counted on it, and drained otherwise, without
+  waiting for a slot, so such relays never hold a rollout (or its rollback) for ever.
+
+A drained relay is replaced once a sample taken after its drain began counts 0 listeners on
+it; a relay without a count is not taken for empty: only the drain timeout replaces it.
 """
 
 from __future__ import annotations
@@ -79,25 +85,45 @@ def plan_rollout(
     `accepting` the previous step held (see `RolloutStep.surge`); `max_relays` caps them.
     """
     still = {o: since for o, since in draining.items() if o in outdated and o < accepting}
+
+    def count(ordinal: int) -> int | None:
+        """The relay's listeners by the sample, None when unknown (no sample, no series)."""
+        if relay_listeners is None or sampled_at is None:
+            return None
+        return relay_listeners.get(ordinal)
+
+    def known_empty(ordinal: int) -> bool:
+        listeners = count(ordinal)
+        return listeners is not None and listeners <= 0
+
     empty = {
         o
         for o, since in still.items()
-        if relay_listeners is not None
-        and sampled_at is not None
-        and sampled_at > since
-        and relay_listeners.get(o, 0) <= 0
+        if sampled_at is not None and sampled_at > since and known_empty(o)
     }
     expired = {o for o, since in still.items() if now - since >= drain_timeout}
-    replace = sorted(empty | expired)
+    # An outdated relay that is not Ready takes no joins (crash-looping, or a bad template
+    # rolled out and then reverted): waiting for it to be Ready would hold the rollout and
+    # its slots for ever. When a fresh sample gives it no listeners it carries nobody (the
+    # shard map has already moved its shards, as for any relay gone), so it is replaced at
+    # once; still reporting listeners (a readiness blip), or with no sample at all, it
+    # drains like the others, without waiting for a slot: it is out of service anyway.
+    stuck = sorted(o for o in outdated if o < accepting and o not in ready and o not in still)
+    sampled = relay_listeners is not None and sampled_at is not None
+    broken = {o for o in stuck if sampled and (relay_listeners or {}).get(o, 0) <= 0}
+    replace = sorted(empty | expired | broken)
     for ordinal in replace:
-        still.pop(ordinal)
+        still.pop(ordinal, None)
+    blipped = tuple(o for o in stuck if o not in broken)
+    for ordinal in blipped:
+        still[ordinal] = now
     candidates = sorted(
         (
             o
             for o in outdated
             if o < accepting and o in ready and o not in still and o not in replace
         ),
-        key=lambda o: ((relay_listeners or {}).get(o, 0), o),
+        key=lambda o: (count(o) or 0, o),
     )
     # Extra relays stay until every relay they stood in for is back Ready.
     back = ready.issuperset(range(accepting))
@@ -105,9 +131,9 @@ def plan_rollout(
     need = None if demand is None else relays_for_demand(demand, capacity)
     extra = _surge(accepting, surge, need, max_surge, max_relays, unfinished)
     serving_range = range(accepting + extra)
-    starting = sum(1 for o in serving_range if o not in ready)
-    in_flight = len(still) + len(replace) + starting
-    serving = sum(1 for o in serving_range if o in ready and o not in still and o not in replace)
+    out = set(still) | set(replace) | {o for o in serving_range if o not in ready}
+    in_flight = len(out)
+    serving = sum(1 for o in serving_range if o not in out)
     spare = 0 if need is None else serving - need
     slots = max(0, min(max_surge - in_flight, spare))
     started = candidates[:slots]
@@ -117,7 +143,7 @@ def plan_rollout(
         draining=tuple(sorted(still.items())),
         replace=tuple(replace),
         timed_out=tuple(sorted(expired - empty)),
-        started=tuple(started),
+        started=(*blipped, *started),
         held_by_capacity=bool(candidates) and spare <= 0 and max_surge > in_flight,
         surge=tuple(range(accepting, accepting + extra)),
     )

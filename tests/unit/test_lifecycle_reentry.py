@@ -373,6 +373,48 @@ def test_the_shipped_weekly_townhall_recurs_every_thursday() -> None:
     assert summer == datetime(2027, 6, 3, 15, 0, tzinfo=UTC), "17:00 CEST"
 
 
+def test_a_weekly_occurrence_whose_drain_times_out_ends_before_the_next_is_armed() -> None:
+    """Listeners linger to the drain deadline of the shipped weekly townhall. The old code
+    moved on to next week by the clock alone 15 s later: Scheduled with 4 relays (above
+    minRelays), the last occurrence's peak kept, no Ended Event, a second DrainTimedOut."""
+    from pathlib import Path
+
+    from townsquare.api.manifest import parse_room
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "weekly-townhall.yaml"
+    spec = parse_room(example.read_text()).spec
+    start = occurrence_start(spec, datetime(2026, 11, 1, tzinfo=UTC), AudioRoomStatus())
+    end = start + spec.duration
+    deadline = end + spec.scaling.drain_timeout
+    crowd = {0: 900, 1: 900, 2: 900, 3: 900}
+    status = AudioRoomStatus()
+    outcome = None
+    for at in (start + timedelta(minutes=5), end + timedelta(seconds=30), deadline):
+        outcome = reconcile("r", spec, status, seen(at, 4, metrics=counted(3600, at, crowd)))
+        status = outcome.status
+    assert outcome is not None and outcome.status.phase == "Draining"
+    assert outcome.desired_relays == 0 and "DrainTimedOut" in reasons(outcome)
+    going = deadline + timedelta(seconds=15)  # the relay pods are still on their way out
+    outcome = reconcile("r", spec, status, seen(going, 4, metrics=counted(3600, going, crowd)))
+    assert outcome.status.phase == "Draining", "this occurrence is not over yet"
+    assert outcome.desired_relays == 0
+    assert "DrainTimedOut" not in reasons(outcome) and "Replanned" not in reasons(outcome)
+    gone = going + timedelta(seconds=15)
+    ended = reconcile("r", spec, outcome.status, seen(gone, 0))
+    assert ended.status.phase == "Ended"
+    assert "Ended" in reasons(ended)
+    assert ended.status.plan is not None and ended.status.plan.start_time == start
+    rearm_at = ended.wake_at
+    assert rearm_at is not None and rearm_at <= gone + timedelta(minutes=1)
+    rearmed = reconcile("r", spec, ended.status, seen(rearm_at, 0))
+    assert rearmed.status.phase == "Scheduled"
+    assert rearmed.desired_relays == spec.scaling.min_relays
+    assert rearmed.status.plan is not None
+    assert rearmed.status.plan.start_time == start + timedelta(days=7)
+    assert rearmed.scaling_state.peak == 0, "the last occurrence's audience is forgotten"
+    assert "Replanned" in reasons(rearmed) and "DrainTimedOut" not in reasons(rearmed)
+
+
 def test_a_room_deleted_before_its_start_without_any_count_goes_at_once() -> None:
     spec = room()
     at = START - timedelta(hours=2)
@@ -461,3 +503,77 @@ def test_one_low_reading_opens_no_rollout_drain_the_recent_demand_forbids() -> N
     assert changed.status.rollout is not None
     assert changed.status.rollout.draining == [], "no drain on one low reading"
     assert changed.status.rollout.surge == [6, 7]
+
+
+def rolling(
+    spec: AudioRoomSpec, previous: Outcome, now: datetime, ready: set[int], outdated: set[int],
+    by_relay: dict[int, int] | None,
+) -> Outcome:  # fmt: skip
+    """A pass of a room whose relay template changed to v2; by_relay None: no Prometheus."""
+    metrics = None if by_relay is None else counted(sum(by_relay.values()), now, by_relay)
+    return reconcile(
+        "r", spec, previous.status,
+        seen(now, len(ready), ready_ordinals=frozenset(ready), revision="v2",
+             outdated_ordinals=frozenset(outdated), existing_relays=previous.desired_relays,
+             metrics=metrics),
+        previous.scaling_state, previous.shard_map, now - timedelta(seconds=5),
+    )  # fmt: skip
+
+
+def test_a_rollback_replaces_outdated_relays_that_never_became_ready() -> None:
+    """A bad image reached relays 4 and 5, which crash-loop; the template is reverted, so
+    they are the outdated ones. The old code waited for them to be Ready: over 11 passes
+    nothing was drained or replaced and no Event said why."""
+    spec = room(expectedAudience=400, scaling={"minRelays": 6, "maxRelays": 6})
+    at = START + timedelta(minutes=10)
+    four = {0: 100, 1: 100, 2: 100, 3: 100}
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 4, metrics=counted(400, at, four)))
+    assert live.desired_relays == 6
+    outcome = rolling(spec, live, at + timedelta(seconds=10), set(range(4)), {4, 5}, four)
+    assert outcome.replace_relays == (4, 5)
+    assert outcome.desired_relays == 6
+    replaced = next(e for e in outcome.events if e.reason == "RelaysReplaced")
+    assert "4, 5" in replaced.message
+
+
+def test_without_prometheus_a_rollout_keeps_the_declared_audience_s_relays() -> None:
+    """No Prometheus: the declared 7,000 listeners stand for the reading. The old code took
+    the demand for 0 and drained maxSurge (4) of the 10 relays at once: 6 left for 7,000."""
+    spec = room(scaling={"maxRelays": 10}, rollout={"maxSurge": 4})
+    at = START + timedelta(minutes=10)
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 10))
+    assert live.desired_relays == 10
+    outcome = rolling(spec, live, at + timedelta(seconds=10), set(range(10)), set(range(10)), None)
+    assert outcome.status.rollout is not None
+    draining = len(outcome.status.rollout.draining)
+    assert draining >= 1, "the rollout still goes on, blind"
+    accepting = [o for o, state in outcome.shard_map.relays.items() if state == "active"]
+    assert len(accepting) * 1000 >= 7000, "the relays left taking joins carry the audience"
+    assert draining == 2
+
+
+def test_a_rollout_held_at_max_relays_says_so_once() -> None:
+    spec = room(
+        expectedAudience=5000,
+        scaling={"targetUtilization": 0.9, "maxRelays": 6, "planHold": "1h"},
+    )
+    at = START + timedelta(minutes=10)
+    full = dict.fromkeys(range(6), 900)
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 6, metrics=counted(5400, at, full)))
+    held = rolling(spec, live, at + timedelta(seconds=10), set(range(6)), set(range(6)), full)
+    assert held.status.rollout is not None and held.status.rollout.draining == []
+    warning = next(e for e in held.events if e.reason == "RolloutHeld")
+    assert warning.type == "Warning"
+    assert "6 outdated relays" in warning.message and "maxRelays (6)" in warning.message
+    condition = next(c for c in held.status.conditions if c.type == "RolloutHeld")
+    assert (condition.status, condition.reason) == ("True", "NoSpareCapacity")
+    again = rolling(spec, held, at + timedelta(seconds=20), set(range(6)), set(range(6)), full)
+    assert "RolloutHeld" not in reasons(again), "said once while it lasts"
+    raised = room(
+        expectedAudience=5000,
+        scaling={"targetUtilization": 0.9, "maxRelays": 8, "planHold": "1h"},
+    )  # as the Event advises
+    freed = rolling(raised, again, at + timedelta(seconds=30), set(range(6)), set(range(6)), full)
+    condition = next(c for c in freed.status.conditions if c.type == "RolloutHeld")
+    assert condition.status == "False"
+    assert freed.status.rollout is not None and freed.status.rollout.surge == [6, 7]

@@ -127,6 +127,63 @@ def test_nothing_new_is_drained_blind() -> None:
 def test_relays_starting_count_against_max_surge() -> None:
     restarting = step(ready=frozenset({2, 3, 4, 5}), outdated=frozenset({2, 3, 4, 5}))
     assert restarting.started == ()
+    one_back = step(ready=frozenset({1, 2, 3, 4, 5}), outdated=frozenset({2, 3, 4, 5}))
+    assert len(one_back.started) == 1, "relay 0 still starts: one slot of two is left"
+
+
+FOUR_CARRY = {0: 100, 1: 100, 2: 100, 3: 100}
+"""Relays 0-3 Ready with 100 listeners each; 4 and 5 report nobody."""
+
+
+def test_outdated_relays_that_never_become_ready_are_replaced_at_once() -> None:
+    """A bad image rolled out to 4 and 5, then reverted: they crash-loop on the old template.
+    They carry nobody, so they are replaced now, without a slot (the old code waited for
+    them to be Ready, and held both maxSurge slots with them for ever)."""
+    reverted = step(
+        ready=frozenset(range(4)), outdated=frozenset({4, 5}),
+        relay_listeners=FOUR_CARRY, demand=400.0,
+    )  # fmt: skip
+    assert reverted.replace == (4, 5)
+    assert reverted.timed_out == ()
+    zero = step(
+        ready=frozenset(range(4)), outdated=frozenset({4, 5}),
+        relay_listeners={**FOUR_CARRY, 4: 0, 5: 0}, demand=400.0, max_surge=1,
+    )  # fmt: skip
+    assert zero.replace == (4, 5), "not gated by maxSurge: they are out of service already"
+
+
+def test_an_outdated_relay_not_ready_but_still_carrying_listeners_drains_first() -> None:
+    blip = step(
+        ready=frozenset(range(4)), outdated=frozenset({4, 5}),
+        relay_listeners={**FOUR_CARRY, 4: 80}, demand=480.0,
+    )  # fmt: skip
+    assert blip.replace == (5,)
+    assert [o for o, _ in blip.draining] == [4], "its listeners leave before it is replaced"
+    blind = step(
+        ready=frozenset(range(4)), outdated=frozenset({4, 5}),
+        relay_listeners=None, sampled_at=None, demand=None,
+    )  # fmt: skip
+    assert blind.replace == (), "no count at all: only the drain timeout replaces"
+    assert [o for o, _ in blind.draining] == [4, 5]
+    later = step(
+        ready=frozenset(range(4)), outdated=frozenset({4, 5}), draining=dict(blind.draining),
+        relay_listeners=None, sampled_at=None, demand=None, now=NOW + TIMEOUT,
+    )  # fmt: skip
+    assert later.replace == (4, 5)
+
+
+def test_a_draining_relay_without_a_count_is_not_taken_for_empty() -> None:
+    """Relay 0 drains and turns not Ready; its series is gone. Its listeners are unknown,
+    not zero: it stays until a count says 0 or the drain times out."""
+    since = NOW - timedelta(seconds=30)
+    others = dict.fromkeys(range(1, 6), 300)
+    unknown = step(draining={0: since}, ready=frozenset(range(1, 6)), relay_listeners=others)
+    assert unknown.replace == ()
+    assert 0 in dict(unknown.draining)
+    counted = step(
+        draining={0: since}, ready=frozenset(range(1, 6)), relay_listeners={**others, 0: 0}
+    )
+    assert counted.replace == (0,)
 
 
 def test_relays_leaving_by_scale_down_are_not_replaced() -> None:
@@ -147,23 +204,35 @@ def test_a_relay_back_with_the_new_template_leaves_the_rollout() -> None:
     room=st.integers(min_value=0, max_value=6),
     demand=st.integers(min_value=0, max_value=30_000),
     loads=st.lists(st.integers(min_value=0, max_value=1000), min_size=40, max_size=40),
-)
+    broken=st.dictionaries(
+        st.integers(min_value=0, max_value=29), st.sampled_from(["no series", "0", "blip"]),
+        max_size=6,
+    ),
+)  # fmt: skip
 def test_a_whole_rollout_never_exceeds_max_surge_nor_goes_below_demand(
-    relays: int, surge: int, room: int, demand: int, loads: list[int]
+    relays: int, surge: int, room: int, demand: int, loads: list[int], broken: dict[int, str]
 ) -> None:
     """Play a rollout to its end: listeners leave a drained relay within a pass, a new
-    relay is Ready a pass after it was created, an extra relay let go drains and goes."""
+    relay is Ready a pass after it was created, an extra relay let go drains and goes.
+    `broken` outdated relays are not Ready and never will be until replaced (crash-looping):
+    with no series, reporting 0, or still carrying listeners after a readiness blip."""
     max_relays = relays + room
     need = math.ceil(demand / 900 - 1e-9)
     outdated = set(range(relays))
     existing = set(range(relays))
+    broken = {o: kind for o, kind in broken.items() if o < relays}
+    down = len(broken)
     draining: dict[int, datetime] = {}
     starting: set[int] = set()
     held = 0
     now = NOW
-    for _ in range(4 * relays + 8):
-        ready = frozenset(existing - starting)
-        listeners = {o: 0 if o in draining else loads[o % 40] for o in existing}
+    for turn in range(4 * relays + 8):
+        ready = frozenset(existing - starting - set(broken))
+        listeners = {
+            o: 0 if o in draining or broken.get(o) == "0" else loads[o % 40]
+            for o in existing
+            if broken.get(o) != "no series"
+        }
         result = plan_rollout(
             accepting=relays, ready=ready, outdated=frozenset(outdated), draining=draining,
             relay_listeners=listeners, sampled_at=now, demand=float(demand), capacity=1000,
@@ -174,18 +243,23 @@ def test_a_whole_rollout_never_exceeds_max_surge_nor_goes_below_demand(
         assert len(result.surge) <= surge
         counted = range(relays + len(result.surge))
         not_ready = {o for o in counted if o not in ready}
-        out = len(result.draining) + len(result.replace) + len(not_ready)
-        assert out <= surge, "at most maxSurge relays in flight"
-        serving = sum(
-            1 for o in counted if o in ready and o not in dict(result.draining)
-            and o not in result.replace
-        )  # fmt: skip
-        assert serving >= min(need, relays), "never below what the audience needs"
-        if result.started:
+        leaving = set(dict(result.draining)) | set(result.replace)
+        taken = leaving & ready
+        assert len(taken) <= surge, "at most maxSurge serving relays taken out"
+        if set(result.started) & ready:
+            assert len(leaving | not_ready) <= surge, "a drain starts only within maxSurge"
+        if turn == 0:
+            assert set(broken) <= leaving, "a relay never Ready again is not waited for"
+            assert {o for o, kind in broken.items() if kind != "blip"} <= set(result.replace)
+        serving = sum(1 for o in counted if o in ready and o not in leaving)
+        assert serving >= min(need, relays - down), "never below what the audience needs"
+        if set(result.started) & ready:
             assert serving * 1000 * 0.9 >= demand
         for ordinal in result.replace:
-            assert listeners[ordinal] == 0 or ordinal in result.timed_out
+            reported = listeners.get(ordinal, None if ordinal in ready else 0)  # down: no one
+            assert reported == 0 or ordinal in result.timed_out
             outdated.discard(ordinal)
+            broken.pop(ordinal, None)
         added = set(result.surge) - existing
         existing = (existing & set(range(relays))) | set(result.surge)
         starting = set(result.replace) | added  # back Ready, new, by the next pass
