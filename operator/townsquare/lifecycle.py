@@ -38,7 +38,14 @@ from townsquare.planning import Plan, capacity_of, plan_room
 from townsquare.policy import TenantPolicy, violations
 from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout
 from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
-from townsquare.sharding import ShardMap, new_map, rebalance, shard_listeners_from_relays
+from townsquare.sharding import (
+    ShardMap,
+    moved_share,
+    new_map,
+    rebalance,
+    resize,
+    shard_listeners_from_relays,
+)
 
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -534,24 +541,27 @@ def _refuse(
 def _fit_map(current: ShardMap, spec: AudioRoomSpec, was: Phase | None, draft: _Draft) -> ShardMap:
     """The live map with the spec's relay capacity and shard count.
 
-    A new shard count keeps each relay's share: shard s of n takes the relay of old shard
-    s * old_n // n, so relays keep their load and the edge moves listeners gradually.
+    A new shard count keeps each relay's share and moves as few listeners as the hash allows
+    (`resize`): none for a multiple of the old count, none for a divisor whose merging
+    shards shared a relay (as after a doubling); the relays send any moved listeners to the
+    edge at the migration budget.
     """
     capacity, shards = spec.relay.listeners_per_relay, spec.sharding.shards
     if (current.capacity, current.shards) == (capacity, shards):
         return current
     old = current.shards
-    assignment = (
-        current.assignment
-        if old == shards
-        else tuple(current.assignment[s * old // shards] for s in range(shards))
-    )
+    assignment = resize(current.assignment, shards)
     if current.generation > 0:  # a published map changes under the edge: say so
         changes = []
         if current.capacity != capacity:
             changes.append(f"capacity {current.capacity:,} -> {capacity:,} listeners per relay")
         if old != shards:
-            changes.append(f"shards {old:,} -> {shards:,}")
+            share = moved_share(current.assignment, assignment)
+            moving = f"{share:.0%} of listeners change relay"
+            if share:
+                budget = spec.sharding.max_migrations_per_minute
+                moving += f", sent to the edge at up to {budget:,} a minute"
+            changes.append(f"shards {old:,} -> {shards:,}: {moving}")
         draft.event(NORMAL, "ShardMapChanged", "; ".join(changes))
     return replace(
         current,

@@ -115,6 +115,52 @@ def new_map(shards: int, capacity: int, migrations_per_minute: int | None = None
     return ShardMap(0, (None,) * shards, {}, {}, "open", capacity, migrations_per_minute)
 
 
+def resize(assignment: Sequence[int | None], shards: int) -> tuple[int | None, ...]:
+    """The assignment for a new shard count that moves the fewest listeners it can.
+
+    A listener's shard is its hash modulo the count, so under `shards` new shard s gathers,
+    in equal parts, the old shards congruent to s modulo g = gcd(old, new). Within each such
+    class the new shards go to the relays that held the class's old shards, in proportion
+    to how many each held (largest remainder), so every relay keeps about its share of the
+    map. A multiple of the old count moves nobody (new shard s is old shard
+    s % old); a divisor moves nobody whose old shards of a class shared a relay (a single
+    new shard takes the relay holding most of them). Other counts move listeners: a class
+    spread over k relays keeps about 1/k of its listeners in place.
+    """
+    old = len(assignment)
+    if shards == old:
+        return tuple(assignment)
+    classes = math.gcd(old, shards)
+    per_class = shards // classes
+    resized: list[int | None] = [None] * shards
+    owed: Counter[int | None] = Counter()  # each relay's share so far, less what it got
+    for first in range(classes):
+        holders = Counter(assignment[first::classes])
+        portions = {relay: per_class * held / (old // classes) for relay, held in holders.items()}
+        given = {relay: math.floor(portion) for relay, portion in portions.items()}
+        owed.update(portions)
+        # The shards left over go to the largest remainders (the relay holding most of the
+        # class); a tie goes to the relay owed the most so far, for balance.
+        order = sorted(portions, key=lambda r: (given[r] - portions[r], given[r] - owed[r]))
+        for relay in order[: per_class - sum(given.values())]:
+            given[relay] += 1
+        relays = [relay for relay, count in given.items() for _ in range(count)]
+        for position, shard in enumerate(range(first, shards, classes)):
+            resized[shard] = relays[position]
+        owed.subtract(relays)
+    return tuple(resized)
+
+
+def moved_share(before: Sequence[int | None], after: Sequence[int | None]) -> float:
+    """The share of listeners whose relay differs between two assignments of any shard
+    counts: new shard s draws equally on the old shards congruent to s modulo the gcd."""
+    classes = math.gcd(len(before), len(after))
+    per_class = len(before) // classes
+    held = [Counter(before[first::classes]) for first in range(classes)]
+    staying = sum(held[shard % classes][relay] for shard, relay in enumerate(after))
+    return 1.0 - staying / per_class / len(after) if after else 0.0
+
+
 @dataclass(frozen=True)
 class Rebalance:
     """The new map and what changing to it costs, for the `Resharded` Event."""

@@ -310,7 +310,20 @@ def test_a_new_shard_count_keeps_each_relay_s_share_of_the_map() -> None:
     old_counts, new_counts = first.shard_map.counts(), new_map.counts()
     for relay, count in old_counts.items():
         assert abs(new_counts[relay] - 2 * count) <= 2, relay
-    assert "ShardMapChanged" in reasons(outcome)
+    names = [f"listener-{n}" for n in range(5000)]
+    assert all(first.shard_map.relay_for(n) == new_map.relay_for(n) for n in names)
+    changed = next(e for e in outcome.events if e.reason == "ShardMapChanged")
+    assert "shards 4,096 -> 8,192: 0% of listeners change relay" in changed.message
+    fewer = room(sharding={"shards": 3000})
+    again = reconcile(
+        "r", fewer, outcome.status, seen(later + timedelta(seconds=5), 10, 3,
+                                         metrics=counted(5000, later)),
+        outcome.scaling_state, outcome.shard_map, later,
+    )  # fmt: skip
+    changed = next(e for e in again.events if e.reason == "ShardMapChanged")
+    assert "% of listeners change relay, sent to the edge at up to 20,000 a minute" in (
+        changed.message
+    )
 
 
 # --- pod creation refused ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from townsquare.relay.listener import Admission, Listener, MapJoiner
 from townsquare.relay.metrics import serve_metrics
 from townsquare.relay.topology import FileMapSource
 from townsquare.relay.upstream import feed_ticket
-from townsquare.sharding import rebalance, shard_of
+from townsquare.sharding import ShardMap, rebalance, resize, shard_of
 from townsquare.tickets import sign
 
 NAMES = [f"listener-{i}" for i in range(20)]
@@ -98,6 +98,41 @@ def test_a_moved_shard_moves_only_its_own_listeners(tmp_path: Path) -> None:
             expected = {"shard-moved"} if listener.name in moved else set()
             assert set(listener.stats.moves) == expected, listener.name
             assert listener.stats.relocations == (1 if listener.name in moved else 0)
+
+    run_room(tmp_path, body)
+
+
+def test_a_new_shard_count_moves_only_listeners_whose_relay_changed(tmp_path: Path) -> None:
+    """Tickets name shards of the count they were signed under; the relay judges each
+    listener by its id under the live map's count. A doubling moves nobody; 64 -> 48 moves
+    exactly those the new map gives another relay (the old code compared the ticket's shard
+    index with the new map, and moved listeners that had not changed relay)."""
+
+    def resized(current: ShardMap, shards: int) -> ShardMap:
+        assignment = resize(current.assignment, shards)
+        return replace(current, generation=current.generation + 1, assignment=assignment)
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(3, fanout=8)
+        await room.start(first)
+        await room.add_listeners(NAMES)
+        doubled = resized(first, 64)
+        room.publish(doubled)
+        await until(lambda: all(r.map == doubled for r in room.relays.values()), 10, "the map")
+        for relay in room.relays.values():
+            assert all(relay.move_reason(name) is None for name in relay.listeners)
+        odd = resized(doubled, 48)
+        moved = {n for n in NAMES if odd.relay_for(n) != doubled.relay_for(n)}
+        assert moved and moved != set(NAMES)
+        room.publish(odd)
+        await until(
+            lambda: all(odd.relay_for(lst.name) == o for o in room.relays for lst in room.on(o))
+            and sum(len(room.on(o)) for o in room.relays) == len(NAMES),
+            10, "moved listeners to reach their new relays",
+        )  # fmt: skip
+        for listener in room.listeners:
+            expected = {"shard-moved"} if listener.name in moved else set()
+            assert set(listener.stats.moves) == expected, listener.name
 
     run_room(tmp_path, body)
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -24,9 +25,11 @@ from townsquare.kube.children import shard_map_config_map
 from townsquare.sharding import (
     ShardMap,
     fanout_parents,
+    moved_share,
     new_map,
     place,
     rebalance,
+    resize,
     shard_listeners_from_relays,
     shard_of,
 )
@@ -359,3 +362,63 @@ def test_a_room_whose_shard_map_could_not_fit_is_refused_naming_the_field() -> N
                 "scaling": {"maxRelays": 19_673},
             }
         )
+
+
+# --- a new shard count (spec.sharding.shards changed mid-event) --------------------------
+
+LISTENERS = [f"listener-{n}" for n in range(20_000)]
+
+
+def relocated(before: ShardMap, after: ShardMap) -> int:
+    """Listeners (hashed by the real shard_of) whose relay differs between two maps."""
+    return sum(1 for name in LISTENERS if before.relay_for(name) != after.relay_for(name))
+
+
+def resized(current: ShardMap, shards: int) -> ShardMap:
+    return replace(current, assignment=resize(current.assignment, shards))
+
+
+def test_doubling_then_halving_the_shard_count_moves_no_listener() -> None:
+    """The old rule (new shard s took old shard s*old//new) moved about 90% of them."""
+    before = balanced(4096, 10)
+    doubled = resized(before, 8192)
+    assert relocated(before, doubled) == 0
+    halved = resized(doubled, 4096)
+    assert relocated(doubled, halved) == 0
+    assert halved.assignment == before.assignment
+    assert moved_share(before.assignment, doubled.assignment) == 0.0
+
+
+def test_halving_gives_each_new_shard_the_relay_that_held_most_of_it() -> None:
+    # old shards s and s + 4 merge into new shard s; 0 and 4 share relay 7
+    before = replace(balanced(8, 2), assignment=(7, 1, 2, 3, 7, 5, 2, 5))
+    halved = resize(before.assignment, 4)
+    assert halved[0] == 7 and halved[2] == 2
+    assert halved[1] in (1, 5) and halved[3] in (3, 5)
+    quarter = Counter(resize(balanced(4096, 10).assignment, 1024))
+    assert max(quarter.values()) - min(quarter.values()) <= 1, "shares kept when classes tie"
+
+
+@FAST
+@given(
+    old=st.integers(min_value=16, max_value=4096),
+    new=st.integers(min_value=16, max_value=4096),
+    relays=st.integers(min_value=1, max_value=60),
+)
+def test_any_new_shard_count_moves_only_the_listeners_it_says_and_keeps_shares(
+    old: int, new: int, relays: int
+) -> None:
+    """Any count: the listeners that change relay (counted by hashing real ids) are the
+    share the operator announces, and no relay gains or loses more than its share of the
+    map allows, so the relays, pacing moves at the migration budget, move only those."""
+    before = balanced(old, relays)
+    after = resized(before, new)
+    share = moved_share(before.assignment, after.assignment)
+    assert abs(relocated(before, after) / len(LISTENERS) - share) <= 0.02
+    if new % old == 0:
+        assert share == 0.0
+    before_counts, after_counts = before.counts(), after.counts()
+    assert sum(after_counts.values()) == new
+    assert set(after_counts) <= set(before_counts)
+    for relay, count in before_counts.items():
+        assert abs(after_counts.get(relay, 0) - count * new / old) <= 2, relay

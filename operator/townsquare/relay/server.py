@@ -134,7 +134,7 @@ class Relay(Hub):
         if self.draining:
             raise RefusedError("draining", "this relay is draining: ask the edge again")
         shard, generation = claims.get("shard"), int(claims.get("generation") or 0)
-        if self._moved_away(shard, generation):
+        if self._moved_away(listener, shard, generation):
             raise RefusedError("shard-moved", f"shard {shard} moved: ask the edge again")
         capacity = self.capacity
         if listener not in self.listeners and len(self.listeners) >= capacity:
@@ -157,14 +157,16 @@ class Relay(Hub):
         name = str(claims.get("downstream") or "?")
         return Admitted(role="relay", name=name, welcome={"pod": self.config.pod})
 
-    def _moved_away(self, shard: object, generation: int) -> bool:
-        """The map, at least as new as the ticket, gives the shard to another relay."""
+    def _moved_away(self, listener: str, shard: object, generation: int) -> bool:
+        """The map, at least as new as the ticket, gives the listener to another relay.
+
+        The ticket's shard only says the listener was seated by its shard (a guest's names
+        none): the shard is recomputed from the listener under the map's own shard count,
+        since the count may have changed since the ticket was signed."""
         shard_map = self.map
         if shard_map is None or not isinstance(shard, int) or generation > shard_map.generation:
             return False
-        if not 0 <= shard < shard_map.shards:
-            return False
-        return shard_map.assignment[shard] != self.ordinal
+        return shard_map.relay_for(listener) != self.ordinal
 
     # -- running --------------------------------------------------------------------------
 
@@ -228,7 +230,7 @@ class Relay(Hub):
             return None
         if self.draining:
             return "draining"
-        if self._moved_away(admitted.shard, admitted.generation):
+        if self._moved_away(admitted.name, admitted.shard, admitted.generation):
             return "shard-moved"
         return None
 
