@@ -457,14 +457,7 @@ def test_a_tight_room_rolls_out_with_extra_relays_that_drain_when_it_is_over() -
 
     def step(previous: Outcome, ready: set[int], outdated: set[int], by_relay: dict[int, int],
              after: timedelta) -> Outcome:  # fmt: skip
-        now = at + after
-        return reconcile(
-            "r", spec, previous.status,
-            seen(now, len(ready), ready_ordinals=frozenset(ready), revision="v2",
-                 outdated_ordinals=frozenset(outdated), existing_relays=previous.desired_relays,
-                 metrics=counted(sum(by_relay.values()), now, by_relay)),
-            previous.scaling_state, previous.shard_map, at,
-        )  # fmt: skip
+        return rolling(spec, previous, at + after, ready, outdated, by_relay, published=at)
 
     changed = step(live, set(range(6)), set(range(6)), everyone, timedelta(seconds=10))
     assert changed.desired_relays == 8
@@ -520,16 +513,17 @@ def test_one_low_reading_opens_no_rollout_drain_the_recent_demand_forbids() -> N
 
 def rolling(
     spec: AudioRoomSpec, previous: Outcome, now: datetime, ready: set[int], outdated: set[int],
-    by_relay: dict[int, int] | None,
+    by_relay: dict[int, int] | None, published: datetime | None = None,
 ) -> Outcome:  # fmt: skip
-    """A pass of a room whose relay template changed to v2; by_relay None: no Prometheus."""
+    """A pass of a room whose relay template changed to v2; by_relay None: no Prometheus.
+    `published`: when the previous shard map was (default: 5 s ago)."""
     metrics = None if by_relay is None else counted(sum(by_relay.values()), now, by_relay)
     return reconcile(
         "r", spec, previous.status,
         seen(now, len(ready), ready_ordinals=frozenset(ready), revision="v2",
              outdated_ordinals=frozenset(outdated), existing_relays=previous.desired_relays,
              metrics=metrics),
-        previous.scaling_state, previous.shard_map, now - timedelta(seconds=5),
+        previous.scaling_state, previous.shard_map, published or now - timedelta(seconds=5),
     )  # fmt: skip
 
 
