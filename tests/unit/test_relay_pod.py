@@ -28,7 +28,7 @@ from townsquare.api.manifest import parse_room
 from townsquare.kube.children import relay_pod_template
 from townsquare.relay.protocol import Decoder, Kind, control
 from townsquare.relay.topology import relay_dns_name
-from townsquare.sharding import ShardMap, rebalance
+from townsquare.sharding import ShardMap, rebalance, shard_of
 from townsquare.tickets import sign
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,9 +199,11 @@ def test_a_relay_runs_with_no_api_access_following_its_mounted_map_and_its_paren
     # relay 1 found relay 0 by name and is fed by it, not by the origin
     until(lambda: said(0, "audioroom_relay_downstream_relays") == 1.0, 20,
           f"relay 0 feeding relay 1\n{log(0)}\n{log(1)}")  # fmt: skip
-    shard = shard_map.assignment.index(1)
-    claims = {"listener": "l1", "room": f"{NAMESPACE}/{ROOM}", "pod": f"{ROOM}-relay-1",
-              "shard": shard, "generation": shard_map.generation}  # fmt: skip
+    # a listener whose shard the map gives relay 1: the relay judges it by its id
+    listener = next(f"l{n}" for n in range(1000) if shard_map.relay_for(f"l{n}") == 1)
+    claims = {"listener": listener, "room": f"{NAMESPACE}/{ROOM}", "pod": f"{ROOM}-relay-1",
+              "shard": shard_of(listener, shard_map.shards),
+              "generation": shard_map.generation}  # fmt: skip
     ticket = sign(KEY, "admit", claims, expires=time.time() + 60)
 
     async def hear_then_drain() -> tuple[int, str]:
