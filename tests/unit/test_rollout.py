@@ -129,6 +129,9 @@ def test_relays_starting_count_against_max_surge() -> None:
     assert restarting.started == ()
     one_back = step(ready=frozenset({1, 2, 3, 4, 5}), outdated=frozenset({2, 3, 4, 5}))
     assert len(one_back.started) == 1, "relay 0 still starts: one slot of two is left"
+    crashing = step(ready=frozenset({2, 3, 4, 5}), relay_listeners={2: 450, 3: 450, 4: 450, 5: 450})
+    assert crashing.replace == (0, 1), "outdated and not Ready, carrying nobody: replaced now"
+    assert crashing.started == (), "they are still out of service: no Ready relay drains yet"
 
 
 FOUR_CARRY = {0: 100, 1: 100, 2: 100, 3: 100}
