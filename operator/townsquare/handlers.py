@@ -298,7 +298,11 @@ class Runtime:
         state = self.rooms[key] = RoomState(generation=generation)
         delay = 0.0
         with contextlib.suppress(ValueError):
-            state.metrics = self._read_metrics_of(key, AudioRoomSpec.model_validate(dict(spec)))
+            # Most rooms read no listeners (no Prometheus): their metrics part says so, and
+            # the whole spec is read only for those that do (a tenth of kopf's work a room).
+            wanted = MetricsSpec.model_validate(dict(spec).get("metrics") or {})
+            if self.prometheus_for(wanted).url is not None:
+                state.metrics = self._read_metrics_of(key, AudioRoomSpec.model_validate(dict(spec)))
             if state.metrics is not None:
                 settings = self.settings
                 delay = (
