@@ -43,6 +43,7 @@ from townsquare.kube import children, placeholders
 from townsquare.kube.client import (
     FINALIZER,
     Cluster,
+    Peering,
     RelayPod,
     child_version,
     load_config,
@@ -70,7 +71,7 @@ from townsquare.metrics import (
     covering,
     room_metrics,
 )
-from townsquare.partitions import Partition, peering_allows
+from townsquare.partitions import Partition, may_act, peering_allows
 from townsquare.passes import PassScheduler
 from townsquare.policy import TenantPolicy, violations
 from townsquare.scaling import ScalingState
@@ -407,30 +408,60 @@ async def stop_poller(memo: Any, **_: Any) -> None:
 
 async def _follow_peering(runtime: Runtime) -> None:
     """Pause the passes while kopf's peering lets another replica act, as kopf pauses its
-    own handlers (a daemon per room used to be stopped by kopf; one scheduler is not)."""
+    own handlers (a daemon per room used to be stopped by kopf; one scheduler is not).
+
+    A hand-over never overlaps: a replica that must pause finishes its passes in flight,
+    then lets go of the peering object's holder annotation; the one taking over starts only
+    once nobody alive holds it (see partitions.may_act)."""
     settings = runtime.settings
     assert settings.peering is not None
     log = room_logger("-", "-").bind(component="peering")
+    waiting_for: set[str] = set()
     while True:
         try:
-            peers = await asyncio.to_thread(
+            peerings = await asyncio.to_thread(
                 runtime.cluster.read_peers, settings.peering, settings.namespaces
             )
+            await _follow(runtime, peerings or [], peerings is not None, waiting_for, log)
         except Exception as error:  # keep acting (or waiting) as before, as kopf does
-            log.warning("reading the peering object failed", error=str(error)[:200])
-        else:
-            now = datetime.now(UTC)
-            allowed = peers is not None and all(
-                peering_allows(status, settings.identity, settings.priority, now)
-                for status in peers
-            )
-            if allowed and runtime.passes.paused:
-                log.info("acting: no live replica of a higher or equal priority")
-                runtime.resume()
-            elif not allowed and not runtime.passes.paused:
-                log.info("pausing: another replica acts")
-                runtime.pause()
+            log.warning("following the peering object failed", error=str(error)[:200])
         await asyncio.sleep(PEERING_CHECK_SECONDS)
+
+
+async def _follow(
+    runtime: Runtime, peerings: list[Peering], found: bool, waiting_for: set[str], log: Any
+) -> None:
+    settings, now = runtime.settings, datetime.now(UTC)
+    me, priority, cluster = settings.identity, settings.priority, runtime.cluster
+    allowed = found and all(peering_allows(p.peers, me, priority, now) for p in peerings)
+    if not allowed and not runtime.passes.paused:
+        log.info("pausing: another replica acts")
+        runtime.pause()
+        await runtime.passes.idle()
+        # Read again: kopf's keepalives have moved the object since.
+        assert settings.peering is not None
+        fresh = await asyncio.to_thread(cluster.read_peers, settings.peering, settings.namespaces)
+        peerings = fresh or []
+    if not runtime.passes.paused:
+        return
+    if not allowed:
+        for peering in peerings:
+            if peering.holder == me:
+                await asyncio.to_thread(cluster.hold_peering, peering, None)
+                log.info("no pass in flight: let go of the rooms")
+    elif all(may_act(p.peers, p.holder, me, priority, now) for p in peerings):
+        for peering in peerings:
+            if peering.holder != me:
+                await asyncio.to_thread(cluster.hold_peering, peering, me)
+        log.info("acting: no live replica of a higher or equal priority, none holding")
+        waiting_for.clear()
+        runtime.resume()
+    else:
+        holders = {p.holder for p in peerings if p.holder and p.holder != me}
+        if holders - waiting_for:
+            log.info("waiting for the replica holding the rooms to finish its passes")
+        waiting_for.clear()
+        waiting_for.update(holders)
 
 
 @kopf.on.probe(id="progress", registry=REGISTRY)

@@ -51,11 +51,34 @@ def peering_allows(
     for other, peer in peers.items():
         if other == identity or not peer:
             continue
-        seen = peer.get("lastseen")
-        lastseen = datetime.fromisoformat(str(seen)) if seen else now
-        if lastseen.tzinfo is None:
-            lastseen = lastseen.replace(tzinfo=UTC)
-        alive = lastseen + timedelta(seconds=int(peer.get("lifetime", 60))) > now
-        if alive and int(peer.get("priority", 0)) >= priority:
+        if _alive(peer, now) and int(peer.get("priority", 0)) >= priority:
             return False
     return True
+
+
+def may_act(
+    peers: Mapping[str, Mapping[str, Any] | None],
+    holder: str | None,
+    identity: str,
+    priority: int,
+    now: datetime,
+) -> bool:
+    """Whether this replica may start passes: kopf's rule lets it, and no other live replica
+    still holds the rooms. A replica that kopf's rule pauses (a higher priority appeared)
+    finishes the passes it has in flight before it lets go, so two replicas never act at
+    once; one that died lets go when its lifetime ends."""
+    if not peering_allows(peers, identity, priority, now):
+        return False
+    if not holder or holder == identity:
+        return True
+    return not _alive(peers.get(holder), now)
+
+
+def _alive(peer: Mapping[str, Any] | None, now: datetime) -> bool:
+    if not peer:
+        return False
+    seen = peer.get("lastseen")
+    lastseen = datetime.fromisoformat(str(seen)) if seen else now
+    if lastseen.tzinfo is None:
+        lastseen = lastseen.replace(tzinfo=UTC)
+    return lastseen + timedelta(seconds=int(peer.get("lifetime", 60))) > now

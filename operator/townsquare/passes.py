@@ -81,6 +81,11 @@ class PassScheduler(Generic[K]):
             self._schedule(key, self._clock(), sooner_only=True)
         self._changed.set()
 
+    async def idle(self, poll_seconds: float = 0.02) -> None:
+        """Return once no pass is running (call while paused: none starts meanwhile)."""
+        while self.running:
+            await asyncio.sleep(poll_seconds)
+
     def due_in(self, key: K) -> float | None:
         """Seconds until the room's next pass (None: none is planned)."""
         due = self._due.get(key)

@@ -4,10 +4,11 @@ one slow tenant query delays no other room's reading."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -17,8 +18,9 @@ import pytest
 from townsquare import handlers
 from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
-from townsquare.kube.client import Cluster
+from townsquare.kube.client import Cluster, Peering
 from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
+from townsquare.passes import PassScheduler
 
 PROMETHEUS = "http://127.0.0.1:9"
 """Never reached: the sources below answer from memory."""
@@ -179,5 +181,80 @@ def test_a_pass_that_began_before_the_deletion_does_not_release_the_room() -> No
         finally:
             api.release.set()
             runner.cancel()
+
+    asyncio.run(scenario())
+
+
+class PeeringObject:
+    """kopf's peering object, in memory: a write based on an older read is refused, as the
+    API server refuses a stale resourceVersion."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, Any] = {}
+        self.holder: str | None = None
+        self.version = 0
+
+    def join(self, identity: str, priority: int) -> None:
+        lastseen = datetime.now(UTC).isoformat()
+        self.peers[identity] = {"priority": priority, "lifetime": 30, "lastseen": lastseen}
+        self.version += 1
+
+    def read_peers(self, name: str, namespaces: tuple[str, ...]) -> list[Peering]:
+        return [Peering(name, None, str(self.version), dict(self.peers), self.holder)]
+
+    def hold_peering(self, peering: Peering, holder: str | None) -> None:
+        if peering.version != str(self.version):
+            raise RuntimeError("409 Conflict")
+        self.holder, self.version = holder, self.version + 1
+
+
+def test_a_hand_over_to_a_higher_priority_waits_for_the_passes_in_flight() -> None:
+    async def scenario() -> None:
+        peering = PeeringObject()
+        in_pass, finish = asyncio.Event(), asyncio.Event()
+        passes_by: list[str] = []
+
+        def replica(identity: str, priority: int) -> Runtime:
+            settings = Settings(peering="ha", identity=identity, priority=priority)
+            runtime = _runtime(peering, settings)
+
+            async def slow_pass(key: tuple[str, str]) -> float | None:
+                passes_by.append(identity)
+                in_pass.set()
+                await finish.wait()
+                return None
+
+            runtime.passes = PassScheduler(slow_pass)
+            runtime.passes.paused = True
+            return runtime
+
+        async def follow(runtime: Runtime) -> None:
+            peerings = peering.read_peers("ha", ())
+            await handlers._follow(runtime, peerings, True, set(), logging.getLogger("test"))
+
+        standby = replica("standby", 99)
+        peering.join("standby", 99)
+        await follow(standby)
+        assert not standby.passes.paused and peering.holder == "standby", "alone: it acts"
+        runner = asyncio.create_task(standby.passes.run())
+        standby.passes.wake(("spaces", "room"))
+        await asyncio.wait_for(in_pass.wait(), 5)
+
+        primary = replica("primary", 100)
+        peering.join("primary", 100)
+        await follow(primary)
+        assert primary.passes.paused, "the standby still has a pass in flight"
+        stepping_down = asyncio.create_task(follow(standby))
+        await _until(lambda: standby.passes.paused, "the standby to pause")
+        await follow(primary)
+        assert primary.passes.paused and peering.holder == "standby", "its pass runs on"
+
+        finish.set()
+        await asyncio.wait_for(stepping_down, 5)
+        assert peering.holder is None, "the standby let go once its pass ended"
+        await follow(primary)
+        assert not primary.passes.paused and peering.holder == "primary"
+        assert passes_by == ["standby"]
+        runner.cancel()
 
     asyncio.run(scenario())

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from townsquare.partitions import Partition, partition_of, peering_allows
+from townsquare.partitions import Partition, may_act, partition_of, peering_allows
 
 NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
 
@@ -74,3 +74,18 @@ def test_replicas_of_equal_priority_all_wait_as_kopf_makes_them() -> None:
 def test_a_replica_alone_or_among_removed_peers_acts() -> None:
     assert peering_allows({}, "alone", 0, NOW)
     assert peering_allows({"alone": _peer(0, 1), "gone": None}, "alone", 0, NOW)
+
+
+def test_a_replica_taking_over_from_a_live_one_waits_until_it_lets_go() -> None:
+    """A higher priority appeared: the standby that acted must finish its passes first."""
+    peers = {"primary": _peer(100, 1), "standby": _peer(99, 1)}
+    assert not may_act(peers, "standby", "primary", 100, NOW), "the standby still holds"
+    assert may_act(peers, None, "primary", 100, NOW), "let go"
+    assert may_act(peers, "primary", "primary", 100, NOW)
+    assert not may_act(peers, None, "standby", 99, NOW), "kopf's rule still applies"
+
+
+def test_a_holder_that_died_lets_go_when_its_lifetime_ends() -> None:
+    peers = {"primary": _peer(100, 31), "standby": _peer(99, 1)}
+    assert may_act(peers, "primary", "standby", 99, NOW)
+    assert may_act({"standby": _peer(99, 1)}, "gone", "standby", 99, NOW)

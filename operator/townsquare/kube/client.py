@@ -37,6 +37,33 @@ EARLIER_FINALIZERS = ("kopf.zalando.org/KopfFinalizerMarker", f"{GROUP}/partitio
 """What earlier versions held rooms with (kopf's, one a partition): released the same way."""
 
 
+HOLDER_ANNOTATION = f"{GROUP}/acting"
+"""On kopf's peering object: the replica whose passes may be running (see may_act)."""
+
+
+@dataclass(frozen=True)
+class Peering:
+    """One kopf peering object as read: its peers (identity -> priority, lifetime,
+    lastseen) and the replica that holds the rooms."""
+
+    name: str
+    namespace: str | None
+    version: str
+    peers: dict[str, Any]
+    holder: str | None
+
+    @staticmethod
+    def of(body: Mapping[str, Any]) -> Peering:
+        meta = body["metadata"]
+        return Peering(
+            name=meta["name"],
+            namespace=meta.get("namespace"),
+            version=str(meta.get("resourceVersion", "")),
+            peers=dict(body.get("status") or {}),
+            holder=(meta.get("annotations") or {}).get(HOLDER_ANNOTATION),
+        )
+
+
 def our_finalizers(meta: Mapping[str, Any]) -> list[str]:
     """The finalizers on a room that this operator (or an earlier version of it) put there."""
     return [
@@ -220,11 +247,9 @@ class Cluster:
                 return None
             raise
 
-    def read_peers(self, peering: str, namespaces: tuple[str, ...]) -> list[dict[str, Any]] | None:
-        """The peers in kopf's peering object(s) (its `status`: identity -> priority,
-        lifetime, lastseen): the cluster's one, or one per namespace served. None when one
-        is missing: kopf then keeps every replica paused."""
-        found = []
+    def read_peers(self, peering: str, namespaces: tuple[str, ...]) -> list[Peering] | None:
+        """kopf's peering object(s): the cluster's one, or one per namespace served. None
+        when one is missing: kopf then keeps every replica paused."""
         try:
             if not namespaces:
                 bodies = [
@@ -245,9 +270,24 @@ class Cluster:
             if exc.status == 404:
                 return None
             raise
-        for body in bodies:
-            found.append(dict(body.get("status") or {}))
-        return found
+        return [Peering.of(body) for body in bodies]
+
+    def hold_peering(self, peering: Peering, holder: str | None) -> None:
+        """Name the replica that holds the rooms (None: nobody) on a peering object as it
+        was read: a conflict (it changed since) fails the call, and the caller reads again."""
+        meta = {"annotations": {HOLDER_ANNOTATION: holder}, "resourceVersion": peering.version}
+        args = ("kopf.dev", "v1")
+        if peering.namespace is None:
+            response = self.custom.patch_cluster_custom_object(
+                *args, "clusterkopfpeerings", peering.name, {"metadata": meta},
+                _request_timeout=self.timeout, _preload_content=False,
+            )  # fmt: skip
+        else:
+            response = self.custom.patch_namespaced_custom_object(
+                *args, peering.namespace, "kopfpeerings", peering.name, {"metadata": meta},
+                _request_timeout=self.timeout, _preload_content=False,
+            )  # fmt: skip
+        _drained(response)
 
     def relay_pods(self, namespace: str, room: str) -> list[RelayPod]:
         """The room's relay pods with their ordinals and readiness (one LIST: for tools; the
