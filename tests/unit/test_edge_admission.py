@@ -194,6 +194,40 @@ def test_a_restarted_replica_waits_for_a_report_newer_than_its_start() -> None:
     assert isinstance(gate.join(room, "early", None, now=104.6), Admitted)
 
 
+def test_a_restarted_replica_that_cannot_admit_yet_holds_no_other_replica_back() -> None:
+    # Two replicas share an open room with spare seats. Replica B restarts at 97.5: until a
+    # report sampled after 97.5 + admit_ttl (102.5) arrives it admits nobody, so joins that
+    # reach it wait there. Its line must not hold back the joins that reach A meanwhile.
+    shard_map = room_map(relays=2, capacity=100)
+    a = gate_for(shard_map, replicas=2, sampled_at=100.0, started_at=0.0)
+    b = gate_for(shard_map, replicas=2, sampled_at=100.0, started_at=97.5)
+    room_a, room_b = a.rooms[(NS, ROOM)], b.rooms[(NS, ROOM)]
+    assert b.warming(now=101.0) and not a.warming(now=101.0)
+    waiting = [b.join(room_b, f"at-b-{i}", None, now=101.0 + i * 0.1) for i in range(5)]
+    assert all(isinstance(answer, Queued) for answer in waiting)
+    exported = {room.key: line for room, line in b.lines(now=102.0)}
+    a.set_news(_news_of(exported, heard=102.0))
+    later = [a.join(room_a, f"at-a-{i}", None, now=102.1 + i * 0.1) for i in range(5)]
+    assert all(isinstance(answer, Admitted) for answer in later), [
+        getattr(answer, "reason", "") for answer in later
+    ]
+    # Once B can admit, it exports its line again and admits its waiters first.
+    b.set_reports({(NS, ROOM, f"{ROOM}-relay-{o}"): Report(5, 102.6) for o in (0, 1)})
+    assert not b.warming(now=102.7)
+    assert [room.key for room, _ in b.lines(now=102.7)] == [f"{NS}/{ROOM}"]
+    retries = [
+        b.join(room_b, f"at-b-{i}", answer.ticket, now=102.7)
+        for i, answer in enumerate(waiting)
+        if isinstance(answer, Queued)
+    ]
+    assert len(retries) == 5 and all(isinstance(answer, Admitted) for answer in retries)
+
+
+def _news_of(exported: dict[str, Line], *, heard: float) -> News:
+    lines = {(NS, ROOM): {"b": exported[f"{NS}/{ROOM}"]}} if exported else {}
+    return News(heard={"b": heard}, lines=lines)
+
+
 def test_queued_listeners_are_admitted_in_the_order_of_their_first_attempt() -> None:
     shard_map = room_map(relays=1, capacity=3)
     gate = gate_for(shard_map, listeners={0: 3})

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map, seat_at
 
-from townsquare.edge.admission import Gate
+from townsquare.edge.admission import Gate, Report
 from townsquare.edge.reports import Readings, parse_news, parse_reports
 from townsquare.edge.server import Edge
 from townsquare.edge.watch import ApiServer, Watcher, endpoints_of
@@ -215,6 +215,23 @@ def test_not_ready_until_the_maps_are_synced() -> None:
         assert (await client.get("/readyz")).status == 200
 
     run(gate, scenario, watcher=watcher)
+
+
+def test_not_ready_while_a_restarted_replica_cannot_admit() -> None:
+    # Started at 99 with admit_ttl 5: the reports sampled at 100 may miss what the previous
+    # replica admitted, so it admits nobody; the Service must send it no joins meanwhile.
+    gate = gate_for(room_map(), sampled_at=100.0, started_at=99.0)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert (
+            "admitting nobody until reports sampled after 104" in (await response.json())["error"]
+        )
+        gate.set_reports({(NS, ROOM, f"{ROOM}-relay-{o}"): Report(0, 104.5) for o in (0, 1)})
+        assert (await client.get("/readyz")).status == 200
+
+    run(gate, scenario)
 
 
 def test_endpoint_slices_and_prometheus_answers_are_read_as_the_api_gives_them() -> None:

@@ -60,6 +60,9 @@ ones until it is)."""
 REORDER_SHARE = 0.75
 """Of a refresh interval, how far apart two joins' first attempts (as the edge saw them) may
 be and the later one still get in first."""
+WARMING_LIMIT = 3.0
+"""Admit ttls after its start past which a replica stops waiting for a relay's newer report
+before it calls itself ready (a relay whose reports stopped then simply takes no joins)."""
 TICKET_ROUNDING = 0.001
 """Tickets carry their expiry to the millisecond."""
 LATE_RETRY_FRACTION = 0.25
@@ -259,6 +262,25 @@ class Room:
         if report.sampled_at < settings.started_at + settings.admit_ttl:
             return f"relay {pod} has not reported since this edge started"
         return None
+
+    def warming(self, settings: Settings, now: float) -> bool:
+        """This replica cannot admit here yet: a relay that would take joins has reported
+        only from before `started_at + admit_ttl`, when a previous replica's admissions may
+        still be uncounted. Its line then is one of joins it queued for that alone, which
+        must hold no other replica back. Past `WARMING_LIMIT` admit_ttls after the start a
+        relay still without a newer report is one whose reports stopped, not warm-up."""
+        horizon = settings.started_at + settings.admit_ttl
+        if now >= settings.started_at + settings.admit_ttl * WARMING_LIMIT:
+            return False
+        for ordinal, state in self.shard_map.relays.items():
+            if state != "active":
+                continue
+            pod = self.pod_of(ordinal)
+            endpoint = self.endpoints.get(pod)
+            report = self.reports.get(pod)
+            if endpoint and endpoint.ready and report and report.sampled_at < horizon:
+                return True
+        return False
 
     def spare(self, pod: str, settings: Settings) -> int:
         """Joins this replica may still send to `pod` before its next report."""
@@ -622,11 +644,17 @@ class Gate:
     def lines(self, now: float) -> Iterable[tuple[Room, Line]]:
         """(room, this replica's line) for rooms with joins waiting here: what the other
         replicas read back, through Prometheus, to keep the room's order and answer
-        position and waiting for the whole room."""
+        position and waiting for the whole room. Not for a room this replica cannot admit
+        to yet (`Room.warming`): the others would hold every later join for a line that
+        cannot move; its joins keep their place by their tickets all the same."""
         for room in self.rooms.values():
             room.expire(now)
-            if room.queue:
+            if room.queue and not room.warming(self.settings, now):
                 yield room, line_of(room.queue)
+
+    def warming(self, now: float) -> bool:
+        """Some room this replica cannot admit to yet since it started (not ready)."""
+        return any(room.warming(self.settings, now) for room in self.rooms.values())
 
 
 def _ordinal(pod: str) -> int | None:

@@ -322,6 +322,13 @@ class Edge:
     async def readyz(self, _: web.Request) -> web.Response:
         if self.watcher is not None and not self.watcher.ready:
             return _error(503, "shard maps and relay endpoints not synced yet")
+        if self.gate.warming(self.clock()):
+            wait = self.gate.settings.started_at + self.gate.settings.admit_ttl
+            return _error(
+                503,
+                "relays have reported only from before this replica could count a previous"
+                f" replica's admissions; admitting nobody until reports sampled after {wait:.0f}",
+            )
         return _json(200, {"status": "ready", "rooms": len(self.gate.rooms)})
 
     async def _background(self, _: web.Application) -> AsyncIterator[None]:
