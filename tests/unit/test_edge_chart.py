@@ -177,3 +177,47 @@ def test_keys_go_only_where_asked_and_can_be_left_to_the_platform_team() -> None
     assert relay_flags(off) == [None]
     given = render({**PROMETHEUS, "edge": {"ticketKey": {"existingSecret": "my-key"}}})
     assert not of_kind(given, "Secret") and relay_flags(given) == ["my-key"]
+
+
+def test_prometheus_operator_scrapes_the_edge_keeping_the_rooms_namespace() -> None:
+    # Without it audioroom_edge_waiting_listeners never reaches the operator, and no
+    # replica learns the others' lines, on a Prometheus Operator install.
+    docs = render({**PROMETHEUS, "metrics": {"serviceMonitor": {"enabled": True}}})
+    monitors = of_kind(docs, "ServiceMonitor")
+    services = of_kind(docs, "Service")
+
+    def scraped(monitor: dict[str, Any]) -> list[tuple[str, str]]:
+        wanted = monitor["spec"]["selector"]["matchLabels"].items()
+        ports = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
+        return [
+            (service["metadata"]["name"], port["name"])
+            for service in services
+            if wanted <= service["metadata"]["labels"].items()
+            for port in service["spec"]["ports"]
+            if port["name"] in ports
+        ]
+
+    (edge_service,) = of_kind(edge_docs({}), "Service")
+    edge_monitors = [
+        m for m in monitors if (edge_service["metadata"]["name"], "http") in scraped(m)
+    ]
+    assert len(edge_monitors) == 1
+    (endpoint,) = edge_monitors[0]["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["honorLabels"] is True, "the room's namespace label, not the edge's"
+    assert endpoint["interval"] == "2s", "short: it paces the room's line across replicas"
+    (deployment,) = of_kind(edge_docs({}), "Deployment")
+    ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "http", "containerPort": 8080} in [
+        {k: p[k] for k in ("name", "containerPort")} for p in ports
+    ]
+    slower = render(
+        {**PROMETHEUS, "metrics": {"serviceMonitor": {"enabled": True}},
+         "edge": {"serviceMonitor": {"interval": "5s"}}}
+    )  # fmt: skip
+    intervals = sorted(e["interval"] for m in of_kind(slower, "ServiceMonitor")
+                       for e in m["spec"]["endpoints"])  # fmt: skip
+    assert intervals == ["30s", "5s"], "the operator's own keeps its interval"
+    off = render({**PROMETHEUS, "edge": {"enabled": False},
+                  "metrics": {"serviceMonitor": {"enabled": True}}})  # fmt: skip
+    assert len(of_kind(off, "ServiceMonitor")) == 1
