@@ -10,8 +10,9 @@ The rules, each for a reason a person on call would give:
 
 - Forecast, not just follow: a new relay needs its start-up time before it carries anyone,
   so demand is projected over that lead at the recent join rate (a robust slope, so one bad
-  scrape does not bend it), never more than doubling: a crowd that has arrived stops
-  growing, and a forecast that kept the slope would overshoot every ramp.
+  scrape does not bend it), adding at most FORECAST_GROWTH_CAP of the demand. The rate is
+  the lower of that slope and the newest interval's: a crowd that has stopped arriving
+  stops the forecast at once, where the window's slope would carry every ramp past its top.
 - A new sample, not a reconcile, moves the forecast. Every StatefulSet write wakes the
   operator again; the same scrape seen twice must not take a second step.
 - One scrape is never enough for a big move: demand grows the room by one bounded step on
@@ -27,6 +28,9 @@ The rules, each for a reason a person on call would give:
   which the observed demand stayed lower, and only by draining: relays that still carry
   listeners are never removed before they empty or their drain timeout passes. The window
   holds observed demand, not forecasts: a forecast that did not come true is not kept.
+  Small drops (under DOWN_TOLERANCE) are not worth a drain, except once, a window after
+  demand last grew the room: relays the forecast added and the demand never used are a
+  guess undone, not a drop, and they go however few they are.
 - Fail-static: without a fresh listener count the size is held, never lowered.
 """
 
@@ -115,6 +119,8 @@ class ScalingState:
     """Relays the newest sample's observed demand needs (no forecast)."""
     prewarmed: bool = False
     """The plan floor has been in force: a start moved later keeps the relays."""
+    grown_at: datetime | None = None
+    """When demand last grew the room; a window later, relays it never used are trimmed."""
 
     @classmethod
     def initial(cls, relays: int) -> ScalingState:
@@ -137,6 +143,7 @@ class ScalingState:
             "asked": self.asked,
             "need": self.need,
             "prewarmed": self.prewarmed,
+            "grownAt": None if self.grown_at is None else _iso(self.grown_at),
         }
 
     @classmethod
@@ -151,6 +158,7 @@ class ScalingState:
             asked=int(data.get("asked", 0)),
             need=int(data.get("need", 0)),
             prewarmed=bool(data.get("prewarmed", False)),
+            grown_at=_parse(data["grownAt"]) if data.get("grownAt") else None,
         )
 
 
@@ -282,7 +290,7 @@ def decide(
     if new_sample:
         samples = _remember_sample(state.samples, sampled_at, demand)
     if new_sample:
-        rate = max(0.0, _join_rate(samples))
+        rate = max(0.0, min(_join_rate(samples), _newest_rate(samples)))
         forecast = _forecast(demand, rate, min(lead, FORECAST_HORIZON), spec)
         need = _relays_for(demand, spec)
     else:  # the same scrape again: nothing new is known, so nothing moves
@@ -307,15 +315,23 @@ def decide(
     if new_sample and demanded > current and beyond_tolerance:
         confirmed = min(demanded, state.asked) if state.asked else 0
         grow_to = max(grow_to, min(demanded, max(_step_up(current, demanded), confirmed)))
+    grown_at = state.grown_at
+    # A window after demand last grew the room, relays its forecast added that the demand
+    # never came to use go, however few: they are no drop in demand, just a guess undone.
+    unused = grown_at is not None and now - grown_at >= window
     if grow_to > current:
         relays = grow_to
+        grown_at = now if grow_to > declared else grown_at
     elif target < current and _covers_window(targets, now, window):
         lower = max(target, max(n for _, n in targets))
-        # Like the HPA's tolerance: a drop of a few percent is not worth a drain and, when
-        # demand swings, a re-grow a minute later.
-        relays = lower if lower < current * (1 - DOWN_TOLERANCE) else current
+        # Otherwise, like the HPA's tolerance: a drop of a few percent is not worth a drain
+        # and, when demand swings, a re-grow a minute later.
+        worth = unused or lower < current * (1 - DOWN_TOLERANCE)
+        relays = lower if lower < current and worth else current
     else:
         relays = current
+    if unused and relays <= current:
+        grown_at = None
 
     why = (
         f"listeners {observation.listeners:,}"
@@ -343,6 +359,7 @@ def decide(
         asked=demanded if new_sample else state.asked,
         need=need,
         prewarmed=state.prewarmed or floor > 0,
+        grown_at=grown_at,
     )
     return _finish(
         spec, observation, next_state, now, relays, forecast, floor, capacity_exceeded, why
@@ -459,6 +476,19 @@ def _join_rate(samples: tuple[tuple[datetime, int], ...]) -> float:
         return 0.0
     middle = len(slopes) // 2
     return slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
+
+
+def _newest_rate(samples: tuple[tuple[datetime, int], ...]) -> float:
+    """Listeners per second between the newest sample and the latest one at least 10 s
+    before it; infinite until such a pair exists."""
+    if len(samples) < 2:
+        return math.inf
+    t1, d1 = samples[-1]
+    for t0, d0 in reversed(samples[:-1]):
+        seconds = (t1 - t0).total_seconds()
+        if seconds >= 10:
+            return (d1 - d0) / seconds
+    return math.inf
 
 
 def _remember_target(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -208,7 +209,7 @@ def test_small_rises_within_the_tolerance_leave_the_size_alone() -> None:
 
 def test_state_round_trips_through_json() -> None:
     decisions = run(spec(), ScalingState.initial(2), [(-600 + 5 * i, 1000 * i) for i in range(30)])
-    state = decisions[-1].state
+    state = replace(decisions[-1].state, grown_at=at(-480))
     assert ScalingState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
 
 
@@ -405,3 +406,40 @@ def test_a_producer_moving_start_time_mid_flight_keeps_the_room_warm_and_open() 
         desired[t] = outcome.desired_relays
         assert status.phase != "Draining", f"drained at {t}s, before the moved end (+65m)"
     assert min(d for t, d in desired.items() if t >= -5 * 60) == 715
+
+
+# Second pass on issue 11: the forecast stops with the crowd, and its surplus goes.
+
+
+def test_a_crowd_that_stops_arriving_stops_the_forecast() -> None:
+    """30,000 joined in each of two intervals, then none: the window's median slope still
+    says 833/s, but the newest interval says the crowd is in."""
+    room = spec(audience=0)
+    steps = [(3600, 100_000), (3630, 130_000), (3660, 160_000), (3690, 160_000)]
+    *_, rising, stopped = run(room, ScalingState.initial(250), steps)
+    assert rising.forecast == round(160_000 * 1.3), "still arriving: the forecast leads"
+    assert stopped.forecast == 160_000
+
+
+def test_a_glitched_newest_sample_does_not_lift_the_forecast() -> None:
+    """The newest interval only ever lowers the rate: a spike cannot raise the forecast."""
+    room = spec(audience=0)
+    steps = [(3600, 100_000), (3630, 101_000), (3660, 102_000), (3690, 110_000)]
+    *_, spiked = run(room, ScalingState.initial(250), steps)
+    # The robust slope over the window (about 44/s over 60 s), not the spike's 267/s.
+    assert spiked.forecast < 110_000 + 100 * 60
+
+
+def test_relays_a_forecast_added_and_nobody_used_go_a_window_later() -> None:
+    """A ramp stops short of its forecast: 222 relays for a demand that needs 215. A drop of
+    3% is within the tolerance, but those relays were never used: they go, once."""
+    room = spec(audience=0)  # scaleDownStabilization 10m
+    steps = [(3600.0, 140_000), (3615.0, 143_000), (3630.0, 150_000)]
+    steps += [(3630.0 + 15 * i, 150_000) for i in range(1, 60)]
+    decisions = run(room, ScalingState.initial(190), steps)
+    assert decisions[1].relays == 222, "the forecast grew the room past the need"
+    assert 222 * (1 - 0.1) < math.ceil(150_000 / 700) == 215, "no ordinary drain takes them"
+    assert decisions[-1].relays == 215
+    assert [d.direction for d in decisions] == ["hold", "up"] + ["hold"] * 39 + ["down"] + [
+        "hold"
+    ] * 20

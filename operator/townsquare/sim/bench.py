@@ -26,6 +26,7 @@ from pathlib import Path
 from townsquare.api.manifest import parse_room
 from townsquare.api.models import AudioRoom
 from townsquare.planning import plan_room
+from townsquare.scaling import SCALE_UP_FACTOR, SCALE_UP_MIN_STEP
 from townsquare.sim.baselines import oracle_relays
 from townsquare.sim.families import (
     EVALUATION_SEEDS,
@@ -46,7 +47,6 @@ PER_FAMILY = 25
 TIME_LIMIT_SECONDS = 120.0
 CRASH_WINDOW = 600
 """Seconds after a crash whose waiting the crash is charged with."""
-SCALE_UP_FACTOR, SCALE_UP_MIN_STEP = 2, 4
 
 Figures = dict[str, float]
 
