@@ -132,14 +132,28 @@ def test_prometheus_outage_holds_the_size_and_recovers_by_itself(
             (c for c in status.get("conditions", []) if c["type"] == "MetricsAvailable"), {}
         )
 
+    seen: list[tuple[float, int]] = []
+
+    def settled() -> int | None:
+        """A size that carries the listeners and has not changed for 3 s."""
+        desired, ready = rooms.relays("steady")
+        if desired != ready or desired not in (7, 8):
+            seen.clear()
+            return None
+        if not seen or seen[-1][1] != desired:
+            seen[:] = [(time.monotonic(), desired)]
+        return desired if time.monotonic() - seen[0][0] >= 3 else None
+
     try:
         wait_until(lambda: condition().get("status") == "True", 90, "listeners observed")
-        wait_until(lambda: rooms.relays("steady") == (8, 8), 60, "relays for 500 listeners")
+        # 500 listeners at 70% of 100 need 8 relays; 7 carry them at 71%, within the
+        # policy's 10% tolerance, so a ramp may settle on either.
+        size = wait_until(settled, 60, "relays for 500 listeners")
         prometheus.stop()
         wait_until(lambda: condition().get("status") == "False", 30, "MetricsAvailable False")
         held_until = time.time() + 12  # longer than the stabilization window
         while time.time() < held_until:
-            assert rooms.relays("steady")[0] == 8, "the size is held while data is missing"
+            assert rooms.relays("steady")[0] == size, "the size is held while data is missing"
             time.sleep(0.5)
         warning = [e for e in rooms.events("steady") if e.reason == "MetricsUnavailable"]
         assert warning and warning[0].type == "Warning"
@@ -149,5 +163,7 @@ def test_prometheus_outage_holds_the_size_and_recovers_by_itself(
     finally:
         load.stop()
         edges.stop()
-    assert rooms.relays("steady")[0] == 8
+    # Never lower on recovery; edge and relay counts scraped a moment apart can add up to a
+    # little more than the audience and grow the room one step, which is not blind scaling.
+    assert rooms.relays("steady")[0] >= size
     assert "MetricsRecovered" in rooms.reasons("steady")
