@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,10 +12,12 @@ import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map, seat_at
 
-from townsquare.edge.admission import Gate, Report
+from townsquare.api.names import relay_service_name
+from townsquare.edge.admission import Gate, Report, Settings
 from townsquare.edge.reports import Readings, parse_news, parse_reports
 from townsquare.edge.server import Edge
-from townsquare.edge.watch import ApiServer, Watcher, endpoints_of
+from townsquare.edge.watch import ROOM_LABEL, SHARD_MAP_KEY, ApiServer, Watcher, endpoints_of
+from townsquare.sharding import ShardMap
 
 JOIN = f"/v1/rooms/{NS}/{ROOM}/join"
 
@@ -326,3 +329,52 @@ def test_the_edge_command_refuses_a_missing_or_short_key_in_one_line(
     monkeypatch.setenv("TOWNSQUARE_TICKET_KEY", "k" * 32)
     assert main([*args, "--replicas", "0"]) == 2
     assert capsys.readouterr().err == "townsquare: error: --replicas: at least 1 (got 0)\n"
+
+
+def test_a_relist_forgets_what_was_deleted_while_the_watch_was_away() -> None:
+    # The watch broke; meanwhile room "gone" was deleted, room "launch" was deleted and
+    # created again (a new ConfigMap, its map back at a low generation), and one of its
+    # EndpointSlices was deleted. The list that follows must show exactly that.
+    gate = Gate(b"k" * 32, Settings())
+    watcher = Watcher(ApiServer(host="http://127.0.0.1:9", ssl=False, token=lambda: None), gate)
+    old_map = dataclasses.replace(room_map(relays=2), generation=9)
+    new_map = dataclasses.replace(room_map(relays=1), generation=1)
+
+    def config_map(room: str, uid: str, shard_map: ShardMap) -> dict[str, Any]:
+        meta = {"namespace": NS, "name": f"{room}-shards", "uid": uid}
+        return {
+            "metadata": {**meta, "labels": {ROOM_LABEL: room}},
+            "data": {SHARD_MAP_KEY: json.dumps(shard_map.to_dict())},
+        }
+
+    def relay_slice(name: str, pod: str) -> dict[str, Any]:
+        labels = {ROOM_LABEL: ROOM, "kubernetes.io/service-name": relay_service_name(ROOM)}
+        return {
+            "metadata": {"namespace": NS, "name": name, "labels": labels},
+            "ports": [{"name": "listeners", "port": 7000}],
+            "endpoints": [
+                {"addresses": ["127.0.1.5"], "conditions": {"ready": True},
+                 "targetRef": {"kind": "Pod", "name": pod}}
+            ],
+        }  # fmt: skip
+
+    watcher.relisted("maps", None, [config_map(ROOM, "uid-1", old_map),
+                                    config_map("gone", "uid-2", old_map)])  # fmt: skip
+    slices = [relay_slice("s-a", f"{ROOM}-relay-0"), relay_slice("s-b", f"{ROOM}-relay-1")]
+    watcher.relisted("relays", None, slices)
+    assert set(gate.rooms) == {(NS, ROOM), (NS, "gone")}
+    assert set(gate.rooms[(NS, ROOM)].endpoints) == {f"{ROOM}-relay-0", f"{ROOM}-relay-1"}
+
+    watcher.relisted("maps", None, [config_map(ROOM, "uid-3", new_map)])
+    watcher.relisted("relays", None, slices[:1])
+    assert set(gate.rooms) == {(NS, ROOM)}, "the deleted room is gone"
+    room = gate.rooms[(NS, ROOM)]
+    assert room.shard_map.generation == 1, "the recreated room's map is taken"
+    assert set(room.shard_map.relays) == {0}
+    assert set(room.endpoints) == {f"{ROOM}-relay-0"}, "the deleted slice is gone"
+    watcher.relisted("maps", None, [config_map(ROOM, "uid-3", old_map)])
+    assert gate.rooms[(NS, ROOM)].shard_map.generation == 9
+    watcher.relisted("maps", None, [config_map(ROOM, "uid-3", new_map)])
+    assert gate.rooms[(NS, ROOM)].shard_map.generation == 9, "never an older map of one source"
+    watcher.relisted("maps", "elsewhere", [])
+    assert set(gate.rooms) == {(NS, ROOM)}, "a list of another namespace forgets nothing here"

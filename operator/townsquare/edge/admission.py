@@ -41,7 +41,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from townsquare import tickets
@@ -210,6 +210,8 @@ class Room:
     namespace: str
     name: str
     shard_map: ShardMap
+    source: str = ""
+    """The uid of the ConfigMap the map came from."""
     slices: dict[str, dict[str, Endpoint]] = field(default_factory=dict)
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     reports: dict[str, Report] = field(default_factory=dict)
@@ -420,25 +422,49 @@ class Gate:
         self.key = tickets.check_key(key)
         self.settings = settings
         self.rooms: dict[tuple[str, str], Room] = {}
-        self._pending_slices: dict[tuple[str, str], dict[str, dict[str, Endpoint]]] = {}
+        self._slices: dict[tuple[str, str], dict[str, dict[str, Endpoint]]] = {}
 
     # Updates from the watches and the reports.
 
-    def set_map(self, namespace: str, name: str, shard_map: ShardMap | None) -> None:
-        """A room's published map (None: the room is gone)."""
+    def set_map(
+        self, namespace: str, name: str, shard_map: ShardMap | None, source: str = ""
+    ) -> None:
+        """A room's published map (None: the room is gone). `source` is the ConfigMap's
+        uid: a map from a new ConfigMap (the room was deleted and created again while
+        the watch was away) is taken even with a lower generation; an older map of the
+        same ConfigMap never replaces a newer one."""
         key = (namespace, name)
         if shard_map is None:
             self.rooms.pop(key, None)
             return
         room = self.rooms.get(key)
         if room is None:
-            room = Room(namespace, name, shard_map)
-            for slice_name, endpoints in self._pending_slices.get(key, {}).items():
+            room = Room(namespace, name, shard_map, source=source)
+            for slice_name, endpoints in self._slices.get(key, {}).items():
                 room.set_slice(slice_name, endpoints)
             self.rooms[key] = room
-        elif shard_map.generation >= room.shard_map.generation:
-            room.shard_map = shard_map
+        elif source != room.source or shard_map.generation >= room.shard_map.generation:
+            if source != room.source:
+                room.moves.clear()  # a new room: its budget starts afresh
+                room.movers.clear()
+            room.shard_map, room.source = shard_map, source
             room.changed()
+
+    def keep_maps(self, listed: Set[tuple[str, str]], namespace: str | None) -> None:
+        """After a re-list of the maps (of `namespace`, None: all): rooms deleted while the
+        watch was away are gone."""
+        for key in [key for key in self.rooms if namespace in (None, key[0])]:
+            if key not in listed:
+                self.set_map(*key, None)
+
+    def keep_slices(self, listed: Set[tuple[str, str, str]], namespace: str | None) -> None:
+        """After a re-list of the relays' EndpointSlices: slices deleted meanwhile are gone."""
+        for (room_namespace, room), slices in list(self._slices.items()):
+            if namespace not in (None, room_namespace):
+                continue
+            for slice_name in list(slices):
+                if (room_namespace, room, slice_name) not in listed:
+                    self.set_slice(room_namespace, room, slice_name, None)
 
     def set_slice(
         self, namespace: str, name: str, slice_name: str, endpoints: Mapping[str, Endpoint] | None
@@ -446,9 +472,11 @@ class Gate:
         """One EndpointSlice of a room's relays (None: deleted). Kept for rooms whose map
         has not arrived yet, since the two watches race."""
         key = (namespace, name)
-        pending = self._pending_slices.setdefault(key, {})
+        pending = self._slices.setdefault(key, {})
         if endpoints is None:
             pending.pop(slice_name, None)
+            if not pending:
+                del self._slices[key]
         else:
             pending[slice_name] = dict(endpoints)
         room = self.rooms.get(key)

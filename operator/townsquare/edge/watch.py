@@ -3,8 +3,9 @@
 One watch per kind, filtered by labels on the API server, never one per room: an edge that
 serves ten thousand rooms holds two connections. Each watch lists first (that is what
 /readyz waits for), then follows changes from the list's resourceVersion, and lists again
-when the server says that version is too old. The map last seen stays in force while the
-API server or the operator is away.
+when the server says that version is too old, forgetting what the new list lacks (the
+deletions it missed). The map last seen stays in force while the API server or the
+operator is away.
 """
 
 from __future__ import annotations
@@ -92,21 +93,38 @@ class Watcher:
             maps = _rooms_path("/api/v1", "configmaps", namespace)
             slices = _rooms_path("/apis/discovery.k8s.io/v1", "endpointslices", namespace)
             follows += [
-                self._follow(
-                    session, maps, SHARD_MAPS, self.synced[("maps", namespace)], self._on_map
-                ),
-                self._follow(
-                    session, slices, RELAYS, self.synced[("relays", namespace)], self._on_slice
-                ),
+                self._follow(session, maps, SHARD_MAPS, "maps", namespace, self._on_map),
+                self._follow(session, slices, RELAYS, "relays", namespace, self._on_slice),
             ]
         await asyncio.gather(*follows)
 
+    def relisted(
+        self, what: str, namespace: str | None, items: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """A full list of maps or relay slices (of `namespace`, None: all): apply each, and
+        forget what it no longer has, since the watch missed those deletions."""
+        if what == "maps":
+            for item in items:
+                self._on_map("ADDED", item)
+            self.gate.keep_maps({key for item in items if (key := _room_of(item))}, namespace)
+        else:
+            for item in items:
+                self._on_slice("ADDED", item)
+            self.gate.keep_slices(
+                {
+                    (*key, item["metadata"].get("name", ""))
+                    for item in items
+                    if (key := _room_of(item))
+                },
+                namespace,
+            )
+
     def _on_map(self, kind: str, obj: Mapping[str, Any]) -> None:
-        meta = obj.get("metadata", {})
-        room = (meta.get("labels") or {}).get(ROOM_LABEL)
-        namespace = meta.get("namespace")
-        if not room or not namespace:
+        key = _room_of(obj)
+        if key is None:
             return
+        namespace, room = key
+        meta = obj["metadata"]
         if kind == "DELETED":
             self.gate.set_map(namespace, room, None)
             return
@@ -117,16 +135,15 @@ class Watcher:
             log.warning("unreadable shard map kept out", room=f"{namespace}/{room}", error=error)
             return
         if shard_map is not None:
-            self.gate.set_map(namespace, room, shard_map)
+            self.gate.set_map(namespace, room, shard_map, source=str(meta.get("uid", "")))
 
     def _on_slice(self, kind: str, obj: Mapping[str, Any]) -> None:
-        meta = obj.get("metadata", {})
-        labels = meta.get("labels") or {}
-        room = labels.get(ROOM_LABEL)
-        namespace = meta.get("namespace")
-        if not room or not namespace:
+        key = _room_of(obj)
+        if key is None:
             return
-        if labels.get("kubernetes.io/service-name") != relay_service_name(room):
+        namespace, room = key
+        meta = obj["metadata"]
+        if meta["labels"].get("kubernetes.io/service-name") != relay_service_name(room):
             return
         endpoints = None if kind == "DELETED" else endpoints_of(obj)
         self.gate.set_slice(namespace, room, meta.get("name", ""), endpoints)
@@ -136,14 +153,16 @@ class Watcher:
         session: aiohttp.ClientSession,
         path: str,
         selector: str,
-        synced: asyncio.Event,
+        what: str,
+        namespace: str | None,
         apply: Callable[[str, Mapping[str, Any]], None],
     ) -> None:
         """List, then watch from the list's version; again from a list on 410 Gone."""
         while True:
             try:
-                version: str | None = await self._list(session, path, selector, apply)
-                synced.set()
+                items, version = await self._list(session, path, selector)
+                self.relisted(what, namespace, items)
+                self.synced[(what, namespace)].set()
                 while version is not None:
                     version = await self._watch(session, path, selector, version, apply)
             except asyncio.CancelledError:
@@ -161,15 +180,13 @@ class Watcher:
         session: aiohttp.ClientSession,
         path: str,
         selector: str,
-        apply: Callable[[str, Mapping[str, Any]], None],
-    ) -> str:
+    ) -> tuple[list[Mapping[str, Any]], str | None]:
+        """The items and the list's resourceVersion."""
         url = f"{self.server.host}{path}?{urlencode({'labelSelector': selector})}"
         async with session.get(url, headers=self._headers(), ssl=self.server.ssl) as response:
             response.raise_for_status()
             body = await response.json()
-        for item in body.get("items", []):
-            apply("ADDED", item)
-        return str(body["metadata"]["resourceVersion"])
+        return list(body.get("items") or []), str(body["metadata"]["resourceVersion"])
 
     async def _watch(
         self,
@@ -204,6 +221,14 @@ class Watcher:
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     apply(kind, obj)
         return version
+
+
+def _room_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(namespace, room) an object of a room belongs to, by its room label."""
+    meta = obj.get("metadata") or {}
+    room = (meta.get("labels") or {}).get(ROOM_LABEL)
+    namespace = meta.get("namespace")
+    return (namespace, room) if room and namespace else None
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
