@@ -13,10 +13,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map, seat_at
 
 from townsquare.api.names import relay_service_name
-from townsquare.edge.admission import Gate, Report, Settings
+from townsquare.edge.admission import Endpoint, Gate, Report, Settings
 from townsquare.edge.reports import Readings, parse_news, parse_reports
 from townsquare.edge.server import Edge
 from townsquare.edge.watch import ROOM_LABEL, SHARD_MAP_KEY, ApiServer, Watcher, endpoints_of
+from townsquare.relay.listener import EdgeJoiner
 from townsquare.sharding import ShardMap
 
 JOIN = f"/v1/rooms/{NS}/{ROOM}/join"
@@ -378,3 +379,29 @@ def test_a_relist_forgets_what_was_deleted_while_the_watch_was_away() -> None:
     assert gate.rooms[(NS, ROOM)].shard_map.generation == 9, "never an older map of one source"
     watcher.relisted("maps", "elsewhere", [])
     assert set(gate.rooms) == {(NS, ROOM)}, "a list of another namespace forgets nothing here"
+
+
+def test_the_reference_relay_client_follows_a_move_with_the_admission_it_holds() -> None:
+    # EdgeJoiner (relay/listener.py) over the real HTTP API: it joins, and when its shard
+    # moves, proves its seat with the admit ticket it holds and gets the new relay.
+    first_map = room_map(relays=1, budget=60)
+    moved_map = dataclasses.replace(
+        room_map(relays=2, budget=60), generation=first_map.generation + 1
+    )
+    listener = listeners_of(moved_map, 1, 1)[0]
+    gate = gate_for(first_map)
+    gate.set_slice(NS, ROOM, "slice-b", {f"{ROOM}-relay-1": Endpoint("10.0.0.2:7000", True)})
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-1"): Report(0, 100.0)})
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        joiner = EdgeJoiner(client.session, str(client.make_url("")), NS, ROOM)
+        held = await joiner.join(listener)
+        assert held.pod == f"{ROOM}-relay-0"
+        assert await joiner.relocate(listener, held) is None, "its shard has not moved"
+        gate.set_map(NS, ROOM, moved_map)
+        moved = await joiner.relocate(listener, held)
+        assert moved is not None and moved.pod == f"{ROOM}-relay-1"
+        assert (moved.host, moved.port) == ("10.0.0.2", 7000)
+        assert await joiner.relocate(listener, moved) is None, "home now"
+
+    run(gate, scenario)
