@@ -881,6 +881,11 @@ def reconcile_room(
         state.shard_map, state.shard_map_at = EmptyMap.of(outcome.shard_map), now
     elif held is None:
         state.shard_map = EmptyMap.of(shard_map)
+    held_by_us = FINALIZER in room["metadata"].get("finalizers", ())
+    if outcome.children and not outcome.released and not deleted_at and not held_by_us:
+        # Before any relay exists, so a deletion drains it; and before the status write,
+        # which moves the room's version that this write is conditional on.
+        cluster.hold_room(room)
     # Status first: what a person reads never lags behind the children it describes. Then
     # the Events it implies, before anything else can fail: a recorded change is never
     # reconciled again, so an Event not posted now would be lost.
@@ -890,8 +895,6 @@ def reconcile_room(
         cluster.release_room(room)
     else:
         if outcome.children:
-            if not deleted_at and FINALIZER not in room["metadata"].get("finalizers", ()):
-                cluster.hold_room(room)  # before any relay exists: a deletion drains it
             _apply_children(cluster, state, room, spec, outcome, runtime.settings)
         _apply_headroom(runtime, state, room, spec, outcome, now)
     by_ordinal = {pod.ordinal: pod for pod in pods}

@@ -220,20 +220,32 @@ class Cluster:
 
     def hold_room(self, room: Mapping[str, Any]) -> None:
         """Add our finalizer to the room as read (a conflict, if it changed since, fails the
-        call and the pass retries): from now on its deletion waits for the drain."""
-        self._set_finalizers(room, [*room["metadata"].get("finalizers", ()), FINALIZER])
-
-    def release_room(self, room: Mapping[str, Any]) -> None:
-        """Remove our finalizers (and earlier versions'): the room may go."""
-        ours = set(our_finalizers(room["metadata"]))
-        kept = [f for f in room["metadata"].get("finalizers", ()) if f not in ours]
-        self._set_finalizers(room, kept)
-
-    def _set_finalizers(self, room: Mapping[str, Any], finalizers: list[str]) -> None:
+        call and the pass retries): from now on its deletion waits for the drain. Call it
+        before writing the room's status, which moves its version."""
         meta = room["metadata"]
+        finalizers = [*meta.get("finalizers", ()), FINALIZER]
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
         response = self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
+            _request_timeout=self.timeout, _preload_content=False,
+        )  # fmt: skip
+        _drained(response)
+
+    def release_room(self, room: Mapping[str, Any]) -> None:
+        """Remove our finalizers (and earlier versions'): the room may go. A JSON patch that
+        first tests the finalizers as read: our own status write since does not conflict,
+        a finalizer added meanwhile (the garbage collector's) does, and the pass retries."""
+        meta = room["metadata"]
+        current = list(meta.get("finalizers", ()))
+        ours = set(our_finalizers(meta))
+        kept = [f for f in current if f not in ours]
+        patch = [
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "replace", "path": "/metadata/finalizers", "value": kept},
+        ]
+        response = self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
+            _content_type="application/json-patch+json",
             _request_timeout=self.timeout, _preload_content=False,
         )  # fmt: skip
         _drained(response)
