@@ -81,6 +81,11 @@ create() {
   mapfile -t stages < <(stage_configs)
   log "creating cluster $name in $KWOK_WORKDIR"
   log "pod IPs from $(node_cidr) (node 0; node i: 127.$(pod_net).i.0/24)"
+  # kwokctl picks free ports at creation and binds them as it starts: two clusters created
+  # at once (the e2e session's and a fault test's own) picked the same ports, and one
+  # never answered. So creations take turns, whatever the cluster's name.
+  exec 8>"$KWOK_WORKDIR/.lock-create"
+  flock 8
   "$kwokctl" create cluster --name "$name" --kubeconfig "" \
     --config "$here/kwokctl.yaml" --config "$(kwok_config)" "${stages[@]}" \
     --etcd-binary "$bin/etcd-v$ETCD_VERSION/etcd" \
@@ -88,7 +93,8 @@ create() {
     --kube-controller-manager-binary "$kube/kube-controller-manager" \
     --kube-scheduler-binary "$kube/kube-scheduler" \
     --kwok-controller-binary "$bin/kwok-v$KWOK_VERSION/kwok" \
-    --wait 2m 9>&- >&2
+    --wait 2m 8>&- 9>&- >&2
+  exec 8>&-
 }
 
 up() {
