@@ -81,8 +81,13 @@ def test_relays_refused_by_a_quota_show_relays_blocked_with_the_api_server_s_rea
         "the count of missing relays to settle on 2",
     )
     assert "exceeded quota: relays" in settled, "the API server's own reason"
-    warning = [e for e in rooms.events("squeezed") if e.reason == "RelaysBlocked"]
-    assert warning and warning[0].type == "Warning"
+    # A pass writes the condition before it posts the Event.
+    warning = wait_until(
+        lambda: [e for e in rooms.events("squeezed") if e.reason == "RelaysBlocked"],
+        30,
+        "the RelaysBlocked Event",
+    )
+    assert warning[0].type == "Warning"
     assert "exceeded quota" in warning[0].message
 
     core.delete_namespaced_resource_quota("relays", namespace)
