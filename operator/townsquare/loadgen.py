@@ -264,13 +264,7 @@ class Audience:
             gone = self.listeners.pop()
             gone.gone = True
             if gone.queued and gone.state == "waiting":
-                self._write(
-                    event="left",
-                    listener=gone.id,
-                    first=gone.first_attempt,
-                    first_answered=gone.first_answered,
-                    at=now,
-                )
+                self._write_queued("left", gone, now)
             if gone.real and self.real is not None:
                 self.real.leave(gone.id)
             elif gone.state == "connected" and gone.pod:
@@ -366,13 +360,11 @@ class Audience:
             listener.state, listener.pod, listener.ticket = "connected", answer["pod"], None
             listener.seat = answer["ticket"]
             listener.due = now + self.check_every * random.uniform(0.5, 1.5)
-            self._write(
-                event="admitted",
-                listener=listener.id,
-                first=listener.first_attempt,
-                first_answered=listener.first_answered,
+            self._write_queued(
+                "admitted",
+                listener,
+                now,
                 asked=began,
-                at=now,
                 pod=answer["pod"],
                 generation=answer["generation"],
                 queued=listener.queued,
@@ -419,6 +411,17 @@ class Audience:
 
     def _count(self, outcome: str) -> None:
         self.joins[outcome] = self.joins.get(outcome, 0) + 1
+
+    def _write_queued(self, event: str, listener: Listener, now: float, **more: Any) -> None:
+        """A listener's line in the record, with the times its place in line is judged by."""
+        self._write(
+            event=event,
+            listener=listener.id,
+            first=listener.first_attempt,
+            first_answered=listener.first_answered,
+            at=now,
+            **more,
+        )
 
     def _write(self, **event: Any) -> None:
         if self.record is not None:

@@ -443,13 +443,18 @@ def test_a_room_deleted_before_its_start_without_any_count_goes_at_once() -> Non
 # --- a rollout in a room with no slack --------------------------------------------------
 
 
+def tight_room(max_relays: int) -> AudioRoomSpec:
+    """5,000 listeners at a 90% target: 6 relays of 1000 with none to spare."""
+    return room(
+        expectedAudience=5000,
+        scaling={"targetUtilization": 0.9, "maxRelays": max_relays, "planHold": "1h"},
+    )
+
+
 def test_a_tight_room_rolls_out_with_extra_relays_that_drain_when_it_is_over() -> None:
     """6 relays of 1000 at 90% target carry 5,000 listeners with no relay to spare: the
     rollout adds two relays first, and lets them drain once every relay is replaced."""
-    spec = room(
-        expectedAudience=5000,
-        scaling={"targetUtilization": 0.9, "maxRelays": 20, "planHold": "1h"},
-    )
+    spec = tight_room(max_relays=20)
     at = START + timedelta(minutes=10)
     everyone = dict.fromkeys(range(6), 833)
     live = reconcile("r", spec, AudioRoomStatus(), seen(at, 6, metrics=counted(5000, at, everyone)))
@@ -560,10 +565,7 @@ def test_without_prometheus_a_rollout_keeps_the_declared_audience_s_relays() -> 
 
 
 def test_a_rollout_held_at_max_relays_says_so_once() -> None:
-    spec = room(
-        expectedAudience=5000,
-        scaling={"targetUtilization": 0.9, "maxRelays": 6, "planHold": "1h"},
-    )
+    spec = tight_room(max_relays=6)
     at = START + timedelta(minutes=10)
     full = dict.fromkeys(range(6), 900)
     live = reconcile("r", spec, AudioRoomStatus(), seen(at, 6, metrics=counted(5400, at, full)))
