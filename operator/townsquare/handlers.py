@@ -57,7 +57,7 @@ from townsquare.lifecycle import (
     Metrics,
     Observed,
     Outcome,
-    has_children,
+    children_worth_reading,
     reconcile,
     stored_scaling_state,
 )
@@ -828,8 +828,7 @@ def reconcile_room(
     nodes = placeholders.room_nodes(name, pods, holding)
     held = state.shard_map
     shard_map = held.expand() if isinstance(held, EmptyMap) else held
-    # A room whose status names no shard map never had children: nothing to read.
-    known = has_children(previous) or previous.phase not in (None, "Scheduled")
+    known = children_worth_reading(previous)
     if held is None and known:
         shard_map = cluster.read_shard_map(namespace, name)
     if state.relay_revision is None and known:
