@@ -45,7 +45,9 @@ WANTED = re.compile(r"^audioroom_edge_wanted_listeners\{[^}]*\} ([0-9.e+]+)$")
 def load_figures(load: LoadGenerator) -> tuple[dict[str, float], float]:
     """What the load generator itself counts (the listeners' side): listeners on each relay
     pod, and all the listeners who want to listen, connected or waiting."""
-    with urllib.request.urlopen(f"http://{load.address}/metrics", timeout=2) as answer:
+    # A generous timeout: a load generator busy with hundreds of real connections may answer
+    # late on a loaded machine, and a sampler skips a sample that fails.
+    with urllib.request.urlopen(f"http://{load.address}/metrics", timeout=10) as answer:
         lines = answer.read().decode().splitlines()
     by_pod = {m.group(1): float(m.group(2)) for line in lines if (m := SERIES.match(line))}
     wanted = [float(m.group(1)) for line in lines if (m := WANTED.match(line))]

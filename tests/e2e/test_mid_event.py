@@ -196,13 +196,21 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
             60,
             "the garbage collector to remove the drained relays' StatefulSet",
         )
+        # the watch sees every relay pod go, any the collector is still deleting too
+        wait_until(lambda: watch.samples and not watch.samples[-1][1], 60, "no relay pod left")
     finally:
         watch.stop()
         load.stop()
         edges.stop()
 
     removals = watch.removals()
-    assert removals, "relays were removed"
+    sampled = [t - deleted_at for t, _, _ in watch.samples]
+    assert removals, (
+        f"relays were removed: {len(sampled)} samples, the last {sampled[-1]:.0f}s after the "
+        f"deletion, with pods {sorted(watch.samples[-1][1])}"
+        if sampled
+        else "no sample"
+    )
     for _, pod, counted in removals:
         assert counted.get(pod, 0) == 0, f"{pod} went with {counted.get(pod)} listeners on it"
     last_full = max(t for t, _, counted in watch.samples if sum(counted.values()) >= 300)

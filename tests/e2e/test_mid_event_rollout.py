@@ -86,14 +86,18 @@ class Watch(Sampler):
 
     def sample(self) -> None:
         listeners, wanted = load_figures(self.load)
+        # The map before the pods: the operator drains a relay only after it saw the one it
+        # replaced Ready again, so pods read after the map are at least as Ready as the
+        # operator saw them. Read the other way round, a replaced relay that turns Ready
+        # between the two reads, and the drain that follows, look like 3 relays out at once.
+        data = self.rooms.core.read_namespaced_config_map(
+            f"{self.name}-shards", self.rooms.namespace
+        ).data
         pods = [
             p
             for p in alive(self.rooms.core.list_namespaced_pod(self.rooms.namespace).items)
             if p.metadata.name.startswith(f"{self.name}-relay-")
         ]
-        data = self.rooms.core.read_namespaced_config_map(
-            f"{self.name}-shards", self.rooms.namespace
-        ).data
         shard_map = json.loads(data["shardmap.json"])
         states = {r["ordinal"]: r["state"] for r in shard_map["relays"]}
         self.samples.append(
