@@ -36,9 +36,10 @@ from townsquare.api.names import shard_map_name
 from townsquare.api.types import format_duration
 from townsquare.planning import Plan, capacity_of, plan_room
 from townsquare.policy import TenantPolicy, violations
-from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout
+from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout, relays_for_demand
 from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
 from townsquare.sharding import (
+    RelayState,
     ShardMap,
     moved_share,
     new_map,
@@ -354,6 +355,7 @@ def reconcile(
     phase: Phase
     decision: Decision | None = None
     step: RolloutStep | None = None
+    receivers: frozenset[int] = frozenset()
     wake_at: datetime | None
     if was == "Ended" and not rearmed:
         phase, replicas, accepting = "Ended", 0, 0
@@ -362,6 +364,16 @@ def reconcile(
         began, deadline, why = _drain_window(spec, was, by_clock, seen)
         phase, replicas = _drain(spec, was, running, seen, draft, began, deadline, why)
         accepting = 0
+        if phase == "Draining":
+            receivers = drain_receivers(
+                relays=replicas,
+                ready=seen.ready_set(),
+                metrics=seen.metrics,
+                began=began,
+                capacity=current_map.capacity,
+                states=current_map.relays,
+            )
+            _announce_consolidation(current_map, receivers, replicas, spec, draft)
         wake_at = _after(deadline, seen.now)
         if phase == "Ended" and spec.schedule and seen.deleting_since is None:
             wake_at = seen.now + timedelta(seconds=1)
@@ -395,17 +407,23 @@ def reconcile(
     rolling = {o for o, _ in step.draining} | set(step.replace) if step else set()
     ready = seen.ready_set()
     nodes = _node_headroom(room, spec, previous, plan_status, phase, draft)
+    closed = phase in ("Draining", "Ended")
+    if closed:  # past the end: the lowest relays take the last listeners, the rest drain
+        active = sorted(o for o in ready if o in receivers and o < replicas)
+    else:
+        active = sorted(o for o in ready if o < accepting and o not in rolling)
     rebalanced = rebalance(
         current_map,
-        active=sorted(o for o in ready if o < accepting and o not in rolling),
-        draining=sorted(o for o in ready if (accepting <= o < replicas) or o in rolling),
+        active=active,
+        draining=sorted(o for o in ready if o < replicas and o not in active),
         held=_held(current_map, seen, replicas),
         shard_listeners=_shard_listeners(current_map, seen),
         demand=_admission_demand(seen, decision),
         fanout=spec.sharding.fanout,
         budget=_migration_budget(spec, seen.now, shard_map_at),
+        closed=closed,
     )
-    if phase not in ("Draining", "Ended"):  # past the end, joins are closed: nothing to say
+    if not closed:  # past the end, joins are closed: nothing to say
         _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
     _metrics_condition(seen, draft)
     _capacity_condition(spec, plan, decision, draft)
@@ -966,7 +984,8 @@ def _drain(
     why: str,
 ) -> tuple[Phase, int]:
     """Keep relays until their listeners have left (or the deadline), removing each from the
-    top as soon as it and every relay above it are empty; then end."""
+    top as soon as it and every relay above it are empty; then end. The top ones empty
+    early: the map moves their last listeners down (`drain_receivers`)."""
     if was != "Draining" and running > 0:
         draft.event(
             NORMAL,
@@ -1008,6 +1027,57 @@ def _carrying(spec: AudioRoomSpec, running: int, seen: Observed, began: datetime
     unattributed = metrics.listeners > sum(metrics.by_relay.values())
     carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]
     return max(carrying) + 1 if carrying else 0
+
+
+def drain_receivers(
+    *,
+    relays: int,
+    ready: frozenset[int],
+    metrics: Metrics | None,
+    began: datetime,
+    capacity: int,
+    states: Mapping[int, RelayState],
+) -> frozenset[int]:
+    """Relays that keep their listeners while the room drains, and take those of the others.
+
+    A StatefulSet removes its highest ordinal first, so one listener lingering on the top
+    relay would keep every relay below it. Instead, the fewest lowest Ready relays that
+    carry the listeners still counted (at ROLLOUT_FILL of their capacity, as in a rollout)
+    stay active; the map drains the others, highest first, and their listeners move down
+    within the migration budget, so each relay goes once it is empty, as the audience
+    leaves. A relay the map drains already never takes listeners again (no churn while the
+    counts wobble). Without a count taken after the drain began, no relay starts draining.
+    """
+    serving = sorted(o for o in ready if o < relays and states.get(o) != "draining")
+    fresh = (
+        metrics is not None
+        and metrics.listeners is not None
+        and metrics.sampled_at is not None
+        and metrics.sampled_at > began
+    )
+    if not fresh or metrics is None or metrics.listeners is None:
+        return frozenset(o for o in serving if states.get(o) == "active")
+    return frozenset(serving[: relays_for_demand(metrics.listeners, capacity)])
+
+
+def _announce_consolidation(
+    current: ShardMap, receivers: frozenset[int], relays: int, spec: AudioRoomSpec, draft: _Draft
+) -> None:
+    """Say which relays start draining so their last listeners move down, once."""
+    starting = sorted(
+        o
+        for o in draft.seen.ready_set()
+        if o < relays and o not in receivers and current.relays.get(o) == "active"
+    )
+    if starting and receivers:
+        draft.event(
+            NORMAL,
+            "DrainConsolidating",
+            f"moving the listeners left on relays {_ordinals(tuple(starting))} to relays "
+            f"{_ordinals(tuple(sorted(receivers)))} (at up to "
+            f"{spec.sharding.max_migrations_per_minute:,} a minute), so each relay goes as "
+            "it empties",
+        )
 
 
 def _after(deadline: datetime, now: datetime) -> datetime:

@@ -46,7 +46,7 @@ DecisionReason = Literal[
 """A closed set, so a label value can never carry a room's numbers (one series per reason)."""
 DECISION_REASONS: tuple[DecisionReason, ...] = get_args(DecisionReason)
 Direction = Literal["up", "down", "hold"]
-Admission = Literal["open", "queueing"]
+Admission = Literal["open", "queueing", "closed"]
 _LABEL_SAFE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -29,7 +29,9 @@ ADMISSION_MARGIN = 0.9
 """The queue turns on once a relay is expected at 90% of its capacity, not 100%: the map
 reaches the edge a publication after the reading it was made from, and joins keep coming
 meanwhile. In queueing mode the edge still fills each relay up to its full capacity."""
-Admission = Literal["open", "queueing"]
+Admission = Literal["open", "queueing", "closed"]
+"""`closed`: the event is over (or the room deleted): the edge admits no new join, and only
+moves listeners already in the room, off draining relays onto the active ones."""
 
 
 def shard_of(listener_id: str, shards: int) -> int:
@@ -191,6 +193,7 @@ def rebalance(
     demand: float | None = None,
     fanout: int,
     budget: float = math.inf,
+    closed: bool = False,
 ) -> Rebalance:
     """Assign shards to the `active` relays, moving as few listeners as possible.
 
@@ -202,7 +205,10 @@ def rebalance(
     `shard_listeners` are the connected listeners per shard (unknown: none), `demand` all
     listeners wanting a relay, waiting ones included (default: the connected ones). Moves
     off draining relays come first, then off relays above capacity, then towards equal shard
-    counts, each lightest shard first, while `budget` listeners may still migrate.
+    counts, each lightest shard first, while `budget` listeners may still migrate. The
+    highest draining relay is emptied first: a StatefulSet removes its highest ordinal, so
+    that is the relay whose emptying frees a pod. `closed`: the room takes no new joins
+    (its event is over); the active relays only take the listeners moved off the others.
     """
     shards = current.shards
     weights = shard_listeners if shard_listeners is not None else (0.0,) * shards
@@ -228,7 +234,7 @@ def rebalance(
         # (shard, costs budget, must fit): a dead relay's shards cost nothing; a draining
         # relay's must go even if only a full relay is left; balancing never overloads.
         movers = [(s, False, False) for s in orphans]
-        for relay in sorted(draining_set):
+        for relay in sorted(draining_set, reverse=True):
             movers += [(s, True, False) for s in sorted(owned[relay], key=weights.__getitem__)]
         # While joins wait, a full relay's extra shards move without spending the budget:
         # its listeners need not leave it (it is not overloaded), and the queued joins of
@@ -282,8 +288,12 @@ def rebalance(
         assignment = [None] * shards
         moved = shards - current.assignment.count(None)
 
-    if shard_listeners is None and demand is None:
-        admission = current.admission  # no reading: fail-static, as the relay count is
+    if closed:
+        admission: Admission = "closed"
+    elif shard_listeners is None and demand is None:
+        # No reading: fail-static, as the relay count is; a room open again (a new
+        # occurrence) starts open.
+        admission = "open" if current.admission == "closed" else current.admission
     else:
         admission = _admission(assignment, weights, load, active_set, current.capacity, demand)
     states: dict[int, RelayState] = {r: "active" for r in sorted(active_set)}

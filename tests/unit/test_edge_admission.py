@@ -47,7 +47,7 @@ def room_map(
         shard_map.assignment,
         shard_map.relays,
         shard_map.parents,
-        "queueing" if admission == "queueing" else "open",
+        "queueing" if admission == "queueing" else "closed" if admission == "closed" else "open",
         capacity,
         budget,
     )
@@ -491,6 +491,26 @@ def test_listeners_leave_a_draining_relay_even_while_joins_wait() -> None:
     mover = listeners_of(shard_map, 0, 1, prefix="m")[0]
     moved = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-1"), now=101.0)
     assert isinstance(moved, Location) and moved.moved
+
+
+def test_a_closed_room_admits_nobody_yet_moves_its_listeners_down() -> None:
+    """Past the end of the event the map is closed: no join gets a relay, with a queue
+    ticket or without, though relay 0 has room; a listener on the draining relay 1 is
+    still sent to relay 0, where its shard went."""
+    shard_map = rebalance(
+        room_map(relays=2, capacity=10, budget=60), active=[0], draining=[1], fanout=8,
+        shard_listeners=[0.1] * 64, closed=True,
+    ).map  # fmt: skip
+    assert shard_map.admission == "closed" and shard_map.counts()[1] == 0
+    gate = gate_for(shard_map, listeners={1: 3})
+    room = gate.rooms[(NS, ROOM)]
+    first = gate.join(room, "late", None, now=101.0)
+    assert isinstance(first, Queued) and "event is over" in first.reason
+    again = gate.join(room, "late", first.ticket, now=102.0)
+    assert isinstance(again, Queued)
+    mover = listeners_of(shard_map, 0, 1, prefix="m")[0]
+    moved = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-1"), now=102.0)
+    assert isinstance(moved, Location) and moved.moved and moved.pod == f"{ROOM}-relay-0"
 
 
 def test_no_stranger_can_skip_the_queue_by_claiming_a_seat() -> None:

@@ -230,6 +230,130 @@ def test_the_end_drain_removes_relays_from_the_top_as_they_empty() -> None:
     assert sizes == [10, 8, 3, 0]
 
 
+def live_map(spec: AudioRoomSpec, at: datetime) -> Outcome:
+    """A pass of the room live on 10 relays of 700 listeners each."""
+    metrics = counted(7000, at, dict.fromkeys(range(10), 700))
+    live = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, metrics=metrics))
+    assert live.shard_map.relays == dict.fromkeys(range(10), "active")
+    return live
+
+
+def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_empties() -> None:
+    """30 listeners linger after the end, spread over all 10 relays. The old rule (remove a
+    relay only once it and every relay above it are empty) kept all 10 until they left.
+    Now the listeners follow the map down (as the edge moves them) within the migration
+    budget, the relays go from the top as each is counted empty, nobody is dropped, and
+    one relay carries them long before the drain timeout (10 m): the 27 moves take about
+    3.4 minutes at 8 a minute."""
+    spec = room(sharding={"maxMigrationsPerMinute": 8}, scaling={"drainTimeout": "10m"})
+    at = START + timedelta(minutes=10)
+    outcome = live_map(spec, at)
+    published = at
+    lingering = [f"listener-{i}" for i in range(30)]
+    where = {who: outcome.shard_map.relay_for(who) for who in lingering}
+    assert len(set(where.values())) >= 8, "the lingering listeners are on most relays"
+    end = START + timedelta(hours=1)
+    sizes, ready = [], 10
+    for seconds in range(5, 360, 15):
+        moment = end + timedelta(seconds=seconds)
+        by_relay = dict.fromkeys(range(ready), 0)
+        for relay in where.values():
+            by_relay[relay] += 1
+        metrics = counted(len(lingering), moment, by_relay)
+        outcome = reconcile(
+            "r", spec, outcome.status, seen(moment, ready, metrics=metrics),
+            shard_map=outcome.shard_map, shard_map_at=published,
+        )  # fmt: skip
+        published = moment
+        removed = [o for o in range(outcome.desired_relays, ready) if by_relay[o]]
+        assert not removed, f"relays {removed} removed with listeners on them"
+        ready = outcome.desired_relays
+        sizes.append(ready)
+        # The edge moves each listener whose shard went to another (active) relay.
+        for who in lingering:
+            relay = outcome.shard_map.relay_for(who)
+            if relay is not None and outcome.shard_map.relays.get(relay) == "active":
+                where[who] = relay
+        assert all(relay < ready for relay in where.values()), "nobody is dropped"
+        assert outcome.shard_map.admission == "closed", "the room takes no new joins"
+    assert outcome.status.phase == "Draining", "the 30 listeners still listen"
+    assert sizes == sorted(sizes, reverse=True)
+    assert len(set(sizes)) >= 4, f"relays go a few at a time as they empty: {sizes}"
+    down_to_one = end + timedelta(seconds=5 + 15 * sizes.index(1))
+    assert down_to_one - end <= timedelta(minutes=4), "well before the 10 m drain timeout"
+    assert set(where.values()) == {0}
+    consolidating = [e for e in outcome.events if e.reason == "DrainConsolidating"]
+    assert not consolidating, "said once, when the relays begin to drain"
+    # They leave: the last relay goes, and the room ends.
+    moment = end + timedelta(minutes=6)
+    gone = reconcile(
+        "r", spec, outcome.status,
+        seen(moment, 1, metrics=counted(0, moment, {0: 0})), shard_map=outcome.shard_map,
+    )  # fmt: skip
+    assert gone.desired_relays == 0
+    assert "DrainTimedOut" not in reasons(gone)
+
+
+def test_the_end_drain_empties_the_highest_relay_first_within_the_budget() -> None:
+    """A StatefulSet removes its highest ordinal: with budget for about one relay's
+    listeners, those of relay 9 move (to the relay kept), not a share of every relay's."""
+    spec = room(sharding={"maxMigrationsPerMinute": 7})
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    end = START + timedelta(hours=1)
+    moment = end + timedelta(seconds=30)  # a budget of 3.5 listeners since the last map
+    by_relay = dict.fromkeys(range(10), 3)
+    outcome = reconcile(
+        "r", spec, live.status, seen(moment, 10, metrics=counted(30, moment, by_relay)),
+        shard_map=live.shard_map, shard_map_at=end,
+    )  # fmt: skip
+    drained = outcome.shard_map
+    assert drained.relays == {0: "active", **dict.fromkeys(range(1, 10), "draining")}
+    counts = drained.counts()
+    assert counts[9] == 0, "the top relay's shards all went"
+    assert counts[0] > live.shard_map.counts()[0] + 400
+    assert all(counts[o] >= 400 for o in range(1, 8)), "relays below wait for the budget"
+    consolidating = next(e for e in outcome.events if e.reason == "DrainConsolidating")
+    assert "relays 1, 2, 3, 4, 5, 6, 7, 8, 9 to relays 0" in consolidating.message
+
+
+def test_the_end_drain_keeps_enough_relays_for_the_listeners_left() -> None:
+    """250 listeners left at 1000 a relay: three relays carry them (at 90%), the lowest
+    three; and a relay drained once never takes listeners again when a count wobbles up."""
+    spec = room()
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    end = START + timedelta(hours=1)
+    first = end + timedelta(seconds=10)
+    by_relay = dict.fromkeys(range(10), 250)
+    outcome = reconcile(
+        "r", spec, live.status, seen(first, 10, metrics=counted(2500, first, by_relay)),
+        shard_map=live.shard_map, shard_map_at=at,
+    )  # fmt: skip
+    assert sorted(o for o, s in outcome.shard_map.relays.items() if s == "active") == [0, 1, 2]
+    later = first + timedelta(seconds=10)
+    wobble = reconcile(
+        "r", spec, outcome.status, seen(later, 10, metrics=counted(2600, later, by_relay)),
+        shard_map=outcome.shard_map, shard_map_at=first,
+    )  # fmt: skip
+    assert sorted(o for o, s in wobble.shard_map.relays.items() if s == "active") == [0, 1, 2]
+
+
+def test_the_end_drain_moves_nobody_before_a_count_taken_after_it_began() -> None:
+    spec = room()
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    end = START + timedelta(hours=1)
+    stale = counted(30, end - timedelta(seconds=1), dict.fromkeys(range(10), 3))
+    outcome = reconcile(
+        "r", spec, live.status, seen(end + timedelta(seconds=1), 10, metrics=stale),
+        shard_map=live.shard_map, shard_map_at=at,
+    )  # fmt: skip
+    assert outcome.shard_map.assignment == live.shard_map.assignment
+    assert outcome.shard_map.admission == "closed"
+    assert "DrainConsolidating" not in reasons(outcome)
+
+
 def test_the_end_drain_trusts_no_sample_taken_before_it_began() -> None:
     spec = room()
     at = START + timedelta(minutes=10)

@@ -422,3 +422,12 @@ def test_any_new_shard_count_moves_only_the_listeners_it_says_and_keeps_shares(
     assert set(after_counts) <= set(before_counts)
     for relay, count in before_counts.items():
         assert abs(after_counts.get(relay, 0) - count * new / old) <= 2, relay
+
+
+def test_a_closed_map_opens_again_for_a_new_occurrence_without_a_reading() -> None:
+    """Past the end the map is closed; when the room is armed again (no count yet, so the
+    admission is otherwise kept as it was), it opens: a closed room would admit nobody."""
+    closed = rebalance(new_map(64, 10), active=[0], fanout=4, closed=True).map
+    assert closed.admission == "closed"
+    again = rebalance(closed, active=[0, 1], fanout=4).map
+    assert again.admission == "open"

@@ -528,7 +528,9 @@ class Gate:
         behind = 0.0 if oldest is None else max(0.0, first - oldest)
         window = settings.retry_after * REORDER_SHARE
         reason = None
-        if ticket is None and room.shard_map.admission == "queueing":
+        if room.shard_map.admission == "closed":
+            reason = "the room takes no new joins: its event is over"
+        elif ticket is None and room.shard_map.admission == "queueing":
             reason = "the room is queueing joins"
         else:
             if behind > window:
