@@ -134,16 +134,26 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     cascade: str,
 ) -> None:
     """`kubectl delete` (Background) and `kubectl delete --cascade=foreground` alike: with the
-    chart's drain policy the garbage collector cannot take the relays before the drain."""
+    chart's drain policy the garbage collector cannot take the relays before the drain.
+
+    And the drain removes each relay as it empties: when the audience has fallen to a few
+    listeners spread over the relays, those on the higher relays are moved down (within
+    the migration budget), and the relays go one by one from the top, each counted empty
+    by the listeners' side just before it goes, long before the lingering listeners leave
+    and the drain timeout; nobody lingering is dropped."""
     rooms = Rooms(api_client, namespace)
     manifest = scaling_room("leaving", start_in=5, duration="10m", audience=300)
     manifest["spec"]["scaling"]["drainTimeout"] = "2m"
+    manifest["spec"]["sharding"]["maxMigrationsPerMinute"] = MIGRATIONS_PER_MINUTE
     start = datetime.fromisoformat(manifest["spec"]["startTime"]).timestamp()
     rooms.create(manifest)
-    # 300 listeners stay until the room has been deleted a while, then leave over 10 s.
+    # 300 listeners stay until the room has been deleted a while, then all but 20 leave
+    # over 7 s; the 20 (spread over the relays by their shards) linger 25 s more.
     trace = write_trace(
-        tmp_path / "leaving.csv", [(-20, 0), (0, 300), (45, 300), (55, 0), (300, 0)]
-    )
+        tmp_path / "leaving.csv",
+        [(-20, 0), (0, 300), (38, 300), (45, LINGERING), (LEAVE, LINGERING), (LEAVE + 5, 0),
+         (300, 0)],
+    )  # fmt: skip
     edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
     load = LoadGenerator(kubeconfig, namespace, "leaving", trace, edges)
     prometheus.add_target(load.address)
@@ -227,11 +237,53 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     assert not early, f"{early} went at the deletion with listeners on them"
     draining = [e for e in rooms.events("leaving") if e.reason == "Draining"]
     assert draining and "the room was deleted" in draining[0].message
+    _relays_go_as_the_lingering_listeners_move_down(watch, start)
     last = max(t for t, _, _ in removals)
     print(
         f"{cascade}: first relay removed {min(t for t, _, _ in removals) - deleted_at:.0f}s "
         f"after the deletion, the last {last - deleted_at:.0f}s; the room gone "
         f"{gone_at - last:.0f}s after its last relay"
+    )
+
+
+LINGERING = 20
+LEAVE = 70
+"""Seconds after the start when the lingering listeners leave."""
+MIGRATIONS_PER_MINUTE = 120
+"""Two moves a second: the relays' last listeners move down a few at a time."""
+
+
+def _ordinal(pod: str) -> int:
+    return int(pod.rsplit("-", 1)[1])
+
+
+def _relays_go_as_the_lingering_listeners_move_down(watch: PodWatch, start: float) -> None:
+    """Judged by the load generator's counts per relay pod (the listeners' side) and the
+    pods the API server has, not by the shard map."""
+    fallen = [s for s in watch.samples if start + 47 <= s[0] <= start + LEAVE - 2]
+    assert fallen, "samples while only the lingering listeners were left"
+    at_fall = fallen[0]
+    carrying = sorted(_ordinal(p) for p, n in at_fall[2].items() if n > 0 and p in at_fall[1])
+    assert max(carrying) >= 1, f"listeners lingered above relay 0: on relays {carrying}"
+    lingering = [sum(counted.values()) for _, _, counted in fallen]
+    assert min(lingering) == LINGERING, f"nobody lingering was dropped: {min(lingering)}"
+    gone = sorted(
+        ((t, _ordinal(pod)) for t, pod, _ in watch.removals() if t >= at_fall[0]),
+        key=lambda removal: (removal[0], -removal[1]),
+    )
+    before_leaving = [o for t, o in gone if t < start + LEAVE]
+    above = [o for o in at_fall[1] if _ordinal(o) >= 1]
+    assert len(before_leaving) == len(above), (
+        f"every relay above relay 0 ({sorted(above)}) went while the {LINGERING} listeners "
+        f"still listened, long before the drain timeout: only {before_leaving} did"
+    )
+    assert before_leaving == sorted(before_leaving, reverse=True)
+    times = sorted({round(t, 1) for t, o in gone if o in before_leaving})
+    assert len(times) >= 2, f"the relays went one by one as each emptied, not at once: {gone}"
+    print(
+        f"lingering on relays {carrying} at the fall; relays {before_leaving} removed "
+        + ", ".join(f"{t - start:.1f}" for t, o in gone if o in before_leaving)
+        + f" s after the start; the listeners left at {LEAVE} s"
     )
 
 
