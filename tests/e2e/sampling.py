@@ -42,16 +42,28 @@ class Sampler:
 WANTED = re.compile(r"^audioroom_edge_wanted_listeners\{[^}]*\} ([0-9.e+]+)$")
 
 
-def load_figures(load: LoadGenerator) -> tuple[dict[str, float], float]:
-    """What the load generator itself counts (the listeners' side): listeners on each relay
-    pod, and all the listeners who want to listen, connected or waiting."""
+STATES = re.compile(r'^audioroom_loadgen_listeners\{[^}]*state="([a-z]+)"[^}]*\} ([0-9.e+]+)$')
+
+
+def audience_figures(load: LoadGenerator) -> tuple[dict[str, float], float, dict[str, float]]:
+    """`load_figures`, and the audience by state as the load generator counts it: idle
+    (wants a relay and has not asked yet, or lost its relay), waiting (holds a queue
+    ticket), connected."""
     # A generous timeout: a load generator busy with hundreds of real connections may answer
     # late on a loaded machine, and a sampler skips a sample that fails.
     with urllib.request.urlopen(f"http://{load.address}/metrics", timeout=10) as answer:
         lines = answer.read().decode().splitlines()
     by_pod = {m.group(1): float(m.group(2)) for line in lines if (m := SERIES.match(line))}
     wanted = [float(m.group(1)) for line in lines if (m := WANTED.match(line))]
-    return by_pod, sum(wanted)
+    states = {m.group(1): float(m.group(2)) for line in lines if (m := STATES.match(line))}
+    return by_pod, sum(wanted), states
+
+
+def load_figures(load: LoadGenerator) -> tuple[dict[str, float], float]:
+    """What the load generator itself counts (the listeners' side): listeners on each relay
+    pod, and all the listeners who want to listen, connected or waiting."""
+    by_pod, wanted, _ = audience_figures(load)
+    return by_pod, wanted
 
 
 def listeners_by_pod(load: LoadGenerator) -> dict[str, float]:

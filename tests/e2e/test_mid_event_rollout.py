@@ -26,9 +26,9 @@ from rooms import LoadGenerator, Rooms, scaling_room, write_trace
 from sampling import (
     Sampler,
     alive,
+    audience_figures,
     is_ready,
     listeners_by_pod,
-    load_figures,
     moves_in_any_minute,
 )
 
@@ -74,6 +74,9 @@ class Sample:
     listeners: dict[str, float]
     wanted: float
     capacity: int
+    states: dict[str, float]
+    """The audience by state, as the load generator counts it: idle, waiting, connected."""
+    admission: str
 
 
 class Watch(Sampler):
@@ -85,7 +88,7 @@ class Watch(Sampler):
         super().__init__()
 
     def sample(self) -> None:
-        listeners, wanted = load_figures(self.load)
+        listeners, wanted, audience = audience_figures(self.load)
         # The map before the pods: the operator drains a relay only after it saw the one it
         # replaced Ready again, so pods read after the map are at least as Ready as the
         # operator saw them. Read the other way round, a replaced relay that turns Ready
@@ -110,6 +113,8 @@ class Watch(Sampler):
                 listeners,
                 wanted,
                 shard_map["capacity"],
+                audience,
+                shard_map["admission"],
             )
         )  # fmt: skip
 
@@ -184,6 +189,7 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
         time.sleep(1)
         watch.stop()
         moves = [e for e in load.events() if e["event"] == "moved" and e["at"] >= began]
+        joined = [e for e in load.events() if e["event"] != "moved" and e["at"] >= began]
 
     samples = watch.samples
     old = {uid for name, (uid, image, _) in samples[0].pods.items() if image.endswith(":test")}
@@ -215,6 +221,17 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
         )
         assert serving * CAPACITY >= sample.wanted, f"{serving} relays cannot carry the demand"
     worst = samples[out_at_once.index(max(out_at_once))]
+    # What the listeners notice (their own record and counts, not the map or the pods):
+    # every one of them kept a relay all through the rollout, none lost it and had to join
+    # again, and none waited in the admission queue.
+    unserved = [
+        (round(s.at - began, 1), s.states)
+        for s in samples
+        if s.states.get("connected") != s.wanted or s.states.get("waiting") or s.states.get("idle")
+    ]
+    assert not unserved, f"listeners without a relay during the rollout: {unserved[:5]}"
+    assert not joined, f"listeners had to join again, or waited, during the rollout: {joined[:5]}"
+    queueing = sum(1 for s in samples if s.admission == "queueing")
     assert max(out_at_once) <= MAX_SURGE, (
         f"{max(out_at_once)} relays out at {worst.at - began:.1f}s: pods "
         f"{ {n: ok for n, (_, _, ok) in worst.pods.items()} }, active {sorted(worst.active)}, "
@@ -237,7 +254,8 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
     print(
         f"rollout of {RELAYS} relays with {TIGHT} listeners (no relay to spare) took "
         f"{seconds:.0f}s; at most {max(pods_at_once)} relay pods, {len(moves)} moves, "
-        f"at most {most_moves} in a minute (budget {BUDGET})"
+        f"at most {most_moves} in a minute (budget {BUDGET}); the map queued joins in "
+        f"{queueing} of {len(samples)} samples; nobody waited or lost a relay"
     )
 
 
