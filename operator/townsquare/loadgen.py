@@ -19,8 +19,9 @@ When the room's relays are real processes (the pod runner's: a loopback pod IP a
 annotation), up to `--real-listeners` of the audience are real listeners instead
 (relay/listener.py): the earliest ones not yet connected when the relays are seen to be real
 (keeping their place in the queue), then newcomers while there is room. Each joins through
-the edge, holds a TCP connection to its relay on a thread and event loop of its own, follows
-moves and counts the frames it hears. Only the rest is simulated as above; the relays count
+its own edge replica (the next when that one does not answer), holds a TCP connection to
+its relay in a process of its own (relay/crowd.py), follows moves and counts the frames it
+hears. Only the rest is simulated as above; the relays count
 the real ones themselves, so the metrics here count the simulated part only, and the two parts
 are reported apart (metrics, and a `summary` line in `--record` and on stdout at exit).
 """
@@ -661,7 +662,7 @@ def run(
             )
             if real_listeners > 0:
                 joiner = functools.partial(
-                    EdgeJoiner, edge_url=audience.edges[0], namespace=namespace, room=room
+                    EdgeJoiner, edge_url=list(audience.edges), namespace=namespace, room=room
                 )
                 audience.real = RealListeners(joiner, real_listeners)
             latest: list[Snapshot] = []

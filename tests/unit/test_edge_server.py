@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -403,5 +404,27 @@ def test_the_reference_relay_client_follows_a_move_with_the_admission_it_holds()
         assert moved is not None and moved.pod == f"{ROOM}-relay-1"
         assert (moved.host, moved.port) == ("10.0.0.2", 7000)
         assert await joiner.relocate(listener, moved) is None, "home now"
+
+    run(gate, scenario)
+
+
+def test_the_reference_client_turns_to_another_edge_replica_when_its_own_is_gone() -> None:
+    # A replica killed mid-storm: listeners whose own replica it was ask the next one, with
+    # the same ticket; those whose replica answers never notice.
+    gate = gate_for(room_map(relays=1, budget=60))
+    gate.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(0, 100.0)})
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        with socket.socket() as closed:  # a loopback port nobody listens on any more
+            closed.bind(("127.0.0.1", 0))
+            gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        joiner = EdgeJoiner(client.session, [gone, str(client.make_url(""))], NS, ROOM)
+        names = [f"listener-{i}" for i in range(8)]
+        first_asks = {name: joiner._replicas(name)[0] for name in names}
+        assert len(set(first_asks.values())) == 2, "both replicas are someone's own"
+        for name in names:
+            held = await joiner.join(name)
+            assert held.pod == f"{ROOM}-relay-0"
+            assert await joiner.relocate(name, held) is None
 
     run(gate, scenario)

@@ -228,6 +228,52 @@ def test_the_metric_contract_counts_what_the_relay_holds(tmp_path: Path) -> None
     run_room(tmp_path, body)
 
 
+def test_the_relays_name_who_they_hold_and_when_a_moved_listener_changed_relay(
+    tmp_path: Path,
+) -> None:
+    """`/listeners` on each relay: the drained relay lists its listeners as gone, with when
+    they came and went; the relay they moved to holds them, welcomed before the old relay saw
+    them go (make-before-break) and only by as long as that hand-over took."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        began = time.time()
+        await room.add_listeners(NAMES[:8])
+        moving = {lst.name for lst in room.on(1)}
+        assert moving
+        room.publish(rebalance(first, active=[0], draining=[1], fanout=8).map)
+        await until(lambda: not room.relays[1].listeners, 10, "relay 1 to empty")
+        runners = [
+            await serve_metrics(room.relays[o], "ns", "r", f"r-relay-{o}", "127.0.0.1", 0)
+            for o in (0, 1)
+        ]
+        try:
+            async with aiohttp.ClientSession() as session:
+                answers = []
+                for runner in runners:
+                    url = f"http://127.0.0.1:{runner.addresses[0][1]}/listeners"
+                    async with session.get(url, params={"since": str(began)}) as response:
+                        answers.append(await response.json())
+                async with session.get(url, params={"since": "soon"}) as response:
+                    refused = (response.status, await response.json())
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+        held, drained = answers
+        assert held["pod"] == "r-relay-0" and drained["pod"] == "r-relay-1"
+        assert set(held["listeners"]) == set(NAMES[:8]) and not drained["listeners"]
+        left = {name: (came, went) for name, came, went in drained["left"]}
+        assert set(left) == moving
+        for name, (came, went) in left.items():
+            welcomed_here = held["listeners"][name]
+            assert began <= came < welcomed_here <= went, name
+            assert went - welcomed_here < 1.0, f"{name} held twice for {went - welcomed_here}s"
+        assert refused == (400, {"error": "since: expected Unix seconds, got 'soon'"})
+
+    run_room(tmp_path, body)
+
+
 def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: Path) -> None:
     class Stubborn(MapJoiner):
         async def relocate(self, listener: str, current: Admission) -> None:

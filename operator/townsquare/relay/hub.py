@@ -37,6 +37,17 @@ class HubSettings:
     """Frames kept for resuming (100 x 20 ms = 2 s)."""
     send_buffer_bytes: int = 32 * 1024
     """SO_SNDBUF of downstream sockets: small, so a client that never reads shows quickly."""
+    departures_kept: int = 20_000
+    """Listeners that left, kept with when they came and went (`/listeners`), newest last."""
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A listener that left this hub: who, and when (wall-clock seconds) it came and went."""
+
+    listener: str
+    attached_at: float
+    left_at: float
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,8 @@ class Downstream(asyncio.Protocol):
         self.decoder = Decoder()
         self.admitted: Admitted | None = None
         self.paused_at: float | None = None
+        self.attached_at = 0.0
+        """Wall-clock seconds when the hub welcomed it (0 until then)."""
         self.closing = False
         self._handshake: asyncio.TimerHandle | None = None
         self._ignored = 0
@@ -194,6 +207,9 @@ class Hub:
         self.refusals: Counter[str] = Counter()
         self.moves: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
+        self.departures: deque[Departure] = deque(maxlen=settings.departures_kept)
+        """The listeners that left lately: with `listeners`, who this hub held and when, so
+        that others can check from the relays themselves that no listener is held twice."""
         self.server: asyncio.Server | None = None
 
     def admit(self, hello: dict[str, Any]) -> Admitted:
@@ -220,6 +236,7 @@ class Hub:
             previous = self.listeners.get(admitted.name)
             if previous is not None and previous is not connection:
                 previous.move("replaced")
+            connection.attached_at = time.time()
             self.listeners[admitted.name] = connection
         else:
             self.relays.add(connection)
@@ -240,9 +257,23 @@ class Hub:
         if admitted.role == "listener":
             if self.listeners.get(admitted.name) is connection:
                 del self.listeners[admitted.name]
+                self.departures.append(
+                    Departure(admitted.name, connection.attached_at, time.time())
+                )
         else:
             self.relays.discard(connection)
         self._targets_stale = True
+
+    def holdings(self, since: float) -> dict[str, object]:
+        """Who this hub holds now (listener -> when it was welcomed) and who left at or
+        after `since` ([listener, welcomed, left]), in wall-clock seconds, as of `at`."""
+        left: list[list[object]] = []
+        for departure in reversed(self.departures):
+            if departure.left_at < since:
+                break
+            left.append([departure.listener, departure.attached_at, departure.left_at])
+        held = {name: c.attached_at for name, c in self.listeners.items()}
+        return {"at": time.time(), "listeners": held, "left": left[::-1]}
 
     def publish(self, seq: int, raw: bytes) -> None:
         """Fan one frame out to every downstream connection, once; dropping stalled ones."""

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import functools
 import time
+import zlib
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 from urllib.parse import quote
@@ -339,39 +341,71 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class EdgeJoiner:
-    """Joins through the edge's HTTP API, keeping the queue ticket across retries."""
+    """Joins through the edge's HTTP API, keeping the queue ticket across retries.
 
-    def __init__(self, session: aiohttp.ClientSession, edge_url: str, namespace: str,
-                 room: str) -> None:  # fmt: skip
+    With several edge replicas (`edge_url` a list), each listener asks its own replica (a
+    stable hash of its id, as a load balancer hashing on it would pick) and the next one
+    when that does not answer (a replica killed mid-request): tickets are signed with the
+    shared key, so any replica honours them."""
+
+    def __init__(self, session: aiohttp.ClientSession, edge_url: str | Sequence[str],
+                 namespace: str, room: str) -> None:  # fmt: skip
         self.session = session
-        self.base = f"{edge_url.rstrip('/')}/v1/rooms/{quote(namespace)}/{quote(room)}"
+        urls = [edge_url] if isinstance(edge_url, str) else list(edge_url)
+        if not urls:
+            raise ValueError("edge_url: at least one edge replica")
+        path = f"/v1/rooms/{quote(namespace)}/{quote(room)}"
+        self.bases = [f"{url.rstrip('/')}{path}" for url in urls]
         self.queue_tickets: dict[str, str] = {}
         self.queued = 0
         """Join answers that said "wait" (429)."""
+
+    def _replicas(self, listener: str) -> list[str]:
+        first = zlib.crc32(listener.encode()) % len(self.bases)
+        return self.bases[first:] + self.bases[:first]
+
+    async def _ask(
+        self, listener: str, send: Callable[[str], Awaitable[tuple[int, dict[str, Any], float]]]
+    ) -> tuple[int, dict[str, Any], float]:
+        """`send` to the listener's replica, then to the others while none answers."""
+        replicas = self._replicas(listener)
+        for base in replicas[:-1]:
+            try:
+                return await send(base)
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                continue
+        return await send(replicas[-1])
 
     async def join(self, listener: str) -> Admission:
         body: dict[str, str] = {"listener": listener}
         if listener in self.queue_tickets:
             body["ticket"] = self.queue_tickets[listener]
-        async with self.session.post(f"{self.base}/join", json=body) as response:
-            answer = await response.json()
-            if response.status == 429:
-                self.queued += 1
-                self.queue_tickets[listener] = answer["ticket"]
-                raise NoRelayYetError("queued", float(response.headers.get("Retry-After", 1)))
-            if response.status != 200:
-                raise NoRelayYetError(str(answer.get("error")), 1.0)
+
+        async def send(base: str) -> tuple[int, dict[str, Any], float]:
+            async with self.session.post(f"{base}/join", json=body) as response:
+                retry = float(response.headers.get("Retry-After", 1))
+                return response.status, await response.json(), retry
+
+        status, answer, retry_after = await self._ask(listener, send)
+        if status == 429:
+            self.queued += 1
+            self.queue_tickets[listener] = answer["ticket"]
+            raise NoRelayYetError("queued", retry_after)
+        if status != 200:
+            raise NoRelayYetError(str(answer.get("error")), 1.0)
         self.queue_tickets.pop(listener, None)
         host, port = split_address(answer["relay"])
         return Admission(host, port, answer["ticket"], answer["pod"])
 
     async def relocate(self, listener: str, current: Admission) -> Admission | None:
-        url = f"{self.base}/listeners/{quote(listener)}"
-        async with self.session.get(url, params={"ticket": current.ticket}) as response:
-            if response.status != 200:
-                return None
-            answer = await response.json()
-        if not answer.get("moved") or not answer.get("ticket"):
+        async def send(base: str) -> tuple[int, dict[str, Any], float]:
+            url = f"{base}/listeners/{quote(listener)}"
+            async with self.session.get(url, params={"ticket": current.ticket}) as response:
+                answer = await response.json() if response.status == 200 else {}
+                return response.status, answer, 0.0
+
+        status, answer, _ = await self._ask(listener, send)
+        if status != 200 or not answer.get("moved") or not answer.get("ticket"):
             return None
         host, port = split_address(answer["relay"])
         return Admission(host, port, answer["ticket"], answer["pod"])

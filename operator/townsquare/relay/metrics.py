@@ -6,6 +6,7 @@ the process that holds the connections counts, not what anyone who placed listen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from aiohttp import web
@@ -74,7 +75,10 @@ class HubCollector(Collector):
 
 async def serve_metrics(hub: Hub, namespace: str, room: str, pod: str, host: str,
                         port: int) -> web.AppRunner:  # fmt: skip
-    """`/metrics` and `/healthz` on the relay's own address, in its own event loop."""
+    """`/metrics`, `/healthz` and `/listeners` on the relay's own address, in its own event
+    loop. `/listeners?since=<Unix seconds>` (read-only) names the listeners held now, with
+    when each was welcomed, and those that left since then: a test, or an operator chasing a
+    complaint, can check from the relays themselves where each listener is."""
     registry = CollectorRegistry()
     registry.register(HubCollector(hub, namespace, room, pod))
 
@@ -84,9 +88,20 @@ async def serve_metrics(hub: Hub, namespace: str, room: str, pod: str, host: str
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "listeners": len(hub.listeners)})
 
+    async def listeners(request: web.Request) -> web.Response:
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            since = math.nan
+        if not math.isfinite(since):
+            error = f"since: expected Unix seconds, got {request.query['since'][:40]!r}"
+            return web.json_response({"error": error}, status=400)
+        return web.json_response({"pod": pod, **hub.holdings(since)})
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/listeners", listeners)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
