@@ -57,7 +57,7 @@ from townsquare.sim.trace import Trace
 
 STEP_SECONDS = 0.2
 PODS_SECONDS = 1.0
-EACH = ("gaps", "stalls", "each")
+EACH = ("gaps", "stalls", "each", "record")
 """Parts of the real listeners' figures too long for every scrape: the summary only."""
 REAL_LISTENERS = 100
 """Real connections one load generator holds by default: each hears 50 frames a second in
@@ -169,12 +169,15 @@ class RealListeners:
     def can_take(self) -> bool:
         return self.enabled and len(self.held) < self.cap
 
-    def start(self, name: str, queue_ticket: str | None = None) -> None:
-        """A real listener `name`; with the queue ticket it holds, it keeps its place."""
+    def start(
+        self, name: str, queue_ticket: str | None = None, line: dict[str, Any] | None = None
+    ) -> None:
+        """A real listener `name`; with the queue ticket it holds, it keeps its place (and
+        `line`, its way in so far, goes on being timed by the crowd)."""
         if self.crowd is None:
             self.crowd = CrowdProcess(self.make_joiner)
         self.held.add(name)
-        self.crowd.start(name, queue_ticket)
+        self.crowd.start(name, queue_ticket, line)
 
     def leave(self, name: str) -> None:
         self.held.discard(name)
@@ -285,7 +288,17 @@ class Audience:
             if listener.real or listener.busy or listener.state == "connected":
                 continue
             listener.real = True
-            self.real.start(listener.id, listener.ticket)
+            line = None
+            if listener.first_attempt is not None:
+                line = {
+                    "first": listener.first_attempt,
+                    "first_answered": listener.first_answered,
+                    "queued": listener.queued,
+                    "place": listener.place,
+                    "due": listener.due,
+                    "late": listener.late,
+                }
+            self.real.start(listener.id, listener.ticket, line)
 
     def relays_changed(self, ready: set[str], now: float) -> None:
         """Listeners of a relay that is gone lost their connection: they join again."""

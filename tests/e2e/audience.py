@@ -119,13 +119,14 @@ class Process:
 
 
 def origin(workdir: Path, namespace: str, room: str, key_file: Path, kubeconfig: Path,
-           env: dict[str, str]) -> tuple[Process, str]:  # fmt: skip
-    """`townsquare origin` for the room on a free loopback port; (process, host:port)."""
+           env: dict[str, str], *options: str) -> tuple[Process, str]:  # fmt: skip
+    """`townsquare origin` for the room on a free loopback port, with more `options`
+    (e.g. `--frame-interval`); (process, host:port)."""
     port = free_loopback_port()
     process = Process(
         workdir / "origin.log", "origin", "--namespace", namespace, "--room", room,
         "--ticket-key-file", str(key_file), "--port", str(port), "--metrics-port", "0",
-        "--kubeconfig", str(kubeconfig), "--log-format", "json", env=env,
+        "--kubeconfig", str(kubeconfig), "--log-format", "json", *options, env=env,
     )  # fmt: skip
     return process, f"127.0.0.1:{port}"
 

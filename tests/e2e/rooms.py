@@ -194,7 +194,8 @@ def scaling_room(name: str, start_in: float, duration: str, audience: int) -> di
 
 class LoadGenerator:
     """`townsquare loadgen` for one room, joining through `edges`, scraped by the test's
-    Prometheus; every admission and move goes to `record` (JSON lines)."""
+    Prometheus; every admission and move goes to `record` (JSON lines). When the room's
+    relays really run, `real_listeners` of the audience hold real connections to them."""
 
     def __init__(
         self,
@@ -204,6 +205,7 @@ class LoadGenerator:
         trace: Path,
         edges: EdgeFleet,
         check_every: float = 3.0,
+        real_listeners: int | None = None,
     ) -> None:
         self.port = free_loopback_port()
         self.log = trace.with_suffix(".log")
@@ -213,6 +215,7 @@ class LoadGenerator:
             "--trace", str(trace), "--port", str(self.port), "--record", str(self.record),
             "--check-every", str(check_every),
             *[arg for url in edges.urls for arg in ("--edge", url)],
+            *(() if real_listeners is None else ("--real-listeners", str(real_listeners))),
         ]  # fmt: skip
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from townsquare.relay.listener import EdgeJoiner, Joiner, Listener
+from townsquare.relay.listener import EdgeJoiner, Joiner, JoinLine, Listener
 
 STALL_PROBE_SECONDS = 0.01
 STALL_NOTED_SECONDS = 0.03
@@ -84,10 +84,18 @@ class Crowd:
         self.stalls: list[tuple[float, float]] = []
         """(wall time, seconds) this process's loop did not run."""
 
-    def start(self, name: str, queue_ticket: str | None = None) -> None:
-        """A listener `name`; with the queue ticket it holds, it keeps its place in line."""
+    def start(
+        self, name: str, queue_ticket: str | None = None, line: dict[str, Any] | None = None
+    ) -> None:
+        """A listener `name`; with the queue ticket it holds, it keeps its place in line
+        (and `line`, its way in so far as JoinLine's fields, goes on being timed here)."""
         if queue_ticket and isinstance(self.joiner, EdgeJoiner):
             self.joiner.queue_tickets[name] = queue_ticket
+            if line:
+                place = line.get("place")
+                self.joiner.lines[name] = JoinLine(
+                    **{**line, "place": tuple(place) if place else None}
+                )
         listener, stop = Listener(name, self.joiner), asyncio.Event()
         self.held[name] = (listener, stop, asyncio.create_task(listener.run(stop)))
 
@@ -96,6 +104,8 @@ class Crowd:
         if held is not None:
             held[1].set()
             self.left.append(held[0])
+            if isinstance(self.joiner, EdgeJoiner):
+                self.joiner.left_line(name)
 
     async def close(self) -> None:
         tasks = [task for _, _, task in self.held.values()]
@@ -143,6 +153,8 @@ class Crowd:
             figures["stalls"] = [
                 {"at": round(at, 3), "seconds": round(d, 3)} for at, d in self.stalls
             ]
+            if isinstance(self.joiner, EdgeJoiner):
+                figures["record"] = self.joiner.record
             figures["each"] = {
                 lst.name: {
                     "frames": lst.stats.frames,
@@ -223,8 +235,10 @@ class CrowdProcess:
         self.asked = False
         """A status request is out: the next waits for its answer."""
 
-    def start(self, name: str, queue_ticket: str | None = None) -> None:
-        self.conn.send(("start", name, queue_ticket))
+    def start(
+        self, name: str, queue_ticket: str | None = None, line: dict[str, Any] | None = None
+    ) -> None:
+        self.conn.send(("start", name, queue_ticket, line))
 
     def leave(self, name: str) -> None:
         self.connected.discard(name)

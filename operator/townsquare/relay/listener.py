@@ -90,6 +90,9 @@ class ListenerStats:
     """Moves, lost connections, and any other gap that skipped frames or was notable."""
 
 
+WELCOME_SECONDS = 2.0
+"""How long a moving listener waits for the new relay's welcome before it gives up and stays:
+so two relays hold it at once for at most this long (plus the old one noticing it left)."""
 UNANNOUNCED = "no notice"
 """The cause of a gap that no move or lost connection explains (a stalled relay or upstream)."""
 NOTABLE_GAP = 0.1
@@ -172,7 +175,9 @@ class Listener:
             return session
         welcomed = asyncio.ensure_future(new.welcomed.wait())
         ended = cast("asyncio.Future[Any]", new.ended)
-        await asyncio.wait({welcomed, ended}, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {welcomed, ended}, timeout=WELCOME_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
         welcomed.cancel()
         if not new.welcomed.is_set() or new.ended.done():
             new.close()
@@ -340,13 +345,30 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@dataclass
+class JoinLine:
+    """One listener's way in, as it timed it (wall-clock seconds): the first attempt an edge
+    answered, its first place in line, how late it came back, so that the order in which
+    queued listeners got in can be judged from the listeners' side."""
+
+    first: float | None = None
+    first_answered: float | None = None
+    queued: bool = False
+    place: tuple[int, int, float, int] | None = None
+    """The first 429's position and waiting, when it came back, and from which replica."""
+    due: float | None = None
+    late: float = 0.0
+
+
 class EdgeJoiner:
     """Joins through the edge's HTTP API, keeping the queue ticket across retries.
 
     With several edge replicas (`edge_url` a list), each listener asks its own replica (a
     stable hash of its id, as a load balancer hashing on it would pick) and the next one
     when that does not answer (a replica killed mid-request): tickets are signed with the
-    shared key, so any replica honours them."""
+    shared key, so any replica honours them. Every admission, and every queued listener that
+    left before its turn (`left_line`), is kept in `record` with the times of the listener's
+    way in (the load generator's record format)."""
 
     def __init__(self, session: aiohttp.ClientSession, edge_url: str | Sequence[str],
                  namespace: str, room: str) -> None:  # fmt: skip
@@ -359,22 +381,25 @@ class EdgeJoiner:
         self.queue_tickets: dict[str, str] = {}
         self.queued = 0
         """Join answers that said "wait" (429)."""
+        self.lines: dict[str, JoinLine] = {}
+        self.record: list[dict[str, Any]] = []
 
-    def _replicas(self, listener: str) -> list[str]:
+    def _replicas(self, listener: str) -> list[int]:
         first = zlib.crc32(listener.encode()) % len(self.bases)
-        return self.bases[first:] + self.bases[:first]
+        return [(first + step) % len(self.bases) for step in range(len(self.bases))]
 
     async def _ask(
         self, listener: str, send: Callable[[str], Awaitable[tuple[int, dict[str, Any], float]]]
-    ) -> tuple[int, dict[str, Any], float]:
-        """`send` to the listener's replica, then to the others while none answers."""
+    ) -> tuple[int, dict[str, Any], float, int]:
+        """`send` to the listener's replica, then to the others while none answers; the
+        answer and which replica gave it."""
         replicas = self._replicas(listener)
-        for base in replicas[:-1]:
+        for index in replicas[:-1]:
             try:
-                return await send(base)
+                return (*await send(self.bases[index]), index)
             except (aiohttp.ClientConnectionError, TimeoutError):
                 continue
-        return await send(replicas[-1])
+        return (*await send(self.bases[replicas[-1]]), replicas[-1])
 
     async def join(self, listener: str) -> Admission:
         body: dict[str, str] = {"listener": listener}
@@ -386,16 +411,48 @@ class EdgeJoiner:
                 retry = float(response.headers.get("Retry-After", 1))
                 return response.status, await response.json(), retry
 
-        status, answer, retry_after = await self._ask(listener, send)
+        line = self.lines.setdefault(listener, JoinLine())
+        began = time.time()
+        if line.due is not None:
+            line.late = max(line.late, began - line.due)
+        status, answer, retry_after, edge = await self._ask(listener, send)
+        now = time.time()
+        if line.first is None:
+            line.first, line.first_answered = began, now
         if status == 429:
             self.queued += 1
             self.queue_tickets[listener] = answer["ticket"]
+            if not line.queued:
+                line.place = (answer["position"], answer["waiting"], now, edge)
+            line.queued, line.due = True, now + retry_after
             raise NoRelayYetError("queued", retry_after)
         if status != 200:
             raise NoRelayYetError(str(answer.get("error")), 1.0)
         self.queue_tickets.pop(listener, None)
+        del self.lines[listener]
+        self.record.append(
+            {
+                "event": "admitted", "listener": listener, "first": line.first,
+                "first_answered": line.first_answered, "at": now, "asked": began,
+                "pod": answer["pod"], "generation": answer["generation"],
+                "queued": line.queued, "late": round(line.late, 3), "edge": edge,
+                "place": line.place,
+            }
+        )  # fmt: skip
         host, port = split_address(answer["relay"])
         return Admission(host, port, answer["ticket"], answer["pod"])
+
+    def left_line(self, listener: str) -> None:
+        """The listener gave up (left the room) while it held a place in line."""
+        line = self.lines.pop(listener, None)
+        self.queue_tickets.pop(listener, None)
+        if line is not None and line.queued:
+            self.record.append(
+                {
+                    "event": "left", "listener": listener, "first": line.first,
+                    "first_answered": line.first_answered, "at": time.time(),
+                }
+            )  # fmt: skip
 
     async def relocate(self, listener: str, current: Admission) -> Admission | None:
         async def send(base: str) -> tuple[int, dict[str, Any], float]:
@@ -404,7 +461,7 @@ class EdgeJoiner:
                 answer = await response.json() if response.status == 200 else {}
                 return response.status, answer, 0.0
 
-        status, answer, _ = await self._ask(listener, send)
+        status, answer, _, _ = await self._ask(listener, send)
         if status != 200 or not answer.get("moved") or not answer.get("ticket"):
             return None
         host, port = split_address(answer["relay"])
