@@ -36,11 +36,12 @@ from townsquare.api.names import shard_map_name
 from townsquare.api.types import format_duration
 from townsquare.planning import Plan, capacity_of, plan_room
 from townsquare.policy import TenantPolicy, violations
-from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout, relays_for_demand
+from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout
 from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
 from townsquare.sharding import (
-    RelayState,
+    Consolidation,
     ShardMap,
+    consolidate,
     moved_share,
     new_map,
     rebalance,
@@ -355,7 +356,7 @@ def reconcile(
     phase: Phase
     decision: Decision | None = None
     step: RolloutStep | None = None
-    receivers: frozenset[int] = frozenset()
+    consolidation: Consolidation | None = None
     wake_at: datetime | None
     if was == "Ended" and not rearmed:
         phase, replicas, accepting = "Ended", 0, 0
@@ -365,15 +366,15 @@ def reconcile(
         phase, replicas = _drain(spec, was, running, seen, draft, began, deadline, why)
         accepting = 0
         if phase == "Draining":
-            receivers = drain_receivers(
-                relays=replicas,
-                ready=seen.ready_set(),
-                metrics=seen.metrics,
-                began=began,
-                capacity=current_map.capacity,
-                states=current_map.relays,
+            consolidation = consolidate(
+                current_map,
+                candidates=[o for o in seen.ready_set() if o < replicas],
+                listeners=_listeners_since(seen, began),
+                relay_listeners=seen.metrics.by_relay if seen.metrics else {},
+                budget=_migration_budget(spec, seen.now, shard_map_at),
+                per_minute=spec.sharding.max_migrations_per_minute,
             )
-            _announce_consolidation(current_map, receivers, replicas, spec, draft)
+            _announce_consolidation(current_map, consolidation, spec, draft)
         wake_at = _after(deadline, seen.now)
         if phase == "Ended" and spec.schedule and seen.deleting_since is None:
             wake_at = seen.now + timedelta(seconds=1)
@@ -408,17 +409,21 @@ def reconcile(
     ready = seen.ready_set()
     nodes = _node_headroom(room, spec, previous, plan_status, phase, draft)
     closed = phase in ("Draining", "Ended")
+    held = _held(current_map, seen, replicas)
     if closed:  # past the end: the lowest relays take the last listeners, the rest drain
-        active = sorted(o for o in ready if o in receivers and o < replicas)
+        receivers = consolidation.receivers if consolidation else ()
+        draining = list(consolidation.draining) if consolidation else []
+        held = sorted({*held, *(consolidation.waiting if consolidation else ())})
     else:
-        active = sorted(o for o in ready if o < accepting and o not in rolling)
+        receivers = tuple(sorted(o for o in ready if o < accepting and o not in rolling))
+        draining = _drain_order(ready, receivers, replicas, rolling)
     rebalanced = rebalance(
         current_map,
-        active=active,
-        draining=sorted(o for o in ready if o < replicas and o not in active),
-        held=_held(current_map, seen, replicas),
+        active=receivers,
+        draining=draining,
+        held=held,
         shard_listeners=_shard_listeners(current_map, seen),
-        demand=_admission_demand(seen, decision),
+        demand=None if closed else _admission_demand(seen, decision),
         fanout=spec.sharding.fanout,
         budget=_migration_budget(spec, seen.now, shard_map_at),
         closed=closed,
@@ -985,7 +990,7 @@ def _drain(
 ) -> tuple[Phase, int]:
     """Keep relays until their listeners have left (or the deadline), removing each from the
     top as soon as it and every relay above it are empty; then end. The top ones empty
-    early: the map moves their last listeners down (`drain_receivers`)."""
+    early: the map moves their last listeners down (`sharding.consolidate`)."""
     if was != "Draining" and running > 0:
         draft.event(
             NORMAL,
@@ -1029,52 +1034,35 @@ def _carrying(spec: AudioRoomSpec, running: int, seen: Observed, began: datetime
     return max(carrying) + 1 if carrying else 0
 
 
-def drain_receivers(
-    *,
-    relays: int,
-    ready: frozenset[int],
-    metrics: Metrics | None,
-    began: datetime,
-    capacity: int,
-    states: Mapping[int, RelayState],
-) -> frozenset[int]:
-    """Relays that keep their listeners while the room drains, and take those of the others.
+def _listeners_since(seen: Observed, began: datetime) -> float | None:
+    """The room's count if it was sampled after `began` (None: no such count yet)."""
+    metrics = seen.metrics
+    if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
+        return None
+    return float(metrics.listeners) if metrics.sampled_at > began else None
 
-    A StatefulSet removes its highest ordinal first, so one listener lingering on the top
-    relay would keep every relay below it. Instead, the fewest lowest Ready relays that
-    carry the listeners still counted (at ROLLOUT_FILL of their capacity, as in a rollout)
-    stay active; the map drains the others, highest first, and their listeners move down
-    within the migration budget, so each relay goes once it is empty, as the audience
-    leaves. A relay the map drains already never takes listeners again (no churn while the
-    counts wobble). Without a count taken after the drain began, no relay starts draining.
-    """
-    serving = sorted(o for o in ready if o < relays and states.get(o) != "draining")
-    fresh = (
-        metrics is not None
-        and metrics.listeners is not None
-        and metrics.sampled_at is not None
-        and metrics.sampled_at > began
-    )
-    if not fresh or metrics is None or metrics.listeners is None:
-        return frozenset(o for o in serving if states.get(o) == "active")
-    return frozenset(serving[: relays_for_demand(metrics.listeners, capacity)])
+
+def _drain_order(
+    ready: frozenset[int], active: Sequence[int], replicas: int, rolling: set[int]
+) -> list[int]:
+    """Ready relays that take no joins, in the order their listeners move: those a rollout
+    replaces first (each frees a maxSurge slot as it empties), then those a scale-down
+    removes, highest first (a StatefulSet removes its highest ordinal)."""
+    leaving = [o for o in ready if o < replicas and o not in active]
+    return sorted(leaving, key=lambda o: (o not in rolling, -o))
 
 
 def _announce_consolidation(
-    current: ShardMap, receivers: frozenset[int], relays: int, spec: AudioRoomSpec, draft: _Draft
+    current: ShardMap, consolidation: Consolidation, spec: AudioRoomSpec, draft: _Draft
 ) -> None:
-    """Say which relays start draining so their last listeners move down, once."""
-    starting = sorted(
-        o
-        for o in draft.seen.ready_set()
-        if o < relays and o not in receivers and current.relays.get(o) == "active"
-    )
-    if starting and receivers:
+    """Say which relays start draining in this pass, so their last listeners move down."""
+    starting = sorted(o for o in consolidation.draining if current.relays.get(o) == "active")
+    if starting and consolidation.receivers:
         draft.event(
             NORMAL,
             "DrainConsolidating",
             f"moving the listeners left on relays {_ordinals(tuple(starting))} to relays "
-            f"{_ordinals(tuple(sorted(receivers)))} (at up to "
+            f"{_ordinals(consolidation.receivers)} (at up to "
             f"{spec.sharding.max_migrations_per_minute:,} a minute), so each relay goes as "
             "it empties",
         )

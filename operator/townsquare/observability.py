@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from townsquare.api.models import AudioRoomStatus, Phase
+from townsquare.sharding import Admission
 
 PHASES: tuple[Phase, ...] = get_args(Phase)
 DecisionReason = Literal[
@@ -46,7 +47,6 @@ DecisionReason = Literal[
 """A closed set, so a label value can never carry a room's numbers (one series per reason)."""
 DECISION_REASONS: tuple[DecisionReason, ...] = get_args(DecisionReason)
 Direction = Literal["up", "down", "hold"]
-Admission = Literal["open", "queueing", "closed"]
 _LABEL_SAFE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -206,14 +206,16 @@ def rebalance(
     listeners wanting a relay, waiting ones included (default: the connected ones). Moves
     off draining relays come first, then off relays above capacity, then towards equal shard
     counts, each lightest shard first, while `budget` listeners may still migrate. The
-    highest draining relay is emptied first: a StatefulSet removes its highest ordinal, so
-    that is the relay whose emptying frees a pod. `closed`: the room takes no new joins
-    (its event is over); the active relays only take the listeners moved off the others.
+    `draining` relays are emptied in the order given (the caller knows which relay's
+    emptying frees a pod soonest). `closed`: the room takes no new joins (its event is
+    over, or it is being deleted); the active relays only take the listeners moved off
+    the others.
     """
     shards = current.shards
     weights = shard_listeners if shard_listeners is not None else (0.0,) * shards
     active_set = set(active)
-    draining_set = set(draining) - active_set
+    draining_order = [r for r in dict.fromkeys(draining) if r not in active_set]
+    draining_set = set(draining_order)
     held_set = set(held) - active_set - draining_set
     live = active_set | draining_set | held_set
     owned: dict[int, list[int]] = {r: [] for r in live}
@@ -234,7 +236,7 @@ def rebalance(
         # (shard, costs budget, must fit): a dead relay's shards cost nothing; a draining
         # relay's must go even if only a full relay is left; balancing never overloads.
         movers = [(s, False, False) for s in orphans]
-        for relay in sorted(draining_set, reverse=True):
+        for relay in draining_order:
             movers += [(s, True, False) for s in sorted(owned[relay], key=weights.__getitem__)]
         # While joins wait, a full relay's extra shards move without spending the budget:
         # its listeners need not leave it (it is not overloaded), and the queued joins of
@@ -255,9 +257,12 @@ def rebalance(
             load,
             current.capacity * ADMISSION_MARGIN,
         )
+        # Closed to joins and no count: a move's cost is unknown, and nothing forces it
+        # (nobody waits for a seat), so only the shards of relays that are gone move.
+        blind = closed and shard_listeners is None
         for shard, costs, must_fit in movers:
             cost = weights[shard] if costs else 0.0
-            if cost > budget:
+            if cost > budget or (costs and blind):
                 pending = True
                 continue
             orphan = assignment[shard] not in load
@@ -323,6 +328,92 @@ def rebalance(
         current.migrations_per_minute,
     )
     return Rebalance(map=new, moved=moved, migrated=migrated, pending=pending)
+
+
+@dataclass(frozen=True)
+class Consolidation:
+    """How a room past its end gathers its last listeners on its lowest relays.
+
+    A StatefulSet removes its highest ordinal first, so one listener lingering on the top
+    relay would keep every relay below it. Instead the fewest relays that carry the
+    listeners left receive the others' listeners, and the rest drain from the top as the
+    migration budget lets their listeners move down, so each relay goes as it empties."""
+
+    receivers: tuple[int, ...]
+    """Active: they keep their listeners and take those moved down."""
+    draining: tuple[int, ...]
+    """Highest first: every shard they hold goes to the receivers now (or, for a relay
+    whose listeners exceed a minute's budget, as fast as the budget goes)."""
+    waiting: tuple[int, ...]
+    """Keep their shards and their listeners for now (still active in the map, taking
+    nothing new): the budget or the receivers' room reaches them in a later pass. A relay
+    is never marked draining before its listeners have somewhere to go, so a relay that
+    sends every listener away when it drains drops nobody in a room closed to joins."""
+
+
+def consolidate(
+    current: ShardMap,
+    *,
+    candidates: Iterable[int],
+    listeners: float | None,
+    relay_listeners: Mapping[int, float],
+    budget: float,
+    per_minute: float,
+) -> Consolidation:
+    """Which relays receive, drain and wait while a room closed to joins drains (pure).
+
+    `candidates` are the Ready relays the room keeps; `listeners` the room's count, taken
+    since the drain began (None: none yet, so nothing changes: no relay starts draining and
+    no shard moves blind); `relay_listeners` the count per relay; `budget` the listeners that
+    may move in this pass, `per_minute` the room's cap.
+
+    Receivers: the lowest relays already active, as many as carry the count at
+    ADMISSION_MARGIN of their capacity; a relay the map drained comes back only when the
+    receivers could not carry the count even full (the gap between the two is the
+    hysteresis: a count that wobbles moves nobody back and forth, and one low count does
+    not leave too few relays for good). Then, from the top, each relay drains once its
+    listeners fit both the budget left and the receivers' room; the first that does not
+    fit waits, with every relay below it.
+    """
+    order = sorted(set(candidates))
+    state = current.relays
+    if listeners is None:
+        receivers = [o for o in order if state.get(o) == "active"] or order[:1]
+        rest = [o for o in order if o not in receivers]
+        return Consolidation(tuple(receivers), (), tuple(rest))
+    capacity = current.capacity
+    keep = max(1, math.ceil(listeners / (capacity * ADMISSION_MARGIN) - 1e-9))
+    call_back = max(1, math.ceil(listeners / capacity - 1e-9))
+    receivers = [o for o in order if state.get(o) == "active"][:keep]
+    for relay in order:
+        if len(receivers) >= call_back:
+            break
+        if relay not in receivers:
+            receivers.append(relay)
+    receivers.sort()
+    held = current.counts()
+    on = {o: float(relay_listeners.get(o, 0)) for o in order}
+    room = sum(max(0.0, capacity - on[o]) for o in receivers)
+    others = [o for o in reversed(order) if o not in receivers]
+    draining = [o for o in others if state.get(o) == "draining"]
+    for relay in draining:  # already draining: their listeners are on their way down
+        room -= on[relay]
+        budget -= on[relay] if held.get(relay) else 0.0
+    pending = any(held.get(o) and on[o] > 0 for o in draining)
+    waiting: list[int] = []
+    for relay in (o for o in others if o not in draining):
+        cost = on[relay] if held.get(relay) else 0.0
+        fits = cost == 0 or cost <= budget - 1e-6 or (not pending and cost > per_minute)
+        if waiting or not fits or on[relay] > room:
+            waiting.append(relay)
+            continue
+        draining.append(relay)
+        budget -= cost
+        room -= on[relay]
+        pending = pending or cost > per_minute
+    return Consolidation(
+        tuple(receivers), tuple(sorted(draining, reverse=True)), tuple(sorted(waiting))
+    )
 
 
 def _admission(

@@ -243,8 +243,9 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
     relay only once it and every relay above it are empty) kept all 10 until they left.
     Now the listeners follow the map down (as the edge moves them) within the migration
     budget, the relays go from the top as each is counted empty, nobody is dropped, and
-    one relay carries them long before the drain timeout (10 m): the 27 moves take about
-    3.4 minutes at 8 a minute."""
+    one relay carries them long before the drain timeout (10 m): the 27 moves take at least
+    3.4 minutes at 8 a minute, and a relay drains only once the budget covers all of its
+    listeners (what a pass leaves unspent is not carried over), so about 5."""
     spec = room(sharding={"maxMigrationsPerMinute": 8}, scaling={"drainTimeout": "10m"})
     at = START + timedelta(minutes=10)
     outcome = live_map(spec, at)
@@ -253,7 +254,7 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
     where = {who: outcome.shard_map.relay_for(who) for who in lingering}
     assert len(set(where.values())) >= 8, "the lingering listeners are on most relays"
     end = START + timedelta(hours=1)
-    sizes, ready = [], 10
+    sizes, ready, previous = [], 10, outcome.shard_map.generation
     for seconds in range(5, 360, 15):
         moment = end + timedelta(seconds=seconds)
         by_relay = dict.fromkeys(range(ready), 0)
@@ -264,7 +265,8 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
             "r", spec, outcome.status, seen(moment, ready, metrics=metrics),
             shard_map=outcome.shard_map, shard_map_at=published,
         )  # fmt: skip
-        published = moment
+        if outcome.shard_map.generation != previous:  # as the shell: when a new map goes out
+            published, previous = moment, outcome.shard_map.generation
         removed = [o for o in range(outcome.desired_relays, ready) if by_relay[o]]
         assert not removed, f"relays {removed} removed with listeners on them"
         ready = outcome.desired_relays
@@ -280,7 +282,7 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
     assert sizes == sorted(sizes, reverse=True)
     assert len(set(sizes)) >= 4, f"relays go a few at a time as they empty: {sizes}"
     down_to_one = end + timedelta(seconds=5 + 15 * sizes.index(1))
-    assert down_to_one - end <= timedelta(minutes=4), "well before the 10 m drain timeout"
+    assert down_to_one - end <= timedelta(minutes=5), "well before the 10 m drain timeout"
     assert set(where.values()) == {0}
     consolidating = [e for e in outcome.events if e.reason == "DrainConsolidating"]
     assert not consolidating, "said once, when the relays begin to drain"
@@ -308,13 +310,16 @@ def test_the_end_drain_empties_the_highest_relay_first_within_the_budget() -> No
         shard_map=live.shard_map, shard_map_at=end,
     )  # fmt: skip
     drained = outcome.shard_map
-    assert drained.relays == {0: "active", **dict.fromkeys(range(1, 10), "draining")}
+    assert drained.relays == {**dict.fromkeys(range(9), "active"), 9: "draining"}, (
+        "only the relay whose listeners the budget lets move drains; the others wait"
+    )
     counts = drained.counts()
     assert counts[9] == 0, "the top relay's shards all went"
     assert counts[0] > live.shard_map.counts()[0] + 400
-    assert all(counts[o] >= 400 for o in range(1, 8)), "relays below wait for the budget"
+    before = live.shard_map.counts()
+    assert all(counts[o] == before[o] for o in range(1, 9)), "relays below keep their shards"
     consolidating = next(e for e in outcome.events if e.reason == "DrainConsolidating")
-    assert "relays 1, 2, 3, 4, 5, 6, 7, 8, 9 to relays 0" in consolidating.message
+    assert "relays 9 to relays 0" in consolidating.message
 
 
 def test_the_end_drain_keeps_enough_relays_for_the_listeners_left() -> None:
@@ -710,3 +715,157 @@ def test_a_rollout_held_at_max_relays_says_so_once() -> None:
     condition = next(c for c in freed.status.conditions if c.type == "RolloutHeld")
     assert condition.status == "False"
     assert freed.status.rollout is not None and freed.status.rollout.surge == [6, 7]
+
+
+def drain_after_the_end(
+    spec: AudioRoomSpec, outcome: Outcome, at: datetime, where: dict[str, int], passes: int
+) -> list[Outcome]:
+    """Passes every 15 s after the end, as the shell runs them: the map is published when
+    its generation changes (the budget runs from then); the edge moves a listener whose
+    shard went to another active relay, within maxMigrationsPerMinute."""
+    published, generation, ready = at, outcome.shard_map.generation, 10
+    moves: list[datetime] = []
+    outcomes = []
+    end = spec.start_time + spec.duration
+    for n in range(passes):
+        moment = end + timedelta(seconds=5 + 15 * n)
+        by_relay = dict.fromkeys(range(ready), 0)
+        for relay in where.values():
+            by_relay[relay] += 1
+        outcome = reconcile(
+            "r", spec, outcome.status,
+            seen(moment, ready, metrics=counted(len(where), moment, by_relay)),
+            shard_map=outcome.shard_map, shard_map_at=published,
+        )  # fmt: skip
+        if outcome.shard_map.generation != generation:
+            published, generation = moment, outcome.shard_map.generation
+        ready = outcome.desired_relays
+        outcomes.append(outcome)
+        shard_map = outcome.shard_map
+        for who, relay in sorted(where.items()):
+            moves = [m for m in moves if m > moment - timedelta(minutes=1)]
+            home = shard_map.relay_for(who)
+            if home is None or home == relay or shard_map.relays.get(home) != "active":
+                continue
+            if len(moves) < spec.sharding.max_migrations_per_minute:
+                where[who] = home
+                moves.append(moment)
+    return outcomes
+
+
+def test_a_relay_drains_only_once_its_listeners_have_somewhere_to_go() -> None:
+    """A relay told it drains sends its listeners to the edge, and closes those still there
+    after a grace period; in a room closed to joins a listener whose shard the map had not
+    moved yet had nowhere to go (the edge said stay, then refused its join for good). So
+    past the end a relay is marked draining only once every shard it holds has gone to a
+    relay that takes it: the map moves whole relays, top first, as the budget allows."""
+    spec = room(sharding={"maxMigrationsPerMinute": 8}, scaling={"drainTimeout": "10m"})
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    where = {f"listener-{i}": live.shard_map.relay_for(f"listener-{i}") for i in range(30)}
+    where = {who: relay for who, relay in where.items() if relay is not None}
+    for outcome in drain_after_the_end(spec, live, at, where, passes=24):
+        shard_map = outcome.shard_map
+        draining = [o for o, s in shard_map.relays.items() if s == "draining"]
+        assert all(shard_map.counts()[o] == 0 for o in draining), (
+            f"relays {draining} draining with shards {shard_map.counts()}"
+        )
+    assert set(where.values()) == {0}, "every listener reached the relay kept"
+
+
+def test_one_low_count_after_the_end_leaves_enough_relays_once_the_count_is_back() -> None:
+    """One pass undercounts (850 for 2,500): relays start draining. When the true count
+    comes back, the lowest of them take listeners again, so no relay is sent more than it
+    carries (before, relay 0 got every shard of 2,500 listeners at 1,000 a relay)."""
+    spec = room()
+    at = START + timedelta(minutes=10)
+    outcome = live_map(spec, at)
+    end = START + timedelta(hours=1)
+    low = end + timedelta(seconds=10)
+    outcome = reconcile(
+        "r", spec, outcome.status,
+        seen(low, 10, metrics=counted(850, low, dict.fromkeys(range(10), 85))),
+        shard_map=outcome.shard_map, shard_map_at=at,
+    )  # fmt: skip
+    published = low
+    for n in range(2, 12):
+        moment = end + timedelta(seconds=10 * n)
+        outcome = reconcile(
+            "r", spec, outcome.status,
+            seen(moment, 10, metrics=counted(2500, moment, dict.fromkeys(range(10), 250))),
+            shard_map=outcome.shard_map, shard_map_at=published,
+        )  # fmt: skip
+        published = moment
+    shard_map = outcome.shard_map
+    active = [o for o, s in shard_map.relays.items() if s == "active"]
+    sent = {o: 2500 * shard_map.counts()[o] / shard_map.shards for o in active}
+    assert len(active) >= 3 and max(sent.values()) <= shard_map.capacity, sent
+
+
+def first_pass_after_the_end(
+    spec: AudioRoomSpec, by_relay: dict[int, int], ready: frozenset[int] = frozenset(range(10))
+) -> tuple[Outcome, datetime]:
+    """The room live on 10 relays, then its first pass 10 s after the end with `by_relay`
+    counted on the `ready` relays."""
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    first = START + timedelta(hours=1, seconds=10)
+    metrics = counted(sum(by_relay.values()), first, by_relay)
+    outcome = reconcile(
+        "r", spec, live.status, seen(first, len(ready), ready_ordinals=ready, metrics=metrics),
+        shard_map=live.shard_map, shard_map_at=at,
+    )  # fmt: skip
+    return outcome, first
+
+
+def test_the_relay_kept_crashes_and_a_draining_relay_takes_its_listeners() -> None:
+    """Relay 0, the only one kept after the end, stops being Ready: a draining relay comes
+    back to carry the shards, so no shard is left without a relay."""
+    spec = room(sharding={"maxMigrationsPerMinute": 60})
+    outcome, first = first_pass_after_the_end(spec, dict.fromkeys(range(10), 3))
+    assert outcome.shard_map.relays[0] == "active"
+    later = first + timedelta(seconds=10)
+    by_relay = {o: 3 for o in range(1, 10)}
+    crashed = reconcile(
+        "r", spec, outcome.status,
+        seen(later, 9, ready_ordinals=frozenset(range(1, 10)),
+             metrics=counted(27, later, by_relay)),
+        shard_map=outcome.shard_map, shard_map_at=first,
+    )  # fmt: skip
+    shard_map = crashed.shard_map
+    assert shard_map.assignment.count(None) == 0, "every shard has a relay"
+    assert any(s == "active" for s in shard_map.relays.values())
+
+
+def test_a_relay_back_late_after_the_end_does_not_move_the_listeners_twice() -> None:
+    """Relay 0 is not Ready at the first pass after the end, so relay 1 is kept; when relay
+    0 is back, relay 1 stays the relay kept (its listeners do not move again)."""
+    spec = room(sharding={"maxMigrationsPerMinute": 60})
+    by_relay = {o: 3 for o in range(1, 10)}
+    outcome, published = first_pass_after_the_end(spec, by_relay, frozenset(range(1, 10)))
+    end = START + timedelta(hours=1)
+    assert outcome.shard_map.relays.get(1) == "active"
+    for n in range(2, 8):
+        moment = end + timedelta(seconds=10 * n)
+        outcome = reconcile(
+            "r", spec, outcome.status,
+            seen(moment, 10, metrics=counted(27, moment, dict.fromkeys(range(10), 3))),
+            shard_map=outcome.shard_map, shard_map_at=published,
+        )  # fmt: skip
+        published = moment
+        assert outcome.shard_map.relays.get(1) == "active", f"pass {n}"
+        assert outcome.shard_map.relays.get(0) != "active", f"pass {n}"
+
+
+def test_no_shard_moves_blind_after_the_end() -> None:
+    """Counts stop (Prometheus down) once relays drain: nothing moves until they return
+    (before, every pending shard moved in one pass, far beyond the budget)."""
+    spec = room(sharding={"maxMigrationsPerMinute": 60})
+    outcome, first = first_pass_after_the_end(spec, dict.fromkeys(range(10), 80))
+    later = first + timedelta(seconds=10)
+    blind = reconcile(
+        "r", spec, outcome.status, seen(later, 10, metrics=Metrics(listeners=None, problem="down")),
+        shard_map=outcome.shard_map, shard_map_at=first,
+    )  # fmt: skip
+    assert blind.shard_map.assignment == outcome.shard_map.assignment
+    assert blind.shard_map.relays == outcome.shard_map.relays

@@ -496,7 +496,7 @@ class _Townsquare:
         change = rebalance(
             self.map,
             active=sorted(active),
-            draining=sorted(draining),
+            draining=sorted(draining, reverse=True),  # highest first, as the lifecycle
             shard_listeners=weights,
             demand=demand,
             fanout=self.spec.sharding.fanout,
