@@ -416,7 +416,7 @@ def reconcile(
         held = sorted({*held, *(consolidation.waiting if consolidation else ())})
     else:
         receivers = tuple(sorted(o for o in ready if o < accepting and o not in rolling))
-        draining = _drain_order(ready, receivers, replicas, rolling)
+        draining = drain_order(ready, receivers, replicas, rolling)
     rebalanced = rebalance(
         current_map,
         active=receivers,
@@ -1042,7 +1042,7 @@ def _listeners_since(seen: Observed, began: datetime) -> float | None:
     return float(metrics.listeners) if metrics.sampled_at > began else None
 
 
-def _drain_order(
+def drain_order(
     ready: frozenset[int], active: Sequence[int], replicas: int, rolling: set[int]
 ) -> list[int]:
     """Ready relays that take no joins, in the order their listeners move: those a rollout

@@ -33,6 +33,7 @@ import bisect
 import contextlib
 import functools
 import json
+import math
 import random
 import signal
 import time
@@ -209,7 +210,8 @@ class RealListeners:
 class Listener:
     index: int
     state: str = "idle"
-    """idle (wants to join), waiting (holds a queue ticket), connected."""
+    """idle (wants to join), waiting (holds a queue ticket), connected, or turned_away (the
+    room took no new joins: its event was over)."""
     pod: str | None = None
     ticket: str | None = None
     """While waiting: the queue ticket that keeps its place."""
@@ -395,6 +397,9 @@ class Audience:
             listener.state, listener.queued = "waiting", True
             listener.ticket = answer["ticket"]
             listener.due = now + retry * random.uniform(0.8, 1.2)
+        elif status == 410:  # the room takes no new joins: final, so it asks no more
+            self._count("closed")
+            listener.state, listener.ticket, listener.due = "turned_away", None, math.inf
         else:
             self._count(str(status))
             listener.due = now + 1.0
@@ -445,7 +450,7 @@ class Audience:
     def summary(self) -> dict[str, int]:
         """The audience by state, real listeners included (connected once a relay welcomed
         them)."""
-        states: dict[str, int] = {"idle": 0, "waiting": 0, "connected": 0}
+        states: dict[str, int] = {"idle": 0, "waiting": 0, "connected": 0, "turned_away": 0}
         for listener in self.listeners:
             if listener.real and self.real is not None:
                 states["connected" if self.real.connected(listener.id) else "idle"] += 1

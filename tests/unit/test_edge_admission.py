@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from townsquare import tickets
 from townsquare.edge.admission import (
     Admitted,
+    Closed,
     Endpoint,
     Gate,
     Held,
@@ -20,7 +23,7 @@ from townsquare.edge.admission import (
     line_of,
 )
 from townsquare.edge.admission import Settings as EdgeSettings
-from townsquare.sharding import ShardMap, new_map, rebalance, shard_of
+from townsquare.sharding import Admission, ShardMap, new_map, rebalance, shard_of
 
 KEY = b"k" * 32
 NS, ROOM = "spaces", "launch"
@@ -31,7 +34,7 @@ def room_map(
     capacity: int = 10,
     draining: tuple[int, ...] = (),
     budget: int | None = None,
-    admission: str = "open",
+    admission: Admission = "open",
 ) -> ShardMap:
     base = new_map(64, capacity, budget)
     shard_map = rebalance(base, active=range(relays), fanout=8).map
@@ -47,7 +50,7 @@ def room_map(
         shard_map.assignment,
         shard_map.relays,
         shard_map.parents,
-        "queueing" if admission == "queueing" else "closed" if admission == "closed" else "open",
+        admission,
         capacity,
         budget,
     )
@@ -495,8 +498,9 @@ def test_listeners_leave_a_draining_relay_even_while_joins_wait() -> None:
 
 def test_a_closed_room_admits_nobody_yet_moves_its_listeners_down() -> None:
     """Past the end of the event the map is closed: no join gets a relay, with a queue
-    ticket or without, though relay 0 has room; a listener on the draining relay 1 is
-    still sent to relay 0, where its shard went."""
+    ticket or without, though relay 0 has room, and the answer is final (no ticket, no
+    place in a line that never moves); a listener on the draining relay 1 is still sent
+    to relay 0, where its shard went."""
     shard_map = rebalance(
         room_map(relays=2, capacity=10, budget=60), active=[0], draining=[1], fanout=8,
         shard_listeners=[0.1] * 64, closed=True,
@@ -505,12 +509,30 @@ def test_a_closed_room_admits_nobody_yet_moves_its_listeners_down() -> None:
     gate = gate_for(shard_map, listeners={1: 3})
     room = gate.rooms[(NS, ROOM)]
     first = gate.join(room, "late", None, now=101.0)
-    assert isinstance(first, Queued) and "event is over" in first.reason
-    again = gate.join(room, "late", first.ticket, now=102.0)
-    assert isinstance(again, Queued)
+    assert isinstance(first, Closed) and "no new joins" in first.reason
+    assert not room.waiters and [n for _, n, _ in gate.waiting(101.0)] == [0]
     mover = listeners_of(shard_map, 0, 1, prefix="m")[0]
     moved = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-1"), now=102.0)
     assert isinstance(moved, Location) and moved.moved and moved.pod == f"{ROOM}-relay-0"
+
+
+def test_joins_that_waited_when_the_room_closed_hold_no_move_back() -> None:
+    """A join queued just before the end, retried after it: turned away, and it leaves the
+    line, so a move between two active relays is not held behind a join that can never
+    get in (and the edge exports no one waiting)."""
+    queueing = room_map(relays=2, capacity=10, budget=60, admission="queueing")
+    gate = gate_for(queueing, listeners={0: 3, 1: 0})
+    room = gate.rooms[(NS, ROOM)]
+    waiting = gate.join(room, "late-arrival", None, now=100.0)
+    assert isinstance(waiting, Queued)
+    closed = dataclasses.replace(queueing, admission="closed", generation=queueing.generation + 1)
+    gate.set_map(NS, ROOM, closed)
+    assert [n for _, n, _ in gate.waiting(100.5)] == [0], "nobody waits for a closed room"
+    mover = listeners_of(closed, 1, 1, prefix="m")[0]
+    moved = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-0"), now=100.6)
+    assert isinstance(moved, Location) and moved.moved, moved
+    again = gate.join(room, "late-arrival", waiting.ticket, now=101.0)
+    assert isinstance(again, Closed) and not room.waiters
 
 
 def test_no_stranger_can_skip_the_queue_by_claiming_a_seat() -> None:

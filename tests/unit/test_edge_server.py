@@ -14,11 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from test_edge_admission import NS, ROOM, gate_for, listeners_of, room_map, seat_at
 
 from townsquare.api.names import relay_service_name
-from townsquare.edge.admission import Endpoint, Gate, Report, Settings
+from townsquare.edge.admission import Closed, Endpoint, Gate, Report, Settings
 from townsquare.edge.reports import Readings, parse_news, parse_reports
 from townsquare.edge.server import Edge
 from townsquare.edge.watch import ROOM_LABEL, SHARD_MAP_KEY, ApiServer, Watcher, endpoints_of
-from townsquare.relay.listener import EdgeJoiner
+from townsquare.relay.listener import EdgeJoiner, Listener
 from townsquare.sharding import ShardMap
 
 JOIN = f"/v1/rooms/{NS}/{ROOM}/join"
@@ -430,3 +430,21 @@ def test_the_reference_client_turns_to_another_edge_replica_when_its_own_is_gone
         assert [a["listener"] for a in joiner.record] == names
 
     run(gate, scenario)
+
+
+def test_a_closed_room_answers_410_once_and_the_reference_client_stops_asking() -> None:
+    """Past the end a join gets 410 Gone with a one-line error, not a 429 and a place in a
+    line that never moves; the reference client's listener takes it as final."""
+    closed = dataclasses.replace(room_map(relays=1), admission="closed")
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        status, answer = await post(client, '{"listener": "late"}')
+        assert status == 410
+        assert answer == {"error": Closed().reason}
+        joiner = EdgeJoiner(client.session, str(client.make_url("")), NS, ROOM)
+        listener = Listener("late", joiner)
+        await asyncio.wait_for(listener.run(asyncio.Event()), timeout=5)
+        assert (listener.stats.turned_away, listener.stats.joins, joiner.closed) == (1, 0, 1)
+        assert joiner.queued == 0 and not joiner.queue_tickets
+
+    run(gate_for(closed), scenario)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
-from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile, startup_of
+from townsquare.lifecycle import Metrics, Observed, Outcome, drain_order, reconcile, startup_of
 from townsquare.scaling import ScalingState
 
 START = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
@@ -221,3 +221,40 @@ def test_start_up_is_learned_from_the_newest_relays() -> None:
     new = tuple((START - timedelta(hours=1, seconds=i), 5.0) for i in range(20))
     seen = Observed(START, 1, 0, startups=new + old)
     assert startup_of(room(), seen) < 10, "twenty fresh start-ups outweigh older slow ones"
+
+
+def test_a_scale_down_empties_the_highest_relay_first_within_the_budget() -> None:
+    """A StatefulSet removes its highest ordinal: with budget for one relay's listeners,
+    the scale-down moves those of relay 9, not a share of every draining relay's."""
+    spec = room(7000).model_copy(update={"duration": timedelta(hours=2)})
+    spec = spec.model_copy(
+        update={"sharding": spec.sharding.model_copy(update={"max_migrations_per_minute": 30})}
+    )
+    now = START + timedelta(minutes=40)
+    by_relay = dict.fromkeys(range(10), 30)
+    before = now - timedelta(minutes=1)
+    live = reconcile(
+        "room", spec, AudioRoomStatus(),
+        Observed(before, 1, 10, metrics=Metrics(listeners=7000, sampled_at=before)),
+        scaling_state=ScalingState(relays=10),
+    )  # fmt: skip
+    assert live.shard_map.relays == dict.fromkeys(range(10), "active")
+    state = ScalingState(relays=10, targets=((now - timedelta(minutes=10, seconds=30), 1),))
+    metrics = Metrics(listeners=300, by_relay=by_relay, sampled_at=now - timedelta(seconds=2))
+    outcome = reconcile(
+        "room", spec, live.status, Observed(now, 1, 10, metrics=metrics), scaling_state=state,
+        shard_map=live.shard_map, shard_map_at=now - timedelta(minutes=1),
+    )  # fmt: skip
+    before, after = live.shard_map.counts(), outcome.shard_map.counts()
+    draining = sorted(o for o, s in outcome.shard_map.relays.items() if s == "draining")
+    assert draining and draining[-1] == 9 and after[9] == 0, after
+    assert all(after[o] == before[o] for o in draining[:-1]), "the ones below wait"
+
+
+def test_relays_a_rollout_replaces_drain_before_those_a_scale_down_removes() -> None:
+    """Each relay a rollout replaces frees a maxSurge slot as it empties, so its listeners
+    move first; then the scale-down's, highest first."""
+    ready = frozenset(range(10))
+    assert drain_order(ready, active=[0, 1, 3, 4, 5], replicas=10, rolling={2, 6}) == [
+        6, 2, 9, 8, 7,
+    ]  # fmt: skip

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from townsquare import tickets
 from townsquare.loadgen import Audience, RealListeners, Relays, demand_at, runs_real_relays
@@ -160,3 +164,26 @@ def test_the_audience_leaves_even_while_the_last_to_join_has_a_request_out() -> 
     audience.step(0, now=1.0)
     assert audience.listeners == [] and relays.counts() == {"r-relay-0": 0}
     assert last.gone, "its request finishes on a listener that has left"
+
+
+def test_a_join_the_room_turns_away_for_good_is_not_retried() -> None:
+    """410: the room takes no new joins (its event is over). The listener is turned away
+    and never due again, instead of asking once a second for ever."""
+    asked: list[str] = []
+
+    async def closed(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.json_response({"error": "the room takes no new joins"}, status=410)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/rooms/ns/r/join", closed)
+        async with TestClient(TestServer(app)) as client:
+            audience = Audience("ns", "r", [str(client.make_url("")).rstrip("/")], Relays("ns/r"))
+            listener = audience.step(1, now=0.0)[0]
+            await audience._join(client.session, audience.edges[0], listener, 0)
+            assert (listener.state, listener.due) == ("turned_away", math.inf)
+            assert audience.step(1, now=1e9) == [] and len(asked) == 1
+            assert audience.summary()["turned_away"] == 1
+
+    asyncio.run(main())

@@ -274,11 +274,14 @@ def test_the_relays_name_who_they_hold_and_when_a_moved_listener_changed_relay(
     run_room(tmp_path, body)
 
 
-def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: Path) -> None:
-    class Stubborn(MapJoiner):
-        async def relocate(self, listener: str, current: Admission) -> None:
-            return None  # the edge holds every move
+class Stubborn(MapJoiner):
+    """A joiner whose edge holds every move."""
 
+    async def relocate(self, listener: str, current: Admission) -> None:
+        return None
+
+
+def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: Path) -> None:
     async def body(room: LoopbackRoom) -> None:
         first = tree(2, fanout=8)
         await room.start(first)
@@ -345,5 +348,71 @@ def test_a_guest_ticket_names_no_shard_so_a_relay_lets_it_in_whatever_its_map_sa
         shard = shard_of(name, first.shards)
         with pytest.raises(RefusedError, match="shard-moved"):
             relay.admit({"ticket": sign(KEY, "admit", {**claims, "shard": shard}, expires=expires)})
+
+    run_room(tmp_path, body)
+
+
+def test_a_draining_relay_keeps_the_listeners_whose_shard_has_not_moved_yet(
+    tmp_path: Path,
+) -> None:
+    """The map drains relay 1 but the budget has moved none of its shards yet: the edge
+    would tell its listeners to stay, so the relay does not send them away (it used to,
+    and closed them after the grace period); once the map moves a shard, they go."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        for relay in room.relays.values():
+            relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
+        names = [n for n in NAMES if first.relay_for(n) == 1][:3]
+        listeners = await room.add_listeners(names)
+        await until(lambda: all(lst.stats.frames > 3 for lst in listeners), 10, "hearing")
+        weights = [1.0] * first.shards
+        held = rebalance(first, active=[0], draining=[1], fanout=8, shard_listeners=weights,
+                         budget=0.0)  # fmt: skip
+        assert held.map.relays[1] == "draining" and held.map.counts()[1] == first.counts()[1]
+        room.publish(held.map)
+        await until(lambda: room.relays[1].draining, 10, "relay 1 drains")
+        await asyncio.sleep(1.5)  # three grace periods
+        for listener in listeners:
+            assert not listener.stats.moves, "told to move though its shard stayed"
+            assert listener.pod == "r-relay-1" and listener.connected.is_set()
+        room.publish(rebalance(held.map, active=[0], draining=[1], fanout=8).map)
+        await until(lambda: all(lst.pod == "r-relay-0" for lst in listeners), 10, "moved")
+        assert all(lst.stats.relocations == 1 for lst in listeners)
+
+    run_room(tmp_path, body)
+
+
+def test_in_a_room_closed_to_joins_a_listener_held_past_the_grace_period_stays(
+    tmp_path: Path,
+) -> None:
+    """Past the end the edge admits no new join, so a listener the edge holds (its move
+    budget spent) is told again but never closed: closed, it could not come back."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        for relay in room.relays.values():
+            relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
+        stubborn = Stubborn(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
+        names = [n for n in NAMES if first.relay_for(n) == 1][:3]
+        listeners = [Listener(n, stubborn) for n in names]
+        room.listeners += listeners
+        tasks = [asyncio.create_task(lst.run(room.stop)) for lst in listeners]
+        await until(lambda: all(lst.stats.frames > 3 for lst in listeners), 10, "hearing")
+        weights = [0.1] * first.shards
+        closed = rebalance(first, active=[0], draining=[1], fanout=8, shard_listeners=weights,
+                           closed=True).map  # fmt: skip
+        assert closed.counts()[1] == 0
+        room.publish(closed)
+        await until(lambda: all(lst.stats.moves["draining"] >= 3 for lst in listeners), 10,
+                    "told again and again")  # fmt: skip
+        await asyncio.sleep(1.5)  # three grace periods
+        for listener in listeners:
+            assert listener.stats.moves["draining-grace-over"] == 0
+            assert listener.stats.joins == 1 and listener.pod == "r-relay-1"
+        room.stop.set()
+        await asyncio.gather(*tasks)
 
     run_room(tmp_path, body)

@@ -131,6 +131,14 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class Closed:
+    """The room takes no new joins (its event is over, or it is being deleted): a final
+    answer, not a place in line; listeners already in are still moved."""
+
+    reason: str = "the room takes no new joins: its event is over or the room is being deleted"
+
+
+@dataclass(frozen=True)
 class Location:
     """The answer to "where is my relay": where it is, and a ticket when it has moved."""
 
@@ -238,6 +246,11 @@ class Room:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def closed(self) -> bool:
+        """The map takes no new joins: the event is over, or the room is being deleted."""
+        return self.shard_map.admission == "closed"
 
     def pod_of(self, ordinal: int) -> str:
         return f"{relay_set_name(self.name)}-{ordinal}"
@@ -509,12 +522,17 @@ class Gate:
 
     # Decisions.
 
-    def join(self, room: Room, listener: str, ticket: str | None, now: float) -> Admitted | Queued:
-        """Admit the listener to a relay, or keep it in line.
+    def join(
+        self, room: Room, listener: str, ticket: str | None, now: float
+    ) -> Admitted | Queued | Closed:
+        """Admit the listener to a relay, or keep it in line; in a closed room, neither.
 
         A forged or foreign ticket raises TicketError (the caller answers 400); an expired
         one simply starts a new place in line.
         """
+        if room.closed:
+            room.leave(listener)
+            return Closed()
         settings = self.settings
         first = now
         if ticket is not None:
@@ -528,9 +546,7 @@ class Gate:
         behind = 0.0 if oldest is None else max(0.0, first - oldest)
         window = settings.retry_after * REORDER_SHARE
         reason = None
-        if room.shard_map.admission == "closed":
-            reason = "the room takes no new joins: its event is over"
-        elif ticket is None and room.shard_map.admission == "queueing":
+        if ticket is None and room.shard_map.admission == "queueing":
             reason = "the room is queueing joins"
         else:
             if behind > window:
@@ -588,7 +604,8 @@ class Gate:
         reason = room.unusable(pod, self.settings)
         if reason is None and room.spare(pod, self.settings) <= 0:
             reason = f"relay {pod} is full"
-        if reason is None and room.oldest(now) is not None and not _drains(room, current):
+        waits = room.oldest(now) is not None and not room.closed
+        if reason is None and waits and not _drains(room, current):
             reason = f"{len(room.waiters)} joins wait for a seat; moves come after them"
         budget = room.shard_map.migrations_per_minute
         if reason is None and budget is not None:
@@ -669,7 +686,10 @@ class Gate:
     def waiting(self, now: float) -> Iterable[tuple[Room, int, float]]:
         """(room, waiting listeners, seconds the oldest has waited) for every room."""
         for room in self.rooms.values():
-            yield room, len(room.waiters), room.oldest_wait(now)
+            if room.closed:  # nobody waits for a room closed to joins
+                yield room, 0, 0.0
+            else:
+                yield room, len(room.waiters), room.oldest_wait(now)
 
     def lines(self, now: float) -> Iterable[tuple[Room, Line]]:
         """(room, this replica's line) for rooms with joins waiting here: what the other
@@ -679,7 +699,7 @@ class Gate:
         cannot move; its joins keep their place by their tickets all the same."""
         for room in self.rooms.values():
             room.expire(now)
-            if room.queue and not room.warming(self.settings, now):
+            if room.queue and not room.closed and not room.warming(self.settings, now):
                 yield room, line_of(room.queue)
 
     def warming(self, now: float) -> bool:

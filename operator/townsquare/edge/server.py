@@ -28,6 +28,7 @@ from townsquare.edge.admission import (
     LINE_QUANTILES,
     MAX_ID_BYTES,
     Admitted,
+    Closed,
     Gate,
     Held,
     News,
@@ -38,7 +39,9 @@ from townsquare.edge.watch import Watcher
 
 MAX_BODY_BYTES = 4096
 JOIN_FIELDS = frozenset({"listener", "ticket"})
-OUTCOMES = ("admitted", "queued", "moved", "held", "located", "bad_request", "unknown_room")
+OUTCOMES = (
+    "admitted", "queued", "closed", "moved", "held", "located", "bad_request", "unknown_room"
+)  # fmt: skip
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 KEY_ENV = "TOWNSQUARE_TICKET_KEY"
 
@@ -274,6 +277,9 @@ class Edge:
                     "ticket": answer.ticket,
                 },
             )
+        if isinstance(answer, Closed):
+            self.outcomes["closed"].inc()
+            return _error(410, answer.reason)
         self.outcomes["queued"].inc()
         return _json(
             429,

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -144,6 +145,10 @@ class Crowd:
             "longest_gap_s": round(max((lst.stats.longest_gap for lst in everyone), default=0), 3),
             "disconnects": sum(lst.stats.disconnects for lst in everyone),
             "relocations": sum(lst.stats.relocations for lst in everyone),
+            "joins": sum(lst.stats.joins for lst in everyone),
+            "turned_away": sum(lst.stats.turned_away for lst in everyone),
+            "move_notices": dict(sum((lst.stats.moves for lst in everyone), Counter[str]())),
+            "refusals": dict(sum((lst.stats.refusals for lst in everyone), Counter[str]())),
             "gaps_by_cause": causes,
             "longest_own_stall_s": round(max((d for _, d in self.stalls), default=0.0), 3),
         }

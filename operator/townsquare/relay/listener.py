@@ -49,6 +49,10 @@ class NoRelayYetError(Exception):
         self.retry_after = retry_after
 
 
+class RoomClosedError(Exception):
+    """The room takes no new joins (its event is over, or it is being deleted): final."""
+
+
 class Joiner(Protocol):
     async def join(self, listener: str) -> Admission: ...
 
@@ -84,6 +88,8 @@ class ListenerStats:
     refusals: Counter[str] = field(default_factory=Counter)
     disconnects: int = 0
     joins: int = 0
+    turned_away: int = 0
+    """Joins the room refused for good (closed: its event was over); the listener left."""
     relays: list[str] = field(default_factory=list)
     """Pods this listener was welcomed by, in order."""
     interruptions: list[Interruption] = field(default_factory=list)
@@ -125,6 +131,9 @@ class Listener:
             except NoRelayYetError as wait:
                 await _sleep_or_stop(stop, max(wait.retry_after, 0.05))
                 continue
+            except RoomClosedError:
+                self.stats.turned_away += 1
+                return
             except (OSError, aiohttp.ClientError):
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -381,6 +390,8 @@ class EdgeJoiner:
         self.queue_tickets: dict[str, str] = {}
         self.queued = 0
         """Join answers that said "wait" (429)."""
+        self.closed = 0
+        """Join answers that said the room takes no new joins (410)."""
         self.lines: dict[str, JoinLine] = {}
         self.record: list[dict[str, Any]] = []
 
@@ -426,6 +437,11 @@ class EdgeJoiner:
                 line.place = (answer["position"], answer["waiting"], now, edge)
             line.queued, line.due = True, now + retry_after
             raise NoRelayYetError("queued", retry_after)
+        if status == 410:  # final: retrying would not change it
+            self.closed += 1
+            self.queue_tickets.pop(listener, None)
+            self.lines.pop(listener, None)
+            raise RoomClosedError(str(answer.get("error")))
         if status != 200:
             raise NoRelayYetError(str(answer.get("error")), 1.0)
         self.queue_tickets.pop(listener, None)

@@ -3,8 +3,9 @@
 A relay follows the shard map. The map's `parents` say which upstream feeds it (None: the
 origin); its `relays` say whether it drains; its `assignment` says which shards it carries.
 It accepts a listener only with an `admit` ticket for this pod and room, refuses at
-capacity, and when it drains or a listener's shard moves it tells the listener to ask the
-edge again, paced by its share of the room's migration budget. If its parent is
+capacity, and when a listener's shard moves (the map gives it to another relay, whether or
+not this one drains) it tells the listener to ask the edge again, paced by its share of the
+room's migration budget; a draining relay takes no new listener. If its parent is
 unreachable it feeds from the nearest reachable ancestor (finally the origin) until the
 parent answers again, re-attaching make-before-break so that no frame is lost on the way.
 """
@@ -228,15 +229,27 @@ class Relay(Hub):
         admitted = connection.admitted if connection else None
         if admitted is None:
             return None
-        if self.draining:
+        if self.draining and self._placed_elsewhere(admitted.name):
             return "draining"
         if self._moved_away(admitted.name, admitted.shard, admitted.generation):
             return "shard-moved"
         return None
 
+    def _placed_elsewhere(self, listener: str) -> bool:
+        """The map gives the listener's shard to another relay: the edge has a place for it.
+        Until then a draining relay keeps it (asked to move, the edge would say stay)."""
+        home = self.map.relay_for(listener) if self.map is not None else None
+        return home is not None and home != self.ordinal
+
+    def _closed_to_joins(self) -> bool:
+        return self.map is not None and self.map.admission == "closed"
+
     def sweep_moves(self, now: float) -> None:
         """Queue a notice for each listener that should move and was not told lately; close
-        those that outstayed the grace period."""
+        those that outstayed the grace period, unless the room is closed to joins (its event
+        is over): closed, a listener could not join again, so it stays until it moves or the
+        operator removes the relay (once it is empty, or at drainTimeout)."""
+        closed = self._closed_to_joins()
         for name in list(self._notified):
             if name not in self.listeners or self.move_reason(name) is None:
                 del self._notified[name]
@@ -245,7 +258,7 @@ class Relay(Hub):
             if reason is None:
                 continue
             first, last = self._notified.get(name, (now, -math.inf))
-            if now - first > self.config.move_grace:
+            if now - first > self.config.move_grace and not closed:
                 connection.move(f"{reason}-grace-over")
             elif now - last >= self.config.renotify_seconds and name not in self._queued:
                 self._queued.add(name)
@@ -279,7 +292,10 @@ class Relay(Hub):
             if connection is not None and reason is not None:
                 first, _ = self._notified.get(name, (now, now))
                 self._notified[name] = (first, now)
-                connection.notify_move(reason, self.config.move_grace - (now - first))
+                grace = self.config.move_grace - (now - first)
+                if self._closed_to_joins():  # no grace-over: it stays until it can move
+                    grace = self.config.move_grace
+                connection.notify_move(reason, grace)
                 tokens -= 1
 
     # -- the upstream -----------------------------------------------------------------------
