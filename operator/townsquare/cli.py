@@ -229,8 +229,6 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     namespace, _, name = args.room.rpartition("/")
     if not namespace or not name:
         raise UsageError(f"--room: expected NAMESPACE/NAME (got {args.room!r})")
-    if args.real_listeners < 0:
-        raise UsageError(f"--real-listeners: must be 0 or more (got {args.real_listeners})")
     for edge in args.edge:
         if not edge.startswith(("http://", "https://")):
             raise UsageError(f"--edge: expected an http(s) URL (got {edge!r})")
@@ -320,8 +318,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     if not kubeconfig:
         raise UsageError("--kubeconfig: needed (or KUBECONFIG); 'make demo' brings up a cluster")
-    if args.real_listeners < 0:
-        raise UsageError(f"--real-listeners: must be 0 or more (got {args.real_listeners})")
     given = (("--kubeconfig", kubeconfig), ("--trace", args.trace), ("--room", args.room))
     for flag, path in given:
         if not Path(path).is_file():
@@ -492,6 +488,19 @@ def _data_plane_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-interval", type=parse_seconds, default=1.0)
     parser.add_argument("--buffer-frames", type=int, default=100, help="frames kept to resume")
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+
+
+def real_listener_count(text: str) -> int | None:
+    """`--real-listeners`: a count (0 or more), or `auto` (None: measured at start)."""
+    if text == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto' (got {text!r})") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {count})")
+    return count
 
 
 def parse_seconds(text: str) -> float:
@@ -683,10 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--speed", type=float, default=1.0, help="trace seconds per second")
     load.add_argument(
         "--real-listeners",
-        type=int,
-        default=100,
+        type=real_listener_count,
+        default=None,
         help="listeners held as real relay connections when the room's relays are real "
-        "processes (default %(default)s); the rest of the audience is simulated",
+        "processes; the rest of the audience is simulated. Default 'auto': as many as a "
+        "measurement at start finds this machine carries (half of what one listener "
+        "process and one relay carry alone, about 10 s)",
     )
     load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")
     load.set_defaults(handler=_cmd_loadgen)
@@ -730,9 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default="out/demo", help="directory of the report")
     show.add_argument(
         "--real-listeners",
-        type=int,
-        default=100,
-        help="listeners held as real relay connections; the rest is simulated (default 100)",
+        type=real_listener_count,
+        default=None,
+        help="listeners held as real relay connections; the rest is simulated (default "
+        "'auto': as many as the load generator measures this machine carries at start)",
     )
     show.add_argument(
         "--nodes",

@@ -57,10 +57,9 @@ SETTLE_SECONDS = 60.0
 SETTLE_EVENTS_SECONDS = 2.0
 RELAYS_JOB = "relays"
 """The Prometheus job of the relay processes: their series are the relays' own counts."""
-REAL_LISTENERS = 100
-"""Real listener connections the demo's load generator holds (the rest is simulated): each
-hears 50 frames a second, so a hundred cost the load generator about a tenth of a core and
-the relays less, beside the operator, edge, Prometheus, the cluster and every relay."""
+REAL_LISTENERS: int | None = None
+"""Real listener connections the demo's load generator holds (the rest is simulated); None:
+as many as it measures this machine carries at start (loadgen.REAL_LISTENERS)."""
 SUSTAINED_SECONDS = 5
 """Real listeners count as carried at once when the relays counted them for this long."""
 GAPS_SHOWN = 25
@@ -303,6 +302,9 @@ class Figures:
     real_longest_gap_near_scale_up_ms: int = 0
     real_longest_gap_near_reshard_ms: int = 0
     real_longest_gap_near_drain_ms: int = 0
+    real_listeners_measured: int | None = None
+    """Real listeners one listener process and one relay carried alone, measured by the load
+    generator at start (it held CAP_SHARE of them); None when the count was given."""
 
     LABELS: ClassVar[dict[str, str]] = {
         "expected_audience": "declared audience",
@@ -320,6 +322,8 @@ class Figures:
         "events": "Events posted",
         "real_listeners": "listeners held as real relay connections (the rest simulated)",
         "real_listeners_on_relays": "most real listeners the relays themselves counted (5 s)",
+        "real_listeners_measured": "real listeners this machine carried, measured at start "
+        "(never: the count was given)",
         "real_listeners_that_lost_frames": "real listeners that lost frames",
         "real_frames_lost": "frames real listeners lost",
         "real_gaps": "gaps real listeners noticed (moves, drops, silences of 0.1 s or more)",
@@ -379,9 +383,14 @@ class Report:
         f = self.figures
         if not f.real_listeners:
             return "every listener simulated (no real relay connections held)"
+        measured = (
+            "a count given"
+            if f.real_listeners_measured is None
+            else f"{f.real_listeners_measured:,} carried in a measurement at start, half held"
+        )
         return (
-            f"{f.real_listeners:,} listeners on real connections "
-            f"({f.real_listeners_on_relays:,} at once by the relays' own count): "
+            f"{f.real_listeners:,} listeners on real connections ({measured}; "
+            f"{f.real_listeners_on_relays:,} at once by the relays' own count): "
             f"{f.real_listeners_that_lost_frames:,} lost frames ({f.real_frames_lost:,} in all), "
             f"longest gap {f.real_longest_gap_ms:,} ms ({f.real_longest_gap_beyond_stall_ms:,} ms "
             f"beyond their own process's stalls); near scale-ups "
@@ -418,7 +427,7 @@ def run_demo(
     before_teardown: Callable[[Running], None] | None = None,
     nodes: bool = False,
     karpenter_script: Path = Path("hack/cluster/karpenter/run.sh"),
-    real_listeners: int = REAL_LISTENERS,
+    real_listeners: int | None = REAL_LISTENERS,
 ) -> Report:
     """Play `trace` at `speed` against the room in `room_template`, starting in `start_in`s.
 
@@ -797,7 +806,7 @@ def _start_loadgen(
     edge_url: str,
     out_dir: Path,
     env: dict[str, str],
-    real_listeners: int,
+    real_listeners: int | None,
 ) -> Child:
     command = _python_townsquare(
         "loadgen", "--room", f"{namespace}/{room}", "--trace", str(trace), "--port", str(port),
@@ -805,7 +814,7 @@ def _start_loadgen(
         "--edge", edge_url, "--check-every", "20",
         # The relays count these themselves (Prometheus scrapes them at their pod IPs); the
         # load generator counts only the simulated rest, on the same pods.
-        "--real-listeners", str(real_listeners),
+        "--real-listeners", "auto" if real_listeners is None else str(real_listeners),
     )  # fmt: skip
     return Child.start("load generator", command, out_dir / "loadgen.log", env)
 
@@ -819,7 +828,8 @@ def _loadgen_summary(load: Child) -> dict[str, Any]:
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if record.get("event") == "summary":
-                    real: dict[str, Any] = record.get("real") or {}
+                    real: dict[str, Any] = dict(record.get("real") or {})
+                    real["cap_measured"] = record.get("real_cap_measured")
                     return real
     return {}
 
@@ -1009,6 +1019,7 @@ def _figures(
         events=len(events),
         real_listeners=round(most("audioroom_loadgen_audience", ',kind="real"')),
         real_listeners_on_relays=round(on_relays or 0),
+        real_listeners_measured=(heard.get("cap_measured") or {}).get("carried"),
         real_listeners_that_lost_frames=int(
             heard.get("listeners_that_lost_frames")
             or most("audioroom_loadgen_real_listeners_that_lost_frames")

@@ -54,15 +54,16 @@ from townsquare.api.names import relay_set_name
 from townsquare.kube.client import Cluster, load_config
 from townsquare.relay.crowd import CrowdProcess, MakeJoiner
 from townsquare.relay.listener import EdgeJoiner
+from townsquare.relay.saturation import measure_listener_cap
 from townsquare.sim.trace import Trace
 
 STEP_SECONDS = 0.2
 PODS_SECONDS = 1.0
 EACH = ("gaps", "stalls", "each", "record")
 """Parts of the real listeners' figures too long for every scrape: the summary only."""
-REAL_LISTENERS = 100
-"""Real connections one load generator holds by default: each hears 50 frames a second in
-Python, so a hundred keep about a tenth of a core of this 2-core machine busy."""
+REAL_LISTENERS: int | None = None
+"""Real connections one load generator holds by default: None measures it at start
+(`relay.saturation.measure_listener_cap`: how many this machine carries now, halved)."""
 ORIGIN_ANNOTATION = "townsquare.dev/origin"
 
 
@@ -253,6 +254,9 @@ class Audience:
     joins: dict[str, int] = field(default_factory=dict)
     down_until: dict[int, float] = field(default_factory=dict)
     real: RealListeners | None = None
+    real_cap_measured: dict[str, Any] | None = None
+    """How many real listeners a measurement at start found this machine carries (None:
+    the cap was given)."""
 
     def step(self, wanted: int, now: float) -> list[Listener]:
         """Grow or shrink the audience to `wanted`; the listeners due for a request."""
@@ -471,6 +475,7 @@ class Audience:
             "room": self.room,
             "audience": self.split(),
             "real_cap": self.real.cap if self.real is not None else 0,
+            "real_cap_measured": self.real_cap_measured,
             "relays_real": bool(self.real and self.real.enabled),
             "simulated_moves": self.moves,
             "real": self.real.figures(each=True) if self.real is not None else None,
@@ -644,10 +649,11 @@ def run(
     key: bytes | None = None,
     record: Path | None = None,
     check_every: float = 5.0,
-    real_listeners: int = REAL_LISTENERS,
+    real_listeners: int | None = REAL_LISTENERS,
 ) -> None:
     """Play `trace` for one room through the edge until it ends (or SIGTERM/SIGINT), serving
-    /metrics; the summary goes to stdout and `record` at the end."""
+    /metrics; the summary goes to stdout and `record` at the end. `real_listeners` None:
+    as many as a measurement at start finds this machine carries."""
     import uvloop
 
     cluster = Cluster(load_config())
@@ -678,11 +684,18 @@ def run(
                 check_every=check_every,
                 record=sink,
             )
-            if real_listeners > 0:
+            cap = real_listeners
+            if cap is None:
+                measured = await measure_listener_cap()
+                audience.real_cap_measured = measured.as_record()
+                print(json.dumps({"event": "real listeners measured", **measured.as_record()}),
+                      flush=True)  # fmt: skip
+                cap = measured.use
+            if cap > 0:
                 joiner = functools.partial(
                     EdgeJoiner, edge_url=list(audience.edges), namespace=namespace, room=room
                 )
-                audience.real = RealListeners(joiner, real_listeners)
+                audience.real = RealListeners(joiner, cap)
             latest: list[Snapshot] = []
             registry = CollectorRegistry()
             registry.register(LoadCollector(latest, capacity))

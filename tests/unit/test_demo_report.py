@@ -112,10 +112,14 @@ def test_the_summary_says_how_much_of_the_audience_was_real_and_what_it_heard(
     )  # fmt: skip
     summary = dataclasses.replace(report, figures=heard).summary()
     assert (
-        "100 listeners on real connections (98 at once by the relays' own count): "
-        "3 lost frames (17 in all), longest gap 412 ms (0 ms beyond their own process's stalls); "
-        "near scale-ups 61 ms, reshards 61 ms, drains 95 ms"
+        "100 listeners on real connections (a count given; 98 at once by the relays' own "
+        "count): 3 lost frames (17 in all), longest gap 412 ms (0 ms beyond their own "
+        "process's stalls); near scale-ups 61 ms, reshards 61 ms, drains 95 ms"
     ) in summary
+    measured = dataclasses.replace(heard, real_listeners_measured=200)
+    assert "(200 carried in a measurement at start, half held; 98 at once" in (
+        dataclasses.replace(report, figures=measured).summary()
+    )
 
 
 def test_the_page_lists_the_longest_gaps_with_the_change_each_came_near(tmp_path: Path) -> None:

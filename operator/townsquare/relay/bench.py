@@ -1,12 +1,12 @@
 """`make bench-relay`: what one relay process forwards per core, against an echo server.
 
-Three measurements, each repeated, on this machine, loopback only:
+Four measurements, each repeated, on this machine, loopback only:
 
 1. Forwarding: an origin feeds one `townsquare relay` process (real processes, 20 ms frames
    of 60 bytes); N listeners hold connections and count what arrives. The figure is frames
    sent per CPU-second of the relay process (/proc: user + system time), so other load on
-   the machine slows the run but does not change the figure much. Listeners per relay at
-   the default frame rate = that figure / 50 frames per second.
+   the machine slows the run but does not change the figure much. That figure / 50 frames
+   per second extrapolates listeners per core; item 4 measures them.
 2. Baseline: a trivial echo server on the same runtime (asyncio + uvloop, one Protocol that
    writes back what it reads), N connections each sending one frame-sized message every
    20 ms: messages echoed per CPU-second of the echo process. The ratio relay / echo says
@@ -14,6 +14,8 @@ Three measurements, each repeated, on this machine, loopback only:
 3. Moves: listeners on two relays while the map moves shards back and forth; the longest
    gap each moved listener heard (make-before-break moves, resuming from the new relay's
    recent frames). Joins come from the shard map and the shared key (no edge here).
+4. Saturation (relay/saturation.py): listeners held by load generators in processes of
+   their own, stepped up until they miss frames, against the relay and the echo server.
 
     python -m townsquare.relay.bench [--out docs/benchmarks-relay.md] [--listeners 400]
 """
@@ -40,10 +42,12 @@ from typing import cast
 import aiohttp
 import uvloop
 
+from townsquare.relay import saturation
 from townsquare.relay.hub import HubSettings
 from townsquare.relay.listener import Listener, MapJoiner
 from townsquare.relay.origin import Origin, OriginConfig
 from townsquare.relay.protocol import Kind, control, frame
+from townsquare.relay.saturation import Saturation, cpu_seconds, free_port, until_port
 from townsquare.relay.server import Relay, RelayConfig
 from townsquare.relay.topology import FileMapSource, StaticResolver
 from townsquare.sharding import new_map, rebalance
@@ -52,21 +56,6 @@ from townsquare.tickets import sign
 FRAME_SECONDS = 0.020
 FRAME_BYTES = 60
 HOST = "127.0.0.1"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 class Counting(asyncio.Protocol):
@@ -80,19 +69,6 @@ class Counting(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.totals[0] += len(data)
-
-
-async def _until_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -157,7 +133,7 @@ async def relay_under_test(capacity: int, workdir: Path) -> AsyncIterator[RelayU
                    "--capacity", str(capacity))  # fmt: skip
     under_test = RelayUnderTest(relay, key, shard_map.generation, relay_port, metrics_port)
     try:
-        await _until_port(relay_port)
+        await until_port(relay_port)
         yield under_test
     finally:
         for transport in under_test.transports:
@@ -177,43 +153,6 @@ async def forwarding(listeners: int, seconds: float, workdir: Path) -> float:
             await asyncio.sleep(seconds)
             sent1, cpu1 = await _egress(session, bench.metrics_port), cpu_seconds(bench.relay.pid)
         return (sent1 - sent0) / max(cpu1 - cpu0, 1e-3)
-
-
-@dataclass(frozen=True)
-class Step:
-    listeners: int
-    delivered: float
-    """Share of the frames due (listeners x 50 per second of the window) they received."""
-    relay_cores: float
-    """The relay process's CPU time over the window's wall time."""
-    load: float
-    """The machine's 1-minute load average at the end of the window."""
-
-
-DELIVERED_ENOUGH = 0.98
-
-
-async def saturation(steps: list[int], seconds: float, workdir: Path) -> list[Step]:
-    """Listeners added step by step until they no longer hear (nearly) every frame at 50
-    frames/s: the count is driven, not extrapolated. The verdict comes from the bytes the
-    listeners received; the relay's CPU share says whether the relay or the machine ran out."""
-    wire = len(frame(0, 0, bytes(FRAME_BYTES)))
-    found: list[Step] = []
-    async with relay_under_test(max(steps) * 2, workdir) as bench:
-        for listeners in steps:
-            await bench.connect(listeners - len(bench.transports))
-            await asyncio.sleep(1.5)  # everyone welcomed, the stream flowing
-            got0, cpu0, wall0 = bench.received[0], cpu_seconds(bench.relay.pid), time.monotonic()
-            await asyncio.sleep(seconds)
-            got1, cpu1, wall1 = bench.received[0], cpu_seconds(bench.relay.pid), time.monotonic()
-            due = listeners * (wall1 - wall0) / FRAME_SECONDS
-            step = Step(listeners, (got1 - got0) / wire / due, (cpu1 - cpu0) / (wall1 - wall0),
-                        os.getloadavg()[0])  # fmt: skip
-            found.append(step)
-            print(f"saturation: {step}", file=sys.stderr, flush=True)
-            if step.delivered < DELIVERED_ENOUGH:
-                break
-    return found
 
 
 class Echo(asyncio.Protocol):
@@ -247,7 +186,7 @@ async def echoing(connections: int, seconds: float) -> float:
     loop = asyncio.get_running_loop()
     transports: list[asyncio.Transport] = []
     try:
-        await _until_port(port)
+        await until_port(port)
         totals = [0]
         for _ in range(connections):
             transport, _ = await loop.create_connection(lambda: Counting(b"", totals), HOST, port)
@@ -338,47 +277,7 @@ class Figures:
     relay: list[float]
     echo: list[float]
     gaps: list[float]
-    steps: list[Step] = field(default_factory=list)
-
-
-def carried(steps: list[Step]) -> Step | None:
-    """The largest step whose listeners heard (nearly) every frame."""
-    return max((s for s in steps if s.delivered >= DELIVERED_ENOUGH),
-               key=lambda s: s.listeners, default=None)  # fmt: skip
-
-
-def saturation_lines(steps: list[Step]) -> list[str]:
-    if not steps:
-        return []
-    best, last = carried(steps), steps[-1]
-    if last.delivered >= DELIVERED_ENOUGH:
-        verdict = f"every step was carried, up to {last.listeners:,} listeners (the largest tried)"
-    else:
-        if last.relay_cores >= 0.9:
-            short_of = "the relay's core"
-        else:
-            short_of = f"the machine (the relay got {last.relay_cores:.2f} of a core)"
-        verdict = (
-            f"{best.listeners if best else 0:,} listeners carried; at {last.listeners:,} they "
-            f"heard {last.delivered:.1%} of the frames due, short of {short_of}"
-        )
-    rows = [
-        f"| {s.listeners:,} | {s.delivered:.1%} | {s.relay_cores:.2f} | {s.load:.1f} |"
-        for s in steps
-    ]
-    return [
-        "",
-        "## Listeners driven to saturation",
-        "",
-        "One relay process at 50 frames/s; listeners added step by step (connections held by",
-        "the benchmark process, which shares the machine) until they hear less than "
-        f"{DELIVERED_ENOUGH:.0%}",
-        "of the frames due, counted from the bytes they received. Result: " + verdict + ".",
-        "",
-        "| listeners | frames heard / due | relay CPU (cores) | load average |",
-        "| --- | --- | --- | --- |",
-        *rows,
-    ]
+    driven: Saturation | None = None
 
 
 def _p95(values: list[float]) -> float:
@@ -397,7 +296,7 @@ def report(figures: Figures, listeners: int, command: str) -> str:
             f"{_p95(figures.relay):,.0f}",
         ),
         (
-            "listeners per relay at 50 frames/s (one core)",
+            "frames per CPU-second / 50 (listeners per core, extrapolated)",
             f"{relay / 50:,.0f}",
             f"{_p95(figures.relay) / 50:,.0f}",
         ),
@@ -429,21 +328,23 @@ def report(figures: Figures, listeners: int, command: str) -> str:
         "the clients got back by the echo process's CPU time. Moves: listeners on two or three",
         "relays while the map adds a relay and drains it again, every 3 s; the gap is each",
         "moved listener's longest silence in that round (joins from the map and the key, no",
-        "edge). Listeners per relay divides frames per CPU-second by 50: an extrapolation;",
-        "the section below drives listeners until the relay no longer carries them.",
-        *saturation_lines(figures.steps),
+        "edge). Frames per CPU-second / 50 is an extrapolation; the section below drives",
+        "listeners until the relay no longer carries them (the measured figure).",
+        *(saturation.lines(figures.driven) if figures.driven else []),
     ]
     return "\n".join(lines) + "\n"
 
 
-async def run_all(listeners: int, runs: int, seconds: float, steps: list[int]) -> Figures:
+async def run_all(
+    listeners: int, runs: int, seconds: float, steps: list[int], ramps: int
+) -> Figures:
     relay, echo = [], []
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         for _ in range(runs):
             relay.append(await forwarding(listeners, seconds, Path(tmp)))
             echo.append(await echoing(listeners, seconds))
         gaps = await move_gaps(60, 6, Path(tmp))
-        driven = await saturation(steps, seconds, Path(tmp)) if steps else []
+    driven = await saturation.saturate(ramps, 3.0, steps) if steps and ramps else None
     return Figures(relay, echo, gaps, driven)
 
 
@@ -455,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument(
         "--saturation-steps",
-        default="500,1000,2000,3000,4000,6000",
+        default=",".join(map(str, saturation.STEPS)),
         help="listener counts to drive one relay through (comma-separated; empty: skip)",
+    )
+    parser.add_argument(
+        "--ramps", type=int, default=3, help="saturation ramps of the relay and the echo server"
     )
     parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -464,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_echo(args.echo_port)
         return 0
     steps = [int(n) for n in args.saturation_steps.split(",") if n.strip()]
-    figures = uvloop.run(run_all(args.listeners, args.runs, args.seconds, steps))
+    figures = uvloop.run(run_all(args.listeners, args.runs, args.seconds, steps, args.ramps))
     command = "make bench-relay"
     text = report(figures, args.listeners, command)
     Path(args.out).write_text(text)
