@@ -85,8 +85,10 @@ def free_port() -> int:
 
 
 def pinning(pin: bool = True) -> tuple[list[str], list[str]]:
-    """`taskset` prefixes: the server on core 0, everything else on the other cores (no
-    pinning when not asked, on a one-core machine or without taskset)."""
+    """Command prefixes of (the server, everything else): `taskset` puts the server on
+    core 0 and the rest on the other cores (no pinning when not asked, on a one-core
+    machine or without taskset). No niceness: with the kernel's autogroups (on here) a
+    negative nice value puts a process ahead only of its own session, not of other work."""
     cores = sorted(os.sched_getaffinity(0))
     if not pin or len(cores) < 2 or not Path("/usr/bin/taskset").exists():
         return [], []
@@ -264,13 +266,16 @@ class Worker:
         payload, last = bytes(FRAME_BYTES), -1
         while True:
             now = time.time_ns()
-            seq = now // FRAME_NS
-            if seq > last:  # a timer may wake a little early: never the same frame twice
-                message, last = frame(seq, now, payload), seq
+            due = now // FRAME_NS
+            # As the origin does: a late wake-up sends every frame that fell due (stamped
+            # now), an early one sends none twice.
+            for seq in range(max(last + 1, due - 100), due + 1):
+                message = frame(seq, now, payload)
                 for ear in self.ears:
                     if ear.transport is not None and not ear.closed:
                         ear.transport.write(message)
-            await asyncio.sleep(((seq + 1) * FRAME_NS - time.time_ns()) / 1e9 + 0.0005)
+            last = max(last, due)
+            await asyncio.sleep(((due + 1) * FRAME_NS - time.time_ns()) / 1e9 + 0.0005)
 
     async def measure(self, start: int, end: int) -> dict[str, Any]:
         """Count the window [start, end): wait for it and for the frames still on their way."""
@@ -439,7 +444,12 @@ async def server_under_test(
 
 @contextlib.asynccontextmanager
 async def load_generators(
-    kind: str, port: int, workdir: Path, generation: int, count: int, pin: bool = True
+    kind: str,
+    port: int,
+    workdir: Path,
+    generation: int,
+    count: int,
+    pin: bool = True,
 ) -> AsyncIterator[list[WorkerHandle]]:
     _, rest_pin = pinning(pin)
     handles = []
@@ -509,35 +519,37 @@ async def ramp(
     settle: float = 2.0,
 ) -> Ramp:
     """Step one server up until listeners miss frames twice at a count; then one halving
-    step between the last count carried and the one missed. `kind` is `relay`, `echo`, or
+    step between the last count carried and the one missed, on a fresh server (one that
+    missed may still be working off its backlog). `kind` is `relay`, `echo`, or
     `listeners` (a relay heard by the load generator's own listeners, in one process)."""
-    counts = list(steps)
     found = Ramp(kind)
     workers = 1 if kind == "listeners" else max(1, len(os.sched_getaffinity(0)) - 1)
     server_kind = "echo" if kind == "echo" else "relay"
-    async with (
-        server_under_test(server_kind, workdir, max(counts) + 1, pin) as (server, port, gen),
-        load_generators(kind, port, workdir, gen, workers, pin) as handles,
-    ):
 
-        async def step(listeners: int) -> bool:
-            for _ in range(2):
-                measured = await measure_step(server, handles, listeners, seconds, settle)
-                found.steps.append(measured)
-                if not quiet:
-                    print(f"{kind}: {measured}", file=sys.stderr, flush=True)
-                if measured.carried:
-                    return True
-            return False
+    async def run(counts: list[int]) -> int | None:
+        """The counts in turn until one misses twice (returned; None if none did)."""
+        async with (
+            server_under_test(server_kind, workdir, max(counts) + 1, pin) as served,
+            load_generators(kind, served[1], workdir, served[2], workers, pin) as handles,
+        ):
+            for listeners in counts:
+                for _ in range(2):
+                    measured = await measure_step(served[0], handles, listeners, seconds, settle)
+                    found.steps.append(measured)
+                    if not quiet:
+                        print(f"{kind}: {measured}", file=sys.stderr, flush=True)
+                    if measured.carried:
+                        break
+                else:
+                    return listeners
+        return None
 
-        last = 0
-        for listeners in counts:
-            if not await step(listeners):
-                middle = (last + listeners) // 2
-                if last and middle - last >= 100:
-                    await step(middle)
-                break
-            last = listeners
+    counts = list(steps)
+    missed = await run(counts)
+    if missed is not None and counts.index(missed) > 0:
+        last = counts[counts.index(missed) - 1]
+        if (missed - last) // 2 >= 100:
+            await run([(last + missed) // 2])
     return found
 
 
@@ -549,16 +561,18 @@ class Saturation:
     pinned: bool
 
 
-async def saturate(ramps: int, seconds: float, steps: Iterable[int] = STEPS) -> Saturation:
+async def saturate(
+    ramps: int, seconds: float, steps: Iterable[int] = STEPS, pin: bool = True
+) -> Saturation:
     counts = list(steps)
     relay, echo = [], []
     with tempfile.TemporaryDirectory(prefix="relay-saturation-") as tmp:
         workdir = Path(tmp)
         (workdir / "key").write_bytes(secrets.token_bytes(32))
         for _ in range(ramps):
-            relay.append(await ramp("relay", counts, seconds, workdir))
-            echo.append(await ramp("echo", counts, seconds, workdir))
-    return Saturation(relay, echo, seconds, bool(pinning()[0]))
+            relay.append(await ramp("relay", counts, seconds, workdir, pin))
+            echo.append(await ramp("echo", counts, seconds, workdir, pin))
+    return Saturation(relay, echo, seconds, bool(pin and pinning()[0]))
 
 
 CAP_STEPS = (100, 200, 400, 800, 1600, 3200)
@@ -629,7 +643,7 @@ def lines(result: Saturation) -> list[str]:
         "the server pinned to core 0 with `taskset`, the origin and load generators to the "
         "other cores"
         if result.pinned
-        else "no pinning (one core, or no taskset)"
+        else "no pinning"
     )
     in_order = [ramp for pair in zip(result.relay, result.echo, strict=True) for ramp in pair]
     rows = [
@@ -685,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--steps", default=",".join(map(str, STEPS)))
+    parser.add_argument("--no-pin", action="store_true", help="no taskset")
     parser.add_argument("--worker", choices=["relay", "echo", "listeners"], help=argparse.SUPPRESS)
     parser.add_argument("--map-file", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -695,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_worker(args.worker, args.port, args.key_file, args.generation, args.map_file)
         return 0
     steps = [int(n) for n in args.steps.split(",") if n.strip()]
-    result = uvloop.run(saturate(args.ramps, args.seconds, steps))
+    result = uvloop.run(saturate(args.ramps, args.seconds, steps, not args.no_pin))
     print("\n".join(lines(result)))
     print(json.dumps({"relay": [[asdict(s) for s in r.steps] for r in result.relay],
                       "echo": [[asdict(s) for s in r.steps] for r in result.echo]}),
