@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="listeners held as real relay connections when the room's relays are real "
         "processes; the rest of the audience is simulated. Default 'auto': as many as a "
-        "measurement at start finds this machine carries (a quarter of what one listener "
+        "measurement at start finds this machine carries (a sixteenth of what one listener "
         "process and one relay carry alone, about 10 s)",
     )
     load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")

@@ -388,7 +388,8 @@ class Report:
         measured = (
             "a count given"
             if f.real_listeners_measured is None
-            else f"{f.real_listeners_measured:,} carried in a measurement at start, a quarter held"
+            else f"{f.real_listeners_measured:,} carried in a measurement at start, "
+            "a sixteenth held"
         )
         return (
             f"{f.real_listeners:,} listeners on real connections ({measured}; "

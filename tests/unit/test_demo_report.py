@@ -117,7 +117,7 @@ def test_the_summary_says_how_much_of_the_audience_was_real_and_what_it_heard(
         "process's stalls); near scale-ups 61 ms, reshards 61 ms, drains 95 ms"
     ) in summary
     measured = dataclasses.replace(heard, real_listeners_measured=200)
-    assert "(200 carried in a measurement at start, a quarter held; 98 at once" in (
+    assert "(200 carried in a measurement at start, a sixteenth held; 98 at once" in (
         dataclasses.replace(report, figures=measured).summary()
     )
 
