@@ -307,6 +307,44 @@ def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: P
     run_room(tmp_path, body)
 
 
+def test_a_listener_whose_shard_moved_stays_while_the_edge_holds_its_move(tmp_path: Path) -> None:
+    """The relay keeps serving: past the grace it tells the listener again instead of
+    closing it (test_demo lost frames when held moves were closed and joined the queue)."""
+
+    class Stubborn(MapJoiner):
+        async def relocate(self, listener: str, current: Admission) -> None:
+            return None  # the edge holds every move (no room yet)
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        grown = rebalance(first, active=[0, 1, 2], fanout=8).map
+        await room.start(first)
+        for relay in room.relays.values():
+            relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
+        stubborn = Stubborn(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
+        names = [n for n in NAMES if first.relay_for(n) == 1 and grown.relay_for(n) != 1][:3]
+        assert names, "growing to 3 relays moves shards off relay 1"
+        listeners = [Listener(n, stubborn) for n in names]
+        room.listeners += listeners
+        tasks = [asyncio.create_task(lst.run(room.stop)) for lst in listeners]
+        await until(lambda: all(lst.stats.frames > 3 for lst in listeners), 10, "hearing")
+        room.publish(grown)
+        await until(lambda: all(lst.stats.moves["shard-moved"] >= 2 for lst in listeners), 10,
+                    "told again while held")  # fmt: skip
+        heard = {lst.name: lst.stats.frames for lst in listeners}
+        await asyncio.sleep(1.5)  # three times the grace
+        for listener in listeners:
+            assert listener.pod == "r-relay-1", "still served where it was"
+            assert listener.stats.frames >= heard[listener.name] + 50, "still hearing"
+            assert listener.stats.lost == 0 and listener.stats.disconnects == 0
+            assert listener.stats.moves["shard-moved-grace-over"] == 0
+        assert room.relays[1].moves["shard-moved-grace-over"] == 0
+        room.stop.set()
+        await asyncio.gather(*tasks)
+
+    run_room(tmp_path, body)
+
+
 def test_the_origin_feeds_only_the_relays_the_map_gives_it(tmp_path: Path) -> None:
     async def body(room: LoopbackRoom) -> None:
         await room.start(tree(3, fanout=2))  # relay 2 hangs under relay 0

@@ -46,7 +46,9 @@ class RelayConfig:
     """Moves this relay may announce per minute when the map does not carry the room's
     budget; when it does, the relay takes its share (the budget over the map's relays)."""
     move_grace: float = 30.0
-    """Seconds a listener told to move keeps receiving frames here before it is closed."""
+    """Seconds a listener told to move keeps receiving frames here before it is closed
+    (draining, or above capacity; a listener whose shard moved stays while the edge holds
+    its move: closing it would only turn a held move into a join at the back of a queue)."""
     renotify_seconds: float = 3.0
     """A listener still here this long after a move notice (the edge held it) is told again."""
     map_interval: float = 1.0
@@ -246,9 +248,16 @@ class Relay(Hub):
 
     def sweep_moves(self, now: float) -> None:
         """Queue a notice for each listener that should move and was not told lately; close
-        those that outstayed the grace period, unless the room is closed to joins (its event
-        is over): closed, a listener could not join again, so it stays until it moves or the
-        operator removes the relay (once it is empty, or at drainTimeout)."""
+        those that outstayed the grace period while this relay drains or is above capacity,
+        unless the room is closed to joins (its event is over): closed, a listener could not
+        join again, so it stays until it moves or the operator removes the relay (once it is
+        empty, or at drainTimeout).
+
+        A listener whose shard moved to another relay while this one keeps serving is not
+        closed at the end of the grace either: the edge holds its move because there is no
+        room for it yet (the room full, or the budget spent), and closing it would cut its
+        audio and send it to the back of the queue. It is told again until the edge finds
+        room."""
         closed = self._closed_to_joins()
         for name in list(self._notified):
             if name not in self.listeners or self.move_reason(name) is None:
@@ -258,7 +267,8 @@ class Relay(Hub):
             if reason is None:
                 continue
             first, last = self._notified.get(name, (now, -math.inf))
-            if now - first > self.config.move_grace and not closed:
+            must_go = reason == "draining" or len(self.listeners) > self.capacity
+            if now - first > self.config.move_grace and must_go and not closed:
                 connection.move(f"{reason}-grace-over")
             elif now - last >= self.config.renotify_seconds and name not in self._queued:
                 self._queued.add(name)
@@ -295,7 +305,8 @@ class Relay(Hub):
                 grace = self.config.move_grace - (now - first)
                 if self._closed_to_joins():  # no grace-over: it stays until it can move
                     grace = self.config.move_grace
-                connection.notify_move(reason, grace)
+                # Past the grace, a listener allowed to stay hears of it again, with time.
+                connection.notify_move(reason, max(grace, self.config.renotify_seconds))
                 tokens -= 1
 
     # -- the upstream -----------------------------------------------------------------------
