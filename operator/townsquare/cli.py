@@ -178,6 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         peering=args.peering,
         priority=args.priority,
         namespaces=tuple(args.namespace or ()),
+        claims_namespace=args.claims_namespace,
     )
     kopf.run(
         # Our identity in kopf's peering too: the operator reads who may act from it.
@@ -647,6 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_partition,
         default=Partition(),
         help="INDEX/COUNT: serve only the rooms whose stable hash falls in this partition",
+    )
+    run.add_argument(
+        "--claims-namespace",
+        default=os.environ.get("POD_NAMESPACE") or "default",
+        help="serving every namespace: where replicas claim the rooms they act on "
+        "(the ConfigMap townsquare-partitions; default: $POD_NAMESPACE, else default)",
     )
     run.add_argument(
         "--allowed-registry",

@@ -51,6 +51,7 @@ from townsquare.kube.client import (
     relay_pod,
     timestamp,
 )
+from townsquare.kube.labelling import SlotLabeller
 from townsquare.lifecycle import (
     WARNING,
     Event,
@@ -71,7 +72,16 @@ from townsquare.metrics import (
     covering,
     room_metrics,
 )
-from townsquare.partitions import Partition, may_act, peering_allows
+from townsquare.partitions import (
+    Claim,
+    Partition,
+    free_slots,
+    labelled_slot,
+    may_act,
+    peering_allows,
+    slot_of,
+    still_acting,
+)
 from townsquare.passes import PassScheduler
 from townsquare.policy import TenantPolicy, violations
 from townsquare.scaling import ScalingState
@@ -82,7 +92,10 @@ RETRY_SECONDS = 5.0
 KOPF_WORKERS = 128
 """Objects of one kind kopf handles at once (each may hold an API connection)."""
 PEERING_CHECK_SECONDS = 1.0
-"""How often a replica with peering reads whether kopf lets it act."""
+"""How often a replica reads whether kopf's peering and the claims table let it act."""
+LET_GO_SECONDS = 20.0
+"""At shutdown, the longest wait for passes in flight before the claim is let go (else it
+expires a lifetime after its last renewal)."""
 TRIM_SECONDS = 60.0
 """How often freed heap goes back to the system (see telemetry.release_free_heap)."""
 Key = tuple[str, str]
@@ -124,6 +137,8 @@ class Settings:
     priority: int = 0
     namespaces: tuple[str, ...] = ()
     """The namespaces served (empty: the whole cluster): where the peering objects are."""
+    claims_namespace: str = "default"
+    """Where the claims table lives when the operator serves every namespace (its own)."""
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """This replica in kopf's peering and in the Events it posts."""
     workers: int = 16
@@ -211,10 +226,16 @@ class Runtime:
     """The passes' threads: asyncio's default pool has only cores + 4."""
     poller_tick: float = field(default_factory=time.monotonic)
     """When the listener poller last started a tick (monotonic): for liveness."""
+    acting_slots: frozenset[int] = frozenset()
+    """The slots whose rooms this replica may act on now: those its claim holds (see
+    partitions.free_slots). A room of another slot waits, parked, without a pass."""
 
     def __post_init__(self) -> None:
         self.passes = PassScheduler(
-            self._pass, workers=self.settings.workers, retry_seconds=RETRY_SECONDS
+            self._pass,
+            workers=self.settings.workers,
+            retry_seconds=RETRY_SECONDS,
+            may_run=lambda key: slot_of(*key) in self.acting_slots,
         )
         self.passes.paused = self.settings.peering is not None  # as kopf starts: paused
         self.pass_threads = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="pass")
@@ -328,6 +349,17 @@ class Runtime:
         for namespace, name in self.rooms:
             observability.forget_room(namespace, name)
 
+    def act_on(self, slots: frozenset[int]) -> None:
+        """Act on the rooms of these slots from now on: the rooms of slots gained are read
+        afresh (another replica acted on them until now) and passed at once."""
+        gained = slots - self.acting_slots
+        self.acting_slots = slots
+        if gained:
+            for key, state in self.rooms.items():
+                if slot_of(*key) in gained:
+                    state.reread()
+            self.passes.unpark()
+
     def resume(self) -> None:
         """This replica acts again: every room is read afresh and passed at once."""
         for state in self.rooms.values():
@@ -378,6 +410,8 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
     settings.queueing.idle_timeout = 0.5
     options: Settings = getattr(memo, "settings", None) or Settings()
     settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
+    for resource, selector in watch_selectors(options.partition).items():
+        settings.watching.label_selectors[resource] = selector
     runtime = Runtime(
         cluster=Cluster(load_config(), identity=options.identity),
         settings=options,
@@ -387,23 +421,108 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
     memo.runtime = runtime
     memo.poller = ListenerPoller(runtime)
     memo.poller.start()
-    memo.tasks = [asyncio.create_task(runtime.passes.run())]
+    memo.tasks = [
+        asyncio.create_task(runtime.passes.run()),
+        asyncio.create_task(_follow_claims(runtime)),
+    ]
+    if options.partition.count > 1:
+        memo.labeller = SlotLabeller(
+            runtime.cluster, options.partition, options.namespaces or [None]
+        )
+        memo.labeller.start()
     if options.peering is not None:
         memo.tasks.append(asyncio.create_task(_follow_peering(runtime)))
 
 
 @kopf.on.cleanup(registry=REGISTRY)
 async def stop_poller(memo: Any, **_: Any) -> None:
+    """Stop, and let go of the rooms once no pass is in flight, so that the replica taking
+    them over (a standby, or a new partition's) starts at once, not a lifetime later."""
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is not None:
+        runtime.pause()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LET_GO_SECONDS):
+                await runtime.passes.idle()
+                await asyncio.to_thread(_let_go, runtime)
     poller: ListenerPoller | None = getattr(memo, "poller", None)
     if poller is not None:
         await poller.stop()
+    labeller: SlotLabeller | None = getattr(memo, "labeller", None)
+    if labeller is not None:
+        labeller.stop()
     tasks: list[asyncio.Task[None]] = getattr(memo, "tasks", [])
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is not None:
         runtime.pass_threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _claim_tables(settings: Settings) -> tuple[str, ...]:
+    return settings.namespaces or (settings.claims_namespace,)
+
+
+async def _follow_claims(runtime: Runtime) -> None:
+    """Claim this replica's slots in the claims table and keep them claimed; act on the
+    rooms of the slots claimed (see partitions.free_slots), and on none once the claim could
+    not be renewed for half its lifetime."""
+    log = room_logger("-", "-").bind(component="claims")
+    renewed: datetime | None = None
+    while True:
+        try:
+            renewed = await _claim(runtime, renewed, log)
+        except Exception as error:  # the API server is away: keep the claim while it holds
+            log.warning("claiming slots failed", error=str(error)[:200])
+        lifetime = runtime.settings.peering_lifetime
+        if runtime.acting_slots and not still_acting(renewed, lifetime, datetime.now(UTC)):
+            log.warning("claim not renewed for half its lifetime: acting on no room")
+            runtime.act_on(frozenset())
+        await asyncio.sleep(PEERING_CHECK_SECONDS)
+
+
+async def _claim(runtime: Runtime, renewed: datetime | None, log: Any) -> datetime | None:
+    """One round: claim the free slots wanted, renewing every third of a lifetime; while
+    paused, keep only what passes in flight need, and let go once none is. Returns when
+    the claim was last written (None: this replica holds none)."""
+    settings, now, me = runtime.settings, datetime.now(UTC), runtime.settings.identity
+    if runtime.passes.paused and not runtime.passes.running:
+        if renewed is not None:
+            await asyncio.to_thread(_let_go, runtime)
+            runtime.act_on(frozenset())
+            log.info("paused, no pass in flight: let go of the slots")
+        return None
+    tables = {
+        namespace: await asyncio.to_thread(runtime.cluster.read_claims, namespace)
+        for namespace in _claim_tables(settings)
+    }
+    paused = runtime.passes.paused
+    wanted = runtime.acting_slots if paused else frozenset(settings.partition.slots)
+    for _, claims in tables.values():
+        wanted = free_slots(claims, me, wanted, now)
+    due = renewed is None or now - renewed >= settings.peering_lifetime / 3
+    held = [claims.get(me) for _, claims in tables.values()]
+    if not due and all(claim and claim.slots == wanted for claim in held):
+        return renewed
+    claim = Claim(wanted, now, settings.peering_lifetime)
+    for namespace, (version, claims) in tables.items():
+        expired = [key for key, other in claims.items() if key != me and not other.alive(now)]
+        write = runtime.cluster.write_claim
+        await asyncio.to_thread(write, namespace, version, me, claim, expired)
+    if wanted != runtime.acting_slots:
+        waiting = len(settings.partition.slots) - len(wanted)
+        log.info("acting on the claimed slots", slots=len(wanted), waiting_for_others=waiting)
+    runtime.act_on(wanted)
+    return now
+
+
+def _let_go(runtime: Runtime) -> None:
+    """Remove this replica's claim from every table (blocking)."""
+    cluster, identity = runtime.cluster, runtime.settings.identity
+    for namespace in _claim_tables(runtime.settings):
+        version, claims = cluster.read_claims(namespace)
+        if identity in claims:
+            cluster.write_claim(namespace, version, identity, None)
 
 
 async def _follow_peering(runtime: Runtime) -> None:
@@ -480,17 +599,51 @@ def _runtime(memo: Any) -> Runtime:
     return runtime
 
 
-def _serves(name: str, namespace: str | None, memo: Any, **_: Any) -> bool:
-    """Whether this operator's partition serves the room (every handler filters on it)."""
+CHILD_KINDS = [
+    ("apps/v1", "statefulsets", "StatefulSet"),
+    ("v1", "services", "Service"),
+    ("v1", "configmaps", "ConfigMap"),
+    ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+]
+
+
+def watch_selectors(partition: Partition) -> dict[tuple[str, str] | tuple[str, str, str], str]:
+    """What each watch asks the API server for: this partition's rooms (by their slot label)
+    and children, and only our own pods, so that kopf receives and decodes no event it
+    would drop. Relay pods carry no slot label (adding one to a running room's pod template
+    would replace its relays), so each partition still filters those itself."""
+    rooms = partition.label_selector()
+    slots = f",{rooms}" if rooms else ""
+    owned = f"{children.MANAGED_BY_LABEL}={children.MANAGER}{slots}"
+    components = f"relay,{placeholders.COMPONENT}"
+    selectors: dict[tuple[str, str] | tuple[str, str, str], str] = {
+        (group_version, plural): owned for group_version, plural, _ in CHILD_KINDS
+    }
+    selectors["v1", "pods"] = f"{children.COMPONENT_LABEL} in ({components})"
+    if rooms:
+        selectors[GROUP, VERSION, PLURAL] = rooms
+    return selectors
+
+
+def _serves(name: str, namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> bool:
+    """Whether this operator's partition serves the room, by its slot label (the API
+    server already filters on it; this holds for a room whose label changed since)."""
     settings: Settings | None = getattr(memo, "settings", None)  # called on every event
     return namespace is not None and (
-        settings is None or settings.partition.serves(namespace, name)
+        settings is None or settings.partition.serves_labelled(labels)
     )
 
 
 def _serves_owner(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> bool:
+    """Whether this partition serves the room owning a child or pod (by the room's hash,
+    which its slot label always equals: relay pods carry no slot label)."""
     room = labels.get(children.ROOM_LABEL)
-    return bool(room) and _serves(str(room), namespace, memo)
+    settings: Settings | None = getattr(memo, "settings", None)
+    return (
+        bool(room)
+        and namespace is not None
+        and (settings is None or settings.partition.serves(namespace, str(room)))
+    )
 
 
 class ListenerPoller:
@@ -696,6 +849,7 @@ async def room_changed(
     type: str | None,
     spec: kopf.Spec,
     meta: kopf.Meta,
+    labels: kopf.Labels,
     memo: Any,
     **_: Any,
 ) -> None:
@@ -710,6 +864,12 @@ async def room_changed(
     assert namespace is not None, "AudioRoom is namespaced"
     runtime = _runtime(memo)
     key = (namespace, name)
+    if type != "DELETED" and runtime.settings.partition.count > 1:
+        slot = labelled_slot(labels)
+        if slot != slot_of(namespace, name):  # edited by hand: back to its hash's partition
+            labeller: SlotLabeller = memo.labeller
+            await asyncio.to_thread(labeller.label, namespace, name)
+            return
     if type == "DELETED":
         runtime.forget(key)
         observability.forget_room(namespace, name)
@@ -770,12 +930,7 @@ def _on_child(kind: str) -> Any:
     return child_changed
 
 
-for _group_version, _plural, _kind in [
-    ("apps/v1", "statefulsets", "StatefulSet"),
-    ("v1", "services", "Service"),
-    ("v1", "configmaps", "ConfigMap"),
-    ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget"),
-]:
+for _group_version, _plural, _kind in CHILD_KINDS:
     kopf.on.event(
         _group_version,
         _plural,

@@ -1,14 +1,25 @@
 """Which operator acts on a room: the partition that serves it, by a stable hash of the room
 that every replica of every partition agrees on without talking to the others, and within
-the partition the replica that kopf's peering lets act. Pure."""
+the partition the replica that kopf's peering lets act. Pure.
+
+A room's hash falls in one of `SLOTS` slots, written on the room as the `SLOT_LABEL` label;
+partition i of K serves a contiguous range of slots. The label does not depend on K, so
+changing the number of partitions relabels nothing, and each partition asks the API server
+for its own rooms only (a label selector), instead of receiving and dropping the others'."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+SLOTS = 256
+"""Hash slots: enough for an even split over any partition count up to a few dozen."""
+SLOT_LABEL = "townsquare.dev/slot"
+"""On a room: its hash slot, set by the partition that serves it (see `slot_of`)."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,8 @@ class Partition:
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
             raise ValueError(f"partition {self.index}/{self.count}: need 0 <= index < count")
+        if self.count > SLOTS:
+            raise ValueError(f"partition {self.index}/{self.count}: at most {SLOTS} partitions")
 
     @classmethod
     def parse(cls, text: str) -> Partition:
@@ -30,16 +43,55 @@ class Partition:
             raise ValueError(f"partition {text!r}: expected INDEX/COUNT, e.g. 0/2")
         return cls(int(index), int(count))
 
+    @property
+    def slots(self) -> range:
+        """The slots this partition serves: a contiguous share, so going from K to K+1
+        partitions moves about half the rooms, not K/(K+1) of them as a modulo would."""
+        return range(
+            -(-self.index * SLOTS // self.count), -(-(self.index + 1) * SLOTS // self.count)
+        )
+
     def serves(self, namespace: str, room: str) -> bool:
         """True for exactly one partition of `count` for every room."""
-        return self.count == 1 or partition_of(namespace, room, self.count) == self.index
+        return self.count == 1 or slot_of(namespace, room) in self.slots
+
+    def serves_labelled(self, labels: Mapping[str, str]) -> bool:
+        """Whether the room with these labels is ours: by its slot label, the one thing the
+        API server can filter on (one partition of K: every room, labelled or not)."""
+        if self.count == 1:
+            return True
+        slot = labelled_slot(labels)
+        return slot is not None and slot in self.slots
+
+    def label_selector(self) -> str | None:
+        """The API server's filter for this partition's rooms (None: every room)."""
+        if self.count == 1:
+            return None
+        return f"{SLOT_LABEL} in ({','.join(str(slot) for slot in self.slots)})"
+
+
+def unlabelled_selector() -> str:
+    """Rooms with no valid slot label (new ones, or one edited by hand): the API server's
+    filter for the rooms a partition must label before it can see them."""
+    return f"{SLOT_LABEL} notin ({','.join(str(slot) for slot in range(SLOTS))})"
+
+
+def slot_of(namespace: str, room: str) -> int:
+    """The slot of a room: the same in every process and Python version (no `hash()`,
+    which is salted per process)."""
+    digest = hashlib.blake2b(f"{namespace}/{room}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SLOTS
+
+
+def labelled_slot(labels: Mapping[str, str]) -> int | None:
+    """The slot a room's label names (None: none, or not a slot)."""
+    value = labels.get(SLOT_LABEL, "")
+    return int(value) if value.isdigit() and int(value) < SLOTS else None
 
 
 def partition_of(namespace: str, room: str, count: int) -> int:
-    """The partition of a room: the same in every process and Python version (no `hash()`,
-    which is salted per process)."""
-    digest = hashlib.blake2b(f"{namespace}/{room}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count
+    """The partition of `count` that serves a room."""
+    return slot_of(namespace, room) * count // SLOTS
 
 
 def peering_allows(
@@ -82,3 +134,81 @@ def _alive(peer: Mapping[str, Any] | None, now: datetime) -> bool:
     if lastseen.tzinfo is None:
         lastseen = lastseen.replace(tzinfo=UTC)
     return lastseen + timedelta(seconds=int(peer.get("lifetime", 60))) > now
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The slots one replica acts on, as it wrote them in the claims table, until
+    `renewed + lifetime` unless it renews them first."""
+
+    slots: frozenset[int]
+    renewed: datetime
+    lifetime: timedelta
+
+    def alive(self, now: datetime) -> bool:
+        return self.renewed + self.lifetime > now
+
+    def encode(self) -> str:
+        return json.dumps(
+            {
+                "slots": _ranges(self.slots),
+                "renewed": self.renewed.isoformat(),
+                "lifetime": self.lifetime.total_seconds(),
+            },
+            separators=(",", ":"),
+        )
+
+    @staticmethod
+    def decode(text: str) -> Claim | None:
+        """A claim as stored (None: unreadable, which claims nothing)."""
+        try:
+            data = json.loads(text)
+            renewed = datetime.fromisoformat(data["renewed"])
+            slots = frozenset(s for start, stop in data["slots"] for s in range(start, stop))
+            lifetime = timedelta(seconds=float(data["lifetime"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        if renewed.tzinfo is None:
+            renewed = renewed.replace(tzinfo=UTC)
+        return Claim(slots, renewed, lifetime)
+
+
+def read_claims(data: Mapping[str, str]) -> dict[str, Claim]:
+    """The claims table's entries (replica -> claim) as stored; an unreadable one claims
+    nothing."""
+    claims = {identity: Claim.decode(text) for identity, text in data.items()}
+    return {identity: claim for identity, claim in claims.items() if claim is not None}
+
+
+def free_slots(
+    claims: Mapping[str, Claim], identity: str, wanted: Iterable[int], now: datetime
+) -> frozenset[int]:
+    """The slots this replica may claim: those it wants that no other live replica claims.
+
+    Every replica, of every partition count, claims its slots in one table before it acts
+    on their rooms, and a write to the table succeeds only on the version it read. So while
+    the number of partitions changes (old and new replicas alive at once, their slots
+    overlapping), each slot has one actor: a new replica takes a slot when the old one let
+    go of it (after its passes in flight) or stopped renewing it for a lifetime."""
+    taken: set[int] = set()
+    for other, claim in claims.items():
+        if other != identity and claim.alive(now):
+            taken |= claim.slots
+    return frozenset(wanted) - taken
+
+
+def still_acting(last_renewed: datetime | None, lifetime: timedelta, now: datetime) -> bool:
+    """Whether a replica may keep acting on its claim: only while half its lifetime is left
+    since its last successful renewal (the other half lets passes in flight finish, and
+    covers clocks that differ by less than that)."""
+    return last_renewed is not None and now < last_renewed + lifetime / 2
+
+
+def _ranges(slots: Iterable[int]) -> list[list[int]]:
+    ranges: list[list[int]] = []
+    for slot in sorted(slots):
+        if ranges and ranges[-1][1] == slot:
+            ranges[-1][1] = slot + 1
+        else:
+            ranges.append([slot, slot + 1])
+    return ranges

@@ -34,8 +34,10 @@ class PassScheduler(Generic[K]):
         workers: int = 8,
         retry_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        may_run: Callable[[K], bool] = lambda _: True,
     ) -> None:
         self._run_pass = run_pass
+        self._may_run = may_run
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._slots = asyncio.Semaphore(workers)
@@ -44,6 +46,8 @@ class PassScheduler(Generic[K]):
         self._order = itertools.count()
         self._again: set[K] = set()
         self._dropped: set[K] = set()
+        self._parked: set[K] = set()
+        """Rooms due while `may_run` said no (their slot is another replica's for now)."""
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.running: dict[K, float] = {}
@@ -52,15 +56,17 @@ class PassScheduler(Generic[K]):
         """While True no pass starts (another replica acts); wake-ups are kept for later."""
 
     def __contains__(self, key: object) -> bool:
-        return key in self._due or key in self.running
+        return key in self._due or key in self.running or key in self._parked
 
     def __len__(self) -> int:
-        return len(self._due.keys() | self.running.keys())
+        return len(self._due.keys() | self.running.keys() | self._parked)
 
     def wake(self, key: K, delay: float = 0.0) -> None:
         """Run the room's pass `delay` seconds from now, or sooner if it was due sooner.
         Call on the event loop (see `wake_threadsafe` from other threads)."""
         self._dropped.discard(key)
+        if key in self._parked:
+            return  # runs once `unpark` lets it
         if key in self.running and delay <= 0:
             self._again.add(key)
             return
@@ -70,6 +76,7 @@ class PassScheduler(Generic[K]):
         """No more passes for the room (a pass running now still finishes)."""
         self._due.pop(key, None)
         self._again.discard(key)
+        self._parked.discard(key)
         if key in self.running:
             self._dropped.add(key)
 
@@ -80,6 +87,14 @@ class PassScheduler(Generic[K]):
         for key in list(self._due):
             self._schedule(key, self._clock(), sooner_only=True)
         self._changed.set()
+
+    def unpark(self) -> list[K]:
+        """Run at once the parked rooms that `may_run` now lets run; returns them."""
+        ready = [key for key in self._parked if self._may_run(key)]
+        for key in ready:
+            self._parked.discard(key)
+            self._schedule(key, self._clock(), sooner_only=True)
+        return ready
 
     async def idle(self, poll_seconds: float = 0.02) -> None:
         """Return once no pass is running (call while paused: none starts meanwhile)."""
@@ -120,7 +135,10 @@ class PassScheduler(Generic[K]):
                 return None  # a finishing pass sets `_changed`
             heapq.heappop(self._heap)
             del self._due[key]
-            self._start(key)
+            if self._may_run(key):
+                self._start(key)
+            else:
+                self._parked.add(key)
         return None
 
     def _start(self, key: K) -> None:

@@ -236,6 +236,8 @@ def test_partitions_each_run_their_share_with_their_own_peering() -> None:
         assert f"--partition={partition}/3" in flags, (name, flags)
         suffix = f"-p{partition}" if partition else ""
         assert f"--peering=ts-townsquare{suffix}" in flags, (name, flags)
+        # One claims table for every partition, so that a new count waits for the old.
+        assert f"--claims-namespace={NAMESPACE}" in flags, (name, flags)
     peerings = {p["metadata"]["name"] for p in of_kind(docs, "ClusterKopfPeering")}
     assert peerings == {"ts-townsquare", "ts-townsquare-p1", "ts-townsquare-p2"}
     patchable = [r for r in rules_of(docs) if r.get("resourceNames")]

@@ -1,5 +1,6 @@
-"""The operator's shell without a cluster: a stalled pass turns the liveness probe red, and
-one slow tenant query delays no other room's reading."""
+"""The operator's shell without a cluster: a stalled pass turns the liveness probe red, one
+slow tenant query delays no other room's reading, and a room changes hands (a standby, a new
+partition count) without two replicas acting on it at once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -20,6 +22,7 @@ from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
 from townsquare.kube.client import Cluster, Peering
 from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
+from townsquare.partitions import SLOTS, Claim, Partition, read_claims, slot_of
 from townsquare.passes import PassScheduler
 
 PROMETHEUS = "http://127.0.0.1:9"
@@ -33,13 +36,17 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) ->
     assert check(), what
 
 
-def _runtime(cluster: object, settings: Settings) -> Runtime:
-    return Runtime(
+def _runtime(cluster: object, settings: Settings, claimed: bool = True) -> Runtime:
+    """A replica; `claimed`: as if its claim on all its slots were written."""
+    runtime = Runtime(
         cluster=cast(Cluster, cluster),
         settings=settings,
         loop=asyncio.get_running_loop(),
         indexes={"relay_pod_index": {}, "placeholder_index": {}},
     )
+    if claimed:
+        runtime.act_on(frozenset(settings.partition.slots))
+    return runtime
 
 
 class StuckApiServer:
@@ -258,3 +265,121 @@ def test_a_hand_over_to_a_higher_priority_waits_for_the_passes_in_flight() -> No
         runner.cancel()
 
     asyncio.run(scenario())
+
+
+class ClaimsConfigMap:
+    """The claims table as the API server keeps it, in memory: a write on an older version
+    is refused (409). Records which replica passes each room, and when."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.data: dict[str, str] = {}
+        self.passes: list[tuple[str, str, float, float]] = []
+
+    def read_claims(self, namespace: str) -> tuple[str | None, dict[str, Claim]]:
+        return (str(self.version) if self.version else None), read_claims(self.data)
+
+    def write_claim(
+        self,
+        namespace: str,
+        version: str | None,
+        identity: str,
+        claim: Claim | None,
+        expired: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        if version != (str(self.version) if self.version else None):
+            raise RuntimeError("409 Conflict")
+        self.version += 1
+        for key in [*expired, identity]:
+            self.data.pop(key, None)
+        if claim is not None:
+            self.data[identity] = claim.encode()
+
+
+def test_a_new_partition_count_waits_for_the_old_replica_to_let_go_of_each_room() -> None:
+    """Partitions go from 1 to 2 with the old replica still running: the new replica of
+    partition 1/2 acts on none of its rooms until the old one finished its pass in flight
+    and let go; then at once (not a lifetime later)."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        finish = asyncio.Event()
+        log = logging.getLogger("test")
+        in_pass: dict[str, int] = {}
+        overlaps: list[tuple[str, str]] = []
+        passed_by: list[str] = []
+
+        def replica(identity: str, partition: Partition) -> Runtime:
+            settings = Settings(identity=identity, partition=partition, namespaces=("spaces",))
+            runtime = _runtime(table, settings, claimed=False)
+
+            async def one_pass(key: tuple[str, str]) -> float | None:
+                room = key[1]
+                if in_pass.get(room):
+                    overlaps.append((identity, room))
+                in_pass[room] = in_pass.get(room, 0) + 1
+                passed_by.append(identity)
+                await finish.wait()
+                in_pass[room] -= 1
+                return None
+
+            runtime.passes = PassScheduler(
+                one_pass, may_run=lambda key: slot_of(*key) in runtime.acting_slots
+            )
+            return runtime
+
+        room = next(
+            ("spaces", f"room-{i}") for i in range(100) if slot_of("spaces", f"room-{i}") >= 128
+        )
+        old, new = replica("old", Partition(0, 1)), replica("new", Partition(1, 2))
+        runners = [asyncio.create_task(r.passes.run()) for r in (old, new)]
+        old_renewed = await handlers._claim(old, None, log)
+        assert old.acting_slots == frozenset(range(SLOTS))
+        old.passes.wake(room)
+        await _until(lambda: passed_by == ["old"], "the old replica's pass")
+
+        new_renewed = await handlers._claim(new, None, log)
+        assert new.acting_slots == frozenset(), "every slot is the old replica's"
+        new.passes.wake(room)
+        await asyncio.sleep(0.05)
+        assert passed_by == ["old"], "the new replica waits: the room is parked"
+
+        old.pause()  # the old replica is stopping; its pass is still in flight
+        old_renewed = await handlers._claim(old, old_renewed, log)
+        assert old_renewed is not None and "old" in table.data, "kept while its pass runs"
+        new_renewed = await handlers._claim(new, new_renewed, log)
+        assert new.acting_slots == frozenset()
+
+        finish.set()
+        await _until(lambda: not old.passes.running, "the old pass to end")
+        assert await handlers._claim(old, old_renewed, log) is None
+        assert "old" not in table.data, "let go once no pass was in flight"
+        await handlers._claim(new, new_renewed, log)
+        assert new.acting_slots == frozenset(range(128, 256))
+        await _until(lambda: passed_by == ["old", "new"], "the new replica's pass")
+        assert overlaps == []
+        for runner in runners:
+            runner.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_replicas_slots_are_taken_a_lifetime_after_its_last_renewal() -> None:
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        log = logging.getLogger("test")
+        killed = Claim(frozenset(range(SLOTS)), datetime.now(UTC) - timedelta(seconds=29), LIFE)
+        table.write_claim("spaces", None, "killed", killed)
+        settings = Settings(identity="new", partition=Partition(0, 2), namespaces=("spaces",))
+        new = _runtime(table, replace(settings, peering_lifetime=LIFE), claimed=False)
+        await handlers._claim(new, None, log)
+        assert new.acting_slots == frozenset()
+        await asyncio.sleep(1.1)
+        await handlers._claim(new, None, log)
+        assert new.acting_slots == frozenset(range(128))
+        assert set(table.data) == {"new"}, "the dead replica's claim was dropped"
+
+    asyncio.run(scenario())
+
+
+LIFE = timedelta(seconds=30)

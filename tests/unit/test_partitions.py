@@ -12,7 +12,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from townsquare.partitions import Partition, may_act, partition_of, peering_allows
+from townsquare.partitions import (
+    SLOT_LABEL,
+    SLOTS,
+    Claim,
+    Partition,
+    free_slots,
+    labelled_slot,
+    may_act,
+    partition_of,
+    peering_allows,
+    slot_of,
+    still_acting,
+    unlabelled_selector,
+)
 
 NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
 
@@ -26,7 +39,46 @@ def test_exactly_one_partition_serves_each_room(namespace: str, room: str, count
 def test_the_split_is_near_even() -> None:
     counts = Counter(partition_of("spaces", f"room-{i}", 4) for i in range(10_000))
     assert set(counts) == {0, 1, 2, 3}
-    assert max(counts.values()) - min(counts.values()) < 0.06 * 2_500
+    assert all(abs(n - 2_500) < 0.05 * 2_500 for n in counts.values()), counts
+
+
+@given(st.integers(min_value=1, max_value=64))
+def test_the_partitions_share_the_slots_in_contiguous_ranges(count: int) -> None:
+    ranges = [Partition(i, count).slots for i in range(count)]
+    assert [slot for share in ranges for slot in share] == list(range(SLOTS))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_one_more_partition_moves_about_half_the_rooms_not_most() -> None:
+    """A modulo split would move 2/3 of the rooms from 2 to 3 partitions."""
+    names = [f"room-{i}" for i in range(5_000)]
+    moved = sum(partition_of("spaces", n, 2) != partition_of("spaces", n, 3) for n in names)
+    assert 0.4 < moved / len(names) < 0.55
+
+
+def test_a_partition_asks_the_api_server_for_its_slots_only() -> None:
+    selector = Partition(1, 3).label_selector()
+    assert selector == f"{SLOT_LABEL} in ({','.join(map(str, range(86, 171)))})"
+    assert Partition().label_selector() is None  # one partition: every room, labelled or not
+    assert unlabelled_selector().startswith(f"{SLOT_LABEL} notin (0,1,2,")
+
+
+@given(NAMES, NAMES, st.integers(min_value=2, max_value=16))
+def test_the_label_a_room_gets_decides_the_same_partition_as_its_hash(
+    namespace: str, room: str, count: int
+) -> None:
+    labels = {SLOT_LABEL: str(slot_of(namespace, room))}
+    for index in range(count):
+        partition = Partition(index, count)
+        assert partition.serves_labelled(labels) == partition.serves(namespace, room)
+
+
+@pytest.mark.parametrize("value", [None, "", "256", "-1", "x"])
+def test_a_room_without_a_valid_slot_label_is_nobodys_until_labelled(value: str | None) -> None:
+    labels = {} if value is None else {SLOT_LABEL: value}
+    assert labelled_slot(labels) is None
+    assert not any(Partition(i, 2).serves_labelled(labels) for i in range(2))
+    assert Partition().serves_labelled(labels)
 
 
 def test_the_hash_is_the_same_in_another_process() -> None:
@@ -36,7 +88,7 @@ def test_the_hash_is_the_same_in_another_process() -> None:
     assert int(other.stdout) == partition_of("a", "b", 97)
 
 
-@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2", "0/0"])
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2", "0/0", "0/257"])
 def test_bad_partitions_are_refused_with_the_reason(text: str) -> None:
     with pytest.raises(ValueError, match="partition"):
         Partition.parse(text)
@@ -89,3 +141,106 @@ def test_a_holder_that_died_lets_go_when_its_lifetime_ends() -> None:
     peers = {"primary": _peer(100, 31), "standby": _peer(99, 1)}
     assert may_act(peers, "primary", "standby", 99, NOW)
     assert may_act({"standby": _peer(99, 1)}, "gone", "standby", 99, NOW)
+
+
+LIFETIME = timedelta(seconds=30)
+
+
+def test_a_claim_reads_back_as_written() -> None:
+    claim = Claim(frozenset({*range(0, 86), 200}), NOW, LIFETIME)
+    assert Claim.decode(claim.encode()) == claim
+    assert Claim.decode("{not json") is None
+    assert Claim.decode('{"slots": [[0, 4]]}') is None
+
+
+def test_slots_claimed_by_another_live_replica_are_not_free() -> None:
+    old = Claim(frozenset(range(0, 128)), NOW - timedelta(seconds=5), LIFETIME)
+    dead = Claim(frozenset(range(128, 256)), NOW - timedelta(seconds=31), LIFETIME)
+    claims = {"old": old, "dead": dead}
+    assert free_slots(claims, "new", range(86, 171), NOW) == frozenset(range(128, 171))
+    assert free_slots(claims, "old", range(0, 86), NOW) == frozenset(range(0, 86))
+
+
+def test_a_replica_stops_acting_half_a_lifetime_after_its_last_renewal() -> None:
+    assert still_acting(NOW - timedelta(seconds=14), LIFETIME, NOW)
+    assert not still_acting(NOW - timedelta(seconds=15), LIFETIME, NOW)
+    assert not still_acting(None, LIFETIME, NOW)
+
+
+class VersionedTable:
+    """The claims table as the API server keeps it: a write succeeds only on the version
+    read. Records every claim written, to check overlaps independently of the rule."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.claims: dict[str, Claim] = {}
+
+    def read(self) -> tuple[int, dict[str, Claim]]:
+        return self.version, dict(self.claims)
+
+    def write(self, version: int, identity: str, claim: Claim | None) -> bool:
+        if version != self.version:
+            return False  # 409: read again
+        self.version += 1
+        if claim is None:
+            self.claims.pop(identity, None)
+        else:
+            self.claims[identity] = claim
+        return True
+
+    def overlaps(self, now: datetime) -> set[int]:
+        live = [c.slots for c in self.claims.values() if c.alive(now)]
+        return {s for i, a in enumerate(live) for b in live[i + 1 :] for s in a & b}
+
+
+@given(
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=1, max_value=5),
+    st.lists(st.tuples(st.integers(0, 9), st.sampled_from(["read", "write", "stop"])), max_size=80),
+    st.sets(st.integers(0, 4)),
+)
+def test_while_the_partition_count_changes_no_slot_has_two_actors_and_none_is_orphaned(
+    old_count: int, new_count: int, steps: list[tuple[int, str]], killed: set[int]
+) -> None:
+    """Replicas of K and K' partitions alive at once, reading and writing the table in any
+    order; the old ones stop (gracefully: they let go; or killed: their claims expire).
+    At no moment do two live claims share a slot; at the end the new replicas hold all."""
+    table = VersionedTable()
+    replicas = {f"old-{i}": Partition(i, old_count) for i in range(old_count)}
+    replicas |= {f"new-{i}": Partition(i, new_count) for i in range(new_count)}
+    names = sorted(replicas)
+    read: dict[str, tuple[int, dict[str, Claim]]] = {}
+    stopped: set[str] = set()
+    now = NOW
+
+    def claim_step(name: str) -> None:
+        if name in stopped:
+            return
+        if name not in read:
+            read[name] = table.read()
+            return
+        version, claims = read.pop(name)
+        wanted = free_slots(claims, name, replicas[name].slots, now)
+        table.write(version, name, Claim(wanted, now, LIFETIME))
+
+    for who, action in steps:
+        name = names[who % len(names)]
+        now += timedelta(seconds=1)
+        if action == "stop" and name.startswith("old"):
+            stopped.add(name)
+            if int(name.split("-")[1]) not in killed:  # graceful: let go of its slots
+                while not table.write(table.version, name, None):
+                    pass
+        else:
+            claim_step(name)
+        assert not table.overlaps(now)
+    # The old replicas are gone; the killed ones' claims expire a lifetime later.
+    stopped |= {n for n in names if n.startswith("old")}
+    now += LIFETIME
+    read.clear()  # each new replica reads, then writes at once
+    for name in names:
+        claim_step(name)
+        claim_step(name)
+        assert not table.overlaps(now)
+    held = [c.slots for n, c in table.claims.items() if n.startswith("new") and c.alive(now)]
+    assert sorted(s for slots in held for s in slots) == list(range(SLOTS))

@@ -169,3 +169,33 @@ def test_a_failing_pass_is_retried() -> None:
         return passes
 
     assert _run(scenario) == 2
+
+
+def test_a_room_another_replica_holds_is_parked_until_let_run_then_passed_at_once() -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        passed: list[str] = []
+        ours = {"a"}
+
+        async def one_pass(key: str) -> float | None:
+            passed.append(key)
+            return None
+
+        scheduler = PassScheduler(one_pass, may_run=lambda key: key in ours)
+        runner = asyncio.create_task(scheduler.run())
+        scheduler.wake("a")
+        scheduler.wake("b")
+        await _until(lambda: passed == ["a"], "the room we hold")
+        await asyncio.sleep(0.05)
+        before = list(passed)
+        scheduler.wake("b")  # a wake-up of a parked room waits too
+        await asyncio.sleep(0.05)
+        assert "b" in scheduler
+        ours.add("b")
+        assert scheduler.unpark() == ["b"]
+        await _until(lambda: passed == ["a", "b"], "the room let go to us")
+        runner.cancel()
+        return before, passed
+
+    before, after = _run(scenario)
+    assert before == ["a"]
+    assert after == ["a", "b"]

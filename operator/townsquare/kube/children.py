@@ -10,6 +10,7 @@ from typing import Any
 
 from townsquare.api.models import API_VERSION, KIND, AudioRoomSpec, TopologySpread
 from townsquare.api.names import relay_service_name, relay_set_name, shard_map_name
+from townsquare.partitions import SLOT_LABEL, slot_of
 
 Manifest = dict[str, Any]
 
@@ -51,7 +52,12 @@ def _metadata(
     return {
         "name": name,
         "namespace": namespace,
-        "labels": {ROOM_LABEL: room, COMPONENT_LABEL: component, MANAGED_BY_LABEL: MANAGER},
+        "labels": {
+            ROOM_LABEL: room,
+            COMPONENT_LABEL: component,
+            MANAGED_BY_LABEL: MANAGER,
+            SLOT_LABEL: str(slot_of(namespace, room)),
+        },
         "ownerReferences": [
             {
                 "apiVersion": API_VERSION,

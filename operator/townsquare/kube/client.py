@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +21,7 @@ from kubernetes.client.rest import ApiException
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
 from townsquare.api.names import relay_set_name, shard_map_name
 from townsquare.kube.children import MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifest
+from townsquare.partitions import Claim, read_claims
 from townsquare.sharding import ShardMap
 
 APPLY = "application/apply-patch+yaml"
@@ -37,6 +38,9 @@ EARLIER_FINALIZERS = ("kopf.zalando.org/KopfFinalizerMarker", f"{GROUP}/partitio
 """What earlier versions held rooms with (kopf's, one a partition): released the same way."""
 
 
+CLAIMS = "townsquare-partitions"
+"""The ConfigMap in which every replica claims the hash slots it acts on (see
+partitions.free_slots): in each namespace served, or the operator's own when it serves all."""
 HOLDER_ANNOTATION = f"{GROUP}/acting"
 """On kopf's peering object: the replica whose passes may be running (see may_act)."""
 
@@ -283,6 +287,47 @@ class Cluster:
                 return None
             raise
         return [Peering.of(body) for body in bodies]
+
+    def read_claims(self, namespace: str) -> tuple[str | None, dict[str, Claim]]:
+        """The claims table as stored: its version (None: there is none yet) and claims."""
+        try:
+            body = self.core.read_namespaced_config_map(
+                CLAIMS, namespace, _request_timeout=self.timeout, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None, {}
+            raise
+        stored = json.loads(body.data)
+        return str(stored["metadata"]["resourceVersion"]), read_claims(stored.get("data") or {})
+
+    def write_claim(
+        self,
+        namespace: str,
+        version: str | None,
+        identity: str,
+        claim: Claim | None,
+        expired: Iterable[str] = (),
+    ) -> None:
+        """Write this replica's claim (None: let go of its slots) on the table as it was
+        read, dropping the `expired` claims of replicas gone. A table changed since fails
+        the call (409), and the caller reads it again: two replicas never claim one slot."""
+        data: dict[str, str | None] = {key: None for key in expired}
+        data[identity] = claim.encode() if claim else None
+        if version is None:
+            body = {
+                "metadata": {"name": CLAIMS, "labels": {"app.kubernetes.io/name": "townsquare"}},
+                "data": {key: value for key, value in data.items() if value is not None},
+            }
+            response = self.core.create_namespaced_config_map(
+                namespace, body, _request_timeout=self.timeout, _preload_content=False
+            )
+        else:
+            patch = {"metadata": {"resourceVersion": version}, "data": data}
+            response = self.core.patch_namespaced_config_map(
+                CLAIMS, namespace, patch, _request_timeout=self.timeout, _preload_content=False
+            )
+        _drained(response)
 
     def hold_peering(self, peering: Peering, holder: str | None) -> None:
         """Name the replica that holds the rooms (None: nobody) on a peering object as it

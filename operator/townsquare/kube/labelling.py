@@ -1,0 +1,114 @@
+"""Slot labels on rooms, so that each partition's watch asks the API server for its own rooms.
+
+A room applied without the label (every new room: users do not set it) is seen by no
+partition's room watch. Each partition therefore also watches the rooms with no valid slot
+label, a set that is empty but for a moment after each creation, and labels those whose
+hash falls in its own slots (`partitions.slot_of`): the label is a pure function of the
+room's namespace and name, so two writers never disagree and no admission webhook is needed.
+The room then enters its partition's watch as ADDED. One partition down leaves only its own
+new rooms unlabelled, and those it would not serve anyway.
+
+Blocking: runs on threads of its own, off kopf's event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from kubernetes import watch
+from kubernetes.client.rest import ApiException
+
+from townsquare.api.models import GROUP, PLURAL, VERSION
+from townsquare.kube.client import Cluster, _drained
+from townsquare.partitions import SLOT_LABEL, Partition, slot_of, unlabelled_selector
+
+WATCH_SECONDS = 300
+"""A watch is ended by the server after this long and opened again, so a half-open
+connection is noticed."""
+RETRY_SECONDS = 1.0
+LABEL_WORKERS = 8
+"""Labels written at once: a first start of partitions over thousands of unlabelled rooms
+labels them at the API server's pace, not one round trip at a time."""
+
+
+class SlotLabeller:
+    """Labels this partition's unlabelled rooms, in every namespace served (all: None)."""
+
+    def __init__(
+        self, cluster: Cluster, partition: Partition, namespaces: Iterable[str | None]
+    ) -> None:
+        self.cluster = cluster
+        self.partition = partition
+        self.namespaces = list(namespaces)
+        self.stopping = threading.Event()
+        self.labelled = 0
+        self._writes = ThreadPoolExecutor(LABEL_WORKERS, thread_name_prefix="labeller")
+        self._log = structlog.get_logger(component="labeller")
+
+    def start(self) -> None:
+        for namespace in self.namespaces:
+            threading.Thread(
+                target=self._follow, args=(namespace,), name="labeller", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._writes.shutdown(wait=False, cancel_futures=True)
+
+    def _follow(self, namespace: str | None) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._watch(namespace)
+            except Exception as error:  # the API server went away: watch again shortly
+                self._log.warning("watching unlabelled rooms failed", error=str(error)[:200])
+                self.stopping.wait(RETRY_SECONDS)
+
+    def _watch(self, namespace: str | None) -> None:
+        custom = self.cluster.custom
+        if namespace is None:
+            listing: Any = custom.list_cluster_custom_object
+            args: tuple[str, ...] = (GROUP, VERSION, PLURAL)
+        else:
+            listing = custom.list_namespaced_custom_object
+            args = (GROUP, VERSION, namespace, PLURAL)
+        stream = watch.Watch().stream(
+            listing,
+            *args,
+            label_selector=unlabelled_selector(),
+            timeout_seconds=WATCH_SECONDS,
+            _request_timeout=(self.cluster.timeout[0], WATCH_SECONDS + 30),
+        )
+        for event in stream:
+            if self.stopping.is_set():
+                return
+            meta = (event.get("object") or {}).get("metadata") or {}
+            if event.get("type") in ("ADDED", "MODIFIED") and meta.get("namespace"):
+                name, room_namespace = str(meta["name"]), str(meta["namespace"])
+                if slot_of(room_namespace, name) in self.partition.slots:
+                    self._writes.submit(self.label, room_namespace, name)
+
+    def label(self, namespace: str, name: str) -> None:
+        """Write the room's slot label (a room gone meanwhile needs none)."""
+        labels = {SLOT_LABEL: str(slot_of(namespace, name))}
+        began = time.monotonic()
+        try:
+            response = self.cluster.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"labels": labels}},
+                _request_timeout=self.cluster.timeout, _preload_content=False,
+            )  # fmt: skip
+            _drained(response)
+            self.labelled += 1
+        except ApiException as exc:
+            if exc.status != 404:
+                self._log.warning(
+                    "labelling the room failed; the watch's next start retries",
+                    namespace=namespace,
+                    room=name,
+                    status=exc.status,
+                    seconds=round(time.monotonic() - began, 2),
+                )
