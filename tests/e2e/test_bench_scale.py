@@ -33,6 +33,8 @@ from kubernetes import client
 from rooms import GROUP, PLURAL, VERSION, rfc3339
 from test_bench_operator import api_server_writes
 
+from townsquare.partitions import SLOT_LABEL, slot_of
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.bench]
 
 WITH_RELAY_EVERY = 500
@@ -68,17 +70,42 @@ def _room(name: str, relays: int) -> dict[str, Any]:
     }
 
 
-def _create_rooms(api: client.ApiClient, namespace: str, count: int) -> None:
+def _create_rooms(api: client.ApiClient, namespace: str, count: int, labelled: bool) -> None:
+    """`labelled`: with the slot label a running operator gives every room it sees created
+    (the state any start after the first finds); else bare, as on the first start of
+    partitions, when each partition labels its rooms before it can watch them."""
     custom = client.CustomObjectsApi(api)
 
     def create(index: int) -> None:
         relays = 1 if index % WITH_RELAY_EVERY == 0 else 0
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, _room(f"room-{index:05d}", relays)
-        )
+        room = _room(f"room-{index:05d}", relays)
+        if labelled:
+            slot = slot_of(namespace, room["metadata"]["name"])
+            room["metadata"]["labels"] = {SLOT_LABEL: str(slot)}
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, room)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(create, range(count)))
+
+
+def _cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
+
+
+def _control_plane_cpu(kubeconfig: Path) -> float:
+    """CPU seconds used so far by this cluster's kube-apiserver and etcd (their binaries sit
+    in the cluster's directory, beside its kubeconfig): the work every partition shares."""
+    binaries = {str(kubeconfig.parent / "bin" / name) for name in ("kube-apiserver", "etcd")}
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            if entry.name.isdigit() and command in binaries:
+                total += _cpu_of(int(entry.name))
+        except OSError:
+            continue
+    return total
 
 
 def _phased(api: client.ApiClient, namespace: str) -> int:
@@ -120,8 +147,7 @@ class Operator:
         return 0.0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
+        return _cpu_of(self.process.pid)
 
     def rooms_served(self) -> set[str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
@@ -267,25 +293,31 @@ def _delete_namespace(api: client.ApiClient, name: str) -> None:
 
 
 def _run(
-    api: client.ApiClient, kubeconfig: Path, tmp_path: Path, count: int, partitions: int
+    api: client.ApiClient,
+    kubeconfig: Path,
+    tmp_path: Path,
+    count: int,
+    partitions: int,
+    labelled: bool = False,
 ) -> dict[str, Any]:
-    namespace = _namespace(api, f"bench-scale-{count}-{partitions}-{os.getpid()}")
-    figures: dict[str, Any] = {"rooms": count, "partitions": partitions}
+    suffix = "-labelled" if labelled else ""
+    namespace = _namespace(api, f"bench-scale-{count}-{partitions}{suffix}-{os.getpid()}")
+    figures: dict[str, Any] = {"rooms": count, "partitions": partitions, "labelled": labelled}
     try:
         began = time.monotonic()
-        _create_rooms(api, namespace, count)
+        _create_rooms(api, namespace, count, labelled)
         figures["create_seconds"] = time.monotonic() - began
         writes_before = api_server_writes(kubeconfig)
         operators = [
             Operator(
                 kubeconfig,
                 namespace,
-                tmp_path / f"operator-{count}-{index}.log",
+                tmp_path / f"operator-{count}-{partitions}{suffix}-{index}.log",
                 *(["--partition", f"{index}/{partitions}"] if partitions > 1 else []),
             )
             for index in range(partitions)
         ]
-        started = time.monotonic()
+        started, control_plane = time.monotonic(), _control_plane_cpu(kubeconfig)
         stop = threading.Event()
         threading.Thread(target=_sample_rss, args=(operators, stop), daemon=True).start()
         try:
@@ -298,6 +330,7 @@ def _run(
             # let the processes run side by side.
             figures["reconcile_cpu"] = [operator.cpu_seconds() for operator in operators]
             figures["load"] = os.getloadavg()[0]
+            figures["control_plane_cpu"] = _control_plane_cpu(kubeconfig) - control_plane
             figures["writes_until_reconciled_per_room"] = (
                 api_server_writes(kubeconfig) - writes_before
             ) / count
@@ -345,8 +378,9 @@ def test_scale(
     partitions = [int(n) for n in os.environ.get("BENCH_PARTITIONS", "1 2").split()]
     for count in sizes:
         for split in partitions:
-            results.append(_run(api_client, kubeconfig, tmp_path, count, split))
-            print(results[-1], flush=True)
+            for labelled in [False, True] if split > 1 else [False]:
+                results.append(_run(api_client, kubeconfig, tmp_path, count, split, labelled))
+                print(results[-1], flush=True)
     for figures in results:
         assert sum(figures["served"]) == figures["rooms"], figures
         assert figures["overlap"] == 0, figures
@@ -357,7 +391,8 @@ def test_scale(
 
 def _report(results: list[dict[str, Any]]) -> str:
     one = [r for r in results if r["partitions"] == 1]
-    two = {r["rooms"]: r for r in results if r["partitions"] == 2}
+    two = {r["rooms"]: r for r in results if r["partitions"] == 2 and r["labelled"]}
+    first = {r["rooms"]: r for r in results if r["partitions"] == 2 and not r["labelled"]}
     lines = [
         "# Operator at scale (real cluster)",
         "",
@@ -392,23 +427,38 @@ def _report(results: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "Two partitions (two `townsquare run --partition i/2` processes, same machine):",
+        "Two partitions (two `townsquare run --partition i/2` processes, same machine), each",
+        "watching only its own rooms (a label selector on the slot label). Rooms labelled: as",
+        "every start after the first finds them (a running operator labels a room when it is",
+        "created; here the bench wrote the same label at creation). First start: rooms",
+        "without the label, as after going from one partition to two; each partition labels",
+        "its rooms (one write each) before its watch shows them.",
         "",
-        "| rooms | all reconciled after, one / two partitions (load) "
-        "| operator CPU until then, one / each of two | rooms per partition "
-        "| rooms served by both | RSS peak of the larger |",
-        "|---|---|---|---|---|---|",
+        "| rooms | all reconciled after: one / two, rooms labelled (ratio) / two, first start "
+        "| load average at the end of each | operator CPU until then: one / each of two "
+        "(labelled) / each of two (first start) | writes a room until then: one / two / "
+        "first start | kube-apiserver + etcd CPU until then: one / two / first start "
+        "| rooms per partition | rooms served by both | RSS peak of the larger |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in one:
-        p = two.get(r["rooms"])
-        if p is None:
+        p, f = two.get(r["rooms"]), first.get(r["rooms"])
+        if p is None or f is None:
             continue
         lines.append(
             f"| {r['rooms']:,} | {r['reconcile_seconds']:.0f} s / {p['reconcile_seconds']:.0f} s "
-            f"({r['load']:.1f} / {p['load']:.1f}) "
-            f"| {r['reconcile_cpu'][0]:.0f} s / "
-            f"{' + '.join(f'{c:.0f} s' for c in p['reconcile_cpu'])} "
-            f"| {' / '.join(f'{n:,}' for n in p['served'])} | {p['overlap']} "
-            f"| {p['rss_peak']:.0f} MiB |"
+            f"({p['reconcile_seconds'] / r['reconcile_seconds']:.2f}) / "
+            f"{f['reconcile_seconds']:.0f} s "
+            f"| {r['load']:.1f} / {p['load']:.1f} / {f['load']:.1f} "
+            f"| {r['reconcile_cpu'][0]:.1f} s / "
+            f"{' + '.join(f'{c:.1f} s' for c in p['reconcile_cpu'])} / "
+            f"{' + '.join(f'{c:.1f} s' for c in f['reconcile_cpu'])} "
+            f"| {r['writes_until_reconciled_per_room']:.2f} / "
+            f"{p['writes_until_reconciled_per_room']:.2f} / "
+            f"{f['writes_until_reconciled_per_room']:.2f} "
+            f"| {r['control_plane_cpu']:.0f} s / {p['control_plane_cpu']:.0f} s / "
+            f"{f['control_plane_cpu']:.0f} s "
+            f"| {' / '.join(f'{n:,}' for n in p['served'])} | {p['overlap']}, {f['overlap']} "
+            f"| {max(p['rss_peak'], f['rss_peak']):.0f} MiB |"
         )
     return "\n".join(lines) + "\n"

@@ -47,6 +47,10 @@ class SlotLabeller:
         self.namespaces = list(namespaces)
         self.stopping = threading.Event()
         self.labelled = 0
+        self._pending: set[tuple[str, str]] = set()
+        """Rooms whose label is queued or being written: a watch that the API server ended
+        (it drops a watcher that reads too slowly) and that starts again shows them again."""
+        self._lock = threading.Lock()
         self._writes = ThreadPoolExecutor(LABEL_WORKERS, thread_name_prefix="labeller")
         self._log = structlog.get_logger(component="labeller")
 
@@ -69,6 +73,9 @@ class SlotLabeller:
                 self.stopping.wait(RETRY_SECONDS)
 
     def _watch(self, namespace: str | None) -> None:
+        """Until the API server ends the watch (after WATCH_SECONDS, or sooner when this
+        process read too slowly): the caller starts it again, and rooms still unlabelled
+        are shown again."""
         custom = self.cluster.custom
         if namespace is None:
             listing: Any = custom.list_cluster_custom_object
@@ -90,7 +97,21 @@ class SlotLabeller:
             if event.get("type") in ("ADDED", "MODIFIED") and meta.get("namespace"):
                 name, room_namespace = str(meta["name"]), str(meta["namespace"])
                 if slot_of(room_namespace, name) in self.partition.slots:
-                    self._writes.submit(self.label, room_namespace, name)
+                    self._submit(room_namespace, name)
+
+    def _submit(self, namespace: str, name: str) -> None:
+        with self._lock:
+            if (namespace, name) in self._pending:
+                return
+            self._pending.add((namespace, name))
+        self._writes.submit(self._label_pending, namespace, name)
+
+    def _label_pending(self, namespace: str, name: str) -> None:
+        try:
+            self.label(namespace, name)
+        finally:
+            with self._lock:
+                self._pending.discard((namespace, name))
 
     def label(self, namespace: str, name: str) -> None:
         """Write the room's slot label (a room gone meanwhile needs none)."""
