@@ -482,7 +482,7 @@ async def _follow_claims(runtime: Runtime) -> None:
 
 
 async def _claim(runtime: Runtime, renewed: datetime | None, log: Any) -> datetime | None:
-    """One round: claim the free slots wanted, renewing every third of a lifetime; while
+    """One round: claim the free slots wanted, renewing every quarter of a lifetime; while
     paused, keep only what passes in flight need, and let go once none is. Returns when
     the claim was last written (None: this replica holds none)."""
     settings, now, me = runtime.settings, datetime.now(UTC), runtime.settings.identity
@@ -500,7 +500,7 @@ async def _claim(runtime: Runtime, renewed: datetime | None, log: Any) -> dateti
     wanted = runtime.acting_slots if paused else frozenset(settings.partition.slots)
     for _, claims in tables.values():
         wanted = free_slots(claims, me, wanted, now)
-    due = renewed is None or now - renewed >= settings.peering_lifetime / 3
+    due = renewed is None or now - renewed >= settings.peering_lifetime / 4
     held = [claims.get(me) for _, claims in tables.values()]
     if not due and all(claim and claim.slots == wanted for claim in held):
         return renewed
