@@ -22,7 +22,8 @@ T = TypeVar("T")
 class Audience:
     """Listeners joining through the edge, each on its own relay connection."""
 
-    def __init__(self, edge_url: str, namespace: str, room: str) -> None:
+    def __init__(self, edge_url: str | list[str], namespace: str, room: str) -> None:
+        """`edge_url`: one edge, or every replica (each listener asks its own first)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from audience import origin
+from audience import Audience, Process, origin
 from edges import REFRESH_SECONDS, EdgeFleet
 from harness import Prometheus, wait_until
 from holdings import Holdings, RelayPods, overlap_figures
@@ -67,6 +67,39 @@ def ticket_secret(rooms: Rooms, key: bytes) -> None:
             data={"key": base64.b64encode(key).decode()},
         ),
     )
+
+
+@dataclass
+class DataPlane:
+    """What runs beside the cluster's real relays for one room: 3 edge replicas, the origin
+    (at FRAME_INTERVAL), the ticket Secret the relay pods mount, and the relays' `/listeners`
+    sampled in the background."""
+
+    edges: EdgeFleet
+    origin: Process
+    origin_address: str
+    holdings: Holdings
+
+    @classmethod
+    def start(
+        cls, rooms: Rooms, kubeconfig: Path, prometheus: Prometheus, logs: Path, room: str
+    ) -> DataPlane:
+        edges = EdgeFleet(kubeconfig, rooms.namespace, prometheus, logs, replicas=3)
+        key_file = logs / "ticket.key"
+        key_file.write_text(edges.key)
+        ticket_secret(rooms, edges.key.encode())
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        process, address = origin(
+            logs, rooms.namespace, room, key_file, kubeconfig, env,
+            "--frame-interval", FRAME_INTERVAL,
+        )  # fmt: skip
+        pods = RelayPods(rooms.core, rooms.namespace, room, prometheus)
+        return cls(edges, process, address, Holdings(pods))
+
+    def stop(self) -> None:
+        self.holdings.stop()
+        self.edges.stop()
+        self.origin.stop()
 
 
 def storm_room(name: str, start_in: float, origin_address: str | None = None) -> dict[str, Any]:
@@ -301,17 +334,10 @@ def test_a_join_storm_through_three_edge_replicas(
         [(-10, 0), (0, 0), (6, 600), (40, 600), (48, 100), (66, 100), (70, 300), (95, 300),
          (100, 0), (300, 0)],
     )  # fmt: skip
-    edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=3)
-    key_file = tmp_path / "ticket.key"
-    key_file.write_text(edges.key)
-    ticket_secret(rooms, edges.key.encode())
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    origin_process, origin_address = origin(
-        tmp_path, namespace, "storm", key_file, kubeconfig, env, "--frame-interval", FRAME_INTERVAL
-    )
+    plane = DataPlane.start(rooms, kubeconfig, prometheus, tmp_path, "storm")
+    edges, holdings = plane.edges, plane.holdings
     history = MapHistory(rooms.core, namespace, "storm")
-    holdings = Holdings(RelayPods(rooms.core, namespace, "storm", prometheus))
-    manifest = storm_room("storm", start_in=12, origin_address=origin_address)
+    manifest = storm_room("storm", start_in=12, origin_address=plane.origin_address)
     rooms.create(manifest)
     start = datetime.fromisoformat(manifest["spec"]["startTime"].replace("Z", "+00:00"))
     start_at = start.timestamp()
@@ -336,9 +362,7 @@ def test_a_join_storm_through_three_edge_replicas(
         waiting.stop()
         history.stop()
         load.stop()
-        holdings.stop()
-        edges.stop()
-        origin_process.stop()
+        plane.stop()
 
     events = load.events()
     # The real listeners' way in, as they timed it (the crowd's record, in the summary the
@@ -524,6 +548,106 @@ def test_a_join_storm_through_three_edge_replicas(
     assert away, "joins were admitted with no operator running"
     reasons = rooms.reasons("storm")
     assert "AdmissionQueueOn" in reasons and "AdmissionQueueOff" in reasons
+
+
+SHIFT_BUDGET = 30
+"""maxMigrationsPerMinute of the room whose relays are cut from 6 to 2 (10 a replica)."""
+
+
+def test_the_move_budget_binds_and_the_moves_complete_after_it(
+    api_client: client.ApiClient,
+    namespace: str,
+    kubeconfig: Path,
+    prometheus: Prometheus,
+    relay_operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    """60 real listeners on 6 real relays; maxRelays cut to 2, so the listeners of 4 relays,
+    more than the room's maxMigrationsPerMinute, must move through 3 edge replicas. Moves
+    are counted by the relays (a listener welcomed elsewhere while its old relay held it),
+    per any minute, and every one of them must finish by a move, not a cut-off."""
+    rooms = Rooms(api_client, namespace)
+    plane = DataPlane.start(rooms, kubeconfig, prometheus, tmp_path, "shift")
+    edges, holdings, pods = plane.edges, plane.holdings, plane.holdings.pods
+    manifest = storm_room("shift", start_in=2, origin_address=plane.origin_address)
+    spec = manifest["spec"]
+    spec["duration"] = "30m"
+    spec["expectedAudience"] = 60
+    spec["relay"]["listenersPerRelay"] = 60
+    spec["relay"]["startupSeconds"] = 1
+    spec["relay"]["podAnnotations"]["pod-ready.stage.kwok.x-k8s.io/delay"] = "1s"
+    spec["scaling"].update(minRelays=6, maxRelays=6, drainTimeout="600s")
+    spec["sharding"] = {"shards": 64, "fanout": 8, "maxMigrationsPerMinute": SHIFT_BUDGET}
+    rooms.create(manifest)
+    audience = None
+    selector = f'namespace="{namespace}",room="shift"'
+    try:
+        wait_until(lambda: rooms.relays("shift") == (6, 6) and len(pods()) == 6, 90,
+                   "six Ready relays")  # fmt: skip
+        audience = Audience(edges.urls, namespace, "shift")
+        audience.add(60)
+        wait_until(lambda: audience.hearing(5), 90, "every listener hearing its relay")
+
+        def counted() -> dict[str, float]:
+            return {
+                r["metric"]["pod"]: float(r["value"][1])
+                for r in prometheus.client().custom_query(
+                    f"audioroom_relay_listeners{{{selector}}}"
+                )
+            }
+
+        wait_until(lambda: sum(counted().values()) == 60, 30, "the relays counting all 60")
+        leaving = {pod: n for pod, n in counted().items() if int(pod.rsplit("-", 1)[1]) >= 2}
+        wanted = int(sum(leaving.values()))
+        cut_at = time.time()
+        rooms.patch_spec("shift", {"scaling": {"minRelays": 2, "maxRelays": 2}})
+        wait_until(
+            lambda: (
+                set(audience.by_pod()) <= {"shift-relay-0", "shift-relay-1"}
+                and sum(audience.by_pod().values()) == 60
+            ),
+            300,
+            "every listener moved to the two relays left",
+        )
+        done_at = time.time()
+        wait_until(lambda: rooms.relays("shift")[0] == 2, 60, "the drained relays removed")
+        audience.frames_flow(10, 30)
+    finally:
+        if audience is not None:
+            audience.stop()
+        plane.stop()
+
+    moves = [m for m in holdings.moves() if m.at >= cut_at]
+    per_minute = moves_in_any_minute([{"at": m.at} for m in moves])
+    cut_off = {
+        r["metric"]["reason"]: float(r["value"][1])
+        for r in prometheus.client().custom_query(
+            f"sum by (reason) (max_over_time(audioroom_relay_moved_total{{{selector}}}[10m]))"
+        )
+    }
+    everyone = audience.listeners
+    figures = {
+        "listeners to move (on the 4 relays cut)": wanted,
+        "moves the relays saw after the cut": len(moves),
+        "most moves in any minute (budget)": [per_minute, SHIFT_BUDGET],
+        "seconds from the cut to the last move": round(done_at - cut_at, 1),
+        "moves the relays announced, by reason": cut_off,
+        "listeners cut off or rejoined": sum(
+            1 for lst in everyone if lst.stats.disconnects or lst.stats.joins > 1
+        ),
+        "frames lost": sum(lst.stats.lost for lst in everyone),
+        "two relays holding one listener: count, p50, most (s)": overlap_figures(
+            holdings.overlaps()
+        ),
+    }
+    print("move budget figures:", json.dumps(figures))
+    assert wanted > SHIFT_BUDGET, "more listeners must move than a minute's budget allows"
+    assert per_minute <= SHIFT_BUDGET, figures
+    assert len(moves) >= wanted, "each listener of a relay cut moved (make-before-break)"
+    assert done_at - cut_at > 60, figures
+    assert not any("grace-over" in reason or reason == "shutdown" for reason in cut_off), figures
+    assert figures["listeners cut off or rejoined"] == 0, figures
+    assert all(o.seconds <= MOVE_OVERLAP_BOUND for o in holdings.overlaps()), figures
 
 
 def test_joins_waiting_at_the_edge_start_a_room_with_no_relays(
