@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -249,3 +250,15 @@ class LoadGenerator:
 def write_trace(path: Path, rows: list[tuple[int, int]]) -> Path:
     path.write_text("t_seconds,listeners\n" + "".join(f"{t},{n}\n" for t, n in rows))
     return path
+
+
+def ticket_secret(rooms: Rooms, key: bytes) -> None:
+    """The Secret real relay pods mount their ticket key from (the operator's
+    --relay-ticket-secret), holding the edges' key."""
+    rooms.core.create_namespaced_secret(
+        rooms.namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="townsquare-tickets"),
+            data={"key": base64.b64encode(key).decode()},
+        ),
+    )

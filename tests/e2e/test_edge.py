@@ -14,7 +14,6 @@ status.
 from __future__ import annotations
 
 import asyncio
-import base64
 import bisect
 import itertools
 import json
@@ -34,7 +33,7 @@ from harness import Prometheus, wait_until
 from holdings import Holdings, RelayPods, overlap_figures
 from kubernetes import client, watch
 from operator_process import OperatorProcess
-from rooms import GROUP, VERSION, LoadGenerator, Rooms, rfc3339, write_trace
+from rooms import GROUP, VERSION, LoadGenerator, Rooms, rfc3339, ticket_secret, write_trace
 from sampling import moves_in_any_minute
 
 from townsquare.edge.admission import LATE_RETRY_FRACTION, MAX_RETRY_FACTOR
@@ -55,18 +54,6 @@ MOVE_OVERLAP_BOUND = WELCOME_SECONDS + 0.5
 """Seconds two relays may both hold a listener: a move is make-before-break, and a listener
 leaves the new relay if it is not welcomed there within WELCOME_SECONDS; the rest is the old
 relay noticing the close on a busy machine."""
-
-
-def ticket_secret(rooms: Rooms, key: bytes) -> None:
-    """The Secret real relay pods mount their ticket key from (the operator's
-    --relay-ticket-secret), holding the edges' key."""
-    rooms.core.create_namespaced_secret(
-        rooms.namespace,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="townsquare-tickets"),
-            data={"key": base64.b64encode(key).decode()},
-        ),
-    )
 
 
 @dataclass

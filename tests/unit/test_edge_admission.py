@@ -572,3 +572,22 @@ def test_a_seated_listener_off_an_active_relay_still_waits_behind_the_queue() ->
     mover = listeners_of(shard_map, 1, 1)[0]
     held = gate.locate(room, mover, seat_at(mover, f"{ROOM}-relay-0"), now=101.0)
     assert isinstance(held, Held) and "moves come after them" in held.reason
+
+
+def test_a_listener_that_could_not_reach_its_new_relay_may_ask_again() -> None:
+    """A move's ticket spends the seat it came from while it is valid (a replay wins no
+    second move); once it expired unused (the new relay did not welcome the listener in
+    time on a busy machine), the old seat is proved again: before, the listener could not
+    move for a minute, and in a room closed to joins its draining relay kept it."""
+    shard_map = room_map(relays=2, capacity=10, draining=(1,), budget=60)
+    shard_map = rebalance(shard_map, active=[0], draining=[1], fanout=8).map
+    gate = gate_for(shard_map, listeners={0: 0})
+    room = gate.rooms[(NS, ROOM)]
+    mover = listeners_of(shard_map, 0, 1, prefix="m")[0]
+    seat = seat_at(mover, f"{ROOM}-relay-1")
+    first = gate.locate(room, mover, seat, now=101.0)
+    assert isinstance(first, Location) and first.moved
+    with pytest.raises(tickets.TicketError, match="superseded"):
+        gate.locate(room, mover, seat, now=101.0 + gate.settings.admit_ttl / 2)
+    again = gate.locate(room, mover, seat, now=101.0 + gate.settings.admit_ttl + 0.1)
+    assert isinstance(again, Location) and again.moved and again.pod == f"{ROOM}-relay-0"

@@ -590,7 +590,7 @@ class Gate:
         or room, one superseded by a move this replica gave, or one whose relay left the
         map raises TicketError (the caller answers 400); an expired one still proves the
         seat, since listeners stay long after they connected."""
-        current = None if seat is None else self._seated_at(room, listener, seat)
+        current = None if seat is None else self._seated_at(room, listener, seat, now)
         shard, pod = room.target(listener)
         generation = room.shard_map.generation
         retry = max(1, math.ceil(self.settings.retry_after))
@@ -621,8 +621,13 @@ class Gate:
         ticket = self._admit_ticket(room, listener, shard, pod, now)
         return Location(relay, pod, shard, generation, moved=True, ticket=ticket)
 
-    def _seated_at(self, room: Room, listener: str, seat: str) -> str:
-        """The pod a genuine admit ticket of this listener seats it at, or TicketError."""
+    def _seated_at(self, room: Room, listener: str, seat: str, now: float) -> str:
+        """The pod a genuine admit ticket of this listener seats it at, or TicketError.
+
+        A ticket issued before a move this replica gave is spent while the move's own ticket
+        is valid; once that expired, the listener either connected with it (and asks with
+        the newer ticket) or could not reach its new relay in time (its seat is still the
+        old one, which it may prove again: otherwise it could not move for a minute)."""
         claims = tickets.genuine(self.key, seat, "admit")
         if claims.get("listener") != listener or claims.get("room") != room.key:
             raise tickets.TicketError("ticket: issued to another listener or room")
@@ -633,7 +638,8 @@ class Gate:
             )
         moved = room.movers.get(listener)
         issued = float(claims.get("exp", 0)) - self.settings.admit_ttl
-        if moved is not None and issued < moved - TICKET_ROUNDING:
+        spent = moved is not None and now < moved + self.settings.admit_ttl
+        if moved is not None and spent and issued < moved - TICKET_ROUNDING:
             raise tickets.TicketError(
                 "ticket: superseded by the move this edge gave; send the newest admit ticket"
             )
