@@ -25,6 +25,11 @@ own stamps), not from the relay. Each step also records the CPU share of the ser
 load generators, and the load average: when the server had less than `SATURATED_CORES` of
 its core at the step it missed, the machine (other work), not the server, set the figure.
 
+The same ramp with the load generator's own listeners (relay/listener.py, the code the
+demo's real listeners run) instead of the cheap counting connections is
+`measure_listener_cap`: how many real listeners this machine carries now, which the load
+generator and the demo measure at start (`--real-listeners auto`) and take a share of.
+
     python -m townsquare.relay.saturation [--ramps 3] [--seconds 3]
 """
 
