@@ -63,7 +63,7 @@ EACH = ("gaps", "stalls", "each", "record")
 """Parts of the real listeners' figures too long for every scrape: the summary only."""
 REAL_LISTENERS: int | None = None
 """Real connections one load generator holds by default: None measures it at start
-(`relay.saturation.measure_listener_cap`: how many this machine carries now, halved)."""
+(`relay.saturation.measure_listener_cap`: how many this machine carries now, times CAP_SHARE)."""
 ORIGIN_ANNOTATION = "townsquare.dev/origin"
 
 
