@@ -8,6 +8,7 @@ coming from what the listeners heard, not from the relay.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -53,7 +54,9 @@ def test_a_ramp_reports_the_largest_count_carried_and_what_ran_out() -> None:
 
 def test_the_real_listener_cap_is_measured_by_what_listeners_heard() -> None:
     cap = uvloop.run(measure_listener_cap(steps=(5, 10), seconds=0.5))
-    assert cap.carried in (5, 10), "a handful of listeners is carried on any machine"
+    assert cap.carried in (0, 5, 10)
+    if cap.carried == 0:  # the measurement doing its job on a machine busier than its cores
+        assert cap.load > (os.cpu_count() or 1), "only an overloaded machine misses 5 listeners"
     assert cap.use == int(cap.carried * CAP_SHARE)
     assert cap.as_record()["carried"] == cap.carried
 
