@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,71 @@ def test_primary_killed_mid_event_the_standby_takes_over_alone(
     assert reasons.count("Replanned") == len(audiences), f"one Replanned per change: {reasons}"
     for once in ("PreWarmStarted", "PreWarmed", "Live"):
         assert reasons.count(once) == 1, f"{once} posted {reasons.count(once)} times: {reasons}"
+
+
+def test_a_higher_priority_replica_takes_over_from_a_live_one_without_overlap(
+    api_client: client.ApiClient,
+    namespace: str,
+    crds: list[str],
+    kubeconfig: Path,
+    tmp_path: Path,
+) -> None:
+    """The standby acts alone; the primary starts and takes over while the audience changes
+    every second: each change is re-planned by one replica only (two acting at once would
+    post the same re-plan twice), the standby before, the primary after."""
+    _peering_crds(kubeconfig)
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        "kopf.dev", "v1", namespace, "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "ha"}},
+    )  # fmt: skip
+    peering = ("--peering", "ha", "--peering-lifetime", "10")
+    standby, primary = (
+        OperatorProcess(
+            kubeconfig, namespace, tmp_path / f"{role}.log", *peering, "--priority", priority
+        )
+        for role, priority in (("standby", "99"), ("primary", "100"))
+    )
+    rooms = Rooms(api_client, namespace)
+    manifest = room_manifest("event", start_in=2 * 86400, duration="1h")
+    manifest["spec"]["scaling"] |= {"minRelays": 0, "maxRelays": 60}
+    audiences = [750 * relays for relays in range(5, 45)]  # each change: a new plan
+    changes: list[int] = []
+    try:
+        standby.start()
+        rooms.create(manifest)
+        wait_until(lambda: rooms.phase("event") == "Scheduled", 120, "the standby to act")
+        primary.start()
+        primary.wait_started()
+        assert standby.process and primary.process
+        started_at = time.time()
+        while len(changes) < len(audiences) and (len(changes) < 8 or time.time() < started_at + 20):
+            changes.append(audiences[len(changes)])
+            rooms.patch_spec("event", {"expectedAudience": changes[-1]})
+            time.sleep(1)
+        last = -(-changes[-1] // 750)
+        wait_until(
+            lambda: rooms.get("event")["status"]["plan"]["relays"] == last, 60, "the last plan"
+        )
+        time.sleep(2)  # a second actor's duplicate Event would land meanwhile
+    finally:
+        standby.stop()
+        primary.stop()
+    host = os.uname().nodename
+    names = {f"{host}-{standby.process.pid}": "standby", f"{host}-{primary.process.pid}": "primary"}
+    replans = [
+        (e.metadata.creation_timestamp.timestamp(), e.message, names.get(e.reporting_instance, "?"))
+        for e in rooms.events("event")
+        if e.reason == "Replanned"
+    ]
+    messages = Counter(message for _, message, _ in replans)
+    assert all(count == 1 for count in messages.values()), f"a re-plan posted twice: {replans}"
+    actors = [actor for _, _, actor in sorted(replans)]
+    assert "primary" in actors, f"the primary took over: {actors}"
+    handed_over = actors.index("primary")
+    assert set(actors[:handed_over]) <= {"standby"} and set(actors[handed_over:]) == {"primary"}, (
+        f"the standby before, the primary after, never both: {actors}"
+    )
+    print(f"\n{len(changes)} changes during the hand-over, {len(replans)} re-plans: {actors}")
 
 
 def _cluster_name(suffix: str) -> str:
