@@ -303,9 +303,7 @@ class Relay(Hub):
                 first, _ = self._notified.get(name, (now, now))
                 self._notified[name] = (first, now)
                 grace = self.config.move_grace - (now - first)
-                if grace <= 0 or self._closed_to_joins():
-                    # Past the grace, still here: this relay keeps it (sweep_moves closes
-                    # those that must go); a notice of no grace would make it leave itself.
+                if self._closed_to_joins():  # no grace-over: it stays until it can move
                     grace = self.config.move_grace
                 # Past the grace, a listener allowed to stay hears of it again, with time.
                 connection.notify_move(reason, max(grace, self.config.renotify_seconds))
