@@ -537,8 +537,20 @@ def test_a_join_storm_through_three_edge_replicas(
     assert "AdmissionQueueOn" in reasons and "AdmissionQueueOff" in reasons
 
 
-SHIFT_BUDGET = 30
-"""maxMigrationsPerMinute of the room whose relays are cut from 6 to 2 (10 a replica)."""
+SHIFT_BUDGET = 24
+"""maxMigrationsPerMinute of the room whose relays are cut from 6 to 2 (8 a replica)."""
+AUDIENCE = 72
+"""Real listeners in that room: the four relays cut held 25-39 of 60 in earlier runs (the map
+and guests decide), so 72 leave a margin over the budget."""
+# Open defect this test catches (seen 1 run in 1 at 72 listeners, load 10-16): a listener of
+# a draining relay whose move the edge holds (its replica's share, budget // replicas, spent
+# while the others' is not) is closed by the relay at the end of the 30 s move grace and
+# joins again unbudgeted: 2 of 50 were cut off.
+MOVES_DONE_WITHIN = 420
+"""Seconds for those moves. Measured at a budget of 30: 35-39 moves took 173-262 s, 11-16 in
+the busiest minute: the operator prices a draining relay's last shards at all the listeners
+still on it (sharding.shard_listeners_from_relays: those of shards already moved but not yet
+gone count too), so the budget lets the tail through one shard at a time."""
 
 
 def test_the_move_budget_binds_and_the_moves_complete_after_it(
@@ -549,7 +561,7 @@ def test_the_move_budget_binds_and_the_moves_complete_after_it(
     relay_operator: OperatorProcess,
     tmp_path: Path,
 ) -> None:
-    """60 real listeners on 6 real relays; maxRelays cut to 2, so the listeners of 4 relays,
+    """72 real listeners on 6 real relays; maxRelays cut to 2, so the listeners of 4 relays,
     more than the room's maxMigrationsPerMinute, must move through 3 edge replicas. Moves
     are counted by the relays (a listener welcomed elsewhere while its old relay held it),
     per any minute, and every one of them must finish by a move, not a cut-off."""
@@ -559,7 +571,7 @@ def test_the_move_budget_binds_and_the_moves_complete_after_it(
     manifest = storm_room("shift", start_in=2, origin_address=plane.origin_address)
     spec = manifest["spec"]
     spec["duration"] = "30m"
-    spec["expectedAudience"] = 60
+    spec["expectedAudience"] = AUDIENCE
     spec["relay"]["listenersPerRelay"] = 60
     spec["relay"]["startupSeconds"] = 1
     spec["relay"]["podAnnotations"]["pod-ready.stage.kwok.x-k8s.io/delay"] = "1s"
@@ -579,18 +591,26 @@ def test_the_move_budget_binds_and_the_moves_complete_after_it(
             }
 
         def carrying() -> set[int]:
+            """The relays the map gives shards, while it admits joins (not queueing)."""
             config = rooms.core.read_namespaced_config_map("shift-shards", namespace)
-            assignment = json.loads(config.data["shardmap.json"])["assignment"]
-            return {relay for relay in assignment if relay is not None}
+            shard_map = json.loads(config.data["shardmap.json"])
+            if shard_map["admission"] != "open":
+                return set()
+            return {relay for relay in shard_map["assignment"] if relay is not None}
 
-        # Listeners spread over all six only once the map gives each relay shards and the
-        # edge reads each relay's own count.
+        def on_the_four() -> float:
+            return sum(n for pod, n in counted().items() if int(pod.rsplit("-", 1)[1]) >= 2)
+
+        # Listeners spread over all six (by their shards, none a guest) only once the map
+        # gives each relay shards, admits joins, and the edge reads each relay's own count.
         wait_until(lambda: rooms.relays("shift") == (6, 6) and carrying() == set(range(6))
                    and len(counted()) == 6, 90, "six Ready relays carrying shards")  # fmt: skip
         audience = Audience(edges.urls, namespace, "shift")
-        audience.add(60)
+        audience.add(AUDIENCE)
         wait_until(lambda: audience.hearing(5), 90, "every listener hearing its relay")
-        wait_until(lambda: sum(counted().values()) == 60, 30, "the relays counting all 60")
+        wait_until(lambda: on_the_four() > SHIFT_BUDGET, 60,
+                   "more listeners on the four relays to cut than the budget")  # fmt: skip
+        wait_until(lambda: sum(counted().values()) == AUDIENCE, 30, "the relays counting all")
         leaving = {pod: n for pod, n in counted().items() if int(pod.rsplit("-", 1)[1]) >= 2}
         wanted = int(sum(leaving.values()))
         cut_at = time.time()
@@ -598,9 +618,9 @@ def test_the_move_budget_binds_and_the_moves_complete_after_it(
         wait_until(
             lambda: (
                 set(audience.by_pod()) <= {"shift-relay-0", "shift-relay-1"}
-                and sum(audience.by_pod().values()) == 60
+                and sum(audience.by_pod().values()) == AUDIENCE
             ),
-            300,
+            MOVES_DONE_WITHIN,
             "every listener moved to the two relays left",
         )
         done_at = time.time()
