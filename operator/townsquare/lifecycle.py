@@ -37,7 +37,14 @@ from townsquare.api.types import format_duration
 from townsquare.planning import Plan, capacity_of, plan_room
 from townsquare.policy import TenantPolicy, violations
 from townsquare.rollout import ROLLOUT_FILL, RolloutStep, plan_rollout
-from townsquare.scaling import Decision, Observation, ScalingState, decide, startup_estimate
+from townsquare.scaling import (
+    DRAIN_SETTLE,
+    Decision,
+    Observation,
+    ScalingState,
+    decide,
+    startup_estimate,
+)
 from townsquare.sharding import (
     Consolidation,
     ShardMap,
@@ -1027,7 +1034,7 @@ def _carrying(spec: AudioRoomSpec, running: int, seen: Observed, began: datetime
         return 0  # deleted before its start, and no count will ever come: nobody to wait for
     if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
         return running
-    if metrics.sampled_at <= began:
+    if metrics.sampled_at <= began + DRAIN_SETTLE:
         return running
     unattributed = metrics.listeners > sum(metrics.by_relay.values())
     carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from townsquare.scaling import DRAIN_SETTLE
+
 
 @dataclass(frozen=True)
 class RolloutStep:
@@ -99,7 +101,7 @@ def plan_rollout(
     empty = {
         o
         for o, since in still.items()
-        if sampled_at is not None and sampled_at > since and known_empty(o)
+        if sampled_at is not None and sampled_at > since + DRAIN_SETTLE and known_empty(o)
     }
     expired = {o for o, since in still.items() if now - since >= drain_timeout}
     # An outdated relay that is not Ready takes no joins (crash-looping, or a bad template

@@ -83,6 +83,14 @@ STARTUP_PRIOR_WEIGHT = 3
 Direction = Literal["up", "down", "hold"]
 
 
+DRAIN_SETTLE = timedelta(seconds=2)
+"""A count shows a drained relay empty only when it was taken this long after the drain
+began. The map that marks the relay draining reaches the edges a moment after the pass that
+decided it, and the count a moment after a listener connects (a scrape of what the relay
+last counted): a join the edge admitted meanwhile, by the older map, may not be in a count
+taken just after the drain began, and removing the relay then drops that listener."""
+
+
 @dataclass(frozen=True)
 class Observation:
     """What the metrics said. `listeners=None` means missing or stale: hold, never shrink."""
@@ -393,13 +401,13 @@ def _finish(
     for ordinal in range(relays, current):
         since[ordinal] = now
     timeout = spec.scaling.drain_timeout
-    # Empty only by a sample taken after the drain began: an older one predates the joins
-    # the relay took while it still accepted them.
+    # Empty only by a sample taken after the drain began (and settled): an older one
+    # predates the joins the relay took while it still accepted them.
     sampled_at = observation.sampled_at or now
     empty = {
         o
         for o, began in since.items()
-        if sampled_at > began and observation.relay_listeners.get(o, 1) <= 0
+        if sampled_at > began + DRAIN_SETTLE and observation.relay_listeners.get(o, 1) <= 0
     }
     expired = {o for o, began in since.items() if now - began >= timeout}
     top = max([relays - 1] + [o for o in since if o not in empty | expired]) + 1

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from townsquare.rollout import RolloutStep, plan_rollout
+from townsquare.scaling import DRAIN_SETTLE
 
 NOW = datetime(2026, 12, 1, 23, 30, tzinfo=UTC)
 TIMEOUT = timedelta(minutes=5)
@@ -61,6 +62,18 @@ def test_a_count_sampled_before_the_drain_began_proves_nothing() -> None:
     since = NOW - timedelta(seconds=5)
     later = step(draining={0: since}, relay_listeners=dict.fromkeys(range(6), 0), sampled_at=since)
     assert later.replace == ()
+
+
+def test_a_count_taken_just_after_the_drain_began_proves_nothing_either() -> None:
+    """The edge admits by the older map until the new one reaches it, and a count trails the
+    connection: a relay counted empty within DRAIN_SETTLE of its drain may still be taking
+    a listener admitted meanwhile; a count after that shows it truly empty."""
+    since = NOW - timedelta(seconds=5)
+    empty = dict.fromkeys(range(6), 0)
+    soon = step(draining={0: since}, relay_listeners=empty, sampled_at=since + timedelta(seconds=1))
+    assert soon.replace == ()
+    settled = step(draining={0: since}, relay_listeners=empty, sampled_at=since + DRAIN_SETTLE * 2)
+    assert settled.replace == (0,)
 
 
 def test_a_drain_that_times_out_replaces_the_relay_and_says_so() -> None:
