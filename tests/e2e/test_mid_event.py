@@ -322,7 +322,8 @@ def _relays_go_as_the_lingering_listeners_move_down(watch: PodWatch, start: floa
     lingering = [sum(counted.values()) for _, _, counted in fallen]
     assert min(lingering) == LINGERING, f"nobody lingering was dropped: {min(lingering)}"
     gone = sorted(
-        ((t, _ordinal(pod)) for t, pod, _ in watch.removals() if t >= at_fall[0]),
+        # a removal is timed by the first sample without the pod: one timed at_fall went before
+        ((t, _ordinal(pod)) for t, pod, _ in watch.removals() if t > at_fall[0]),
         key=lambda removal: (removal[0], -removal[1]),
     )
     before_leaving = [o for t, o in gone if t < start + LEAVE]
