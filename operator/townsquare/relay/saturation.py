@@ -590,11 +590,10 @@ CAP_SHARE = 1 / 16
 """Of the real listeners measured alone, the share the load generator holds: in a run the
 room's relays serve the same listeners, and the edge, operator, Prometheus, the control
 plane and the simulated audience share the machine too. Demo runs on the shared 2-core
-machine: half held (600 of 1,200, load average 10-13): 31 lost frames, the listeners' own
-process stalled for 8 s; a quarter (400 of 1,600): 142 lost frames, 8 s stalls; a sixteenth
-(100 of 1,600, load 12-15): 80 lost frames, gaps of 3.8 s. At such loads frames are lost
-whatever the count; a sixteenth is about the 100 the demo held before, and loads the
-machine least."""
+machine at load average 10-17: holding 600 and 400 the listeners' own process stalled for
+5.4-8 s (every one of them heard that silence, and their admit tickets lapsed meanwhile);
+holding 100 its longest stall was 1.3 s, holding 12 0.22 s. (Frames lost
+in those runs came from relays closing held moves, fixed in the relay, not from the count.)"""
 CAP_BUDGET = 20.0
 """Seconds after which the measurement starts no further step."""
 
