@@ -542,10 +542,10 @@ SHIFT_BUDGET = 24
 AUDIENCE = 72
 """Real listeners in that room: the four relays cut held 25-39 of 60 in earlier runs (the map
 and guests decide), so 72 leave a margin over the budget."""
-# Open defect this test catches (seen 1 run in 1 at 72 listeners, load 10-16): a listener of
-# a draining relay whose move the edge holds (its replica's share, budget // replicas, spent
-# while the others' is not) is closed by the relay at the end of the 30 s move grace and
-# joins again unbudgeted: 2 of 50 were cut off.
+# This test found that a draining relay closed a listener whose move the edge held (its
+# replica's share, budget // replicas, spent while the others' was not) at the end of the
+# 30 s move grace, and that it joined again unbudgeted (2 of 50 cut off); relays now keep
+# held listeners (relay/server.py, sweep_moves).
 MOVES_DONE_WITHIN = 420
 """Seconds for those moves. Measured at a budget of 30: 35-39 moves took 173-262 s, 11-16 in
 the busiest minute: the operator prices a draining relay's last shards at all the listeners
@@ -553,7 +553,7 @@ still on it (sharding.shard_listeners_from_relays: those of shards already moved
 gone count too), so the budget lets the tail through one shard at a time."""
 
 
-@pytest.mark.long  # 3-5 minutes, and the open defect above fails it about 1 run in 7
+@pytest.mark.long  # 3-5 minutes: make test-long
 def test_the_move_budget_binds_and_the_moves_complete_after_it(
     api_client: client.ApiClient,
     namespace: str,

@@ -281,32 +281,6 @@ class Stubborn(MapJoiner):
         return None
 
 
-def test_a_listener_held_past_the_grace_period_is_closed_and_rejoins(tmp_path: Path) -> None:
-    async def body(room: LoopbackRoom) -> None:
-        first = tree(2, fanout=8)
-        await room.start(first)
-        for relay in room.relays.values():
-            relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
-        stubborn = Stubborn(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
-        stop = room.stop
-        names = [n for n in NAMES if first.relay_for(n) == 1][:3]
-        listeners = [Listener(n, stubborn) for n in names]
-        room.listeners += listeners
-        tasks = [asyncio.create_task(lst.run(stop)) for lst in listeners]
-        await until(lambda: all(lst.stats.frames > 3 for lst in listeners), 10, "hearing")
-        room.publish(rebalance(first, active=[0], draining=[1], fanout=8).map)
-        await until(lambda: all(lst.pod == "r-relay-0" for lst in listeners), 10, "rejoined")
-        for listener in listeners:
-            assert listener.stats.moves["draining"] >= 2, "told again while held"
-            assert listener.stats.moves["draining-grace-over"] == 1
-            assert listener.stats.relocations == 0
-        assert room.relays[1].moves["draining-grace-over"] == len(listeners)
-        stop.set()
-        await asyncio.gather(*tasks)
-
-    run_room(tmp_path, body)
-
-
 def test_a_listener_whose_shard_moved_stays_while_the_edge_holds_its_move(tmp_path: Path) -> None:
     """The relay keeps serving: past the grace it tells the listener again instead of
     closing it (test_demo lost frames when held moves were closed and joined the queue)."""
@@ -422,11 +396,13 @@ def test_a_draining_relay_keeps_the_listeners_whose_shard_has_not_moved_yet(
     run_room(tmp_path, body)
 
 
-def test_in_a_room_closed_to_joins_a_listener_held_past_the_grace_period_stays(
-    tmp_path: Path,
+@pytest.mark.parametrize("closed", [False, True], ids=["live", "closed to joins"])
+def test_a_draining_relays_listener_held_past_the_grace_period_stays(
+    tmp_path: Path, closed: bool
 ) -> None:
-    """Past the end the edge admits no new join, so a listener the edge holds (its move
-    budget spent) is told again but never closed: closed, it could not come back."""
+    """A listener the edge holds (its move budget spent, or no room where it goes) is told
+    again but never closed: closed, it would lose its audio and join again unbudgeted, and
+    past the end (the room closed to joins) it could not come back at all."""
 
     async def body(room: LoopbackRoom) -> None:
         first = tree(2, fanout=8)
@@ -440,10 +416,10 @@ def test_in_a_room_closed_to_joins_a_listener_held_past_the_grace_period_stays(
         tasks = [asyncio.create_task(lst.run(room.stop)) for lst in listeners]
         await until(lambda: all(lst.stats.frames > 3 for lst in listeners), 10, "hearing")
         weights = [0.1] * first.shards
-        closed = rebalance(first, active=[0], draining=[1], fanout=8, shard_listeners=weights,
-                           closed=True).map  # fmt: skip
-        assert closed.counts()[1] == 0
-        room.publish(closed)
+        drained = rebalance(first, active=[0], draining=[1], fanout=8, shard_listeners=weights,
+                            closed=closed).map  # fmt: skip
+        assert drained.counts()[1] == 0
+        room.publish(drained)
         await until(lambda: all(lst.stats.moves["draining"] >= 3 for lst in listeners), 10,
                     "told again and again")  # fmt: skip
         await asyncio.sleep(1.5)  # three grace periods

@@ -248,16 +248,15 @@ class Relay(Hub):
 
     def sweep_moves(self, now: float) -> None:
         """Queue a notice for each listener that should move and was not told lately; close
-        those that outstayed the grace period while this relay drains or is above capacity,
-        unless the room is closed to joins (its event is over): closed, a listener could not
-        join again, so it stays until it moves or the operator removes the relay (once it is
-        empty, or at drainTimeout).
+        those that outstayed the grace period only while this relay is above capacity (and
+        the room still takes joins: closed to joins, a listener could not come back).
 
-        A listener whose shard moved to another relay while this one keeps serving is not
-        closed at the end of the grace either: the edge holds its move because there is no
-        room for it yet (the room full, or the budget spent), and closing it would cut its
-        audio and send it to the back of the queue. It is told again until the edge finds
-        room."""
+        A listener the edge holds (no room for it yet where it goes, or the migration budget
+        spent) stays past the grace, whether its shard moved or its relay drains, and is told
+        again until the edge finds room: closing it would cut its audio and send it to the
+        back of the queue, and its join again would spend no budget (the binding-budget e2e
+        test lost 2 of 50 listeners that way). A draining relay still goes: the operator
+        removes it once it is empty, or at drainTimeout."""
         closed = self._closed_to_joins()
         for name in list(self._notified):
             if name not in self.listeners or self.move_reason(name) is None:
@@ -267,7 +266,7 @@ class Relay(Hub):
             if reason is None:
                 continue
             first, last = self._notified.get(name, (now, -math.inf))
-            must_go = reason == "draining" or len(self.listeners) > self.capacity
+            must_go = len(self.listeners) > self.capacity
             if now - first > self.config.move_grace and must_go and not closed:
                 connection.move(f"{reason}-grace-over")
             elif now - last >= self.config.renotify_seconds and name not in self._queued:
