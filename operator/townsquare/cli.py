@@ -651,9 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--claims-namespace",
-        default=os.environ.get("POD_NAMESPACE") or "default",
-        help="serving every namespace: where replicas claim the rooms they act on "
-        "(the ConfigMap townsquare-partitions; default: $POD_NAMESPACE, else default)",
+        default=os.environ.get("POD_NAMESPACE") or "",
+        help="where replicas claim the rooms they act on, one ConfigMap "
+        "townsquare-partitions for all (default: $POD_NAMESPACE, else the first "
+        "namespace served, else default); keep it where tenants cannot write",
     )
     run.add_argument(
         "--allowed-registry",

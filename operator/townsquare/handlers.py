@@ -137,8 +137,9 @@ class Settings:
     priority: int = 0
     namespaces: tuple[str, ...] = ()
     """The namespaces served (empty: the whole cluster): where the peering objects are."""
-    claims_namespace: str = "default"
-    """Where the claims table lives when the operator serves every namespace (its own)."""
+    claims_namespace: str = ""
+    """Where the one claims table lives (the chart: the release namespace, which tenants
+    cannot write); empty: the first namespace served, else `default`."""
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """This replica in kopf's peering and in the Events it posts."""
     workers: int = 16
@@ -460,7 +461,12 @@ async def stop_poller(memo: Any, **_: Any) -> None:
 
 
 def _claim_tables(settings: Settings) -> tuple[str, ...]:
-    return settings.namespaces or (settings.claims_namespace,)
+    """One table for every replica, never one per namespace served: a tenant who may edit
+    ConfigMaps in its own namespace could otherwise claim every slot there and stop the
+    operator everywhere, and N tables cost N reads and writes a round, any one conflict
+    failing the round."""
+    fallback = sorted(settings.namespaces)[0] if settings.namespaces else "default"
+    return (settings.claims_namespace or fallback,)
 
 
 async def _follow_claims(runtime: Runtime) -> None:
