@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -179,6 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         priority=args.priority,
         namespaces=tuple(args.namespace or ()),
         claims_namespace=args.claims_namespace,
+        identity=args.identity,
     )
     kopf.run(
         # Our identity in kopf's peering too: the operator reads who may act from it.
@@ -648,6 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_partition,
         default=Partition(),
         help="INDEX/COUNT: serve only the rooms whose stable hash falls in this partition",
+    )
+    run.add_argument(
+        "--identity",
+        default=f"{socket.gethostname()}-{os.getpid()}",
+        help="this replica's name in the claims table and kopf's peering (default: host and "
+        "process id); a process restarted under its old name takes its own claims back at "
+        "once, as a container restarted in its pod does, instead of waiting out their lifetime",
     )
     run.add_argument(
         "--claims-namespace",

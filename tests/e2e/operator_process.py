@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from harness import REPO, wait_until
@@ -21,12 +22,16 @@ class OperatorProcess:
         self.log = log
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
+        self.identity = f"e2e-operator-{uuid.uuid4().hex[:12]}"
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         command = [sys.executable, "-m", "townsquare", "run"]
         if self.namespace:
             command += ["--namespace", self.namespace]
+        # One name across restarts, as a container restarted in its pod keeps its hostname
+        # and process id: the restarted operator takes its own claims back at once.
+        command += ["--identity", self.identity]
         if not any(arg.startswith("--metrics-port") for arg in self.extra):
             command += ["--metrics-port", "0"]  # side by side, no two may share a port
         with self.log.open("ab") as sink:

@@ -31,7 +31,8 @@ class Timeline:
     rooms: Rooms
     name: str
     samples: list[tuple[float, int, set[int]]] = field(default_factory=list)
-    """(time, StatefulSet replicas, ordinals marked draining in the shard map)."""
+    """(time, StatefulSet replicas, ordinals taking no joins by the shard map: those marked
+    draining, and every relay once the map closes the room to joins past its end)."""
     generations: list[int] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -47,7 +48,10 @@ class Timeline:
                     f"{self.name}-shards", self.rooms.namespace
                 ).data
                 shard_map = json.loads(data["shardmap.json"])
-                draining = {r["ordinal"] for r in shard_map["relays"] if r["state"] == "draining"}
+                closed = shard_map.get("admission") == "closed"
+                draining = {
+                    r["ordinal"] for r in shard_map["relays"] if r["state"] == "draining" or closed
+                }
                 self.samples.append((time.time(), replicas, draining))
                 self.generations.append(shard_map["generation"])
             except (ApiException, KeyError, TypeError):
