@@ -186,6 +186,16 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         wait_until(lambda: fed_as_the_map_says(prometheus, namespace, pods), 30,
                    "each relay feeding the relays the map hangs under it")  # fmt: skip
 
+        # a precondition, not a verdict: the map has given the second tier its share of the
+        # shards (a relay the map adds gets its shards by rebalancing, within the budget)
+        wait_until(
+            lambda: (
+                pods.shard_map()["assignment"].count(tier_two[0])
+                >= len(pods.shard_map()["assignment"]) // 4
+            ),
+            60,
+            "the second tier's relay given its share of the shards",
+        )
         audience = Audience(edge_url, namespace, ROOM)
         audience.add(FIRST)
         wait_until(lambda: audience.hearing(10), 60, "every listener hearing frames")
