@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 from harness import REPO, wait_until
@@ -22,7 +22,8 @@ class OperatorProcess:
         self.log = log
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
-        self.identity = f"e2e-operator-{uuid.uuid4().hex[:12]}"
+        self.identity: str | None = None
+        """The name of its first start (host and process id, the operator's default)."""
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
@@ -31,7 +32,8 @@ class OperatorProcess:
             command += ["--namespace", self.namespace]
         # One name across restarts, as a container restarted in its pod keeps its hostname
         # and process id: the restarted operator takes its own claims back at once.
-        command += ["--identity", self.identity]
+        if self.identity is not None:
+            command += ["--identity", self.identity]
         if not any(arg.startswith("--metrics-port") for arg in self.extra):
             command += ["--metrics-port", "0"]  # side by side, no two may share a port
         with self.log.open("ab") as sink:
@@ -42,6 +44,8 @@ class OperatorProcess:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
+        if self.identity is None:
+            self.identity = f"{socket.gethostname()}-{self.process.pid}"
 
     def wait_started(self, timeout: float = 120) -> None:
         """Until kopf has logged in: on a busy machine the interpreter alone can take half a
