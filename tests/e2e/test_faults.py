@@ -177,6 +177,26 @@ def test_prometheus_slower_than_the_timeout_holds_the_room(
     assert rooms.relays("slow")[0] == 5
 
 
+def _peered_pair(
+    api_client: client.ApiClient, namespace: str, kubeconfig: Path, tmp_path: Path
+) -> tuple[OperatorProcess, OperatorProcess]:
+    """(primary, standby): two operators in one kopf peering "ha" (10 s lifetime), priority
+    100 and 99, neither started yet."""
+    _peering_crds(kubeconfig)
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        "kopf.dev", "v1", namespace, "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "ha"}},
+    )  # fmt: skip
+    peering = ("--peering", "ha", "--peering-lifetime", "10")
+    primary, standby = (
+        OperatorProcess(
+            kubeconfig, namespace, tmp_path / f"{role}.log", *peering, "--priority", priority
+        )
+        for role, priority in (("primary", "100"), ("standby", "99"))
+    )
+    return primary, standby
+
+
 def _peering_crds(kubeconfig: Path) -> None:
     api = config.new_client_from_config(config_file=str(kubeconfig))
     extensions = client.ApiextensionsV1Api(api)
@@ -214,18 +234,7 @@ def test_primary_killed_mid_event_the_standby_takes_over_alone(
     kubeconfig: Path,
     tmp_path: Path,
 ) -> None:
-    _peering_crds(kubeconfig)
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-        "kopf.dev", "v1", namespace, "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "ha"}},
-    )  # fmt: skip
-    peering = ("--peering", "ha", "--peering-lifetime", "10")
-    primary, standby = (
-        OperatorProcess(
-            kubeconfig, namespace, tmp_path / f"{role}.log", *peering, "--priority", priority
-        )
-        for role, priority in (("primary", "100"), ("standby", "99"))
-    )
+    primary, standby = _peered_pair(api_client, namespace, kubeconfig, tmp_path)
     rooms = Rooms(api_client, namespace)
     primary.start()
     standby.start()
@@ -285,18 +294,7 @@ def test_a_higher_priority_replica_takes_over_from_a_live_one_without_overlap(
     """The standby acts alone; the primary starts and takes over while the audience changes
     every second: each change is re-planned by one replica only (two acting at once would
     post the same re-plan twice), the standby before, the primary after."""
-    _peering_crds(kubeconfig)
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-        "kopf.dev", "v1", namespace, "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "ha"}},
-    )  # fmt: skip
-    peering = ("--peering", "ha", "--peering-lifetime", "10")
-    standby, primary = (
-        OperatorProcess(
-            kubeconfig, namespace, tmp_path / f"{role}.log", *peering, "--priority", priority
-        )
-        for role, priority in (("standby", "99"), ("primary", "100"))
-    )
+    primary, standby = _peered_pair(api_client, namespace, kubeconfig, tmp_path)
     rooms = Rooms(api_client, namespace)
     manifest = room_manifest("event", start_in=2 * 86400, duration="1h")
     manifest["spec"]["scaling"] |= {"minRelays": 0, "maxRelays": 60}
