@@ -44,9 +44,11 @@ class Audience:
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
 
-    def add(self, count: int) -> list[Listener]:
+    def add(self, count: int, names: list[str] | None = None) -> list[Listener]:
+        """`count` more listeners, named `listener-<n>` unless `names` says otherwise."""
         start = len(self.listeners) + len(self.gone)
-        added = [Listener(f"listener-{start + i}", self.joiner) for i in range(count)]
+        chosen = names if names is not None else [f"listener-{start + i}" for i in range(count)]
+        added = [Listener(name, self.joiner) for name in chosen]
         self.listeners += added
         for listener in added:
             self._stops[listener.name] = self._call(self._make_stop())

@@ -26,6 +26,8 @@ from kubernetes import client
 from operator_process import OperatorProcess
 from rooms import Rooms, rfc3339
 
+from townsquare.sharding import shard_of
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOM = "stage"
@@ -196,8 +198,19 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
             60,
             "the second tier's relay given its share of the shards",
         )
+        # Three of the first listeners are named so that their shards are the second
+        # tier's (ids hash to shards by the map's published rule): fifteen arbitrary ids
+        # all missed its 16-21 of 64 shards in one full run.
+        assignment = pods.shard_map()["assignment"]
+        candidates = (f"second-tier-listener-{n}" for n in range(1000))
+        homed_there = [
+            name
+            for name in candidates
+            if assignment[shard_of(name, len(assignment))] == tier_two[0]
+        ][:3]
         audience = Audience(edge_url, namespace, ROOM)
-        audience.add(FIRST)
+        audience.add(len(homed_there), names=homed_there)
+        audience.add(FIRST - len(homed_there))
         wait_until(lambda: audience.hearing(10), 60, "every listener hearing frames")
         on_tier_two = [
             lst for lst in audience.listeners if lst.pod == f"{ROOM}-relay-{tier_two[0]}"
