@@ -58,6 +58,9 @@ ROOM_LABEL = "townsquare.dev/room"
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 GIVE_UP_SECONDS = 60.0
 RESTART_SECONDS = 1.0
+STOP_GRACE_SECONDS = 5.0
+"""A relay's time to tell its listeners to go before it is killed (cluster.sh gives the
+runner 10 s in all)."""
 SECRET_REFRESH_SECONDS = 10.0
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MALLOC_ARENA_MAX": "2"}
 """What the image's ENV gives every container (Dockerfile), besides PATH."""
@@ -68,6 +71,52 @@ ENTRYPOINT = "townsquare"
 def log(message: str, **fields: Any) -> None:
     record = {"time": time.strftime("%H:%M:%S"), "msg": message, **fields}
     print(json.dumps(record), flush=True)
+
+
+def die_with_parent() -> None:
+    """Run in the child before exec: the kernel sends it SIGTERM when the runner dies, so a
+    runner killed outright (SIGKILL, a crash) leaves no relay behind, as a container goes
+    when its kubelet's pod sandbox does. Linux only; elsewhere the pid files still reap."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def is_relay_process(pid: int) -> bool:
+    """The pid still names a `townsquare relay` (not a recycled pid of something else)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return ENTRYPOINT.encode() in argv and b"relay" in argv
+
+
+def reap_orphans(pids_dir: Path) -> None:
+    """Stop relays a previous runner started and could not stop (it was killed first):
+    their pods are read again, and started again by this runner's first sync."""
+    for pid_file in pids_dir.iterdir():
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text())
+            if is_relay_process(pid):
+                os.kill(pid, signal.SIGKILL)
+                log("orphaned relay stopped", pid=pid, pod=pid_file.name)
+        pid_file.unlink(missing_ok=True)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM to all at once, then SIGKILL to whoever is still up after `grace`."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class NotRunnableError(Exception):
@@ -254,9 +303,13 @@ class PodRunner:
         self.refused: set[str] = set()
         """Pods that ask for a relay this runner will not run (they are never ready)."""
         self.stopping = False
-        for folder in ("logs", "pods", "hosts"):
+        for folder in ("logs", "pods", "hosts", "pids"):
             (state_dir / folder).mkdir(parents=True, exist_ok=True)
         (state_dir / "pods").chmod(0o700)
+        reap_orphans(state_dir / "pids")
+
+    def pid_file(self, key: str) -> Path:
+        return self.state_dir / "pids" / key.replace("/", "_")
 
     def warn_once(self, key: str, message: str, **fields: Any) -> None:
         if key not in self.warned:
@@ -365,32 +418,34 @@ class PodRunner:
         command = [self.python, "-m", ENTRYPOINT, *want.args]
         sink = (self.state_dir / "logs" / f"{want.namespace}_{want.pod}.log").open("ab")
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                   cwd=self.pod_dir(want), start_new_session=True)  # fmt: skip
+                                   cwd=self.pod_dir(want), start_new_session=True,
+                                   preexec_fn=die_with_parent)  # fmt: skip
         sink.close()
+        self.pid_file(want.key).write_text(str(process.pid))
         self.running[want.key] = Running(want, process, time.monotonic(), restarts)
         log("relay started", pod=want.key, ip=want.ip, pid=process.pid, restarts=restarts,
             origin=env.get("TOWNSQUARE_ORIGIN"))  # fmt: skip
 
-    def stop(self, key: str, reason: str) -> None:
-        running = self.running.pop(key)
-        process = running.process
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        shutil.rmtree(self.pod_dir(running.want), ignore_errors=True)
-        log("relay stopped", pod=key, pid=process.pid, reason=reason)
+    def stop_all(self, keys: list[str], reason: str) -> None:
+        """Stop these relays together: one grace period for all, not one each, so that
+        stopping many fits in the time `cluster.sh down` gives the runner."""
+        stopping = [self.running.pop(key) for key in keys]
+        stop_processes([running.process for running in stopping], STOP_GRACE_SECONDS)
+        for running in stopping:
+            shutil.rmtree(self.pod_dir(running.want), ignore_errors=True)
+            self.pid_file(running.want.key).unlink(missing_ok=True)
+            log("relay stopped", pod=running.want.key, pid=running.process.pid, reason=reason)
 
     def sync(self) -> None:
         pods = self.core.list_pod_for_all_namespaces(label_selector=SELECTOR, timeout_seconds=10)
         self.refused = set()
         wants = {w.key: w for w in map(self.want, pods.items) if w is not None}
-        for key in list(self.running):
-            if wants.get(key) != self.running[key].want:
-                self.stop(key, "pod gone" if key not in wants else "pod changed")
+        gone = [key for key in self.running if key not in wants]
+        changed = [
+            key for key in self.running if key in wants and wants[key] != self.running[key].want
+        ]
+        self.stop_all(gone, "pod gone")
+        self.stop_all(changed, "pod changed")
         sources: dict[tuple[str, str], Any] = {}
         for key, want in wants.items():
             volumes = self.materialise(want, sources)
@@ -531,8 +586,7 @@ class PodRunner:
                     log("API server unreachable for a minute: stopping", error=str(error))
                     break
             time.sleep(interval)
-        for key in list(self.running):
-            self.stop(key, "pod runner stopping")
+        self.stop_all(list(self.running), "pod runner stopping")
 
 
 def main() -> int:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -218,3 +219,66 @@ def test_a_relay_runs_with_no_api_access_following_its_mounted_map_and_its_paren
     assert reason == "move: draining", (reason, log(1))
     assert said(1, "audioroom_relay_draining") == 1.0
     assert "kube" not in log(1).lower(), log(1)
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, waiting for init to reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_relay_goes_when_its_pod_runner_is_killed_outright() -> None:
+    """A runner killed with SIGKILL cannot stop its relays; the kernel must (the earlier
+    runner once left a relay process bound to a pod IP after the cluster was gone)."""
+    script = str(REPO / "hack/cluster/podrunner.py")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import importlib.util, subprocess, sys, time\n"
+            f"spec = importlib.util.spec_from_file_location('podrunner', {script!r})\n"
+            "module = importlib.util.module_from_spec(spec); sys.modules['podrunner'] = module\n"
+            "spec.loader.exec_module(module)\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+            " start_new_session=True, preexec_fn=module.die_with_parent)\n"
+            "print(child.pid, flush=True); time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert not process_gone(child)
+    parent.kill()
+    parent.wait()
+    assert wait_for(lambda: process_gone(child), 10), "the relay outlived its runner"
+
+
+def test_a_new_runner_stops_the_relays_an_old_one_left_and_nothing_else(tmp_path: Path) -> None:
+    runner = pod_runner()
+    relay = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "townsquare", "relay"]
+    )
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "ns_r-relay-0").write_text(str(relay.pid))
+        (tmp_path / "ns_r-relay-1").write_text(str(bystander.pid))
+        (tmp_path / "ns_r-relay-2").write_text("not a pid")
+        runner.reap_orphans(tmp_path)
+        assert relay.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None, "a pid the runner no longer owns was killed"
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for process in (relay, bystander):
+            process.kill()
+            process.wait()
