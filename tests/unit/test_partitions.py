@@ -88,6 +88,24 @@ def test_the_hash_is_the_same_in_another_process() -> None:
     assert int(other.stdout) == partition_of("a", "b", 97)
 
 
+@pytest.mark.parametrize(
+    ("namespace", "room", "slot"),
+    [
+        ("spaces", "campaign-launch", 78),
+        ("default", "a", 176),
+        ("tenant-7", "room-0", 237),
+        ("spaces", "room-41", 3),
+        ("x", "y", 187),
+    ],
+)
+def test_the_slot_formula_is_pinned(namespace: str, room: str, slot: int) -> None:
+    """A changed formula would move nearly every room to another partition on upgrade
+    (relabelled, re-planned, its claims handed over): it must fail here first. Expected
+    values from coreutils, not from this code: the last byte of
+    `printf %s NAMESPACE/ROOM | b2sum -l 64` (blake2b, 8-byte digest, big-endian, mod 256)."""
+    assert slot_of(namespace, room) == slot
+
+
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2", "0/0", "0/257"])
 def test_bad_partitions_are_refused_with_the_reason(text: str) -> None:
     with pytest.raises(ValueError, match="partition"):
