@@ -74,13 +74,17 @@ from townsquare.metrics import (
 )
 from townsquare.partitions import (
     Claim,
+    ClaimLapsedError,
+    Lease,
     Partition,
+    Sighting,
     free_slots,
     labelled_slot,
+    live_claims,
     may_act,
     peering_allows,
+    sightings,
     slot_of,
-    still_acting,
 )
 from townsquare.passes import PassScheduler
 from townsquare.policy import TenantPolicy, violations
@@ -227,16 +231,22 @@ class Runtime:
     """The passes' threads: asyncio's default pool has only cores + 4."""
     poller_tick: float = field(default_factory=time.monotonic)
     """When the listener poller last started a tick (monotonic): for liveness."""
-    acting_slots: frozenset[int] = frozenset()
-    """The slots whose rooms this replica may act on now: those its claim holds (see
-    partitions.free_slots). A room of another slot waits, parked, without a pass."""
+    lease: Lease = field(default_factory=Lease)
+    """The slots whose rooms this replica may act on, and until when (monotonic): those
+    its last claim written holds (see partitions.Lease). A room of another slot, or any
+    room once the lease ran out, waits, parked, without a pass; a pass in flight then
+    writes nothing more (`check_claim`)."""
+    seen: dict[str, Sighting] = field(default_factory=dict)
+    """Other replicas' claims, with when this replica first read each as it stands."""
+    clock: Callable[[], float] = time.monotonic
+    """The lease's clock: monotonic, so a wall clock stepped back never extends a claim."""
 
     def __post_init__(self) -> None:
         self.passes = PassScheduler(
             self._pass,
             workers=self.settings.workers,
             retry_seconds=RETRY_SECONDS,
-            may_run=lambda key: slot_of(*key) in self.acting_slots,
+            may_run=lambda key: self.lease.holds(slot_of(*key), self.clock()),
         )
         self.passes.paused = self.settings.peering is not None  # as kopf starts: paused
         self.pass_threads = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="pass")
@@ -350,16 +360,37 @@ class Runtime:
         for namespace, name in self.rooms:
             observability.forget_room(namespace, name)
 
-    def act_on(self, slots: frozenset[int]) -> None:
-        """Act on the rooms of these slots from now on: the rooms of slots gained are read
-        afresh (another replica acted on them until now) and passed at once."""
-        gained = slots - self.acting_slots
-        self.acting_slots = slots
+    @property
+    def acting_slots(self) -> frozenset[int]:
+        """The slots this replica acts on while its lease lasts."""
+        return self.lease.slots
+
+    def act_on(self, lease: Lease) -> None:
+        """Act on the rooms of the lease's slots from now on: the rooms of slots gained are
+        read afresh (another replica may have acted on them until now) and passed at once.
+        After a lapse every slot counts as gained: another replica may have taken it,
+        acted and let go meanwhile."""
+        held = self.lease.slots if self.lease.valid(lease.until - self._half_life()) else set()
+        gained = lease.slots - held
+        self.lease = lease
         if gained:
             for key, state in self.rooms.items():
                 if slot_of(*key) in gained:
                     state.reread()
             self.passes.unpark()
+
+    def stop_acting(self) -> None:
+        """No slot any more: no pass starts, and passes in flight write nothing more."""
+        self.lease = Lease()
+
+    def _half_life(self) -> float:
+        return self.settings.peering_lifetime.total_seconds() / 2
+
+    def check_claim(self, key: Key) -> None:
+        """The fence, called just before each write of the room's pass: refuses it once this
+        replica's lease on the room's slot ran out or moved (see partitions.Lease)."""
+        if not self.lease.holds(slot_of(*key), self.clock()):
+            raise ClaimLapsedError(f"{key[0]}/{key[1]}: this replica's claim on its slot lapsed")
 
     def resume(self) -> None:
         """This replica acts again: every room is read afresh and passed at once."""
@@ -460,75 +491,79 @@ async def stop_poller(memo: Any, **_: Any) -> None:
         runtime.pass_threads.shutdown(wait=False, cancel_futures=True)
 
 
-def _claim_tables(settings: Settings) -> tuple[str, ...]:
+def _claims_namespace(settings: Settings) -> str:
     """One table for every replica, never one per namespace served: a tenant who may edit
     ConfigMaps in its own namespace could otherwise claim every slot there and stop the
     operator everywhere, and N tables cost N reads and writes a round, any one conflict
     failing the round."""
     fallback = sorted(settings.namespaces)[0] if settings.namespaces else "default"
-    return (settings.claims_namespace or fallback,)
+    return settings.claims_namespace or fallback
 
 
 async def _follow_claims(runtime: Runtime) -> None:
     """Claim this replica's slots in the claims table and keep them claimed; act on the
-    rooms of the slots claimed (see partitions.free_slots), and on none once the claim could
-    not be renewed for half its lifetime."""
+    rooms of the slots claimed (see partitions.free_slots), and on none once the lease of
+    the last claim written ran out (half a lifetime, by the monotonic clock)."""
     log = room_logger("-", "-").bind(component="claims")
-    renewed: datetime | None = None
+    renewed: float | None = None
     while True:
         try:
             renewed = await _claim(runtime, renewed, log)
         except Exception as error:  # the API server is away: keep the claim while it holds
             log.warning("claiming slots failed", error=str(error)[:200])
-        lifetime = runtime.settings.peering_lifetime
-        if runtime.acting_slots and not still_acting(renewed, lifetime, datetime.now(UTC)):
+        if runtime.acting_slots and not runtime.lease.valid(runtime.clock()):
             log.warning("claim not renewed for half its lifetime: acting on no room")
-            runtime.act_on(frozenset())
+            runtime.stop_acting()
         await asyncio.sleep(PEERING_CHECK_SECONDS)
 
 
-async def _claim(runtime: Runtime, renewed: datetime | None, log: Any) -> datetime | None:
-    """One round: claim the free slots wanted, renewing every quarter of a lifetime; while
-    paused, keep only what passes in flight need, and let go once none is. Returns when
-    the claim was last written (None: this replica holds none)."""
-    settings, now, me = runtime.settings, datetime.now(UTC), runtime.settings.identity
+async def _claim(runtime: Runtime, renewed: float | None, log: Any) -> float | None:
+    """One round: read the table (also while paused, so that a standby has seen the
+    claims it may take over a lifetime before it must), claim the free slots wanted,
+    renewing every quarter of a lifetime; while paused, keep only what passes in flight
+    need, and let go once none is. Returns when (monotonic) the claim was last written
+    (None: this replica holds none)."""
+    settings, me, lifetime = (
+        runtime.settings,
+        runtime.settings.identity,
+        runtime.settings.peering_lifetime,
+    )
+    namespace = _claims_namespace(settings)
+    version, claims = await asyncio.to_thread(runtime.cluster.read_claims, namespace)
+    now = runtime.clock()  # after the read: no earlier than any write it shows
+    others = {identity: claim for identity, claim in claims.items() if identity != me}
+    runtime.seen = sightings(runtime.seen, others, now)
+    live = live_claims(runtime.seen, now)
     if runtime.passes.paused and not runtime.passes.running:
         if renewed is not None:
             await asyncio.to_thread(_let_go, runtime)
-            runtime.act_on(frozenset())
+            runtime.stop_acting()
             log.info("paused, no pass in flight: let go of the slots")
         return None
-    tables = {
-        namespace: await asyncio.to_thread(runtime.cluster.read_claims, namespace)
-        for namespace in _claim_tables(settings)
-    }
     paused = runtime.passes.paused
-    wanted = runtime.acting_slots if paused else frozenset(settings.partition.slots)
-    for _, claims in tables.values():
-        wanted = free_slots(claims, me, wanted, now)
-    due = renewed is None or now - renewed >= settings.peering_lifetime / 4
-    held = [claims.get(me) for _, claims in tables.values()]
-    if not due and all(claim and claim.slots == wanted for claim in held):
+    wanted = free_slots(live, me, runtime.acting_slots if paused else settings.partition.slots)
+    due = renewed is None or now - renewed >= lifetime.total_seconds() / 4
+    held = claims.get(me)
+    if not due and held and held.slots == wanted and runtime.lease.valid(now):
         return renewed
-    claim = Claim(wanted, now, settings.peering_lifetime)
-    for namespace, (version, claims) in tables.items():
-        expired = [key for key, other in claims.items() if key != me and not other.alive(now)]
-        write = runtime.cluster.write_claim
-        await asyncio.to_thread(write, namespace, version, me, claim, expired)
+    written_at = runtime.clock()
+    claim = Claim(wanted, datetime.now(UTC), lifetime)  # the stamp: for people reading it
+    expired = [identity for identity in others if identity not in live]
+    await asyncio.to_thread(runtime.cluster.write_claim, namespace, version, me, claim, expired)
     if wanted != runtime.acting_slots:
         waiting = len(settings.partition.slots) - len(wanted)
         log.info("acting on the claimed slots", slots=len(wanted), waiting_for_others=waiting)
-    runtime.act_on(wanted)
-    return now
+    runtime.act_on(Lease.after_write(wanted, written_at, lifetime))
+    return written_at
 
 
 def _let_go(runtime: Runtime) -> None:
-    """Remove this replica's claim from every table (blocking)."""
+    """Remove this replica's claim from the table (blocking)."""
     cluster, identity = runtime.cluster, runtime.settings.identity
-    for namespace in _claim_tables(runtime.settings):
-        version, claims = cluster.read_claims(namespace)
-        if identity in claims:
-            cluster.write_claim(namespace, version, identity, None)
+    namespace = _claims_namespace(runtime.settings)
+    version, claims = cluster.read_claims(namespace)
+    if identity in claims:
+        cluster.write_claim(namespace, version, identity, None)
 
 
 async def _follow_peering(runtime: Runtime) -> None:
@@ -837,6 +872,11 @@ async def _reconcile_once(
                 reconcile_room, runtime, state, namespace, name, pods, holding, deleting,
             )  # fmt: skip
         return outcome, False
+    except ClaimLapsedError as lapsed:
+        # Its slot is no longer this replica's: the room waits, parked, until it is again,
+        # and is then read afresh (see Runtime.act_on).
+        room_logger(namespace, name).warning("pass stopped before a write", reason=str(lapsed))
+        return None, True
     except Exception:
         room_logger(namespace, name).exception("reconcile failed; retrying")
         return None, True
@@ -956,8 +996,9 @@ def reconcile_room(
     deleting: bool = False,
 ) -> Outcome | None:
     """One pass for one room: read, decide, write. `deleting`: the pass of a room being
-    deleted, which drains it; other passes leave such a room alone (None)."""
-    cluster = runtime.cluster
+    deleted, which drains it; other passes leave such a room alone (None). Every write
+    checks first that this replica still holds the room's slot (`Runtime.check_claim`)."""
+    cluster = runtime.cluster.fenced(lambda: runtime.check_claim((namespace, name)))
     room = cluster.room_if_exists(namespace, name)
     if room is None:  # gone while this replica was paused, or just now
         runtime.loop.call_soon_threadsafe(runtime.forget, (namespace, name))
@@ -1056,7 +1097,7 @@ def reconcile_room(
     else:
         if outcome.children:
             _apply_children(cluster, state, room, spec, outcome, runtime.settings)
-        _apply_headroom(runtime, state, room, spec, outcome, now)
+        _apply_headroom(cluster, runtime.settings, state, room, spec, outcome, now)
     by_ordinal = {pod.ordinal: pod for pod in pods}
     for ordinal in outcome.replace_relays:  # drained: back with the new template
         cluster.replace_relay(namespace, name, by_ordinal[ordinal])
@@ -1103,6 +1144,8 @@ def _post_events(cluster: Cluster, room: dict[str, Any], outcome: Outcome, now: 
     for event in outcome.events:
         try:
             cluster.post_event(room, event.type, event.reason, event.message, now)
+        except ClaimLapsedError:
+            raise
         except Exception:  # one Event refused must not cost the others
             log.exception("posting an Event failed", reason=event.reason)
             continue
@@ -1147,6 +1190,9 @@ def _apply_children(
         state.applied[child] = (digest, None)
         try:
             state.applied[child] = (digest, cluster.apply(manifest))
+        except ClaimLapsedError:
+            state.applied.pop(child, None)
+            raise
         except Exception as error:
             state.applied.pop(child, None)
             failures.append(f"{child}: {type(error).__name__}: {str(error)[:200]}")
@@ -1159,7 +1205,8 @@ class ChildApplyError(Exception):
 
 
 def _apply_headroom(
-    runtime: Runtime,
+    cluster: Cluster,
+    settings: Settings,
     state: RoomState,
     room: dict[str, Any],
     spec: AudioRoomSpec,
@@ -1170,20 +1217,20 @@ def _apply_headroom(
     PriorityClass, a quota) is said once as a Warning; the room runs on without it."""
     if outcome.headroom is None:
         return
-    meta, settings = room["metadata"], runtime.settings
+    meta = room["metadata"]
     for name in outcome.headroom.delete:
-        runtime.cluster.delete_pod(meta["namespace"], name)
+        cluster.delete_pod(meta["namespace"], name)
     for name in outcome.headroom.create:
         pod = placeholders.placeholder_pod(
             meta["name"], meta["namespace"], meta["uid"], spec, name,
             priority_class=settings.headroom_priority_class, image=settings.headroom_image,
         )  # fmt: skip
-        reason = runtime.cluster.create_pod(pod)
+        reason = cluster.create_pod(pod)
         if reason is not None:
             if reason != state.headroom_refusal:
                 message = f"placeholder pods refused, so no nodes are asked for ahead: {reason}"
                 event = Event(WARNING, "NodeHeadroomRefused", message)
-                _post_events(runtime.cluster, room, replace(outcome, events=(event,)), now)
+                _post_events(cluster, room, replace(outcome, events=(event,)), now)
                 state.headroom_refusal = reason
             return
     state.headroom_refusal = ""

@@ -138,15 +138,13 @@ def _alive(peer: Mapping[str, Any] | None, now: datetime) -> bool:
 
 @dataclass(frozen=True)
 class Claim:
-    """The slots one replica acts on, as it wrote them in the claims table, until
-    `renewed + lifetime` unless it renews them first."""
+    """The slots one replica acts on, as it wrote them in the claims table. `renewed` is
+    the writer's wall clock, for people reading the table (`kubectl get cm -o yaml`); no
+    replica decides by it (see `Sighting`)."""
 
     slots: frozenset[int]
     renewed: datetime
     lifetime: timedelta
-
-    def alive(self, now: datetime) -> bool:
-        return self.renewed + self.lifetime > now
 
     def encode(self) -> str:
         return json.dumps(
@@ -180,10 +178,48 @@ def read_claims(data: Mapping[str, str]) -> dict[str, Claim]:
     return {identity: claim for identity, claim in claims.items() if claim is not None}
 
 
-def free_slots(
-    claims: Mapping[str, Claim], identity: str, wanted: Iterable[int], now: datetime
-) -> frozenset[int]:
-    """The slots this replica may claim: those it wants that no other live replica claims.
+@dataclass(frozen=True)
+class Sighting:
+    """Another replica's claim, and when this replica first read it as it stands now, by
+    this replica's own monotonic clock.
+
+    Why not the claim's own stamp: clocks of two machines differ, and a clock can be
+    stepped (NTP, a VM resumed). A claim judged by its writer's wall-clock stamp against
+    the reader's wall clock lives `lifetime` plus or minus the skew between them, so a
+    skew of half a lifetime would let two replicas act at once. Judged from the moment the
+    reader first saw it (as Kubernetes' leader election judges a Lease), a claim lives at
+    least `lifetime` after its writer wrote it, whatever either wall clock says: the reader
+    can only see a write after it happened. Only the rate of the clocks matters (parts per
+    million). A replica that starts fresh therefore waits a whole lifetime for a claim it
+    finds, even one whose writer died long ago: safe, and at most one lifetime late."""
+
+    claim: Claim
+    first_seen: float
+
+    def alive(self, now: float) -> bool:
+        return now < self.first_seen + self.claim.lifetime.total_seconds()
+
+
+def sightings(
+    previous: Mapping[str, Sighting], claims: Mapping[str, Claim], now: float
+) -> dict[str, Sighting]:
+    """The table's claims as just read (at `now`, monotonic, taken after the read returned),
+    each with when it was first seen as it stands: a claim renewed since (a new stamp, new
+    slots) is seen anew, one unchanged keeps its first sighting."""
+    seen: dict[str, Sighting] = {}
+    for identity, claim in claims.items():
+        earlier = previous.get(identity)
+        seen[identity] = earlier if earlier and earlier.claim == claim else Sighting(claim, now)
+    return seen
+
+
+def live_claims(seen: Mapping[str, Sighting], now: float) -> dict[str, Claim]:
+    """The claims that may still be acted on by their writers, as far as this reader knows."""
+    return {identity: sighting.claim for identity, sighting in seen.items() if sighting.alive(now)}
+
+
+def free_slots(live: Mapping[str, Claim], identity: str, wanted: Iterable[int]) -> frozenset[int]:
+    """The slots this replica may claim: those it wants that no other live claim holds.
 
     Every replica, of every partition count, claims its slots in one table before it acts
     on their rooms, and a write to the table succeeds only on the version it read. So while
@@ -191,17 +227,41 @@ def free_slots(
     overlapping), each slot has one actor: a new replica takes a slot when the old one let
     go of it (after its passes in flight) or stopped renewing it for a lifetime."""
     taken: set[int] = set()
-    for other, claim in claims.items():
-        if other != identity and claim.alive(now):
+    for other, claim in live.items():
+        if other != identity:
             taken |= claim.slots
     return frozenset(wanted) - taken
 
 
-def still_acting(last_renewed: datetime | None, lifetime: timedelta, now: datetime) -> bool:
-    """Whether a replica may keep acting on its claim: only while half its lifetime is left
-    since its last successful renewal (the other half lets passes in flight finish, and
-    covers clocks that differ by less than that)."""
-    return last_renewed is not None and now < last_renewed + lifetime / 2
+class ClaimLapsedError(Exception):
+    """A pass's write refused: this replica's claim on the room's slot lapsed (or moved)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What this replica may act on: `slots`, until `until` on its own monotonic clock.
+
+    A claim written at monotonic time t (taken before the write was sent, so no later than
+    the API server stored it) is acted on until t + lifetime/2, and never by the wall clock:
+    a clock stepped back cannot extend it. Every other replica takes the claim for alive
+    until at least t + lifetime (see `Sighting`), so the half lifetime in between is for
+    writes in flight. Each write of a pass checks the lease just before it is sent (the
+    operator's fence), and a write takes at most the client's request timeout (connect
+    5 s + read 10 s = 15 s): a write sent before t + lifetime/2 lands before anyone else may
+    act as long as that timeout is at most half a lifetime (30 s lifetimes: 15 s)."""
+
+    slots: frozenset[int] = frozenset()
+    until: float = float("-inf")
+
+    @staticmethod
+    def after_write(slots: frozenset[int], written_at: float, lifetime: timedelta) -> Lease:
+        return Lease(slots, written_at + lifetime.total_seconds() / 2)
+
+    def valid(self, now: float) -> bool:
+        return now < self.until
+
+    def holds(self, slot: int, now: float) -> bool:
+        return slot in self.slots and self.valid(now)
 
 
 def _ranges(slots: Iterable[int]) -> list[list[int]]:

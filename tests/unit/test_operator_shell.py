@@ -22,7 +22,7 @@ from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
 from townsquare.kube.client import Cluster, Peering
 from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
-from townsquare.partitions import SLOTS, Claim, Partition, read_claims, slot_of
+from townsquare.partitions import SLOTS, Claim, Lease, Partition, read_claims, slot_of
 from townsquare.passes import PassScheduler
 
 PROMETHEUS = "http://127.0.0.1:9"
@@ -45,11 +45,19 @@ def _runtime(cluster: object, settings: Settings, claimed: bool = True) -> Runti
         indexes={"relay_pod_index": {}, "placeholder_index": {}},
     )
     if claimed:
-        runtime.act_on(frozenset(settings.partition.slots))
+        slots = frozenset(settings.partition.slots)
+        runtime.act_on(Lease.after_write(slots, runtime.clock(), settings.peering_lifetime))
     return runtime
 
 
-class StuckApiServer:
+class Unfenced:
+    """A fake API server for tests of something other than the claims' fence."""
+
+    def fenced(self, fence: Callable[[], None]) -> Unfenced:
+        return self
+
+
+class StuckApiServer(Unfenced):
     """A read that never answers (a half-open connection) until released."""
 
     def __init__(self) -> None:
@@ -150,7 +158,7 @@ def test_a_slow_tenant_query_delays_no_other_room() -> None:
     asyncio.run(scenario())
 
 
-class DeletedMeanwhile:
+class DeletedMeanwhile(Unfenced):
     """The room is read as deleted, by a pass that began before its deletion."""
 
     def __init__(self) -> None:
@@ -364,20 +372,185 @@ def test_a_new_partition_count_waits_for_the_old_replica_to_let_go_of_each_room(
     asyncio.run(scenario())
 
 
-def test_a_killed_replicas_slots_are_taken_a_lifetime_after_its_last_renewal() -> None:
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("stamped_ago", [timedelta(seconds=29), timedelta(hours=-1)])
+def test_a_killed_replicas_slots_are_taken_a_lifetime_after_it_was_last_seen_renewing(
+    stamped_ago: timedelta,
+) -> None:
+    """Its wall-clock stamp decides nothing (29 s old, or an hour in the future from a
+    clock that runs ahead): the slots are taken one lifetime after this replica first read
+    the claim as it stands, by its own monotonic clock, and not a moment before."""
+
     async def scenario() -> None:
         table = ClaimsConfigMap()
         log = logging.getLogger("test")
-        killed = Claim(frozenset(range(SLOTS)), datetime.now(UTC) - timedelta(seconds=29), LIFE)
+        killed = Claim(frozenset(range(SLOTS)), datetime.now(UTC) - stamped_ago, LIFE)
         table.write_claim("spaces", None, "killed", killed)
         settings = Settings(identity="new", partition=Partition(0, 2), namespaces=("spaces",))
         new = _runtime(table, replace(settings, peering_lifetime=LIFE), claimed=False)
+        new.clock = clock = FakeClock()
         await handlers._claim(new, None, log)
         assert new.acting_slots == frozenset()
-        await asyncio.sleep(1.1)
+        clock.now += LIFE.total_seconds() - 0.5
+        await handlers._claim(new, None, log)
+        assert new.acting_slots == frozenset(), "not before a lifetime since it was seen"
+        clock.now += 1.0
         await handlers._claim(new, None, log)
         assert new.acting_slots == frozenset(range(128))
         assert set(table.data) == {"new"}, "the dead replica's claim was dropped"
+
+    asyncio.run(scenario())
+
+
+def test_a_standby_has_seen_the_claims_before_it_must_take_them_over() -> None:
+    """A paused replica reads the table too, so that when the primary dies it takes the
+    slots a lifetime after the primary's last renewal, not a lifetime after it resumed."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        log = logging.getLogger("test")
+        primary = Claim(frozenset(range(SLOTS)), datetime.now(UTC), LIFE)
+        table.write_claim("spaces", None, "primary", primary)
+        settings = Settings(identity="standby", peering="ha", namespaces=("spaces",))
+        standby = _runtime(table, replace(settings, peering_lifetime=LIFE), claimed=False)
+        standby.clock = clock = FakeClock()
+        assert standby.passes.paused
+        assert await handlers._claim(standby, None, log) is None  # paused: claims nothing
+        clock.now += LIFE.total_seconds() + 0.5  # the primary was killed: no renewal since
+        standby.resume()
+        await handlers._claim(standby, None, log)
+        assert standby.acting_slots == frozenset(range(SLOTS))
+
+    asyncio.run(scenario())
+
+
+class RecordingApi:
+    """The API server under a real `Cluster`: every call is recorded in order; a read of the
+    room answers `room`; `on_call` runs as a call is made (to move the clock meanwhile)."""
+
+    def __init__(self, room: dict[str, Any], on_call: Callable[[str], None]) -> None:
+        self.room = room
+        self.on_call = on_call
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            self.on_call(name)
+            if name == "get_namespaced_custom_object":
+                return self.room
+            return SimpleNamespace(data=b'{"metadata": {"resourceVersion": "7"}}')
+
+        return call
+
+
+def _fenced_cluster(api: RecordingApi) -> Cluster:
+    from kubernetes import client
+
+    cluster = Cluster(client.ApiClient(), identity="replica")
+    cluster.core = cluster.apps = cluster.policy = cluster.custom = api  # type: ignore[assignment]
+    cluster._apply_by_kind = dict.fromkeys(cluster._apply_by_kind, api.apply_child)
+    return cluster
+
+
+def _prewarming_room() -> dict[str, Any]:
+    """A room starting in a minute: its first pass holds it, writes its status, posts its
+    Events and applies its four children."""
+    start = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    return {
+        "metadata": {
+            "name": "launch", "namespace": "spaces", "uid": "u1", "generation": 1,
+            "resourceVersion": "5",
+        },
+        "spec": {
+            "startTime": start, "duration": "10m", "expectedAudience": 3000,
+            "relay": {"image": "relay:1", "listenersPerRelay": 1000, "startupSeconds": 5},
+            "scaling": {"minRelays": 1, "prewarmLead": "2m"},
+        },
+    }  # fmt: skip
+
+
+WRITES = {
+    "patch_namespaced_custom_object",
+    "patch_namespaced_custom_object_status",
+    "create_namespaced_event",
+    "apply_child",
+    "create_namespaced_pod",
+    "delete_namespaced_pod",
+}
+
+
+def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
+    """The lease runs out (by the monotonic clock) while the room's status write is in
+    flight: the Events and children that would follow are never sent, the pass ends as
+    failed, and the room is read afresh once this replica holds its slot again."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        lifetime = Settings().peering_lifetime
+
+        lapses = [lifetime.total_seconds() / 2 + 1]
+
+        def lapse_during_status_write(name: str) -> None:
+            if name == "patch_namespaced_custom_object_status" and lapses:
+                clock.now += lapses.pop()
+
+        api = RecordingApi(_prewarming_room(), lapse_during_status_write)
+        runtime = _runtime(_fenced_cluster(api), Settings(), claimed=False)
+        runtime.clock = clock
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        key = ("spaces", "launch")
+        state = runtime.room(key)
+        outcome, failed = await handlers._reconcile_once(runtime, state, key)
+        writes = [call for call in api.calls if call in WRITES]
+        assert writes == ["patch_namespaced_custom_object", "patch_namespaced_custom_object_status"]
+        assert outcome is None and failed
+        assert state.scaling is not None, "the pass had decided before the lapse"
+
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        assert state.scaling is None, "claimed again after a lapse: read afresh"
+        outcome, failed = await handlers._reconcile_once(runtime, state, key)
+        assert not failed and "apply_child" in api.calls
+
+    asyncio.run(scenario())
+
+
+def test_no_pass_starts_once_the_lease_ran_out_even_before_the_claims_round_notices() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        passed: list[tuple[str, str]] = []
+        runtime = _runtime(object(), Settings(), claimed=False)
+        runtime.clock = clock
+        lifetime = runtime.settings.peering_lifetime
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+
+        async def one_pass(key: tuple[str, str]) -> float | None:
+            passed.append(key)
+            return None
+
+        runtime.passes._run_pass = one_pass
+        runner = asyncio.create_task(runtime.passes.run())
+        try:
+            runtime.passes.wake(("spaces", "a"))
+            await _until(lambda: passed == [("spaces", "a")], "a pass while the lease holds")
+            clock.now += lifetime.total_seconds() / 2  # no renewal: the lease ran out
+            assert runtime.acting_slots, "the claims round has not run since"
+            runtime.passes.wake(("spaces", "b"))
+            await asyncio.sleep(0.1)
+            assert passed == [("spaces", "a")], "a room due after the lapse waits"
+            with pytest.raises(handlers.ClaimLapsedError):
+                runtime.check_claim(("spaces", "a"))
+        finally:
+            runner.cancel()
 
     asyncio.run(scenario())
 

@@ -8,6 +8,7 @@ holding a worker thread for ever.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -182,6 +183,7 @@ class Cluster:
         identity: str = MANAGER,
     ) -> None:
         self.timeout = timeout
+        self._fence: Callable[[], None] = _unfenced
         self.identity = identity
         """Names this process in the Events it posts (reportingInstance): with several
         replicas, the API server's record shows which one acted."""
@@ -196,12 +198,21 @@ class Cluster:
             "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
         }
 
+    def fenced(self, fence: Callable[[], None]) -> Cluster:
+        """This client, with `fence` called just before each write to a room or its children
+        (it raises to refuse the write): a pass's writes stop the moment its claim lapses,
+        also in the middle of the pass. Reads, and the claims' own writes, are not fenced."""
+        view = copy.copy(self)
+        view._fence = fence
+        return view
+
     def apply(self, manifest: Manifest) -> tuple[str, int]:
         """Server-side apply one child, taking back fields others changed.
 
         Returns the child's version as stored (see `child_version`), so a later watch event
         tells our own write from someone else's.
         """
+        self._fence()
         meta = manifest["metadata"]
         stored = self._apply_by_kind[manifest["kind"]](
             meta["name"],
@@ -226,6 +237,7 @@ class Cluster:
         """Add our finalizer to the room as read (a conflict, if it changed since, fails the
         call and the pass retries): from now on its deletion waits for the drain. Call it
         before writing the room's status, which moves its version."""
+        self._fence()
         meta = room["metadata"]
         finalizers = [*meta.get("finalizers", ()), FINALIZER]
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
@@ -239,6 +251,7 @@ class Cluster:
         """Remove our finalizers (and earlier versions'): the room may go. A JSON patch that
         first tests the finalizers as read: our own status write since does not conflict,
         a finalizer added meanwhile (the garbage collector's) does, and the pass retries."""
+        self._fence()
         meta = room["metadata"]
         current = list(meta.get("finalizers", ()))
         ours = set(our_finalizers(meta))
@@ -365,6 +378,7 @@ class Cluster:
         Returns the API server's reason when it refuses the pod (forbidden, invalid, over
         quota), None when the pod is there.
         """
+        self._fence()
         try:
             self.core.create_namespaced_pod(
                 manifest["metadata"]["namespace"], manifest, _request_timeout=self.timeout
@@ -379,6 +393,7 @@ class Cluster:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         """Delete a pod at once; one already gone is fine."""
+        self._fence()
         try:
             self.core.delete_namespaced_pod(
                 name, namespace, grace_period_seconds=0, _request_timeout=self.timeout
@@ -402,6 +417,7 @@ class Cluster:
     def replace_relay(self, namespace: str, room: str, pod: RelayPod) -> None:
         """Delete one drained relay pod, so the StatefulSet recreates it from its current
         template; the UID precondition never deletes a pod recreated meanwhile."""
+        self._fence()
         try:
             self.core.delete_namespaced_pod(
                 f"{relay_set_name(room)}-{pod.ordinal}",
@@ -454,6 +470,7 @@ class Cluster:
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the room's status (merge patch on the status subresource)."""
+        self._fence()
         _drained(
             self.custom.patch_namespaced_custom_object_status(
                 GROUP,
@@ -476,6 +493,7 @@ class Cluster:
         now: datetime,
     ) -> None:
         """Post an Event on the room, as `kubectl describe audioroom` shows them."""
+        self._fence()
         meta = room["metadata"]
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(
@@ -504,6 +522,10 @@ class Cluster:
                 meta["namespace"], body, _request_timeout=self.timeout, _preload_content=False
             )
         )
+
+
+def _unfenced() -> None:
+    """Writes outside any pass (tools, the labeller) need no claim."""
 
 
 def _drained(response: Any) -> None:
