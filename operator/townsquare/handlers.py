@@ -914,7 +914,7 @@ async def room_changed(
         slot = labelled_slot(labels)
         if slot != slot_of(namespace, name):  # edited by hand: back to its hash's partition
             labeller: SlotLabeller = memo.labeller
-            await asyncio.to_thread(labeller.label, namespace, name)
+            labeller.submit(namespace, name)
             return
     if type == "DELETED":
         runtime.forget(key)

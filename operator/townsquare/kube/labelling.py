@@ -13,6 +13,8 @@ Blocking: runs on threads of its own, off kopf's event loop.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import threading
 import time
 from collections.abc import Iterable
@@ -34,6 +36,15 @@ RETRY_SECONDS = 1.0
 LABEL_WORKERS = 8
 """Labels written at once: a first start of partitions over thousands of unlabelled rooms
 labels them at the API server's pace, not one round trip at a time."""
+FIRST_RETRY_SECONDS = 1.0
+LAST_RETRY_SECONDS = 60.0
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before a failed label is written again: doubling from a second, at most a
+    minute, so a room the API server refuses for a while (an outage, a webhook) is labelled
+    soon after it accepts again, without hammering it meanwhile."""
+    return float(min(LAST_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** max(0, failures - 1)))
 
 
 class SlotLabeller:
@@ -50,7 +61,9 @@ class SlotLabeller:
         self._pending: set[tuple[str, str]] = set()
         """Rooms whose label is queued or being written: a watch that the API server ended
         (it drops a watcher that reads too slowly) and that starts again shows them again."""
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._retries: list[tuple[float, str, str, int]] = []
+        """(when, namespace, room, failures so far): labels to write again, a heap."""
         self._writes = ThreadPoolExecutor(LABEL_WORKERS, thread_name_prefix="labeller")
         self._log = structlog.get_logger(component="labeller")
 
@@ -59,9 +72,12 @@ class SlotLabeller:
             threading.Thread(
                 target=self._follow, args=(namespace,), name="labeller", daemon=True
             ).start()
+        threading.Thread(target=self._retry_when_due, name="labeller-retry", daemon=True).start()
 
     def stop(self) -> None:
         self.stopping.set()
+        with self._lock:
+            self._lock.notify_all()
         self._writes.shutdown(wait=False, cancel_futures=True)
 
     def _follow(self, namespace: str | None) -> None:
@@ -97,24 +113,44 @@ class SlotLabeller:
             if event.get("type") in ("ADDED", "MODIFIED") and meta.get("namespace"):
                 name, room_namespace = str(meta["name"]), str(meta["namespace"])
                 if slot_of(room_namespace, name) in self.partition.slots:
-                    self._submit(room_namespace, name)
+                    self.submit(room_namespace, name)
 
-    def _submit(self, namespace: str, name: str) -> None:
+    def submit(self, namespace: str, name: str) -> None:
+        """Label the room soon, and again with backoff until it is labelled (or gone)."""
         with self._lock:
             if (namespace, name) in self._pending:
                 return
             self._pending.add((namespace, name))
-        self._writes.submit(self._label_pending, namespace, name)
+        self._writes.submit(self._label_pending, namespace, name, 0)
 
-    def _label_pending(self, namespace: str, name: str) -> None:
+    def _label_pending(self, namespace: str, name: str, failures: int) -> None:
+        done = False
         try:
-            self.label(namespace, name)
+            done = self.label(namespace, name)
         finally:
             with self._lock:
-                self._pending.discard((namespace, name))
+                if done or self.stopping.is_set():
+                    self._pending.discard((namespace, name))
+                else:
+                    due = time.monotonic() + retry_delay(failures + 1)
+                    heapq.heappush(self._retries, (due, namespace, name, failures + 1))
+                    self._lock.notify_all()
 
-    def label(self, namespace: str, name: str) -> None:
-        """Write the room's slot label (a room gone meanwhile needs none)."""
+    def _retry_when_due(self) -> None:
+        """Hands each failed label back to the writers when its backoff has passed."""
+        with self._lock:
+            while not self.stopping.is_set():
+                wait = self._retries[0][0] - time.monotonic() if self._retries else None
+                if wait is not None and wait <= 0:
+                    _, namespace, name, failures = heapq.heappop(self._retries)
+                    with contextlib.suppress(RuntimeError):  # stopped meanwhile
+                        self._writes.submit(self._label_pending, namespace, name, failures)
+                else:
+                    self._lock.wait(wait)
+
+    def label(self, namespace: str, name: str) -> bool:
+        """Write the room's slot label (a room gone meanwhile needs none); False when the
+        API server refused it or could not be reached."""
         labels = {SLOT_LABEL: str(slot_of(namespace, name))}
         began = time.monotonic()
         try:
@@ -125,11 +161,22 @@ class SlotLabeller:
             _drained(response)
             self.labelled += 1
         except ApiException as exc:
-            if exc.status != 404:
-                self._log.warning(
-                    "labelling the room failed; the watch's next start retries",
-                    namespace=namespace,
-                    room=name,
-                    status=exc.status,
-                    seconds=round(time.monotonic() - began, 2),
-                )
+            if exc.status == 404:
+                return True
+            self._log.warning(
+                "labelling the room failed; retrying with backoff",
+                namespace=namespace,
+                room=name,
+                status=exc.status,
+                seconds=round(time.monotonic() - began, 2),
+            )
+            return False
+        except Exception as error:  # unreachable, timed out: the same
+            self._log.warning(
+                "labelling the room failed; retrying with backoff",
+                namespace=namespace,
+                room=name,
+                error=str(error)[:200],
+            )
+            return False
+        return True
