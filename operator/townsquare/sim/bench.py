@@ -31,6 +31,7 @@ from townsquare.sim.baselines import oracle_relays
 from townsquare.sim.families import (
     EVALUATION_SEEDS,
     FAMILIES,
+    RETIRED_EVALUATION_SEEDS,
     TUNING_SEEDS,
     Case,
     generate,
@@ -291,6 +292,11 @@ def render(
         f"[{EVALUATION_SEEDS.start:,}, {EVALUATION_SEEDS.stop:,}). Constants were chosen on "
         f"the tuning range [{TUNING_SEEDS.start:,}, {TUNING_SEEDS.stop:,})",
         "only; both are declared in `townsquare.sim.families`, with each family's parameters.",
+        f"The evaluation range moved from [{RETIRED_EVALUATION_SEEDS.start:,}, "
+        f"{RETIRED_EVALUATION_SEEDS.stop:,}) when the policy changed after that range's",
+        "figures had been read: figures already seen cannot judge changes made after seeing",
+        "them. The relay-crash family was corrected at the same time: it killed one relay of",
+        "two in small rooms (50%), beyond the issue's (1 - targetUtilization).",
         f"Simulated in {seconds:.1f} s of wall-clock time ({cpu_seconds(by_family):.1f} s of "
         f"CPU) on {processes} processes",
         f"({platform.machine()}, Python {platform.python_version()}, load average "
