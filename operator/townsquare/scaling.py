@@ -16,8 +16,9 @@ The rules, each for a reason a person on call would give:
 - A new sample, not a reconcile, moves the forecast. Every StatefulSet write wakes the
   operator again; the same scrape seen twice must not take a second step.
 - One scrape is never enough for a big move: demand grows the room by one bounded step on
-  a single sample, and to the full target once the next sample asks for as much (a
-  single-scrape glitch moves one step; a real crowd is followed within one scrape).
+  a single sample, and up to one bounded step beyond what the previous sample asked (a
+  single-scrape glitch moves one step; a crowd still arriving is followed at the pace of
+  the newest sample, not one scrape behind it).
 - The declared plan is a floor from pre-warm until `planHold` after the start: a late
   host and a no-show look alike until the crowd comes, so the plan is never yielded within
   the hold. After it, the floor yields to the evidence (3x the peak seen) and decays. A
@@ -122,7 +123,7 @@ class ScalingState:
     forecast: int = 0
     """The forecast made from the newest sample; a repeated sample reuses it."""
     asked: int = 0
-    """Relays the newest sample asked for: the next sample must confirm a big step."""
+    """Relays the newest sample asked for: the next sample may go one bounded step past it."""
     need: int = 0
     """Relays the newest sample's observed demand needs (no forecast)."""
     prewarmed: bool = False
@@ -321,7 +322,10 @@ def decide(
     declared = min(scaling.max_relays, max(floor, scaling.min_relays))
     grow_to = max(current, declared)
     if new_sample and demanded > current and beyond_tolerance:
-        confirmed = min(demanded, state.asked) if state.asked else 0
+        # The previous sample vouches for its own ask and one bounded step beyond it: a
+        # crowd still arriving is followed at the pace of the newest sample, while one
+        # glitched scrape still moves the room at most one step past the last true ask.
+        confirmed = _step_up(state.asked, demanded) if state.asked else 0
         grow_to = max(grow_to, min(demanded, max(_step_up(current, demanded), confirmed)))
     grown_at = state.grown_at
     # A window after demand last grew the room, relays its forecast added that the demand

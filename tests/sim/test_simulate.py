@@ -155,7 +155,7 @@ def test_a_single_glitched_scrape_moves_townsquare_one_step_at_most() -> None:
     spiked = simulate(spec, glitched, ("townsquare",), Settings())["townsquare"]
     assert spiked.scale_ups - calm.scale_ups <= 1
     assert spiked.peak_relays <= max(2 * calm.peak_relays, calm.peak_relays + 4)
-    assert spiked.unserved_listener_seconds == calm.unserved_listener_seconds
+    assert spiked.unserved_listener_seconds == pytest.approx(calm.unserved_listener_seconds)
 
 
 def _late_host(moves: tuple[tuple[float, float], ...]) -> Trace:
@@ -180,3 +180,25 @@ def test_relays_go_once_the_event_has_ended_and_the_listeners_have_left() -> Non
     assert result.series is not None
     pods_after = [p for t, p in zip(result.series.t, result.series.pods, strict=True) if t > 1830]
     assert max(pods_after) == 0, "a reading of no listener after the end removes every relay"
+
+
+def test_a_relay_turning_ready_wakes_the_operator_as_its_pod_watch_does() -> None:
+    """The operator reconciles when a relay pod changes (`handlers.relay_pod_changed`), not
+    only on its timer: a relay that turns Ready gets its shards then. With a timer of ten
+    minutes, every relay Ready for a scrape and the edge's delay (25 s) carries a full
+    load while the crowd waits, instead of idling until the next tick."""
+    spec = _room(0)
+    trace = parse_trace("t_seconds,listeners\n-600,0\n0,1000\n300,1000\n360,12000\n2400,12000\n")
+    settings = Settings(control_interval=600, relay_startup=30, keep_series=True)
+    ours = simulate(spec, trace, ("townsquare",), settings)["townsquare"]
+    series = ours.series
+    assert series is not None
+    ready_at = dict(zip(series.t, series.ready, strict=True))
+    lag = 15 + 5 + 5
+    checked = 0
+    for t, wanted, waiting in zip(series.t, series.demand, series.waiting, strict=True):
+        if t - lag in ready_at and waiting > 0:
+            full = ready_at[t - lag] * spec.relay.listeners_per_relay
+            assert waiting <= max(0.0, wanted - full) + 1, f"relays idle at {t}s"
+            checked += 1
+    assert checked > 30, "the rise outran the relays: somebody waited"

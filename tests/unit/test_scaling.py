@@ -385,6 +385,39 @@ def test_a_single_scrape_ten_times_glitch_moves_one_bounded_step_and_one_scaled_
     assert min(desired[: (4500 - 3600) // 5]) >= 100
 
 
+def _scraped(relays: int, scrapes: list[tuple[float, int]]) -> list[int]:
+    """Relays decided after each (time, listeners) scrape, one decision per scrape."""
+    room = spec(audience=0)
+    plan = plan_room(room, EARLY)
+    state = ScalingState.initial(relays)
+    decided = []
+    for t, listeners in scrapes:
+        decision = decide(room, plan, Observation(listeners, sampled_at=at(t)), state, at(t))
+        state = decision.state
+        decided.append(decision.relays)
+    return decided
+
+
+def test_a_crowd_still_arriving_is_followed_at_the_newest_samples_pace() -> None:
+    """A flash crowd: each 15 s scrape asks for far more than the one before. The room
+    grows past the previous ask by one bounded step each sample (it used to stop at the
+    previous sample's ask, a whole scrape behind a crowd that doubles every scrape)."""
+    relays = _scraped(10, [(3600, 5_000), (3615, 20_000), (3630, 45_000), (3645, 80_000)])
+    asked = [math.ceil(d * 1.3 / 700) for d in (5_000, 20_000, 45_000, 80_000)]
+    assert asked == [10, 38, 84, 149]
+    # 10 holds; then each sample: its own ask, but at most one step (2x) past the previous.
+    assert relays == [10, 20, 76, 149]
+    assert relays[2] > asked[1], "not one scrape behind the crowd"
+
+
+def test_a_glitch_after_a_real_rise_moves_one_step_past_the_last_true_ask() -> None:
+    """A real rise asks for 38 relays; the next scrape reads 10x: the room goes no further
+    than one bounded step past 38, and the scrape after it takes nothing more."""
+    relays = _scraped(10, [(3600, 5_000), (3615, 20_000), (3630, 200_000), (3645, 21_000)])
+    assert relays[2] <= max(2 * 38, 38 + 4)
+    assert relays[3] == relays[2]
+
+
 def test_lowering_max_relays_while_blind_holds_until_counts_return() -> None:
     lowered = spec(audience=0, maxRelays=100)
     [blind] = run(lowered, ScalingState.initial(500), [(3600, None)])

@@ -538,7 +538,8 @@ def _run_townsquare(
             room.move_start(t, moves[t])
             event = True
         became_ready = room.fleet.advance(t)
-        if room.edge_catches_up(t) or event or became_ready:
+        event = event or became_ready  # the operator watches relay pods: Ready wakes it
+        if room.edge_catches_up(t) or event:
             room.regroup()
         connected, waiting, overloaded = room.serve(wanted)
         if i % settings.scrape_interval == window_opens:
