@@ -21,7 +21,7 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 RelayState = Literal["active", "draining"]
@@ -61,6 +61,11 @@ class ShardMap:
     migrations_per_minute: int | None = None
     """The room's maxMigrationsPerMinute, which the edge replicas share when they tell
     listeners of moved shards where to go (None: the map does not say; no cap)."""
+    since: Mapping[int, int] = field(default_factory=dict)
+    """The generation from which each relay has been in its present state (a relay left out:
+    not known, a map from before this was published). A relay judges an admit ticket by it:
+    one issued on a generation in which the relay already drained is the edge's fault, one
+    from before it began draining only crossed the new map on its way."""
 
     @property
     def shards(self) -> int:
@@ -89,7 +94,12 @@ class ShardMap:
             "capacity": self.capacity,
             "admission": self.admission,
             "relays": [
-                {"ordinal": o, "state": s, "parent": self.parents.get(o)}
+                {
+                    "ordinal": o,
+                    "state": s,
+                    "parent": self.parents.get(o),
+                    **({"since": self.since[o]} if o in self.since else {}),
+                }
                 for o, s in sorted(self.relays.items())
             ],
             "assignment": list(self.assignment),
@@ -100,6 +110,7 @@ class ShardMap:
     def from_dict(cls, data: Mapping[str, Any]) -> ShardMap:
         relays = {int(r["ordinal"]): cast(RelayState, r["state"]) for r in data["relays"]}
         parents = {int(r["ordinal"]): r.get("parent") for r in data["relays"]}
+        since = {int(r["ordinal"]): int(r["since"]) for r in data["relays"] if "since" in r}
         budget = data.get("maxMigrationsPerMinute")
         return cls(
             generation=int(data["generation"]),
@@ -109,6 +120,7 @@ class ShardMap:
             admission=cast(Admission, data["admission"]),
             capacity=int(data["capacity"]),
             migrations_per_minute=(None if budget is None else int(budget)),
+            since=since,
         )
 
 
@@ -329,6 +341,12 @@ def rebalance(
         admission,
         current.capacity,
         current.migrations_per_minute,
+        since={
+            relay: current.since.get(relay, generation)
+            if current.relays.get(relay) == state
+            else generation
+            for relay, state in states.items()
+        },
     )
     return Rebalance(map=new, moved=moved, migrated=migrated, pending=pending)
 

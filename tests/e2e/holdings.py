@@ -13,6 +13,7 @@ import itertools
 import json
 import statistics
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,14 @@ class Holdings(Sampler):
         self.doubles_at_samples = 0
         """Listeners that two relays both named in one round of samples."""
         self.failures = 0
+        self.placed_on: dict[tuple[str, str, float], int] = {}
+        """(listener, pod, welcomed) -> the map generation of the ticket it was welcomed
+        with, as the relay says."""
+        self.misplaced: Counter[str] = Counter()
+        """Listeners the relays say were placed on them while they drained, by outcome (and
+        `unjudged`), summed over every relay process, also those a pod of the same name
+        replaced since (its counts start again from 0)."""
+        self._counted: dict[str, dict[str, int]] = {}
         super().__init__()
 
     def sample(self) -> None:
@@ -81,6 +90,10 @@ class Holdings(Sampler):
                 continue
             at = float(said["at"])
             self.asked[pod] = at
+            for listener, start, generation in said.get("generations", []):
+                self.placed_on[(listener, pod, start)] = int(generation)
+            if "placed_while_draining" in said:
+                self._count_misplaced(pod, said["placed_while_draining"])
             for listener, start, end in said["left"]:
                 span = self.spans.setdefault(
                     (listener, pod, start), Span(listener, pod, start, end, end)
@@ -96,6 +109,14 @@ class Holdings(Sampler):
                 named[listener] = pod
         self.rounds += 1
         self.doubles_at_samples += doubles
+
+    def _count_misplaced(self, pod: str, counts: dict[str, int]) -> None:
+        last = self._counted.get(pod, {})
+        if any(counts.get(k, 0) < n for k, n in last.items()):
+            last = {}  # a new relay process under that pod's name: its counts start at 0
+        for outcome, count in counts.items():
+            self.misplaced[outcome] += count - last.get(outcome, 0)
+        self._counted[pod] = dict(counts)
 
     def by_listener(self) -> dict[str, list[Span]]:
         spans: dict[str, list[Span]] = {}

@@ -6,7 +6,8 @@ fed by a real origin; the first `REAL` listeners hold real connections to them, 
 simulated by the load generator and counted apart. The verdicts come from elsewhere than the
 edge: relay loads from what the relays report to Prometheus (the relay processes for the
 real part, the load generator for the simulated part), who holds which listener from the
-relays' own `/listeners`, draining from the shard maps the API server served, the order of
+relays' own `/listeners`, draining from the relays' own count of listeners placed on them on
+a map in which they drained (and from the shard maps the API server served), the order of
 admissions and the simulated moves from the listeners' own record, waiting from the room's
 status.
 """
@@ -468,6 +469,43 @@ def test_a_join_storm_through_three_edge_replicas(
     figures["joins checked against a map with draining relays"] = while_draining
     figures["joins whose map generation the watch missed"] = unknown
 
+    # Draining, as the relays count it: a hello whose admit ticket was issued on a map in
+    # which its relay already drained is the edge's fault; one from the map before only
+    # crossed the new map on its way (refused as "draining": it asks the edge again).
+    misplaced = {
+        r["metric"]["outcome"]: float(r["value"][1])
+        for r in prometheus.client().custom_query(
+            "sum by (outcome) (max_over_time("
+            f"audioroom_relay_placed_while_draining_total{{{selector}}}{window}))"
+        )
+    }
+    sampled = {outcome: holdings.misplaced[outcome] for outcome in ("refused", "seated")}
+    figures["placed on a relay while it drained, by the relays: metric; /listeners"] = [
+        misplaced,
+        sampled,
+    ]
+    figures["hellos refused as the new map crossed them (draining, not a fault)"] = refused.get(
+        "draining", 0.0
+    )
+    figures["tickets no map a relay read covered"] = holdings.misplaced["unjudged"]
+    # The same from the relays' own record of whom they welcomed on which generation, judged
+    # by the maps the API server served (independent of the relays' own judgement).
+    welcomed_on_draining = [
+        (listener, pod, generation)
+        for (listener, pod, _), generation in holdings.placed_on.items()
+        if history.states.get(generation, {}).get(int(pod.rsplit("-", 1)[1])) == "draining"
+    ]
+    real_while_draining = sum(
+        1
+        for event in real_admissions
+        if "draining" in history.states.get(event["generation"], {}).values()
+    )
+    figures["real listeners welcomed (by the relays): on a generation they drained in; all"] = [
+        len(welcomed_on_draining),
+        len(holdings.placed_on),
+    ]
+    figures["real admissions on a map with a relay draining"] = real_while_draining
+
     # Moves: the simulated listeners' own record, and the real ones' as the relays saw them
     # (welcomed by another relay while the old one still held them).
     real_moves = [{"at": m.at} for m in holdings.moves()]
@@ -515,6 +553,11 @@ def test_a_join_storm_through_three_edge_replicas(
     assert places["position"][-1] == 0 and places["waiting"][-1] == 0, figures
     assert peak_waiting > 0
     assert waiting.samples[-1][1] == 0
+    # Draining relays receive no joins: by the relays' own count (and the API server's maps
+    # for the real listeners they welcomed), then by the simulated listeners' record.
+    assert real_while_draining > 0, "real listeners joined while relays drained"
+    assert not any(misplaced.values()) and not any(sampled.values()), figures
+    assert not welcomed_on_draining, welcomed_on_draining[:5]
     assert not to_draining, to_draining[:3]
     assert while_draining > 0, "joins arrived while relays drained"
     assert unknown < len(admissions) * 0.05

@@ -48,6 +48,8 @@ class Departure:
     listener: str
     attached_at: float
     left_at: float
+    generation: int = 0
+    """The map generation of the admit ticket it was welcomed with."""
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,9 @@ class Hub:
             if self.listeners.get(admitted.name) is connection:
                 del self.listeners[admitted.name]
                 self.departures.append(
-                    Departure(admitted.name, connection.attached_at, time.time())
+                    Departure(
+                        admitted.name, connection.attached_at, time.time(), admitted.generation
+                    )
                 )
         else:
             self.relays.discard(connection)
@@ -266,14 +270,22 @@ class Hub:
 
     def holdings(self, since: float) -> dict[str, object]:
         """Who this hub holds now (listener -> when it was welcomed) and who left at or
-        after `since` ([listener, welcomed, left]), in wall-clock seconds, as of `at`."""
+        after `since` ([listener, welcomed, left]), in wall-clock seconds, as of `at`; and
+        for each of them the map generation of the ticket it was welcomed with
+        ([listener, welcomed, generation])."""
         left: list[list[object]] = []
+        placed: list[list[object]] = []
         for departure in reversed(self.departures):
             if departure.left_at < since:
                 break
             left.append([departure.listener, departure.attached_at, departure.left_at])
-        held = {name: c.attached_at for name, c in self.listeners.items()}
-        return {"at": time.time(), "listeners": held, "left": left[::-1]}
+            placed.append([departure.listener, departure.attached_at, departure.generation])
+        held: dict[str, float] = {}
+        for name, connection in self.listeners.items():
+            held[name] = connection.attached_at
+            generation = connection.admitted.generation if connection.admitted else 0
+            placed.append([name, connection.attached_at, generation])
+        return {"at": time.time(), "listeners": held, "left": left[::-1], "generations": placed}
 
     def publish(self, seq: int, raw: bytes) -> None:
         """Fan one frame out to every downstream connection, once; dropping stalled ones."""

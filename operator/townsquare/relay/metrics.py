@@ -48,7 +48,22 @@ class HubCollector(Collector):
                 labels=LABELS,
             )
             lost.add_metric(labels, relay.frames_lost_upstream)
-            yield from (capacity, draining, lost)
+            misplaced = CounterMetricFamily(
+                "audioroom_relay_placed_while_draining",
+                "Listeners whose admit ticket was issued on a map generation in which this"
+                " relay already drained (the edge's fault, not the map on its way), by what"
+                " the relay did: refused, or seated before it knew it drained",
+                labels=[*LABELS, "outcome"],
+            )
+            for outcome in ("refused", "seated"):
+                misplaced.add_metric([*labels, outcome], relay.drains.misplaced[outcome])
+            unjudged = CounterMetricFamily(
+                "audioroom_relay_placements_unjudged",
+                "Admit tickets of a map generation no map this relay read covered",
+                labels=LABELS,
+            )
+            unjudged.add_metric(labels, relay.drains.unjudged)
+            yield from (capacity, draining, lost, misplaced, unjudged)
         egress = CounterMetricFamily(
             "audioroom_relay_egress_packets", "Frames sent downstream", labels=LABELS
         )
@@ -77,8 +92,10 @@ async def serve_metrics(hub: Hub, namespace: str, room: str, pod: str, host: str
                         port: int) -> web.AppRunner:  # fmt: skip
     """`/metrics`, `/healthz` and `/listeners` on the relay's own address, in its own event
     loop. `/listeners?since=<Unix seconds>` (read-only) names the listeners held now, with
-    when each was welcomed, and those that left since then: a test, or an operator chasing a
-    complaint, can check from the relays themselves where each listener is."""
+    when each was welcomed, and those that left since then, with the map generation each
+    was placed on, and how many listeners an edge placed here on a map in which this relay
+    drained: a test, or an operator chasing a complaint, can check from the relays
+    themselves where each listener is."""
     registry = CollectorRegistry()
     registry.register(HubCollector(hub, namespace, room, pod))
 
@@ -96,7 +113,14 @@ async def serve_metrics(hub: Hub, namespace: str, room: str, pod: str, host: str
         if not math.isfinite(since):
             error = f"since: expected Unix seconds, got {request.query['since'][:40]!r}"
             return web.json_response({"error": error}, status=400)
-        return web.json_response({"pod": pod, **hub.holdings(since)})
+        answer: dict[str, object] = {"pod": pod, **hub.holdings(since)}
+        if isinstance(hub, Relay):
+            answer["placed_while_draining"] = {
+                "refused": hub.drains.misplaced["refused"],
+                "seated": hub.drains.misplaced["seated"],
+                "unjudged": hub.drains.unjudged,
+            }
+        return web.json_response(answer)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

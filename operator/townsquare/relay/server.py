@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from townsquare.relay.drains import DrainLedger
 from townsquare.relay.hub import Admitted, Hub, HubSettings, RefusedError
 from townsquare.relay.protocol import Message
 from townsquare.relay.topology import MapSource, Resolver, ordinal_of, relay_pod_name
@@ -93,6 +94,9 @@ class Relay(Hub):
         self.ordinal = ordinal_of(config.room, config.pod)
         self.map: ShardMap | None = None
         self.draining = False
+        self.drains = DrainLedger(self.ordinal)
+        """Listeners an edge placed here on a map in which this relay drained (its fault),
+        told apart from those that only crossed the new map on their way."""
         self.upstream: UpstreamLink | None = None
         self.upstream_changed = asyncio.Event()
         self.frames_lost_upstream = 0
@@ -134,14 +138,25 @@ class Relay(Hub):
         listener = str(claims.get("listener") or "")
         if not listener:
             raise RefusedError("bad-ticket", "ticket names no listener")
-        if self.draining:
-            raise RefusedError("draining", "this relay is draining: ask the edge again")
         shard, generation = claims.get("shard"), int(claims.get("generation") or 0)
+        placed_on = self.drains.state_at(generation)
+        if placed_on == "draining":
+            self.drains.misplaced["refused"] += 1
+            raise RefusedError(
+                "placed-while-draining",
+                f"the ticket is of map generation {generation}, in which this relay drained",
+            )
+        if self.draining:
+            if placed_on is None:
+                self.drains.judge_later(generation, "refused")
+            raise RefusedError("draining", "this relay is draining: ask the edge again")
         if self._moved_away(listener, shard, generation):
             raise RefusedError("shard-moved", f"shard {shard} moved: ask the edge again")
         capacity = self.capacity
         if listener not in self.listeners and len(self.listeners) >= capacity:
             raise RefusedError("full", f"at capacity ({capacity} listeners)")
+        if placed_on is None:
+            self.drains.judge_later(generation, "seated")
         return Admitted(
             role="listener",
             name=listener,
@@ -210,6 +225,7 @@ class Relay(Hub):
         """Drain, move listeners whose shard went elsewhere, re-attach if the parent moved."""
         previous = self.map
         self.map = shard_map
+        self.drains.read(shard_map)
         state = shard_map.relays.get(self.ordinal) if self.ordinal is not None else None
         if state == "draining" and not self.draining:
             log.info("draining", pod=self.config.pod, listeners=len(self.listeners))
