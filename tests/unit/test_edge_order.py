@@ -167,7 +167,8 @@ class Storm:
                         News(
                             heard={r: scraped_at for r in others},
                             lines={(NS, ROOM): {r: ls[0] for r, ls in others.items() if ls}},
-                        )
+                        ),
+                        now,
                     )
                 gates[replica].expire(now)
             elif kind == "kill":

@@ -69,7 +69,9 @@ class Readings:
             if others:
                 lines[room] = others
         heard = {name: at for name, at in self.news.heard.items() if name != replica}
-        return News(heard, lines)
+        fleet = tuple(sorted(self.news.heard))
+        rank = fleet.index(replica) if replica in self.news.heard else None
+        return News(heard, lines, fleet=fleet, rank=rank)
 
 
 class ReportSource(Protocol):
