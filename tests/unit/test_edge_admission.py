@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from townsquare import tickets
 from townsquare.edge.admission import (
+    MOVE_SLOT_SECONDS,
     Admitted,
     Closed,
     Endpoint,
+    Fleet,
     Gate,
     Held,
     Line,
@@ -21,6 +23,7 @@ from townsquare.edge.admission import (
     Queued,
     Report,
     line_of,
+    rotation_share,
 )
 from townsquare.edge.admission import Settings as EdgeSettings
 from townsquare.sharding import Admission, ShardMap, new_map, rebalance, shard_of
@@ -601,8 +604,6 @@ def _fleet_of(gates: list[Gate], now: float) -> None:
 
 
 def test_rotation_shares_add_up_to_the_total_and_give_every_rank_a_turn() -> None:
-    from townsquare.edge.admission import rotation_share
-
     for total in range(0, 12):
         for replicas in range(1, 5):
             turns = [
@@ -643,8 +644,6 @@ def test_a_relay_with_fewer_free_seats_than_replicas_still_fills_without_overfil
 def test_a_budget_below_the_replica_count_still_moves_and_stays_within_any_minute() -> None:
     """A budget of 2 a minute over 3 replicas: `budget // replicas` was 0, so no replica
     ever gave a move."""
-    from townsquare.edge.admission import MOVE_SLOT_SECONDS
-
     shard_map = room_map(relays=2, capacity=100, budget=2)
     gates = [gate_for(shard_map, replicas=3) for _ in range(3)]
     _fleet_of(gates, now=0.0)
@@ -668,8 +667,6 @@ def test_a_budget_below_the_replica_count_still_moves_and_stays_within_any_minut
 def test_a_replica_takes_no_remainder_until_the_fleet_it_hears_has_settled() -> None:
     """Two replicas can disagree on the fleet only while a change reaches them: a rank
     heard within the settle time before a slot began counts for nothing in that slot."""
-    from townsquare.edge.admission import Fleet
-
     fleet = Fleet()
     assert fleet.rank_for(100.0, 5.0) is None
     fleet.heard(("a", "b", "c"), 1, now=90.0)
