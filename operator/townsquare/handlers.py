@@ -216,6 +216,21 @@ class RoomState:
 
 
 @dataclass
+class ClaimsHealth:
+    """How this replica's claiming goes, for on-call: `/healthz`, Events, `/metrics`."""
+
+    ok_at: float = field(default_factory=time.monotonic)
+    """When a claims round last read the table (and wrote it when due), monotonic."""
+    error: str = ""
+    """Why the last round failed ("" when it did not)."""
+    short_since: float | None = None
+    """Since when this replica, meant to act, acts on less than its partition's share."""
+    warned: bool = False
+    """Whether the Warning for this spell was posted (once a spell)."""
+    posting: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+@dataclass
 class Runtime:
     """Operator-wide state shared by every handler through kopf's memo."""
 
@@ -240,6 +255,7 @@ class Runtime:
     """Other replicas' claims, with when this replica first read each as it stands."""
     clock: Callable[[], float] = time.monotonic
     """The lease's clock: monotonic, so a wall clock stepped back never extends a claim."""
+    claims: ClaimsHealth = field(default_factory=ClaimsHealth)
 
     def __post_init__(self) -> None:
         self.passes = PassScheduler(
@@ -301,6 +317,12 @@ class Runtime:
         quiet = now - self.poller_tick
         if quiet > limit + self.settings.metrics_interval.total_seconds():
             return f"the listener poller has not ticked for {quiet:.0f}s"
+        unread = self.clock() - self.claims.ok_at
+        if not self.passes.paused and unread > limit:
+            # As Kubernetes leader election's health check: a replica meant to act that
+            # cannot renew its claim is restarted; one waiting for another's slots is not.
+            error = self.claims.error or "no answer"
+            return f"the claims table has not been read or written for {unread:.0f}s: {error}"
         return None
 
     async def _pass(self, key: Key) -> float | None:
@@ -507,14 +529,79 @@ async def _follow_claims(runtime: Runtime) -> None:
     log = room_logger("-", "-").bind(component="claims")
     renewed: float | None = None
     while True:
-        try:
-            renewed = await _claim(runtime, renewed, log)
-        except Exception as error:  # the API server is away: keep the claim while it holds
-            log.warning("claiming slots failed", error=str(error)[:200])
-        if runtime.acting_slots and not runtime.lease.valid(runtime.clock()):
-            log.warning("claim not renewed for half its lifetime: acting on no room")
-            runtime.stop_acting()
+        renewed = await _claims_round(runtime, renewed, log)
         await asyncio.sleep(PEERING_CHECK_SECONDS)
+
+
+async def _claims_round(runtime: Runtime, renewed: float | None, log: Any) -> float | None:
+    """One round of `_follow_claims`: claim, stop acting once the lease ran out, report."""
+    try:
+        renewed = await _claim(runtime, renewed, log)
+        runtime.claims.ok_at, runtime.claims.error = runtime.clock(), ""
+    except Exception as error:  # the API server is away: keep the claim while it holds
+        runtime.claims.error = f"{type(error).__name__}: {str(error)[:200]}"
+        log.warning("claiming slots failed", error=str(error)[:200])
+    if runtime.acting_slots and not runtime.lease.valid(runtime.clock()):
+        log.warning("claim not renewed for half its lifetime: acting on no room")
+        runtime.stop_acting()
+    _report_claims(runtime, log)
+    return renewed
+
+
+def _report_claims(runtime: Runtime, log: Any) -> None:
+    """Say on `/metrics` how many slots this replica acts on, and, once it has acted on
+    less than its share for two lifetimes while meant to act, a Warning Event on the
+    claims table naming who holds the rest or why its claim fails (and a Normal one when
+    it acts on all of them again)."""
+    settings, health, now = runtime.settings, runtime.claims, runtime.clock()
+    partition, me = settings.partition, settings.identity
+    share = frozenset(partition.slots)
+    acting = runtime.acting_slots if runtime.lease.valid(now) else frozenset()
+    name = f"{partition.index}/{partition.count}"
+    observability.record_claims(name, len(share), len(acting))
+    if runtime.passes.paused or acting >= share:
+        if health.warned:
+            message = f"replica {me} acts on all {len(share)} slots of partition {name} again"
+            _post_claims_event(runtime, "Normal", "SlotsClaimed", message, log)
+        health.short_since, health.warned = None, False
+        return
+    if health.short_since is None:
+        health.short_since = now
+    waited = now - health.short_since
+    if health.warned or waited < 2 * settings.peering_lifetime.total_seconds():
+        return
+    health.warned = True
+    missing = share - acting
+    live = live_claims(runtime.seen, now)
+    holders = sorted(identity for identity, claim in live.items() if claim.slots & missing)
+    if holders:
+        why = f"held by {', '.join(holders)}, whose rooms wait until it lets go of them"
+    else:
+        why = f"nobody acts on their rooms: its claim fails ({health.error or 'no answer'})"
+    message = (
+        f"replica {me} of partition {name} has acted on {len(acting)} of its {len(share)} "
+        f"slots for {waited:.0f}s; the other {len(missing)} are {why}"
+    )
+    _post_claims_event(runtime, WARNING, "SlotsUnclaimed", message, log)
+
+
+def _post_claims_event(runtime: Runtime, kind: str, reason: str, message: str, log: Any) -> None:
+    """Post on the claims table off the claims loop (an API server slow to answer must not
+    delay the renewals); a failure is logged, not retried."""
+    (log.warning if kind == WARNING else log.info)("claims", reason=reason, message=message)
+    namespace = _claims_namespace(runtime.settings)
+
+    async def post() -> None:
+        try:
+            now = datetime.now(UTC)
+            post = runtime.cluster.post_claims_event
+            await asyncio.to_thread(post, namespace, kind, reason, message, now)
+        except Exception as error:
+            log.warning("posting an Event on the claims table failed", error=str(error)[:200])
+
+    task = asyncio.create_task(post())
+    runtime.claims.posting.add(task)
+    task.add_done_callback(runtime.claims.posting.discard)
 
 
 async def _claim(runtime: Runtime, renewed: float | None, log: Any) -> float | None:

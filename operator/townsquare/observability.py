@@ -98,6 +98,26 @@ QUERY_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+PARTITION_SHARE = Gauge(
+    "townsquare_partition_share_slots",
+    "Hash slots (of 256) of this replica's partition: what its replicas together act on.",
+    ["partition"],
+    registry=REGISTRY,
+)
+PARTITION_CLAIMED = Gauge(
+    "townsquare_partition_claimed_slots",
+    "Hash slots this replica acts on now (its claim holds them); 0 for a paused standby.",
+    ["partition"],
+    registry=REGISTRY,
+)
+
+
+def record_claims(partition: str, share: int, claimed: int) -> None:
+    """The replica's share of the slots and how many it acts on: an alert compares their
+    sums over a partition's replicas (rooms of slots nobody claims are served by nobody)."""
+    PARTITION_SHARE.labels(partition=partition).set(share)
+    PARTITION_CLAIMED.labels(partition=partition).set(claimed)
+
 
 @dataclass(frozen=True, slots=True)
 class _RoomView:

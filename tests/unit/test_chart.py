@@ -182,11 +182,25 @@ def test_rbac_is_least_privilege_in_both_modes() -> None:
 def test_limited_to_namespaces_grants_roles_there_and_only_scanning_cluster_wide() -> None:
     docs = render({"watch": {"namespaces": ["spaces", "townhalls"]}})
     roles = of_kind(docs, "Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["spaces", "townhalls"]
-    assert sorted(b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")) == [
-        "spaces",
-        "townhalls",
-    ]
+    served = ["spaces", "townhalls", NAMESPACE]  # and the claims table's, the release's
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(served)
+    assert sorted(b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")) == sorted(
+        served
+    )
+    (claims,) = [r for r in roles if r["metadata"]["namespace"] == NAMESPACE]
+    granted = {
+        (resource, verb, name)
+        for rule in claims["rules"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames", ["*"])
+    }
+    assert granted == {
+        ("configmaps", "create", "*"),
+        ("configmaps", "get", "townsquare-partitions"),
+        ("configmaps", "patch", "townsquare-partitions"),
+        ("events", "create", "*"),
+    }, "the claims table, and Events on it: nothing else in the release namespace"
     (cluster_role,) = of_kind(docs, "ClusterRole")
     cluster_wide = {r for rule in cluster_role["rules"] for r in rule["resources"]}
     assert cluster_wide == {"customresourcedefinitions", "namespaces"}
@@ -289,7 +303,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
         [promtool(), "check", "rules", str(rules_file(tmp_path))], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 ROOM = 'namespace="spaces", room="launch"'
@@ -379,6 +393,61 @@ RULE_TESTS: dict[str, Any] = {
                             },
                             "exp_annotations": {
                                 "summary": f"AudioRoom {LAUNCH} needs more relays than maxRelays"
+                            },
+                        }
+                    ],
+                },
+            ],
+        },
+        {
+            "name": "a partition whose replicas act on less than its share for 5 minutes",
+            "interval": "1m",
+            "input_series": [
+                *(
+                    {
+                        "series": f'townsquare_partition_share_slots{{namespace="{NAMESPACE}",'
+                        f'partition="{partition}",pod="{pod}"}}',
+                        "values": "128x9",
+                    }
+                    for partition in ("0/2", "1/2")
+                    for pod in ("a", "b")
+                ),
+                {  # an acting replica and its standby: the share is covered
+                    "series": f'townsquare_partition_claimed_slots{{namespace="{NAMESPACE}",'
+                    'partition="0/2",pod="a"}',
+                    "values": "128x9",
+                },
+                {
+                    "series": f'townsquare_partition_claimed_slots{{namespace="{NAMESPACE}",'
+                    'partition="0/2",pod="b"}',
+                    "values": "0x9",
+                },
+                {  # its claim cannot be written from minute 2 on
+                    "series": f'townsquare_partition_claimed_slots{{namespace="{NAMESPACE}",'
+                    'partition="1/2",pod="a"}',
+                    "values": "128 128 0x7",
+                },
+                {
+                    "series": f'townsquare_partition_claimed_slots{{namespace="{NAMESPACE}",'
+                    'partition="1/2",pod="b"}',
+                    "values": "0x9",
+                },
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "TownsquarePartitionUnclaimed", "exp_alerts": []},
+                {
+                    "eval_time": "8m",
+                    "alertname": "TownsquarePartitionUnclaimed",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "critical",
+                                "namespace": NAMESPACE,
+                                "partition": "1/2",
+                            },
+                            "exp_annotations": {
+                                "summary": "Operator partition 1/2 acts on fewer hash slots "
+                                "than its share"
                             },
                         }
                     ],

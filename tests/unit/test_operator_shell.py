@@ -16,8 +16,9 @@ from typing import Any, cast
 
 import kopf
 import pytest
+import structlog
 
-from townsquare import handlers
+from townsquare import handlers, observability
 from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
 from townsquare.kube.client import Cluster, Peering
@@ -84,6 +85,7 @@ def test_a_stalled_pass_turns_the_liveness_probe_red_and_green_again() -> None:
                 handlers.progress(memo=memo)
             api.release.set()
             await _until(lambda: not runtime.passes.running, "the pass to end")
+            runtime.claims.ok_at = runtime.clock()  # as its claims round does every second
             assert handlers.progress(memo=memo) == "reconciling"
         finally:
             api.release.set()
@@ -283,9 +285,18 @@ class ClaimsConfigMap:
         self.version = 0
         self.data: dict[str, str] = {}
         self.passes: list[tuple[str, str, float, float]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.unreachable = False
 
     def read_claims(self, namespace: str) -> tuple[str | None, dict[str, Claim]]:
+        if self.unreachable:
+            raise TimeoutError("read timed out")
         return (str(self.version) if self.version else None), read_claims(self.data)
+
+    def post_claims_event(
+        self, namespace: str, kind: str, reason: str, message: str, now: datetime
+    ) -> None:
+        self.events.append((kind, reason, message))
 
     def write_claim(
         self,
@@ -556,3 +567,78 @@ def test_no_pass_starts_once_the_lease_ran_out_even_before_the_claims_round_noti
 
 
 LIFE = timedelta(seconds=30)
+
+
+def _claimed_slots(partition: str) -> tuple[float | None, float | None]:
+    """(share, claimed) as this process's /metrics shows them."""
+    sample = observability.REGISTRY.get_sample_value
+    return (
+        sample("townsquare_partition_share_slots", {"partition": partition}),
+        sample("townsquare_partition_claimed_slots", {"partition": partition}),
+    )
+
+
+def test_a_replica_kept_from_its_slots_says_so_on_the_claims_table_and_stays_alive() -> None:
+    """Another live replica holds them (an old partition count still running): after two
+    lifetimes one Warning on the claims table names it, /metrics shows 0 of 128, and
+    /healthz stays green (a restart would not help; as leader election, waiting is not
+    a fault). When they are let go: claimed, and one Normal Event says so."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        log = structlog.get_logger()
+        settings = Settings(identity="new", partition=Partition(1, 2), namespaces=("spaces",))
+        new = _runtime(table, replace(settings, peering_lifetime=LIFE), claimed=False)
+        new.clock = clock = FakeClock()
+        memo = SimpleNamespace(runtime=new)
+        renewed = None
+        for _ in range(8):  # 70 s, the old replica renewing all along
+            old = Claim(frozenset(range(SLOTS)), datetime.now(UTC), LIFE)
+            table.write_claim("spaces", str(table.version) if table.version else None, "old", old)
+            renewed = await handlers._claims_round(new, renewed, log)
+            await asyncio.gather(*new.claims.posting)
+            clock.now += 10
+        assert [(kind, reason) for kind, reason, _ in table.events] == [
+            ("Warning", "SlotsUnclaimed")
+        ]
+        assert "held by old" in table.events[0][2] and "0 of its 128" in table.events[0][2]
+        assert _claimed_slots("1/2") == (128, 0)
+        assert handlers.progress(memo=memo) == "reconciling"
+
+        table.write_claim("spaces", str(table.version), "old", None)  # it stopped
+        renewed = await handlers._claims_round(new, renewed, log)
+        await asyncio.gather(*new.claims.posting)
+        assert _claimed_slots("1/2") == (128, 128)
+        assert [reason for _, reason, _ in table.events] == ["SlotsUnclaimed", "SlotsClaimed"]
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_that_cannot_reach_the_claims_table_turns_healthz_red() -> None:
+    """As a leader that cannot renew its lease: it stops acting at once (half a lifetime),
+    warns after two lifetimes that nobody acts on its rooms, and its liveness probe fails
+    once the table has been out of reach for `stall_after`, so the kubelet restarts it."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        log = structlog.get_logger()
+        settings = Settings(identity="only", namespaces=("spaces",), peering_lifetime=LIFE)
+        runtime = _runtime(table, settings, claimed=False)
+        runtime.clock = clock = FakeClock()
+        memo = SimpleNamespace(runtime=runtime)
+        renewed = await handlers._claims_round(runtime, None, log)
+        assert runtime.acting_slots == frozenset(range(SLOTS))
+        table.unreachable = True
+        for _ in range(19):
+            clock.now += 10
+            renewed = await handlers._claims_round(runtime, renewed, log)
+            await asyncio.gather(*runtime.claims.posting)
+            if clock.now - 1000 == 20:
+                assert runtime.acting_slots == frozenset(), "lapsed: acts on nothing"
+        ((kind, reason, message),) = table.events
+        assert (kind, reason) == ("Warning", "SlotsUnclaimed")
+        assert "nobody acts on their rooms" in message and "read timed out" in message
+        with pytest.raises(kopf.PermanentError, match=r"claims table .* read timed out"):
+            handlers.progress(memo=memo)
+
+    asyncio.run(scenario())

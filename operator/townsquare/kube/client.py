@@ -495,18 +495,43 @@ class Cluster:
         """Post an Event on the room, as `kubectl describe audioroom` shows them."""
         self._fence()
         meta = room["metadata"]
+        involved = client.V1ObjectReference(
+            api_version=f"{GROUP}/{VERSION}",
+            kind=KIND,
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            resource_version=meta.get("resourceVersion"),
+        )
+        self._post(involved, kind, reason, message, now)
+
+    def post_claims_event(
+        self, namespace: str, kind: str, reason: str, message: str, now: datetime
+    ) -> None:
+        """Post an Event on the claims table, as `kubectl describe configmap
+        townsquare-partitions` shows them (it matches the table's uid, so it is read)."""
+        table = self.core.read_namespaced_config_map(
+            CLAIMS, namespace, _request_timeout=self.timeout
+        )
+        involved = client.V1ObjectReference(
+            api_version="v1", kind="ConfigMap", name=CLAIMS, namespace=namespace,
+            uid=table.metadata.uid,
+        )  # fmt: skip
+        self._post(involved, kind, reason, message, now)
+
+    def _post(
+        self,
+        involved: client.V1ObjectReference,
+        kind: str,
+        reason: str,
+        message: str,
+        now: datetime,
+    ) -> None:
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(
-                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+                generate_name=f"{involved.name}.", namespace=involved.namespace
             ),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}",
-                kind=KIND,
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta["uid"],
-                resource_version=meta.get("resourceVersion"),
-            ),
+            involved_object=involved,
             type=kind,
             reason=reason,
             message=message[:1024],
@@ -519,7 +544,7 @@ class Cluster:
         )
         _drained(
             self.core.create_namespaced_event(
-                meta["namespace"], body, _request_timeout=self.timeout, _preload_content=False
+                involved.namespace, body, _request_timeout=self.timeout, _preload_content=False
             )
         )
 
