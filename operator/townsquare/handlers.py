@@ -73,6 +73,7 @@ from townsquare.metrics import (
     room_metrics,
 )
 from townsquare.partitions import (
+    SLOT_LABEL,
     Claim,
     ClaimLapsedError,
     Lease,
@@ -200,6 +201,9 @@ class RoomState:
     """Why the API server last refused a placeholder, so the Warning is posted once."""
     relay_revision: str | None = None
     """The relay StatefulSet's template revision, from its watch (None: not seen yet)."""
+    relay_pods_labelled: bool | None = None
+    """Whether its relay pod template carries the slot label: False for a StatefulSet made
+    before pods carried it, kept so (None: not seen yet; see relay_stateful_set)."""
     replaced: set[str] = field(default_factory=set)
     """UIDs of relay pods deleted for a rollout: gone, even before the watch says so."""
     deleting: bool = False
@@ -212,6 +216,7 @@ class RoomState:
         self.applied.clear()
         self.scaling = None
         self.shard_map = self.shard_map_at = self.relay_revision = None
+        self.relay_pods_labelled = None
         self.replaced.clear()
 
 
@@ -464,10 +469,21 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
     settings.queueing.idle_timeout = 0.5
     options: Settings = getattr(memo, "settings", None) or Settings()
     settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
-    for resource, selector in watch_selectors(options.partition).items():
+    cluster = Cluster(load_config(), identity=options.identity)
+    unlabelled = 0
+    if options.partition.count > 1:
+        served = options.namespaces or (None,)
+        unlabelled = await asyncio.to_thread(cluster.unlabelled_relay_pods, served)
+        if unlabelled:
+            room_logger("-", "-").warning(
+                "relay pods without a slot label (made by an earlier version): this replica "
+                "filters relay pods itself until it restarts after they are gone",
+                pods=unlabelled,
+            )
+    for resource, selector in watch_selectors(options.partition, unlabelled == 0).items():
         settings.watching.label_selectors[resource] = selector
     runtime = Runtime(
-        cluster=Cluster(load_config(), identity=options.identity),
+        cluster=cluster,
         settings=options,
         loop=asyncio.get_running_loop(),
         indexes={name: kwargs[name] for name in ("relay_pod_index", "placeholder_index")},
@@ -735,11 +751,16 @@ CHILD_KINDS = [
 ]
 
 
-def watch_selectors(partition: Partition) -> dict[tuple[str, str] | tuple[str, str, str], str]:
-    """What each watch asks the API server for: this partition's rooms (by their slot label)
-    and children, and only our own pods, so that kopf receives and decodes no event it
-    would drop. Relay pods carry no slot label (adding one to a running room's pod template
-    would replace its relays), so each partition still filters those itself."""
+def watch_selectors(
+    partition: Partition, pods_labelled: bool = True
+) -> dict[tuple[str, str] | tuple[str, str, str], str]:
+    """What each watch asks the API server for: this partition's rooms (by their slot label),
+    children and pods, so that kopf receives and decodes no event it would drop.
+
+    `pods_labelled` False: some relay pods were made before pods carried the slot label
+    (their StatefulSets keep their template, see relay_stateful_set); a selector on the
+    label would hide them, so the pods watch asks for our components only and each
+    partition drops other partitions' pods itself (`_serves_owner`), as before."""
     rooms = partition.label_selector()
     slots = f",{rooms}" if rooms else ""
     owned = f"{children.MANAGED_BY_LABEL}={children.MANAGER}{slots}"
@@ -747,7 +768,8 @@ def watch_selectors(partition: Partition) -> dict[tuple[str, str] | tuple[str, s
     selectors: dict[tuple[str, str] | tuple[str, str, str], str] = {
         (group_version, plural): owned for group_version, plural, _ in CHILD_KINDS
     }
-    selectors["v1", "pods"] = f"{children.COMPONENT_LABEL} in ({components})"
+    pod_slots = slots if pods_labelled else ""
+    selectors["v1", "pods"] = f"{children.COMPONENT_LABEL} in ({components}){pod_slots}"
     if rooms:
         selectors[GROUP, VERSION, PLURAL] = rooms
     return selectors
@@ -763,8 +785,9 @@ def _serves(name: str, namespace: str | None, labels: kopf.Labels, memo: Any, **
 
 
 def _serves_owner(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> bool:
-    """Whether this partition serves the room owning a child or pod (by the room's hash,
-    which its slot label always equals: relay pods carry no slot label)."""
+    """Whether this partition serves the room owning a child or pod, by the room's hash
+    (which its slot label always equals): the API server filters on the label already, but
+    relay pods of StatefulSets made before pods carried it have none (see watch_selectors)."""
     room = labels.get(children.ROOM_LABEL)
     settings: Settings | None = getattr(memo, "settings", None)
     return (
@@ -1030,6 +1053,7 @@ def _on_child(kind: str) -> Any:
         namespace: str | None,
         labels: kopf.Labels,
         meta: kopf.Meta,
+        spec: kopf.Spec,
         status: kopf.Status,
         type: str | None,
         memo: Any,
@@ -1043,6 +1067,8 @@ def _on_child(kind: str) -> Any:
         if state is None:
             return
         if kind == "StatefulSet":
+            template = (spec.get("template") or {}).get("metadata") or {}
+            state.relay_pods_labelled = SLOT_LABEL in (template.get("labels") or {})
             revision = status.get("updateRevision") if status else None
             if revision and revision != state.relay_revision:
                 first = not state.relay_revision
@@ -1121,7 +1147,7 @@ def reconcile_room(
     if held is None and known:
         shard_map = cluster.read_shard_map(namespace, name)
     if state.relay_revision is None and known:
-        state.relay_revision = cluster.relay_revision(namespace, name)
+        state.relay_revision, state.relay_pods_labelled = cluster.relay_template(namespace, name)
     revision = state.relay_revision or ""
     running = previous.relays.desired if previous.relays else 0
     seen = Observed(
@@ -1261,6 +1287,7 @@ def _apply_children(
             spec,
             outcome.desired_relays,
             ticket_secret=settings.relay_ticket_secret,
+            slot_label=state.relay_pods_labelled is not False,
         ),
         children.relay_service(name, namespace, uid, spec),
         children.shard_map_config_map(name, namespace, uid, shard_map),

@@ -3,6 +3,9 @@ partitions start beside it, then it stops. Each room has exactly one actor throu
 
 The verdict comes from the API server's record: each re-plan Event names the replica that
 posted it (reportingInstance), and every room is re-planned once per change of its audience.
+Then a room pre-warms under the two partitions: its partition sees its relays come up
+through a watch of pods that the API server filters by slot label, and the other
+partition's filter matches none of them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from harness import wait_until
 from kubernetes import client
 from operator_process import OperatorProcess
 from rooms import Rooms, room_manifest
+
+from townsquare.handlers import watch_selectors
+from townsquare.partitions import SLOT_LABEL, Partition, slot_of
 
 pytestmark = [pytest.mark.e2e]
 
@@ -95,6 +101,22 @@ def test_partitions_added_beside_a_running_operator_take_over_each_room_alone(
         taken_over = time.monotonic() - stopped_at
         time.sleep(2)
         after = {name: _replanned(rooms, name, second) for name in ROOMS}
+
+        rooms.create(room_manifest("prewarmed", start_in=20, audience=1500, duration="1h"))
+        wait_until(lambda: rooms.phase("prewarmed") == "Ready", 60, "its relays Ready")
+        relay_pods = (
+            client.CoreV1Api(api_client)
+            .list_namespaced_pod(namespace, label_selector="townsquare.dev/room=prewarmed")
+            .items
+        )
+        by_selector = {
+            i: client.CoreV1Api(api_client)
+            .list_namespaced_pod(
+                namespace, label_selector=watch_selectors(Partition(i, 2))["v1", "pods"]
+            )
+            .items
+            for i in range(2)
+        }
     finally:
         for process in (single, *halves):
             process.stop()
@@ -105,3 +127,11 @@ def test_partitions_added_beside_a_running_operator_take_over_each_room_alone(
     assert all(len(actors) == 1 for actors in after.values()), f"one Replanned each: {after}"
     by_replica = Counter(named[actors[0]] for actors in after.values())
     assert set(by_replica) == set(halves), f"both partitions act, on their own rooms: {after}"
+
+    slot = slot_of(namespace, "prewarmed")
+    serving = next(i for i in range(2) if slot in Partition(i, 2).slots)
+    names = sorted(pod.metadata.name for pod in relay_pods)
+    assert len(names) >= 2, names
+    assert all(pod.metadata.labels.get(SLOT_LABEL) == str(slot) for pod in relay_pods)
+    assert sorted(p.metadata.name for p in by_selector[serving]) == names
+    assert not by_selector[1 - serving], "the other partition's watch is sent none of them"

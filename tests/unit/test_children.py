@@ -87,3 +87,37 @@ def test_a_relay_gets_its_map_from_a_mounted_config_map_and_needs_no_api_token()
     assert "args" not in container, "the image's own command unless spec.relay.args says"
     [reference] = relays(args=["relay"])["spec"]["template"]["spec"]["containers"]
     assert reference["args"] == ["relay"]
+
+
+def test_relay_pods_carry_the_rooms_slot_so_a_partition_selects_them_server_side() -> None:
+    from townsquare.handlers import watch_selectors
+    from townsquare.partitions import SLOT_LABEL, Partition, slot_of
+
+    labels = relays()["spec"]["template"]["metadata"]["labels"]
+    assert labels[SLOT_LABEL] == str(slot_of("ns", "r"))
+    serving = next(i for i in range(2) if slot_of("ns", "r") in Partition(i, 2).slots)
+    selector = watch_selectors(Partition(serving, 2))["v1", "pods"]
+    assert selector.endswith(f",{Partition(serving, 2).label_selector()}")
+    assert watch_selectors(Partition())["v1", "pods"] == (
+        "app.kubernetes.io/component in (relay,headroom)"
+    ), "one partition: no slot selector"
+    legacy = watch_selectors(Partition(serving, 2), pods_labelled=False)["v1", "pods"]
+    assert SLOT_LABEL not in legacy, "pods made before the label exist: filtered client-side"
+
+
+def test_a_statefulset_made_before_pods_carried_the_slot_keeps_its_template() -> None:
+    """Adding the label would be a new template revision: every live room's relays would
+    be drained and replaced by an operator upgrade."""
+    spec = AudioRoomSpec.model_validate(
+        {
+            "startTime": "2026-12-01T23:00:00Z",
+            "duration": "1h",
+            "expectedAudience": 1000,
+            "relay": {"image": "registry.example/relay:1"},
+        }
+    )
+    legacy = relay_stateful_set("r", "ns", "uid", spec, 3, slot_label=False)
+    current = relay_stateful_set("r", "ns", "uid", spec, 3)
+    assert "townsquare.dev/slot" not in legacy["spec"]["template"]["metadata"]["labels"]
+    current["spec"]["template"]["metadata"]["labels"].pop("townsquare.dev/slot")
+    assert legacy == current, "the only difference"

@@ -642,3 +642,43 @@ def test_a_replica_that_cannot_reach_the_claims_table_turns_healthz_red() -> Non
             handlers.progress(memo=memo)
 
     asyncio.run(scenario())
+
+
+def test_a_room_whose_relays_predate_the_slot_label_keeps_its_template() -> None:
+    """Relays made by an earlier version carry no slot label: the StatefulSet keeps that
+    template (no new revision, so no relay is replaced by the upgrade); a new room's relay
+    pods carry the label."""
+
+    async def scenario() -> None:
+        applied: list[dict[str, Any]] = []
+
+        def apply_child(name: str, namespace: str, manifest: dict[str, Any], **_: Any) -> Any:
+            applied.append(manifest)
+            return SimpleNamespace(data=b'{"metadata": {"resourceVersion": "7"}}')
+
+        api = RecordingApi(_prewarming_room(), lambda name: None)
+        cluster = _fenced_cluster(api)
+        cluster._apply_by_kind = dict.fromkeys(cluster._apply_by_kind, apply_child)
+        runtime = _runtime(cluster, Settings())
+        key = ("spaces", "launch")
+
+        def template_labels() -> dict[str, str]:
+            (relay_set,) = [m for m in applied if m["kind"] == "StatefulSet"]
+            applied.clear()
+            return dict(relay_set["spec"]["template"]["metadata"]["labels"])
+
+        await handlers._reconcile_once(runtime, runtime.room(key), key)
+        assert "townsquare.dev/slot" in template_labels(), "a new room"
+
+        state = runtime.rooms[key] = RoomState()
+        child_changed = handlers._on_child("StatefulSet")
+        old_template = {"template": {"metadata": {"labels": {"townsquare.dev/room": "launch"}}}}
+        await child_changed(
+            name="launch-relay", namespace="spaces", labels={"townsquare.dev/room": "launch"},
+            meta={"generation": 1}, spec=old_template, status={"updateRevision": "r1"},
+            type="MODIFIED", memo=SimpleNamespace(runtime=runtime),
+        )  # fmt: skip
+        await handlers._reconcile_once(runtime, state, key)
+        assert "townsquare.dev/slot" not in template_labels(), "made before the label"
+
+    asyncio.run(scenario())

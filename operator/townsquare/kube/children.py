@@ -79,12 +79,19 @@ def relay_stateful_set(
     replicas: int,
     *,
     ticket_secret: str | None = None,
+    slot_label: bool = True,
 ) -> Manifest:
     """Relays as a StatefulSet: stable ordinals for the shard map, started in parallel.
 
     `OnDelete`: a template change replaces no pod by itself; the operator drains a few
     relays at a time and deletes only drained ones, which come back with the new template.
+
+    `slot_label`: relay pods carry the room's slot label, so each partition's watch of pods
+    asks the API server for its own rooms' pods only. False for a StatefulSet made before
+    pods carried it: adding the label would be a new template, and every live room's
+    relays would be replaced (drained, but moved listeners) by an operator upgrade.
     """
+    slot = str(slot_of(namespace, room)) if slot_label else None
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -102,13 +109,13 @@ def relay_stateful_set(
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "OnDelete"},
             "selector": {"matchLabels": relay_selector(room)},
-            "template": relay_pod_template(room, spec, ticket_secret=ticket_secret),
+            "template": relay_pod_template(room, spec, ticket_secret=ticket_secret, slot=slot),
         },
     }
 
 
 def relay_pod_template(
-    room: str, spec: AudioRoomSpec, *, ticket_secret: str | None = None
+    room: str, spec: AudioRoomSpec, *, ticket_secret: str | None = None, slot: str | None = None
 ) -> Manifest:
     """A relay pod fit for production clusters: restricted Pod Security, no API token,
     spread across zones and nodes, and given the time to drain when told to stop.
@@ -201,7 +208,11 @@ def relay_pod_template(
         pod_spec["priorityClassName"] = relay.priority_class_name
     return {
         "metadata": {
-            "labels": {**relay_selector(room), MANAGED_BY_LABEL: MANAGER},
+            "labels": {
+                **relay_selector(room),
+                MANAGED_BY_LABEL: MANAGER,
+                **({SLOT_LABEL: slot} if slot is not None else {}),
+            },
             "annotations": {
                 "prometheus.io/scrape": "true",
                 "prometheus.io/port": str(relay.metrics_port),

@@ -21,8 +21,8 @@ from kubernetes.client.rest import ApiException
 
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
 from townsquare.api.names import relay_set_name, shard_map_name
-from townsquare.kube.children import MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifest
-from townsquare.partitions import Claim, read_claims
+from townsquare.kube.children import COMPONENT_LABEL, MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifest
+from townsquare.partitions import SLOT_LABEL, Claim, read_claims, unlabelled_selector
 from townsquare.sharding import ShardMap
 
 APPLY = "application/apply-patch+yaml"
@@ -402,17 +402,38 @@ class Cluster:
             if exc.status != 404:
                 raise
 
-    def relay_revision(self, namespace: str, room: str) -> str:
-        """The relay StatefulSet's current template revision ("" before it exists)."""
+    def relay_template(self, namespace: str, room: str) -> tuple[str, bool]:
+        """The relay StatefulSet's current template revision ("" before it exists), and
+        whether its pods carry the slot label (see children.relay_stateful_set)."""
         try:
             relay_set = self.apps.read_namespaced_stateful_set_status(  # RBAC: status only
                 relay_set_name(room), namespace, _request_timeout=self.timeout
             )
         except ApiException as exc:
             if exc.status == 404:
-                return ""
+                return "", True
             raise
-        return str((relay_set.status and relay_set.status.update_revision) or "")
+        revision = str((relay_set.status and relay_set.status.update_revision) or "")
+        template = relay_set.spec.template.metadata if relay_set.spec else None
+        return revision, SLOT_LABEL in ((template and template.labels) or {})
+
+    def unlabelled_relay_pods(self, namespaces: Iterable[str | None]) -> int:
+        """How many relay pods carry no slot label (made before pods carried it), in the
+        namespaces served (None: all): one LIST each, filtered by the API server."""
+        selector = f"{COMPONENT_LABEL}=relay,{unlabelled_selector()}"
+        found = 0
+        for namespace in namespaces:
+            if namespace is None:
+                listing = self.core.list_pod_for_all_namespaces
+                args: tuple[str, ...] = ()
+            else:
+                listing, args = self.core.list_namespaced_pod, (namespace,)
+            pods = listing(
+                *args, label_selector=selector, _request_timeout=self.timeout,
+                _preload_content=False,
+            )  # fmt: skip
+            found += len(json.loads(pods.data).get("items") or [])
+        return found
 
     def replace_relay(self, namespace: str, room: str, pod: RelayPod) -> None:
         """Delete one drained relay pod, so the StatefulSet recreates it from its current
