@@ -69,7 +69,7 @@ crd: venv
 	$(RUN) townsquare crd > crds/audiorooms.townsquare.dev.yaml
 
 test: lint typecheck layers e2e-prerequisites chart-check
-	$(RUN) pytest -q -n 3 --durations=25
+	$(RUN) pytest -q -n 3 --dist worksteal --durations=25
 
 # Scenarios left out of `make test` for time or a known open defect (each says which).
 test-long: venv e2e-prerequisites

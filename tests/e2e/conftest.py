@@ -207,3 +207,10 @@ def operator(
     process.wait_started()
     yield process
     process.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow scenarios first, so that with `-n 3 --dist worksteal` the minutes-long ones
+    start at once and the short ones (and the unit tests) fill in around them, instead of
+    one worker ending the run alone on a long scenario that was queued last."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
