@@ -258,6 +258,8 @@ class Runtime:
     writes nothing more (`check_claim`)."""
     seen: dict[str, Sighting] = field(default_factory=dict)
     """Other replicas' claims, with when this replica first read each as it stands."""
+    written: Claim | None = None
+    """The claim this replica last wrote (None: none, or let go since)."""
     clock: Callable[[], float] = time.monotonic
     """The lease's clock: monotonic, so a wall clock stepped back never extends a claim."""
     claims: ClaimsHealth = field(default_factory=ClaimsHealth)
@@ -392,26 +394,21 @@ class Runtime:
         """The slots this replica acts on while its lease lasts."""
         return self.lease.slots
 
-    def act_on(self, lease: Lease) -> None:
-        """Act on the rooms of the lease's slots from now on: the rooms of slots gained are
-        read afresh (another replica may have acted on them until now) and passed at once.
-        After a lapse every slot counts as gained: another replica may have taken it,
-        acted and let go meanwhile."""
-        held = self.lease.slots if self.lease.valid(lease.until - self._half_life()) else set()
-        gained = lease.slots - held
+    def act_on(self, lease: Lease, kept: frozenset[int] = frozenset()) -> None:
+        """Act on the rooms of the lease's slots from now on, at once for those that came
+        due meanwhile. `kept`: the slots nobody else can have acted on since this replica
+        last did (see `_claim`); the rooms of every other slot are read afresh."""
+        gained = lease.slots - kept
         self.lease = lease
         if gained:
             for key, state in self.rooms.items():
                 if slot_of(*key) in gained:
                     state.reread()
-            self.passes.unpark()
+        self.passes.unpark()
 
     def stop_acting(self) -> None:
         """No slot any more: no pass starts, and passes in flight write nothing more."""
         self.lease = Lease()
-
-    def _half_life(self) -> float:
-        return self.settings.peering_lifetime.total_seconds() / 2
 
     def check_claim(self, key: Key) -> None:
         """The fence, called just before each write of the room's pass: refuses it once this
@@ -649,14 +646,20 @@ async def _claim(runtime: Runtime, renewed: float | None, log: Any) -> float | N
     held = claims.get(me)
     if not due and held and held.slots == wanted and runtime.lease.valid(now):
         return renewed
+    # Nobody can have acted on our slots since our last write while our entry stands as we
+    # wrote it: a replica takes slots only from a claim it takes for dead, and drops that
+    # claim's entry in the same write (`expired`). So after a lapse (an API outage longer
+    # than half a lifetime) the rooms are not all read afresh; only when the entry went.
+    kept = runtime.written.slots if runtime.written and held == runtime.written else frozenset()
     written_at = runtime.clock()
     claim = Claim(wanted, datetime.now(UTC), lifetime)  # the stamp: for people reading it
     expired = [identity for identity in others if identity not in live]
     await asyncio.to_thread(runtime.cluster.write_claim, namespace, version, me, claim, expired)
+    runtime.written = claim
     if wanted != runtime.acting_slots:
         waiting = len(settings.partition.slots) - len(wanted)
         log.info("acting on the claimed slots", slots=len(wanted), waiting_for_others=waiting)
-    runtime.act_on(Lease.after_write(wanted, written_at, lifetime))
+    runtime.act_on(Lease.after_write(wanted, written_at, lifetime), kept)
     return written_at
 
 
@@ -667,6 +670,7 @@ def _let_go(runtime: Runtime) -> None:
     version, claims = cluster.read_claims(namespace)
     if identity in claims:
         cluster.write_claim(namespace, version, identity, None)
+    runtime.written = None
 
 
 async def _follow_peering(runtime: Runtime) -> None:
@@ -983,8 +987,9 @@ async def _reconcile_once(
             )  # fmt: skip
         return outcome, False
     except ClaimLapsedError as lapsed:
-        # Its slot is no longer this replica's: the room waits, parked, until it is again,
-        # and is then read afresh (see Runtime.act_on).
+        # Its slot is no longer this replica's: the room waits, parked, until it is again.
+        # What this pass decided but did not write is forgotten: read afresh next time.
+        state.reread()
         room_logger(namespace, name).warning("pass stopped before a write", reason=str(lapsed))
         return None, True
     except Exception:

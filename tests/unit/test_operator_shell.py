@@ -503,7 +503,7 @@ WRITES = {
 def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
     """The lease runs out (by the monotonic clock) while the room's status write is in
     flight: the Events and children that would follow are never sent, the pass ends as
-    failed, and the room is read afresh once this replica holds its slot again."""
+    failed, and what it decided is forgotten (the room is read afresh next time)."""
 
     async def scenario() -> None:
         clock = FakeClock()
@@ -525,10 +525,9 @@ def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
         writes = [call for call in api.calls if call in WRITES]
         assert writes == ["patch_namespaced_custom_object", "patch_namespaced_custom_object_status"]
         assert outcome is None and failed
-        assert state.scaling is not None, "the pass had decided before the lapse"
+        assert state.scaling is None, "what it decided but did not write: read afresh"
 
         runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
-        assert state.scaling is None, "claimed again after a lapse: read afresh"
         outcome, failed = await handlers._reconcile_once(runtime, state, key)
         assert not failed and "apply_child" in api.calls
 
@@ -680,5 +679,48 @@ def test_a_room_whose_relays_predate_the_slot_label_keeps_its_template() -> None
         )  # fmt: skip
         await handlers._reconcile_once(runtime, state, key)
         assert "townsquare.dev/slot" not in template_labels(), "made before the label"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("taken_meanwhile", [False, True])
+def test_after_an_api_outage_rooms_are_read_afresh_only_if_another_replica_took_their_slots(
+    taken_meanwhile: bool,
+) -> None:
+    """The claims table is out of reach for 30 s: the lease lapses at 15 s and no room is
+    acted on. When it answers again, this replica's own entry still stands as it wrote
+    it, so nobody can have acted on its rooms: it goes on from what it knew (no room
+    re-read, no child re-applied: 10,000 rooms cost no storm). If another replica took the
+    slots meanwhile (dropping that entry), acted and let go, every room is read afresh."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        log = structlog.get_logger()
+        settings = Settings(identity="a", namespaces=("spaces",), peering_lifetime=LIFE)
+        runtime = _runtime(table, settings, claimed=False)
+        runtime.clock = clock = FakeClock()
+        state = runtime.room(("spaces", "launch"))
+        renewed = await handlers._claims_round(runtime, None, log)
+        assert runtime.acting_slots == frozenset(range(SLOTS))
+        state.scaling = cast(Any, "what the last pass decided")
+        state.applied["StatefulSet/launch-relay"] = (b"digest", ("generation", 3))
+        table.unreachable = True
+        for _ in range(3):
+            clock.now += 10
+            renewed = await handlers._claims_round(runtime, renewed, log)
+        assert runtime.acting_slots == frozenset(), "lapsed during the outage"
+        table.unreachable = False
+        if taken_meanwhile:
+            other = Claim(frozenset(range(SLOTS)), datetime.now(UTC), LIFE)
+            table.write_claim("spaces", str(table.version), "b", other, expired=["a"])
+            table.write_claim("spaces", str(table.version), "b", None)
+        clock.now += 1
+        await handlers._claims_round(runtime, renewed, log)
+        assert runtime.acting_slots == frozenset(range(SLOTS))
+        if taken_meanwhile:
+            assert state.scaling is None and not state.applied, "read afresh"
+        else:
+            assert state.scaling == "what the last pass decided"
+            assert "StatefulSet/launch-relay" in state.applied, "no child re-applied"
 
     asyncio.run(scenario())
