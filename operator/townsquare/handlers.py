@@ -467,6 +467,14 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
     options: Settings = getattr(memo, "settings", None) or Settings()
     settings.peering.lifetime = int(options.peering_lifetime.total_seconds())
     cluster = Cluster(load_config(), identity=options.identity)
+    if options.peering_lifetime.total_seconds() / 2 < sum(cluster.timeout):
+        room_logger("-", "-").warning(
+            "half the peering lifetime is shorter than the longest a write can take: a write "
+            "sent just before this replica's lease ends may land after another replica took "
+            "over (see partitions.Lease)",
+            lifetime=options.peering_lifetime.total_seconds(),
+            write_timeout=sum(cluster.timeout),
+        )
     unlabelled = 0
     if options.partition.count > 1:
         served = options.namespaces or (None,)

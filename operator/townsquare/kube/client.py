@@ -40,8 +40,8 @@ EARLIER_FINALIZERS = ("kopf.zalando.org/KopfFinalizerMarker", f"{GROUP}/partitio
 
 
 CLAIMS = "townsquare-partitions"
-"""The ConfigMap in which every replica claims the hash slots it acts on (see
-partitions.free_slots): in each namespace served, or the operator's own when it serves all."""
+"""The one ConfigMap in which every replica claims the hash slots it acts on (see
+partitions.free_slots), in `--claims-namespace` (the chart: the release's namespace)."""
 HOLDER_ANNOTATION = f"{GROUP}/acting"
 """On kopf's peering object: the replica whose passes may be running (see may_act)."""
 
