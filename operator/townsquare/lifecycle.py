@@ -52,6 +52,7 @@ from townsquare.sharding import (
     moved_share,
     new_map,
     rebalance,
+    relays_changed,
     resize,
     shard_listeners_from_relays,
 )
@@ -62,6 +63,9 @@ STARTUP_SAMPLES = 20
 """The newest relay start-ups the policy learns from: recent pods tell of today's nodes."""
 MISSING_RELAYS_RECHECK = timedelta(seconds=10)
 """While relay pods are missing, look again this often: a refusal raises no pod event."""
+DRAIN_RECHECK = timedelta(seconds=5)
+"""While a drain waits for a newer reading to show relays empty, look again this often: a
+new sample with the same figures wakes no pass."""
 BLOCKED_WINDOW = timedelta(minutes=10)
 """A pod-creation failure this recent, with relays still missing, means they are blocked."""
 
@@ -370,8 +374,10 @@ def reconcile(
         wake_at = seen.now + timedelta(seconds=1) if spec.schedule else None
     elif by_clock == "Draining" or seen.deleting_since is not None:
         began, deadline, why = _drain_window(spec, was, by_clock, seen)
-        phase, replicas = _drain(spec, was, running, seen, draft, began, deadline, why)
-        accepting = 0
+        receiving = frozenset(o for o, s in current_map.relays.items() if s == "active")
+        kept = _drain(spec, was, running, seen, draft, (began, deadline, why), receiving, state)
+        phase, replicas, accepting = kept.phase, kept.replicas, 0
+        state = replace(state, empty_read_at=kept.empty_read_at)
         if phase == "Draining":
             consolidation = consolidate(
                 current_map,
@@ -383,6 +389,8 @@ def reconcile(
             )
             _announce_consolidation(current_map, consolidation, spec, draft)
         wake_at = _after(deadline, seen.now)
+        if kept.unsure:
+            wake_at = min(wake_at, seen.now + DRAIN_RECHECK)
         if phase == "Ended" and spec.schedule and seen.deleting_since is None:
             wake_at = seen.now + timedelta(seconds=1)
     else:
@@ -435,6 +443,8 @@ def reconcile(
         budget=_migration_budget(spec, seen.now, shard_map_at),
         closed=closed,
     )
+    if relays_changed(shard_map or current_map, rebalanced.map):
+        state = replace(state, moved_at=seen.now)  # listeners may be between relays a while
     if not closed:  # past the end, joins are closed: nothing to say
         _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
     _metrics_condition(seen, draft)
@@ -985,19 +995,33 @@ def _drain_window(
     return deleted, deleted + timeout, f"the room was deleted at {_clock(deleted)}"
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """What the end drain keeps after one pass, and what it learnt for the next."""
+
+    phase: Phase
+    replicas: int
+    empty_read_at: datetime | None
+    """See `ScalingState.empty_read_at`."""
+    unsure: bool
+    """Relays were kept only because the reading could not yet show them empty: look again
+    soon, as a new sample with the same figures wakes no pass."""
+
+
 def _drain(
     spec: AudioRoomSpec,
     was: Phase | None,
     running: int,
     seen: Observed,
     draft: _Draft,
-    began: datetime,
-    deadline: datetime,
-    why: str,
-) -> tuple[Phase, int]:
+    window: tuple[datetime, datetime, str],
+    receiving: frozenset[int],
+    state: ScalingState,
+) -> _Kept:
     """Keep relays until their listeners have left (or the deadline), removing each from the
     top as soon as it and every relay above it are empty; then end. The top ones empty
     early: the map moves their last listeners down (`sharding.consolidate`)."""
+    began, deadline, why = window
     if was != "Draining" and running > 0:
         draft.event(
             NORMAL,
@@ -1006,8 +1030,10 @@ def _drain(
             f"(timeout {format_duration(spec.scaling.drain_timeout)})",
         )
     timed_out = seen.now >= deadline
-    keep = 0 if timed_out else _carrying(spec, running, seen, began)
-    if seen.ready_relays > 0 or keep > 0:
+    kept = _carrying(spec, running, seen, began, receiving, state)
+    if timed_out:
+        kept = replace(kept, replicas=0, unsure=False)
+    if seen.ready_relays > 0 or kept.replicas > 0:
         if timed_out and running > 0 and seen.listeners != 0:
             left = "an unknown number of" if seen.listeners is None else f"{seen.listeners:,}"
             draft.event(
@@ -1017,28 +1043,54 @@ def _drain(
                 f"{format_duration(spec.scaling.drain_timeout)} after the drain began; removing "
                 "the relays anyway",
             )
-        return "Draining", keep
+        return kept
     draft.event(NORMAL, "Ended", "all relays drained and removed")
-    return "Ended", 0
+    return replace(kept, phase="Ended", replicas=0, unsure=False)
 
 
-def _carrying(spec: AudioRoomSpec, running: int, seen: Observed, began: datetime) -> int:
+def _carrying(
+    spec: AudioRoomSpec,
+    running: int,
+    seen: Observed,
+    began: datetime,
+    receiving: frozenset[int],
+    state: ScalingState,
+) -> _Kept:
     """StatefulSet size that keeps every relay that may still carry listeners.
 
-    A relay is empty only by a sample taken after the drain began. One without a series of
-    its own is empty when every counted listener is on another relay. Without a count, all
-    are kept.
+    A relay is empty only by a sample taken a moment (DRAIN_SETTLE) after the drain began
+    and after the map last moved shards: a listener the map moved may be on its way. One
+    without a series of its own is empty when every counted listener is on another relay.
+    Without a count, all are kept.
+
+    A relay the map sends moved listeners to (`receiving`: active in the map) is empty only
+    once the whole room has read empty twice: in a reading taken after the last move, and
+    again in one taken a moment after the pass that saw the first. One reading is not
+    enough: the relay kept may be scraped just before a moved listener arrives, and the
+    relay it left just after it went, so both read 0 and the listener would be dropped with
+    the last relay. A second reading sampled after the first pass sees it arrived.
     """
     metrics = seen.metrics
+    first = state.empty_read_at
+    if first is not None and (first <= began or (state.moved_at and state.moved_at >= first)):
+        first = None  # read before this drain, or before listeners last moved
     if metrics is None and began < spec.start_time:
-        return 0  # deleted before its start, and no count will ever come: nobody to wait for
+        # Deleted before its start, and no count will ever come: nobody to wait for.
+        return _Kept("Draining", 0, None, unsure=False)
     if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
-        return running
-    if metrics.sampled_at <= began + DRAIN_SETTLE:
-        return running
+        return _Kept("Draining", running, first, unsure=False)
+    settled = max(began, state.moved_at or began) + DRAIN_SETTLE
+    if metrics.sampled_at <= settled:
+        return _Kept("Draining", running, first, unsure=running > 0)
     unattributed = metrics.listeners > sum(metrics.by_relay.values())
+    room_empty = metrics.listeners == 0
+    confirmed = room_empty and first is not None and metrics.sampled_at > first + DRAIN_SETTLE
     carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]
-    return max(carrying) + 1 if carrying else 0
+    waiting = [o for o in range(running) if o in receiving and not confirmed]
+    keep = max(carrying + waiting) + 1 if carrying or waiting else 0
+    empty_read_at = (first or seen.now) if room_empty else None
+    unsure = bool(waiting) and (not carrying or max(waiting) > max(carrying))
+    return _Kept("Draining", keep, empty_read_at, unsure)
 
 
 def _listeners_since(seen: Observed, began: datetime) -> float | None:

@@ -130,6 +130,12 @@ class ScalingState:
     """The plan floor has been in force: a start moved later keeps the relays."""
     grown_at: datetime | None = None
     """When demand last grew the room; a window later, relays it never used are trimmed."""
+    moved_at: datetime | None = None
+    """When the shard map last gave shards a new relay: listeners may be on their way from
+    one relay to another until a moment after it."""
+    empty_read_at: datetime | None = None
+    """The pass that first read the whole room empty, by a reading taken after the map last
+    moved shards (the end drain confirms it with a second reading taken after this pass)."""
 
     @classmethod
     def initial(cls, relays: int) -> ScalingState:
@@ -153,6 +159,8 @@ class ScalingState:
             "need": self.need,
             "prewarmed": self.prewarmed,
             "grownAt": None if self.grown_at is None else _iso(self.grown_at),
+            "movedAt": None if self.moved_at is None else _iso(self.moved_at),
+            "emptyReadAt": None if self.empty_read_at is None else _iso(self.empty_read_at),
         }
 
     @classmethod
@@ -168,6 +176,8 @@ class ScalingState:
             need=int(data.get("need", 0)),
             prewarmed=bool(data.get("prewarmed", False)),
             grown_at=_parse(data["grownAt"]) if data.get("grownAt") else None,
+            moved_at=_parse(data["movedAt"]) if data.get("movedAt") else None,
+            empty_read_at=_parse(data["emptyReadAt"]) if data.get("emptyReadAt") else None,
         )
 
 

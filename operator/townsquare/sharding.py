@@ -178,6 +178,17 @@ def moved_share(before: Sequence[int | None], after: Sequence[int | None]) -> fl
     return 1.0 - staying / per_class / len(after) if after else 0.0
 
 
+def relays_changed(before: ShardMap, after: ShardMap) -> bool:
+    """Whether listeners the first map placed have another relay under the second: a shard
+    that had no relay sends nobody from one relay to another."""
+    if before.shards != after.shards:
+        return moved_share(before.assignment, after.assignment) > 0
+    return any(
+        old is not None and new is not None and old != new
+        for old, new in zip(before.assignment, after.assignment, strict=True)
+    )
+
+
 @dataclass(frozen=True)
 class Rebalance:
     """The new map and what changing to it costs, for the `Resharded` Event."""

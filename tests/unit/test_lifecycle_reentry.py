@@ -286,11 +286,18 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
     assert set(where.values()) == {0}
     consolidating = [e for e in outcome.events if e.reason == "DrainConsolidating"]
     assert not consolidating, "said once, when the relays begin to drain"
-    # They leave: the last relay goes, and the room ends.
+    # They leave: the last relay goes once a second reading confirms it, and the room ends.
     moment = end + timedelta(minutes=6)
-    gone = reconcile(
+    once = reconcile(
         "r", spec, outcome.status,
         seen(moment, 1, metrics=counted(0, moment, {0: 0})), shard_map=outcome.shard_map,
+    )  # fmt: skip
+    assert once.desired_relays == 1, "one empty reading may miss a listener on its way"
+    assert once.wake_at is not None and once.wake_at <= moment + timedelta(seconds=5)
+    again = once.wake_at
+    gone = reconcile(
+        "r", spec, once.status,
+        seen(again, 1, metrics=counted(0, again, {0: 0})), shard_map=once.shard_map,
     )  # fmt: skip
     assert gone.desired_relays == 0
     assert "DrainTimedOut" not in reasons(gone)
@@ -869,3 +876,66 @@ def test_no_shard_moves_blind_after_the_end() -> None:
     )  # fmt: skip
     assert blind.shard_map.assignment == outcome.shard_map.assignment
     assert blind.shard_map.relays == outcome.shard_map.relays
+
+
+# --- the scrape gap at the end of the drain ---------------------------------------------
+
+
+def after_the_end(
+    spec: AudioRoomSpec, previous: Outcome, seconds: float, by_relay: dict[int, int],
+    ready: int = 10,
+) -> Outcome:  # fmt: skip
+    """A pass `seconds` after the end, its reading sampled then; the map threaded through
+    as the shell does, and the scaling memory only in the status (as after a restart)."""
+    moment = START + timedelta(hours=1, seconds=seconds)
+    metrics = counted(sum(by_relay.values()), moment, by_relay)
+    return reconcile(
+        "r", spec, previous.status, seen(moment, ready, metrics=metrics),
+        shard_map=previous.shard_map,
+    )  # fmt: skip
+
+
+def test_the_last_relay_stays_while_a_moved_listener_may_be_between_relays() -> None:
+    """The map moves relay 7's last listener to relay 0, the relay kept. Relay 0 is scraped
+    just before it arrives and relay 7 just after it left: one reading shows the whole room
+    empty. The old code removed every relay on it (and the listener's join again got 410 in
+    a room closed to joins). Now the last relay goes only once a second empty reading,
+    taken after the pass that saw the first, confirms it; here that reading finds the
+    listener on relay 0, and the room ends only after it has left, read empty twice."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    first = after_the_end(spec, live, 10, {**dict.fromkeys(range(10), 0), 0: 2, 7: 1})
+    assert first.shard_map.relays[0] == "active"
+    assert first.shard_map.relays[7] == "draining" and first.shard_map.counts()[7] == 0
+    in_flight = after_the_end(spec, first, 20, dict.fromkeys(range(10), 0))
+    assert in_flight.desired_relays == 1, "relay 0, where the moved listener is going, stays"
+    assert in_flight.status.phase == "Draining"
+    assert in_flight.wake_at is not None
+    assert in_flight.wake_at <= START + timedelta(hours=1, seconds=25), "looks again soon"
+    arrived = after_the_end(spec, in_flight, 25, {0: 1}, ready=1)
+    assert arrived.desired_relays == 1
+    left = after_the_end(spec, arrived, 40, {0: 0}, ready=1)
+    assert left.desired_relays == 1, "one empty reading is not enough"
+    confirmed = after_the_end(spec, left, 45, {0: 0}, ready=1)
+    assert confirmed.desired_relays == 0
+    ended = after_the_end(spec, confirmed, 50, {}, ready=0)
+    assert ended.status.phase == "Ended"
+    assert "DrainTimedOut" not in reasons(ended) + reasons(confirmed)
+
+
+def test_no_relay_is_taken_for_empty_by_a_reading_from_just_after_listeners_moved() -> None:
+    """The first pass after the end moves every listener to relay 0. A reading from a second
+    later shows all ten relays empty: the moved listeners may be on their way, so no relay
+    goes (the old code removed all ten, and a second empty reading taken before that move
+    could not confirm it either)."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    moved = after_the_end(spec, live, 10, dict.fromkeys(range(10), 3))
+    assert [o for o, s in moved.shard_map.relays.items() if s == "active"] == [0]
+    soon = after_the_end(spec, moved, 11, dict.fromkeys(range(10), 0))
+    assert soon.desired_relays == 10
+    assert soon.wake_at is not None and soon.wake_at <= START + timedelta(hours=1, seconds=16)
+    settled = after_the_end(spec, soon, 16, dict.fromkeys(range(10), 0))
+    assert settled.desired_relays == 1, "the draining relays go; relay 0 waits for a second"
+    done = after_the_end(spec, settled, 21, {0: 0}, ready=1)
+    assert done.desired_relays == 0
