@@ -248,6 +248,46 @@ class _Draft:
         self.events.append(Event(kind, reason, message))
 
 
+def _moved_occurrence(spec: AudioRoomSpec, previous: AudioRoomStatus) -> bool:
+    """The room's start is no longer that of the occurrence it last planned for."""
+    planned = previous.plan.start_time if previous.plan else None
+    return planned is not None and planned != spec.start_time
+
+
+def _occurrence_draining(
+    spec: AudioRoomSpec, previous: AudioRoomStatus, seen: Observed, draft: _Draft
+) -> tuple[AudioRoomSpec, datetime | None]:
+    """A draining room whose producer moved `startTime`: the spec to decide with, and when
+    the new occurrence is due to take over (None: no such wait).
+
+    The listeners still connected after the event belong to the occurrence that ended; the
+    new start does not reopen it to joins. They keep their relays, closed to new joins,
+    until they leave or the drain times out, as they would have; the room then ends and is
+    armed for the new start at once. A new occurrence whose pre-warm comes first takes the
+    room over then (`reconcile` re-arms it, keeping the relays and their listeners). A
+    start moved into the past, with its end past too, only finishes the drain: an Ended
+    room is armed only by a start still to come.
+    """
+    if previous.phase != "Draining" or not _moved_occurrence(spec, previous):
+        return spec, None
+    assert previous.plan is not None and previous.plan.start_time is not None
+    prewarm = plan_room(spec, seen.now, startup_of(spec, seen)).prewarm_at
+    if seen.deleting_since is None and prewarm <= seen.now < end_of(spec):
+        return spec, None  # the new occurrence is due now: it takes the room over
+    if previous.observed_generation != seen.generation and seen.deleting_since is None:
+        draft.event(
+            NORMAL,
+            "Replanned",
+            f"startTime moved to {spec.start_time.isoformat()} while the last occurrence "
+            "drains: its listeners keep their relays, closed to new joins, until they leave; "
+            f"the room is armed for the new start once they have, or at its pre-warm "
+            f"({prewarm.isoformat()})",
+        )
+    drained = spec.model_copy(update={"start_time": previous.plan.start_time})
+    due = prewarm if seen.deleting_since is None and prewarm > seen.now else None
+    return drained, due
+
+
 def _phase_by_clock(spec: AudioRoomSpec, plan: PlanStatus, now: datetime) -> Phase:
     if now >= end_of(spec):
         return "Draining"
@@ -345,7 +385,11 @@ def reconcile(
     if start != spec.start_time:
         spec = spec.model_copy(update={"start_time": start})
     was: Phase | None = previous.phase
-    rearmed = was == "Ended" and seen.deleting_since is None and seen.now < end_of(spec)
+    spec, upcoming = _occurrence_draining(spec, previous, seen, draft)
+    cut_short = was == "Draining" and upcoming is None and _moved_occurrence(spec, previous)
+    rearmed = (
+        (was == "Ended" or cut_short) and seen.deleting_since is None and seen.now < end_of(spec)
+    )
     if rearmed:
         was = None
         draft.conditions = [c for c in draft.conditions if c.type != "PreWarmed"]
@@ -372,7 +416,7 @@ def reconcile(
     if was == "Ended" and not rearmed:
         phase, replicas, accepting = "Ended", 0, 0
         wake_at = seen.now + timedelta(seconds=1) if spec.schedule else None
-    elif by_clock == "Draining" or seen.deleting_since is not None:
+    elif by_clock == "Draining" or seen.deleting_since is not None or upcoming is not None:
         began, deadline, why = _drain_window(spec, was, by_clock, seen)
         receiving = frozenset(o for o, s in current_map.relays.items() if s == "active")
         kept = _drain(spec, was, running, seen, draft, (began, deadline, why), receiving, state)
@@ -391,8 +435,10 @@ def reconcile(
         wake_at = _after(deadline, seen.now)
         if kept.unsure:
             wake_at = min(wake_at, seen.now + DRAIN_RECHECK)
-        if phase == "Ended" and spec.schedule and seen.deleting_since is None:
-            wake_at = seen.now + timedelta(seconds=1)
+        if phase == "Ended" and (spec.schedule or upcoming) and seen.deleting_since is None:
+            wake_at = seen.now + timedelta(seconds=1)  # to arm the next occurrence
+        elif upcoming is not None:
+            wake_at = min(wake_at, max(upcoming, seen.now + timedelta(seconds=1)))
     else:
         decision = decide(
             spec,

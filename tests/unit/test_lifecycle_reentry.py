@@ -939,3 +939,88 @@ def test_no_relay_is_taken_for_empty_by_a_reading_from_just_after_listeners_move
     assert settled.desired_relays == 1, "the draining relays go; relay 0 waits for a second"
     done = after_the_end(spec, settled, 21, {0: 0}, ready=1)
     assert done.desired_relays == 0
+
+
+# --- startTime moved while the room drains ----------------------------------------------
+
+
+def draining_with_listeners() -> tuple[AudioRoomSpec, Outcome]:
+    """Ten seconds after the end, 500 listeners linger on relays 0 and 1."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    first = after_the_end(spec, live, 10, {**dict.fromkeys(range(10), 0), 0: 200, 1: 300})
+    assert (first.status.phase, first.shard_map.admission) == ("Draining", "closed")
+    return spec, first
+
+
+def moved_pass(
+    spec: AudioRoomSpec, previous: Outcome, at: datetime, by_relay: dict[int, int],
+    generation: int = 2,
+) -> Outcome:  # fmt: skip
+    metrics = counted(sum(by_relay.values()), at, by_relay)
+    ready = max(by_relay, default=-1) + 1
+    return reconcile(
+        "r", spec, previous.status, seen(at, ready, generation, metrics=metrics),
+        shard_map=previous.shard_map,
+    )  # fmt: skip
+
+
+def test_a_start_moved_to_next_week_while_draining_lets_the_drain_finish_then_arms() -> None:
+    """The old code took the new start at once: Scheduled, open to joins a week early, and
+    the ten relays kept. Now the lingering listeners keep their relays, closed to new
+    joins, the relays go as they empty, and the room is armed for next week once Ended."""
+    _, first = draining_with_listeners()
+    next_week = room(startTime=START + timedelta(days=7))
+    at = START + timedelta(hours=1, seconds=20)
+    moved = moved_pass(next_week, first, at, {0: 200, 1: 300})
+    assert moved.status.phase == "Draining"
+    assert moved.shard_map.admission == "closed", "no joins a week early"
+    assert moved.desired_relays == 2, "the relays still carrying listeners stay"
+    said = next(e for e in moved.events if e.reason == "Replanned")
+    assert "while the last occurrence drains" in said.message and "2026-12-10" in said.message
+    assert moved.status.plan is not None and moved.status.plan.start_time == START
+    again = moved_pass(next_week, moved, at + timedelta(seconds=10), {0: 200, 1: 300})
+    assert "Replanned" not in reasons(again), "said once"
+    ended = again
+    for seconds in range(30, 90, 5):  # they leave; two empty readings confirm it
+        moment = at + timedelta(seconds=seconds)
+        ended = moved_pass(next_week, ended, moment, dict.fromkeys(range(ended.desired_relays), 0))
+        assert ended.status.phase in ("Draining", "Ended"), "armed only once Ended"
+        if ended.status.phase == "Ended":
+            break
+    assert ended.status.phase == "Ended" and "Ended" in reasons(ended)
+    assert ended.wake_at is not None and ended.wake_at <= moment + timedelta(seconds=1)
+    armed = reconcile("r", next_week, ended.status, seen(ended.wake_at, 0, 2))
+    assert armed.status.phase == "Scheduled"
+    assert armed.status.plan is not None
+    assert armed.status.plan.start_time == START + timedelta(days=7)
+    assert "re-armed" in next(e for e in armed.events if e.reason == "Replanned").message
+
+
+def test_a_new_start_whose_pre_warm_comes_during_the_drain_takes_the_room_over_then() -> None:
+    """Moved to 4 minutes after the end (pre-warm 2 minutes before): the room stays closed
+    until that pre-warm, then pre-warms with the relays that still carry listeners."""
+    _, first = draining_with_listeners()
+    soon = room(startTime=START + timedelta(hours=1, minutes=4))
+    at = START + timedelta(hours=1, seconds=20)
+    moved = moved_pass(soon, first, at, {0: 200, 1: 300})
+    assert (moved.status.phase, moved.shard_map.admission) == ("Draining", "closed")
+    prewarm = START + timedelta(hours=1, minutes=2)  # before the drain's 5 m timeout
+    assert moved.wake_at == prewarm
+    taken = moved_pass(soon, moved, prewarm, {0: 200, 1: 300})
+    assert taken.status.phase == "PreWarming"
+    assert taken.shard_map.admission == "open"
+    assert taken.desired_relays == 10, "the plan for the new occurrence"
+    assert {taken.shard_map.relays.get(o) for o in (0, 1)} == {"active"}
+    assert taken.status.plan is not None and taken.status.plan.start_time == soon.start_time
+    assert "Replanned" in reasons(taken) and "PreWarmStarted" in reasons(taken)
+
+
+def test_a_start_moved_into_the_past_while_draining_only_finishes_the_drain() -> None:
+    _, first = draining_with_listeners()
+    earlier = room(startTime=START - timedelta(days=7))
+    at = START + timedelta(hours=1, seconds=20)
+    moved = moved_pass(earlier, first, at, {0: 200, 1: 300})
+    assert (moved.status.phase, moved.shard_map.admission) == ("Draining", "closed")
+    assert moved.desired_relays == 2
+    assert moved.wake_at is not None and moved.wake_at > at + timedelta(seconds=5)
