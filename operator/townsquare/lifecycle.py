@@ -493,7 +493,7 @@ def reconcile(
         state = replace(state, moved_at=seen.now)  # listeners may be between relays a while
     if not closed:  # past the end, joins are closed: nothing to say
         _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
-    _metrics_condition(seen, draft)
+    _metrics_condition(seen, decision, draft)
     _capacity_condition(spec, plan, decision, draft)
     _blocked_condition(seen, replicas, draft)
     draft.condition(
@@ -983,7 +983,7 @@ def _announce_shard_map(
             draft.event(NORMAL, "AdmissionQueueOff", "relays carry the demand; joins flow again")
 
 
-def _metrics_condition(seen: Observed, draft: _Draft) -> None:
+def _metrics_condition(seen: Observed, decision: Decision | None, draft: _Draft) -> None:
     metrics = seen.metrics
     if metrics is None:
         draft.condition("MetricsAvailable", "Unknown", "NotConfigured", "no Prometheus configured")
@@ -991,10 +991,10 @@ def _metrics_condition(seen: Observed, draft: _Draft) -> None:
         # No relay runs yet, so no relay reports: nothing is missing.
         draft.condition("MetricsAvailable", "Unknown", "NoRelaysReady", "no relay is Ready yet")
     elif metrics.listeners is None:
-        message = (
-            f"{metrics.problem or 'no listener data'}; holding the current relays "
-            "(never scaling down without data)"
-        )
+        holding = "holding the current relays (never scaling down without data)"
+        if decision is not None and decision.direction == "down":
+            holding = "draining only towards a lowered maxRelays, at the migration budget's pace"
+        message = f"{metrics.problem or 'no listener data'}; {holding}"
         if draft.condition("MetricsAvailable", "False", "MetricsUnavailable", message) != "False":
             draft.event(WARNING, "MetricsUnavailable", message)
     else:

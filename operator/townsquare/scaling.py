@@ -32,7 +32,9 @@ The rules, each for a reason a person on call would give:
   Small drops (under DOWN_TOLERANCE) are not worth a drain, except once, a window after
   demand last grew the room: relays the forecast added and the demand never used are a
   guess undone, not a drop, and they go however few they are.
-- Fail-static: without a fresh listener count the size is held, never lowered.
+- Fail-static: without a fresh listener count the size is held, never lowered, except
+  towards a maxRelays lowered below it, and then only at the migration budget's pace
+  (`_blind_towards_limit`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ LATE_ARRIVAL_FACTOR = 3
 """After the hold, the plan floor keeps at most 3x the peak demand seen (no-show insurance)."""
 POSTPONEMENT_KEPT = timedelta(hours=1)
 """A pre-warmed room whose start moves later keeps its relays if the new start is this near."""
+BLIND_DRAIN_PACE = timedelta(minutes=1)
+"""Above a lowered maxRelays with no count, one step of relays begins draining a minute."""
 STARTUP_PRIOR_WEIGHT = 3
 """The spec's start-up hint counts as this many measured start-ups."""
 
@@ -290,7 +294,6 @@ def decide(
         # Without a single reading there is no evidence of a no-show: keep the whole plan.
         peak = state.peak if state.peak > 0 else None
         floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
-        # Not even a lowered maxRelays shrinks the room blind: it applies once counts return.
         target = max(current, min(scaling.max_relays, max(floor, scaling.min_relays)))
         relays = _grow(current, target, floor, spec)
         next_state = replace(state, samples=(), targets=(), prewarmed=state.prewarmed or floor > 0)
@@ -298,7 +301,7 @@ def decide(
         if relays > current:
             why += f"; plan floor {floor:,} relays"
         if current > scaling.max_relays:
-            why += f"; maxRelays {scaling.max_relays:,} applies once listener counts return"
+            relays, why = _blind_towards_limit(spec, state, now)
         return _finish(spec, observation, next_state, now, relays, None, floor, False, why)
 
     demand = observation.listeners + observation.waiting
@@ -385,6 +388,46 @@ def decide(
     )
     return _finish(
         spec, observation, next_state, now, relays, forecast, floor, capacity_exceeded, why
+    )
+
+
+def _blind_towards_limit(
+    spec: AudioRoomSpec, state: ScalingState, now: datetime
+) -> tuple[int, str]:
+    """Relays for a room above a lowered maxRelays while no count comes, and why.
+
+    maxRelays is the ceiling the producer (or the tenant's quota) set, so it is reached
+    blind too; but a blind drain cannot see where the listeners are, so it goes gently:
+    each minute only as many relays begin draining as the migration budget could move
+    were they full (a relay never carries more than listenersPerRelay), and the next step
+    waits until a minute after the last drain began. It stops above the limit where the
+    relays left could no longer hold, full, the audience last counted: their listeners
+    would have nowhere to go. Draining relays go as the scaling policy removes any (shown
+    empty by a count, or at drainTimeout); once counts return the limit applies in full.
+    """
+    scaling, per_relay = spec.scaling, spec.relay.listeners_per_relay
+    current = state.relays
+    last_seen = math.ceil(state.need * scaling.target_utilization - 1e-9)
+    lowest = max(scaling.max_relays, last_seen)
+    step = max(1, spec.sharding.max_migrations_per_minute // per_relay)
+    why = f"metrics unavailable; maxRelays {scaling.max_relays:,} is below {current:,} relays"
+    if lowest >= current:
+        return current, (
+            f"{why}: holding them, as the audience last counted needs {last_seen:,} relays "
+            "full; once listener counts return, the limit applies as to any room"
+        )
+    if any(now - since < BLIND_DRAIN_PACE for _, since in state.draining):
+        return current, f"{why}: the next relays drain a minute after the last began"
+    relays = max(lowest, current - step)
+    kept = (
+        f", keeping {lowest:,} that carry the listeners last counted, full"
+        if lowest > scaling.max_relays
+        else ""
+    )
+    return relays, (
+        f"{why}: draining towards it blind, {step:,} relays a minute (what "
+        f"{spec.sharding.max_migrations_per_minute:,} migrations a minute move were they "
+        f"full){kept}"
     )
 
 

@@ -1024,3 +1024,31 @@ def test_a_start_moved_into_the_past_while_draining_only_finishes_the_drain() ->
     assert (moved.status.phase, moved.shard_map.admission) == ("Draining", "closed")
     assert moved.desired_relays == 2
     assert moved.wake_at is not None and moved.wake_at > at + timedelta(seconds=5)
+
+
+# --- maxRelays lowered while blind ------------------------------------------------------
+
+
+def test_a_max_relays_lowered_while_blind_drains_the_top_relays_without_removing_them() -> None:
+    """Live on 10 relays for 7,000 listeners, Prometheus down, maxRelays lowered to 4. The
+    old code held all 10 as accepting relays. Now the relays above what the last count needs
+    full (7) drain: the map moves their shards, no relay goes before it is empty, and the
+    on-call engineer reads why."""
+    spec = room(scaling={"maxRelays": 10})
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    lowered = room(scaling={"maxRelays": 4})
+    later = at + timedelta(seconds=10)
+    blind = Metrics(listeners=None, problem="Prometheus down")
+    outcome = reconcile(
+        "r", lowered, live.status, seen(later, 10, 2, metrics=blind),
+        live.scaling_state, live.shard_map, at,
+    )  # fmt: skip
+    assert outcome.desired_relays == 10, "draining relays stay until empty or drainTimeout"
+    states = outcome.shard_map.relays
+    assert [o for o, s in states.items() if s == "draining"] == [7, 8, 9]
+    assert all(outcome.shard_map.counts()[o] == 0 for o in (7, 8, 9))
+    scaled = next(e for e in outcome.events if e.reason == "ScaledDown")
+    assert "maxRelays 4" in scaled.message and "blind" in scaled.message
+    condition = next(c for c in outcome.status.conditions if c.type == "MetricsAvailable")
+    assert "towards a lowered maxRelays" in condition.message

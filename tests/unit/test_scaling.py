@@ -418,12 +418,36 @@ def test_a_glitch_after_a_real_rise_moves_one_step_past_the_last_true_ask() -> N
     assert relays[3] == relays[2]
 
 
-def test_lowering_max_relays_while_blind_holds_until_counts_return() -> None:
+def test_lowering_max_relays_while_blind_drains_towards_it_at_the_migration_budget() -> None:
+    """500 relays, maxRelays lowered to 100, no count. The old code held 500 until counts
+    came back. The limit is the producer's ceiling, so it is reached blind too, but gently:
+    each minute as many relays begin draining as 20,000 migrations a minute move were they
+    full (20 of 1,000), and none is removed before it drains."""
     lowered = spec(audience=0, maxRelays=100)
-    [blind] = run(lowered, ScalingState.initial(500), [(3600, None)])
-    assert blind.relays == 500
-    assert blind.draining == ()
-    assert "maxRelays 100 applies once listener counts return" in blind.reason
+    steps = [(3600 + 15 * n, None) for n in range(41)]  # ten minutes, a pass every 15 s
+    decisions = run(lowered, ScalingState.initial(500), steps)
+    first = decisions[0]
+    assert first.relays == 480 and first.replicas == 500
+    assert first.draining == tuple(range(480, 500))
+    assert "draining towards it blind, 20 relays a minute" in first.reason
+    relays = [d.relays for d in decisions]
+    assert relays[1:4] == [480, 480, 480], "the next step waits a minute"
+    assert relays[4] == 460
+    assert relays[-1] == 500 - 20 * 11
+    assert all(a - b in (0, 20) for a, b in itertools.pairwise(relays))
+    assert all(not d.drain_timed_out for d in decisions[:20]), "removed only at drainTimeout"
+
+
+def test_a_blind_drain_towards_max_relays_keeps_the_relays_the_last_count_needs() -> None:
+    """The last count needed 300 relays at 70%: 210 full. Blind, maxRelays 100 is
+    approached only down to 210, where the listeners on drained relays still have room."""
+    lowered = spec(audience=0, maxRelays=100)
+    state = replace(ScalingState.initial(230), need=300)
+    decisions = run(lowered, state, [(3600 + 60 * n, None) for n in range(4)])
+    assert [d.relays for d in decisions] == [210, 210, 210, 210]
+    assert "keeping 210 that carry the listeners last counted" in decisions[0].reason
+    held = run(lowered, replace(ScalingState.initial(210), need=300), [(3600, None)])[0]
+    assert held.relays == 210 and "holding them" in held.reason
 
 
 def test_a_producer_moving_start_time_mid_flight_keeps_the_room_warm_and_open() -> None:
