@@ -1200,14 +1200,14 @@ def reconcile_room(
     )
     if outcome.refused:
         state.metrics = None  # its listeners are never read: its query may reach too far
+        if outcome.children:  # a refused room that ran winds down
+            _remember(state, outcome, shard_map, held, now)
         _write_status(cluster, namespace, name, previous, outcome)
         _post_events(cluster, room, outcome, now)
+        if outcome.children:
+            _wind_down_children(cluster, state, room, outcome)
         return outcome
-    state.scaling = outcome.scaling_state
-    if shard_map is None or outcome.shard_map.generation != shard_map.generation:
-        state.shard_map, state.shard_map_at = EmptyMap.of(outcome.shard_map), now
-    elif held is None:
-        state.shard_map = EmptyMap.of(shard_map)
+    _remember(state, outcome, shard_map, held, now)
     held_by_us = FINALIZER in room["metadata"].get("finalizers", ())
     if outcome.children and not outcome.released and not deleted_at and not held_by_us:
         # Before any relay exists, so a deletion drains it; and before the status write,
@@ -1230,6 +1230,22 @@ def reconcile_room(
         state.replaced.add(by_ordinal[ordinal].uid)
     _observe(namespace, name, spec, outcome)
     return outcome
+
+
+def _remember(
+    state: RoomState,
+    outcome: Outcome,
+    shard_map: ShardMap | None,
+    held: ShardMap | EmptyMap | None,
+    now: datetime,
+) -> None:
+    """Keep the pass's scaling state and map for the next pass, and when the map changed
+    (the migration budget runs from its publication)."""
+    state.scaling = outcome.scaling_state
+    if shard_map is None or outcome.shard_map.generation != shard_map.generation:
+        state.shard_map, state.shard_map_at = EmptyMap.of(outcome.shard_map), now
+    elif held is None:
+        state.shard_map = EmptyMap.of(shard_map)
 
 
 def _read_spec(stored: dict[str, Any]) -> tuple[AudioRoomSpec, list[str]]:
@@ -1325,6 +1341,20 @@ def _apply_children(
             failures.append(f"{child}: {type(error).__name__}: {str(error)[:200]}")
     if failures:
         raise ChildApplyError("; ".join(failures))
+
+
+def _wind_down_children(
+    cluster: Cluster, state: RoomState, room: dict[str, Any], outcome: Outcome
+) -> None:
+    """A refused room that ran: its shard map and its relay count, nothing of its spec (the
+    relays keep the last accepted template)."""
+    meta = room["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
+    cluster.apply(children.shard_map_config_map(name, namespace, uid, shard_map))
+    cluster.scale_relays(namespace, name, outcome.desired_relays)
+    # Applied in part: the next accepted spec applies every child again.
+    state.applied.clear()
 
 
 class ChildApplyError(Exception):

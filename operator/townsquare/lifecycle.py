@@ -155,7 +155,9 @@ class Outcome:
     released: bool = False
     """The room is being deleted and has drained: its children may go."""
     refused: bool = False
-    """The room breaks the operator's tenant policy: nothing of it is to be applied."""
+    """The room breaks the operator's tenant policy (or its spec cannot be used): nothing of
+    its spec is applied. With `children`, a refused room that ran winds down: only its relay
+    count and its shard map are applied, the relays' template stays the last accepted."""
     headroom: headroom.Headroom | None = None
     """Placeholders to create and delete."""
     children: bool = True
@@ -377,18 +379,28 @@ def reconcile(
     problems = list(spec_problems)
     if policy is not None:
         problems += violations(spec, seen.namespace, policy)
-    if problems and seen.deleting_since is None:
-        return _refuse(previous, problems, draft, "InvalidSpec" if spec_problems else None)
-    if policy is not None:
-        draft.condition("Accepted", "True", "WithinPolicy", "the room is within the tenant policy")
     start = occurrence_start(spec, seen.now, previous)
     if start != spec.start_time:
         spec = spec.model_copy(update={"start_time": start})
+    refused_at: datetime | None = None
+    if problems and seen.deleting_since is None:
+        refusal = _Refusal(problems, "InvalidSpec" if spec_problems else None)
+        if not _ran(previous):
+            return _refuse(previous, refusal, draft)
+        if previous.phase in ("PreWarming", "Ready", "Live") and seen.now < end_of(spec):
+            # The event runs: its listeners keep their relays until it ends.
+            return _refuse(previous, refusal, draft, hold_until=end_of(spec))
+        refused_at = _say_refused(previous, refusal, draft)
+    elif policy is not None:
+        draft.condition("Accepted", "True", "WithinPolicy", "the room is within the tenant policy")
     was: Phase | None = previous.phase
     spec, upcoming = _occurrence_draining(spec, previous, seen, draft)
     cut_short = was == "Draining" and upcoming is None and _moved_occurrence(spec, previous)
     rearmed = (
-        (was == "Ended" or cut_short) and seen.deleting_since is None and seen.now < end_of(spec)
+        (was == "Ended" or cut_short)
+        and seen.deleting_since is None
+        and refused_at is None
+        and seen.now < end_of(spec)
     )
     if rearmed:
         was = None
@@ -416,8 +428,14 @@ def reconcile(
     if was == "Ended" and not rearmed:
         phase, replicas, accepting = "Ended", 0, 0
         wake_at = seen.now + timedelta(seconds=1) if spec.schedule else None
-    elif by_clock == "Draining" or seen.deleting_since is not None or upcoming is not None:
-        began, deadline, why = _drain_window(spec, was, by_clock, seen)
+    elif (
+        by_clock == "Draining"
+        or seen.deleting_since is not None
+        or upcoming is not None
+        or refused_at is not None
+    ):
+        stopped = refused_at if by_clock != "Draining" else None
+        began, deadline, why = _drain_window(spec, was, by_clock, seen, stopped)
         receiving = frozenset(o for o, s in current_map.relays.items() if s == "active")
         kept = _drain(spec, was, running, seen, draft, (began, deadline, why), receiving, state)
         phase, replicas, accepting = kept.phase, kept.replicas, 0
@@ -544,6 +562,7 @@ def reconcile(
         wake_at=min((t for t in (wake_at, nodes.wake_at) if t), default=None),
         replace_relays=step.replace if step else (),
         released=seen.deleting_since is not None and phase == "Ended",
+        refused=refused_at is not None,
         headroom=nodes,
         children=children,
     )
@@ -603,15 +622,69 @@ def _headroom_status(decision: headroom.Headroom) -> NodeHeadroomStatus | None:
     )
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """Why the operator does not act on a room: the problems, and the condition's reason."""
+
+    problems: list[str]
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.problems)
+
+
+def _ran(previous: AudioRoomStatus) -> bool:
+    """The room has relays (or had them this occurrence): refusing it must not strand them."""
+    running = previous.relays.desired if previous.relays else 0
+    return previous.phase not in (None, "Ended") and (running > 0 or previous.phase == "Draining")
+
+
+def _say_refused(
+    previous: AudioRoomStatus, refusal: _Refusal, draft: _Draft, then: str = ""
+) -> datetime:
+    """Accepted False, and a Warning once (again on each new spec); returns since when."""
+    before = draft.condition(
+        "Accepted", "False", refusal.reason or "PolicyViolation", refusal.message
+    )
+    if before != "False" or previous.observed_generation != draft.seen.generation:
+        running = previous.relays.desired if previous.relays else 0
+        if not then and _ran(previous):
+            then = (
+                f"; its {running:,} relays take no new joins and go as their listeners leave "
+                "(the new spec is not applied)"
+            )
+        draft.event(
+            WARNING, "Refused", f"the operator does not act on this room: {refusal.message}{then}"
+        )
+    found = next(c for c in draft.conditions if c.type == "Accepted")
+    return found.last_transition_time
+
+
 def _refuse(
-    previous: AudioRoomStatus, problems: list[str], draft: _Draft, reason: str | None = None
+    previous: AudioRoomStatus,
+    refusal: _Refusal,
+    draft: _Draft,
+    hold_until: datetime | None = None,
 ) -> Outcome:
     """A room outside the tenant policy, or with a spec the operator cannot use: say why,
-    change nothing else, decide nothing."""
-    message = "; ".join(problems)
-    before = draft.condition("Accepted", "False", reason or "PolicyViolation", message)
-    if before != "False" or previous.observed_generation != draft.seen.generation:
-        draft.event(WARNING, "Refused", f"the operator does not act on this room: {message}")
+    change nothing else, decide nothing.
+
+    A room refused while its event runs (`hold_until` its end) keeps what it has: its
+    relays serve the listeners connected on the last accepted spec, neither grown nor
+    shrunk, and the map stays as published; dropping an audience for a spec edit, or a
+    policy tightened meanwhile, would punish the listeners for the producer's or platform's
+    change. At the end the room drains as any other (`reconcile`); a room refused before
+    its event, or after it ended, lets its relays go then and there.
+    """
+    then = ""
+    if hold_until is not None:
+        running = previous.relays.desired if previous.relays else 0
+        then = (
+            f"; its {running:,} relays keep serving the listeners connected, on the last "
+            f"accepted spec, until the event ends at {_clock(hold_until)}, then drain"
+        )
+    _say_refused(previous, refusal, draft, then)
     status = previous.model_copy(
         update={"observed_generation": draft.seen.generation, "conditions": draft.conditions}
     )
@@ -624,7 +697,7 @@ def _refuse(
         scaling_state=state,
         shard_map=new_map(1, 1),
         decision=None,
-        wake_at=None,
+        wake_at=hold_until,
         refused=True,
         children=False,
     )
@@ -1029,16 +1102,23 @@ def _capacity_condition(
 
 
 def _drain_window(
-    spec: AudioRoomSpec, was: Phase | None, by_clock: Phase, seen: Observed
+    spec: AudioRoomSpec,
+    was: Phase | None,
+    by_clock: Phase,
+    seen: Observed,
+    refused_at: datetime | None = None,
 ) -> tuple[datetime, datetime, str]:
-    """When the drain began, its deadline, and why: the event's end, or the room's deletion."""
+    """When the drain began, its deadline, and why: the event's end, the room's deletion,
+    or (before its event) its refusal."""
     timeout = spec.scaling.drain_timeout
-    deleted = seen.deleting_since
-    if deleted is None or (by_clock == "Draining" and deleted >= end_of(spec)):
+    stopped, how = (
+        (seen.deleting_since, "deleted") if seen.deleting_since else (refused_at, "refused")
+    )
+    if stopped is None or (by_clock == "Draining" and stopped >= end_of(spec)):
         return end_of(spec), drain_deadline(spec), f"the event ended at {_clock(end_of(spec))}"
     if was == "Draining" and by_clock == "Draining":
-        return end_of(spec), min(drain_deadline(spec), deleted + timeout), "the event ended"
-    return deleted, deleted + timeout, f"the room was deleted at {_clock(deleted)}"
+        return end_of(spec), min(drain_deadline(spec), stopped + timeout), "the event ended"
+    return stopped, stopped + timeout, f"the room was {how} at {_clock(stopped)}"
 
 
 @dataclass(frozen=True)

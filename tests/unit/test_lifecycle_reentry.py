@@ -1052,3 +1052,91 @@ def test_a_max_relays_lowered_while_blind_drains_the_top_relays_without_removing
     assert "maxRelays 4" in scaled.message and "blind" in scaled.message
     condition = next(c for c in outcome.status.conditions if c.type == "MetricsAvailable")
     assert "towards a lowered maxRelays" in condition.message
+
+
+# --- a room refused after it ran --------------------------------------------------------
+
+
+def test_a_room_refused_mid_event_keeps_its_listeners_until_the_end_then_drains() -> None:
+    """The operator restarts with a tighter policy while the room is live. The old code
+    froze the room for good: its ten relays ran on past the end with no pass ever due. Now
+    the relays keep serving until the event ends (nothing of the new spec applied), then
+    the room drains like any other, applying only its relay count and its map."""
+    spec = room()
+    policy = TenantPolicy(allowed_registries=("other.example",))
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    later = at + timedelta(seconds=10)
+    metrics = counted(7000, later, dict.fromkeys(range(10), 700))
+    held = reconcile(
+        "r", spec, live.status, seen(later, 10, metrics=metrics, namespace="t"),
+        live.scaling_state, live.shard_map, at, policy=policy,
+    )  # fmt: skip
+    assert held.refused and not held.children, "nothing of the refused spec is applied"
+    assert held.desired_relays == 10
+    end = START + timedelta(hours=1)
+    assert held.wake_at == end, "back at the end, to drain"
+    warning = next(e for e in held.events if e.reason == "Refused")
+    assert "10 relays keep serving the listeners connected" in warning.message
+    assert "until the event ends at 17:00:00" in warning.message
+    after = end + timedelta(seconds=10)
+    lingering = {**dict.fromkeys(range(10), 0), 0: 30}
+    draining = reconcile(
+        "r", spec, held.status,
+        seen(after, 10, metrics=counted(30, after, lingering), namespace="t"),
+        held.scaling_state, live.shard_map, at, policy=policy,
+    )  # fmt: skip
+    assert draining.refused and draining.children, "only the relay count and the map"
+    assert draining.status.phase == "Draining"
+    assert draining.shard_map.admission == "closed"
+    next_pass = after + timedelta(seconds=10)
+    draining = reconcile(
+        "r", spec, draining.status,
+        seen(next_pass, 10, metrics=counted(30, next_pass, lingering), namespace="t"),
+        draining.scaling_state, draining.shard_map, after, policy=policy,
+    )  # fmt: skip
+    assert draining.refused and draining.children
+    assert draining.desired_relays == 1, "the empty relays go; relay 0 keeps its listeners"
+    accepted = next(c for c in draining.status.conditions if c.type == "Accepted")
+    assert accepted.status == "False"
+    deadline = end + timedelta(minutes=5)
+    blind = Metrics(listeners=None, problem="not read: refused")
+    gone = reconcile(
+        "r", spec, draining.status, seen(deadline, 1, metrics=blind, namespace="t"),
+        draining.scaling_state, draining.shard_map, next_pass, policy=policy,
+    )  # fmt: skip
+    assert gone.desired_relays == 0 and "DrainTimedOut" in reasons(gone)
+    ended = reconcile(
+        "r", spec, gone.status, seen(deadline + timedelta(seconds=5), 0, namespace="t"),
+        gone.scaling_state, gone.shard_map, deadline, policy=policy,
+    )  # fmt: skip
+    assert ended.status.phase == "Ended"
+    again = reconcile(
+        "r", spec, ended.status, seen(deadline + timedelta(minutes=1), 0, namespace="t"),
+        policy=policy,
+    )  # fmt: skip
+    assert again.refused and not again.children and again.desired_relays == 0
+
+
+def test_a_room_refused_before_its_event_lets_its_idle_relays_go() -> None:
+    """Scheduled days ahead with minRelays 1, then refused: the old code kept that relay
+    until the spec was fixed, however long. Nobody listens before the event: it goes."""
+    spec = room()
+    at = START - timedelta(days=2)
+    scheduled = reconcile("r", spec, AudioRoomStatus(), seen(at, 1, namespace="t"))
+    assert (scheduled.status.phase, scheduled.desired_relays) == ("Scheduled", 1)
+    policy = TenantPolicy(allowed_registries=("other.example",))
+    later = at + timedelta(minutes=1)
+    refused = reconcile(
+        "r", spec, scheduled.status, seen(later, 1, namespace="t"),
+        scheduled.scaling_state, scheduled.shard_map, at, policy=policy,
+    )  # fmt: skip
+    assert refused.refused and refused.desired_relays == 0
+    warning = next(e for e in refused.events if e.reason == "Refused")
+    assert "take no new joins and go as their listeners leave" in warning.message
+    ended = reconcile(
+        "r", spec, refused.status, seen(later + timedelta(seconds=5), 0, namespace="t"),
+        refused.scaling_state, refused.shard_map, later, policy=policy,
+    )  # fmt: skip
+    assert ended.status.phase == "Ended"
+    assert "Refused" not in reasons(ended), "said once"

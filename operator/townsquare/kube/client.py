@@ -226,6 +226,15 @@ class Cluster:
         )
         return child_version(json.loads(stored.data)["metadata"])
 
+    def scale_relays(self, namespace: str, room: str, replicas: int) -> None:
+        """Set the relay StatefulSet's size alone, leaving its pod template as it is."""
+        response = self.apps.patch_namespaced_stateful_set(
+            relay_set_name(room), namespace, {"spec": {"replicas": replicas}},
+            field_manager=MANAGER, _content_type="application/merge-patch+json",
+            _request_timeout=self.timeout, _preload_content=False,
+        )  # fmt: skip
+        _drained(response)
+
     def read_room(self, namespace: str, name: str) -> dict[str, Any]:
         """The room as stored now (not a cached view), so decisions see our own writes."""
         room: dict[str, Any] = self.custom.get_namespaced_custom_object(

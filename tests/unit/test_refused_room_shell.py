@@ -1,0 +1,113 @@
+"""A room refused after it ran, through the operator's shell: what reaches the API server.
+
+The cluster here is a recorder standing in for the API server (the pure decisions are
+tested in test_lifecycle_reentry.py); the verdict is what the shell sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
+from townsquare.handlers import RoomState, Runtime, Settings, reconcile_room
+from townsquare.kube.children import SHARD_MAP_KEY
+from townsquare.kube.client import Cluster
+from townsquare.lifecycle import Metrics, Observed, reconcile
+from townsquare.policy import TenantPolicy
+from townsquare.sharding import ShardMap
+
+
+class RecordingCluster:
+    """Answers the reads of one room and records every write."""
+
+    def __init__(self, room: dict[str, Any], shard_map: ShardMap) -> None:
+        self.room = room
+        self.shard_map = shard_map
+        self.applied: list[dict[str, Any]] = []
+        self.scaled: list[int] = []
+        self.reasons: list[str] = []
+
+    def room_if_exists(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.room
+
+    def read_shard_map(self, namespace: str, room: str) -> ShardMap:
+        return self.shard_map
+
+    def relay_template(self, namespace: str, room: str) -> tuple[str, bool]:
+        return "", True
+
+    def pod_creation_failures(self, namespace: str, room: str) -> tuple[()]:
+        return ()
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.room["status"] = status
+
+    def post_event(self, room: Any, kind: str, reason: str, message: str, now: Any) -> None:
+        self.reasons.append(reason)
+
+    def apply(self, manifest: dict[str, Any]) -> tuple[str, int]:
+        self.applied.append(manifest)
+        return ("1", 1)
+
+    def scale_relays(self, namespace: str, room: str, replicas: int) -> None:
+        self.scaled.append(replicas)
+
+
+def live_room(start: datetime) -> tuple[dict[str, Any], ShardMap]:
+    """A room live since 10 minutes after `start` for 2,000 listeners, as stored."""
+    spec = AudioRoomSpec.model_validate(
+        {
+            "startTime": start,
+            "duration": "1h",
+            "expectedAudience": 2000,
+            "relay": {"image": "registry.example/relay:1", "listenersPerRelay": 1000},
+            "scaling": {"minRelays": 1, "prewarmLead": "2m", "drainTimeout": "5m"},
+        }
+    )
+    at = start + timedelta(minutes=10)
+    metrics = Metrics(listeners=2000, by_relay=dict.fromkeys(range(4), 500), sampled_at=at)
+    live = reconcile("r", spec, AudioRoomStatus(), Observed(at, 1, 4, metrics=metrics))
+    assert live.status.phase == "Live"
+    room = {
+        "metadata": {"name": "r", "namespace": "t", "uid": "u", "generation": 1},
+        "spec": spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+        "status": live.status.model_dump(by_alias=True, mode="json", exclude_none=True),
+    }
+    return room, live.shard_map
+
+
+def one_pass(cluster: RecordingCluster) -> Any:
+    async def scenario() -> Any:
+        policy = TenantPolicy(allowed_registries=("other.example",))
+        runtime = Runtime(
+            cluster=cast(Cluster, cluster),
+            settings=Settings(policy=policy),
+            loop=asyncio.get_running_loop(),
+            indexes={"relay_pod_index": {}, "placeholder_index": {}},
+        )
+        return reconcile_room(runtime, RoomState(generation=1), "t", "r", [])
+
+    return asyncio.run(scenario())
+
+
+def test_a_room_refused_while_live_is_left_as_it_runs() -> None:
+    cluster = RecordingCluster(*live_room(datetime.now(UTC) - timedelta(minutes=20)))
+    outcome = one_pass(cluster)
+    assert outcome.refused
+    assert cluster.applied == [] and cluster.scaled == [], "nothing of the refused spec"
+    assert cluster.reasons == ["Refused"]
+
+
+def test_a_room_refused_after_its_end_sends_only_its_relay_count_and_map() -> None:
+    """Past the end, the refused room drains: the shell sends the shard map (closed to
+    joins) and the relay count, never the StatefulSet built from the refused spec."""
+    cluster = RecordingCluster(*live_room(datetime.now(UTC) - timedelta(hours=1, minutes=1)))
+    outcome = one_pass(cluster)
+    assert outcome.refused and outcome.children
+    assert [m["kind"] for m in cluster.applied] == ["ConfigMap"]
+    assert '"admission":"closed"' in cluster.applied[0]["data"][SHARD_MAP_KEY]
+    assert cluster.scaled == [outcome.desired_relays]
+    assert "Refused" in cluster.reasons and "Draining" in cluster.reasons
+    assert cluster.room["status"]["phase"] == "Draining"
