@@ -373,13 +373,18 @@ class Runtime:
         self.passes.wake(key, delay)
 
     def _read_metrics_of(self, key: Key, spec: AudioRoomSpec) -> MetricsSpec | None:
-        """What the poller reads for a room: nothing without a Prometheus, and never a
-        refused room's query (it may reach too far)."""
+        """What the poller reads for a room: nothing without a Prometheus."""
+        wanted = self.metrics_read_for(key[0], spec)
+        return wanted if self.prometheus_for(wanted).url else None
+
+    def metrics_read_for(self, namespace: str, spec: AudioRoomSpec) -> MetricsSpec:
+        """Where a room's listeners are read: as its spec says, except for a room outside the
+        tenant policy, whose own query or Prometheus may reach too far: the platform's
+        default then (the metric contract on the operator's own Prometheus), which shows
+        only the room's own relays, so a refused room that ran drains by their counts."""
         policy = self.settings.policy
-        if self.prometheus_for(spec.metrics).url is None:
-            return None
-        if policy and violations(spec, key[0], policy):
-            return None
+        if policy and violations(spec, namespace, policy):
+            return MetricsSpec()
         return spec.metrics
 
     def pause(self) -> None:
@@ -1143,8 +1148,9 @@ def reconcile_room(
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
     now = datetime.now(UTC)
     metrics = None
-    source = runtime.prometheus_for(spec.metrics)
-    state.metrics = spec.metrics if source.url else None
+    wanted = runtime.metrics_read_for(namespace, spec)
+    source = runtime.prometheus_for(wanted)
+    state.metrics = wanted if source.url else None
     if source.refusal:
         metrics = Metrics(listeners=None, problem=source.refusal)
     elif source.url:
@@ -1199,7 +1205,6 @@ def reconcile_room(
         spec_problems=problems,
     )
     if outcome.refused:
-        state.metrics = None  # its listeners are never read: its query may reach too far
         if outcome.children:  # a refused room that ran winds down
             _remember(state, outcome, shard_map, held, now)
         _write_status(cluster, namespace, name, previous, outcome)

@@ -10,7 +10,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
+from townsquare.api.models import AudioRoomSpec, AudioRoomStatus, MetricsSpec
 from townsquare.handlers import RoomState, Runtime, Settings, reconcile_room
 from townsquare.kube.children import SHARD_MAP_KEY
 from townsquare.kube.client import Cluster
@@ -28,6 +28,9 @@ class RecordingCluster:
         self.applied: list[dict[str, Any]] = []
         self.scaled: list[int] = []
         self.reasons: list[str] = []
+
+    def fenced(self, fence: Any) -> RecordingCluster:
+        return self
 
     def room_if_exists(self, namespace: str, name: str) -> dict[str, Any]:
         return self.room
@@ -111,3 +114,32 @@ def test_a_room_refused_after_its_end_sends_only_its_relay_count_and_map() -> No
     assert cluster.scaled == [outcome.desired_relays]
     assert "Refused" in cluster.reasons and "Draining" in cluster.reasons
     assert cluster.room["status"]["phase"] == "Draining"
+
+
+def test_a_refused_room_is_counted_by_the_platform_s_query_not_its_own() -> None:
+    """Its own query may reach other tenants' series; the metric contract on the operator's
+    own Prometheus shows only its relays, which it needs to drain by their counts."""
+    reaching = AudioRoomSpec.model_validate(
+        {
+            "startTime": datetime.now(UTC),
+            "duration": "1h",
+            "expectedAudience": 10,
+            "relay": {"image": "registry.example/relay:1"},
+            "metrics": {"listenersQuery": "sum by (pod) (audioroom_relay_listeners)"},
+        }
+    )
+
+    async def scenario() -> tuple[MetricsSpec, MetricsSpec]:
+        runtime = Runtime(
+            cluster=cast(Cluster, object()),
+            settings=Settings(policy=TenantPolicy(allowed_registries=("other.example",))),
+            loop=asyncio.get_running_loop(),
+            indexes={"relay_pod_index": {}, "placeholder_index": {}},
+        )
+        relay = reaching.relay.model_copy(update={"image": "other.example/relay:1"})
+        allowed = reaching.model_copy(update={"relay": relay})
+        return runtime.metrics_read_for("t", reaching), runtime.metrics_read_for("t", allowed)
+
+    refused, accepted = asyncio.run(scenario())
+    assert refused == MetricsSpec()
+    assert accepted.listeners_query == reaching.metrics.listeners_query

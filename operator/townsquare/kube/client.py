@@ -228,6 +228,7 @@ class Cluster:
 
     def scale_relays(self, namespace: str, room: str, replicas: int) -> None:
         """Set the relay StatefulSet's size alone, leaving its pod template as it is."""
+        self._fence()
         response = self.apps.patch_namespaced_stateful_set(
             relay_set_name(room), namespace, {"spec": {"replicas": replicas}},
             field_manager=MANAGER, _content_type="application/merge-patch+json",
