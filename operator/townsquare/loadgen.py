@@ -22,8 +22,10 @@ annotation), up to `--real-listeners` of the audience are real listeners instead
 its own edge replica (the next when that one does not answer), holds a TCP connection to
 its relay in a process of its own (relay/crowd.py), follows moves and counts the frames it
 hears. Only the rest is simulated as above; the relays count
-the real ones themselves, so the metrics here count the simulated part only, and the two parts
-are reported apart (metrics, and a `summary` line in `--record` and on stdout at exit).
+the real ones themselves, so the metrics here count the simulated part only (for the relays
+it placed someone on: a 0 for the others would stand for a relay's own count before
+Prometheus first scrapes it), and the two parts are reported apart (metrics, and a
+`summary` line in `--record` and on stdout at exit).
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ class Relays:
         self.ready: set[str] = set()
         self.refused = 0
         """Connections refused for a bad ticket (none, if the edge is right)."""
+        self.only_placed = False
+        """Count only relays this process ever placed a listener on: set when the relays
+        are real processes, which count the rest themselves. Counting 0 for a Ready relay
+        whose own count Prometheus has not scraped yet would make it look empty: the
+        edge adds the sources up, and filled one to 100 real + 14 simulated that way."""
+        self.placed: set[str] = set()
 
     def connect(self, listener: str, pod: str, ticket: str, now: float) -> bool:
         """Accept a listener presenting an admit ticket for this pod; refuse a bad one."""
@@ -108,6 +116,7 @@ class Relays:
                 self.refused += 1
                 return False
         self.connected.setdefault(pod, set()).add(listener)
+        self.placed.add(pod)
         return True
 
     def disconnect(self, listener: str, pod: str) -> None:
@@ -116,6 +125,7 @@ class Relays:
     def set_ready(self, pods: set[str]) -> set[str]:
         """The Ready relay pods now; returns the listeners of relays that are gone."""
         self.ready = set(pods)
+        self.placed &= self.ready  # a pod of that name again is a new relay
         dropped: set[str] = set()
         for pod in [p for p in self.connected if p not in pods]:
             dropped |= self.connected.pop(pod)
@@ -133,6 +143,8 @@ class Relays:
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.ready, 0)
         counts.update({pod: len(members) for pod, members in self.connected.items()})
+        if self.only_placed:
+            return {pod: n for pod, n in counts.items() if pod in self.placed}
         return counts
 
 
@@ -228,6 +240,10 @@ class Listener:
     """The first 429's position and waiting, when it came back, and from which edge."""
     late: float = 0.0
     """While queued: the most it retried after its own schedule (a busy machine)."""
+    tries: list[list[Any]] = field(default_factory=list)
+    """Its join requests an edge answered until it got in: [sent, answered, status,
+    Retry-After, replica] each, so that a test can tell when its place in line may have
+    lapsed (a retry later than the edge keeps a place for, or its replica gone)."""
     real: bool = False
     """Held by a real listener (RealListeners) rather than simulated here."""
     gone: bool = False
@@ -303,6 +319,7 @@ class Audience:
                     "place": listener.place,
                     "due": listener.due,
                     "late": listener.late,
+                    "tries": listener.tries,
                 }
             self.real.start(listener.id, listener.ticket, line)
 
@@ -372,6 +389,8 @@ class Audience:
             # The first attempt an edge answered: a replica that could not be reached took
             # no place in line for it.
             listener.first_attempt, listener.first_answered = began, now
+            listener.tries = []
+        listener.tries.append([round(began, 4), round(now, 4), status, retry, index])
         if status == 200:
             self._count("admitted")
             if not self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
@@ -391,6 +410,7 @@ class Audience:
                 late=round(listener.late, 3),
                 edge=index,
                 place=listener.place,
+                tries=listener.tries if listener.queued else [],
             )
             listener.first_attempt, listener.queued, listener.late = None, False, 0.0
             listener.place = None
@@ -619,6 +639,7 @@ async def play(
                 if audience.real is not None and not audience.real.enabled and relays_real:
                     with contextlib.suppress(Exception):
                         audience.real.enabled = await asyncio.to_thread(relays_real)
+                        audience.relays.only_placed = audience.real.enabled
                         audience.make_real()
                 pods_at = now + PODS_SECONDS
             for listener in audience.step(demand_at(trace, trace_t), now):

@@ -45,6 +45,21 @@ def test_relays_accept_only_the_edges_tickets_for_them_and_count_each_listener_o
     assert relays.on_two_relays() == 1, "a listener both relays count is seen"
 
 
+def test_beside_real_relays_only_relays_with_simulated_listeners_are_counted() -> None:
+    """A real relay counts its own listeners; a 0 here for one whose own count Prometheus
+    has not scraped yet would make the edge take it for empty (the sources add up)."""
+    relays = Relays("ns/r", KEY)
+    relays.only_placed = True
+    relays.set_ready({"r-relay-0", "r-relay-1"})
+    assert relays.counts() == {}
+    assert relays.connect("a", "r-relay-0", admit("a", "r-relay-0"), now=100.0)
+    relays.disconnect("a", "r-relay-0")
+    assert relays.counts() == {"r-relay-0": 0}, "a series it began stays, at 0"
+    relays.set_ready({"r-relay-1"})
+    relays.set_ready({"r-relay-0", "r-relay-1"})  # a new pod of that name: not counted here
+    assert relays.counts() == {}
+
+
 def test_a_relay_that_is_gone_sends_its_listeners_back_to_join_again() -> None:
     relays = Relays("ns/r", KEY)
     relays.set_ready({"r-relay-0"})

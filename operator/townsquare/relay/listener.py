@@ -367,6 +367,8 @@ class JoinLine:
     """The first 429's position and waiting, when it came back, and from which replica."""
     due: float | None = None
     late: float = 0.0
+    tries: list[list[Any]] = field(default_factory=list)
+    """Join requests an edge answered: [sent, answered, status, Retry-After, replica]."""
 
 
 class EdgeJoiner:
@@ -430,6 +432,7 @@ class EdgeJoiner:
         now = time.time()
         if line.first is None:
             line.first, line.first_answered = began, now
+        line.tries.append([round(began, 4), round(now, 4), status, retry_after, edge])
         if status == 429:
             self.queued += 1
             self.queue_tickets[listener] = answer["ticket"]
@@ -452,7 +455,7 @@ class EdgeJoiner:
                 "first_answered": line.first_answered, "at": now, "asked": began,
                 "pod": answer["pod"], "generation": answer["generation"],
                 "queued": line.queued, "late": round(line.late, 3), "edge": edge,
-                "place": line.place,
+                "place": line.place, "tries": line.tries if line.queued else [],
             }
         )  # fmt: skip
         host, port = split_address(answer["relay"])
