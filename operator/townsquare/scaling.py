@@ -10,7 +10,9 @@ The rules, each for a reason a person on call would give:
 
 - Forecast, not just follow: a new relay needs its start-up time before it carries anyone,
   so demand is projected over that lead at the recent join rate (a robust slope, so one bad
-  scrape does not bend it), adding at most FORECAST_GROWTH_CAP of the demand. The rate is
+  scrape does not bend it), adding at most FORECAST_GROWTH_CAP of the demand; the announced
+  crowd arriving around the start is projected over the whole lead, up to twice what was
+  declared (a storm of a minute outruns a relay's start-up otherwise). The rate is
   the lower of that slope and the newest interval's: a crowd that has stopped arriving
   stops the forecast at once, where the window's slope would carry every ramp past its top.
 - A new sample, not a reconcile, moves the forecast. Every StatefulSet write wakes the
@@ -54,7 +56,18 @@ FORECAST_GROWTH_CAP = 0.3
 """A forecast adds at most this share of the current demand over one lead (chosen on the
 tuning seeds of `townsquare.sim.families`: 0.5 left flash crowds waiting, 2 overshot)."""
 FORECAST_HORIZON = timedelta(seconds=60)
-"""Demand is projected at most this far ahead, however slow relays start."""
+"""Demand is projected at most this far ahead, however slow relays start (except the
+announced crowd's arrival, see ANNOUNCED_SURPRISE)."""
+ANNOUNCED_SURPRISE = 2
+"""Up to this multiple of the declared audience, a crowd arriving for the first time before
+`planHold` has passed is projected at its join rate over the whole start-up lead, neither
+capped at FORECAST_GROWTH_CAP nor at FORECAST_HORIZON: an announced crowd comes in a storm
+of a minute or two, and a relay ordered less than a lead before it is needed comes too late.
+2 is the issue's range for a declared audience (declared/actual 0.5-2); beyond it, and in
+later swings, demand must show itself first. On tuning seeds 0-59 it cut the p95 waiting of
+on-time launches with a crash from 0.14% to 0.064% and of late hosts from 0.12% to 0.03%,
+for oscillating cost p95 1.546x -> 1.573x (seeds 0-149); a flash crowd, 10-100x its
+declared audience, soon passes 2x and keeps the cap (its peak figure did not move)."""
 DECISION_MARGIN = timedelta(seconds=15)
 """Added to the lead: a decision is acted on a moment after it is made."""
 SCALE_UP_FACTOR = 2
@@ -313,7 +326,9 @@ def decide(
         samples = _remember_sample(state.samples, sampled_at, demand)
     if new_sample:
         rate = max(0.0, min(_join_rate(samples), _newest_rate(samples)))
-        forecast = _forecast(demand, rate, min(lead, FORECAST_HORIZON), spec)
+        # A crowd at its highest yet, before the hold ends, is the announced one arriving.
+        arriving = demand >= state.peak and now < spec.start_time + scaling.plan_hold
+        forecast = _forecast(demand, rate, lead, spec, arriving=arriving)
         need = _relays_for(demand, spec)
     else:  # the same scrape again: nothing new is known, so nothing moves
         forecast, need = state.forecast, state.need
@@ -431,11 +446,20 @@ def _blind_towards_limit(
     )
 
 
-def _forecast(demand: int, rate: float, lead: timedelta, spec: AudioRoomSpec) -> int:
-    """Demand projected over the lead at the join rate, adding at most FORECAST_GROWTH_CAP."""
+def _forecast(
+    demand: int, rate: float, lead: timedelta, spec: AudioRoomSpec, *, arriving: bool = False
+) -> int:
+    """Demand projected at the join rate: over at most FORECAST_HORIZON, adding at most
+    FORECAST_GROWTH_CAP of the demand; or, for the announced crowd `arriving`, over the
+    whole lead up to ANNOUNCED_SURPRISE times the declared audience."""
     per_relay = spec.relay.listeners_per_relay * spec.scaling.target_utilization
     most = max(demand * FORECAST_GROWTH_CAP, per_relay * SCALE_UP_MIN_STEP)
-    return round(demand + min(most, max(0.0, rate) * lead.total_seconds()))
+    rate = max(0.0, rate)
+    added = min(most, rate * min(lead, FORECAST_HORIZON).total_seconds())
+    if arriving:
+        announced = spec.expected_audience * ANNOUNCED_SURPRISE - demand
+        added = max(added, min(announced, rate * lead.total_seconds()))
+    return round(demand + added)
 
 
 def _finish(

@@ -418,6 +418,45 @@ def test_a_glitch_after_a_real_rise_moves_one_step_past_the_last_true_ask() -> N
     assert relays[3] == relays[2]
 
 
+def _forecast_after(
+    room: AudioRoomSpec, scrapes: list[tuple[float, int]], startup: float = 105
+) -> int:
+    """The forecast made from the last of the (time, listeners) scrapes."""
+    plan = plan_room(room, EARLY)
+    state = ScalingState.initial(plan.relays)
+    forecast = None
+    for t, listeners in scrapes:
+        observation = Observation(listeners, sampled_at=at(t))
+        decision = decide(room, plan, observation, state, at(t), startup_seconds=startup)
+        state, forecast = decision.state, decision.forecast
+    assert forecast is not None
+    return forecast
+
+
+def test_the_announced_crowd_arriving_is_projected_over_the_whole_lead() -> None:
+    """100,000 declared; at the start 15,000 join in 15 s. Relays start in 105 s, so the
+    forecast looks 120 s ahead at 1,000/s (it used to add 30% over 60 s: 32,500, and the
+    relays for the rest of the storm were ordered a minute too late)."""
+    room = spec(audience=100_000)
+    assert _forecast_after(room, [(0, 10_000), (15, 25_000)]) == 25_000 + 1_000 * 120
+
+
+def test_the_announced_crowd_is_projected_to_twice_the_declared_audience_at_most() -> None:
+    room = spec(audience=20_000)
+    assert _forecast_after(room, [(0, 10_000), (15, 25_000)]) == 2 * 20_000
+
+
+def test_a_rise_after_the_hold_or_below_the_peak_keeps_the_capped_forecast() -> None:
+    """Swings of an audience that already came, or a crowd long after the start, must show
+    themselves first: 30% over at most a minute."""
+    room = spec(audience=100_000)
+    hold = room.scaling.plan_hold.total_seconds()
+    late = [(hold + 600, 10_000), (hold + 615, 25_000)]
+    assert _forecast_after(room, late) == round(25_000 * 1.3)
+    swing = [(0, 50_000), (300, 10_000), (315, 25_000)]
+    assert _forecast_after(room, swing) == round(25_000 * 1.3)
+
+
 def test_lowering_max_relays_while_blind_drains_towards_it_at_the_migration_budget() -> None:
     """500 relays, maxRelays lowered to 100, no count. The old code held 500 until counts
     came back. The limit is the producer's ceiling, so it is reached blind too, but gently:
