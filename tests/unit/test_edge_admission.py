@@ -677,3 +677,19 @@ def test_a_replica_takes_no_remainder_until_the_fleet_it_hears_has_settled() -> 
     assert fleet.rank_for(100.0, 5.0) is None and fleet.rank_for(102.0, 5.0) == 0
     fleet.heard((), None, now=103.0)  # no news
     assert fleet.rank_for(200.0, 5.0) is None
+
+
+def test_a_remainder_seat_waits_for_a_report_that_counts_the_last_turns_admissions() -> None:
+    """The last turn's extra admissions may not have connected when a report early in this
+    turn was sampled: the new turn's extra seat comes only from a report a ttl into it."""
+    shard_map = room_map(relays=1, capacity=10)
+    gates = [gate_for(shard_map, replicas=3, listeners={0: 9}) for _ in range(3)]
+    _fleet_of(gates, now=0.0)
+    start = 40 * gates[0].settings.seat_slot
+    owner = next(g for g in gates if g.fleet.rank == (40 % 3))  # rest 1: one rank's turn
+    room = owner.rooms[(NS, ROOM)]
+    owner.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(9, start + 1.0)})
+    held = owner.join(room, "early", None, now=start + 2.0)
+    assert isinstance(held, Queued)
+    owner.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(9, start + 5.0)})
+    assert isinstance(owner.join(room, "early", held.ticket, now=start + 6.0), Admitted)
