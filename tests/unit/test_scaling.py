@@ -418,6 +418,23 @@ def test_a_glitch_after_a_real_rise_moves_one_step_past_the_last_true_ask() -> N
     assert relays[3] == relays[2]
 
 
+def test_an_audience_leaving_near_the_end_is_drained_after_two_minutes() -> None:
+    """90 minutes declared; 8 minutes before the end, half the audience leaves. A swing
+    mid-event waits a full window (10 min) before a drain; this drop is the audience going
+    home, so it drains after 2 minutes (it used to hold the relays to the end)."""
+    room = spec(audience=0, duration="90m")
+    end = room.duration.total_seconds()
+    steps = [(t, 100_000 if t < end - 480 else 50_000) for t in range(3600, int(end), 15)]
+    decisions = run(room, ScalingState.initial(143), steps)
+    drained = [t for (t, _), d in zip(steps, decisions, strict=True) if d.direction == "down"]
+    assert drained, "drained before the end"
+    assert end - 480 + 120 <= drained[0] <= end - 480 + 150
+    assert decisions[-1].relays == math.ceil(50_000 / 700)
+    # The same drop mid-event waits the full window.
+    middle = [(t, 100_000 if t < 3900 else 50_000) for t in range(3600, 3900 + 600, 15)]
+    assert all(d.direction != "down" for d in run(room, ScalingState.initial(143), middle))
+
+
 def _forecast_after(
     room: AudioRoomSpec, scrapes: list[tuple[float, int]], startup: float = 105
 ) -> int:
