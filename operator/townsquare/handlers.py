@@ -209,6 +209,11 @@ class RoomState:
     deleting: bool = False
     """The room is being deleted and holds our finalizer: its passes drain it, and the
     last one releases it."""
+    in_flight: bool = False
+    """A pass over the room is running (it may still write what it decided into this
+    state, so a reread waits for it to end: `stale`)."""
+    stale: bool = False
+    """Read afresh once the pass in flight ends (its slot was gained anew meanwhile)."""
 
     def reread(self) -> None:
         """Forget what another replica may have changed meanwhile: the next pass reads
@@ -218,6 +223,14 @@ class RoomState:
         self.shard_map = self.shard_map_at = self.relay_revision = None
         self.relay_pods_labelled = None
         self.replaced.clear()
+
+    def reread_when_idle(self) -> None:
+        """`reread` now, or, while a pass is in flight, as soon as it ends: a pass that
+        ends after the reread would otherwise store what it decided under an old claim."""
+        if self.in_flight:
+            self.stale = True
+        else:
+            self.reread()
 
 
 @dataclass
@@ -263,6 +276,11 @@ class Runtime:
     clock: Callable[[], float] = time.monotonic
     """The lease's clock: monotonic, so a wall clock stepped back never extends a claim."""
     claims: ClaimsHealth = field(default_factory=ClaimsHealth)
+    epoch: int = 0
+    """Which lease a pass acts under: bumped whenever a lease follows a lapse or gains
+    slots. A pass records it as it starts, and the fence refuses its writes once it
+    moved, so a pass that began before a lapse never writes after the slot was claimed
+    again (meanwhile another replica may have acted on the room: ABA)."""
 
     def __post_init__(self) -> None:
         self.passes = PassScheduler(
@@ -404,27 +422,35 @@ class Runtime:
         due meanwhile. `kept`: the slots nobody else can have acted on since this replica
         last did (see `_claim`); the rooms of every other slot are read afresh."""
         gained = lease.slots - kept
+        if not self.lease.valid(self.clock()) or lease.slots - self.lease.slots:
+            self.epoch += 1
         self.lease = lease
         if gained:
             for key, state in self.rooms.items():
                 if slot_of(*key) in gained:
-                    state.reread()
+                    state.reread_when_idle()
         self.passes.unpark()
 
     def stop_acting(self) -> None:
         """No slot any more: no pass starts, and passes in flight write nothing more."""
         self.lease = Lease()
 
-    def check_claim(self, key: Key) -> None:
+    def check_claim(self, key: Key, epoch: int | None = None) -> None:
         """The fence, called just before each write of the room's pass: refuses it once this
-        replica's lease on the room's slot ran out or moved (see partitions.Lease)."""
+        replica's lease on the room's slot ran out or moved (see partitions.Lease), or, for
+        a pass begun in `epoch`, once the lease is no longer the one it began under."""
         if not self.lease.holds(slot_of(*key), self.clock()):
             raise ClaimLapsedError(f"{key[0]}/{key[1]}: this replica's claim on its slot lapsed")
+        if epoch is not None and epoch != self.epoch:
+            raise ClaimLapsedError(
+                f"{key[0]}/{key[1]}: the slot was claimed anew since this pass began"
+            )
 
     def resume(self) -> None:
         """This replica acts again: every room is read afresh and passed at once."""
+        self.epoch += 1
         for state in self.rooms.values():
-            state.reread()
+            state.reread_when_idle()
         self.passes.resume()
 
 
@@ -992,11 +1018,12 @@ async def _reconcile_once(
     state.replaced &= {pod.uid for pod in listed}  # forget those the watch saw go
     pods = sorted((p for p in listed if p.uid not in state.replaced), key=lambda p: p.ordinal)
     holding = tuple(sorted(held_index.get(key, ()), key=lambda pod: pod.name))
+    epoch, state.in_flight = runtime.epoch, True
     try:
         with observability.time_reconcile():
             outcome = await asyncio.get_running_loop().run_in_executor(
                 runtime.pass_threads,
-                reconcile_room, runtime, state, namespace, name, pods, holding, deleting,
+                reconcile_room, runtime, state, namespace, name, pods, holding, deleting, epoch,
             )  # fmt: skip
         return outcome, False
     except ClaimLapsedError as lapsed:
@@ -1008,6 +1035,11 @@ async def _reconcile_once(
     except Exception:
         room_logger(namespace, name).exception("reconcile failed; retrying")
         return None, True
+    finally:
+        state.in_flight = False
+        if state.stale:
+            state.stale = False
+            state.reread()
 
 
 def _seconds_until(moment: datetime | None) -> float | None:
@@ -1125,11 +1157,14 @@ def reconcile_room(
     pods: list[RelayPod],
     holding: tuple[Placeholder, ...] = (),
     deleting: bool = False,
+    epoch: int | None = None,
 ) -> Outcome | None:
     """One pass for one room: read, decide, write. `deleting`: the pass of a room being
     deleted, which drains it; other passes leave such a room alone (None). Every write
-    checks first that this replica still holds the room's slot (`Runtime.check_claim`)."""
-    cluster = runtime.cluster.fenced(lambda: runtime.check_claim((namespace, name)))
+    checks first that this replica still holds the room's slot, under the lease the pass
+    began in (`epoch`, see `Runtime.check_claim`)."""
+    began = runtime.epoch if epoch is None else epoch
+    cluster = runtime.cluster.fenced(lambda: runtime.check_claim((namespace, name), began))
     room = cluster.room_if_exists(namespace, name)
     if room is None:  # gone while this replica was paused, or just now
         runtime.loop.call_soon_threadsafe(runtime.forget, (namespace, name))

@@ -534,6 +534,47 @@ def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
     asyncio.run(scenario())
 
 
+def test_a_pass_begun_before_a_lapse_writes_nothing_once_the_slot_is_claimed_again() -> None:
+    """ABA: a pass stalls inside its first write; its lease runs out, another replica may
+    act meanwhile, and this replica claims the slot again. The stalled pass must not go on
+    writing under the new lease (it decided from what it read under the old one): the
+    fence refuses every later write, and the room is read afresh once the pass ends."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        lifetime = Settings().peering_lifetime
+        entered, release = threading.Event(), threading.Event()
+
+        def stall_in_first_write(name: str) -> None:
+            if name == "patch_namespaced_custom_object" and not entered.is_set():
+                entered.set()
+                release.wait(10)
+
+        api = RecordingApi(_prewarming_room(), stall_in_first_write)
+        runtime = _runtime(_fenced_cluster(api), Settings(), claimed=False)
+        runtime.clock = clock
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        key = ("spaces", "launch")
+        state = runtime.room(key)
+        stalled = asyncio.create_task(handlers._reconcile_once(runtime, state, key))
+        await asyncio.to_thread(entered.wait, 10)
+        clock.now += lifetime.total_seconds() / 2 + 1  # lease #1 ran out
+        runtime.stop_acting()
+        clock.now += lifetime.total_seconds() + 5  # another replica could act, and let go
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        release.set()
+        outcome, failed = await stalled
+        writes = [call for call in api.calls if call in WRITES]
+        assert writes == ["patch_namespaced_custom_object"], "nothing after the stalled write"
+        assert outcome is None and failed
+        assert state.scaling is None and not state.applied, "read afresh once the pass ended"
+
+        outcome, failed = await handlers._reconcile_once(runtime, state, key)
+        assert not failed and "apply_child" in api.calls, "a pass under the new lease acts"
+
+    asyncio.run(scenario())
+
+
 def test_no_pass_starts_once_the_lease_ran_out_even_before_the_claims_round_notices() -> None:
     async def scenario() -> None:
         clock = FakeClock()
