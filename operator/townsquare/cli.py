@@ -266,6 +266,7 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
         record=Path(args.record) if args.record else None,
         check_every=args.check_every,
         real_listeners=args.real_listeners,
+        id_prefix=args.id_prefix,
     )
     return 0
 
@@ -717,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
         "process and one relay carry alone, about 10 s)",
     )
     load.add_argument("--start", type=parse_time, help="trace t=0 (default: the room's start)")
+    load.add_argument(
+        "--id-prefix",
+        default="listener-",
+        help="listener i is PREFIXi (default 'listener-'); a second load generator for the "
+        "same room needs a prefix of its own",
+    )
     load.set_defaults(handler=_cmd_loadgen)
 
     edge = commands.add_parser("edge", help="serve joins: the gateway in front of the relays")

@@ -219,6 +219,10 @@ class RealListeners:
         return dict(self.crowd.latest)
 
 
+ID_PREFIX = "listener-"
+"""Listener i of a load generator is `listener-i` unless it is given another prefix."""
+
+
 @dataclass
 class Listener:
     index: int
@@ -248,10 +252,11 @@ class Listener:
     """Held by a real listener (RealListeners) rather than simulated here."""
     gone: bool = False
     """Left the audience (the trace fell); a request still out is undone when it ends."""
+    prefix: str = ID_PREFIX
 
     @property
     def id(self) -> str:
-        return f"listener-{self.index}"
+        return f"{self.prefix}{self.index}"
 
 
 @dataclass
@@ -273,12 +278,14 @@ class Audience:
     real_cap_measured: dict[str, Any] | None = None
     """How many real listeners a measurement at start found this machine carries (None:
     the cap was given)."""
+    id_prefix: str = ID_PREFIX
+    """Listener i is `<id_prefix>i`: two load generators for one room need two prefixes."""
 
     def step(self, wanted: int, now: float) -> list[Listener]:
         """Grow or shrink the audience to `wanted`; the listeners due for a request."""
         self.wanted = wanted
         while len(self.listeners) < wanted:
-            listener = Listener(len(self.listeners), due=now)
+            listener = Listener(len(self.listeners), due=now, prefix=self.id_prefix)
             if self.real is not None and self.real.can_take():
                 listener.real = True
                 self.real.start(listener.id)
@@ -671,6 +678,7 @@ def run(
     record: Path | None = None,
     check_every: float = 5.0,
     real_listeners: int | None = REAL_LISTENERS,
+    id_prefix: str = ID_PREFIX,
 ) -> None:
     """Play `trace` for one room through the edge until it ends (or SIGTERM/SIGINT), serving
     /metrics; the summary goes to stdout and `record` at the end. `real_listeners` None:
@@ -704,6 +712,7 @@ def run(
                 Relays(f"{namespace}/{room}", key),
                 check_every=check_every,
                 record=sink,
+                id_prefix=id_prefix,
             )
             cap = real_listeners
             if cap is None:

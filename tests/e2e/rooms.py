@@ -207,6 +207,8 @@ class LoadGenerator:
         edges: EdgeFleet,
         check_every: float = 3.0,
         real_listeners: int | None = None,
+        start: str | None = None,
+        id_prefix: str | None = None,
     ) -> None:
         self.port = free_loopback_port()
         self.log = trace.with_suffix(".log")
@@ -217,6 +219,8 @@ class LoadGenerator:
             "--check-every", str(check_every),
             *[arg for url in edges.urls for arg in ("--edge", url)],
             *(() if real_listeners is None else ("--real-listeners", str(real_listeners))),
+            *(() if start is None else ("--start", start)),
+            *(() if id_prefix is None else ("--id-prefix", id_prefix)),
         ]  # fmt: skip
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(

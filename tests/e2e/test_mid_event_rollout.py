@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ CROWD = 800
 """Listeners of the doubled room."""
 BUDGET = 1200
 """maxMigrationsPerMinute of the tight room."""
+ARRIVALS = 30
+"""Listeners who join the tight room while its relays are being replaced: 530 in all,
+still within what its 6 relays carry at 90%."""
 RELAYS_ONLY = "app.kubernetes.io/component=relay"
 
 
@@ -80,15 +84,21 @@ class Sample:
 
 
 class Watch(Sampler):
-    """Pods, the published map and the listeners the load generator counts."""
+    """Pods, the published map and the listeners the load generators count (the audience's
+    own, and the `arrivals`' per relay pod)."""
 
-    def __init__(self, rooms: Rooms, name: str, load: LoadGenerator) -> None:
-        self.rooms, self.name, self.load = rooms, name, load
+    def __init__(
+        self, rooms: Rooms, name: str, load: LoadGenerator, arrivals: LoadGenerator | None = None
+    ) -> None:
+        self.rooms, self.name, self.load, self.arrivals = rooms, name, load, arrivals
         self.samples: list[Sample] = []
         super().__init__()
 
     def sample(self) -> None:
         listeners, wanted, audience = audience_figures(self.load)
+        if self.arrivals is not None:
+            for pod, count in listeners_by_pod(self.arrivals).items():
+                listeners[pod] = listeners.get(pod, 0) + count
         # The map before the pods: the operator drains a relay only after it saw the one it
         # replaced Ready again, so pods read after the map are at least as Ready as the
         # operator saw them. Read the other way round, a replaced relay that turns Ready
@@ -127,7 +137,7 @@ def steady(
     kubeconfig: Path,
     prometheus: Prometheus,
     tmp_path: Path,
-) -> Iterator[LoadGenerator]:
+) -> Iterator[tuple[LoadGenerator, EdgeFleet]]:
     """The room with its listeners (joining through an edge), once its 6 relays are Ready."""
     name = manifest["metadata"]["name"]
     rooms.create(manifest)
@@ -137,7 +147,7 @@ def steady(
     prometheus.add_target(load.address)
     try:
         wait_until(lambda: rooms.relays(name) == (RELAYS, RELAYS), 60, "6 relays Ready")
-        yield load
+        yield load, edges
     finally:
         load.stop()
         edges.stop()
@@ -165,9 +175,11 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
     tmp_path: Path,
 ) -> None:
     """A room with no relay to spare: the rollout adds relays first, never serves fewer
-    relays than before, and lets the extra ones go once every relay is replaced."""
+    relays than before, and lets the extra ones go once every relay is replaced. Listeners
+    who join meanwhile are let in (a second load generator plays them)."""
     rooms = Rooms(api_client, namespace)
-    with steady(rooms, tight_room("rolling"), TIGHT, kubeconfig, prometheus, tmp_path) as load:
+    room = tight_room("rolling")
+    with steady(rooms, room, TIGHT, kubeconfig, prometheus, tmp_path) as (load, edges):
         wait_until(lambda: sum(listeners_by_pod(load).values()) == TIGHT, 90, "listeners connected")
         # the join ramp may have grown the room for a while: it is back to its 6 relays,
         # and the operator has read the listeners (through Prometheus)
@@ -177,17 +189,41 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
             60,
             "the operator to count the listeners",
         )
-        watch = Watch(rooms, "rolling", load)
-        began = time.time()
-        rooms.patch_spec("rolling", {"relay": {"image": "registry.example/relay:v2"}})
-        wait_until(
-            lambda: all_on(rooms, "rolling", "registry.example/relay:v2"),
-            240,
-            "every relay replaced by one with the new image, and the extra relays gone",
-        )
-        seconds = time.time() - began
-        time.sleep(1)
-        watch.stop()
+        # Newcomers: ARRIVALS listeners asking over 10 s from 5 s after the image changes.
+        come_at = datetime.now(UTC) + timedelta(seconds=8)
+        late = write_trace(tmp_path / "arrivals.csv", [(0, 0), (10, ARRIVALS), (900, ARRIVALS)])
+        arrivals = LoadGenerator(
+            kubeconfig, namespace, "rolling", late, edges, real_listeners=0,
+            start=come_at.isoformat().replace("+00:00", "Z"), id_prefix="arrival-",
+        )  # fmt: skip
+        prometheus.add_target(arrivals.address)
+        try:
+            wait_until(
+                lambda: audience_figures(arrivals)[2].get("idle") == 0,
+                30,
+                "the arrivals' load generator to answer, nobody arrived yet",
+            )
+            watch = Watch(rooms, "rolling", load, arrivals)
+            began = time.time()
+            rooms.patch_spec("rolling", {"relay": {"image": "registry.example/relay:v2"}})
+            wait_until(
+                lambda: all_on(rooms, "rolling", "registry.example/relay:v2"),
+                240,
+                "every relay replaced by one with the new image, and the extra relays gone",
+            )
+            seconds = time.time() - began
+            time.sleep(1)
+            watch.stop()
+            rollout_over = time.time()
+            wait_until(
+                lambda: audience_figures(arrivals)[2].get("connected") == ARRIVALS,
+                60,
+                "every listener who came during the rollout connected",
+            )
+            newcomers = arrivals.events()
+            arrived = audience_figures(arrivals)[2]
+        finally:
+            arrivals.stop()
         moves = [e for e in load.events() if e["event"] == "moved" and e["at"] >= began]
         joined = [e for e in load.events() if e["event"] != "moved" and e["at"] >= began]
 
@@ -245,6 +281,21 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
     assert moves, "listeners moved off the drained relays"
     most_moves = moves_in_any_minute(moves)
     assert most_moves <= BUDGET
+    # The newcomers, by their own load generator's record: each asked while the rollout
+    # ran, was let in, and kept its relay (its only admission).
+    admitted = [e for e in newcomers if e["event"] == "admitted"]
+    asked = sorted(e["first"] for e in admitted)
+    assert len(asked) == ARRIVALS and len({e["listener"] for e in admitted}) == ARRIVALS, (
+        f"{len(admitted)} admissions for {ARRIVALS} newcomers: {newcomers[:5]}"
+    )
+    assert began <= asked[0] and asked[-1] <= rollout_over, (
+        "the newcomers asked while relays were being replaced: "
+        f"{asked[0] - began:.1f}-{asked[-1] - began:.1f}s after the change, over at "
+        f"{rollout_over - began:.1f}s"
+    )
+    assert arrived.get("turned_away", 0) == 0 and arrived.get("idle", 0) == 0, arrived
+    waits = sorted(e["at"] - e["first"] for e in admitted)
+    queued_once = sum(1 for e in admitted if e["queued"])
     reasons = rooms.reasons("rolling")
     for reason in ("RolloutSurge", "RollingOut", "RelaysReplaced", "RolloutSurgeDone"):
         assert reason in reasons, reason
@@ -255,7 +306,9 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
         f"rollout of {RELAYS} relays with {TIGHT} listeners (no relay to spare) took "
         f"{seconds:.0f}s; at most {max(pods_at_once)} relay pods, {len(moves)} moves, "
         f"at most {most_moves} in a minute (budget {BUDGET}); the map queued joins in "
-        f"{queueing} of {len(samples)} samples; nobody waited or lost a relay"
+        f"{queueing} of {len(samples)} samples; nobody waited or lost a relay. "
+        f"{ARRIVALS} newcomers all let in: {queued_once} queued first, waits median "
+        f"{waits[len(waits) // 2]:.1f}s, longest {waits[-1]:.1f}s"
     )
 
 

@@ -202,3 +202,10 @@ def test_a_join_the_room_turns_away_for_good_is_not_retried() -> None:
             assert audience.summary()["turned_away"] == 1
 
     asyncio.run(main())
+
+
+def test_a_second_load_generator_for_the_room_names_its_listeners_apart() -> None:
+    """Two load generators for one room (a crowd and its latecomers) must not share ids:
+    the edge would take the second's listener-0 for the first's."""
+    latecomers = Audience("ns", "r", ["http://127.0.0.1:1"], Relays("ns/r"), id_prefix="late-")
+    assert [listener.id for listener in latecomers.step(2, now=0.0)] == ["late-0", "late-1"]
