@@ -1242,8 +1242,7 @@ def reconcile_room(
     if outcome.refused:
         if outcome.children:  # a refused room that ran winds down
             _remember(state, outcome, shard_map, held, now)
-        _write_status(cluster, namespace, name, previous, outcome)
-        _post_events(cluster, room, outcome, now)
+        _announce(runtime, cluster, room, previous, outcome, now)
         if outcome.children:
             _wind_down_children(cluster, state, room, outcome)
         return outcome
@@ -1254,10 +1253,8 @@ def reconcile_room(
         # which moves the room's version that this write is conditional on.
         cluster.hold_room(room)
     # Status first: what a person reads never lags behind the children it describes. Then
-    # the Events it implies, before anything else can fail: a recorded change is never
-    # reconciled again, so an Event not posted now would be lost.
-    _write_status(cluster, namespace, name, previous, outcome)
-    _post_events(cluster, room, outcome, now)
+    # the Events it implies (see `_announce`).
+    _announce(runtime, cluster, room, previous, outcome, now)
     if outcome.released:
         cluster.release_room(room)
     else:
@@ -1433,11 +1430,32 @@ def _apply_headroom(
     state.headroom_refusal = ""
 
 
+def _announce(
+    runtime: Runtime,
+    cluster: Cluster,
+    room: dict[str, Any],
+    previous: AudioRoomStatus,
+    outcome: Outcome,
+    now: datetime,
+) -> None:
+    """Write the status, then post the Events it implies, before anything else can fail.
+
+    A change the status records is never derived again, by this replica or another, so its
+    Events go out once the status write landed even if the claim lapsed meanwhile (the
+    fence would otherwise drop them and nobody would ever announce the change). They only
+    tell of what this replica already wrote: no other actor announces it too."""
+    meta = room["metadata"]
+    written = _write_status(cluster, meta["namespace"], meta["name"], previous, outcome)
+    _post_events(runtime.cluster if written else cluster, room, outcome, now)
+
+
 def _write_status(
     cluster: Cluster, namespace: str, name: str, previous: AudioRoomStatus, outcome: Outcome
-) -> None:
+) -> bool:
+    """Whether the status changed, and so was written."""
     if outcome.status == previous:
-        return
+        return False
     cluster.patch_status(
         namespace, name, outcome.status.model_dump(by_alias=True, mode="json", exclude_none=True)
     )
+    return True

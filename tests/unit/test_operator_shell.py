@@ -502,8 +502,9 @@ WRITES = {
 
 def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
     """The lease runs out (by the monotonic clock) while the room's status write is in
-    flight: the Events and children that would follow are never sent, the pass ends as
-    failed, and what it decided is forgotten (the room is read afresh next time)."""
+    flight: the children that would follow are never sent, the pass ends as failed, and
+    what it decided is forgotten (the room is read afresh next time). The Events of the
+    status that landed still go out: no later pass derives them again (see the next test)."""
 
     async def scenario() -> None:
         clock = FakeClock()
@@ -523,13 +524,75 @@ def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
         state = runtime.room(key)
         outcome, failed = await handlers._reconcile_once(runtime, state, key)
         writes = [call for call in api.calls if call in WRITES]
-        assert writes == ["patch_namespaced_custom_object", "patch_namespaced_custom_object_status"]
+        assert writes[:2] == [
+            "patch_namespaced_custom_object",
+            "patch_namespaced_custom_object_status",
+        ]
+        assert set(writes[2:]) == {"create_namespaced_event"}, "Events only, no child"
         assert outcome is None and failed
         assert state.scaling is None, "what it decided but did not write: read afresh"
 
         runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
         outcome, failed = await handlers._reconcile_once(runtime, state, key)
         assert not failed and "apply_child" in api.calls
+
+    asyncio.run(scenario())
+
+
+class StatusKeepingApi(RecordingApi):
+    """As the API server keeps it: the status written is what the next read of the room
+    returns, and the Events created are kept (by reason). No child exists yet."""
+
+    def __init__(self, room: dict[str, Any], on_call: Callable[[str], None]) -> None:
+        super().__init__(room, on_call)
+        self.events: list[str] = []
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        from kubernetes.client.rest import ApiException
+
+        recorded = super().__getattr__(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name == "patch_namespaced_custom_object_status":
+                self.room = {**self.room, "status": args[5]["status"]}
+            if name in ("read_namespaced_config_map", "read_namespaced_stateful_set_status"):
+                raise ApiException(status=404)
+            if name == "list_namespaced_event":
+                return SimpleNamespace(items=[])
+            if name == "create_namespaced_event":
+                self.events.append(args[1].reason)
+            return recorded(*args, **kwargs)
+
+        return call
+
+
+def test_a_claim_lapsing_during_the_status_write_loses_no_event() -> None:
+    """The status write lands as the lease runs out: the change it records is announced
+    (the Events go out with it), and the next pass, finding it recorded, announces it not
+    again."""
+
+    async def scenario() -> None:
+        clock, lifetime = FakeClock(), Settings().peering_lifetime
+        lapses = [lifetime.total_seconds() / 2 + 1]
+
+        def lapse_during_status_write(name: str) -> None:
+            if name == "patch_namespaced_custom_object_status" and lapses:
+                clock.now += lapses.pop()
+
+        api = StatusKeepingApi(_prewarming_room(), lapse_during_status_write)
+        runtime = _runtime(_fenced_cluster(api), Settings(), claimed=False)
+        runtime.clock = clock
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        key = ("spaces", "launch")
+        state = runtime.room(key)
+        _, failed = await handlers._reconcile_once(runtime, state, key)
+        assert failed and api.events, "the change the status records is announced"
+        announced = list(api.events)
+
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        _, failed = await handlers._reconcile_once(runtime, state, key)
+        assert not failed and "apply_child" in api.calls
+        assert api.events == announced, "announced once"
 
     asyncio.run(scenario())
 
