@@ -10,11 +10,9 @@ from hypothesis import strategies as st
 
 from townsquare import tickets
 from townsquare.edge.admission import (
-    MOVE_SLOT_SECONDS,
     Admitted,
     Closed,
     Endpoint,
-    Fleet,
     Gate,
     Held,
     Line,
@@ -23,7 +21,6 @@ from townsquare.edge.admission import (
     Queued,
     Report,
     line_of,
-    rotation_share,
 )
 from townsquare.edge.admission import Settings as EdgeSettings
 from townsquare.sharding import Admission, ShardMap, new_map, rebalance, shard_of
@@ -212,7 +209,7 @@ def test_a_restarted_replica_that_cannot_admit_yet_holds_no_other_replica_back()
     waiting = [b.join(room_b, f"at-b-{i}", None, now=101.0 + i * 0.1) for i in range(5)]
     assert all(isinstance(answer, Queued) for answer in waiting)
     exported = {room.key: line for room, line in b.lines(now=102.0)}
-    a.set_news(_news_of(exported, heard=102.0), now=0.0)
+    a.set_news(_news_of(exported, heard=102.0))
     later = [a.join(room_a, f"at-a-{i}", None, now=102.1 + i * 0.1) for i in range(5)]
     assert all(isinstance(answer, Admitted) for answer in later), [
         getattr(answer, "reason", "") for answer in later
@@ -348,7 +345,7 @@ def news_of(oldest: float | None, heard: float, waiting: int = 1) -> News:
 def test_listeners_far_behind_the_oldest_waiting_join_are_told_to_retry_later() -> None:
     gate = gate_for(room_map(relays=1, capacity=1), listeners={0: 1})
     room = gate.rooms[(NS, ROOM)]
-    gate.set_news(news_of(100.0, heard=100.0), now=0.0)
+    gate.set_news(news_of(100.0, heard=100.0))
     retries = {}
     for behind in (0.5, 1.9, 2.5, 4.5, 30.0):
         answer = gate.join(room, f"w{behind}", None, now=100.0 + behind)
@@ -410,11 +407,11 @@ def test_a_join_waits_while_one_that_came_more_than_the_window_earlier_still_wai
 def test_joins_waiting_at_another_replica_hold_back_younger_ones_here() -> None:
     gate = gate_for(room_map(relays=1, capacity=10))
     room = gate.rooms[(NS, ROOM)]
-    gate.set_news(news_of(100.0, heard=100.5), now=0.0)
+    gate.set_news(news_of(100.0, heard=100.5))
     held = gate.join(room, "young", None, now=101.0)
     assert isinstance(held, Queued) and "earlier still wait" in held.reason
     assert isinstance(gate.join(room, "near", None, now=100.5), Admitted)
-    gate.set_news(news_of(None, heard=101.5), now=0.0)  # the other replica admitted it
+    gate.set_news(news_of(None, heard=101.5))  # the other replica admitted it
     assert isinstance(gate.join(room, "young", held.ticket, now=102.0), Admitted)
 
 
@@ -423,23 +420,23 @@ def test_a_queued_join_waits_until_the_other_replicas_news_covers_its_first_atte
     join younger than that news by more than the window waits for the next news."""
     gate = gate_for(room_map(relays=1, capacity=10, admission="queueing"))
     room = gate.rooms[(NS, ROOM)]
-    gate.set_news(news_of(None, heard=100.0), now=0.0)
+    gate.set_news(news_of(None, heard=100.0))
     queued = gate.join(room, "late", None, now=101.0)
     assert isinstance(queued, Queued) and "queueing" in queued.reason
     gate.set_map(NS, ROOM, room_map(relays=1, capacity=10))
     held = gate.join(room, "late", queued.ticket, now=102.0)
     assert isinstance(held, Queued) and "not known" in held.reason
-    gate.set_news(news_of(None, heard=100.3), now=0.0)  # sampled 0.7 s before its first attempt
+    gate.set_news(news_of(None, heard=100.3))  # sampled 0.7 s before its first attempt
     assert isinstance(gate.join(room, "late", queued.ticket, now=103.0), Admitted)
     # A new join does not wait for news (the map is open): it is the one exception.
-    gate.set_news(news_of(None, heard=90.0), now=0.0)
+    gate.set_news(news_of(None, heard=90.0))
     assert isinstance(gate.join(room, "new", None, now=104.0), Admitted)
 
 
 def test_position_and_waiting_count_the_whole_rooms_line() -> None:
     gate = gate_for(room_map(relays=1, capacity=10, admission="queueing"))
     room = gate.rooms[(NS, ROOM)]
-    gate.set_news(news_of(100.0, heard=110.0, waiting=11), now=0.0)  # first attempts 100 ... 110
+    gate.set_news(news_of(100.0, heard=110.0, waiting=11))  # first attempts 100 ... 110
     for listener, now in (("a", 104.5), ("b", 105.5)):
         assert isinstance(gate.join(room, listener, None, now=now), Queued)
     answer = gate.join(room, "c", None, now=105.0)
@@ -447,7 +444,7 @@ def test_position_and_waiting_count_the_whole_rooms_line() -> None:
     # Ahead: "a" here, and the five of the other line who came at 100 ... 104 (its tenths
     # place 105.0 halfway through it).
     assert (answer.position, answer.waiting) == (7, 14)
-    gate.set_news(News(), now=0.0)  # Prometheus unreachable: this replica's own line only
+    gate.set_news(News())  # Prometheus unreachable: this replica's own line only
     alone = gate.join(room, "d", None, now=106.0)
     assert isinstance(alone, Queued) and (alone.position, alone.waiting) == (4, 4)
 
@@ -594,102 +591,3 @@ def test_a_listener_that_could_not_reach_its_new_relay_may_ask_again() -> None:
         gate.locate(room, mover, seat, now=101.0 + gate.settings.admit_ttl / 2)
     again = gate.locate(room, mover, seat, now=101.0 + gate.settings.admit_ttl + 0.1)
     assert isinstance(again, Location) and again.moved and again.pod == f"{ROOM}-relay-0"
-
-
-def _fleet_of(gates: list[Gate], now: float) -> None:
-    """Each replica hears the same fleet from Prometheus: ranks 0, 1, 2 by name."""
-    names = tuple(f"edge-{i}" for i in range(len(gates)))
-    for rank, gate in enumerate(gates):
-        gate.set_news(News(fleet=names, rank=rank), now=now)
-
-
-def test_rotation_shares_add_up_to_the_total_and_give_every_rank_a_turn() -> None:
-    for total in range(0, 12):
-        for replicas in range(1, 5):
-            turns = [
-                [rotation_share(total, replicas, rank, turn) for rank in range(replicas)]
-                for turn in range(replicas)
-            ]
-            assert all(sum(shares) == total for shares in turns), (total, replicas)
-            if total:
-                assert all(any(t[rank] for t in turns) for rank in range(replicas))
-    assert rotation_share(2, 3, None, 0) == 0, "no rank known: the floor only"
-
-
-def test_a_relay_with_fewer_free_seats_than_replicas_still_fills_without_overfilling() -> None:
-    """Capacity 10, 8 reported, 3 replicas: `spare // replicas` gave each 0 seats, so the
-    last two seats stayed empty and moves to the relay waited for drainTimeout."""
-    shard_map = room_map(relays=1, capacity=10)
-    gates = [gate_for(shard_map, replicas=3, listeners={0: 8}) for _ in range(3)]
-    _fleet_of(gates, now=0.0)
-    slot = gates[0].settings.seat_slot
-    admitted_at: dict[int, float] = {}
-    for turn in range(40, 43):  # three turns, each with a report sampled after its first ttl
-        start = turn * slot
-        report = {(NS, ROOM, f"{ROOM}-relay-0"): Report(8, start + 5.5)}
-        admitted = 0
-        for rank, gate in enumerate(gates):
-            gate.set_reports(report)  # last turn's admissions never connected: expired
-            gate.expire(start + 6.0)  # and last turn's waiters stopped retrying
-            room = gate.rooms[(NS, ROOM)]
-            for i in range(3):
-                answer = gate.join(room, f"r{rank}-t{turn}-{i}", None, now=start + 6.0)
-                if isinstance(answer, Admitted):
-                    admitted += 1
-                    admitted_at.setdefault(rank, start)
-        assert admitted <= 2, "the replicas' shares add up to the two free seats"
-    assert sorted(admitted_at) == [0, 1, 2], "every replica had its turn within three"
-
-
-def test_a_budget_below_the_replica_count_still_moves_and_stays_within_any_minute() -> None:
-    """A budget of 2 a minute over 3 replicas: `budget // replicas` was 0, so no replica
-    ever gave a move."""
-    shard_map = room_map(relays=2, capacity=100, budget=2)
-    gates = [gate_for(shard_map, replicas=3) for _ in range(3)]
-    _fleet_of(gates, now=0.0)
-    moved = listeners_of(shard_map, 1, 60)
-    old_pod = f"{ROOM}-relay-0"
-    moves: list[float] = []
-    t = 20 * MOVE_SLOT_SECONDS
-    while t < 26 * MOVE_SLOT_SECONDS and moved:
-        for gate in gates:
-            gate.set_reports({(NS, ROOM, f"{ROOM}-relay-{o}"): Report(0, t) for o in (0, 1)})
-            listener = moved[-1]
-            answer = gate.locate(gate.rooms[(NS, ROOM)], listener, seat_at(listener, old_pod), t)
-            if isinstance(answer, Location) and answer.moved:
-                moves.append(t)
-                moved.pop()
-        t += 1.0
-    assert len(moves) >= 6, "every slot's turn moved someone"
-    assert all(sum(1 for m in moves if start <= m < start + 60) <= 2 for start in moves)
-
-
-def test_a_replica_takes_no_remainder_until_the_fleet_it_hears_has_settled() -> None:
-    """Two replicas can disagree on the fleet only while a change reaches them: a rank
-    heard within the settle time before a slot began counts for nothing in that slot."""
-    fleet = Fleet()
-    assert fleet.rank_for(100.0, 5.0) is None
-    fleet.heard(("a", "b", "c"), 1, now=90.0)
-    assert fleet.rank_for(100.0, 5.0) == 1
-    fleet.heard(("a", "b", "c"), 1, now=99.0)  # the same news again: still settled
-    assert fleet.rank_for(100.0, 5.0) == 1
-    fleet.heard(("b", "c"), 0, now=97.0)  # "a" is gone: b is rank 0 now
-    assert fleet.rank_for(100.0, 5.0) is None and fleet.rank_for(102.0, 5.0) == 0
-    fleet.heard((), None, now=103.0)  # no news
-    assert fleet.rank_for(200.0, 5.0) is None
-
-
-def test_a_remainder_seat_waits_for_a_report_that_counts_the_last_turns_admissions() -> None:
-    """The last turn's extra admissions may not have connected when a report early in this
-    turn was sampled: the new turn's extra seat comes only from a report a ttl into it."""
-    shard_map = room_map(relays=1, capacity=10)
-    gates = [gate_for(shard_map, replicas=3, listeners={0: 9}) for _ in range(3)]
-    _fleet_of(gates, now=0.0)
-    start = 40 * gates[0].settings.seat_slot
-    owner = next(g for g in gates if g.fleet.rank == (40 % 3))  # rest 1: one rank's turn
-    room = owner.rooms[(NS, ROOM)]
-    owner.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(9, start + 1.0)})
-    held = owner.join(room, "early", None, now=start + 2.0)
-    assert isinstance(held, Queued)
-    owner.set_reports({(NS, ROOM, f"{ROOM}-relay-0"): Report(9, start + 5.0)})
-    assert isinstance(owner.join(room, "early", held.ticket, now=start + 6.0), Admitted)

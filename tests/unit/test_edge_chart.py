@@ -89,6 +89,14 @@ def test_autoscaled_replicas_share_spare_room_by_the_maximum() -> None:
     assert build_parser().parse_args(args).replicas == 7
 
 
+def test_an_upgrade_never_runs_more_edge_replicas_than_the_spare_room_is_divided_by() -> None:
+    """Each replica fills 1/--replicas of a relay's spare room: a surge replica would make
+    the shares add up to more than the room."""
+    for values in ({}, {"edge": {"autoscaling": {"enabled": True, "maxReplicas": 7}}}):
+        (deployment,) = of_kind(edge_docs(values), "Deployment")
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+
+
 def test_a_value_turns_it_off_and_a_given_secret_is_used() -> None:
     assert not edge_docs({"edge": {"enabled": False}})
     assert not [

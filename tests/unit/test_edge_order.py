@@ -167,8 +167,7 @@ class Storm:
                         News(
                             heard={r: scraped_at for r in others},
                             lines={(NS, ROOM): {r: ls[0] for r, ls in others.items() if ls}},
-                        ),
-                        now,
+                        )
                     )
                 gates[replica].expire(now)
             elif kind == "kill":

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from townsquare.edge.admission import News, Report
-from townsquare.edge.reports import MISSING_PART_GRACE, Readings, carry_missing_parts, combine
+from townsquare.edge.admission import Report
+from townsquare.edge.reports import MISSING_PART_GRACE, carry_missing_parts, combine
 
 RELAY = ("ns", "launch", "launch-relay-0", "127.80.0.5:9090")
 LOAD = ("ns", "launch", "launch-relay-0", "127.0.0.1:9464")
@@ -31,16 +31,3 @@ def test_a_source_that_missed_a_scrape_still_counts_for_a_while() -> None:
 def test_a_pod_no_source_reports_any_more_drops_out() -> None:
     first = carry_missing_parts({RELAY: Report(7, 100.0), OTHER: Report(3, 100.0)}, {}, now=0.0)
     assert set(carry_missing_parts({OTHER: Report(3, 101.0)}, first, now=1.0)) == {OTHER}
-
-
-def test_each_replica_reads_its_rank_in_the_fleet_prometheus_scrapes() -> None:
-    """Every replica reads the same answer, so the ranks are distinct; one not scraped yet
-    has none (and takes no remainder of a relay's seats or of the budget)."""
-    heard = {"edge-b:80": 10.0, "edge-a:80": 10.2, "edge-c:80": 9.9}
-    readings = Readings(news=News(heard=heard))
-    ranks = [readings.news_for(name).rank for name in ("edge-a:80", "edge-b:80", "edge-c:80")]
-    assert ranks == [0, 1, 2]
-    mine = readings.news_for("edge-b:80")
-    assert mine.fleet == ("edge-a:80", "edge-b:80", "edge-c:80")
-    assert "edge-b:80" not in mine.heard, "its own scrape is no news of the others"
-    assert readings.news_for("edge-new:80").rank is None

@@ -8,8 +8,7 @@ Prometheus it reads the reports from; the scrape's time says how fresh that news
 Four rules make that enough:
 
 - Capacity: a relay's spare room is its capacity minus its last reported listeners; each of
-  the `replicas` replicas may fill only its share of it (`rotation_share`: `spare //
-  replicas`, plus one of the remainder when the rotation gives it one), counting its own
+  the `replicas` replicas may fill only `spare // replicas` of it, counting its own
   admissions since the report (and for `admit_ttl` before it: a listener admitted then may
   not have connected yet, and its ticket expires after `admit_ttl`). The replicas' shares
   add up to at most the spare room, so together they cannot overfill a relay.
@@ -30,19 +29,9 @@ Four rules make that enough:
   ticket names no shard, so its relay keeps it until it drains; asked where its relay is,
   the edge sends it home when its shard's relay has room, as any move.
 - Moves: a listener whose shard the map moved (or a guest) is sent to its shard's relay
-  while this replica has spent less than its share of `maxMigrationsPerMinute` (the same
-  rounding) in the last minute, and, off a relay that is not draining, only once no join
-  waits here: while joins wait, a move would only take the seat of one.
-- Remainders: rounding every share down leaves a relay with fewer free seats than there are
-  replicas, or a budget below the replica count, to nobody, and moves to it wait until
-  `drainTimeout`. The remainder goes to replicas in turn instead, by their rank among the
-  replicas Prometheus scrapes (the same answer for all: `Fleet`) and a time slot
-  (`SEAT_SLOT_TTLS` admit ttls for seats, `MOVE_SLOT_SECONDS` for moves). A slot's extra
-  seats are taken only from a report sampled `admit_ttl` into the slot (the previous turn's
-  admissions have connected or expired by then), and its extra moves only in its last
-  part, a minute after the previous turn's, so that no rolling minute holds two turns.
-  A replica that does not know its rank (no news, or the fleet changed within
-  `FLEET_SETTLE_REFRESHES` refreshes before the slot began) takes no remainder.
+  while this replica has spent less than `maxMigrationsPerMinute // replicas` moves in the
+  last minute, and, off a relay that is not draining, only once no join waits here: while
+  joins wait, a move would only take the seat of one.
 
 Time is a parameter everywhere; the shell passes the clock in.
 """
@@ -76,47 +65,9 @@ WARMING_LIMIT = 3.0
 before it calls itself ready (a relay whose reports stopped then simply takes no joins)."""
 TICKET_ROUNDING = 0.001
 """Tickets carry their expiry to the millisecond."""
-SEAT_SLOT_TTLS = 3
-"""Admit ttls a turn at a relay's remainder seats lasts; its first ttl takes none."""
-MOVE_SLOT_SECONDS = 90.0
-"""Seconds a turn at the budget's remainder lasts; only its last 30 s (after a minute) move."""
-FLEET_SETTLE_REFRESHES = 5
-"""Refresh intervals the replicas heard must stay the same before a slot in which this one
-takes a remainder: longer than two replicas' reads of one change can be apart."""
 LATE_RETRY_FRACTION = 0.25
 """A waiter may retry this fraction of its Retry-After late (clients add jitter) before it
 stops holding its place ahead of younger joins."""
-
-
-def rotation_share(total: int, replicas: int, rank: int | None, turn: int) -> int:
-    """One replica's share of `total` (a relay's spare seats, or the migration budget) among
-    `replicas`: an equal part, and one of the remainder when it is `rank`'s turn. In any
-    turn the shares of distinct ranks add up to at most `total`; every rank below
-    `replicas` gets the remainder's part within `replicas` turns. No rank: no remainder."""
-    share, rest = divmod(max(0, total), replicas)
-    if rank is None or rest == 0 or not 0 <= rank < replicas:
-        return share
-    return share + int((rank - turn) % replicas < rest)
-
-
-@dataclass
-class Fleet:
-    """The edge replicas Prometheus scrapes, and this one's rank among them: the same for
-    every replica that read the same answer (names sorted), so ranks are distinct."""
-
-    names: tuple[str, ...] = ()
-    rank: int | None = None
-    since: float = math.inf
-    """When this replica first heard the fleet as it is (its own clock)."""
-
-    def heard(self, names: tuple[str, ...], rank: int | None, now: float) -> None:
-        if (names, rank) != (self.names, self.rank):
-            self.names, self.rank, self.since = names, rank, now
-
-    def rank_for(self, slot_start: float, settle: float) -> int | None:
-        """This replica's rank for a turn that began at `slot_start`: known only when the
-        fleet was the same since `settle` seconds before that."""
-        return self.rank if self.since <= slot_start - settle else None
 
 
 @dataclass(frozen=True)
@@ -140,14 +91,6 @@ class Settings:
     started_at: float = 0.0
     """When this replica started: reports sampled before `started_at + admit_ttl` may miss
     admissions a previous replica made, so they admit nobody."""
-
-    @property
-    def seat_slot(self) -> float:
-        return SEAT_SLOT_TTLS * self.admit_ttl
-
-    @property
-    def fleet_settle(self) -> float:
-        return FLEET_SETTLE_REFRESHES * self.retry_after
 
 
 @dataclass(frozen=True)
@@ -260,10 +203,6 @@ class News:
     """Replica -> the time of its last scrape (every live replica, lines or not)."""
     lines: Mapping[tuple[str, str], Mapping[str, Line]] = field(default_factory=dict)
     """(namespace, room) -> replica -> its line (rooms with joins waiting there)."""
-    fleet: tuple[str, ...] = ()
-    """Every replica scraped, this one included, sorted."""
-    rank: int | None = None
-    """This replica's place in `fleet` (None: Prometheus has not scraped it)."""
 
 
 @dataclass
@@ -299,14 +238,10 @@ class Room:
     movers: dict[str, float] = field(default_factory=dict)
     """Listener -> when this replica last moved it (the last minute): an admit ticket
     issued before that is spent, so replaying it wins no second move."""
-    fleet: Fleet = field(default_factory=Fleet)
-    """Shared by every room of a replica: its rank, for the remainders' turns."""
     _seats: dict[str, int] | None = None
     """Seats this replica may still fill per usable relay (only those with any): computed
     from the reports, the map and the endpoints, kept in step with admissions."""
     _seats_total: int = 0
-    _seats_turn: tuple[int, int | None] = (0, None)
-    """The remainder's turn and rank the seats were counted for."""
 
     @property
     def key(self) -> str:
@@ -362,20 +297,10 @@ class Room:
                 return True
         return False
 
-    def seat_turn(self, settings: Settings, now: float) -> tuple[int, int | None]:
-        """The remainder seats' turn now, and this replica's rank for it (None: none)."""
-        slot = settings.seat_slot
-        turn = math.floor(now / slot)
-        return turn, self.fleet.rank_for(turn * slot, settings.fleet_settle)
-
-    def spare(self, pod: str, settings: Settings, now: float) -> int:
+    def spare(self, pod: str, settings: Settings) -> int:
         """Joins this replica may still send to `pod` before its next report."""
         report = self.reports[pod]
-        turn, rank = self.seat_turn(settings, now)
-        if report.sampled_at < turn * settings.seat_slot + settings.admit_ttl:
-            rank = None  # the last turn's admissions may not be in this report yet
-        free = self.shard_map.capacity - report.listeners
-        share = rotation_share(free, settings.replicas, rank, turn)
+        share = max(0, self.shard_map.capacity - report.listeners) // settings.replicas
         recent = self.admitted.get(pod)
         if recent is None:
             return share
@@ -384,16 +309,14 @@ class Room:
             recent.popleft()
         return share - len(recent)
 
-    def seats(self, settings: Settings, now: float) -> dict[str, int]:
+    def seats(self, settings: Settings) -> dict[str, int]:
         """Free seats per usable relay for this replica (relays with none left out)."""
-        turn = self.seat_turn(settings, now)
-        if self._seats is None or turn != self._seats_turn:
+        if self._seats is None:
             self._seats = {}
-            self._seats_turn = turn
             for ordinal, state in self.shard_map.relays.items():
                 pod = self.pod_of(ordinal)
                 if state == "active" and self.unusable(pod, settings) is None:
-                    free = self.spare(pod, settings, now)
+                    free = self.spare(pod, settings)
                     if free > 0:
                         self._seats[pod] = free
             self._seats_total = sum(self._seats.values())
@@ -413,11 +336,11 @@ class Room:
         """The map, endpoints or reports changed: count the seats again when next asked."""
         self._seats = None
 
-    def seat(self, home: str | None, ahead: int, settings: Settings, now: float) -> str | None:
+    def seat(self, home: str | None, ahead: int, settings: Settings) -> str | None:
         """The relay for a join with `ahead` joins before it in line here: its shard's relay
         if that has a seat, else the one with the most; None while the seats here are
         fewer than the joins ahead plus this one."""
-        seats = self.seats(settings, now)
+        seats = self.seats(settings)
         if ahead >= self._seats_total:
             return None
         if home is not None and home in seats:
@@ -513,7 +436,6 @@ class Gate:
         self.settings = settings
         self.rooms: dict[tuple[str, str], Room] = {}
         self._slices: dict[tuple[str, str], dict[str, dict[str, Endpoint]]] = {}
-        self.fleet = Fleet()
 
     # Updates from the watches and the reports.
 
@@ -530,7 +452,7 @@ class Gate:
             return
         room = self.rooms.get(key)
         if room is None:
-            room = Room(namespace, name, shard_map, source=source, fleet=self.fleet)
+            room = Room(namespace, name, shard_map, source=source)
             for slice_name, endpoints in self._slices.get(key, {}).items():
                 room.set_slice(slice_name, endpoints)
             self.rooms[key] = room
@@ -585,11 +507,9 @@ class Gate:
                 room.reports[pod] = report
                 room.changed()
 
-    def set_news(self, news: News, now: float) -> None:
+    def set_news(self, news: News) -> None:
         """The other replicas' lines (a room left out has none waiting there); empty news
-        (no other replica, or no Prometheus) leaves only this replica's line to keep, and
-        no rank."""
-        self.fleet.heard(news.fleet, news.rank, now)
+        (no other replica, or no Prometheus) leaves only this replica's line to keep."""
         heard = min(news.heard.values(), default=None)
         for key, room in self.rooms.items():
             room.others = news.lines.get(key, {})
@@ -634,12 +554,12 @@ class Gate:
             elif ticket is not None and room.heard is not None and room.heard < first - window:
                 reason = "the other edge replicas' lines are not known up to this join yet"
             else:
-                pod = room.seat(home, ahead, settings, now)
+                pod = room.seat(home, ahead, settings)
                 if pod is not None:
                     room.leave(listener)
                     room.admit(pod, now)
                     return self._admitted(room, listener, shard, pod, guest=pod != home)
-                reason = self._no_seat(room, home, ahead, now)
+                reason = self._no_seat(room, home, ahead)
         steps = 1 + int(behind / (settings.retry_after * BEHIND_PER_RETRY_STEP))
         retry_after = max(1, math.ceil(settings.retry_after * min(MAX_RETRY_FACTOR, steps)))
         late = retry_after * (1 + LATE_RETRY_FRACTION) + settings.waiter_expiry
@@ -654,8 +574,8 @@ class Gate:
             reason=reason,
         )
 
-    def _no_seat(self, room: Room, home: str | None, ahead: int, now: float) -> str:
-        if room.seats(self.settings, now):
+    def _no_seat(self, room: Room, home: str | None, ahead: int) -> str:
+        if room.seats(self.settings):
             return f"{ahead} joins wait ahead"
         why = room.unusable(home, self.settings) or f"relay {home} is full"
         return f"{why}, and no other relay has room"
@@ -682,7 +602,7 @@ class Gate:
             return Location(relay, pod, shard, generation, moved=False)
         room.leave(listener)  # it holds a relay: it waits for none
         reason = room.unusable(pod, self.settings)
-        if reason is None and room.spare(pod, self.settings, now) <= 0:
+        if reason is None and room.spare(pod, self.settings) <= 0:
             reason = f"relay {pod} is full"
         waits = room.oldest(now) is not None and not room.closed
         if reason is None and waits and not _drains(room, current):
@@ -690,7 +610,7 @@ class Gate:
         budget = room.shard_map.migrations_per_minute
         if reason is None and budget is not None:
             room.forget_moves(now)
-            if len(room.moves) >= self.move_share(budget, now):
+            if len(room.moves) >= budget // self.settings.replicas:
                 reason = f"the migration budget ({budget:,}/min) is spent; stay on {current}"
         if reason is not None:
             return Held(reason, retry)
@@ -700,17 +620,6 @@ class Gate:
         room.movers[listener] = now
         ticket = self._admit_ticket(room, listener, shard, pod, now)
         return Location(relay, pod, shard, generation, moved=True, ticket=ticket)
-
-    def move_share(self, budget: int, now: float) -> int:
-        """Moves this replica may give in any rolling minute now: its share of the budget,
-        with a turn at the remainder only in a slot's last part, a minute after the
-        previous slot's turn could move, so no rolling minute holds two turns' extras."""
-        turn = math.floor(now / MOVE_SLOT_SECONDS)
-        slot_start = turn * MOVE_SLOT_SECONDS
-        rank = None
-        if now >= slot_start + MOVE_WINDOW_SECONDS:
-            rank = self.fleet.rank_for(slot_start, self.settings.fleet_settle)
-        return rotation_share(budget, self.settings.replicas, rank, turn)
 
     def _seated_at(self, room: Room, listener: str, seat: str, now: float) -> str:
         """The pod a genuine admit ticket of this listener seats it at, or TicketError.

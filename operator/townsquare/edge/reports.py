@@ -69,9 +69,7 @@ class Readings:
             if others:
                 lines[room] = others
         heard = {name: at for name, at in self.news.heard.items() if name != replica}
-        fleet = tuple(sorted(self.news.heard))
-        rank = fleet.index(replica) if replica in self.news.heard else None
-        return News(heard, lines, fleet=fleet, rank=rank)
+        return News(heard, lines)
 
 
 class ReportSource(Protocol):

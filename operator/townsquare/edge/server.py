@@ -358,7 +358,7 @@ class Edge:
                 try:
                     readings = await self.reports.read(session)
                     self.gate.set_reports(readings.reports)
-                    self.gate.set_news(readings.news_for(self.replica), self.clock())
+                    self.gate.set_news(readings.news_for(self.replica))
                     if not self.reports_ok:
                         log.info("relay reports read")
                     self.reports_ok = True
@@ -368,7 +368,7 @@ class Edge:
                     self.reports_ok = False
                     # Order never outranks service: with no news from the others, only
                     # this replica's own line holds joins back.
-                    self.gate.set_news(News(), self.clock())
+                    self.gate.set_news(News())
             self.gate.expire(self.clock())
             elapsed = time.monotonic() - began
             await asyncio.sleep(max(0.05, self.refresh_seconds - elapsed))
