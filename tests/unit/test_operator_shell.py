@@ -24,7 +24,7 @@ from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
 from townsquare.kube.client import Cluster, Peering
 from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
-from townsquare.partitions import SLOTS, Claim, Lease, Partition, read_claims, slot_of
+from townsquare.partitions import SLOT_LABEL, SLOTS, Claim, Lease, Partition, read_claims, slot_of
 from townsquare.passes import PassScheduler
 
 PROMETHEUS = "http://127.0.0.1:9"
@@ -593,6 +593,54 @@ def test_a_claim_lapsing_during_the_status_write_loses_no_event() -> None:
         _, failed = await handlers._reconcile_once(runtime, state, key)
         assert not failed and "apply_child" in api.calls
         assert api.events == announced, "announced once"
+
+    asyncio.run(scenario())
+
+
+def test_a_room_read_afresh_mid_pass_keeps_its_old_relay_template() -> None:
+    """The claims round reads a room afresh (its entry did not stand as written) while a
+    pass of it is in flight. The pass goes on with what it read: the relay StatefulSet made
+    before pods carried the slot label keeps its template (a new one would roll every
+    relay), and the room is read afresh once the pass ends."""
+
+    async def scenario() -> None:
+        entered, release = threading.Event(), threading.Event()
+
+        def stall_in_status_write(name: str) -> None:
+            if name == "patch_namespaced_custom_object_status" and not entered.is_set():
+                entered.set()
+                release.wait(10)
+
+        applied: list[dict[str, Any]] = []
+
+        def apply_child(name: str, namespace: str, manifest: Any, **_: Any) -> Any:
+            applied.append(manifest)
+            return SimpleNamespace(data=b'{"metadata": {"resourceVersion": "7"}}')
+
+        api = RecordingApi(_prewarming_room(), stall_in_status_write)
+        cluster = _fenced_cluster(api)
+        cluster._apply_by_kind = dict.fromkeys(cluster._apply_by_kind, apply_child)
+        runtime = _runtime(cluster, Settings())
+        key = ("spaces", "launch")
+        state = runtime.room(key)
+        made_before_the_label = {
+            "template": {"metadata": {"labels": {"townsquare.dev/room": "launch"}}}
+        }
+        await handlers._on_child("StatefulSet")(
+            name="launch-relay", namespace="spaces", labels={"townsquare.dev/room": "launch"},
+            meta={"generation": 1}, spec=made_before_the_label, status={"updateRevision": "r1"},
+            type="MODIFIED", memo=SimpleNamespace(runtime=runtime),
+        )  # fmt: skip
+        assert state.relay_pods_labelled is False
+        in_flight = asyncio.create_task(handlers._reconcile_once(runtime, state, key))
+        await asyncio.to_thread(entered.wait, 10)
+        runtime.act_on(runtime.lease, kept=frozenset())  # every room read afresh
+        release.set()
+        _, failed = await in_flight
+        (relays,) = [m for m in applied if m["kind"] == "StatefulSet"]
+        labels = relays["spec"]["template"]["metadata"]["labels"]
+        assert not failed and SLOT_LABEL not in labels, "the old template kept"
+        assert state.relay_pods_labelled is None and not state.applied, "read afresh after"
 
     asyncio.run(scenario())
 
