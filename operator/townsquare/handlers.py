@@ -509,12 +509,18 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
     unlabelled = 0
     if options.partition.count > 1:
         served = options.namespaces or (None,)
-        unlabelled = await asyncio.to_thread(cluster.unlabelled_relay_pods, served)
+        # By the StatefulSets' templates, not only their pods: one with no pod now (between
+        # a recurring room's occurrences, minRelays 0) makes unlabelled pods at its next
+        # pre-warm, which a watch filtered by the label would never show any partition.
+        pods = await asyncio.to_thread(cluster.unlabelled_relay_pods, served)
+        templates = await asyncio.to_thread(cluster.unlabelled_relay_templates, served)
+        unlabelled = pods + templates
         if unlabelled:
             room_logger("-", "-").warning(
-                "relay pods without a slot label (made by an earlier version): this replica "
-                "filters relay pods itself until it restarts after they are gone",
-                pods=unlabelled,
+                "relay pods or templates without a slot label (made by an earlier version): "
+                "this replica filters relay pods itself until it restarts after they are gone",
+                pods=pods,
+                stateful_sets=templates,
             )
     for resource, selector in watch_selectors(options.partition, unlabelled == 0).items():
         settings.watching.label_selectors[resource] = selector
@@ -1259,7 +1265,8 @@ def reconcile_room(
         cluster.release_room(room)
     else:
         if outcome.children:
-            _apply_children(cluster, state, room, spec, outcome, runtime.settings)
+            no_relays = not pods and running == 0
+            _apply_children(cluster, state, room, spec, outcome, runtime.settings, no_relays)
         _apply_headroom(cluster, runtime.settings, state, room, spec, outcome, now)
     by_ordinal = {pod.ordinal: pod for pod in pods}
     for ordinal in outcome.replace_relays:  # drained: back with the new template
@@ -1339,9 +1346,14 @@ def _apply_children(
     spec: AudioRoomSpec,
     outcome: Outcome,
     settings: Settings,
+    no_relays: bool = False,
 ) -> None:
     """Send each child whose desired content changed, the StatefulSet first; one child
-    refused never keeps the others (the relay count above all) from being applied."""
+    refused never keeps the others (the relay count above all) from being applied.
+
+    `no_relays`: the room has no relay pod and asked for none: a relay template made before
+    pods carried the slot label gains it now, as the new template replaces no relay."""
+    labelled = state.relay_pods_labelled is not False or no_relays
     meta = room["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
@@ -1353,7 +1365,7 @@ def _apply_children(
             spec,
             outcome.desired_relays,
             ticket_secret=settings.relay_ticket_secret,
-            slot_label=state.relay_pods_labelled is not False,
+            slot_label=labelled,
         ),
         children.relay_service(name, namespace, uid, spec),
         children.shard_map_config_map(name, namespace, uid, shard_map),
@@ -1370,6 +1382,8 @@ def _apply_children(
         state.applied[child] = (digest, None)
         try:
             state.applied[child] = (digest, cluster.apply(manifest))
+            if manifest["kind"] == "StatefulSet" and labelled:
+                state.relay_pods_labelled = True
         except ClaimLapsedError:
             state.applied.pop(child, None)
             raise

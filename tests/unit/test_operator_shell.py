@@ -5,6 +5,7 @@ partition count) without two replicas acting on it at once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ import structlog
 from townsquare import handlers, observability
 from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
-from townsquare.kube.client import Cluster, Peering
+from townsquare.kube.client import Cluster, Peering, RelayPod
 from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
 from townsquare.partitions import SLOT_LABEL, SLOTS, Claim, Lease, Partition, read_claims, slot_of
 from townsquare.passes import PassScheduler
@@ -622,6 +623,7 @@ def test_a_room_read_afresh_mid_pass_keeps_its_old_relay_template() -> None:
         cluster._apply_by_kind = dict.fromkeys(cluster._apply_by_kind, apply_child)
         runtime = _runtime(cluster, Settings())
         key = ("spaces", "launch")
+        _with_a_live_relay(runtime, key)
         state = runtime.room(key)
         made_before_the_label = {
             "template": {"metadata": {"labels": {"townsquare.dev/room": "launch"}}}
@@ -795,6 +797,13 @@ def test_a_replica_that_cannot_reach_the_claims_table_turns_healthz_red() -> Non
     asyncio.run(scenario())
 
 
+def _with_a_live_relay(runtime: Runtime, key: tuple[str, str]) -> None:
+    """The room has one relay pod, made from template revision r1 (as kopf's index shows)."""
+    now = datetime.now(UTC)
+    relay = RelayPod(0, True, now - timedelta(minutes=5), now, revision="r1", uid="p0")
+    cast(dict[Any, Any], runtime.indexes["relay_pod_index"])[key] = [relay]
+
+
 def test_a_room_whose_relays_predate_the_slot_label_keeps_its_template() -> None:
     """Relays made by an earlier version carry no slot label: the StatefulSet keeps that
     template (no new revision, so no relay is replaced by the upgrade); a new room's relay
@@ -822,6 +831,7 @@ def test_a_room_whose_relays_predate_the_slot_label_keeps_its_template() -> None
         assert "townsquare.dev/slot" in template_labels(), "a new room"
 
         state = runtime.rooms[key] = RoomState()
+        _with_a_live_relay(runtime, key)
         child_changed = handlers._on_child("StatefulSet")
         old_template = {"template": {"metadata": {"labels": {"townsquare.dev/room": "launch"}}}}
         await child_changed(
@@ -833,6 +843,63 @@ def test_a_room_whose_relays_predate_the_slot_label_keeps_its_template() -> None
         assert "townsquare.dev/slot" not in template_labels(), "made before the label"
 
     asyncio.run(scenario())
+
+
+def test_a_relay_template_made_before_the_label_gains_it_while_the_room_has_no_relay() -> None:
+    """A StatefulSet made before pods carried the slot label, with no pod now (a recurring
+    room between occurrences): its template gains the label (no relay to replace), so the
+    relays of the next pre-warm are seen by the partition's pods watch; and start-up counts
+    such templates, not only unlabelled pods, before it filters that watch by the label."""
+
+    async def scenario() -> None:
+        applied: list[dict[str, Any]] = []
+
+        def apply_child(name: str, namespace: str, manifest: dict[str, Any], **_: Any) -> Any:
+            applied.append(manifest)
+            return SimpleNamespace(data=b'{"metadata": {"resourceVersion": "7"}}')
+
+        api = RecordingApi(_prewarming_room(), lambda name: None)
+        cluster = _fenced_cluster(api)
+        cluster._apply_by_kind = dict.fromkeys(cluster._apply_by_kind, apply_child)
+        runtime = _runtime(cluster, Settings())
+        key = ("spaces", "launch")
+        state = runtime.room(key)
+        old_template = {"template": {"metadata": {"labels": {"townsquare.dev/room": "launch"}}}}
+        await handlers._on_child("StatefulSet")(
+            name="launch-relay", namespace="spaces", labels={"townsquare.dev/room": "launch"},
+            meta={"generation": 1}, spec=old_template, status={"updateRevision": "r1"},
+            type="MODIFIED", memo=SimpleNamespace(runtime=runtime),
+        )  # fmt: skip
+        _, failed = await handlers._reconcile_once(runtime, state, key)
+        (relay_set,) = [m for m in applied if m["kind"] == "StatefulSet"]
+        assert not failed and SLOT_LABEL in relay_set["spec"]["template"]["metadata"]["labels"]
+        assert state.relay_pods_labelled is True, "kept labelled from now on"
+
+    asyncio.run(scenario())
+
+    def stateful_set(labels: dict[str, str]) -> dict[str, Any]:
+        return {"spec": {"replicas": 0, "template": {"metadata": {"labels": labels}}}}
+
+    listing = {
+        "items": [
+            stateful_set({"townsquare.dev/room": "weekly"}),
+            stateful_set({"townsquare.dev/room": "launch", SLOT_LABEL: "17"}),
+        ]
+    }
+    asked: list[str] = []
+
+    def list_namespaced_stateful_set(namespace: str, label_selector: str, **_: Any) -> Any:
+        asked.append(label_selector)
+        return SimpleNamespace(data=json.dumps(listing).encode())
+
+    from kubernetes import client
+
+    cluster = Cluster(client.ApiClient())
+    cluster.apps = cast(
+        Any, SimpleNamespace(list_namespaced_stateful_set=list_namespaced_stateful_set)
+    )
+    assert cluster.unlabelled_relay_templates(["spaces"]) == 1
+    assert asked == ["app.kubernetes.io/component=relay,app.kubernetes.io/managed-by=townsquare"]
 
 
 @pytest.mark.parametrize("taken_meanwhile", [False, True])

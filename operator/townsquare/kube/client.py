@@ -21,8 +21,21 @@ from kubernetes.client.rest import ApiException
 
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
 from townsquare.api.names import relay_set_name, shard_map_name
-from townsquare.kube.children import COMPONENT_LABEL, MANAGER, ROOM_LABEL, SHARD_MAP_KEY, Manifest
-from townsquare.partitions import SLOT_LABEL, Claim, read_claims, unlabelled_selector
+from townsquare.kube.children import (
+    COMPONENT_LABEL,
+    MANAGED_BY_LABEL,
+    MANAGER,
+    ROOM_LABEL,
+    SHARD_MAP_KEY,
+    Manifest,
+)
+from townsquare.partitions import (
+    SLOT_LABEL,
+    Claim,
+    labelled_slot,
+    read_claims,
+    unlabelled_selector,
+)
 from townsquare.sharding import ShardMap
 
 APPLY = "application/apply-patch+yaml"
@@ -443,6 +456,29 @@ class Cluster:
                 _preload_content=False,
             )  # fmt: skip
             found += len(json.loads(pods.data).get("items") or [])
+        return found
+
+    def unlabelled_relay_templates(self, namespaces: Iterable[str | None]) -> int:
+        """How many relay StatefulSets' pod templates carry no slot label (made before pods
+        carried it), whether or not they have pods now, in the namespaces served (None:
+        all): one LIST each of our relay StatefulSets, the templates judged here (the API
+        server filters on an object's own labels only)."""
+        selector = f"{COMPONENT_LABEL}=relay,{MANAGED_BY_LABEL}={MANAGER}"
+        found = 0
+        for namespace in namespaces:
+            if namespace is None:
+                listing = self.apps.list_stateful_set_for_all_namespaces
+                args: tuple[str, ...] = ()
+            else:
+                listing, args = self.apps.list_namespaced_stateful_set, (namespace,)
+            sets = listing(
+                *args, label_selector=selector, _request_timeout=self.timeout,
+                _preload_content=False,
+            )  # fmt: skip
+            for relay_set in json.loads(sets.data).get("items") or []:
+                template = ((relay_set.get("spec") or {}).get("template") or {}).get("metadata")
+                if labelled_slot((template or {}).get("labels") or {}) is None:
+                    found += 1
         return found
 
     def replace_relay(self, namespace: str, room: str, pod: RelayPod) -> None:
