@@ -48,6 +48,7 @@ from townsquare.kube.client import (
     child_version,
     load_config,
     our_finalizers,
+    refuses_credentials,
     relay_pod,
     timestamp,
 )
@@ -241,6 +242,11 @@ class ClaimsHealth:
     """When a claims round last read the table (and wrote it when due), monotonic."""
     error: str = ""
     """Why the last round failed ("" when it did not)."""
+    refused: bool = False
+    """Whether the last round failed because the API server refused who this replica is
+    (401/403: a credential or RBAC a restart may fix), not because it was out of reach."""
+    round_at: float = field(default_factory=time.monotonic)
+    """When a claims round last ended, failed or not, monotonic: the loop is alive."""
     short_since: float | None = None
     """Since when this replica, meant to act, acts on less than its partition's share."""
     warned: bool = False
@@ -342,11 +348,15 @@ class Runtime:
         quiet = now - self.poller_tick
         if quiet > limit + self.settings.metrics_interval.total_seconds():
             return f"the listener poller has not ticked for {quiet:.0f}s"
+        idle = self.clock() - self.claims.round_at
+        if idle > limit:
+            return f"the claims loop has not ended a round for {idle:.0f}s"
         unread = self.clock() - self.claims.ok_at
-        if not self.passes.paused and unread > limit:
-            # As Kubernetes leader election's health check: a replica meant to act that
-            # cannot renew its claim is restarted; one waiting for another's slots is not.
-            error = self.claims.error or "no answer"
+        if not self.passes.paused and self.claims.refused and unread > limit:
+            # A replica meant to act whose credentials the API server refuses is restarted
+            # (a rotated token is read again). One that cannot reach the API server is not:
+            # a restart reaches it no better, and loses what it keeps across an outage.
+            error = self.claims.error
             return f"the claims table has not been read or written for {unread:.0f}s: {error}"
         return None
 
@@ -596,9 +606,13 @@ async def _claims_round(runtime: Runtime, renewed: float | None, log: Any) -> fl
     try:
         renewed = await _claim(runtime, renewed, log)
         runtime.claims.ok_at, runtime.claims.error = runtime.clock(), ""
+        runtime.claims.refused = False
     except Exception as error:  # the API server is away: keep the claim while it holds
         runtime.claims.error = f"{type(error).__name__}: {str(error)[:200]}"
+        runtime.claims.refused = refuses_credentials(error)
         log.warning("claiming slots failed", error=str(error)[:200])
+    finally:
+        runtime.claims.round_at = runtime.clock()
     if runtime.acting_slots and not runtime.lease.valid(runtime.clock()):
         log.warning("claim not renewed for half its lifetime: acting on no room")
         runtime.stop_acting()

@@ -19,6 +19,7 @@ from typing import Any, cast
 import kopf
 import pytest
 import structlog
+from kubernetes.client.rest import ApiException
 
 from townsquare import handlers, observability
 from townsquare.api.models import MetricsSpec
@@ -86,7 +87,8 @@ def test_a_stalled_pass_turns_the_liveness_probe_red_and_green_again() -> None:
                 handlers.progress(memo=memo)
             api.release.set()
             await _until(lambda: not runtime.passes.running, "the pass to end")
-            runtime.claims.ok_at = runtime.clock()  # as its claims round does every second
+            # as its claims round does every second
+            runtime.claims.ok_at = runtime.claims.round_at = runtime.clock()
             assert handlers.progress(memo=memo) == "reconciling"
         finally:
             api.release.set()
@@ -288,10 +290,12 @@ class ClaimsConfigMap:
         self.passes: list[tuple[str, str, float, float]] = []
         self.events: list[tuple[str, str, str]] = []
         self.unreachable = False
+        self.failure: Exception = TimeoutError("read timed out")
+        """What a read raises while `unreachable`."""
 
     def read_claims(self, namespace: str) -> tuple[str | None, dict[str, Claim]]:
         if self.unreachable:
-            raise TimeoutError("read timed out")
+            raise self.failure
         return (str(self.version) if self.version else None), read_claims(self.data)
 
     def post_claims_event(
@@ -767,13 +771,27 @@ def test_a_replica_kept_from_its_slots_says_so_on_the_claims_table_and_stays_ali
     asyncio.run(scenario())
 
 
-def test_a_replica_that_cannot_reach_the_claims_table_turns_healthz_red() -> None:
-    """As a leader that cannot renew its lease: it stops acting at once (half a lifetime),
-    warns after two lifetimes that nobody acts on its rooms, and its liveness probe fails
-    once the table has been out of reach for `stall_after`, so the kubelet restarts it."""
+@pytest.mark.parametrize(
+    ("failure", "restarted"),
+    [
+        (TimeoutError("read timed out"), False),
+        (ConnectionRefusedError("connection refused"), False),
+        (ApiException(status=503, reason="read timed out"), False),
+        (ApiException(status=403, reason="read timed out: forbidden"), True),
+    ],
+)
+def test_a_replica_that_cannot_renew_its_claim_turns_healthz_red_only_if_refused(
+    failure: Exception, restarted: bool
+) -> None:
+    """As a leader that cannot renew its lease: it stops acting at once (half a lifetime)
+    and warns after two lifetimes that nobody acts on its rooms. Its liveness probe fails
+    after `stall_after` only if the API server refuses its credentials (a restart may read
+    new ones): an API server out of reach for minutes (every replica alike) restarts no
+    replica, as a restart reaches it no better and forgets what the replica kept."""
 
     async def scenario() -> None:
         table = ClaimsConfigMap()
+        table.failure = failure
         log = structlog.get_logger()
         settings = Settings(identity="only", namespaces=("spaces",), peering_lifetime=LIFE)
         runtime = _runtime(table, settings, claimed=False)
@@ -790,9 +808,31 @@ def test_a_replica_that_cannot_reach_the_claims_table_turns_healthz_red() -> Non
                 assert runtime.acting_slots == frozenset(), "lapsed: acts on nothing"
         ((kind, reason, message),) = table.events
         assert (kind, reason) == ("Warning", "SlotsUnclaimed")
-        assert "nobody acts on their rooms" in message and "read timed out" in message
-        with pytest.raises(kopf.PermanentError, match=r"claims table .* read timed out"):
-            handlers.progress(memo=memo)
+        assert "nobody acts on their rooms" in message and type(failure).__name__ in message
+        assert clock.now - 1000 > Settings().stall_after.total_seconds()
+        runtime.poller_tick = time.monotonic()  # the poller ticks all along
+        if restarted:
+            with pytest.raises(kopf.PermanentError, match=r"(?s)claims table .* forbidden"):
+                handlers.progress(memo=memo)
+        else:
+            assert handlers.progress(memo=memo) == "reconciling"
+
+    asyncio.run(scenario())
+
+
+def test_a_stuck_claims_loop_turns_healthz_red() -> None:
+    """A claims round that never ends (a call hung past every timeout) stops renewals for
+    good: the liveness probe fails, so the kubelet restarts the replica."""
+
+    async def scenario() -> None:
+        settings = Settings(identity="only", namespaces=("spaces",), peering_lifetime=LIFE)
+        runtime = _runtime(ClaimsConfigMap(), settings, claimed=False)
+        runtime.clock = clock = FakeClock()
+        await handlers._claims_round(runtime, None, structlog.get_logger())
+        clock.now += settings.stall_after.total_seconds() - 1
+        assert runtime.stalled(clock.now) is None
+        clock.now += 2  # no round ended since
+        assert "claims loop has not ended a round" in (runtime.stalled(clock.now) or "")
 
     asyncio.run(scenario())
 

@@ -109,6 +109,12 @@ def load_config(pool_size: int = POOL_SIZE) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+def refuses_credentials(error: BaseException) -> bool:
+    """Whether the API server refused who we are (401) or what we may do (403), as opposed
+    to not answering (a connection refused, a timeout, a 5xx)."""
+    return isinstance(error, ApiException) and error.status in (401, 403)
+
+
 @dataclass(frozen=True)
 class RelayPod:
     """One relay pod as the scheduler and kubelet (here kwok) left it."""
