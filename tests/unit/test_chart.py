@@ -303,12 +303,32 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
         [promtool(), "check", "rules", str(rules_file(tmp_path))], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 ROOM = 'namespace="spaces", room="launch"'
 OK = 'namespace="spaces", room="ok"'
 LAUNCH = "spaces/launch"
+
+
+def _slot_series(partition: str, pod: str, values: str) -> list[dict[str, str]]:
+    """One replica's share and claimed slots, as its /metrics shows them when scraped."""
+    return [
+        {
+            "series": f'{name}{{namespace="{NAMESPACE}",partition="{partition}",pod="{pod}"}}',
+            "values": values,
+        }
+        for name in ("townsquare_partition_share_slots", "townsquare_partition_claimed_slots")
+    ]
+
+
+def _up(pod: str, values: str) -> dict[str, str]:
+    return {
+        "series": f'up{{job="ts-townsquare-metrics",namespace="{NAMESPACE}",pod="{pod}"}}',
+        "values": values,
+    }
+
+
 RULE_TESTS: dict[str, Any] = {
     "evaluation_interval": "1m",
     "tests": [
@@ -452,6 +472,53 @@ RULE_TESTS: dict[str, Any] = {
                         }
                     ],
                 },
+            ],
+        },
+        {
+            "name": "a whole partition down leaves slots unserved",
+            "interval": "1m",
+            "input_series": [
+                *_slot_series("0/2", "a", "128x20"),
+                # partition 1/2 acts for two minutes, then its only pod crash-loops: no samples
+                *_slot_series("1/2", "b", "128 128"),
+                _up("a", "1x20"),
+                _up("b", "1 1 0x18"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "TownsquareSlotsUnserved", "exp_alerts": []},
+                {
+                    "eval_time": "15m",
+                    "alertname": "TownsquareSlotsUnserved",
+                    "exp_alerts": [
+                        {"exp_labels": {"severity": "critical", "namespace": NAMESPACE}}
+                    ],
+                },
+            ],
+        },
+        {
+            "name": "no partition reports its slots: all unserved",
+            "interval": "1m",
+            "input_series": [_up("a", "1x20")],
+            "alert_rule_test": [
+                {
+                    "eval_time": "10m",
+                    "alertname": "TownsquareSlotsUnserved",
+                    "exp_alerts": [
+                        {"exp_labels": {"severity": "critical", "namespace": NAMESPACE}}
+                    ],
+                },
+            ],
+        },
+        {
+            "name": "two partitions acting on all slots raise nothing",
+            "interval": "1m",
+            "input_series": [
+                *_slot_series("0/2", "a", "128x20"),
+                *_slot_series("1/2", "b", "128x20"),
+                *_slot_series("1/2", "b-standby", "0x20"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "15m", "alertname": "TownsquareSlotsUnserved", "exp_alerts": []},
             ],
         },
         {
