@@ -712,7 +712,14 @@ async def _claim(runtime: Runtime, renewed: float | None, log: Any) -> float | N
     kept = runtime.written.slots if runtime.written and held == runtime.written else frozenset()
     written_at = runtime.clock()
     claim = Claim(wanted, datetime.now(UTC), lifetime)  # the stamp: for people reading it
-    expired = [identity for identity in others if identity not in live]
+    # Only the dead entries whose slots this write takes (or that claim none): another
+    # partition's entry that merely looks dead after an outage must stand as its writer
+    # wrote it, or that replica reads all its rooms afresh for nothing (see `kept`).
+    expired = [
+        identity
+        for identity, other in others.items()
+        if identity not in live and (other.slots & wanted or not other.slots)
+    ]
     await asyncio.to_thread(runtime.cluster.write_claim, namespace, version, me, claim, expired)
     runtime.written = claim
     if wanted != runtime.acting_slots:

@@ -942,6 +942,52 @@ def test_a_relay_template_made_before_the_label_gains_it_while_the_room_has_no_r
     assert asked == ["app.kubernetes.io/component=relay,app.kubernetes.io/managed-by=townsquare"]
 
 
+def test_after_an_api_outage_a_replica_keeps_another_partitions_entry_standing() -> None:
+    """Two partitions, the API server out of reach for everybody for 60 s: each takes the
+    other's claim for dead. The first to write again drops no entry whose slots it does
+    not take, so the other finds its entry as it wrote it and reads no room afresh."""
+
+    async def scenario() -> None:
+        table, log = ClaimsConfigMap(), structlog.get_logger()
+
+        def replica(identity: str, index: int) -> Runtime:
+            settings = Settings(
+                identity=identity, partition=Partition(index, 2), namespaces=("spaces",),
+                peering_lifetime=LIFE,
+            )  # fmt: skip
+            runtime = _runtime(table, settings, claimed=False)
+            runtime.clock = FakeClock()
+            return runtime
+
+        a, b = replica("a", 0), replica("b", 1)
+        renewed: dict[str, float | None] = {"a": None, "b": None}
+        for runtime in (a, b, a, b):  # each has seen the other's claim
+            name = runtime.settings.identity
+            renewed[name] = await handlers._claims_round(runtime, renewed[name], log)
+        key = next(
+            (ns, room) for ns, room in (("spaces", f"r{i}") for i in range(50))
+            if slot_of(ns, room) in a.acting_slots
+        )  # fmt: skip
+        state = a.room(key)
+        state.scaling = cast(Any, "what the last pass decided")
+        table.unreachable = True
+        for _ in range(6):
+            for runtime in (a, b):
+                cast(FakeClock, runtime.clock).now += 10
+                name = runtime.settings.identity
+                renewed[name] = await handlers._claims_round(runtime, renewed[name], log)
+        assert not a.acting_slots and not b.acting_slots, "both lapsed"
+        table.unreachable = False
+        for runtime in (b, a):  # b happens to write first
+            name = runtime.settings.identity
+            renewed[name] = await handlers._claims_round(runtime, renewed[name], log)
+        assert sorted(table.data) == ["a", "b"]
+        assert a.acting_slots == frozenset(Partition(0, 2).slots)
+        assert state.scaling is not None, "nobody acted on a's rooms: none read afresh"
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("taken_meanwhile", [False, True])
 def test_after_an_api_outage_rooms_are_read_afresh_only_if_another_replica_took_their_slots(
     taken_meanwhile: bool,
