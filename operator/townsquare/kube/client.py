@@ -18,6 +18,7 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from urllib3.util.retry import Retry
 
 from townsquare.api.models import GROUP, KIND, PLURAL, VERSION
 from townsquare.api.names import relay_set_name, shard_map_name
@@ -103,10 +104,17 @@ def load_config(pool_size: int = POOL_SIZE) -> client.ApiClient:
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
-    # One retry of an idempotent call at most: with the read timeout that bounds a call
-    # at about 2 x 15 s, well inside the liveness limit on a stuck reconcile.
-    configuration.retries = 1
+    configuration.retries = retry_policy()
     return client.ApiClient(configuration)
+
+
+def retry_policy() -> Retry:
+    """What the client re-sends by itself: a GET whose answer timed out, once (with the
+    read timeout that bounds a read at about 2 x 15 s, well inside the liveness limit on a
+    stuck reconcile), and nothing else. A write is never re-sent: a pass checks its claim
+    just before each write (the fence), and a copy re-sent after a timeout would leave up
+    to a whole timeout after that check, unchecked. The pass retries it, fenced again."""
+    return Retry(total=1, connect=0, read=1, redirect=0, status=0, other=0, allowed_methods={"GET"})
 
 
 def refuses_credentials(error: BaseException) -> bool:
