@@ -1270,7 +1270,9 @@ def reconcile_room(
         if outcome.children:  # a refused room that ran winds down
             _remember(state, outcome, shard_map, held, now)
         _announce(runtime, cluster, room, previous, outcome, now)
-        if outcome.children:
+        if outcome.released:  # deleted and drained: its children may go
+            cluster.release_room(room)
+        elif outcome.children:
             _wind_down_children(cluster, state, room, outcome)
         return outcome
     _remember(state, outcome, shard_map, held, now)

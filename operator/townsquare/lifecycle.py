@@ -373,7 +373,8 @@ def reconcile(
     what was stored); `shard_map_at` is when that map was published, for the migration
     budget. With a `policy`, a room that breaks it is refused: nothing is decided for it;
     so is a room with `spec_problems` (parts of its spec the operator cannot use). A
-    deleted room is drained either way.
+    deleted room is drained either way, a refused one as a refused room that ran winds
+    down (`Outcome.refused`): its relay count and map only, never its refused template.
     """
     draft = _Draft(conditions=list(previous.conditions), seen=seen)
     problems = list(spec_problems)
@@ -383,11 +384,16 @@ def reconcile(
     if start != spec.start_time:
         spec = spec.model_copy(update={"start_time": start})
     refused_at: datetime | None = None
-    if problems and seen.deleting_since is None:
+    if problems:
         refusal = _Refusal(problems, "InvalidSpec" if spec_problems else None)
-        if not _ran(previous):
+        deleting = seen.deleting_since is not None
+        if not deleting and not _ran(previous):
             return _refuse(previous, refusal, draft)
-        if previous.phase in ("PreWarming", "Ready", "Live") and seen.now < end_of(spec):
+        if (
+            not deleting
+            and previous.phase in ("PreWarming", "Ready", "Live")
+            and seen.now < end_of(spec)
+        ):
             # The event runs: its listeners keep their relays until it ends.
             return _refuse(previous, refusal, draft, hold_until=end_of(spec))
         refused_at = _say_refused(previous, refusal, draft)

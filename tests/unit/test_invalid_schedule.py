@@ -73,8 +73,18 @@ def test_a_deleted_room_with_an_unreadable_schedule_still_drains() -> None:
         spec_problems=problems,
     )
 
-    assert not deleting.refused
+    # Still refused (nothing of its spec applied), it winds down by its relay count and map.
+    assert deleting.refused and deleting.children
     assert deleting.status.phase == "Draining"
+    timeout = at + spec.scaling.drain_timeout
+    timed_out = reconcile(
+        "r", spec, deleting.status, seen(timeout, 7, deleting_since=at), spec_problems=problems
+    )
+    assert timed_out.desired_relays == 0
+    drained = reconcile(
+        "r", spec, timed_out.status, seen(timeout, 0, deleting_since=at), spec_problems=problems
+    )
+    assert drained.released, "so it never stays Terminating"
 
 
 def test_a_spec_broken_elsewhere_still_fails_loudly() -> None:

@@ -1057,14 +1057,10 @@ def test_a_max_relays_lowered_while_blind_drains_the_top_relays_without_removing
 # --- a room refused after it ran --------------------------------------------------------
 
 
-def test_a_room_refused_mid_event_keeps_its_listeners_until_the_end_then_drains() -> None:
-    """The operator restarts with a tighter policy while the room is live. The old code
-    froze the room for good: its ten relays ran on past the end with no pass ever due. Now
-    the relays keep serving until the event ends (nothing of the new spec applied), then
-    the room drains like any other, applying only its relay count and its map."""
-    spec = room()
-    policy = TenantPolicy(allowed_registries=("other.example",))
-    at = START + timedelta(minutes=10)
+def refused_while_live(
+    spec: AudioRoomSpec, policy: TenantPolicy, at: datetime
+) -> tuple[Outcome, Outcome]:
+    """The room live on 10 full relays at `at`, then refused 10 s later (held as it runs)."""
     live = live_map(spec, at)
     later = at + timedelta(seconds=10)
     metrics = counted(7000, later, dict.fromkeys(range(10), 700))
@@ -1073,6 +1069,18 @@ def test_a_room_refused_mid_event_keeps_its_listeners_until_the_end_then_drains(
         live.scaling_state, live.shard_map, at, policy=policy,
     )  # fmt: skip
     assert held.refused and not held.children, "nothing of the refused spec is applied"
+    return live, held
+
+
+def test_a_room_refused_mid_event_keeps_its_listeners_until_the_end_then_drains() -> None:
+    """The operator restarts with a tighter policy while the room is live. The old code
+    froze the room for good: its ten relays ran on past the end with no pass ever due. Now
+    the relays keep serving until the event ends (nothing of the new spec applied), then
+    the room drains like any other, applying only its relay count and its map."""
+    spec = room()
+    policy = TenantPolicy(allowed_registries=("other.example",))
+    at = START + timedelta(minutes=10)
+    live, held = refused_while_live(spec, policy, at)
     assert held.desired_relays == 10
     end = START + timedelta(hours=1)
     assert held.wake_at == end, "back at the end, to drain"
@@ -1140,3 +1148,62 @@ def test_a_room_refused_before_its_event_lets_its_idle_relays_go() -> None:
     )  # fmt: skip
     assert ended.status.phase == "Ended"
     assert "Refused" not in reasons(ended), "said once"
+
+
+def test_a_refused_room_deleted_mid_event_winds_down_without_its_refused_spec() -> None:
+    """A tenant edits a live room to a disallowed image, then deletes it. The old code
+    dropped the refusal once the room was deleted and drained it as an accepted room, so
+    the shell applied the refused template (the disallowed image) to every relay. Now the
+    deleted room stays refused: it drains by its relay count and its map, then is released."""
+    spec = room()
+    policy = TenantPolicy(allowed_registries=("other.example",))
+    at = START + timedelta(minutes=10)
+    live, held = refused_while_live(spec, policy, at)
+    deleted_at = at + timedelta(seconds=20)
+    draining = reconcile(
+        "r", spec, held.status,
+        seen(deleted_at, 10, generation=2, deleting_since=deleted_at, namespace="t",
+             metrics=counted(7000, deleted_at, dict.fromkeys(range(10), 700))),
+        held.scaling_state, live.shard_map, at, policy=policy,
+    )  # fmt: skip
+    assert draining.refused, "deleting a refused room does not accept its spec"
+    assert draining.children, "its relay count and its map are still sent"
+    assert draining.status.phase == "Draining" and not draining.released
+    assert draining.desired_relays == 10, "every relay still carries listeners"
+    assert draining.shard_map.admission == "closed"
+    assert "deleted" in next(e for e in draining.events if e.reason == "Draining").message
+    accepted = next(c for c in draining.status.conditions if c.type == "Accepted")
+    assert accepted.status == "False"
+    gone, later = draining, deleted_at + timedelta(seconds=20)  # every listener left
+    while gone.desired_relays and later < deleted_at + timedelta(minutes=2):
+        later += timedelta(seconds=10)
+        gone = reconcile(
+            "r", spec, gone.status,
+            seen(later, gone.desired_relays, generation=2, deleting_since=deleted_at,
+                 namespace="t", metrics=counted(0, later, dict.fromkeys(range(10), 0))),
+            gone.scaling_state, gone.shard_map, deleted_at, policy=policy,
+        )  # fmt: skip
+        assert gone.refused
+    assert gone.desired_relays == 0, "emptied well before the drain timeout"
+    done = reconcile(
+        "r", spec, gone.status,
+        seen(later + timedelta(seconds=5), 0, generation=2, deleting_since=deleted_at,
+             namespace="t"),
+        gone.scaling_state, gone.shard_map, deleted_at, policy=policy,
+    )  # fmt: skip
+    assert done.refused and done.released and done.status.phase == "Ended"
+
+
+def test_a_refused_room_that_never_ran_is_released_at_once_when_deleted() -> None:
+    spec = room()
+    policy = TenantPolicy(allowed_registries=("other.example",))
+    at = START - timedelta(days=2)
+    refused = reconcile("r", spec, AudioRoomStatus(), seen(at, 0, namespace="t"), policy=policy)
+    assert refused.refused and not refused.children
+    deleted = at + timedelta(minutes=1)
+    outcome = reconcile(
+        "r", spec, refused.status,
+        seen(deleted, 0, generation=2, deleting_since=deleted, namespace="t"), policy=policy,
+    )  # fmt: skip
+    assert outcome.refused and outcome.released and not outcome.children
+    assert outcome.desired_relays == 0

@@ -28,6 +28,7 @@ class RecordingCluster:
         self.applied: list[dict[str, Any]] = []
         self.scaled: list[int] = []
         self.reasons: list[str] = []
+        self.released: list[str] = []
 
     def fenced(self, fence: Any) -> RecordingCluster:
         return self
@@ -57,6 +58,15 @@ class RecordingCluster:
     def scale_relays(self, namespace: str, room: str, replicas: int) -> None:
         self.scaled.append(replicas)
 
+    def hold_room(self, room: dict[str, Any]) -> None:
+        raise AssertionError("a room being deleted is not held again")
+
+    def release_room(self, room: dict[str, Any]) -> None:
+        self.released.append(room["metadata"]["name"])
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        raise AssertionError("the room has no placeholder")
+
 
 def live_room(start: datetime) -> tuple[dict[str, Any], ShardMap]:
     """A room live since 10 minutes after `start` for 2,000 listeners, as stored."""
@@ -81,7 +91,7 @@ def live_room(start: datetime) -> tuple[dict[str, Any], ShardMap]:
     return room, live.shard_map
 
 
-def one_pass(cluster: RecordingCluster) -> Any:
+def one_pass(cluster: RecordingCluster, deleting: bool = False) -> Any:
     async def scenario() -> Any:
         policy = TenantPolicy(allowed_registries=("other.example",))
         runtime = Runtime(
@@ -90,7 +100,8 @@ def one_pass(cluster: RecordingCluster) -> Any:
             loop=asyncio.get_running_loop(),
             indexes={"relay_pod_index": {}, "placeholder_index": {}},
         )
-        return reconcile_room(runtime, RoomState(generation=1), "t", "r", [])
+        state = RoomState(generation=1)
+        return reconcile_room(runtime, state, "t", "r", [], deleting=deleting)
 
     return asyncio.run(scenario())
 
@@ -114,6 +125,31 @@ def test_a_room_refused_after_its_end_sends_only_its_relay_count_and_map() -> No
     assert cluster.scaled == [outcome.desired_relays]
     assert "Refused" in cluster.reasons and "Draining" in cluster.reasons
     assert cluster.room["status"]["phase"] == "Draining"
+
+
+def test_a_refused_room_deleted_mid_event_never_sends_its_refused_template() -> None:
+    """A tenant edits a live room to a disallowed image, then deletes it. The old shell
+    applied the StatefulSet built from that spec in the deletion's drain: every relay rolled
+    to the disallowed image. Now the deleted room winds down as a refused one: the shard
+    map and the relay count only, then the room is released."""
+    room, shard_map = live_room(datetime.now(UTC) - timedelta(minutes=20))
+    room["spec"]["relay"]["image"] = "evil.example/miner:1"
+    room["metadata"]["generation"] = 2
+    cluster = RecordingCluster(room, shard_map)
+    held = one_pass(cluster)
+    assert held.refused and cluster.applied == [] and cluster.scaled == []
+    room["metadata"]["deletionTimestamp"] = datetime.now(UTC).isoformat()
+    room["metadata"]["generation"] = 3
+    draining = one_pass(cluster, deleting=True)
+    assert draining.refused and draining.status.phase == "Draining"
+    assert [m["kind"] for m in cluster.applied] == ["ConfigMap"], "no StatefulSet"
+    assert '"admission":"closed"' in cluster.applied[0]["data"][SHARD_MAP_KEY]
+    assert cluster.scaled == [draining.desired_relays] and cluster.released == []
+    room["status"]["relays"]["desired"] = 0  # as if every relay had drained
+    cluster.applied.clear()
+    released = one_pass(cluster, deleting=True)
+    assert released.refused and released.released
+    assert cluster.released == ["r"] and cluster.applied == []
 
 
 def test_a_refused_room_is_counted_by_the_platform_s_query_not_its_own() -> None:
