@@ -47,6 +47,9 @@ BUDGET = 1200
 ARRIVALS = 30
 """Listeners who join the tight room while its relays are being replaced: 530 in all,
 still within what its 6 relays carry at 90%."""
+ARRIVALS_LEAD = 40
+"""Seconds from setting the newcomers' start to it: past the 30 s their load generator may
+take to answer."""
 RELAYS_ONLY = "app.kubernetes.io/component=relay"
 
 
@@ -190,7 +193,10 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
             "the operator to count the listeners",
         )
         # Newcomers: ARRIVALS listeners asking over 10 s from 5 s after the image changes.
-        come_at = datetime.now(UTC) + timedelta(seconds=8)
+        # Their start is set past the 30 s their load generator may take to answer, and the
+        # image changes 5 s before it: with a start 8 s ahead, a slow start let them arrive
+        # before the change, and the room had grown to 8 relays when it began.
+        come_at = datetime.now(UTC) + timedelta(seconds=ARRIVALS_LEAD)
         late = write_trace(tmp_path / "arrivals.csv", [(0, 0), (10, ARRIVALS), (900, ARRIVALS)])
         arrivals = LoadGenerator(
             kubeconfig, namespace, "rolling", late, edges, real_listeners=0,
@@ -203,6 +209,10 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
                 30,
                 "the arrivals' load generator to answer, nobody arrived yet",
             )
+            time.sleep(max(0.0, (come_at - datetime.now(UTC)).total_seconds() - 5))
+            assert datetime.now(UTC) < come_at, "the arrivals' load generator started late"
+            wait_until(lambda: rooms.relays("rolling") == (RELAYS, RELAYS), 90,
+                       "still 6 relays just before the change")  # fmt: skip
             watch = Watch(rooms, "rolling", load, arrivals)
             began = time.time()
             rooms.patch_spec("rolling", {"relay": {"image": "registry.example/relay:v2"}})
