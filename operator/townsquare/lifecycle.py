@@ -445,7 +445,7 @@ def reconcile(
         receiving = frozenset(o for o, s in current_map.relays.items() if s == "active")
         kept = _drain(spec, was, running, seen, draft, (began, deadline, why), receiving, state)
         phase, replicas, accepting = kept.phase, kept.replicas, 0
-        state = replace(state, empty_read_at=kept.empty_read_at)
+        state = replace(state, empty_sampled_at=kept.empty_sampled_at)
         if phase == "Draining":
             consolidation = consolidate(
                 current_map,
@@ -514,7 +514,9 @@ def reconcile(
         closed=closed,
     )
     if relays_changed(shard_map or current_map, rebalanced.map):
-        state = replace(state, moved_at=seen.now)  # listeners may be between relays a while
+        # Listeners may be between relays a while: an empty reading before now proves nothing
+        # (cleared here, not by comparing this pass time with a sample's, on another clock).
+        state = replace(state, moved_at=seen.now, empty_sampled_at=None)
     if not closed:  # past the end, joins are closed: nothing to say
         _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
     _metrics_condition(seen, decision, draft)
@@ -1133,8 +1135,8 @@ class _Kept:
 
     phase: Phase
     replicas: int
-    empty_read_at: datetime | None
-    """See `ScalingState.empty_read_at`."""
+    empty_sampled_at: datetime | None
+    """See `ScalingState.empty_sampled_at`."""
     unsure: bool
     """Relays were kept only because the reading could not yet show them empty: look again
     soon, as a new sample with the same figures wakes no pass."""
@@ -1197,15 +1199,17 @@ def _carrying(
 
     A relay the map sends moved listeners to (`receiving`: active in the map) is empty only
     once the whole room has read empty twice: in a reading taken after the last move, and
-    again in one taken a moment after the pass that saw the first. One reading is not
-    enough: the relay kept may be scraped just before a moved listener arrives, and the
-    relay it left just after it went, so both read 0 and the listener would be dropped with
-    the last relay. A second reading sampled after the first pass sees it arrived.
+    again in one sampled a moment after the first (both times on the metrics source's
+    clock; a move in between voids the first, see `reconcile`). One reading is not enough:
+    the relay kept may be scraped just before a moved listener arrives, and the relay it
+    left just after it went, so both read 0 and the listener would be dropped with the last
+    relay. A second reading sampled after the first sees it arrived; the same sample read
+    again in a later pass does not.
     """
     metrics = seen.metrics
-    first = state.empty_read_at
-    if first is not None and (first <= began or (state.moved_at and state.moved_at >= first)):
-        first = None  # read before this drain, or before listeners last moved
+    first = state.empty_sampled_at
+    if first is not None and first <= began:
+        first = None  # sampled before this drain began
     if metrics is None and began < spec.start_time:
         # Deleted before its start, and no count will ever come: nobody to wait for.
         return _Kept("Draining", 0, None, unsure=False)
@@ -1220,9 +1224,9 @@ def _carrying(
     carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]
     waiting = [o for o in range(running) if o in receiving and not confirmed]
     keep = max(carrying + waiting) + 1 if carrying or waiting else 0
-    empty_read_at = (first or seen.now) if room_empty else None
+    empty_sampled_at = (first or metrics.sampled_at) if room_empty else None
     unsure = bool(waiting) and (not carrying or max(waiting) > max(carrying))
-    return _Kept("Draining", keep, empty_read_at, unsure)
+    return _Kept("Draining", keep, empty_sampled_at, unsure)
 
 
 def _listeners_since(seen: Observed, began: datetime) -> float | None:

@@ -156,9 +156,11 @@ class ScalingState:
     moved_at: datetime | None = None
     """When the shard map last gave shards a new relay: listeners may be on their way from
     one relay to another until a moment after it."""
-    empty_read_at: datetime | None = None
-    """The pass that first read the whole room empty, by a reading taken after the map last
-    moved shards (the end drain confirms it with a second reading taken after this pass)."""
+    empty_sampled_at: datetime | None = None
+    """When the first reading of the whole room empty since the map last moved shards was
+    sampled, on the metrics source's clock (the end drain confirms it with a reading sampled
+    later still: a pass time on the operator's clock says nothing of which scrape a reading
+    is, and a repeat of the same scrape proves nothing)."""
 
     @classmethod
     def initial(cls, relays: int) -> ScalingState:
@@ -183,7 +185,9 @@ class ScalingState:
             "prewarmed": self.prewarmed,
             "grownAt": None if self.grown_at is None else _iso(self.grown_at),
             "movedAt": None if self.moved_at is None else _iso(self.moved_at),
-            "emptyReadAt": None if self.empty_read_at is None else _iso(self.empty_read_at),
+            "emptySampledAt": None
+            if self.empty_sampled_at is None
+            else _iso(self.empty_sampled_at),
         }
 
     @classmethod
@@ -200,7 +204,9 @@ class ScalingState:
             prewarmed=bool(data.get("prewarmed", False)),
             grown_at=_parse(data["grownAt"]) if data.get("grownAt") else None,
             moved_at=_parse(data["movedAt"]) if data.get("movedAt") else None,
-            empty_read_at=_parse(data["emptyReadAt"]) if data.get("emptyReadAt") else None,
+            empty_sampled_at=(
+                _parse(data["emptySampledAt"]) if data.get("emptySampledAt") else None
+            ),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -883,12 +884,14 @@ def test_no_shard_moves_blind_after_the_end() -> None:
 
 def after_the_end(
     spec: AudioRoomSpec, previous: Outcome, seconds: float, by_relay: dict[int, int],
-    ready: int = 10,
+    ready: int = 10, sampled: float | None = None,
 ) -> Outcome:  # fmt: skip
-    """A pass `seconds` after the end, its reading sampled then; the map threaded through
-    as the shell does, and the scaling memory only in the status (as after a restart)."""
+    """A pass `seconds` after the end, its reading sampled then (or `sampled` seconds after
+    the end, on Prometheus's clock); the map threaded through as the shell does, and the
+    scaling memory only in the status (as after a restart)."""
     moment = START + timedelta(hours=1, seconds=seconds)
-    metrics = counted(sum(by_relay.values()), moment, by_relay)
+    at = moment if sampled is None else START + timedelta(hours=1, seconds=sampled)
+    metrics = counted(sum(by_relay.values()), at, by_relay)
     return reconcile(
         "r", spec, previous.status, seen(moment, ready, metrics=metrics),
         shard_map=previous.shard_map,
@@ -939,6 +942,71 @@ def test_no_relay_is_taken_for_empty_by_a_reading_from_just_after_listeners_move
     assert settled.desired_relays == 1, "the draining relays go; relay 0 waits for a second"
     done = after_the_end(spec, settled, 21, {0: 0}, ready=1)
     assert done.desired_relays == 0
+
+
+def test_the_same_sample_read_again_does_not_confirm_an_empty_room() -> None:
+    """Prometheus's clock runs 3 s ahead of the operator's. One scrape, taken while the
+    listener moved from relay 7 is in flight, shows the whole room empty, and two passes a
+    second apart both read it (no newer sample yet). The old code took the first pass's
+    own time for the first reading and compared the sample's time with it: the same scrape
+    counted as the confirming second reading, and relay 0 went with the listener on its way.
+    Now only a reading sampled after the first one's sample confirms it."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    moved = after_the_end(spec, live, 10, {**dict.fromkeys(range(10), 0), 0: 2, 7: 1}, sampled=13)
+    assert moved.shard_map.relays[7] == "draining"
+    empty = dict.fromkeys(range(10), 0)
+    first = after_the_end(spec, moved, 13.5, empty, sampled=16)
+    assert first.desired_relays == 1
+    again = after_the_end(spec, first, 14.5, empty, ready=1, sampled=16)
+    assert again.desired_relays == 1, "the same scrape is not a second reading"
+    assert again.wake_at is not None and again.wake_at <= START + timedelta(hours=1, seconds=20)
+    newer = after_the_end(spec, again, 16.5, {0: 0}, ready=1, sampled=19)
+    assert newer.desired_relays == 0, "a later scrape, still empty, confirms it"
+
+
+def test_a_room_read_empty_twice_goes_though_its_samples_lag_the_passes() -> None:
+    """Each reading was sampled 10 s before the pass that reads it (a slow scrape, or
+    Prometheus's clock behind). The old code wanted a sample newer than the first pass's
+    own time, so two scrapes of an empty room, 5 s apart, kept relay 0 on. Two successive
+    samples, both taken after the move settled, are two readings."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    moved = after_the_end(spec, live, 10, {**dict.fromkeys(range(10), 0), 0: 3}, sampled=0.5)
+    empty = dict.fromkeys(range(10), 0)
+    too_early = after_the_end(spec, moved, 21, empty, sampled=11)
+    assert too_early.desired_relays == 10, "sampled within the settle after the move"
+    first = after_the_end(spec, too_early, 25, empty, sampled=15)
+    assert first.desired_relays == 1
+    second = after_the_end(spec, first, 30, {0: 0}, ready=1, sampled=20)
+    assert second.desired_relays == 0
+
+
+def test_an_empty_reading_in_the_pass_that_moves_the_map_is_not_the_first_of_two() -> None:
+    """The first pass after the end reads every relay empty and moves the draining relays'
+    shards to relay 0: a listener may be on its way there, so that reading cannot be
+    confirmed by the next; a reading after the move starts the pair again."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    empty = dict.fromkeys(range(10), 0)
+    moving = after_the_end(spec, live, 10, empty)
+    assert [o for o, s in moving.shard_map.relays.items() if s == "active"] == [0]
+    assert moving.desired_relays == 10
+    next_reading = after_the_end(spec, moving, 15, empty)
+    assert next_reading.desired_relays == 1, "the first empty reading since the move"
+    confirmed = after_the_end(spec, next_reading, 20, {0: 0}, ready=1)
+    assert confirmed.desired_relays == 0
+
+
+def test_an_empty_reading_from_before_the_drain_began_confirms_nothing() -> None:
+    """A room whose status kept an empty reading from before its end (an earlier drain):
+    the first reading after the end is the first of two, not the second."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    stale = {**(live.status.scaling_state or {}), "emptySampledAt": "2026-12-03T16:59:00Z"}
+    kept = replace(live, status=live.status.model_copy(update={"scaling_state": stale}))
+    first = after_the_end(spec, kept, 10, dict.fromkeys(range(10), 0))
+    assert first.desired_relays == 10, "one reading since the drain began is not two"
 
 
 # --- startTime moved while the room drains ----------------------------------------------
