@@ -394,7 +394,8 @@ def reconcile(
             and previous.phase in ("PreWarming", "Ready", "Live")
             and seen.now < end_of(spec)
         ):
-            # The event runs: its listeners keep their relays until it ends.
+            # The event runs, or its audience is arriving (pre-warmed relays, the map open
+            # to joins): its listeners keep their relays until it ends.
             return _refuse(previous, refusal, draft, hold_until=end_of(spec))
         refused_at = _say_refused(previous, refusal, draft)
     elif policy is not None:
@@ -678,12 +679,15 @@ def _refuse(
     """A room outside the tenant policy, or with a spec the operator cannot use: say why,
     change nothing else, decide nothing.
 
-    A room refused while its event runs (`hold_until` its end) keeps what it has: its
-    relays serve the listeners connected on the last accepted spec, neither grown nor
-    shrunk, and the map stays as published; dropping an audience for a spec edit, or a
-    policy tightened meanwhile, would punish the listeners for the producer's or platform's
-    change. At the end the room drains as any other (`reconcile`); a room refused before
-    its event, or after it ended, lets its relays go then and there.
+    A room refused once its pre-warm began (PreWarming, Ready or Live, until its end:
+    `hold_until`) keeps what it has: its relays serve the listeners connected on the last
+    accepted spec, neither grown nor shrunk, and the map stays as published; dropping an
+    audience for a spec edit, or a policy tightened meanwhile, would punish the listeners
+    for the producer's or platform's change. That holds before the startTime too: pre-warm
+    is when the audience arrives (the map is open to joins from then on) and the event is
+    only prewarmLead away, so letting the relays go would cancel it. At the end the room
+    drains as any other (`reconcile`); a room refused still Scheduled (its relays idle at
+    minRelays, days ahead perhaps), or after its end, lets its relays go then and there.
     """
     then = ""
     if hold_until is not None:

@@ -1218,6 +1218,27 @@ def test_a_room_refused_before_its_event_lets_its_idle_relays_go() -> None:
     assert "Refused" not in reasons(ended), "said once"
 
 
+def test_a_room_refused_during_its_pre_warm_keeps_its_relays_for_the_arriving_audience() -> None:
+    """Refused a minute before its start, after the pre-warm began: the audience is
+    arriving on the open map and the event is due, so the relays stay until its end (as
+    for a live room), not drained then and there as for a room refused while Scheduled."""
+    spec = room()
+    policy = TenantPolicy(allowed_registries=("other.example",))
+    at = START - timedelta(minutes=1)
+    warming = reconcile("r", spec, AudioRoomStatus(), seen(at, 10, namespace="t"))
+    assert warming.status.phase in ("PreWarming", "Ready") and warming.desired_relays == 10
+    assert warming.shard_map.admission == "open"
+    later = at + timedelta(seconds=10)
+    held = reconcile(
+        "r", spec, warming.status, seen(later, 10, namespace="t"),
+        warming.scaling_state, warming.shard_map, at, policy=policy,
+    )  # fmt: skip
+    assert held.refused and not held.children and held.desired_relays == 10
+    assert held.wake_at == START + timedelta(hours=1), "held until the event's end"
+    warning = next(e for e in held.events if e.reason == "Refused")
+    assert "keep serving the listeners connected" in warning.message
+
+
 def test_a_refused_room_deleted_mid_event_winds_down_without_its_refused_spec() -> None:
     """A tenant edits a live room to a disallowed image, then deletes it. The old code
     dropped the refusal once the room was deleted and drained it as an accepted room, so
