@@ -63,7 +63,7 @@ def test_demo_report_matches_what_the_cluster_and_prometheus_recorded(
             "wanted": f"max(max_over_time(audioroom_edge_wanted_listeners{selector}[{window}]))",
             # counted by the relay processes themselves, scraped at their pod IPs
             "on_relays": (
-                f"max_over_time(min_over_time(sum(audioroom_relay_listeners{relays})[5s:1s])"
+                f"max_over_time(min_over_time(sum(audioroom_relay_listeners{relays})[10s:1s])"
                 f"[{window}:1s])"
             ),
             "relay_instances": (
@@ -108,7 +108,8 @@ def test_demo_report_matches_what_the_cluster_and_prometheus_recorded(
     # Real listeners: the relay processes counted every one of them at once, in their own
     # series (pod IPs, not the demo's processes on 127.0.0.1), apart from the simulated rest.
     assert figures.real_listeners == REAL
-    # Held for 5 s: a listener moving make-before-break is counted by two relays a moment.
+    # Held for 10 s: a listener moving make-before-break is counted by two relays a moment,
+    # longer when its process stalls (5-8 s seen on this machine; 41 of 40 held for 5 s once).
     assert scraped["on_relays"] == figures.real_listeners_on_relays == REAL
     assert scraped["relay_instances"] and scraped["relay_instances"] >= figures.planned_relays
     assert scraped["from_localhost"] is None
