@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import kopf
 import pytest
@@ -505,6 +505,32 @@ WRITES = {
 }
 
 
+ApiT = TypeVar("ApiT", bound=RecordingApi)
+
+
+def _lapsing_during_status_write(
+    make_api: Callable[[dict[str, Any], Callable[[str], None]], ApiT],
+) -> tuple[ApiT, Runtime, Callable[[], Lease]]:
+    """A pre-warming room on a fenced cluster whose lease runs out (by the monotonic clock)
+    during the first status write, and that holds a fresh lease now; `lease()` gives
+    another, as a claim written again would."""
+    clock, lifetime = FakeClock(), Settings().peering_lifetime
+    lapses = [lifetime.total_seconds() / 2 + 1]
+
+    def lapse_during_status_write(name: str) -> None:
+        if name == "patch_namespaced_custom_object_status" and lapses:
+            clock.now += lapses.pop()
+
+    def lease() -> Lease:
+        return Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime)
+
+    api = make_api(_prewarming_room(), lapse_during_status_write)
+    runtime = _runtime(_fenced_cluster(api), Settings(), claimed=False)
+    runtime.clock = clock
+    runtime.act_on(lease())
+    return api, runtime, lease
+
+
 def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
     """The lease runs out (by the monotonic clock) while the room's status write is in
     flight: the children that would follow are never sent, the pass ends as failed, and
@@ -512,19 +538,7 @@ def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
     status that landed still go out: no later pass derives them again (see the next test)."""
 
     async def scenario() -> None:
-        clock = FakeClock()
-        lifetime = Settings().peering_lifetime
-
-        lapses = [lifetime.total_seconds() / 2 + 1]
-
-        def lapse_during_status_write(name: str) -> None:
-            if name == "patch_namespaced_custom_object_status" and lapses:
-                clock.now += lapses.pop()
-
-        api = RecordingApi(_prewarming_room(), lapse_during_status_write)
-        runtime = _runtime(_fenced_cluster(api), Settings(), claimed=False)
-        runtime.clock = clock
-        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        api, runtime, lease = _lapsing_during_status_write(RecordingApi)
         key = ("spaces", "launch")
         state = runtime.room(key)
         outcome, failed = await handlers._reconcile_once(runtime, state, key)
@@ -537,7 +551,7 @@ def test_a_pass_whose_claim_lapses_mid_pass_writes_nothing_more() -> None:
         assert outcome is None and failed
         assert state.scaling is None, "what it decided but did not write: read afresh"
 
-        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        runtime.act_on(lease())
         outcome, failed = await handlers._reconcile_once(runtime, state, key)
         assert not failed and "apply_child" in api.calls
 
@@ -577,24 +591,14 @@ def test_a_claim_lapsing_during_the_status_write_loses_no_event() -> None:
     again."""
 
     async def scenario() -> None:
-        clock, lifetime = FakeClock(), Settings().peering_lifetime
-        lapses = [lifetime.total_seconds() / 2 + 1]
-
-        def lapse_during_status_write(name: str) -> None:
-            if name == "patch_namespaced_custom_object_status" and lapses:
-                clock.now += lapses.pop()
-
-        api = StatusKeepingApi(_prewarming_room(), lapse_during_status_write)
-        runtime = _runtime(_fenced_cluster(api), Settings(), claimed=False)
-        runtime.clock = clock
-        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        api, runtime, lease = _lapsing_during_status_write(StatusKeepingApi)
         key = ("spaces", "launch")
         state = runtime.room(key)
         _, failed = await handlers._reconcile_once(runtime, state, key)
         assert failed and api.events, "the change the status records is announced"
         announced = list(api.events)
 
-        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), clock(), lifetime))
+        runtime.act_on(lease())
         _, failed = await handlers._reconcile_once(runtime, state, key)
         assert not failed and "apply_child" in api.calls
         assert api.events == announced, "announced once"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -458,19 +458,25 @@ class Cluster:
         """How many relay pods carry no slot label (made before pods carried it), in the
         namespaces served (None: all): one LIST each, filtered by the API server."""
         selector = f"{COMPONENT_LABEL}=relay,{unlabelled_selector()}"
-        found = 0
+        return sum(1 for _ in self._list_raw(self.core, "pod", namespaces, selector))
+
+    def _list_raw(
+        self, api: Any, kind: str, namespaces: Iterable[str | None], selector: str
+    ) -> Iterator[dict[str, Any]]:
+        """The items of `kind` (the client's spelling: "pod", "stateful_set") from one LIST
+        per namespace served (None: all), filtered by the API server with `selector`, as
+        plain JSON (not deserialized into client models)."""
         for namespace in namespaces:
+            args: tuple[str, ...]
             if namespace is None:
-                listing = self.core.list_pod_for_all_namespaces
-                args: tuple[str, ...] = ()
+                listing, args = getattr(api, f"list_{kind}_for_all_namespaces"), ()
             else:
-                listing, args = self.core.list_namespaced_pod, (namespace,)
-            pods = listing(
+                listing, args = getattr(api, f"list_namespaced_{kind}"), (namespace,)
+            answer = listing(
                 *args, label_selector=selector, _request_timeout=self.timeout,
                 _preload_content=False,
             )  # fmt: skip
-            found += len(json.loads(pods.data).get("items") or [])
-        return found
+            yield from json.loads(answer.data).get("items") or []
 
     def unlabelled_relay_templates(self, namespaces: Iterable[str | None]) -> int:
         """How many relay StatefulSets' pod templates carry no slot label (made before pods
@@ -479,20 +485,10 @@ class Cluster:
         server filters on an object's own labels only)."""
         selector = f"{COMPONENT_LABEL}=relay,{MANAGED_BY_LABEL}={MANAGER}"
         found = 0
-        for namespace in namespaces:
-            if namespace is None:
-                listing = self.apps.list_stateful_set_for_all_namespaces
-                args: tuple[str, ...] = ()
-            else:
-                listing, args = self.apps.list_namespaced_stateful_set, (namespace,)
-            sets = listing(
-                *args, label_selector=selector, _request_timeout=self.timeout,
-                _preload_content=False,
-            )  # fmt: skip
-            for relay_set in json.loads(sets.data).get("items") or []:
-                template = ((relay_set.get("spec") or {}).get("template") or {}).get("metadata")
-                if labelled_slot((template or {}).get("labels") or {}) is None:
-                    found += 1
+        for relay_set in self._list_raw(self.apps, "stateful_set", namespaces, selector):
+            template = ((relay_set.get("spec") or {}).get("template") or {}).get("metadata")
+            if labelled_slot((template or {}).get("labels") or {}) is None:
+                found += 1
         return found
 
     def replace_relay(self, namespace: str, room: str, pod: RelayPod) -> None:
