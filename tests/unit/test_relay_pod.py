@@ -266,11 +266,17 @@ def test_a_relay_goes_when_its_pod_runner_is_killed_outright() -> None:
 
 def test_a_new_runner_stops_the_relays_an_old_one_left_and_nothing_else(tmp_path: Path) -> None:
     runner = pod_runner()
+    # Each child says it is up before the runner looks: Popen can return before the kernel
+    # has published the new argv in /proc/PID/cmdline, and an orphan the runner reaps has
+    # been running for a while. Without this, a loaded machine read an empty cmdline (CI).
+    up = "import time; print('up', flush=True); time.sleep(60)"
     relay = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", "townsquare", "relay"]
+        [sys.executable, "-c", up, "townsquare", "relay"], stdout=subprocess.PIPE
     )
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    bystander = subprocess.Popen([sys.executable, "-c", up], stdout=subprocess.PIPE)
     try:
+        for process in (relay, bystander):
+            assert process.stdout is not None and process.stdout.readline() == b"up\n"
         (tmp_path / "ns_r-relay-0").write_text(str(relay.pid))
         (tmp_path / "ns_r-relay-1").write_text(str(bystander.pid))
         (tmp_path / "ns_r-relay-2").write_text("not a pid")
@@ -282,3 +288,5 @@ def test_a_new_runner_stops_the_relays_an_old_one_left_and_nothing_else(tmp_path
         for process in (relay, bystander):
             process.kill()
             process.wait()
+            assert process.stdout is not None
+            process.stdout.close()
