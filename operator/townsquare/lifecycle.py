@@ -1076,12 +1076,23 @@ def _metrics_condition(seen: Observed, decision: Decision | None, draft: _Draft)
         # No relay runs yet, so no relay reports: nothing is missing.
         draft.condition("MetricsAvailable", "Unknown", "NoRelaysReady", "no relay is Ready yet")
     elif metrics.listeners is None:
+        # Worded by the drain as a whole, not by this pass's step: the message changes only
+        # when what the operator does blind changes.
+        towards = decision.towards_limit if decision is not None else None
         holding = "holding the current relays (never scaling down without data)"
-        if decision is not None and decision.direction == "down":
-            holding = "draining only towards a lowered maxRelays, at the migration budget's pace"
+        if towards is not None and towards.held:
+            holding = towards.reason
+        elif towards is not None:
+            holding = (
+                "draining only towards a lowered maxRelays, where every listener of a "
+                "drained relay can move before drainTimeout"
+            )
         message = f"{metrics.problem or 'no listener data'}; {holding}"
+        before = next((c for c in draft.conditions if c.type == "MetricsAvailable"), None)
         if draft.condition("MetricsAvailable", "False", "MetricsUnavailable", message) != "False":
             draft.event(WARNING, "MetricsUnavailable", message)
+        elif towards is not None and towards.held and (before is None or before.message != message):
+            draft.event(WARNING, "MaxRelaysHeld", holding)
     else:
         message = f"{metrics.listeners:,} listeners observed"
         if draft.condition("MetricsAvailable", "True", "ListenersObserved", message) == "False":

@@ -36,8 +36,9 @@ The rules, each for a reason a person on call would give:
   guess undone, not a drop, and they go however few they are. Near the declared end the
   window shortens to END_STABILIZATION: an audience leaving at the end does not come back.
 - Fail-static: without a fresh listener count the size is held, never lowered, except
-  towards a maxRelays lowered below it, and then only at the migration budget's pace
-  (`_blind_towards_limit`).
+  towards a maxRelays lowered below it, and then only where no listener is dropped on the
+  way: a drained relay's listeners must move within drainTimeout at the pace the relays
+  move them, and the relays kept must have room for them (`_blind_towards_limit`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ POSTPONEMENT_KEPT = timedelta(hours=1)
 """A pre-warmed room whose start moves later keeps its relays if the new start is this near."""
 BLIND_DRAIN_PACE = timedelta(minutes=1)
 """Above a lowered maxRelays with no count, one step of relays begins draining a minute."""
+BLIND_DRAIN_FILL = 0.9
+"""Blind, relays drain only down to as many as hold the audience last counted with the
+busiest of them at 90% of its capacity. The map balances shard counts to within one, so
+the busiest relay holds ceil(shards / relays) shards, up to a sixth above the average at
+5 shards a relay; and listeners hash unevenly over shards. A full relay turns moved
+listeners away, and they are dropped with their draining relay at drainTimeout."""
+BLIND_DRAIN_TIME_SHARE = 0.8
+"""A relay drains blind only if its listeners, as many as it may carry, can move within
+this share of drainTimeout: no count will show it empty, so it goes at the timeout, and the
+edge may hold some moves (it tells them again later, spending the relay's pace again)."""
 STARTUP_PRIOR_WEIGHT = 3
 """The spec's start-up hint counts as this many measured start-ups."""
 
@@ -211,6 +222,16 @@ class ScalingState:
 
 
 @dataclass(frozen=True)
+class TowardsLimit:
+    """A blind room above a lowered maxRelays: how many relays, and why."""
+
+    relays: int
+    reason: str
+    held: bool
+    """The limit is out of reach blind: the relays above it stay, accepting joins."""
+
+
+@dataclass(frozen=True)
 class Decision:
     """How many relays, which drain, which may go, and why: everything an Event needs."""
 
@@ -232,6 +253,9 @@ class Decision:
     """Demand needs more than maxRelays: the admission queue must hold the rest."""
     reason: str
     state: ScalingState
+    towards_limit: TowardsLimit | None = None
+    """Blind above a lowered maxRelays: drains towards it, or holds where that would drop
+    listeners (see `_blind_towards_limit`); None otherwise."""
 
     @property
     def metrics_available(self) -> bool:
@@ -325,9 +349,12 @@ def decide(
         why = f"metrics unavailable: holding {current:,} relays (never scaling down blind)"
         if relays > current:
             why += f"; plan floor {floor:,} relays"
+        limit = None
         if current > scaling.max_relays:
-            relays, why = _blind_towards_limit(spec, state, now)
-        return _finish(spec, observation, next_state, now, relays, None, floor, False, why)
+            limit = _blind_towards_limit(spec, state, now)
+            relays, why = limit.relays, limit.reason
+        decision = _finish(spec, observation, next_state, now, relays, None, floor, False, why)
+        return replace(decision, towards_limit=limit)
 
     demand = observation.listeners + observation.waiting
     sampled_at = observation.sampled_at or now
@@ -420,44 +447,88 @@ def decide(
     )
 
 
-def _blind_towards_limit(
-    spec: AudioRoomSpec, state: ScalingState, now: datetime
-) -> tuple[int, str]:
+def blind_move_minutes(spec: AudioRoomSpec, relays_in_map: int) -> float:
+    """Minutes a draining relay needs to send away as many listeners as it may carry.
+
+    Each relay tells its own listeners to move at its share of the room's migration budget,
+    maxMigrationsPerMinute over the relays in the map (`relay.server.Relay.moves_per_second`),
+    however many relays drain: draining more at once does not drain any faster.
+    """
+    budget = spec.sharding.max_migrations_per_minute
+    if budget <= 0:
+        return math.inf
+    return spec.relay.listeners_per_relay * max(1, relays_in_map) / budget
+
+
+def blind_drain_floor(spec: AudioRoomSpec, listeners: float, relays: int) -> int | None:
+    """The fewest relays, not below maxRelays and at most `relays`, that take `listeners`
+    with the busiest at BLIND_DRAIN_FILL of its capacity (None: not even `relays` do)."""
+    shards, limit = spec.sharding.shards, spec.relay.listeners_per_relay * BLIND_DRAIN_FILL
+    per_shard = listeners / shards
+    for kept in range(max(1, spec.scaling.max_relays), relays + 1):
+        if math.ceil(shards / kept) * per_shard <= limit:
+            return kept
+    return None
+
+
+def _blind_towards_limit(spec: AudioRoomSpec, state: ScalingState, now: datetime) -> TowardsLimit:
     """Relays for a room above a lowered maxRelays while no count comes, and why.
 
     maxRelays is the ceiling the producer (or the tenant's quota) set, so it is reached
-    blind too; but a blind drain cannot see where the listeners are, so it goes gently:
-    each minute only as many relays begin draining as the migration budget could move
-    were they full (a relay never carries more than listenersPerRelay), and the next step
-    waits until a minute after the last drain began. It stops above the limit where the
-    relays left could no longer hold, full, the audience last counted: their listeners
-    would have nowhere to go. Draining relays go as the scaling policy removes any (shown
-    empty by a count, or at drainTimeout); once counts return the limit applies in full.
+    blind too, but only where no listener is dropped on the way. A relay drained blind is
+    shown empty by no count, so it goes at drainTimeout; its listeners must have moved by
+    then, at the pace the relays move them (`blind_move_minutes`), and as many as it may
+    carry (listenersPerRelay), as nothing says how many it does. Where they cannot, or
+    where the relays kept could not take the audience last counted (`blind_drain_floor`),
+    the relays stay and the reason says so. Otherwise each minute as many relays begin
+    draining as the migration budget moves were they full, the next step a minute after the
+    last began. Once counts return the limit applies as to any room.
     """
-    scaling, per_relay = spec.scaling, spec.relay.listeners_per_relay
+    scaling = spec.scaling
     current = state.relays
-    last_seen = math.ceil(state.need * scaling.target_utilization - 1e-9)
-    lowest = max(scaling.max_relays, last_seen)
-    step = max(1, spec.sharding.max_migrations_per_minute // per_relay)
+    last_counted = state.need * spec.relay.listeners_per_relay * scaling.target_utilization
+    lowest = blind_drain_floor(spec, last_counted, current) or current
     why = f"metrics unavailable; maxRelays {scaling.max_relays:,} is below {current:,} relays"
+    then = "; once listener counts return, the limit applies as to any room"
     if lowest >= current:
-        return current, (
-            f"{why}: holding them, as the audience last counted needs {last_seen:,} relays "
-            "full; once listener counts return, the limit applies as to any room"
+        reason = (
+            f"{why}: holding them, as the relays kept must take the {last_counted:,.0f} "
+            f"listeners last counted with the busiest below {BLIND_DRAIN_FILL:.0%} of "
+            f"its capacity{then}"
         )
+        return TowardsLimit(current, reason, held=True)
+    relays_in_map = state.replicas
+    needed = blind_move_minutes(spec, relays_in_map)
+    allowed = scaling.drain_timeout.total_seconds() / 60 * BLIND_DRAIN_TIME_SHARE
+    if needed > allowed:
+        pace = spec.sharding.max_migrations_per_minute / max(1, relays_in_map)
+        reason = (
+            f"{why}: holding them, as a relay drained blind may carry "
+            f"{spec.relay.listeners_per_relay:,} listeners and its listeners move at "
+            f"{pace:,.0f} a minute (maxMigrationsPerMinute "
+            f"{spec.sharding.max_migrations_per_minute:,} over {relays_in_map:,} relays): "
+            f"{needed:,.0f}m, beyond {allowed:,.0f}m ({BLIND_DRAIN_TIME_SHARE:.0%} of "
+            f"drainTimeout {_minutes(scaling.drain_timeout)}), so it would go with listeners "
+            f"on it; raise maxMigrationsPerMinute or drainTimeout to drain blind{then}"
+        )
+        return TowardsLimit(current, reason, held=True)
+    step = max(1, spec.sharding.max_migrations_per_minute // spec.relay.listeners_per_relay)
     if any(now - since < BLIND_DRAIN_PACE for _, since in state.draining):
-        return current, f"{why}: the next relays drain a minute after the last began"
+        return TowardsLimit(
+            current, f"{why}: the next relays drain a minute after the last began", held=False
+        )
     relays = max(lowest, current - step)
     kept = (
-        f", keeping {lowest:,} that carry the listeners last counted, full"
+        f", keeping {lowest:,} to take the {last_counted:,.0f} listeners last counted"
         if lowest > scaling.max_relays
         else ""
     )
-    return relays, (
+    reason = (
         f"{why}: draining towards it blind, {step:,} relays a minute (what "
         f"{spec.sharding.max_migrations_per_minute:,} migrations a minute move were they "
-        f"full){kept}"
+        f"full; each relay's listeners move within {needed:,.0f}m){kept}"
     )
+    return TowardsLimit(relays, reason, held=False)
 
 
 def _forecast(
@@ -515,7 +586,12 @@ def _finish(
         why = f"scaling up {current:,} -> {relays:,} relays: {why}"
     elif direction == "down":
         why = f"draining {current - relays:,} relays ({current:,} -> {relays:,}): {why}"
-    if timed_out:
+    if timed_out and observation.listeners is None:
+        why += (
+            f"; removed {len(timed_out):,} relays at drainTimeout {_minutes(timeout)}, "
+            "without a count to show whether they were empty"
+        )
+    elif timed_out:
         why += (
             f"; removed {len(timed_out):,} relays still carrying listeners after drainTimeout "
             f"{_minutes(timeout)}"

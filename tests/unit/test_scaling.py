@@ -475,35 +475,55 @@ def test_a_rise_after_the_hold_or_below_the_peak_keeps_the_capped_forecast() -> 
 
 
 def test_lowering_max_relays_while_blind_drains_towards_it_at_the_migration_budget() -> None:
-    """500 relays, maxRelays lowered to 100, no count. The old code held 500 until counts
+    """300 relays, maxRelays lowered to 100, no count. The old code held 300 until counts
     came back. The limit is the producer's ceiling, so it is reached blind too, but gently:
     each minute as many relays begin draining as 20,000 migrations a minute move were they
-    full (20 of 1,000), and none is removed before it drains."""
+    full (20 of 1,000), and none is removed before it drains. A relay's listeners move at
+    20,000 / 300 a minute: 15 minutes for 1,000, within drainTimeout (30m)."""
     lowered = spec(audience=0, maxRelays=100)
     steps = [(3600 + 15 * n, None) for n in range(41)]  # ten minutes, a pass every 15 s
-    decisions = run(lowered, ScalingState.initial(500), steps)
+    decisions = run(lowered, ScalingState.initial(300), steps)
     first = decisions[0]
-    assert first.relays == 480 and first.replicas == 500
-    assert first.draining == tuple(range(480, 500))
+    assert first.relays == 280 and first.replicas == 300
+    assert first.draining == tuple(range(280, 300))
     assert "draining towards it blind, 20 relays a minute" in first.reason
+    assert "each relay's listeners move within 15m" in first.reason
     relays = [d.relays for d in decisions]
-    assert relays[1:4] == [480, 480, 480], "the next step waits a minute"
-    assert relays[4] == 460
-    assert relays[-1] == 500 - 20 * 11
+    assert relays[1:4] == [280, 280, 280], "the next step waits a minute"
+    assert relays[4] == 260
+    assert relays[-1] == 100
     assert all(a - b in (0, 20) for a, b in itertools.pairwise(relays))
     assert all(not d.drain_timed_out for d in decisions[:20]), "removed only at drainTimeout"
+    assert all(d.towards_limit and not d.towards_limit.held for d in decisions[:37])
+    assert decisions[-1].towards_limit is None, "at the limit: a room like any other"
+
+
+def test_a_max_relays_lowered_blind_is_held_where_a_drained_relay_could_not_empty_in_time() -> None:
+    """500 relays: a relay's up to 1,000 listeners move at 40 a minute, 25 minutes, more
+    than 80% of drainTimeout (30m). The old code drained them anyway; a slow edge or one
+    held move and they were dropped at the timeout. Now the relays are held, and why."""
+    lowered = spec(audience=0, maxRelays=100)
+    held = run(lowered, ScalingState.initial(500), [(3600, None), (3660, None)])
+    assert [d.relays for d in held] == [500, 500]
+    assert all(d.towards_limit and d.towards_limit.held and not d.draining for d in held)
+    assert "move at 40 a minute" in held[0].reason and "25m, beyond 24m" in held[0].reason
+    longer = spec(audience=0, maxRelays=100, drainTimeout="40m")
+    assert run(longer, ScalingState.initial(500), [(3600, None)])[0].relays == 480
 
 
 def test_a_blind_drain_towards_max_relays_keeps_the_relays_the_last_count_needs() -> None:
-    """The last count needed 300 relays at 70%: 210 full. Blind, maxRelays 100 is
-    approached only down to 210, where the listeners on drained relays still have room."""
+    """The last count needed 300 relays at 70%: 210,000 listeners, 210 relays full. But the
+    map spreads them by shards: at 4,096 shards, 210 relays hold 19 or 20 shards each, so
+    the busiest would carry 1,025 listeners, more than it may. Blind, maxRelays 100 is
+    approached only down to 241 relays (17 shards at most, 872 listeners: 87%)."""
     lowered = spec(audience=0, maxRelays=100)
-    state = replace(ScalingState.initial(230), need=300)
+    state = replace(ScalingState.initial(260), need=300)
     decisions = run(lowered, state, [(3600 + 60 * n, None) for n in range(4)])
-    assert [d.relays for d in decisions] == [210, 210, 210, 210]
-    assert "keeping 210 that carry the listeners last counted" in decisions[0].reason
-    held = run(lowered, replace(ScalingState.initial(210), need=300), [(3600, None)])[0]
-    assert held.relays == 210 and "holding them" in held.reason
+    assert [d.relays for d in decisions] == [241, 241, 241, 241]
+    assert "keeping 241 to take the 210,000 listeners last counted" in decisions[0].reason
+    held = run(lowered, replace(ScalingState.initial(241), need=300), [(3600, None)])[0]
+    assert held.relays == 241 and "holding them" in held.reason
+    assert held.towards_limit is not None and held.towards_limit.held
 
 
 def test_a_producer_moving_start_time_mid_flight_keeps_the_room_warm_and_open() -> None:

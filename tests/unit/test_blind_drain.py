@@ -1,0 +1,193 @@
+"""maxRelays lowered while no listener count comes: the drain must drop nobody.
+
+The operator's pure core (`lifecycle.reconcile`) decides every pass; the relays and the
+listeners are modelled here, as the data plane behaves: each relay tells its listeners to
+move at the room's migration budget over the relays in the map (a minute's budget shared
+by all of them, `relay/server.py`), a listener moves to its shard's relay only while that
+relay is below its capacity (the relay refuses, the edge holds it), and a relay the
+StatefulSet loses drops whoever is still on it. The verdict, listeners dropped, is counted
+by that model, not by the core.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
+from townsquare.lifecycle import Metrics, Observed, Outcome, reconcile
+from townsquare.relay.server import Relay, RelayConfig
+from townsquare.relay.topology import StaticResolver
+from townsquare.scaling import blind_move_minutes
+from townsquare.sharding import ShardMap, new_map, rebalance, shard_of
+
+START = datetime(2026, 12, 3, 16, 0, tzinfo=UTC)
+PASS = timedelta(seconds=20)
+
+
+def room(relays: int, max_relays: int, drain_timeout: str, per_relay: int) -> AudioRoomSpec:
+    return AudioRoomSpec.model_validate(
+        {
+            "startTime": START,
+            "duration": "3h",
+            "expectedAudience": relays * per_relay,
+            "relay": {"image": "registry.example/relay:1", "listenersPerRelay": 1000},
+            "scaling": {"maxRelays": max_relays, "drainTimeout": drain_timeout},
+        }
+    )
+
+
+@dataclass
+class Relays:
+    """Where every listener is, as the relays count them."""
+
+    capacity: int
+    on: dict[int, Counter[int]] = field(default_factory=dict)
+    """Relay -> listeners on it per shard."""
+    tokens: dict[int, float] = field(default_factory=dict)
+    dropped: int = 0
+    said: list[str] = field(default_factory=list)
+    """The MetricsAvailable message after each pass."""
+    events: list[tuple[str, str]] = field(default_factory=list)
+    """(reason, message) of the Events posted."""
+
+    def load(self, relay: int) -> int:
+        return sum(self.on.get(relay, Counter()).values())
+
+    def move(self, outcome: Outcome, seconds: float) -> None:
+        """Each relay tells listeners whose shard is elsewhere to move, at its share of the
+        budget; the edge sends each to its shard's relay if that one has room."""
+        shard_map = outcome.shard_map
+        budget = shard_map.migrations_per_minute or 0
+        pace = budget / 60 / max(1, len(shard_map.relays))
+        loads = {r: self.load(r) for r in self.on}
+        for relay, shards in self.on.items():
+            self.tokens[relay] = self.tokens.get(relay, 0.0) + pace * seconds
+            for shard in sorted(shards):
+                target = shard_map.assignment[shard]
+                if target == relay or target is None or target not in self.on:
+                    continue
+                while shards[shard] and self.tokens[relay] >= 1:
+                    self.tokens[relay] -= 1  # told to move, whether or not it finds room
+                    if loads[target] >= self.capacity:
+                        continue  # held at the edge: stays where it is
+                    shards[shard] -= 1
+                    self.on[target][shard] += 1
+                    loads[relay] -= 1
+                    loads[target] += 1
+            self.tokens[relay] = min(self.tokens[relay], pace * seconds)
+
+    def keep(self, replicas: int) -> None:
+        """The StatefulSet's size: relays above it go, with whoever is on them."""
+        for relay in [r for r in self.on if r >= replicas]:
+            self.dropped += self.load(relay)
+            del self.on[relay]
+
+
+def drain_blind(relays: int, lowered_to: int, drain_timeout: str) -> tuple[Relays, Outcome]:
+    """A room live on `relays` relays of 700 listeners each; then Prometheus goes away and
+    the producer lowers maxRelays. Runs the passes until 3 minutes after drainTimeout."""
+    per_relay = 700
+    spec = room(relays, relays, drain_timeout, per_relay)
+    at = START + timedelta(minutes=5)
+    total = relays * per_relay
+    counted = Metrics(
+        listeners=total, by_relay=dict.fromkeys(range(relays), per_relay), sampled_at=at
+    )
+    outcome = reconcile("r", spec, AudioRoomStatus(), Observed(at, 1, relays, metrics=counted))
+    assert outcome.status.phase == "Live" and outcome.desired_relays == relays
+    model = Relays(capacity=spec.relay.listeners_per_relay)
+    model.on = {r: Counter() for r in range(relays)}
+    for listener in range(total):
+        shard = shard_of(f"listener-{listener}", spec.sharding.shards)
+        model.on[outcome.shard_map.assignment[shard] or 0][shard] += 1
+    lowered = room(relays, lowered_to, drain_timeout, per_relay)
+    blind = Metrics(listeners=None, problem="Prometheus unreachable")
+    published, shard_map, state = at, outcome.shard_map, outcome.scaling_state
+    end = at + lowered.scaling.drain_timeout + timedelta(minutes=3)
+    while at < end:
+        at += PASS
+        model.move(outcome, PASS.total_seconds())
+        ready = frozenset(model.on)
+        seen = Observed(at, 2, len(ready), ready_ordinals=ready, metrics=blind)
+        outcome = reconcile("r", lowered, outcome.status, seen, state, shard_map, published)
+        if outcome.shard_map.generation != shard_map.generation:
+            published = at
+        shard_map, state = outcome.shard_map, outcome.scaling_state
+        model.keep(outcome.desired_relays)
+        condition = next(c for c in outcome.status.conditions if c.type == "MetricsAvailable")
+        model.said.append(condition.message)
+        model.events += [(e.reason, e.message) for e in outcome.events]
+    return model, outcome
+
+
+def test_a_big_room_lowered_blind_keeps_its_relays_rather_than_drop_listeners() -> None:
+    """The reviewer's first case: 1,000 relays of 700 listeners, maxRelays lowered to 800,
+    drainTimeout 30m. Each relay moves its listeners at 20,000 / 1,000 = 20 a minute, so
+    one that drains needs 35 minutes: the old code drained 20 relays a minute and dropped
+    thousands of listeners at the timeout. Now the relays stay, and the on-call engineer
+    reads why, with the numbers and what to change."""
+    model, outcome = drain_blind(1000, 800, "30m")
+    assert model.dropped == 0
+    assert outcome.desired_relays == 1000
+    condition = next(c for c in outcome.status.conditions if c.type == "MetricsAvailable")
+    assert "holding them" in condition.message
+    assert "move at 20 a minute" in condition.message
+    assert "raise maxMigrationsPerMinute or drainTimeout" in condition.message
+    warnings = [m for reason, m in model.events if reason == "MetricsUnavailable"]
+    assert len(warnings) == 1 and "holding them" in warnings[0], "said once, with why"
+
+
+def test_a_room_lowered_blind_with_a_short_drain_timeout_drops_nobody() -> None:
+    """The reviewer's second case: 200 relays, maxRelays lowered to 150, drainTimeout 5m.
+    A relay's listeners move at 100 a minute: 7 minutes for 700. The old code drained and
+    dropped thousands at the timeout."""
+    model, outcome = drain_blind(200, 150, "5m")
+    assert model.dropped == 0
+    assert outcome.desired_relays == 200
+
+
+def test_a_room_lowered_blind_with_time_enough_drains_and_keeps_room_for_uneven_shards() -> None:
+    """200 relays lowered to 150 with drainTimeout 30m: each relay's listeners move in 10
+    minutes at most, so the room drains blind. 150 relays would average 933 listeners, and
+    with 27 or 28 shards each, some would be full and turn moved listeners away: the old
+    code went down to 150 and dropped those at the timeout. Now the drain stops where the
+    busiest relay kept holds 90% of its capacity, and drops nobody."""
+    model, outcome = drain_blind(200, 150, "30m")
+    assert model.dropped == 0
+    assert 150 < outcome.desired_relays < 200, "the room did drain towards the limit"
+    assert max(model.load(r) for r in model.on) <= 1000
+    assert sum(model.load(r) for r in model.on) == 200 * 700
+
+
+def test_the_metrics_condition_tells_of_the_blind_drain_as_a_whole() -> None:
+    """The old message flipped between "draining" and "holding" pass by pass (a step began
+    a minute, passes came every 20 s): a status write each time, and a confusing story.
+    Now it says "draining" until the drain stops where it must, then why it holds there,
+    with one Warning."""
+    model, _ = drain_blind(200, 150, "30m")
+    changes = [b for a, b in zip(model.said, model.said[1:], strict=False) if a != b]
+    assert "draining only towards a lowered maxRelays" in model.said[0]
+    assert len(changes) == 1 and "holding them" in changes[0]
+    assert [reason for reason, _ in model.events].count("MaxRelaysHeld") == 1
+
+
+def test_the_core_plans_with_the_pace_at_which_relays_move_listeners() -> None:
+    """The blind drain's rule rests on the relays' own pace: a relay that drains tells its
+    listeners to move at the room's budget over the relays in the map. If the relay's pace
+    changes, the rule must change with it."""
+
+    class NoMaps:
+        async def read(self) -> ShardMap | None:
+            return None
+
+    spec = room(200, 150, "30m", 700)
+    config = RelayConfig("ns", "r", "r-relay-3", b"k" * 32, ("127.0.0.1", 1), capacity=1000)
+    relay = Relay(config, NoMaps(), StaticResolver({}))
+    budget = spec.sharding.max_migrations_per_minute
+    relay.map = rebalance(new_map(4096, 1000, budget), active=range(200), fanout=64).map
+    full = spec.relay.listeners_per_relay
+    assert blind_move_minutes(spec, 200) == pytest.approx(full / relay.moves_per_second() / 60)
