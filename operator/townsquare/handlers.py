@@ -59,6 +59,7 @@ from townsquare.lifecycle import (
     Metrics,
     Observed,
     Outcome,
+    accepted_spec,
     children_worth_reading,
     reconcile,
     stored_scaling_state,
@@ -89,7 +90,7 @@ from townsquare.partitions import (
     slot_of,
 )
 from townsquare.passes import PassScheduler
-from townsquare.policy import TenantPolicy, violations
+from townsquare.policy import TenantPolicy, violations, within_policy
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import release_free_heap, room_logger
@@ -405,14 +406,17 @@ class Runtime:
         wanted = self.metrics_read_for(key[0], spec)
         return wanted if self.prometheus_for(wanted).url else None
 
-    def metrics_read_for(self, namespace: str, spec: AudioRoomSpec) -> MetricsSpec:
+    def metrics_read_for(
+        self, namespace: str, spec: AudioRoomSpec, accepted: AudioRoomSpec | None = None
+    ) -> MetricsSpec:
         """Where a room's listeners are read: as its spec says, except for a room outside the
-        tenant policy, whose own query or Prometheus may reach too far: the platform's
-        default then (the metric contract on the operator's own Prometheus), which shows
-        only the room's own relays, so a refused room that ran drains by their counts."""
+        tenant policy (nothing of a refused spec is used): as the last spec `accepted` said,
+        with the platform's default (the metric contract on the operator's own Prometheus)
+        only for a part the policy refuses now, so a refused room that ran drains by its
+        relays' counts, read as it read them (a `livekit` room is not left blind)."""
         policy = self.settings.policy
         if policy and violations(spec, namespace, policy):
-            return MetricsSpec()
+            return within_policy(accepted.metrics if accepted else spec.metrics, namespace, policy)
         return spec.metrics
 
     def pause(self) -> None:
@@ -1210,7 +1214,7 @@ def reconcile_room(
     previous = AudioRoomStatus.model_validate(room.get("status") or {})
     now = datetime.now(UTC)
     metrics = None
-    wanted = runtime.metrics_read_for(namespace, spec)
+    wanted = runtime.metrics_read_for(namespace, spec, accepted_spec(previous))
     source = runtime.prometheus_for(wanted)
     state.metrics = wanted if source.url else None
     if source.refusal:
@@ -1274,6 +1278,8 @@ def reconcile_room(
             cluster.release_room(room)
         elif outcome.children:
             _wind_down_children(cluster, state, room, outcome)
+        for placeholder in outcome.headroom.delete if outcome.headroom else ():
+            cluster.delete_pod(namespace, placeholder)  # never one made for a refused spec
         return outcome
     _remember(state, outcome, shard_map, held, now)
     held_by_us = FINALIZER in room["metadata"].get("finalizers", ())

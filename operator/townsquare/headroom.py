@@ -183,6 +183,22 @@ def decide(
     )
 
 
+def remove_all(placeholders: Sequence[Placeholder]) -> Headroom:
+    """A room the operator does not act on (refused): its placeholders go, and none is
+    made; each holds a node for relays that will not come."""
+    return Headroom(
+        wanted=0,
+        create=(),
+        delete=tuple(p.name for p in placeholders),
+        lead=timedelta(0),
+        request_at=None,
+        wake_at=None,
+        condition=None,
+        events=(),
+        longest_wait=None,
+    )
+
+
 def _changes(
     room: str, placeholders: Sequence[Placeholder], wanted: int
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
+from pydantic import ValidationError
 
 from townsquare import headroom
 from townsquare.api.models import (
@@ -276,7 +277,7 @@ def _occurrence_draining(
     prewarm = plan_room(spec, seen.now, startup_of(spec, seen)).prewarm_at
     if seen.deleting_since is None and prewarm <= seen.now < end_of(spec):
         return spec, None  # the new occurrence is due now: it takes the room over
-    if previous.observed_generation != seen.generation and seen.deleting_since is None:
+    if _start_moved_now(spec, previous, seen) and seen.deleting_since is None:
         draft.event(
             NORMAL,
             "Replanned",
@@ -288,6 +289,42 @@ def _occurrence_draining(
     drained = spec.model_copy(update={"start_time": previous.plan.start_time})
     due = prewarm if seen.deleting_since is None and prewarm > seen.now else None
     return drained, due
+
+
+def _start_moved_now(spec: AudioRoomSpec, previous: AudioRoomStatus, seen: Observed) -> bool:
+    """This generation moved the start: the last accepted spec had another one (without
+    that record, any new generation counts)."""
+    last = accepted_spec(previous)
+    if last is None:
+        return previous.observed_generation != seen.generation
+    return last.start_time != spec.start_time
+
+
+def accepted_spec(status: AudioRoomStatus) -> AudioRoomSpec | None:
+    """The last spec the operator accepted for the room; None when none is recorded (a
+    room last decided by an older operator) or this release cannot read it."""
+    if not status.accepted_spec:
+        return None
+    try:
+        return AudioRoomSpec.model_validate(status.accepted_spec)
+    except ValidationError:
+        return None
+
+
+def last_accepted(spec: AudioRoomSpec, previous: AudioRoomStatus) -> AudioRoomSpec:
+    """What a refused room that ran winds down on: the last spec accepted. Without that
+    record, the refused spec at the start the room last planned for, so a refused edit of
+    `startTime` never holds its relays on to a new date."""
+    last = accepted_spec(previous)
+    if last is not None:
+        return last
+    planned = previous.plan.start_time if previous.plan else None
+    return spec if planned is None else spec.model_copy(update={"start_time": planned})
+
+
+def _recorded(spec: AudioRoomSpec) -> dict[str, Any]:
+    """The spec as kept in the status: what the producer wrote, defaults left out."""
+    return spec.model_dump(by_alias=True, mode="json", exclude_defaults=True)
 
 
 def _phase_by_clock(spec: AudioRoomSpec, plan: PlanStatus, now: datetime) -> Phase:
@@ -380,6 +417,11 @@ def reconcile(
     problems = list(spec_problems)
     if policy is not None:
         problems += violations(spec, seen.namespace, policy)
+    written = spec
+    if problems and (seen.deleting_since is not None or _ran(previous)):
+        # Nothing of a refused spec is used: its relays wind down on the last one accepted
+        # (its start, end and drain timeout; its map's capacity and shards).
+        spec = last_accepted(spec, previous)
     start = occurrence_start(spec, seen.now, previous)
     if start != spec.start_time:
         spec = spec.model_copy(update={"start_time": start})
@@ -559,6 +601,7 @@ def reconcile(
         rollout=_rollout_status(seen, replicas, step, previous.rollout),
         node_headroom=_headroom_status(nodes),
         scaling_state=_persisted(state),
+        accepted_spec=previous.accepted_spec if refused_at is not None else _recorded(written),
         conditions=draft.conditions,
     )
     return Outcome(
@@ -697,6 +740,15 @@ def _refuse(
             f"accepted spec, until the event ends at {_clock(hold_until)}, then drain"
         )
     _say_refused(previous, refusal, draft, then)
+    nodes = headroom.remove_all(draft.seen.placeholders)
+    if nodes.delete:
+        draft.condition(
+            headroom.CONDITION,
+            "False",
+            "Refused",
+            f"{len(nodes.delete):,} placeholder pods removed: the operator does not act on "
+            "this room, so no relay comes to take their nodes",
+        )
     status = previous.model_copy(
         update={"observed_generation": draft.seen.generation, "conditions": draft.conditions}
     )
@@ -711,6 +763,7 @@ def _refuse(
         decision=None,
         wake_at=hold_until,
         refused=True,
+        headroom=nodes,
         children=False,
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from townsquare.api.models import AudioRoomSpec
+from townsquare.api.models import AudioRoomSpec, MetricsSpec
 
 BUILT_IN_QUERIES = frozenset({"contract", "livekit"})
 
@@ -66,3 +66,21 @@ def violations(spec: AudioRoomSpec, namespace: str, policy: TenantPolicy) -> lis
             f"{namespace}; pick a named query in spec.metrics.preset"
         )
     return found
+
+
+def within_policy(metrics: MetricsSpec, namespace: str, policy: TenantPolicy) -> MetricsSpec:
+    """A listener source with each part the policy refuses replaced by the default (the
+    metric contract, on the operator's own Prometheus), and the parts it allows kept."""
+    default = MetricsSpec()
+    url = metrics.prometheus_url
+    allowed_urls = policy.allowed_prometheus_urls
+    free = policy.free_promql_namespaces
+    return MetricsSpec(
+        preset=metrics.preset if metrics.preset in policy.named_queries else default.preset,
+        listeners_query=metrics.listeners_query
+        if free is None or namespace in free
+        else default.listeners_query,
+        prometheus_url=url
+        if url is None or allowed_urls is None or url in allowed_urls
+        else default.prometheus_url,
+    )

@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from townsquare import headroom
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
 from townsquare.lifecycle import Metrics, Observed, Outcome, occurrence_start, reconcile
 from townsquare.policy import TenantPolicy
@@ -1297,3 +1298,105 @@ def test_a_refused_room_that_never_ran_is_released_at_once_when_deleted() -> Non
     )  # fmt: skip
     assert outcome.refused and outcome.released and not outcome.children
     assert outcome.desired_relays == 0
+
+
+# --- a refused room winds down on its last accepted spec --------------------------------
+
+EVIL = {"image": "evil.example/relay:1"}
+ONLY_REGISTRY = TenantPolicy(allowed_registries=("registry.example",))
+
+
+def test_a_refused_edit_that_moves_the_start_a_week_holds_the_relays_only_to_the_accepted_end() -> (
+    None
+):
+    """Live, then edited to a disallowed image and a start a week later. The old code held
+    the relays until the refused spec's end, a week on. Now nothing of the refused spec is
+    used: the listeners keep their relays until the event they joined ends, then drain."""
+    spec = room()
+    at = START + timedelta(minutes=10)
+    live = live_map(spec, at)
+    assert live.status.accepted_spec is not None
+    refused = room(startTime=START + timedelta(days=7), relay=EVIL)
+    later = at + timedelta(seconds=10)
+    metrics = counted(7000, later, dict.fromkeys(range(10), 700))
+    held = reconcile(
+        "r", refused, live.status, seen(later, 10, 2, metrics=metrics, namespace="t"),
+        live.scaling_state, live.shard_map, at, policy=ONLY_REGISTRY,
+    )  # fmt: skip
+    assert held.refused and held.desired_relays == 10
+    assert held.wake_at == START + timedelta(hours=1), "the accepted end, not next week's"
+    assert "until the event ends at 17:00:00" in held.events[0].message
+    assert held.status.accepted_spec == live.status.accepted_spec
+    after = START + timedelta(hours=1, seconds=10)
+    draining = reconcile(
+        "r", refused, held.status,
+        seen(after, 10, 2, metrics=counted(30, after, {0: 30}), namespace="t"),
+        held.scaling_state, live.shard_map, at, policy=ONLY_REGISTRY,
+    )  # fmt: skip
+    assert draining.refused and draining.status.phase == "Draining"
+    assert draining.status.plan is not None and draining.status.plan.start_time == START
+    assert "Replanned" not in reasons(draining)
+
+
+def test_a_room_refused_while_draining_keeps_its_accepted_map_and_drain_timeout() -> None:
+    """Draining, then edited to a disallowed image with twice the capacity, a quarter of the
+    shards and a 1-minute drainTimeout. The old code applied the refused capacity and shard
+    count to the live map (moving listeners) and removed the relays at the refused
+    timeout. Now the map and the drain stay as accepted."""
+    _, first = draining_with_listeners()
+    refused = room(
+        relay={**EVIL, "listenersPerRelay": 2000},
+        sharding={"shards": 1024},
+        scaling={"drainTimeout": "1m"},
+    )
+    at = START + timedelta(hours=1, minutes=2)
+    lingering = {0: 200, 1: 300}
+    outcome = reconcile(
+        "r", refused, first.status,
+        seen(at, 10, 2, metrics=counted(500, at, lingering), namespace="t"),
+        first.scaling_state, first.shard_map, at - timedelta(minutes=1), policy=ONLY_REGISTRY,
+    )  # fmt: skip
+    assert outcome.refused and outcome.status.phase == "Draining"
+    assert (outcome.shard_map.capacity, outcome.shard_map.shards) == (1000, 4096)
+    assert "ShardMapChanged" not in reasons(outcome)
+    assert "DrainTimedOut" not in reasons(outcome), "the accepted drainTimeout is 5m"
+    assert outcome.desired_relays == 2, "the relays carrying listeners stay"
+    assert outcome.wake_at is not None
+    assert outcome.wake_at <= START + timedelta(hours=1, minutes=5)
+
+
+def test_a_start_moved_while_draining_is_said_once_not_on_every_new_generation() -> None:
+    """The old code said "startTime moved ... while the last occurrence drains" again on
+    any later edit (a new generation), though the start had not moved again."""
+    _, first = draining_with_listeners()
+    next_week = room(startTime=START + timedelta(days=7))
+    at = START + timedelta(hours=1, seconds=20)
+    moved = moved_pass(next_week, first, at, {0: 200, 1: 300})
+    assert "Replanned" in reasons(moved)
+    edited = room(startTime=START + timedelta(days=7), rollout={"maxSurge": 3})
+    later = moved_pass(edited, moved, at + timedelta(seconds=10), {0: 200, 1: 300}, 3)
+    assert later.status.phase == "Draining"
+    assert "Replanned" not in reasons(later), "the start did not move again"
+    again = room(startTime=START + timedelta(days=8), rollout={"maxSurge": 3})
+    moved_again = moved_pass(again, later, at + timedelta(seconds=20), {0: 200, 1: 300}, 4)
+    said = next(e for e in moved_again.events if e.reason == "Replanned")
+    assert "2026-12-11" in said.message
+
+
+def test_a_refused_room_s_placeholders_go() -> None:
+    """Scheduled with node headroom, its placeholders holding nodes, then refused. The old
+    code never removed them: each held a node for relays that would not come."""
+    at = START - timedelta(minutes=8)
+    holding = tuple(
+        headroom.Placeholder(f"r-headroom-{i}", at, at + timedelta(seconds=30)) for i in range(7)
+    )
+    refused = reconcile(
+        "r", room(nodeHeadroom={"enabled": True, "leadTime": "10m"}, relay=EVIL),
+        AudioRoomStatus(), seen(at, 0, namespace="t", placeholders=holding),
+        policy=ONLY_REGISTRY,
+    )  # fmt: skip
+    assert refused.refused and refused.headroom is not None
+    assert refused.headroom.create == ()
+    assert sorted(refused.headroom.delete) == sorted(p.name for p in holding)
+    nodes = next(c for c in refused.status.conditions if c.type == headroom.CONDITION)
+    assert nodes.reason == "Refused"

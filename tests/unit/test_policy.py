@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from townsquare.api.models import AudioRoomSpec
-from townsquare.policy import TenantPolicy, image_allowed, violations
+from townsquare.api.models import AudioRoomSpec, MetricsSpec
+from townsquare.policy import TenantPolicy, image_allowed, violations, within_policy
 
 POLICY = TenantPolicy(
     allowed_registries=("registry.example", "ghcr.io/townsquare/"),
@@ -104,3 +104,18 @@ def test_a_malformed_listener_query_flag_is_one_line_exit_2(capsys: Any) -> None
         "townsquare: error: --listener-query: expected NAME=PROMQL with a lower-case NAME "
         "(got 'Bad Name')"
     )
+
+
+def test_a_source_keeps_the_parts_the_policy_allows_and_only_those() -> None:
+    policy = TenantPolicy(
+        allowed_prometheus_urls=("http://prom.example",),
+        named_queries=frozenset({"contract", "livekit"}),
+        free_promql_namespaces=frozenset({"own"}),
+    )
+    source = MetricsSpec(
+        preset="livekit", listeners_query="sum(x)", prometheus_url="http://prom.example"
+    )
+    assert within_policy(source, "own", policy) == source
+    assert within_policy(source, "t", policy) == source.model_copy(update={"listeners_query": ""})
+    elsewhere = MetricsSpec(preset="mine", prometheus_url="http://evil.example")
+    assert within_policy(elsewhere, "own", policy) == MetricsSpec()

@@ -12,11 +12,12 @@ from typing import Any, cast
 
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus, MetricsSpec
 from townsquare.handlers import RoomState, Runtime, Settings, reconcile_room
+from townsquare.headroom import Placeholder
 from townsquare.kube.children import SHARD_MAP_KEY
 from townsquare.kube.client import Cluster
 from townsquare.lifecycle import Metrics, Observed, reconcile
 from townsquare.policy import TenantPolicy
-from townsquare.sharding import ShardMap
+from townsquare.sharding import ShardMap, new_map
 
 
 class RecordingCluster:
@@ -29,6 +30,7 @@ class RecordingCluster:
         self.scaled: list[int] = []
         self.reasons: list[str] = []
         self.released: list[str] = []
+        self.deleted: list[str] = []
 
     def fenced(self, fence: Any) -> RecordingCluster:
         return self
@@ -65,7 +67,7 @@ class RecordingCluster:
         self.released.append(room["metadata"]["name"])
 
     def delete_pod(self, namespace: str, name: str) -> None:
-        raise AssertionError("the room has no placeholder")
+        self.deleted.append(name)
 
 
 def live_room(start: datetime) -> tuple[dict[str, Any], ShardMap]:
@@ -91,17 +93,24 @@ def live_room(start: datetime) -> tuple[dict[str, Any], ShardMap]:
     return room, live.shard_map
 
 
-def one_pass(cluster: RecordingCluster, deleting: bool = False) -> Any:
+def one_pass(
+    cluster: RecordingCluster,
+    deleting: bool = False,
+    settings: Settings | None = None,
+    state: RoomState | None = None,
+    holding: tuple[Placeholder, ...] = (),
+) -> Any:
     async def scenario() -> Any:
         policy = TenantPolicy(allowed_registries=("other.example",))
         runtime = Runtime(
             cluster=cast(Cluster, cluster),
-            settings=Settings(policy=policy),
+            settings=settings or Settings(policy=policy),
             loop=asyncio.get_running_loop(),
             indexes={"relay_pod_index": {}, "placeholder_index": {}},
         )
-        state = RoomState(generation=1)
-        return reconcile_room(runtime, state, "t", "r", [], deleting=deleting)
+        return reconcile_room(
+            runtime, state or RoomState(generation=1), "t", "r", [], holding, deleting=deleting
+        )
 
     return asyncio.run(scenario())
 
@@ -153,8 +162,9 @@ def test_a_refused_room_deleted_mid_event_never_sends_its_refused_template() -> 
 
 
 def test_a_refused_room_is_counted_by_the_platform_s_query_not_its_own() -> None:
-    """Its own query may reach other tenants' series; the metric contract on the operator's
-    own Prometheus shows only its relays, which it needs to drain by their counts."""
+    """Its own query, where the policy refuses it, may reach other tenants' series; the
+    metric contract on the operator's own Prometheus shows only its relays, which it needs
+    to drain by their counts."""
     reaching = AudioRoomSpec.model_validate(
         {
             "startTime": datetime.now(UTC),
@@ -166,16 +176,96 @@ def test_a_refused_room_is_counted_by_the_platform_s_query_not_its_own() -> None
     )
 
     async def scenario() -> tuple[MetricsSpec, MetricsSpec]:
+        policy = TenantPolicy(
+            allowed_registries=("other.example",), free_promql_namespaces=frozenset({"own"})
+        )
         runtime = Runtime(
             cluster=cast(Cluster, object()),
-            settings=Settings(policy=TenantPolicy(allowed_registries=("other.example",))),
+            settings=Settings(policy=policy),
             loop=asyncio.get_running_loop(),
             indexes={"relay_pod_index": {}, "placeholder_index": {}},
         )
         relay = reaching.relay.model_copy(update={"image": "other.example/relay:1"})
         allowed = reaching.model_copy(update={"relay": relay})
-        return runtime.metrics_read_for("t", reaching), runtime.metrics_read_for("t", allowed)
+        return runtime.metrics_read_for("t", reaching), runtime.metrics_read_for("own", allowed)
 
     refused, accepted = asyncio.run(scenario())
     assert refused == MetricsSpec()
     assert accepted.listeners_query == reaching.metrics.listeners_query
+
+
+def test_a_refused_room_is_read_with_its_last_accepted_query_where_the_policy_allows_it() -> None:
+    """A room on the `livekit` preset is edited to a disallowed image. The old shell read
+    it with the default query (the metric contract), which a LiveKit relay does not
+    export: the room wound down blind, every relay kept to drainTimeout. Now its last
+    accepted source stands, part by part: only what the policy refuses falls back."""
+    room, shard_map = live_room(datetime.now(UTC) - timedelta(minutes=20))
+    room["spec"]["metrics"] = {"preset": "livekit"}
+    room["status"]["acceptedSpec"] = {**room["spec"], "metrics": {"preset": "livekit"}}
+    room["spec"]["relay"]["image"] = "evil.example/miner:1"
+    room["spec"]["metrics"] = {"listenersQuery": "sum(audioroom_relay_listeners)"}
+    room["metadata"]["generation"] = 2
+    cluster = RecordingCluster(room, shard_map)
+    policy = TenantPolicy(
+        allowed_registries=("registry.example",), free_promql_namespaces=frozenset()
+    )
+    state = RoomState(generation=2)
+    settings = Settings(policy=policy, prometheus_url="http://127.0.0.1:9")
+    outcome = one_pass(cluster, settings=settings, state=state)
+    assert outcome.refused
+    assert state.metrics == MetricsSpec(preset="livekit"), "the accepted source, not its edit"
+
+
+def test_only_the_part_of_a_last_accepted_source_the_policy_now_refuses_falls_back() -> None:
+    async def scenario() -> MetricsSpec:
+        runtime = Runtime(
+            cluster=cast(Cluster, object()),
+            settings=Settings(
+                policy=TenantPolicy(
+                    allowed_registries=("registry.example",), free_promql_namespaces=frozenset()
+                )
+            ),
+            loop=asyncio.get_running_loop(),
+            indexes={"relay_pod_index": {}, "placeholder_index": {}},
+        )
+        base = {
+            "startTime": datetime.now(UTC),
+            "duration": "1h",
+            "expectedAudience": 10,
+            "relay": {"image": "registry.example/relay:1"},
+        }
+        accepted = AudioRoomSpec.model_validate(
+            {**base, "metrics": {"preset": "livekit", "listenersQuery": "sum(x)"}}
+        )
+        refused = AudioRoomSpec.model_validate({**base, "relay": {"image": "evil.example/relay:1"}})
+        return runtime.metrics_read_for("t", refused, accepted)
+
+    read = asyncio.run(scenario())
+    assert read == MetricsSpec(preset="livekit"), "free PromQL is refused now; the preset is not"
+
+
+def test_a_refused_room_s_placeholders_are_deleted() -> None:
+    """Scheduled with node headroom and placeholders holding nodes, then refused. The old
+    shell never touched them: they held nodes (and cost) for relays that would not come."""
+    start = datetime.now(UTC) + timedelta(minutes=8)
+    spec = AudioRoomSpec.model_validate(
+        {
+            "startTime": start,
+            "duration": "1h",
+            "expectedAudience": 2000,
+            "relay": {"image": "registry.example/relay:1"},
+            "scaling": {"prewarmLead": "2m"},
+            "nodeHeadroom": {"enabled": True, "leadTime": "10m"},
+        }
+    )
+    room = {
+        "metadata": {"name": "r", "namespace": "t", "uid": "u", "generation": 1},
+        "spec": spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+    }
+    cluster = RecordingCluster(room, ShardMap.from_dict(new_map(16, 1000).to_dict()))
+    now = datetime.now(UTC)
+    holding = tuple(Placeholder(f"r-headroom-{i}", now, now) for i in range(3))
+    outcome = one_pass(cluster, holding=holding)
+    assert outcome.refused
+    assert sorted(cluster.deleted) == ["r-headroom-0", "r-headroom-1", "r-headroom-2"]
+    assert cluster.applied == [] and cluster.scaled == []

@@ -529,4 +529,18 @@ class AudioRoomStatus(ApiModel):
             }
         ),
     ] = None
+    accepted_spec: Annotated[
+        dict[str, Any] | None,
+        WithJsonSchema(
+            {
+                "type": "object",
+                "nullable": True,
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": (
+                    "The last spec the operator accepted, as written: a room refused later "
+                    "keeps its timing, shard map, drain and listener query."
+                ),
+            }
+        ),
+    ] = None
     conditions: list[Condition] = Field(default_factory=list)
