@@ -38,6 +38,7 @@ from townsquare.api.models import (
     AudioRoomStatus,
     MetricsSpec,
 )
+from townsquare.api.names import relay_set_name
 from townsquare.headroom import Placeholder
 from townsquare.kube import children, placeholders
 from townsquare.kube.client import (
@@ -198,7 +199,11 @@ class RoomState:
     scaling: ScalingState | None = None
     shard_map: ShardMap | EmptyMap | None = None
     shard_map_at: datetime | None = None
-    """When `shard_map` was published, for the migration budget."""
+    """When `shard_map` was published (its write returned; the pass's own time until
+    then), for the migration budget and the end drain's settling."""
+    wound_down_to: int | None = None
+    """The relay count a refused room's wind-down last set (None: none, or the
+    StatefulSet changed since), so it is sent only when it changes."""
     headroom_refusal: str = ""
     """Why the API server last refused a placeholder, so the Warning is posted once."""
     relay_revision: str | None = None
@@ -223,7 +228,7 @@ class RoomState:
         self.applied.clear()
         self.scaling = None
         self.shard_map = self.shard_map_at = self.relay_revision = None
-        self.relay_pods_labelled = None
+        self.relay_pods_labelled = self.wound_down_to = None
         self.replaced.clear()
 
     def reread_when_idle(self) -> None:
@@ -1158,6 +1163,9 @@ def _on_child(kind: str) -> Any:
                     # The first revision of a room without relays replaces nobody: it
                     # waits for the room's next pass (a status patch less per new room).
                     runtime.wake(namespace, room)
+        if kind == "StatefulSet" and state.wound_down_to not in (None, spec.get("replicas")):
+            state.wound_down_to = None  # resized by someone else: size it again
+            runtime.wake(namespace, room)
         child = f"{kind}/{name}"
         applied = state.applied.get(child)
         if applied is None or applied[1] is None:
@@ -1383,6 +1391,7 @@ def _apply_children(
     `no_relays`: the room has no relay pod and asked for none: a relay template made before
     pods carried the slot label gains it now, as the new template replaces no relay."""
     labelled = state.relay_pods_labelled is not False or no_relays
+    state.wound_down_to = None  # the StatefulSet is sized here with the rest
     meta = room["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
@@ -1402,39 +1411,57 @@ def _apply_children(
     ]
     failures: list[str] = []
     for manifest in wanted:
-        child = f"{manifest['kind']}/{manifest['metadata']['name']}"
-        content = json.dumps(manifest, sort_keys=True).encode()
-        digest = hashlib.blake2b(content, digest_size=16).digest()
-        last = state.applied.get(child)
-        if last is not None and last[0] == digest:
-            continue
-        state.applied[child] = (digest, None)
         try:
-            state.applied[child] = (digest, cluster.apply(manifest))
-            if manifest["kind"] == "StatefulSet" and labelled:
+            sent = _apply_changed(cluster, state, manifest)
+            if sent and manifest["kind"] == "StatefulSet" and labelled:
                 state.relay_pods_labelled = True
         except ClaimLapsedError:
-            state.applied.pop(child, None)
             raise
         except Exception as error:
-            state.applied.pop(child, None)
+            child = f"{manifest['kind']}/{manifest['metadata']['name']}"
             failures.append(f"{child}: {type(error).__name__}: {str(error)[:200]}")
     if failures:
         raise ChildApplyError("; ".join(failures))
 
 
+def _apply_changed(cluster: Cluster, state: RoomState, manifest: dict[str, Any]) -> bool:
+    """Send a child unless what was last sent is what is wanted; whether it was sent. A
+    shard map sent is published from when its write returns (`RoomState.shard_map_at`)."""
+    child = f"{manifest['kind']}/{manifest['metadata']['name']}"
+    content = json.dumps(manifest, sort_keys=True).encode()
+    digest = hashlib.blake2b(content, digest_size=16).digest()
+    last = state.applied.get(child)
+    if last is not None and last[0] == digest:
+        return False
+    state.applied[child] = (digest, None)
+    try:
+        state.applied[child] = (digest, cluster.apply(manifest))
+    except BaseException:
+        state.applied.pop(child, None)
+        raise
+    if manifest["kind"] == "ConfigMap":
+        state.shard_map_at = datetime.now(UTC)
+    return True
+
+
 def _wind_down_children(
     cluster: Cluster, state: RoomState, room: dict[str, Any], outcome: Outcome
 ) -> None:
-    """A refused room that ran: its shard map and its relay count, nothing of its spec (the
-    relays keep the last accepted template)."""
+    """A refused room that ran: its shard map and its relay count, each when it changed,
+    nothing of its spec (the relays keep the last accepted template)."""
     meta = room["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     shard_map = json.dumps(outcome.shard_map.to_dict(), separators=(",", ":"))
-    cluster.apply(children.shard_map_config_map(name, namespace, uid, shard_map))
-    cluster.scale_relays(namespace, name, outcome.desired_relays)
-    # Applied in part: the next accepted spec applies every child again.
-    state.applied.clear()
+    _apply_changed(cluster, state, children.shard_map_config_map(name, namespace, uid, shard_map))
+    # Sized apart from its template: the next accepted spec applies the StatefulSet again.
+    state.applied.pop(f"StatefulSet/{relay_set_name(name)}", None)
+    if state.wound_down_to != outcome.desired_relays:
+        state.wound_down_to = outcome.desired_relays  # before the write: see its watch event
+        try:
+            cluster.scale_relays(namespace, name, outcome.desired_relays)
+        except BaseException:
+            state.wound_down_to = None
+            raise
 
 
 class ChildApplyError(Exception):

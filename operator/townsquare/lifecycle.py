@@ -407,11 +407,12 @@ def reconcile(
     """Decide the room's phase, relays, shard map, conditions and Events at `seen.now`.
 
     `scaling_state` and `shard_map` are what the previous call returned (after a restart:
-    what was stored); `shard_map_at` is when that map was published, for the migration
-    budget. With a `policy`, a room that breaks it is refused: nothing is decided for it;
-    so is a room with `spec_problems` (parts of its spec the operator cannot use). A
-    deleted room is drained either way, a refused one as a refused room that ran winds
-    down (`Outcome.refused`): its relay count and map only, never its refused template.
+    what was stored); `shard_map_at` is when that map was published (the write returned),
+    for the migration budget and the end drain's settling. With a `policy`, a room that
+    breaks it is refused: nothing is decided for it; so is a room with `spec_problems`
+    (parts of its spec the operator cannot use). A deleted room is drained either way, a
+    refused one as a refused room that ran winds down (`Outcome.refused`): its relay
+    count and map only, never its refused template (it runs on the last accepted spec).
     """
     draft = _Draft(conditions=list(previous.conditions), seen=seen)
     problems = list(spec_problems)
@@ -486,7 +487,9 @@ def reconcile(
         stopped = refused_at if by_clock != "Draining" else None
         began, deadline, why = _drain_window(spec, was, by_clock, seen, stopped)
         receiving = frozenset(o for o, s in current_map.relays.items() if s == "active")
-        kept = _drain(spec, was, running, seen, draft, (began, deadline, why), receiving, state)
+        kept = _drain(
+            spec, was, running, seen, draft, (began, deadline, why), receiving, state, shard_map_at
+        )
         phase, replicas, accepting = kept.phase, kept.replicas, 0
         state = replace(state, empty_sampled_at=kept.empty_sampled_at)
         if phase == "Draining":
@@ -1219,6 +1222,7 @@ def _drain(
     window: tuple[datetime, datetime, str],
     receiving: frozenset[int],
     state: ScalingState,
+    published_at: datetime | None = None,
 ) -> _Kept:
     """Keep relays until their listeners have left (or the deadline), removing each from the
     top as soon as it and every relay above it are empty; then end. The top ones empty
@@ -1232,7 +1236,7 @@ def _drain(
             f"(timeout {format_duration(spec.scaling.drain_timeout)})",
         )
     timed_out = seen.now >= deadline
-    kept = _carrying(spec, running, seen, began, receiving, state)
+    kept = _carrying(spec, running, seen, began, receiving, state, published_at)
     if timed_out:
         kept = replace(kept, replicas=0, unsure=False)
     if seen.ready_relays > 0 or kept.replicas > 0:
@@ -1257,11 +1261,14 @@ def _carrying(
     began: datetime,
     receiving: frozenset[int],
     state: ScalingState,
+    published_at: datetime | None = None,
 ) -> _Kept:
     """StatefulSet size that keeps every relay that may still carry listeners.
 
     A relay is empty only by a sample taken a moment (DRAIN_SETTLE) after the drain began
-    and after the map last moved shards: a listener the map moved may be on its way. One
+    and after the map last moved shards, or, later still, after the map was last published
+    (`published_at`, stamped by the shell once the write returned; a move decided in a pass
+    reaches the edges only then): a listener the map moved may be on its way. One
     without a series of its own is empty when every counted listener is on another relay.
     Without a count, all are kept.
 
@@ -1283,7 +1290,7 @@ def _carrying(
         return _Kept("Draining", 0, None, unsure=False)
     if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
         return _Kept("Draining", running, first, unsure=False)
-    settled = max(began, state.moved_at or began) + DRAIN_SETTLE
+    settled = max(began, state.moved_at or began, published_at or began) + DRAIN_SETTLE
     if metrics.sampled_at <= settled:
         return _Kept("Draining", running, first, unsure=running > 0)
     unattributed = metrics.listeners > sum(metrics.by_relay.values())

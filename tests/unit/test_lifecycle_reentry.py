@@ -1400,3 +1400,33 @@ def test_a_refused_room_s_placeholders_go() -> None:
     assert sorted(refused.headroom.delete) == sorted(p.name for p in holding)
     nodes = next(c for c in refused.status.conditions if c.type == headroom.CONDITION)
     assert nodes.reason == "Refused"
+
+
+def test_the_end_drain_settles_from_when_the_moving_map_was_published() -> None:
+    """The pass 10 s after the end moves every listener to relay 0, and its map is
+    published 5 s later (a slow API server). The old code counted the settling from the
+    pass that decided the move: an empty reading taken before the map was out, and another
+    1 s after it (listeners on their way between relays), removed every relay. Now both
+    readings must come after the publication."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    moved = after_the_end(spec, live, 10, dict.fromkeys(range(10), 3))
+    assert [o for o, s in moved.shard_map.relays.items() if s == "active"] == [0]
+    published = START + timedelta(hours=1, seconds=15)
+    outcome = moved
+    for seconds in (14, 16.5):  # sampled after the move's pass, around the publication
+        at = START + timedelta(hours=1, seconds=seconds)
+        outcome = reconcile(
+            "r", spec, outcome.status,
+            seen(at, 10, metrics=counted(0, at, dict.fromkeys(range(10), 0))),
+            outcome.scaling_state, outcome.shard_map, published,
+        )  # fmt: skip
+        assert outcome.desired_relays >= 1, f"relay 0 stays at {seconds}s"
+    for seconds in (17.5, 20):  # both after the publication settled: it may go
+        at = START + timedelta(hours=1, seconds=seconds)
+        outcome = reconcile(
+            "r", spec, outcome.status,
+            seen(at, outcome.desired_relays, metrics=counted(0, at, {0: 0})),
+            outcome.scaling_state, outcome.shard_map, published,
+        )  # fmt: skip
+    assert outcome.desired_relays == 0

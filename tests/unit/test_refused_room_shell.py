@@ -7,6 +7,7 @@ tested in test_lifecycle_reentry.py); the verdict is what the shell sends it.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ from townsquare.api.models import AudioRoomSpec, AudioRoomStatus, MetricsSpec
 from townsquare.handlers import RoomState, Runtime, Settings, reconcile_room
 from townsquare.headroom import Placeholder
 from townsquare.kube.children import SHARD_MAP_KEY
-from townsquare.kube.client import Cluster
+from townsquare.kube.client import FINALIZER, Cluster
 from townsquare.lifecycle import Metrics, Observed, reconcile
 from townsquare.policy import TenantPolicy
 from townsquare.sharding import ShardMap, new_map
@@ -31,6 +32,7 @@ class RecordingCluster:
         self.reasons: list[str] = []
         self.released: list[str] = []
         self.deleted: list[str] = []
+        self.map_written_at = datetime.min.replace(tzinfo=UTC)
 
     def fenced(self, fence: Any) -> RecordingCluster:
         return self
@@ -269,3 +271,44 @@ def test_a_refused_room_s_placeholders_are_deleted() -> None:
     assert outcome.refused
     assert sorted(cluster.deleted) == ["r-headroom-0", "r-headroom-1", "r-headroom-2"]
     assert cluster.applied == [] and cluster.scaled == []
+
+
+def test_a_refused_wind_down_sends_its_map_and_relay_count_only_when_they_change() -> None:
+    """The old shell sent the shard map and the relay count on every pass of a refused
+    room's wind-down, though neither had changed: two writes a pass for nothing."""
+    cluster = RecordingCluster(*live_room(datetime.now(UTC) - timedelta(hours=1, minutes=1)))
+    state = RoomState(generation=1)
+    first = one_pass(cluster, state=state)
+    assert first.refused and first.children
+    assert [m["kind"] for m in cluster.applied] == ["ConfigMap"]
+    assert cluster.scaled == [first.desired_relays]
+    again = one_pass(cluster, state=state)
+    assert again.shard_map == first.shard_map and again.desired_relays == first.desired_relays
+    assert len(cluster.applied) == 1 and len(cluster.scaled) == 1, "nothing changed: no write"
+
+
+class SlowMapCluster(RecordingCluster):
+    """Publishing the shard map takes a while (a slow API server), as it may."""
+
+    def apply(self, manifest: dict[str, Any]) -> tuple[str, int]:
+        if manifest["kind"] == "ConfigMap":
+            time.sleep(0.05)
+            self.map_written_at = datetime.now(UTC)
+        return super().apply(manifest)
+
+
+def test_the_map_is_taken_as_published_when_its_write_returns_not_when_the_pass_began() -> None:
+    """The old shell dated a map from the start of the pass that decided it: a slow write
+    made the end drain take a reading from before listeners could move for one taken
+    after. Now the map counts as published once its write returned."""
+    room, shard_map = live_room(datetime.now(UTC) - timedelta(minutes=20))
+    room["metadata"]["finalizers"] = [FINALIZER]
+    room["spec"]["expectedAudience"] = 3000  # the room grows: a new map is published
+    room["metadata"]["generation"] = 2
+    cluster = SlowMapCluster(room, shard_map)
+    state = RoomState(generation=2)
+    began = datetime.now(UTC)
+    outcome = one_pass(cluster, settings=Settings(), state=state)
+    assert not outcome.refused and "ConfigMap" in [m["kind"] for m in cluster.applied]
+    assert state.shard_map_at is not None
+    assert state.shard_map_at >= cluster.map_written_at > began + timedelta(seconds=0.04)
