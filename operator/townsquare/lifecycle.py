@@ -9,6 +9,7 @@ after a restart is in what it returns.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -306,7 +307,7 @@ def accepted_spec(status: AudioRoomStatus) -> AudioRoomSpec | None:
     if not status.accepted_spec:
         return None
     try:
-        return AudioRoomSpec.model_validate(status.accepted_spec)
+        return AudioRoomSpec.model_validate_json(status.accepted_spec)
     except ValidationError:
         return None
 
@@ -322,9 +323,10 @@ def last_accepted(spec: AudioRoomSpec, previous: AudioRoomStatus) -> AudioRoomSp
     return spec if planned is None else spec.model_copy(update={"start_time": planned})
 
 
-def _recorded(spec: AudioRoomSpec) -> dict[str, Any]:
+def _recorded(spec: AudioRoomSpec) -> str:
     """The spec as kept in the status: what the producer wrote, defaults left out."""
-    return spec.model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    written = spec.model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    return json.dumps(written, separators=(",", ":"), sort_keys=True)
 
 
 def _phase_by_clock(spec: AudioRoomSpec, plan: PlanStatus, now: datetime) -> Phase:

@@ -7,6 +7,7 @@ tested in test_lifecycle_reentry.py); the verdict is what the shell sends it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -16,7 +17,7 @@ from townsquare.handlers import RoomState, Runtime, Settings, reconcile_room
 from townsquare.headroom import Placeholder
 from townsquare.kube.children import SHARD_MAP_KEY
 from townsquare.kube.client import FINALIZER, Cluster
-from townsquare.lifecycle import Metrics, Observed, reconcile
+from townsquare.lifecycle import Metrics, Observed, accepted_spec, reconcile
 from townsquare.policy import TenantPolicy
 from townsquare.sharding import ShardMap, new_map
 
@@ -203,7 +204,7 @@ def test_a_refused_room_is_read_with_its_last_accepted_query_where_the_policy_al
     accepted source stands, part by part: only what the policy refuses falls back."""
     room, shard_map = live_room(datetime.now(UTC) - timedelta(minutes=20))
     room["spec"]["metrics"] = {"preset": "livekit"}
-    room["status"]["acceptedSpec"] = {**room["spec"], "metrics": {"preset": "livekit"}}
+    room["status"]["acceptedSpec"] = json.dumps({**room["spec"], "metrics": {"preset": "livekit"}})
     room["spec"]["relay"]["image"] = "evil.example/miner:1"
     room["spec"]["metrics"] = {"listenersQuery": "sum(audioroom_relay_listeners)"}
     room["metadata"]["generation"] = 2
@@ -312,3 +313,38 @@ def test_the_map_is_taken_as_published_when_its_write_returns_not_when_the_pass_
     assert not outcome.refused and "ConfigMap" in [m["kind"] for m in cluster.applied]
     assert state.shard_map_at is not None
     assert state.shard_map_at >= cluster.map_written_at > began + timedelta(seconds=0.04)
+
+
+class MergingCluster(RecordingCluster):
+    """Stores a status patch as the API server does: a JSON merge patch (RFC 7386), which
+    leaves alone the keys of an object that the patch leaves out."""
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        def merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
+            for key, value in patch.items():
+                if value is None:
+                    into.pop(key, None)
+                elif isinstance(value, dict) and isinstance(into.get(key), dict):
+                    merge(into[key], value)
+                else:
+                    into[key] = value
+
+        merge(self.room.setdefault("status", {}), status)
+
+
+def test_the_accepted_spec_kept_drops_what_a_later_spec_dropped() -> None:
+    """A spec written with node headroom on, then edited back to the default. Kept as an
+    object, the merge patch of the status would have left `nodeHeadroom` in it for good:
+    a refused room would later wind down on a spec nobody wrote."""
+    room, shard_map = live_room(datetime.now(UTC) - timedelta(minutes=20))
+    room["metadata"]["finalizers"] = [FINALIZER]
+    room["spec"]["nodeHeadroom"] = {"enabled": True}
+    cluster = MergingCluster(room, shard_map)
+    one_pass(cluster, settings=Settings(), state=RoomState(generation=1))
+    kept = accepted_spec(AudioRoomStatus.model_validate(cluster.room["status"]))
+    assert kept is not None and kept.node_headroom.enabled
+    del room["spec"]["nodeHeadroom"]
+    room["metadata"]["generation"] = 2
+    one_pass(cluster, settings=Settings(), state=RoomState(generation=2))
+    kept = accepted_spec(AudioRoomStatus.model_validate(cluster.room["status"]))
+    assert kept is not None and not kept.node_headroom.enabled

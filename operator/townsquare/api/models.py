@@ -529,18 +529,8 @@ class AudioRoomStatus(ApiModel):
             }
         ),
     ] = None
-    accepted_spec: Annotated[
-        dict[str, Any] | None,
-        WithJsonSchema(
-            {
-                "type": "object",
-                "nullable": True,
-                "x-kubernetes-preserve-unknown-fields": True,
-                "description": (
-                    "The last spec the operator accepted, as written: a room refused later "
-                    "keeps its timing, shard map, drain and listener query."
-                ),
-            }
-        ),
-    ] = None
+    accepted_spec: str | None = None
+    """The last spec the operator accepted, as JSON: a room refused later keeps its timing,
+    shard map, drain and listener query. A string, not an object: a merge patch of the
+    status replaces it whole, where an object would keep the keys a later spec dropped."""
     conditions: list[Condition] = Field(default_factory=list)
