@@ -77,17 +77,17 @@ from townsquare.metrics import (
 )
 from townsquare.partitions import (
     SLOT_LABEL,
+    UNKNOWN,
     Claim,
     ClaimLapsedError,
+    ClaimsMemory,
     Lease,
     Partition,
-    Sighting,
-    free_slots,
+    decide_claims,
     labelled_slot,
     live_claims,
     may_act,
     peering_allows,
-    sightings,
     slot_of,
 )
 from townsquare.passes import PassScheduler
@@ -109,6 +109,13 @@ TRIM_SECONDS = 60.0
 Key = tuple[str, str]
 REGISTRY = kopf.OperatorRegistry()
 """The operator's handlers, kept apart from kopf's default registry."""
+
+
+def lease_clock() -> float:
+    """Seconds since boot, suspend included (CLOCK_BOOTTIME): the clock leases are judged
+    by. CLOCK_MONOTONIC stops while the machine is suspended, so a replica resumed after a
+    long suspend would take its lease for valid while others took its slots over."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @dataclass(frozen=True)
@@ -244,15 +251,15 @@ class RoomState:
 class ClaimsHealth:
     """How this replica's claiming goes, for on-call: `/healthz`, Events, `/metrics`."""
 
-    ok_at: float = field(default_factory=time.monotonic)
-    """When a claims round last read the table (and wrote it when due), monotonic."""
+    ok_at: float = field(default_factory=lease_clock)
+    """When a claims round last read the table (and wrote it when due), lease clock."""
     error: str = ""
     """Why the last round failed ("" when it did not)."""
     refused: bool = False
     """Whether the last round failed because the API server refused who this replica is
     (401/403: a credential or RBAC a restart may fix), not because it was out of reach."""
-    round_at: float = field(default_factory=time.monotonic)
-    """When a claims round last ended, failed or not, monotonic: the loop is alive."""
+    round_at: float = field(default_factory=lease_clock)
+    """When a claims round last ended, failed or not, lease clock: the loop is alive."""
     short_since: float | None = None
     """Since when this replica, meant to act, acts on less than its partition's share."""
     warned: bool = False
@@ -277,17 +284,23 @@ class Runtime:
     poller_tick: float = field(default_factory=time.monotonic)
     """When the listener poller last started a tick (monotonic): for liveness."""
     lease: Lease = field(default_factory=Lease)
-    """The slots whose rooms this replica may act on, and until when (monotonic): those
+    """The slots whose rooms this replica may act on, and until when (lease clock): those
     its last claim written holds (see partitions.Lease). A room of another slot, or any
     room once the lease ran out, waits, parked, without a pass; a pass in flight then
     writes nothing more (`check_claim`)."""
-    seen: dict[str, Sighting] = field(default_factory=dict)
-    """Other replicas' claims, with when this replica first read each as it stands."""
+    claims_memory: ClaimsMemory = field(default_factory=ClaimsMemory)
+    """What the claims rounds know of the table (see partitions.decide_claims)."""
     written: Claim | None = None
     """The claim this replica last wrote (None: none, or let go since)."""
-    clock: Callable[[], float] = time.monotonic
-    """The lease's clock: monotonic, so a wall clock stepped back never extends a claim."""
+    clock: Callable[[], float] = lease_clock
+    """The lease's clock: never the wall clock, so a clock stepped back never extends a
+    claim, and counting suspend (see `lease_clock`)."""
     claims: ClaimsHealth = field(default_factory=ClaimsHealth)
+    holds_nothing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while this replica holds no lease and no entry of its own stands in the claims
+    table (it let go, or never claimed): what a stopping replica waits for."""
+    claims_due: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set to run the next claims round now rather than at its usual time."""
     epoch: int = 0
     """Which lease a pass acts under: bumped whenever a lease follows a lapse or gains
     slots. A pass records it as it starts, and the fence refuses its writes once it
@@ -302,6 +315,7 @@ class Runtime:
             may_run=lambda key: self.lease.holds(slot_of(*key), self.clock()),
         )
         self.passes.paused = self.settings.peering is not None  # as kopf starts: paused
+        self.holds_nothing.set()
         self.pass_threads = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="pass")
 
     def room(self, key: Key) -> RoomState:
@@ -568,14 +582,17 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -
 @kopf.on.cleanup(registry=REGISTRY)
 async def stop_poller(memo: Any, **_: Any) -> None:
     """Stop, and let go of the rooms once no pass is in flight, so that the replica taking
-    them over (a standby, or a new partition's) starts at once, not a lifetime later."""
+    them over (a standby, or a new partition's) starts at once, not a lifetime later. The
+    claims loop lets go (it is the claim's one writer: a round of its own here could race
+    a write of the loop's in flight), retrying each second if the API server refuses."""
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is not None:
         runtime.pause()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LET_GO_SECONDS):
                 await runtime.passes.idle()
-                await asyncio.to_thread(_let_go, runtime)
+                runtime.claims_due.set()
+                await runtime.holds_nothing.wait()
     poller: ListenerPoller | None = getattr(memo, "poller", None)
     if poller is not None:
         await poller.stop()
@@ -606,8 +623,11 @@ async def _follow_claims(runtime: Runtime) -> None:
     log = room_logger("-", "-").bind(component="claims")
     renewed: float | None = None
     while True:
+        runtime.claims_due.clear()
         renewed = await _claims_round(runtime, renewed, log)
-        await asyncio.sleep(PEERING_CHECK_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PEERING_CHECK_SECONDS):
+                await runtime.claims_due.wait()
 
 
 async def _claims_round(runtime: Runtime, renewed: float | None, log: Any) -> float | None:
@@ -640,7 +660,10 @@ def _report_claims(runtime: Runtime, log: Any) -> None:
     acting = runtime.acting_slots if runtime.lease.valid(now) else frozenset()
     name = f"{partition.index}/{partition.count}"
     observability.record_claims(name, len(share), len(acting))
-    if runtime.passes.paused or acting >= share:
+    if runtime.passes.paused:  # another replica of the partition acts: no spell of ours
+        health.short_since, health.warned = None, False
+        return
+    if acting >= share:
         if health.warned:
             message = f"replica {me} acts on all {len(share)} slots of partition {name} again"
             _post_claims_event(runtime, "Normal", "SlotsClaimed", message, log)
@@ -653,9 +676,11 @@ def _report_claims(runtime: Runtime, log: Any) -> None:
         return
     health.warned = True
     missing = share - acting
-    live = live_claims(runtime.seen, now)
+    live = live_claims(runtime.claims_memory.seen, now)
     holders = sorted(identity for identity, claim in live.items() if claim.slots & missing)
-    if holders:
+    if UNKNOWN in holders:
+        why = "unknown to it since the claims table was deleted or replaced, for a lifetime"
+    elif holders:
         why = f"held by {', '.join(holders)}, whose rooms wait until it lets go of them"
     else:
         why = f"nobody acts on their rooms: its claim fails ({health.error or 'no answer'})"
@@ -687,65 +712,43 @@ def _post_claims_event(runtime: Runtime, kind: str, reason: str, message: str, l
 
 async def _claim(runtime: Runtime, renewed: float | None, log: Any) -> float | None:
     """One round: read the table (also while paused, so that a standby has seen the
-    claims it may take over a lifetime before it must), claim the free slots wanted,
-    renewing every quarter of a lifetime; while paused, keep only what passes in flight
-    need, and let go once none is. Returns when (monotonic) the claim was last written
-    (None: this replica holds none)."""
-    settings, me, lifetime = (
-        runtime.settings,
-        runtime.settings.identity,
-        runtime.settings.peering_lifetime,
-    )
+    claims it may take over a lifetime before it must), decide (partitions.decide_claims),
+    write. Returns when (lease clock) the claim standing was written (None: none is)."""
+    settings = runtime.settings
     namespace = _claims_namespace(settings)
-    version, claims = await asyncio.to_thread(runtime.cluster.read_claims, namespace)
+    table = await asyncio.to_thread(runtime.cluster.read_claims, namespace)
     now = runtime.clock()  # after the read: no earlier than any write it shows
-    others = {identity: claim for identity, claim in claims.items() if identity != me}
-    runtime.seen = sightings(runtime.seen, others, now)
-    live = live_claims(runtime.seen, now)
-    if runtime.passes.paused and not runtime.passes.running:
+    decision = decide_claims(
+        settings.identity, settings.partition.slots, settings.peering_lifetime,
+        table, runtime.claims_memory, runtime.written, runtime.lease, renewed,
+        paused=runtime.passes.paused, in_flight=bool(runtime.passes.running),
+        now=now, stamp=datetime.now(UTC),
+    )  # fmt: skip
+    runtime.claims_memory = decision.memory
+    if decision.let_go:  # no pass may act once another replica can read the release
+        runtime.stop_acting()
+        runtime.written = None
+    if decision.write is not None:
+        write = decision.write
+        if write.claim is not None:  # from now on an entry of ours may stand
+            runtime.holds_nothing.clear()
+        uid = await asyncio.to_thread(
+            runtime.cluster.write_claim, namespace, table.version, settings.identity,
+            write.claim, write.expired,
+        )  # fmt: skip
+        runtime.claims_memory = replace(decision.memory, table=uid)
+        runtime.written = write.claim
+    if decision.let_go:
+        runtime.holds_nothing.set()
         if renewed is not None:
-            await asyncio.to_thread(_let_go, runtime)
-            runtime.stop_acting()
             log.info("paused, no pass in flight: let go of the slots")
-        return None
-    paused = runtime.passes.paused
-    wanted = free_slots(live, me, runtime.acting_slots if paused else settings.partition.slots)
-    due = renewed is None or now - renewed >= lifetime.total_seconds() / 4
-    held = claims.get(me)
-    if not due and held and held.slots == wanted and runtime.lease.valid(now):
-        return renewed
-    # Nobody can have acted on our slots since our last write while our entry stands as we
-    # wrote it: a replica takes slots only from a claim it takes for dead, and drops that
-    # claim's entry in the same write (`expired`). So after a lapse (an API outage longer
-    # than half a lifetime) the rooms are not all read afresh; only when the entry went.
-    kept = runtime.written.slots if runtime.written and held == runtime.written else frozenset()
-    written_at = runtime.clock()
-    claim = Claim(wanted, datetime.now(UTC), lifetime)  # the stamp: for people reading it
-    # Only the dead entries whose slots this write takes (or that claim none): another
-    # partition's entry that merely looks dead after an outage must stand as its writer
-    # wrote it, or that replica reads all its rooms afresh for nothing (see `kept`).
-    expired = [
-        identity
-        for identity, other in others.items()
-        if identity not in live and (other.slots & wanted or not other.slots)
-    ]
-    await asyncio.to_thread(runtime.cluster.write_claim, namespace, version, me, claim, expired)
-    runtime.written = claim
-    if wanted != runtime.acting_slots:
-        waiting = len(settings.partition.slots) - len(wanted)
-        log.info("acting on the claimed slots", slots=len(wanted), waiting_for_others=waiting)
-    runtime.act_on(Lease.after_write(wanted, written_at, lifetime), kept)
-    return written_at
-
-
-def _let_go(runtime: Runtime) -> None:
-    """Remove this replica's claim from the table (blocking)."""
-    cluster, identity = runtime.cluster, runtime.settings.identity
-    namespace = _claims_namespace(runtime.settings)
-    version, claims = cluster.read_claims(namespace)
-    if identity in claims:
-        cluster.write_claim(namespace, version, identity, None)
-    runtime.written = None
+    if decision.lease is not None:
+        if decision.lease.slots != runtime.acting_slots:
+            slots = decision.lease.slots
+            waiting = len(settings.partition.slots) - len(slots)
+            log.info("acting on the claimed slots", slots=len(slots), waiting_for_others=waiting)
+        runtime.act_on(decision.lease, decision.kept)
+    return decision.renewed
 
 
 async def _follow_peering(runtime: Runtime) -> None:

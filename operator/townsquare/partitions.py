@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -181,7 +181,7 @@ def read_claims(data: Mapping[str, str]) -> dict[str, Claim]:
 @dataclass(frozen=True)
 class Sighting:
     """Another replica's claim, and when this replica first read it as it stands now, by
-    this replica's own monotonic clock.
+    this replica's own lease clock (see `Lease`).
 
     Why not the claim's own stamp: clocks of two machines differ, and a clock can be
     stepped (NTP, a VM resumed). A claim judged by its writer's wall-clock stamp against
@@ -203,7 +203,7 @@ class Sighting:
 def sightings(
     previous: Mapping[str, Sighting], claims: Mapping[str, Claim], now: float
 ) -> dict[str, Sighting]:
-    """The table's claims as just read (at `now`, monotonic, taken after the read returned),
+    """The table's claims as just read (at `now`, lease clock, taken after the read returned),
     each with when it was first seen as it stands: a claim renewed since (a new stamp, new
     slots) is seen anew, one unchanged keeps its first sighting."""
     seen: dict[str, Sighting] = {}
@@ -233,15 +233,148 @@ def free_slots(live: Mapping[str, Claim], identity: str, wanted: Iterable[int]) 
     return frozenset(wanted) - taken
 
 
+UNKNOWN = "(unknown: the claims table was deleted or replaced)"
+"""The holder, in a replica's own sightings, of every slot it cannot know about after the
+claims table vanished: never a table entry (a ConfigMap key cannot have spaces)."""
+
+
+@dataclass(frozen=True)
+class ClaimsTable:
+    """The claims table as read: `uid` names this incarnation of the ConfigMap (None: there
+    is none), `version` is what a write must be based on (None: create it)."""
+
+    claims: Mapping[str, Claim]
+    version: str | None = None
+    uid: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimsMemory:
+    """What a replica carries from one claims round to the next."""
+
+    seen: Mapping[str, Sighting] = field(default_factory=dict)
+    """Other replicas' claims, with when this replica first read each as it stands (and
+    `UNKNOWN`'s, after the table vanished)."""
+    table: str | None = None
+    """The uid of the table's incarnation last read or written (None: none seen yet)."""
+
+
+@dataclass(frozen=True)
+class ClaimWrite:
+    """One write to the table, based on the version read: this replica's entry (None:
+    remove it) and the entries of replicas gone that it drops."""
+
+    claim: Claim | None
+    expired: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClaimsDecision:
+    """What one claims round does. In this order: stop acting (`let_go`), send `write`,
+    and once it landed act on `lease` (None: the lease stands as it is)."""
+
+    memory: ClaimsMemory
+    write: ClaimWrite | None = None
+    lease: Lease | None = None
+    kept: frozenset[int] = frozenset()
+    """Slots of `lease` nobody else can have acted on since this replica last did (its
+    entry stood as it wrote it, or its lease still held): their rooms are not read afresh."""
+    let_go: bool = False
+    renewed: float | None = None
+    """When the claim standing after this round was written (None: none is)."""
+
+
+def decide_claims(
+    me: str,
+    share: Iterable[int],
+    lifetime: timedelta,
+    table: ClaimsTable,
+    memory: ClaimsMemory,
+    written: Claim | None,
+    lease: Lease,
+    renewed: float | None,
+    *,
+    paused: bool,
+    in_flight: bool,
+    now: float,
+    stamp: datetime,
+) -> ClaimsDecision:
+    """One claims round of replica `me`, from the table just read at `now` (lease clock,
+    taken after the read returned): which slots it claims, whether the claim is written
+    (renewed every quarter of a lifetime), which dead entries go, and what it acts on.
+
+    `share`: its partition's slots; `written`/`renewed`: its last claim written, and when;
+    `lease`: what it acts on now; `paused`: another replica of its partition acts (kopf's
+    peering), `in_flight`: passes still run. A paused replica keeps only the slots its
+    passes in flight need, and lets go once none runs: it stops acting before it publishes
+    that (a replica taking the slots over may act the moment it reads the release).
+
+    A table that vanished, or was replaced, since this replica last read it (a new uid)
+    leaves every slot unknown for a lifetime, except those this replica's lease still
+    holds (nobody can have taken them: see `Sighting`): whoever acted on the others may
+    still act, and its entry is gone. `stamp` (wall clock) is for people reading the table;
+    it only has to differ from the entry it replaces."""
+    others = {identity: claim for identity, claim in table.claims.items() if identity != me}
+    seen = sightings(memory.seen, others, now)
+    unknown = memory.seen.get(UNKNOWN)
+    if memory.table is not None and table.uid != memory.table:
+        held = lease.slots if lease.valid(now) else frozenset()
+        unknown = Sighting(Claim(frozenset(range(SLOTS)) - held, stamp, lifetime), now)
+    if unknown is not None and unknown.alive(now):
+        seen[UNKNOWN] = unknown
+    # A table still missing leaves `memory.table` as it was: a table created meanwhile by
+    # another replica and deleted again would be unknown to this one, so each round that
+    # finds it missing or replaced marks every slot unknown anew.
+    memory = ClaimsMemory(seen, table.uid if table.uid is not None else memory.table)
+    own = table.claims.get(me)
+    if paused and not in_flight:
+        return ClaimsDecision(memory, ClaimWrite(None) if own else None, let_go=True)
+    live = live_claims(seen, now)
+    wanted = free_slots(live, me, lease.slots if paused else share)
+    due = renewed is None or now - renewed >= lifetime.total_seconds() / 4
+    if not due and own and own.slots == wanted and lease.valid(now):
+        return ClaimsDecision(memory, renewed=renewed)
+    # Nobody can have acted on our slots since our last write while our entry stands as we
+    # wrote it: a replica takes slots only from a claim it takes for dead, and drops that
+    # claim's entry in the same write (`expired`). So after a lapse (an API outage longer
+    # than half a lifetime) the rooms are not all read afresh; only when the entry went.
+    # Nor while the lease still holds (the table deleted: the entry went, nobody acted).
+    kept = written.slots if written and own == written else frozenset()
+    kept |= lease.slots if lease.valid(now) else frozenset()
+    # Only the dead entries whose slots this write takes (or that claim none): another
+    # partition's entry that merely looks dead after an outage must stand as its writer
+    # wrote it, or that replica reads all its rooms afresh for nothing (see `kept`).
+    expired = tuple(
+        identity
+        for identity, other in others.items()
+        if identity not in live and (other.slots & wanted or not other.slots)
+    )
+    if own is not None and stamp <= own.renewed:
+        # Readers see a renewal only as an entry that changed: a wall clock stepped back
+        # (or too coarse) must not write the same entry again, which reads as no renewal.
+        stamp = own.renewed + timedelta(microseconds=1)
+    claim = Claim(wanted, stamp, lifetime)
+    return ClaimsDecision(
+        memory,
+        ClaimWrite(claim, expired),
+        Lease.after_write(wanted, now, lifetime),
+        kept,
+        renewed=now,
+    )
+
+
 class ClaimLapsedError(Exception):
     """A pass's write refused: this replica's claim on the room's slot lapsed (or moved)."""
 
 
 @dataclass(frozen=True)
 class Lease:
-    """What this replica may act on: `slots`, until `until` on its own monotonic clock.
+    """What this replica may act on: `slots`, until `until` on its own lease clock: the
+    time since boot, suspend included (CLOCK_BOOTTIME). Not CLOCK_MONOTONIC, which stops
+    while the machine is suspended: a replica resumed after a suspend longer than its
+    lease would take its lease for still valid while others took its slots.
 
-    A claim written at monotonic time t (taken before the write was sent, so no later than
+    A claim written at lease-clock time t (taken before the write was sent, so no later than
     the API server stored it) is acted on until t + lifetime/2, and never by the wall clock:
     a clock stepped back cannot extend it. Every other replica takes the claim for alive
     until at least t + lifetime (see `Sighting`), so the half lifetime in between is for

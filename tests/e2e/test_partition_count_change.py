@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ from typing import Any
 import pytest
 from harness import wait_until
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 from operator_process import OperatorProcess
 from rooms import Rooms, room_manifest
 
 from townsquare.handlers import watch_selectors
-from townsquare.partitions import SLOT_LABEL, Partition, slot_of
+from townsquare.kube.client import CLAIMS, Cluster
+from townsquare.partitions import SLOT_LABEL, Claim, Partition, slot_of
 
 pytestmark = [pytest.mark.e2e]
 
@@ -135,3 +138,43 @@ def test_partitions_added_beside_a_running_operator_take_over_each_room_alone(
     assert all(pod.metadata.labels.get(SLOT_LABEL) == str(slot) for pod in relay_pods)
     assert sorted(p.metadata.name for p in by_selector[serving]) == names
     assert not by_selector[1 - serving], "the other partition's watch is sent none of them"
+
+
+def test_the_api_server_refuses_a_claims_write_based_on_a_table_that_changed_since(
+    api_client: client.ApiClient, namespace: str
+) -> None:
+    """Two replicas write the claims table at once, each on the version it read: the API
+    server (not our code) lets one through and refuses the other (409), so neither entry is
+    silently overwritten; the same for two creates of a missing table, and for a write
+    based on a table that was deleted and made again since."""
+    first, second = Cluster(api_client, identity="first"), Cluster(api_client, identity="second")
+    claim = Claim(frozenset(range(128)), datetime.now(UTC), timedelta(seconds=30))
+
+    def refused(write: Callable[[], object]) -> int:
+        with pytest.raises(ApiException) as refusal:
+            write()
+        return int(refusal.value.status)
+
+    missing = first.read_claims(namespace)
+    assert missing.version is None and second.read_claims(namespace).version is None
+    uid = first.write_claim(namespace, None, "first", claim)
+    assert refused(lambda: second.write_claim(namespace, None, "second", claim)) == 409
+
+    read = first.read_claims(namespace)
+    assert read.uid == uid and set(read.claims) == {"first"}
+    renewal = Claim(claim.slots, claim.renewed + timedelta(seconds=7), claim.lifetime)
+    first.write_claim(namespace, read.version, "first", renewal)  # (a write that changes it)
+    assert refused(lambda: second.write_claim(namespace, read.version, "second", claim)) == 409
+    assert set(second.read_claims(namespace).claims) == {"first"}, "the first write stands"
+    # A write that changes nothing is none: the version stays, so readers would not see a
+    # renewal that wrote the same entry again (decide_claims always moves the stamp on).
+    same = first.read_claims(namespace)
+    first.write_claim(namespace, same.version, "first", renewal)
+    assert first.read_claims(namespace).version == same.version
+
+    stale = second.read_claims(namespace)
+    client.CoreV1Api(api_client).delete_namespaced_config_map(CLAIMS, namespace)
+    recreated = first.write_claim(namespace, None, "first", claim)
+    assert recreated != uid, "another incarnation: its own uid"
+    assert refused(lambda: second.write_claim(namespace, stale.version, "second", claim)) == 409
+    assert set(first.read_claims(namespace).claims) == {"first"}

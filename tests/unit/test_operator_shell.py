@@ -26,7 +26,17 @@ from townsquare.api.models import MetricsSpec
 from townsquare.handlers import ListenerPoller, RoomState, Runtime, Settings
 from townsquare.kube.client import Cluster, Peering, RelayPod
 from townsquare.metrics import PRESETS, PrometheusSource, Reading, RoomListeners
-from townsquare.partitions import SLOT_LABEL, SLOTS, Claim, Lease, Partition, read_claims, slot_of
+from townsquare.partitions import (
+    SLOT_LABEL,
+    SLOTS,
+    Claim,
+    ClaimLapsedError,
+    ClaimsTable,
+    Lease,
+    Partition,
+    read_claims,
+    slot_of,
+)
 from townsquare.passes import PassScheduler
 
 PROMETHEUS = "http://127.0.0.1:9"
@@ -282,21 +292,28 @@ def test_a_hand_over_to_a_higher_priority_waits_for_the_passes_in_flight() -> No
 
 class ClaimsConfigMap:
     """The claims table as the API server keeps it, in memory: a write on an older version
-    is refused (409). Records which replica passes each room, and when."""
+    is refused (409), and so is a create once it exists. Records which replica passes each
+    room, and when."""
 
     def __init__(self) -> None:
         self.version = 0
+        self.exists = False
+        self.incarnation = 0
         self.data: dict[str, str] = {}
         self.passes: list[tuple[str, str, float, float]] = []
         self.events: list[tuple[str, str, str]] = []
         self.unreachable = False
         self.failure: Exception = TimeoutError("read timed out")
         """What a read raises while `unreachable`."""
+        self.on_write: Callable[[str, Claim | None], None] = lambda identity, claim: None
+        """Runs as a write arrives (before it is applied)."""
 
-    def read_claims(self, namespace: str) -> tuple[str | None, dict[str, Claim]]:
+    def read_claims(self, namespace: str) -> ClaimsTable:
         if self.unreachable:
             raise self.failure
-        return (str(self.version) if self.version else None), read_claims(self.data)
+        if not self.exists:
+            return ClaimsTable({})
+        return ClaimsTable(read_claims(self.data), str(self.version), f"uid-{self.incarnation}")
 
     def post_claims_event(
         self, namespace: str, kind: str, reason: str, message: str, now: datetime
@@ -310,14 +327,22 @@ class ClaimsConfigMap:
         identity: str,
         claim: Claim | None,
         expired: list[str] | tuple[str, ...] = (),
-    ) -> None:
-        if version != (str(self.version) if self.version else None):
+    ) -> str:
+        self.on_write(identity, claim)
+        if version != (str(self.version) if self.exists else None):
             raise RuntimeError("409 Conflict")
+        if not self.exists:
+            self.exists, self.incarnation = True, self.incarnation + 1
         self.version += 1
         for key in [*expired, identity]:
             self.data.pop(key, None)
         if claim is not None:
             self.data[identity] = claim.encode()
+        return f"uid-{self.incarnation}"
+
+    def delete(self) -> None:
+        """`kubectl delete configmap townsquare-partitions`."""
+        self.exists, self.data = False, {}
 
 
 def test_a_new_partition_count_waits_for_the_old_replica_to_let_go_of_each_room() -> None:
@@ -739,6 +764,24 @@ def _claimed_slots(partition: str) -> tuple[float | None, float | None]:
     )
 
 
+async def _kept_from_its_slots_for_70_s(
+    table: ClaimsConfigMap, log: Any
+) -> tuple[Runtime, float | None]:
+    """The replica of partition 1/2 while an old replica holds every slot, renewing all
+    along: 70 s of claims rounds, 10 s apart (the Events posted meanwhile are in `table`)."""
+    settings = Settings(identity="new", partition=Partition(1, 2), namespaces=("spaces",))
+    new = _runtime(table, replace(settings, peering_lifetime=LIFE), claimed=False)
+    new.clock = clock = FakeClock()
+    renewed = None
+    for _ in range(8):
+        old = Claim(frozenset(range(SLOTS)), datetime.now(UTC), LIFE)
+        table.write_claim("spaces", str(table.version) if table.version else None, "old", old)
+        renewed = await handlers._claims_round(new, renewed, log)
+        await asyncio.gather(*new.claims.posting)
+        clock.now += 10
+    return new, renewed
+
+
 def test_a_replica_kept_from_its_slots_says_so_on_the_claims_table_and_stays_alive() -> None:
     """Another live replica holds them (an old partition count still running): after two
     lifetimes one Warning on the claims table names it, /metrics shows 0 of 128, and
@@ -748,17 +791,8 @@ def test_a_replica_kept_from_its_slots_says_so_on_the_claims_table_and_stays_ali
     async def scenario() -> None:
         table = ClaimsConfigMap()
         log = structlog.get_logger()
-        settings = Settings(identity="new", partition=Partition(1, 2), namespaces=("spaces",))
-        new = _runtime(table, replace(settings, peering_lifetime=LIFE), claimed=False)
-        new.clock = clock = FakeClock()
+        new, renewed = await _kept_from_its_slots_for_70_s(table, log)
         memo = SimpleNamespace(runtime=new)
-        renewed = None
-        for _ in range(8):  # 70 s, the old replica renewing all along
-            old = Claim(frozenset(range(SLOTS)), datetime.now(UTC), LIFE)
-            table.write_claim("spaces", str(table.version) if table.version else None, "old", old)
-            renewed = await handlers._claims_round(new, renewed, log)
-            await asyncio.gather(*new.claims.posting)
-            clock.now += 10
         assert [(kind, reason) for kind, reason, _ in table.events] == [
             ("Warning", "SlotsUnclaimed")
         ]
@@ -1031,5 +1065,131 @@ def test_after_an_api_outage_rooms_are_read_afresh_only_if_another_replica_took_
         else:
             assert state.scaling == "what the last pass decided"
             assert "StatefulSet/launch-relay" in state.applied, "no child re-applied"
+
+    asyncio.run(scenario())
+
+
+def test_a_paused_replica_never_says_it_acts_on_its_slots() -> None:
+    """A replica kept from its slots warned that it acts on none; then another replica of
+    its partition took over (kopf's peering paused it). It acts on nothing, so it must not
+    post that it acts on all its slots again."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        log = structlog.get_logger()
+        new, renewed = await _kept_from_its_slots_for_70_s(table, log)
+        clock = cast(FakeClock, new.clock)
+        new.pause()
+        table.write_claim("spaces", str(table.version), "old", None)  # it stopped
+        for _ in range(3):
+            renewed = await handlers._claims_round(new, renewed, log)
+            clock.now += 10
+        await asyncio.gather(*new.claims.posting)
+        assert new.acting_slots == frozenset()
+        assert [reason for _, reason, _ in table.events] == ["SlotsUnclaimed"]
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_counts_the_time_the_machine_was_suspended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Suspended for a lifetime (a laptop lid, a paused VM), the replica's lease ran out for
+    everyone else, who took its slots: resumed, it must take it for lapsed too, although
+    CLOCK_MONOTONIC did not move while it was suspended (CLOCK_BOOTTIME did)."""
+
+    async def scenario() -> None:
+        runtime = _runtime(Unfenced(), Settings(), claimed=False)
+        lifetime = Settings().peering_lifetime
+        runtime.act_on(Lease.after_write(frozenset(range(SLOTS)), runtime.clock(), lifetime))
+        runtime.check_claim(("spaces", "a"))  # acts
+        suspended = 2 * lifetime.total_seconds()
+        real = time.clock_gettime
+
+        def after_suspend(clock: int) -> float:
+            return real(clock) + (suspended if clock == time.CLOCK_BOOTTIME else 0.0)
+
+        monkeypatch.setattr(time, "clock_gettime", after_suspend)
+        with pytest.raises(ClaimLapsedError):
+            runtime.check_claim(("spaces", "a"))
+        assert not runtime.passes._may_run(("spaces", "a")), "no pass starts either"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["a claims round while paused", "the operator stopping"])
+def test_a_replica_stops_acting_before_it_publishes_that_it_let_go(how: str) -> None:
+    """The replica taking the slots over may act the moment it reads the release: at that
+    moment this replica must already act on nothing (no pass starts, no write passes)."""
+
+    async def scenario() -> None:
+        table = ClaimsConfigMap()
+        settings = Settings(identity="a", namespaces=("spaces",), peering_lifetime=LIFE)
+        runtime = _runtime(table, settings, claimed=False)
+        renewed = await handlers._claims_round(runtime, None, structlog.get_logger())
+        assert runtime.acting_slots == frozenset(range(SLOTS))
+        acting_at_release: list[bool] = []
+
+        def on_write(identity: str, claim: Claim | None) -> None:
+            if claim is None:
+                acting_at_release.append(runtime.lease.valid(runtime.clock()))
+
+        table.on_write = on_write
+        if how == "the operator stopping":
+            claims_loop = asyncio.create_task(handlers._follow_claims(runtime))
+            await handlers.stop_poller(memo=SimpleNamespace(runtime=runtime, tasks=[claims_loop]))
+        else:
+            runtime.pause()
+            await handlers._claims_round(runtime, renewed, structlog.get_logger())
+        assert "a" not in table.data, "let go"
+        assert acting_at_release == [False]
+        with pytest.raises(ClaimLapsedError):
+            runtime.check_claim(("spaces", "room"))
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_claims_table_lets_no_replica_take_slots_another_acts_on() -> None:
+    """The old partition count's replica acts on every slot; the new partition's replica
+    waits for its half. The claims table is deleted (by hand, or with its namespace): the
+    next writer must not take that half at once. Each replica claims again only what its
+    own lease holds; the rest is unknown for a lifetime, by then the old replica's claim is
+    back in the table, and the new one waits for it to let go as before."""
+
+    async def scenario() -> None:
+        table, log = ClaimsConfigMap(), structlog.get_logger()
+
+        def replica(identity: str, partition: Partition) -> Runtime:
+            settings = Settings(
+                identity=identity, partition=partition, namespaces=("spaces",),
+                peering_lifetime=LIFE,
+            )  # fmt: skip
+            runtime = _runtime(table, settings, claimed=False)
+            runtime.clock = clock
+            return runtime
+
+        clock = FakeClock()
+        old, new = replica("old", Partition(0, 1)), replica("new", Partition(1, 2))
+        renewed: dict[str, float | None] = {"old": None, "new": None}
+
+        async def round_of(runtime: Runtime) -> None:
+            name = runtime.settings.identity
+            renewed[name] = await handlers._claims_round(runtime, renewed[name], log)
+
+        await round_of(old)
+        await round_of(new)
+        assert new.acting_slots == frozenset() and old.acting_slots == frozenset(range(SLOTS))
+        table.delete()
+        for _ in range(8):  # 40 s, every 5 s: the new replica writes first
+            clock.now += 5
+            await round_of(new)
+            assert new.acting_slots == frozenset(), f"{clock.now - 1000:.0f} s after"
+            await round_of(old)
+            assert old.acting_slots == frozenset(range(SLOTS))
+        old.pause()  # it stops: no pass in flight
+        await round_of(old)
+        clock.now += 1
+        await round_of(new)
+        assert new.acting_slots == frozenset(range(128, 256)), "let go: taken at once"
 
     asyncio.run(scenario())

@@ -6,7 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -16,9 +19,14 @@ from townsquare.partitions import (
     SLOT_LABEL,
     SLOTS,
     Claim,
+    ClaimsDecision,
+    ClaimsMemory,
+    ClaimsTable,
+    ClaimWrite,
     Lease,
     Partition,
     Sighting,
+    decide_claims,
     free_slots,
     labelled_slot,
     live_claims,
@@ -321,3 +329,334 @@ def test_while_the_partition_count_changes_no_slot_has_two_actors_and_none_is_or
         lease.slots for n, lease in leases.items() if n.startswith("new") and lease.valid(now)
     ]
     assert sorted(s for slots in acting for s in slots) == list(range(SLOTS))
+
+
+# The claims round, decided by `decide_claims` from the table as read and what the replica
+# knew before; `ROUND` is one round's arguments at lease-clock time 1000 s.
+
+SHARE = frozenset(range(128))
+ROUND: dict[str, Any] = {
+    "me": "me",
+    "share": SHARE,
+    "lifetime": LIFETIME,
+    "table": ClaimsTable({}),
+    "memory": ClaimsMemory(),
+    "written": None,
+    "lease": Lease(),
+    "renewed": None,
+    "paused": False,
+    "in_flight": False,
+    "now": 1000.0,
+    "stamp": NOW,
+}
+
+
+def _claim(slots: Iterable[int]) -> Claim:
+    return Claim(frozenset(slots), NOW, LIFETIME)
+
+
+def _round(**changes: Any) -> ClaimsDecision:
+    return decide_claims(**(ROUND | changes))
+
+
+MINE = _claim(SHARE)
+"""This replica's claim as it wrote it at 990 s: its lease runs until 1005 s."""
+HOLDING: dict[str, Any] = {
+    "table": ClaimsTable({"me": MINE}, "7", "uid-1"),
+    "memory": ClaimsMemory({}, "uid-1"),
+    "written": MINE,
+    "lease": Lease.after_write(SHARE, 990.0, LIFETIME),
+    "renewed": 990.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "writes", "acts_on", "kept"),
+    [
+        ("a first round on no table: claims its share", {}, SHARE, SHARE, frozenset()),
+        (
+            "another live replica's slots wait",
+            {"table": ClaimsTable({"old": _claim(range(64, 256))}, "3", "uid-1")},
+            frozenset(range(64)),
+            frozenset(range(64)),
+            frozenset(),
+        ),
+        ("renewal not due: nothing written", HOLDING | {"now": 997.0}, None, None, None),
+        ("a quarter lifetime since: renewed", HOLDING, SHARE, SHARE, SHARE),
+        (
+            "its lease lapsed and its entry went (taken meanwhile): every room read afresh",
+            HOLDING | {"table": ClaimsTable({}, "9", "uid-1"), "lease": Lease(SHARE, 995.0)},
+            SHARE,
+            SHARE,
+            frozenset(),
+        ),
+        (
+            "paused with passes in flight: keeps what they act on",
+            HOLDING | {"paused": True, "in_flight": True, "lease": Lease(frozenset({5}), 1005.0)},
+            frozenset({5}),
+            frozenset({5}),
+            SHARE,
+        ),
+        (
+            "the lease lapsed but its entry stood as written: nothing read afresh",
+            HOLDING | {"lease": Lease.after_write(SHARE, 980.0, LIFETIME), "now": 1000.0},
+            SHARE,
+            SHARE,
+            SHARE,
+        ),
+    ],
+)
+def test_a_claims_round_decides_what_to_write_and_act_on(
+    case: str,
+    changes: dict[str, Any],
+    writes: frozenset[int] | None,
+    acts_on: frozenset[int] | None,
+    kept: frozenset[int] | None,
+) -> None:
+    decision = _round(**changes)
+    assert not decision.let_go, case
+    if writes is None:
+        assert decision.write is None and decision.lease is None, case
+        assert decision.renewed == changes["renewed"], "the claim written stands"
+        return
+    assert decision.write is not None and decision.write.claim is not None, case
+    assert decision.write.claim.slots == writes, case
+    assert decision.lease == Lease(acts_on or frozenset(), 1000.0 + LIFETIME.total_seconds() / 2)
+    assert decision.kept == kept, case
+    assert decision.renewed == 1000.0
+
+
+def test_a_round_drops_only_the_dead_entries_whose_slots_it_takes_or_that_claim_none() -> None:
+    """Dead: unchanged for a lifetime since this replica first read it. Another partition's
+    entry that merely looks dead (an outage) stands as its writer wrote it."""
+    dead_here, dead_elsewhere, dead_empty = _claim(range(64)), _claim(range(200, 256)), _claim(())
+    alive = _claim(range(100, 128))
+    claims = {"a": dead_here, "b": dead_elsewhere, "c": dead_empty, "d": alive}
+    seen = {name: Sighting(claim, 960.0) for name, claim in claims.items() if name != "d"}
+    seen["d"] = Sighting(alive, 990.0)
+    decision = _round(table=ClaimsTable(claims, "5", "u"), memory=ClaimsMemory(seen, "u"))
+    assert decision.write == ClaimWrite(_claim(range(100)), ("a", "c"))
+
+
+def test_a_paused_replica_with_no_pass_in_flight_lets_go_and_stops_acting_first() -> None:
+    decision = _round(**HOLDING | {"paused": True})
+    assert decision.let_go and decision.write == ClaimWrite(None)
+    assert decision.lease is None and decision.renewed is None
+    nothing_held = _round(paused=True, table=ClaimsTable({}, "5", "u"))
+    assert nothing_held.let_go and nothing_held.write is None, "no entry: nothing to remove"
+
+
+@pytest.mark.parametrize("table", [ClaimsTable({}), ClaimsTable({}, "40", "uid-2")])
+def test_a_table_deleted_or_replaced_leaves_every_slot_unknown_for_a_lifetime_but_the_held(
+    table: ClaimsTable,
+) -> None:
+    """Whoever acted on a slot may still act on it, and its entry is gone: this replica
+    claims again only what its own lease still holds, and the rest of its share a lifetime
+    after it noticed, whatever it reads meanwhile."""
+    holding = HOLDING | {"lease": Lease(frozenset(range(32)), 1005.0)}
+    seen_before = {"other": Sighting(_claim(range(128, 256)), 995.0)}
+    noticed = _round(**holding | {"table": table, "memory": ClaimsMemory(seen_before, "uid-1")})
+    assert noticed.write is not None and noticed.write.claim is not None
+    assert noticed.write.claim.slots == frozenset(range(32))
+    assert noticed.lease is not None and noticed.lease.slots == frozenset(range(32))
+    assert noticed.kept == frozenset(range(32)), "held all along: its rooms not read afresh"
+    memory = replace(noticed.memory, table="uid-3")  # its create (or write) landed
+    mine = ClaimsTable({"me": noticed.write.claim}, "41", "uid-3")
+    lease = noticed.lease
+    for now, acts_on in [(1020.0, range(32)), (1029.9, range(32)), (1030.0, SHARE)]:
+        later = _round(
+            **holding | {"table": mine, "memory": memory, "lease": lease, "renewed": None},
+            now=now,
+        )
+        assert later.lease is not None and later.lease.slots == frozenset(acts_on), now
+        memory, lease = later.memory, later.lease
+
+
+def test_a_replica_that_never_saw_a_table_takes_a_missing_one_for_a_first_install() -> None:
+    """Nobody can have acted before the table's first write: no lifetime to wait. (A replica
+    that starts while a deleted table is missing cannot tell the two apart.)"""
+    decision = _round(memory=ClaimsMemory({}, None))
+    assert decision.lease is not None and decision.lease.slots == SHARE
+
+
+class ApiServerTable:
+    """The claims ConfigMap as the API server keeps it: a write lands only on the version
+    it was based on (a create only while there is none); a delete ends this incarnation,
+    and the next create starts another (a new uid)."""
+
+    def __init__(self, exists: bool) -> None:
+        self.version, self.incarnation = 1, 1
+        self.claims: dict[str, Claim] | None = {} if exists else None
+
+    def read(self) -> ClaimsTable:
+        if self.claims is None:
+            return ClaimsTable({})
+        return ClaimsTable(dict(self.claims), str(self.version), f"uid-{self.incarnation}")
+
+    def write(self, version: str | None, identity: str, write: ClaimWrite) -> str | None:
+        """The table's uid once written, None: refused (409)."""
+        if version != (str(self.version) if self.claims is not None else None):
+            return None
+        if self.claims is None:
+            self.claims, self.incarnation = {}, self.incarnation + 1
+        self.version += 1
+        for gone in (*write.expired, identity):
+            self.claims.pop(gone, None)
+        if write.claim is not None:
+            self.claims[identity] = write.claim
+        return f"uid-{self.incarnation}"
+
+    def delete(self) -> None:
+        self.claims = None
+
+
+@dataclass
+class ModelReplica:
+    """One replica as its shell keeps it: what its claims rounds remember, and its lease."""
+
+    share: frozenset[int]
+    offset: float
+    """Its lease clock minus the real time (boot times differ)."""
+    skew: timedelta
+    """Its wall clock minus the real time: only in the stamps."""
+    memory: ClaimsMemory = field(default_factory=ClaimsMemory)
+    written: Claim | None = None
+    lease: Lease = field(default_factory=Lease)
+    renewed: float | None = None
+    paused: bool = False
+    in_flight: bool = False
+    killed: bool = False
+    sent: tuple[str | None, ClaimsDecision] | None = None
+    """A write sent (on the version read) and not landed yet."""
+
+
+ACTIONS = ["round", "land", "wait", "pause", "resume", "passes end", "kill", "delete table"]
+WAITS = [0.5, 1.0, 7.5, 14.9, 15.0, 30.0, 30.1]
+
+
+@settings(max_examples=300, deadline=None)
+@example(  # two replicas of one share; the table deleted while the first acts
+    [(0, 1), (0, 1)], [0, 5000], True,
+    [(0, "round", 0), (0, "land", 0), (1, "round", 0), (1, "land", 0), (0, "delete table", 0),
+     (1, "round", 0), (1, "land", 0)],
+)  # fmt: skip
+@example(  # the first replica cut off from the table: the other takes its slots a lifetime on
+    [(0, 1), (0, 2)], [0, -700], True,
+    [(0, "round", 0), (0, "land", 0), (1, "round", 0), (1, "land", 0), (1, "wait", 6),
+     (1, "round", 0), (1, "land", 0)],
+)  # fmt: skip
+@given(
+    st.lists(
+        st.integers(1, 4).flatmap(lambda k: st.tuples(st.integers(0, k - 1), st.just(k))),
+        min_size=1,
+        max_size=5,
+    ),
+    st.lists(st.floats(-1e5, 1e5, allow_nan=False), min_size=5, max_size=5),
+    st.booleans(),
+    st.lists(
+        st.tuples(st.integers(0, 4), st.sampled_from(ACTIONS), st.integers(0, len(WAITS) - 1)),
+        max_size=120,
+    ),
+)
+def test_with_any_interleaving_no_slot_is_acted_on_by_two_replicas_at_once(
+    partitions: list[tuple[int, int]],
+    offsets: list[float],
+    table_exists: bool,
+    steps: list[tuple[int, str, int]],
+) -> None:
+    """Replicas of any partition counts (several of one share, as HA pairs), each with its
+    own lease clock, run claims rounds in any interleaving: a write lands any time after it
+    was decided, or is refused if the table moved meanwhile; replicas pause, resume, are
+    killed; the table is deleted (once each replica has read one: a replica that never did
+    takes a missing table for a first install). The verdict is on the leases as each
+    replica's own clock judges them, converted to real time: at no moment do two replicas
+    act on one slot. At the end, with the churn over, the shares of the live replicas are
+    all acted on."""
+    table = ApiServerTable(table_exists)
+    replicas = [
+        ModelReplica(
+            frozenset(Partition(index, count).slots),
+            offsets[i],
+            timedelta(seconds=offsets[-1 - i] / 10),
+        )
+        for i, (index, count) in enumerate(partitions)
+    ]
+    real = 1000.0
+
+    def round_of(replica: ModelReplica, name: str) -> None:
+        now = real + replica.offset
+        read = table.read()
+        decision = decide_claims(
+            name, replica.share, LIFETIME, read, replica.memory, replica.written,
+            replica.lease, replica.renewed, paused=replica.paused,
+            in_flight=replica.in_flight, now=now, stamp=NOW + replica.skew,
+        )  # fmt: skip
+        replica.memory = decision.memory
+        if decision.let_go:
+            replica.lease, replica.written = Lease(), None
+            replica.renewed = None
+        if decision.write is not None:
+            replica.sent = (read.version, decision)
+        elif decision.lease is not None:
+            replica.lease = decision.lease
+
+    def land(replica: ModelReplica, name: str) -> None:
+        if replica.sent is None:
+            return
+        (version, decision), replica.sent = replica.sent, None
+        assert decision.write is not None
+        uid = table.write(version, name, decision.write)
+        if uid is None or replica.killed:
+            return
+        replica.memory = replace(replica.memory, table=uid)
+        replica.written = decision.write.claim
+        if not decision.let_go:
+            replica.renewed = decision.renewed
+        if decision.lease is not None:
+            replica.lease = decision.lease
+
+    def acting_twice() -> set[int]:
+        acting = [
+            r.lease.slots for r in replicas if not r.killed and r.lease.valid(real + r.offset)
+        ]
+        return {s for i, a in enumerate(acting) for b in acting[i + 1 :] for s in a & b}
+
+    for who, action, wait in steps:
+        index = who % len(replicas)
+        replica, name = replicas[index], f"replica-{index}"
+        if action == "wait":
+            real += WAITS[wait]
+        elif action == "delete table":
+            if all(r.memory.table is not None for r in replicas if not r.killed):
+                table.delete()
+        elif replica.killed:
+            if action == "land":
+                land(replica, name)  # a write sent before the kill may still land
+        elif action == "round" and replica.sent is None:
+            round_of(replica, name)
+        elif action == "land":
+            land(replica, name)
+        elif action == "pause":
+            replica.paused, replica.in_flight = True, replica.lease.valid(real + replica.offset)
+        elif action == "resume":
+            replica.paused = False
+        elif action == "passes end":
+            replica.in_flight = False
+        elif action == "kill":
+            replica.killed = True
+        assert not acting_twice(), (action, name, real)
+
+    for replica in replicas:  # the churn is over: writes in flight land or are refused
+        land(replica, "replica-" + str(replicas.index(replica)))
+        replica.paused = replica.in_flight = False
+    for _ in range(int(3 * LIFETIME.total_seconds())):
+        real += 1.0
+        for index, replica in enumerate(replicas):
+            if not replica.killed:
+                round_of(replica, f"replica-{index}")
+                land(replica, f"replica-{index}")
+            assert not acting_twice()
+    alive = [r for r in replicas if not r.killed]
+    wanted = frozenset(s for r in alive for s in r.share)
+    acting = frozenset(s for r in alive if r.lease.valid(real + r.offset) for s in r.lease.slots)
+    assert acting == wanted

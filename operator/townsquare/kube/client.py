@@ -33,6 +33,7 @@ from townsquare.kube.children import (
 from townsquare.partitions import (
     SLOT_LABEL,
     Claim,
+    ClaimsTable,
     labelled_slot,
     read_claims,
     unlabelled_selector,
@@ -338,18 +339,20 @@ class Cluster:
             raise
         return [Peering.of(body) for body in bodies]
 
-    def read_claims(self, namespace: str) -> tuple[str | None, dict[str, Claim]]:
-        """The claims table as stored: its version (None: there is none yet) and claims."""
+    def read_claims(self, namespace: str) -> ClaimsTable:
+        """The claims table as stored: its claims, version and uid (none: there is none)."""
         try:
             body = self.core.read_namespaced_config_map(
                 CLAIMS, namespace, _request_timeout=self.timeout, _preload_content=False
             )
         except ApiException as exc:
             if exc.status == 404:
-                return None, {}
+                return ClaimsTable({})
             raise
         stored = json.loads(body.data)
-        return str(stored["metadata"]["resourceVersion"]), read_claims(stored.get("data") or {})
+        meta = stored["metadata"]
+        claims = read_claims(stored.get("data") or {})
+        return ClaimsTable(claims, str(meta["resourceVersion"]), str(meta["uid"]))
 
     def write_claim(
         self,
@@ -358,10 +361,12 @@ class Cluster:
         identity: str,
         claim: Claim | None,
         expired: Iterable[str] = (),
-    ) -> None:
+    ) -> str:
         """Write this replica's claim (None: let go of its slots) on the table as it was
-        read, dropping the `expired` claims of replicas gone. A table changed since fails
-        the call (409), and the caller reads it again: two replicas never claim one slot."""
+        read, dropping the `expired` claims of replicas gone; returns the table's uid. The
+        write is conditional: a patch carries the version read (resourceVersion), and a
+        create fails if the table exists. A table changed since fails the call (409), and
+        the caller reads it again: two replicas never claim one slot."""
         data: dict[str, str | None] = {key: None for key in expired}
         data[identity] = claim.encode() if claim else None
         if version is None:
@@ -377,7 +382,7 @@ class Cluster:
             response = self.core.patch_namespaced_config_map(
                 CLAIMS, namespace, patch, _request_timeout=self.timeout, _preload_content=False
             )
-        _drained(response)
+        return str(json.loads(response.data)["metadata"]["uid"])
 
     def hold_peering(self, peering: Peering, holder: str | None) -> None:
         """Name the replica that holds the rooms (None: nobody) on a peering object as it
