@@ -560,6 +560,7 @@ def reconcile(
         fanout=spec.sharding.fanout,
         budget=_migration_budget(spec, seen.now, shard_map_at),
         closed=closed,
+        in_transit=_in_transit(current_map, seen),
     )
     if relays_changed(shard_map or current_map, rebalanced.map):
         # Listeners may be between relays a while: an empty reading before now proves nothing
@@ -1001,6 +1002,17 @@ def _shard_listeners(current: ShardMap, seen: Observed) -> list[float] | None:
         return None
     by_relay = {relay: float(n) for relay, n in seen.metrics.by_relay.items()}
     return shard_listeners_from_relays(current, by_relay)
+
+
+def _in_transit(current: ShardMap, seen: Observed) -> float:
+    """Listeners counted on relays of the map that hold none of their shards: a draining
+    relay's last ones, on their way to their shards' relays (see `rebalance`)."""
+    if seen.metrics is None or seen.metrics.listeners is None:
+        return 0.0
+    held = current.counts()
+    return float(
+        sum(n for relay, n in seen.metrics.by_relay.items() if held.get(relay) == 0 and n > 0)
+    )
 
 
 def _held(current: ShardMap, seen: Observed, replicas: int) -> list[int]:

@@ -220,6 +220,7 @@ def rebalance(
     fanout: int,
     budget: float = math.inf,
     closed: bool = False,
+    in_transit: float = 0.0,
 ) -> Rebalance:
     """Assign shards to the `active` relays, moving as few listeners as possible.
 
@@ -235,7 +236,10 @@ def rebalance(
     `draining` relays are emptied in the order given (the caller knows which relay's
     emptying frees a pod soonest). `closed`: the room takes no new joins (its event is
     over, or it is being deleted); the active relays only take the listeners moved off
-    the others.
+    the others. `in_transit`: listeners still on relays that hold none of their shards (a
+    draining relay's last ones, told to move): while any are, a full relay sheds a shard
+    too, not only one above capacity, as its shards' listeners on their way would find no
+    seat there and stay where they are until their relay's drain times out.
     """
     shards = current.shards
     weights = shard_listeners if shard_listeners is not None else (0.0,) * shards
@@ -306,8 +310,9 @@ def rebalance(
             moved += 1
             migrated += 0.0 if orphan else weights[shard]  # paced by the relays if free
         shed_moved, shed_migrated, budget, shed_pending = _shed_overload(
-            assignment, weights, load, sorted(active_set), current.capacity, budget
-        )
+            assignment, weights, load, sorted(active_set), current.capacity, budget,
+            full_sheds=in_transit > 0,
+        )  # fmt: skip
         moved += shed_moved
         migrated += shed_migrated
         pending = pending or shed_pending
@@ -554,10 +559,17 @@ def _shed_overload(
     active: list[int],
     capacity: int,
     budget: float,
+    *,
+    full_sheds: bool = False,
 ) -> tuple[int, float, float, bool]:
-    """Move shards off relays above capacity to the least loaded relay with room."""
+    """Move shards off relays above capacity (or, `full_sheds`, at it) to the least loaded
+    relay with room."""
     moved, migrated, pending = 0, 0.0, False
-    hot = [r for r in active if load[r] > capacity]
+
+    def over(relay: int) -> bool:
+        return load[relay] > capacity or (full_sheds and load[relay] >= capacity - 1e-9)
+
+    hot = [r for r in active if over(r)]
     if not hot:
         return moved, migrated, budget, pending
     owned: dict[int, list[int]] = {r: [] for r in hot}
@@ -566,9 +578,11 @@ def _shed_overload(
             owned[relay].append(shard)
     for relay in hot:
         for shard in sorted(owned[relay], key=weights.__getitem__):
-            if load[relay] <= capacity:
+            if not over(relay):
                 break
             weight = weights[shard]
+            if weight <= 0:
+                continue  # moves nobody off it
             coolest = min(active, key=lambda r: (load[r], r))
             if coolest == relay or load[coolest] + weight > capacity:
                 break

@@ -23,6 +23,7 @@ from townsquare.api.models import (
 )
 from townsquare.kube.children import shard_map_config_map
 from townsquare.sharding import (
+    Rebalance,
     ShardMap,
     fanout_parents,
     moved_share,
@@ -439,3 +440,29 @@ def test_a_relay_holding_a_little_less_of_every_class_keeps_its_share() -> None:
     81 (hypothesis found it); counted over the classes so far, it keeps its share."""
     after = Counter(resize(balanced(2673, 3).assignment, 243))
     assert all(abs(after[relay] - 81) <= 1 for relay in range(3)), after
+
+
+def test_a_full_relay_sheds_a_shard_while_a_drained_relay_s_last_listeners_wait() -> None:
+    """Relay 2 drained: its shards went to relays 0 and 1, and one listener of them is still
+    on it, held by the edge because relay 0, where its shard went, is full (100 of 100).
+    The old rule moved shards only off a relay above capacity, so nothing moved until the
+    drain timed out and the listener was dropped. With listeners in transit, relay 0 sheds
+    a shard to relay 1, which has room: a seat frees up for it either way."""
+    first = rebalance(new_map(16, 100), active=[0, 1, 2], fanout=4).map
+    drained = rebalance(first, active=[0, 1], draining=[2], fanout=4).map
+    assert drained.counts()[2] == 0
+    weights = shard_listeners_from_relays(drained, {0: 100, 1: 40, 2: 1})
+
+    def again(in_transit: float) -> Rebalance:
+        return rebalance(
+            drained, active=[0, 1], draining=[2], shard_listeners=weights, fanout=4,
+            budget=1000, in_transit=in_transit,
+        )  # fmt: skip
+
+    assert again(0).map.assignment == drained.assignment
+    freed = again(1)
+    pairs = zip(drained.assignment, freed.map.assignment, strict=True)
+    moved = [shard for shard, (before, after) in enumerate(pairs) if before != after]
+    assert len(moved) == 1 and drained.assignment[moved[0]] == 0
+    assert freed.map.assignment[moved[0]] == 1
+    assert freed.migrated == pytest.approx(100 / drained.counts()[0])
