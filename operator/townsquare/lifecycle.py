@@ -460,7 +460,7 @@ def reconcile(
     plan, plan_status = _replan(spec, previous, draft, rearmed)
     running = previous.relays.desired if previous.relays else 0
     stored = None if rearmed else scaling_state or stored_scaling_state(previous)
-    state = stored or ScalingState.initial(running)
+    state = _dated_move(stored or ScalingState.initial(running), shard_map_at)
     current_map = _fit_map(
         replace(
             shard_map or new_map(spec.sharding.shards, spec.relay.listeners_per_relay),
@@ -489,9 +489,7 @@ def reconcile(
         stopped = refused_at if by_clock != "Draining" else None
         began, deadline, why = _drain_window(spec, was, by_clock, seen, stopped)
         receiving = frozenset(o for o, s in current_map.relays.items() if s == "active")
-        kept = _drain(
-            spec, was, running, seen, draft, (began, deadline, why), receiving, state, shard_map_at
-        )
+        kept = _drain(spec, was, running, seen, draft, (began, deadline, why), receiving, state)
         phase, replicas, accepting = kept.phase, kept.replicas, 0
         state = replace(state, empty_sampled_at=kept.empty_sampled_at)
         if phase == "Draining":
@@ -565,7 +563,7 @@ def reconcile(
     if relays_changed(shard_map or current_map, rebalanced.map):
         # Listeners may be between relays a while: an empty reading before now proves nothing
         # (cleared here, not by comparing this pass time with a sample's, on another clock).
-        state = replace(state, moved_at=seen.now, empty_sampled_at=None)
+        state = replace(state, moved_at=seen.now, empty_sampled_at=None, moved_unpublished=True)
     if not closed:  # past the end, joins are closed: nothing to say
         _announce_shard_map(current_map, rebalanced.map, rebalanced.moved, rebalanced.reason, draft)
     _metrics_condition(seen, decision, draft)
@@ -1236,7 +1234,6 @@ def _drain(
     window: tuple[datetime, datetime, str],
     receiving: frozenset[int],
     state: ScalingState,
-    published_at: datetime | None = None,
 ) -> _Kept:
     """Keep relays until their listeners have left (or the deadline), removing each from the
     top as soon as it and every relay above it are empty; then end. The top ones empty
@@ -1250,7 +1247,7 @@ def _drain(
             f"(timeout {format_duration(spec.scaling.drain_timeout)})",
         )
     timed_out = seen.now >= deadline
-    kept = _carrying(spec, running, seen, began, receiving, state, published_at)
+    kept = _carrying(spec, running, seen, began, receiving, state)
     if timed_out:
         kept = replace(kept, replicas=0, unsure=False)
     if seen.ready_relays > 0 or kept.replicas > 0:
@@ -1275,14 +1272,12 @@ def _carrying(
     began: datetime,
     receiving: frozenset[int],
     state: ScalingState,
-    published_at: datetime | None = None,
 ) -> _Kept:
     """StatefulSet size that keeps every relay that may still carry listeners.
 
     A relay is empty only by a sample taken a moment (DRAIN_SETTLE) after the drain began
-    and after the map last moved shards, or, later still, after the map was last published
-    (`published_at`, stamped by the shell once the write returned; a move decided in a pass
-    reaches the edges only then): a listener the map moved may be on its way. One
+    and after the map that last moved shards was published (`ScalingState.moved_at`): a
+    listener the map moved may be on its way. One
     without a series of its own is empty when every counted listener is on another relay.
     Without a count, all are kept.
 
@@ -1304,7 +1299,7 @@ def _carrying(
         return _Kept("Draining", 0, None, unsure=False)
     if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
         return _Kept("Draining", running, first, unsure=False)
-    settled = max(began, state.moved_at or began, published_at or began) + DRAIN_SETTLE
+    settled = max(began, state.moved_at or began) + DRAIN_SETTLE
     if metrics.sampled_at <= settled:
         return _Kept("Draining", running, first, unsure=running > 0)
     unattributed = metrics.listeners > sum(metrics.by_relay.values())
@@ -1316,6 +1311,15 @@ def _carrying(
     empty_sampled_at = (first or metrics.sampled_at) if room_empty else None
     unsure = bool(waiting) and (not carrying or max(waiting) > max(carrying))
     return _Kept("Draining", keep, empty_sampled_at, unsure)
+
+
+def _dated_move(state: ScalingState, published_at: datetime | None) -> ScalingState:
+    """The last move dated from when its map was published, not from the pass that decided
+    it: listeners start moving only once the edges can read it. The pass after the move is
+    handed that map's publication time (see `reconcile`'s `shard_map_at`)."""
+    if not state.moved_unpublished or published_at is None or state.moved_at is None:
+        return state
+    return replace(state, moved_at=max(state.moved_at, published_at), moved_unpublished=False)
 
 
 def _listeners_since(seen: Observed, began: datetime) -> float | None:

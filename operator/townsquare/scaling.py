@@ -166,7 +166,10 @@ class ScalingState:
     """When demand last grew the room; a window later, relays it never used are trimmed."""
     moved_at: datetime | None = None
     """When the shard map last gave shards a new relay: listeners may be on their way from
-    one relay to another until a moment after it."""
+    one relay to another until a moment after it. The pass that moves them stamps its own
+    time; the next one, the time that map was published."""
+    moved_unpublished: bool = False
+    """`moved_at` is still the moving pass's time: its map's publication is not known yet."""
     empty_sampled_at: datetime | None = None
     """When the first reading of the whole room empty since the map last moved shards was
     sampled, on the metrics source's clock (the end drain confirms it with a reading sampled
@@ -196,6 +199,7 @@ class ScalingState:
             "prewarmed": self.prewarmed,
             "grownAt": None if self.grown_at is None else _iso(self.grown_at),
             "movedAt": None if self.moved_at is None else _iso(self.moved_at),
+            "movedUnpublished": self.moved_unpublished,
             "emptySampledAt": None
             if self.empty_sampled_at is None
             else _iso(self.empty_sampled_at),
@@ -215,6 +219,7 @@ class ScalingState:
             prewarmed=bool(data.get("prewarmed", False)),
             grown_at=_parse(data["grownAt"]) if data.get("grownAt") else None,
             moved_at=_parse(data["movedAt"]) if data.get("movedAt") else None,
+            moved_unpublished=bool(data.get("movedUnpublished", False)),
             empty_sampled_at=(
                 _parse(data["emptySampledAt"]) if data.get("emptySampledAt") else None
             ),

@@ -1430,3 +1430,26 @@ def test_the_end_drain_settles_from_when_the_moving_map_was_published() -> None:
             outcome.scaling_state, outcome.shard_map, published,
         )  # fmt: skip
     assert outcome.desired_relays == 0
+
+
+def test_a_map_published_again_without_moving_anyone_does_not_hold_the_drain() -> None:
+    """Only the publication of the map that moved listeners dates the move. A previous
+    version counted the settling from the latest publication of any map: with a map
+    published on every pass (its admission, the relays' states), passes 1.5 s apart and
+    samples 1 s old, no reading ever came 2 s after the latest publication, and every relay
+    was kept (on a busy cluster a relay went 29 s after it emptied)."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    moved = after_the_end(spec, live, 10, dict.fromkeys(range(10), 3))
+    outcome, published = moved, START + timedelta(hours=1, seconds=10.2)
+    for step in range(8):
+        at = START + timedelta(hours=1, seconds=12 + 1.5 * step)
+        sampled = at - timedelta(seconds=1)
+        ready = outcome.desired_relays
+        outcome = reconcile(
+            "r", spec, outcome.status,
+            seen(at, ready, metrics=counted(0, sampled, dict.fromkeys(range(ready), 0))),
+            outcome.scaling_state, outcome.shard_map, published,
+        )  # fmt: skip
+        published = at + timedelta(seconds=0.2)  # published again, as if on every pass
+    assert outcome.desired_relays == 0, "two readings after the moving map's publication"
