@@ -77,17 +77,17 @@ from townsquare.metrics import (
 )
 from townsquare.partitions import (
     SLOT_LABEL,
-    UNKNOWN,
     Claim,
     ClaimLapsedError,
     ClaimsMemory,
     Lease,
     Partition,
+    ShortSpell,
     decide_claims,
     labelled_slot,
-    live_claims,
     may_act,
     peering_allows,
+    report_claims,
     slot_of,
 )
 from townsquare.passes import PassScheduler
@@ -260,10 +260,9 @@ class ClaimsHealth:
     (401/403: a credential or RBAC a restart may fix), not because it was out of reach."""
     round_at: float = field(default_factory=lease_clock)
     """When a claims round last ended, failed or not, lease clock: the loop is alive."""
-    short_since: float | None = None
-    """Since when this replica, meant to act, acts on less than its partition's share."""
-    warned: bool = False
-    """Whether the Warning for this spell was posted (once a spell)."""
+    spell: ShortSpell = field(default_factory=ShortSpell)
+    """Since when this replica, meant to act, acts on less than its share, and whether
+    the Warning for that was posted."""
     posting: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -650,45 +649,20 @@ async def _claims_round(runtime: Runtime, renewed: float | None, log: Any) -> fl
 
 
 def _report_claims(runtime: Runtime, log: Any) -> None:
-    """Say on `/metrics` how many slots this replica acts on, and, once it has acted on
-    less than its share for two lifetimes while meant to act, a Warning Event on the
-    claims table naming who holds the rest or why its claim fails (and a Normal one when
-    it acts on all of them again)."""
-    settings, health, now = runtime.settings, runtime.claims, runtime.clock()
-    partition, me = settings.partition, settings.identity
-    share = frozenset(partition.slots)
-    acting = runtime.acting_slots if runtime.lease.valid(now) else frozenset()
-    name = f"{partition.index}/{partition.count}"
-    observability.record_claims(name, len(share), len(acting))
-    if runtime.passes.paused:  # another replica of the partition acts: no spell of ours
-        health.short_since, health.warned = None, False
-        return
-    if acting >= share:
-        if health.warned:
-            message = f"replica {me} acts on all {len(share)} slots of partition {name} again"
-            _post_claims_event(runtime, "Normal", "SlotsClaimed", message, log)
-        health.short_since, health.warned = None, False
-        return
-    if health.short_since is None:
-        health.short_since = now
-    waited = now - health.short_since
-    if health.warned or waited < 2 * settings.peering_lifetime.total_seconds():
-        return
-    health.warned = True
-    missing = share - acting
-    live = live_claims(runtime.claims_memory.seen, now)
-    holders = sorted(identity for identity, claim in live.items() if claim.slots & missing)
-    if UNKNOWN in holders:
-        why = "unknown to it since the claims table was deleted or replaced, for a lifetime"
-    elif holders:
-        why = f"held by {', '.join(holders)}, whose rooms wait until it lets go of them"
-    else:
-        why = f"nobody acts on their rooms: its claim fails ({health.error or 'no answer'})"
-    message = (
-        f"replica {me} of partition {name} has acted on {len(acting)} of its {len(share)} "
-        f"slots for {waited:.0f}s; the other {len(missing)} are {why}"
-    )
-    _post_claims_event(runtime, WARNING, "SlotsUnclaimed", message, log)
+    """Say on `/metrics` how many slots this replica acts on, and post on the claims table
+    when it has acted on less than its share for long, or again on all of it (see
+    partitions.report_claims)."""
+    settings, health = runtime.settings, runtime.claims
+    report = report_claims(
+        settings.identity, settings.partition, runtime.lease, runtime.claims_memory.seen,
+        health.spell, paused=runtime.passes.paused, error=health.error,
+        lifetime=settings.peering_lifetime, now=runtime.clock(),
+    )  # fmt: skip
+    health.spell = report.spell
+    share = len(settings.partition.slots)
+    observability.record_claims(settings.partition.name, share, len(report.acting))
+    if report.event is not None:
+        _post_claims_event(runtime, *report.event, log)
 
 
 def _post_claims_event(runtime: Runtime, kind: str, reason: str, message: str, log: Any) -> None:

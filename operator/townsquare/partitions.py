@@ -51,6 +51,11 @@ class Partition:
             -(-self.index * SLOTS // self.count), -(-(self.index + 1) * SLOTS // self.count)
         )
 
+    @property
+    def name(self) -> str:
+        """As `--partition` takes it, and as /metrics and Events name it: `INDEX/COUNT`."""
+        return f"{self.index}/{self.count}"
+
     def serves(self, namespace: str, room: str) -> bool:
         """True for exactly one partition of `count` for every room."""
         return self.count == 1 or slot_of(namespace, room) in self.slots
@@ -361,6 +366,69 @@ def decide_claims(
         kept,
         renewed=now,
     )
+
+
+@dataclass(frozen=True)
+class ShortSpell:
+    """A spell in which a replica meant to act acts on less than its partition's share:
+    `since` when (lease clock; None: no spell), and whether it was warned of (once)."""
+
+    since: float | None = None
+    warned: bool = False
+
+
+@dataclass(frozen=True)
+class ClaimsReport:
+    """What a replica says of its claiming after a round: the slots it acts on (for
+    /metrics), its spell, and an Event to post on the claims table (kind, reason, message)."""
+
+    acting: frozenset[int]
+    spell: ShortSpell
+    event: tuple[str, str, str] | None = None
+
+
+def report_claims(
+    me: str,
+    partition: Partition,
+    lease: Lease,
+    seen: Mapping[str, Sighting],
+    spell: ShortSpell,
+    *,
+    paused: bool,
+    error: str,
+    lifetime: timedelta,
+    now: float,
+) -> ClaimsReport:
+    """Once a replica meant to act has acted on less than its share for two lifetimes, a
+    Warning naming who holds the rest, or why its own claim fails (`error`); a Normal one
+    when it acts on all of them again. A paused replica is not meant to act (another of
+    its partition does): no spell, and it never says that it acts."""
+    share = frozenset(partition.slots)
+    acting = lease.slots if lease.valid(now) else frozenset()
+    if paused:
+        return ClaimsReport(acting, ShortSpell())
+    if acting >= share:
+        if not spell.warned:
+            return ClaimsReport(acting, ShortSpell())
+        message = f"replica {me} acts on all {len(share)} slots of partition {partition.name} again"
+        return ClaimsReport(acting, ShortSpell(), ("Normal", "SlotsClaimed", message))
+    since = now if spell.since is None else spell.since
+    if spell.warned or now - since < 2 * lifetime.total_seconds():
+        return ClaimsReport(acting, ShortSpell(since, spell.warned))
+    missing = share - acting
+    live = live_claims(seen, now)
+    holders = sorted(identity for identity, claim in live.items() if claim.slots & missing)
+    if UNKNOWN in holders:
+        why = "unknown to it since the claims table was deleted or replaced, for a lifetime"
+    elif holders:
+        why = f"held by {', '.join(holders)}, whose rooms wait until it lets go of them"
+    else:
+        why = f"nobody acts on their rooms: its claim fails ({error or 'no answer'})"
+    message = (
+        f"replica {me} of partition {partition.name} has acted on {len(acting)} of its "
+        f"{len(share)} slots for {now - since:.0f}s; the other {len(missing)} are {why}"
+    )
+    return ClaimsReport(acting, ShortSpell(since, True), ("Warning", "SlotsUnclaimed", message))
 
 
 class ClaimLapsedError(Exception):

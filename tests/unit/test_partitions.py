@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from townsquare.partitions import (
     SLOT_LABEL,
     SLOTS,
+    UNKNOWN,
     Claim,
     ClaimsDecision,
     ClaimsMemory,
@@ -25,6 +26,7 @@ from townsquare.partitions import (
     ClaimWrite,
     Lease,
     Partition,
+    ShortSpell,
     Sighting,
     decide_claims,
     free_slots,
@@ -33,6 +35,7 @@ from townsquare.partitions import (
     may_act,
     partition_of,
     peering_allows,
+    report_claims,
     sightings,
     slot_of,
     unlabelled_selector,
@@ -660,3 +663,57 @@ def test_with_any_interleaving_no_slot_is_acted_on_by_two_replicas_at_once(
     wanted = frozenset(s for r in alive for s in r.share)
     acting = frozenset(s for r in alive if r.lease.valid(real + r.offset) for s in r.lease.slots)
     assert acting == wanted
+
+
+HALF = Partition(1, 2)
+OLD = {"old": Sighting(_claim(range(SLOTS)), 990.0)}
+
+
+@pytest.mark.parametrize(
+    ("case", "lease", "seen", "spell", "paused", "event", "after"),
+    [
+        ("acting on its share", Lease(frozenset(HALF.slots), 1010.0), {}, ShortSpell(),
+         False, None, ShortSpell()),
+        ("short for less than two lifetimes", Lease(), OLD, ShortSpell(941.0), False, None,
+         ShortSpell(941.0)),
+        ("a spell begins", Lease(), OLD, ShortSpell(), False, None, ShortSpell(1000.0)),
+        ("short for two lifetimes: the holder named", Lease(), OLD, ShortSpell(940.0), False,
+         ("Warning", "SlotsUnclaimed", "held by old"), ShortSpell(940.0, True)),
+        ("nobody holds them: its claim fails", Lease(), {}, ShortSpell(940.0), False,
+         ("Warning", "SlotsUnclaimed", "its claim fails (TimeoutError: read timed out)"),
+         ShortSpell(940.0, True)),
+        ("the table was deleted", Lease(), {UNKNOWN: Sighting(_claim(range(SLOTS)), 990.0)},
+         ShortSpell(940.0), False, ("Warning", "SlotsUnclaimed", "claims table was deleted"),
+         ShortSpell(940.0, True)),
+        ("warned once a spell", Lease(), OLD, ShortSpell(900.0, True), False, None,
+         ShortSpell(900.0, True)),
+        ("all of its share again", Lease(frozenset(HALF.slots), 1010.0), {},
+         ShortSpell(900.0, True), False, ("Normal", "SlotsClaimed", "acts on all 128 slots"),
+         ShortSpell()),
+        ("a lease that ran out is no acting", Lease(frozenset(HALF.slots), 1000.0), {},
+         ShortSpell(), False, None, ShortSpell(1000.0)),
+        ("paused: no spell, and never 'acts on all'", Lease(), {}, ShortSpell(900.0, True),
+         True, None, ShortSpell()),
+    ],
+)  # fmt: skip
+def test_a_replica_says_when_it_acts_on_less_than_its_share_and_when_on_all_again(
+    case: str,
+    lease: Lease,
+    seen: dict[str, Sighting],
+    spell: ShortSpell,
+    paused: bool,
+    event: tuple[str, str, str] | None,
+    after: ShortSpell,
+) -> None:
+    report = report_claims(
+        "new", HALF, lease, seen, spell, paused=paused,
+        error="TimeoutError: read timed out", lifetime=LIFETIME, now=1000.0,
+    )  # fmt: skip
+    assert report.spell == after, case
+    assert report.acting == (lease.slots if lease.valid(1000.0) else frozenset()), case
+    if event is None:
+        assert report.event is None, case
+    else:
+        assert report.event is not None, case
+        kind, reason, words = event
+        assert report.event[:2] == (kind, reason) and words in report.event[2], case
