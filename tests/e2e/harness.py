@@ -54,9 +54,11 @@ def wait_until(
 def local_cluster() -> Iterator[Path]:
     """The local cluster for one test session; yields its kubeconfig.
 
-    Starts it if it is not running. Sessions may run side by side: each holds a shared
-    lock while it uses the cluster, and the session that started the cluster deletes it
-    at the end only if no other session holds the lock. TOWNSQUARE_KEEP_CLUSTER keeps it.
+    Starts it if it is not running. Sessions may run side by side (xdist's workers are
+    sessions too): each holds a shared lock while it uses the cluster, and the last one out
+    deletes the cluster if a test session started it (a mark in the cluster's own
+    directory, which goes with the cluster), whichever session that was. A cluster started
+    by `make cluster-up` is left running, and so is any with TOWNSQUARE_KEEP_CLUSTER.
     """
     cache = Path(os.environ.get("TOWNSQUARE_CACHE", Path.home() / ".cache" / "townsquare"))
     name = os.environ.get("TOWNSQUARE_CLUSTER", "townsquare")
@@ -64,15 +66,28 @@ def local_cluster() -> Iterator[Path]:
     sessions.parent.mkdir(parents=True, exist_ok=True)
     with sessions.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
-        running = _cluster_script("status")
-        yield Path(running or _cluster_script("up"))
-        if running or os.environ.get("TOWNSQUARE_KEEP_CLUSTER"):
+        kubeconfig = Path(_cluster_script("status") or _started_by_tests())
+        yield kubeconfig
+        if os.environ.get("TOWNSQUARE_KEEP_CLUSTER"):
             return
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return  # another session still uses it; the last one out leaves it running
-        _cluster_script("down")
+            return  # another session still uses it: the last one out decides
+        if (kubeconfig.parent / STARTED_BY_TESTS).exists():
+            _cluster_script("down")
+
+
+STARTED_BY_TESTS = "started-by-tests"
+"""A mark in the cluster's directory: a test session started this cluster, so the last
+session to finish deletes it (before, only the starter could, and under xdist it was often
+not the last: CI runs left their cluster running)."""
+
+
+def _started_by_tests() -> str:
+    kubeconfig = _cluster_script("up")
+    (Path(kubeconfig).parent / STARTED_BY_TESTS).touch()
+    return kubeconfig
 
 
 def _cluster_script(command: str) -> str:
