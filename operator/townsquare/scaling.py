@@ -15,6 +15,9 @@ The rules, each for a reason a person on call would give:
   declared (a storm of a minute outruns a relay's start-up otherwise). The rate is
   the lower of that slope and the newest interval's: a crowd that has stopped arriving
   stops the forecast at once, where the window's slope would carry every ramp past its top.
+  Only the announced crowd surging (more than SURGE in one scrape) is projected at the
+  newest interval's rate alone: the window's slope, still full of the quiet before the
+  storm, would order its relays a minute late.
 - A new sample, not a reconcile, moves the forecast. Every StatefulSet write wakes the
   operator again; the same scrape seen twice must not take a second step.
 - One scrape is never enough for a big move: demand grows the room by one bounded step on
@@ -26,7 +29,10 @@ The rules, each for a reason a person on call would give:
   the hold. After it, the floor yields to the evidence (3x the peak seen) and decays. A
   room already pre-warmed whose start is moved later keeps its relays (`plan_floor`).
   Listeners who come within one pre-warm lead before `prewarmAt`, more than minRelays
-  carry, start the plan then: the announced crowd is arriving early.
+  carry, start the plan then: the announced crowd is arriving early. Once the crowd has
+  come (after the start, at least 1/ANNOUNCED_SURPRISE of the declared audience, no
+  longer arriving) the plan has done its job and the floor is gone: no late host is
+  still to come, and the stabilization window holds what was observed.
 - Up at once (within the bounds above); down only after a full stabilization window in
   which the observed demand stayed lower, and only by draining: relays that still carry
   listeners are never removed before they empty or their drain timeout passes. The window
@@ -70,6 +76,15 @@ later swings, demand must show itself first. On tuning seeds 0-59 it cut the p95
 on-time launches with a crash from 0.14% to 0.064% and of late hosts from 0.12% to 0.03%,
 for oscillating cost p95 1.546x -> 1.573x (seeds 0-149); a flash crowd, 10-100x its
 declared audience, soon passes 2x and keeps the cap (its peak figure did not move)."""
+SURGE = 0.1
+"""A rise of more than this share of the demand between two scrapes, while the announced
+crowd is arriving, is its storm beginning: its rate is taken from the newest interval at
+once instead of the window's robust slope, which still holds the quiet before the storm and
+lags it by half the window. One glitched scrape still moves the room one bounded step at
+most. Chosen on tuning seeds 0-119 (late host within the hold: waiting p95 0.096% ->
+0.071%, max 0.53% -> 0.37%; on-time launch with a crash 0.124% -> 0.066%; costs alike);
+the newest interval used on every rise instead, noise included, cost late hosts 1.057x ->
+1.084x keda-style's at p95."""
 DECISION_MARGIN = timedelta(seconds=15)
 """Added to the lead: a decision is acted on a moment after it is made."""
 SCALE_UP_FACTOR = 2
@@ -170,6 +185,9 @@ class ScalingState:
     time; the next one, the time that map was published."""
     moved_unpublished: bool = False
     """`moved_at` is still the moving pass's time: its map's publication is not known yet."""
+    arrived_at: datetime | None = None
+    """When the announced crowd was seen to have come (see `plan_floor`): from then on the
+    plan floor is gone."""
     empty_sampled_at: datetime | None = None
     """When the first reading of the whole room empty since the map last moved shards was
     sampled, on the metrics source's clock (the end drain confirms it with a reading sampled
@@ -198,6 +216,7 @@ class ScalingState:
             "need": self.need,
             "prewarmed": self.prewarmed,
             "grownAt": None if self.grown_at is None else _iso(self.grown_at),
+            "arrivedAt": None if self.arrived_at is None else _iso(self.arrived_at),
             "movedAt": None if self.moved_at is None else _iso(self.moved_at),
             "movedUnpublished": self.moved_unpublished,
             "emptySampledAt": None
@@ -218,6 +237,7 @@ class ScalingState:
             need=int(data.get("need", 0)),
             prewarmed=bool(data.get("prewarmed", False)),
             grown_at=_parse(data["grownAt"]) if data.get("grownAt") else None,
+            arrived_at=_parse(data["arrivedAt"]) if data.get("arrivedAt") else None,
             moved_at=_parse(data["movedAt"]) if data.get("movedAt") else None,
             moved_unpublished=bool(data.get("movedUnpublished", False)),
             empty_sampled_at=(
@@ -288,6 +308,7 @@ def plan_floor(
     peak: int | None,
     *,
     prewarmed: bool = False,
+    arrived_at: datetime | None = None,
 ) -> int:
     """Relays the declared plan still guarantees at `now`, given the `peak` demand seen.
 
@@ -298,6 +319,10 @@ def plan_floor(
     later keeps the plan until the new start plus the hold, if the new start is within
     POSTPONEMENT_KEPT; a longer postponement lets the relays go and pre-warms again.
 
+    Unless the crowd has come (`arrived_at`, at or after the start): then the host is not
+    late, the plan has done its job, and there is no floor. A crowd that came before a
+    start moved later does not count (the producer expects another).
+
     After the hold the floor yields to the evidence, at most LATE_ARRIVAL_FACTOR times the
     peak seen (a no-show stops paying for the plan), and decays linearly in DECAY_STEPS
     steps to nothing over DECAY_SHARE of another `planHold`. Demand beyond it is caught by
@@ -305,6 +330,8 @@ def plan_floor(
     """
     start, hold = spec.start_time, spec.scaling.plan_hold
     if now < plan.prewarm_at and not (prewarmed and start - now <= POSTPONEMENT_KEPT):
+        return 0
+    if arrived_at is not None and arrived_at >= start:
         return 0
     relays = plan.relays
     if now < start + hold:
@@ -315,6 +342,22 @@ def plan_floor(
     elapsed = (now - start - hold) / (hold * DECAY_SHARE)
     remaining = max(0, DECAY_STEPS - math.floor(elapsed * DECAY_STEPS)) / DECAY_STEPS
     return math.ceil(relays * remaining - 1e-9)
+
+
+def _crowd_came(spec: AudioRoomSpec, now: datetime, demand: int, forecast: int) -> bool:
+    """After the start, the demand is the announced crowd and it has stopped arriving.
+
+    At least 1/ANNOUNCED_SURPRISE of the declared audience (a declared audience is a guess
+    within that factor either way), and a forecast within UP_TOLERANCE of the demand. Early
+    listeners waiting for a late host are a share of the crowd to come, not the crowd; an
+    audience that stops at half of what was declared is a smaller crowd than hoped, and
+    holding the plan for it to grow is what the stabilization window is for.
+    """
+    return (
+        now >= spec.start_time
+        and demand * ANNOUNCED_SURPRISE >= spec.expected_audience
+        and forecast <= demand * (1 + UP_TOLERANCE)
+    )
 
 
 def _early_audience(spec: AudioRoomSpec, plan: Plan, now: datetime, demand: int) -> bool:
@@ -347,7 +390,9 @@ def decide(
     if observation.listeners is None:
         # Without a single reading there is no evidence of a no-show: keep the whole plan.
         peak = state.peak if state.peak > 0 else None
-        floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
+        floor = plan_floor(
+            spec, plan, now, peak, prewarmed=state.prewarmed, arrived_at=state.arrived_at
+        )
         target = max(current, min(scaling.max_relays, max(floor, scaling.min_relays)))
         relays = _grow(current, target, floor, spec)
         next_state = replace(state, samples=(), targets=(), prewarmed=state.prewarmed or floor > 0)
@@ -369,15 +414,23 @@ def decide(
     if new_sample:
         samples = _remember_sample(state.samples, sampled_at, demand)
     if new_sample:
-        rate = max(0.0, min(_join_rate(samples), _newest_rate(samples)))
         # A crowd at its highest yet, before the hold ends, is the announced one arriving.
         arriving = demand >= state.peak and now < spec.start_time + scaling.plan_hold
+        rate = _newest_rate(samples)
+        if not (arriving and _surging(samples)):
+            rate = min(_join_rate(samples), rate)
+        rate = max(0.0, rate)
         forecast = _forecast(demand, rate, lead, spec, arriving=arriving)
         need = _relays_for(demand, spec)
     else:  # the same scrape again: nothing new is known, so nothing moves
         forecast, need = state.forecast, state.need
     peak = max(state.peak, demand)
-    floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed)
+    arrived_at = state.arrived_at
+    if arrived_at is not None and arrived_at < spec.start_time:
+        arrived_at = None  # the start moved later: the producer expects another crowd
+    if arrived_at is None and new_sample and _crowd_came(spec, now, demand, forecast):
+        arrived_at = now
+    floor = plan_floor(spec, plan, now, peak, prewarmed=state.prewarmed, arrived_at=arrived_at)
     early = floor == 0 and _early_audience(spec, plan, now, demand)
     if early:
         floor = plan.relays
@@ -446,6 +499,7 @@ def decide(
         need=need,
         prewarmed=state.prewarmed or floor > 0,
         grown_at=grown_at,
+        arrived_at=arrived_at,
     )
     return _finish(
         spec, observation, next_state, now, relays, forecast, floor, capacity_exceeded, why
@@ -673,6 +727,15 @@ def _newest_rate(samples: tuple[tuple[datetime, int], ...]) -> float:
         if seconds >= 10:
             return (d1 - d0) / seconds
     return math.inf
+
+
+def _surging(samples: tuple[tuple[datetime, int], ...]) -> bool:
+    """The newest sample is more than SURGE above the latest one at least 10 s before it."""
+    t1, d1 = samples[-1]
+    for t0, d0 in reversed(samples[:-1]):
+        if (t1 - t0).total_seconds() >= 10:
+            return d1 > d0 * (1 + SURGE)
+    return False
 
 
 def _remember_target(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -209,7 +210,7 @@ def test_small_rises_within_the_tolerance_leave_the_size_alone() -> None:
 
 def test_state_round_trips_through_json() -> None:
     decisions = run(spec(), ScalingState.initial(2), [(-600 + 5 * i, 1000 * i) for i in range(30)])
-    state = replace(decisions[-1].state, grown_at=at(-480))
+    state = replace(decisions[-1].state, grown_at=at(-480), arrived_at=at(300))
     assert ScalingState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
 
 
@@ -581,3 +582,67 @@ def test_relays_a_forecast_added_and_nobody_used_go_a_window_later() -> None:
     assert [d.direction for d in decisions] == ["hold", "up"] + ["hold"] * 39 + ["down"] + [
         "hold"
     ] * 20
+
+
+def test_the_announced_crowd_surging_is_projected_at_once_from_its_newest_interval() -> None:
+    """100,000 declared; 10,000 wait flat for two minutes after the start, then 3,000 join
+    in one scrape (+30%). The window's median slope is still 0 (it holds the quiet before
+    the storm), so the forecast stayed at 13,000 and the relays for the storm were ordered
+    a minute late; a surge is projected at its newest interval's 200/s over the 120 s lead."""
+    room = spec(audience=100_000)
+    flat = [(float(t), 10_000) for t in range(0, 121, 15)]
+    assert _forecast_after(room, [*flat, (135, 13_000)]) == 13_000 + 200 * 120
+
+
+def test_a_rise_within_the_surge_share_keeps_the_robust_slope() -> None:
+    """+5% in one scrape is noise as often as a crowd: the window's slope (0) decides."""
+    room = spec(audience=100_000)
+    flat = [(float(t), 10_000) for t in range(0, 121, 15)]
+    assert _forecast_after(room, [*flat, (135, 10_500)]) == 10_500
+
+
+def test_a_glitch_while_the_crowd_is_arriving_moves_one_bounded_step() -> None:
+    """Within the hold a 10x scrape is a surge too: it moves the room one step at most."""
+    room = spec(audience=100_000)  # 143 relays planned
+    steps = [(float(t), 70_000) for t in range(0, 121, 15)]
+    steps += [(135, 700_000), (150, 70_000), (165, 70_000)]
+    decisions = run(room, ScalingState.initial(143), steps)
+    assert max(d.relays for d in decisions) <= 2 * 143
+    assert [d.direction for d in decisions].count("up") <= 1
+
+
+def _relays_through_the_hold(
+    room: AudioRoomSpec, listeners_at: Callable[[int], int]
+) -> list[Decision]:
+    """Decisions every 15 s from pre-warm to just before the end of planHold."""
+    plan = plan_room(room, EARLY)
+    state = ScalingState.initial(2)
+    decisions = []
+    for t in range(-15 * 60, 15 * 60 - 14, 15):
+        observation = Observation(listeners_at(t), sampled_at=at(t))
+        decision = decide(room, plan, observation, state, at(t))
+        state = decision.state
+        decisions.append(decision)
+    return decisions
+
+
+def test_the_plan_is_let_go_once_the_announced_crowd_has_come() -> None:
+    """500,000 declared (715 relays); the host starts on time and 300,000 come in a minute,
+    then no more. That is the crowd (more than half of what was declared, no longer
+    arriving): no late host is to come, and the plan's 286 spare relays went only at
+    start + planHold (plus a decay). Now the room drains to what the crowd needs once the
+    stabilization window, which holds what was observed, allows."""
+    room = spec()  # planHold 15m, scaleDownStabilization 10m
+    decisions = _relays_through_the_hold(room, lambda t: 0 if t < 0 else min(300_000, 5_000 * t))
+    assert max(d.relays for d in decisions) >= 715
+    last = decisions[-1]
+    assert last.floor == 0
+    assert last.relays == math.ceil(300_000 / 700) == 429
+
+
+def test_early_listeners_short_of_half_the_declared_audience_keep_the_plan() -> None:
+    """The host is late: 200,000 (40% of the declared 500,000) wait, flat, for the whole
+    hold. They are not the announced crowd, so the plan stays whole."""
+    room = spec()
+    decisions = _relays_through_the_hold(room, lambda t: 0 if t < 0 else min(200_000, 5_000 * t))
+    assert min(d.relays for d in decisions if d.state.prewarmed) == 715
