@@ -56,7 +56,10 @@ RELAYS_ONLY = "app.kubernetes.io/component=relay"
 def steady_room(name: str, audience: int = 420) -> dict[str, Any]:
     """6 relays of 100 for 300 listeners: 4 carry them at 90% at most, so 2 may drain."""
     manifest = scaling_room(name, start_in=5, duration="10m", audience=audience)
-    manifest["spec"]["scaling"]["planHold"] = "10m"  # the plan's 6 relays stay
+    # The plan's 6 relays stay: minRelays, not only the plan's hold, since a crowd at half
+    # the declared audience or more lets the plan go once it stops arriving.
+    manifest["spec"]["scaling"]["planHold"] = "10m"
+    manifest["spec"]["scaling"]["minRelays"] = RELAYS
     manifest["spec"]["rollout"] = {"maxSurge": MAX_SURGE}
     manifest["spec"]["scaling"]["drainTimeout"] = "90s"  # listeners move through the edge
     return manifest
