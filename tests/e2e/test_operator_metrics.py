@@ -60,6 +60,9 @@ def live_status(start: datetime) -> AudioRoomStatus:
 @pytest.fixture
 def operator_metrics(prometheus: Prometheus) -> Iterator[Prometheus]:
     """/metrics of this process, with one live room, scraped by the test's Prometheus."""
+    # The registry is the process's: unit tests that ran earlier in this xdist worker (the
+    # operator shell's) may have left rooms in it, which the queries below would count.
+    observability.forget_all_rooms()
     port = free_loopback_port()
     server = observability.serve(port, "127.0.0.1")
     start = datetime.now(UTC) - timedelta(minutes=2)
