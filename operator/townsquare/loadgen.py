@@ -82,6 +82,15 @@ def demand_at(trace: Trace, t: float) -> int:
     return round(trace.listeners[left] + (trace.listeners[right] - trace.listeners[left]) * share)
 
 
+def _expiry(key: bytes, ticket: str) -> float | None:
+    """When a genuine ticket expires (None for any other)."""
+    try:
+        expires = tickets.genuine(key, ticket, "admit").get("exp")
+    except tickets.TicketError:
+        return None
+    return float(expires) if isinstance(expires, int | float) else None
+
+
 class Relays:
     """The relays' side: who is connected where, counted as each relay would count."""
 
@@ -93,6 +102,10 @@ class Relays:
         self.ready: set[str] = set()
         self.refused = 0
         """Connections refused for a bad ticket (none, if the edge is right)."""
+        self.late = 0
+        """Connections refused for a ticket that was valid when this process asked for it
+        and expired before it used it: this process was late (a loaded machine stalls it
+        for seconds), not the edge wrong. The listener asks again, as a real one would."""
         self.only_placed = False
         """Count only relays this process ever placed a listener on: set when the relays
         are real processes, which count the rest themselves. Counting 0 for a Ready relay
@@ -100,13 +113,21 @@ class Relays:
         edge adds the sources up, and filled one to 100 real + 14 simulated that way."""
         self.placed: set[str] = set()
 
-    def connect(self, listener: str, pod: str, ticket: str, now: float) -> bool:
-        """Accept a listener presenting an admit ticket for this pod; refuse a bad one."""
+    def connect(
+        self, listener: str, pod: str, ticket: str, now: float, asked_at: float | None = None
+    ) -> bool:
+        """Accept a listener presenting an admit ticket for this pod; refuse a bad one.
+        `asked_at`: when the request that brought the ticket was sent. A ticket that expired
+        after then was good when the edge gave it (counted late, not refused)."""
         if self.key is not None:
             try:
                 claims = tickets.verify(self.key, ticket, "admit", now=now)
-            except tickets.TicketError:
-                self.refused += 1
+            except tickets.TicketError as error:
+                expires = _expiry(self.key, ticket) if str(error) == "ticket: expired" else None
+                if expires is not None and asked_at is not None and expires > asked_at:
+                    self.late += 1
+                else:
+                    self.refused += 1
                 return False
             if (claims.get("listener"), claims.get("pod"), claims.get("room")) != (
                 listener,
@@ -400,7 +421,7 @@ class Audience:
         listener.tries.append([round(began, 4), round(now, 4), status, retry, index])
         if status == 200:
             self._count("admitted")
-            if not self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
+            if not self.relays.connect(listener.id, answer["pod"], answer["ticket"], now, began):
                 listener.due = now + 1.0
                 return
             listener.state, listener.pod, listener.ticket = "connected", answer["pod"], None
@@ -438,6 +459,7 @@ class Audience:
     async def _check(self, session: aiohttp.ClientSession, edge: str, listener: Listener) -> None:
         url = edge + self._path(f"listeners/{quote(listener.id)}")
         params = {"ticket": listener.seat} if listener.seat else {}
+        began = time.time()
         async with session.get(url, params=params) as response:
             answer = await response.json(content_type=None)
             status = response.status
@@ -446,7 +468,7 @@ class Audience:
         if status != 200 or not answer.get("moved") or listener.state != "connected":
             return
         old = listener.pod or ""
-        if self.relays.connect(listener.id, answer["pod"], answer["ticket"], now):
+        if self.relays.connect(listener.id, answer["pod"], answer["ticket"], now, began):
             self.relays.disconnect(listener.id, old)
             listener.pod, listener.seat = answer["pod"], answer["ticket"]
             self.moves += 1
@@ -522,6 +544,7 @@ class Snapshot:
     on_two_relays: int
     moves: int
     refused: int
+    late: int
     split: dict[str, int] = field(default_factory=dict)
     real: dict[str, Any] = field(default_factory=dict)
 
@@ -536,6 +559,7 @@ class Snapshot:
             audience.relays.on_two_relays(),
             audience.moves,
             audience.relays.refused,
+            audience.relays.late,
             audience.split(),
             audience.real.figures() if audience.real is not None else {},
         )
@@ -585,12 +609,17 @@ class LoadCollector(Collector):
             CounterMetricFamily, "audioroom_loadgen_refused_tickets",
             "Connections the relays refused for a bad admit ticket", room, audience.refused,
         )  # fmt: skip
+        late = _per_room(
+            CounterMetricFamily, "audioroom_loadgen_late_tickets",
+            "Admit tickets that expired between the edge's answer and their use here", room,
+            audience.late,
+        )  # fmt: skip
         split = _by_label(
             "audioroom_loadgen_audience",
             "The audience by kind: real connections to real relays, or simulated here",
             room, "kind", audience.split,
         )  # fmt: skip
-        yield from (listeners, capacity, wanted, states, twice, moves, refused, split)
+        yield from (listeners, capacity, wanted, states, twice, moves, refused, late, split)
         yield from self._real(audience, room)
 
     def _real(self, audience: Snapshot, room: list[str]) -> Iterator[GaugeMetricFamily]:

@@ -584,6 +584,11 @@ def test_a_join_storm_through_three_edge_replicas(
     bad_tickets = prometheus.value(
         f"max_over_time(audioroom_loadgen_refused_tickets_total{{{selector}}}{window})"
     )
+    figures["admit tickets that expired in the load generator before it used them"] = (
+        prometheus.value(
+            f"max_over_time(audioroom_loadgen_late_tickets_total{{{selector}}}{window})"
+        )
+    )
 
     away = [e for e in admissions if operator_down[0] < e["at"] < operator_down[1]]
     figures["admissions while the operator was down"] = len(away)

@@ -39,6 +39,12 @@ def test_relays_accept_only_the_edges_tickets_for_them_and_count_each_listener_o
     assert not relays.connect("d", "r-relay-0", admit("d", "r-relay-0"), now=300.0)
     assert not relays.connect("e", "r-relay-0", "forged.ticket", now=100.0)
     assert relays.refused == 4
+    # Expired by the time it was used, but good when asked for: this process was late.
+    assert not relays.connect("f", "r-relay-0", admit("f", "r-relay-0"), now=300.0, asked_at=150)
+    assert relays.late == 1
+    # Expired before it was even asked for: the edge's fault, refused.
+    assert not relays.connect("g", "r-relay-0", admit("g", "r-relay-0"), now=300.0, asked_at=250)
+    assert (relays.refused, relays.late) == (5, 1)
     assert relays.counts() == {"r-relay-0": 1, "r-relay-1": 0}
     assert relays.on_two_relays() == 0
     relays.connect("a", "r-relay-1", admit("a", "r-relay-1"), now=100.0)
