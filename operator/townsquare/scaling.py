@@ -353,7 +353,12 @@ def _crowd_came(
     At least 1/ANNOUNCED_SURPRISE of the declared audience (a declared audience is a guess
     within that factor either way), and a forecast within UP_TOLERANCE of the demand, made
     from a measured join rate (two samples 10 s apart at least: one reading alone, say the
-    first after a restart or in a room created late, tells nothing of the crowd's pace). Early
+    first after a restart or in a room created late, tells nothing of the crowd's pace).
+    Stopped means within a stabilization window too: the window's join rate adds less
+    than UP_TOLERANCE of the demand over one. A room filling slowly while its host is late
+    (the May 2023 launch: 200 a second for 40 minutes) grows under 10% per start-up lead
+    and would pass for a crowd come; draining its plan then only to grow again left its
+    listeners waiting (the example: 335,420 -> 690,890 listener-s; 191,372 with this). Early
     listeners waiting for a late host are a share of the crowd to come, not the crowd; an
     audience that stops at half of what was declared is a smaller crowd than hoped, and
     holding the plan for it to grow is what the stabilization window is for. On tuning
@@ -361,12 +366,13 @@ def _crowd_came(
     p95 (worst 1.473x -> 1.336x); waiting alike but for launches with a crash (the plan's
     spare relays no longer absorb it: p95 0.066% -> 0.076%).
     """
-    demand = samples[-1][1]
+    demand, window = samples[-1][1], spec.scaling.scale_down_stabilization
     return (
         now >= spec.start_time
         and demand * ANNOUNCED_SURPRISE >= spec.expected_audience
         and forecast <= demand * (1 + UP_TOLERANCE)
         and math.isfinite(_newest_rate(samples))
+        and _join_rate(samples) * window.total_seconds() <= UP_TOLERANCE * demand
     )
 
 

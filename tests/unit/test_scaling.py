@@ -646,3 +646,14 @@ def test_early_listeners_short_of_half_the_declared_audience_keep_the_plan() -> 
     room = spec()
     decisions = _relays_through_the_hold(room, lambda t: 0 if t < 0 else min(200_000, 5_000 * t))
     assert min(d.relays for d in decisions if d.state.prewarmed) == 715
+
+
+def test_a_room_still_filling_slowly_past_half_the_declared_audience_keeps_the_plan() -> None:
+    """The May 2023 launch: the room fills at 200 a second from 15 minutes before the start
+    while the host is late. Past half of the declared 500,000 it grows 2.5% per start-up
+    lead, within the forecast's tolerance, but 24% per stabilization window: the crowd is
+    still coming, so the plan (715 relays) is not let go (it went at +6 minutes, with
+    250,000 in, and the room drained only to grow again)."""
+    room = spec()
+    decisions = _relays_through_the_hold(room, lambda t: max(0, 200 * (t + 15 * 60)))
+    assert min(d.relays for d in decisions if d.state.prewarmed) == 715
