@@ -32,6 +32,7 @@ from townsquare.api.models import (
     RelayStatus,
     RolloutDrain,
     RolloutStatus,
+    ScalingSpec,
     ShardMapRef,
 )
 from townsquare.api.names import shard_map_name
@@ -312,15 +313,33 @@ def accepted_spec(status: AudioRoomStatus) -> AudioRoomSpec | None:
         return None
 
 
-def last_accepted(spec: AudioRoomSpec, previous: AudioRoomStatus) -> AudioRoomSpec:
-    """What a refused room that ran winds down on: the last spec accepted. Without that
-    record, the refused spec at the start the room last planned for, so a refused edit of
-    `startTime` never holds its relays on to a new date."""
+def last_accepted(
+    spec: AudioRoomSpec, previous: AudioRoomStatus, shard_map: ShardMap | None = None
+) -> AudioRoomSpec:
+    """What a refused room that ran winds down on: the last spec accepted.
+
+    Without that record (a room refused by an older release, or on the first pass after an
+    upgrade), as little of the refused spec as can be: the start the room last planned
+    for, so a refused edit of `startTime` never holds its relays on to a new date; the
+    capacity, shard count and migration budget of the live shard map, so a refused edit
+    never reshapes the map its listeners are on; and a drainTimeout no shorter than the
+    default, so a refused edit never cuts their drain short."""
     last = accepted_spec(previous)
     if last is not None:
         return last
     planned = previous.plan.start_time if previous.plan else None
-    return spec if planned is None else spec.model_copy(update={"start_time": planned})
+    if planned is not None:
+        spec = spec.model_copy(update={"start_time": planned})
+    drain = max(spec.scaling.drain_timeout, ScalingSpec().drain_timeout)
+    scaling = spec.scaling.model_copy(update={"drain_timeout": drain})
+    relay, sharding = spec.relay, spec.sharding
+    if shard_map is not None:
+        relay = relay.model_copy(update={"listeners_per_relay": shard_map.capacity})
+        kept: dict[str, int] = {"shards": shard_map.shards}
+        if shard_map.migrations_per_minute is not None:
+            kept["max_migrations_per_minute"] = shard_map.migrations_per_minute
+        sharding = sharding.model_copy(update=kept)
+    return spec.model_copy(update={"scaling": scaling, "relay": relay, "sharding": sharding})
 
 
 def _recorded(spec: AudioRoomSpec) -> str:
@@ -424,7 +443,7 @@ def reconcile(
     if problems and (seen.deleting_since is not None or _ran(previous)):
         # Nothing of a refused spec is used: its relays wind down on the last one accepted
         # (its start, end and drain timeout; its map's capacity and shards).
-        spec = last_accepted(spec, previous)
+        spec = last_accepted(spec, previous, shard_map)
     start = occurrence_start(spec, seen.now, previous)
     if start != spec.start_time:
         spec = spec.model_copy(update={"start_time": start})

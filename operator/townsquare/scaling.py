@@ -44,7 +44,9 @@ The rules, each for a reason a person on call would give:
 - Fail-static: without a fresh listener count the size is held, never lowered, except
   towards a maxRelays lowered below it, and then only where no listener is dropped on the
   way: a drained relay's listeners must move within drainTimeout at the pace the relays
-  move them, and the relays kept must have room for them (`_blind_towards_limit`).
+  move them, and the relays kept must have room for the largest audience known (peak this
+  occurrence, the plan's audience while its floor holds); a room with no count showing a
+  listener this occurrence holds its relays (`_blind_towards_limit`).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ POSTPONEMENT_KEPT = timedelta(hours=1)
 BLIND_DRAIN_PACE = timedelta(minutes=1)
 """Above a lowered maxRelays with no count, one step of relays begins draining a minute."""
 BLIND_DRAIN_FILL = 0.9
-"""Blind, relays drain only down to as many as hold the audience last counted with the
+"""Blind, relays drain only down to as many as hold the largest audience known with the
 busiest of them at 90% of its capacity. The map balances shard counts to within one, so
 the busiest relay holds ceil(shards / relays) shards, up to a sixth above the average at
 5 shards a relay; and listeners hash unevenly over shards. A full relay turns moved
@@ -417,7 +419,7 @@ def decide(
             why += f"; plan floor {floor:,} relays"
         limit = None
         if current > scaling.max_relays:
-            limit = _blind_towards_limit(spec, state, now)
+            limit = _blind_towards_limit(spec, state, now, floor)
             relays, why = limit.relays, limit.reason
         decision = _finish(spec, observation, next_state, now, relays, None, floor, False, why)
         return replace(decision, towards_limit=limit)
@@ -546,30 +548,61 @@ def blind_drain_floor(spec: AudioRoomSpec, listeners: float, relays: int) -> int
     return None
 
 
-def _blind_towards_limit(spec: AudioRoomSpec, state: ScalingState, now: datetime) -> TowardsLimit:
+def blind_audience(spec: AudioRoomSpec, state: ScalingState, floor: int) -> float | None:
+    """The most listeners the relays may carry, as far as anything known says, while no
+    count comes; None when no count this occurrence ever showed a listener.
+
+    The newest count understates an audience that grew since, so this is the largest of
+    what was counted (the peak this occurrence), what the newest counts asked for (relays
+    at the target utilization, and the forecast), and, while the plan floor is in force,
+    the audience the producer declared: a room that pre-warms and goes live on its plan
+    without a count carries its plan, not nothing. A room never counted (or counted empty:
+    the crowd may have come since) has nothing to bound it, so nothing drains."""
+    if state.peak <= 0:
+        return None
+    per_relay = spec.relay.listeners_per_relay * spec.scaling.target_utilization
+    known = [state.peak, state.forecast, state.need * per_relay, state.asked * per_relay]
+    if floor > 0:
+        known.append(spec.expected_audience)
+    return float(max(known))
+
+
+def _blind_towards_limit(
+    spec: AudioRoomSpec, state: ScalingState, now: datetime, floor: int
+) -> TowardsLimit:
     """Relays for a room above a lowered maxRelays while no count comes, and why.
 
     maxRelays is the ceiling the producer (or the tenant's quota) set, so it is reached
     blind too, but only where no listener is dropped on the way. A relay drained blind is
     shown empty by no count, so it goes at drainTimeout; its listeners must have moved by
     then, at the pace the relays move them (`blind_move_minutes`), and as many as it may
-    carry (listenersPerRelay), as nothing says how many it does. Where they cannot, or
-    where the relays kept could not take the audience last counted (`blind_drain_floor`),
-    the relays stay and the reason says so. Otherwise each minute as many relays begin
-    draining as the migration budget moves were they full, the next step a minute after the
-    last began. Once counts return the limit applies as to any room.
+    carry (listenersPerRelay), as nothing says how many it does. The relays kept must have
+    room for the largest audience known (`blind_audience`, `blind_drain_floor`); a room
+    with no count showing a listener this occurrence holds, as its relays may be full.
+    Where the listeners cannot move in time or the relays kept could not take them, the
+    relays stay and the reason says so. Otherwise each minute as many relays begin
+    draining as the migration budget moves were they full, the next step a minute after
+    the last began. Once counts return the limit applies as to any room. An audience that
+    grows while blind past everything known is not seen: the drain keeps room for the
+    largest audience known, with the busiest relay kept at BLIND_DRAIN_FILL of its capacity.
     """
     scaling = spec.scaling
     current = state.relays
-    last_counted = state.need * spec.relay.listeners_per_relay * scaling.target_utilization
-    lowest = blind_drain_floor(spec, last_counted, current) or current
     why = f"metrics unavailable; maxRelays {scaling.max_relays:,} is below {current:,} relays"
     then = "; once listener counts return, the limit applies as to any room"
+    audience = blind_audience(spec, state, floor)
+    if audience is None:
+        reason = (
+            f"{why}: holding them, as no listener count this occurrence showed how many "
+            f"they carry (they may be full){then}"
+        )
+        return TowardsLimit(current, reason, held=True)
+    lowest = blind_drain_floor(spec, audience, current) or current
     if lowest >= current:
         reason = (
-            f"{why}: holding them, as the relays kept must take the {last_counted:,.0f} "
-            f"listeners last counted with the busiest below {BLIND_DRAIN_FILL:.0%} of "
-            f"its capacity{then}"
+            f"{why}: holding them, as the relays kept must take the {audience:,.0f} "
+            f"listeners of the largest audience known with the busiest below "
+            f"{BLIND_DRAIN_FILL:.0%} of its capacity{then}"
         )
         return TowardsLimit(current, reason, held=True)
     relays_in_map = state.replicas
@@ -594,7 +627,7 @@ def _blind_towards_limit(spec: AudioRoomSpec, state: ScalingState, now: datetime
         )
     relays = max(lowest, current - step)
     kept = (
-        f", keeping {lowest:,} to take the {last_counted:,.0f} listeners last counted"
+        f", keeping {lowest:,} to take the {audience:,.0f} listeners of the largest audience known"
         if lowest > scaling.max_relays
         else ""
     )

@@ -87,24 +87,56 @@ class Relays:
             del self.on[relay]
 
 
-def drain_blind(relays: int, lowered_to: int, drain_timeout: str) -> tuple[Relays, Outcome]:
-    """A room live on `relays` relays of 700 listeners each; then Prometheus goes away and
-    the producer lowers maxRelays. Runs the passes until 3 minutes after drainTimeout."""
-    per_relay = 700
-    spec = room(relays, relays, drain_timeout, per_relay)
-    at = START + timedelta(minutes=5)
-    total = relays * per_relay
-    counted = Metrics(
-        listeners=total, by_relay=dict.fromkeys(range(relays), per_relay), sampled_at=at
-    )
-    outcome = reconcile("r", spec, AudioRoomStatus(), Observed(at, 1, relays, metrics=counted))
+def drain_blind(
+    relays: int,
+    lowered_to: int,
+    drain_timeout: str,
+    *,
+    counted: tuple[int, ...] = (700,),
+    real: int = 700,
+    since_start: timedelta = timedelta(minutes=5),
+) -> tuple[Relays, Outcome]:
+    """A room live on `relays` relays, counted at `counted` listeners a relay (one count a
+    minute, the last `counted` ending at `since_start`) while `real` a relay are on them
+    when Prometheus goes away and the producer lowers maxRelays. Runs the passes until 3
+    minutes after drainTimeout."""
+    spec = room(relays, relays, drain_timeout, 700)
+    at = START + since_start - timedelta(minutes=len(counted) - 1)
+    outcome = None
+    for per_relay in counted:
+        metrics = Metrics(
+            listeners=relays * per_relay,
+            by_relay=dict.fromkeys(range(relays), per_relay),
+            sampled_at=at,
+        )
+        seen = Observed(at, 1, relays, ready_ordinals=frozenset(range(relays)), metrics=metrics)
+        if outcome is None:
+            outcome = reconcile("r", spec, AudioRoomStatus(), seen)
+        else:
+            outcome = reconcile(
+                "r", spec, outcome.status, seen, outcome.scaling_state, outcome.shard_map, at
+            )
+        at += timedelta(minutes=1)
+    at -= timedelta(minutes=1)
+    assert outcome is not None
     assert outcome.status.phase == "Live" and outcome.desired_relays == relays
+    return _lowered_blind(spec, outcome, at, lowered_to, real)
+
+
+def _lowered_blind(
+    spec: AudioRoomSpec, outcome: Outcome, at: datetime, lowered_to: int, real: int
+) -> tuple[Relays, Outcome]:
+    """`real` listeners a relay placed by the map; then maxRelays lowered to `lowered_to`
+    while no count comes, until 3 minutes after drainTimeout."""
+    relays = outcome.desired_relays
     model = Relays(capacity=spec.relay.listeners_per_relay)
     model.on = {r: Counter() for r in range(relays)}
-    for listener in range(total):
+    for listener in range(relays * real):
         shard = shard_of(f"listener-{listener}", spec.sharding.shards)
         model.on[outcome.shard_map.assignment[shard] or 0][shard] += 1
-    lowered = room(relays, lowered_to, drain_timeout, per_relay)
+    lowered = spec.model_copy(
+        update={"scaling": spec.scaling.model_copy(update={"max_relays": lowered_to})}
+    )
     blind = Metrics(listeners=None, problem="Prometheus unreachable")
     published, shard_map, state = at, outcome.shard_map, outcome.scaling_state
     end = at + lowered.scaling.drain_timeout + timedelta(minutes=3)
@@ -122,6 +154,27 @@ def drain_blind(relays: int, lowered_to: int, drain_timeout: str) -> tuple[Relay
         model.said.append(condition.message)
         model.events += [(e.reason, e.message) for e in outcome.events]
     return model, outcome
+
+
+def drain_never_counted(relays: int, lowered_to: int, drain_timeout: str) -> tuple[Relays, Outcome]:
+    """A room whose listener query never gave a series: it pre-warms and goes live on its
+    plan (700 listeners a relay declared and connected), never counted; then the producer
+    lowers maxRelays."""
+    spec = room(relays, relays, drain_timeout, 700)
+    blind = Metrics(listeners=None, problem="no series for listenersQuery")
+    at = START - timedelta(minutes=1)
+    outcome = reconcile("r", spec, AudioRoomStatus(), Observed(at, 1, 0, metrics=blind))
+    state, shard_map, published = outcome.scaling_state, outcome.shard_map, at
+    for _ in range(12):  # pre-warmed relays Ready; the start passes
+        at += timedelta(seconds=10)
+        ready = frozenset(range(outcome.desired_relays))
+        seen = Observed(at, 1, len(ready), ready_ordinals=ready, metrics=blind)
+        outcome = reconcile("r", spec, outcome.status, seen, state, shard_map, published)
+        if outcome.shard_map.generation != shard_map.generation:
+            published = at
+        state, shard_map = outcome.scaling_state, outcome.shard_map
+    assert outcome.status.phase == "Live" and outcome.desired_relays == relays
+    return _lowered_blind(spec, outcome, at, lowered_to, 700)
 
 
 def test_a_big_room_lowered_blind_keeps_its_relays_rather_than_drop_listeners() -> None:
@@ -191,3 +244,53 @@ def test_the_core_plans_with_the_pace_at_which_relays_move_listeners() -> None:
     relay.map = rebalance(new_map(4096, 1000, budget), active=range(200), fanout=64).map
     full = spec.relay.listeners_per_relay
     assert blind_move_minutes(spec, 200) == pytest.approx(full / relay.moves_per_second() / 60)
+
+
+@pytest.mark.parametrize(
+    ("relays", "lowered_to", "drain_timeout"), [(20, 5, "5m"), (100, 50, "30m")]
+)
+def test_a_room_never_counted_keeps_its_relays(
+    relays: int, lowered_to: int, drain_timeout: str
+) -> None:
+    """The reviewer's B1: a room live on its plan whose listener query never gave a series
+    had no count to bound its audience, so the old code took it for empty and drained to
+    maxRelays (20 -> 5: 9,000 of 14,000 dropped; 100 -> 50: 23,630 of 70,000). Nothing says
+    how many its relays carry, so they stay, and the condition says why."""
+    model, outcome = drain_never_counted(relays, lowered_to, drain_timeout)
+    assert model.dropped == 0
+    assert outcome.desired_relays == relays
+    assert "no listener count this occurrence" in model.said[-1]
+    assert [reason for reason, _ in model.events].count("MaxRelaysHeld") <= 1
+
+
+def test_a_room_counted_empty_keeps_its_relays() -> None:
+    """Counted empty, then blind while the crowd came (700 a relay): a count of nobody
+    bounds nothing, so the old code drained 20 -> 5 and dropped 9,000."""
+    model, outcome = drain_blind(20, 5, "5m", counted=(0,))
+    assert model.dropped == 0
+    assert outcome.desired_relays == 20
+
+
+def test_an_audience_that_grew_while_blind_within_the_plan_hold_is_carried() -> None:
+    """Last counted at 300 a relay, 700 a relay by the time maxRelays is lowered 200 -> 100,
+    within the plan hold: the old code kept room for the 60,000 counted and dropped 16,388.
+    The declared audience (140,000) is the largest known while the plan holds."""
+    model, outcome = drain_blind(200, 100, "30m", counted=(300,), real=700)
+    assert model.dropped == 0
+    assert 100 < outcome.desired_relays < 200, "the room did drain towards the limit"
+    assert max(model.load(r) for r in model.on) <= 1000
+    assert sum(model.load(r) for r in model.on) == 200 * 700
+
+
+def test_a_low_last_count_after_the_hold_drains_only_to_the_peak() -> None:
+    """Long after the plan hold, counted at 700 a relay and then, a minute later, at 300 (a
+    count that understates: relays missed by a scrape), then blind. The old code sized the
+    relays kept for the 60,000 last counted; now for the 140,000 of the peak this
+    occurrence, the busiest at 90% of its capacity (ceil(4,096 / kept) shards of 34
+    listeners each within 900: 158 relays)."""
+    model, outcome = drain_blind(
+        200, 100, "30m", counted=(700, 700, 300), real=700, since_start=timedelta(hours=2)
+    )
+    assert model.dropped == 0
+    assert 158 <= outcome.desired_relays < 200, "drained, keeping room for the peak"
+    assert sum(model.load(r) for r in model.on) == 200 * 700

@@ -1453,3 +1453,30 @@ def test_a_map_published_again_without_moving_anyone_does_not_hold_the_drain() -
         )  # fmt: skip
         published = at + timedelta(seconds=0.2)  # published again, as if on every pass
     assert outcome.desired_relays == 0, "two readings after the moving map's publication"
+
+
+def test_a_refused_edit_without_an_accepted_spec_keeps_the_map_and_the_drain() -> None:
+    """A room whose status records no accepted spec (refused by the previous release, or on
+    the first pass after an upgrade) drains with 500 listeners on relays 0 and 1, and an
+    edit with a disallowed image also sets listenersPerRelay 2,000, 1,024 shards and
+    drainTimeout 1m. The old code took all three from the refused spec: the map became
+    2,000 / 1,024 and, two minutes on, both relays went with all 500 listeners. Now the
+    live map keeps its capacity and shards, and the drain keeps its time."""
+    _, first = draining_with_listeners()
+    upgraded = first.status.model_copy(update={"accepted_spec": None})
+    refused = room(
+        relay={**EVIL, "listenersPerRelay": 2000},
+        sharding={"shards": 1024},
+        scaling={"drainTimeout": "1m"},
+    )
+    at = START + timedelta(hours=1, minutes=2)
+    outcome = reconcile(
+        "r", refused, upgraded,
+        seen(at, 10, 2, metrics=counted(500, at, {0: 200, 1: 300}), namespace="t"),
+        first.scaling_state, first.shard_map, at - timedelta(minutes=1), policy=ONLY_REGISTRY,
+    )  # fmt: skip
+    assert outcome.refused
+    assert (outcome.shard_map.capacity, outcome.shard_map.shards) == (1000, 4096)
+    assert outcome.desired_relays == 2, "the relays carrying the 500 listeners stay"
+    assert "DrainTimedOut" not in reasons(outcome)
+    assert "ShardMapChanged" not in reasons(outcome)
