@@ -476,14 +476,15 @@ def test_a_rise_after_the_hold_or_below_the_peak_keeps_the_capped_forecast() -> 
 
 
 def test_lowering_max_relays_while_blind_drains_towards_it_at_the_migration_budget() -> None:
-    """300 relays, maxRelays lowered to 100, no count. The old code held 300 until counts
-    came back. The limit is the producer's ceiling, so it is reached blind too, but gently:
-    each minute as many relays begin draining as 20,000 migrations a minute move were they
-    full (20 of 1,000), and none is removed before it drains. A relay's listeners move at
-    20,000 / 300 a minute: 15 minutes for 1,000, within drainTimeout (30m)."""
+    """300 relays, last counted at 1,000 listeners, maxRelays lowered to 100, no count
+    since. The old code held 300 until counts came back. The limit is the producer's
+    ceiling, so it is reached blind too, but gently: each minute as many relays begin
+    draining as 20,000 migrations a minute move were they full (20 of 1,000), and none is
+    removed before it drains. A relay's listeners move at 20,000 / 300 a minute: 15
+    minutes for 1,000, within drainTimeout (30m)."""
     lowered = spec(audience=0, maxRelays=100)
     steps = [(3600 + 15 * n, None) for n in range(41)]  # ten minutes, a pass every 15 s
-    decisions = run(lowered, ScalingState.initial(300), steps)
+    decisions = run(lowered, replace(ScalingState.initial(300), peak=1000), steps)
     first = decisions[0]
     assert first.relays == 280 and first.replicas == 300
     assert first.draining == tuple(range(280, 300))
@@ -504,12 +505,13 @@ def test_a_max_relays_lowered_blind_is_held_where_a_drained_relay_could_not_empt
     than 80% of drainTimeout (30m). The old code drained them anyway; a slow edge or one
     held move and they were dropped at the timeout. Now the relays are held, and why."""
     lowered = spec(audience=0, maxRelays=100)
-    held = run(lowered, ScalingState.initial(500), [(3600, None), (3660, None)])
+    counted = replace(ScalingState.initial(500), peak=1000)
+    held = run(lowered, counted, [(3600, None), (3660, None)])
     assert [d.relays for d in held] == [500, 500]
     assert all(d.towards_limit and d.towards_limit.held and not d.draining for d in held)
     assert "move at 40 a minute" in held[0].reason and "25m, beyond 24m" in held[0].reason
     longer = spec(audience=0, maxRelays=100, drainTimeout="40m")
-    assert run(longer, ScalingState.initial(500), [(3600, None)])[0].relays == 480
+    assert run(longer, counted, [(3600, None)])[0].relays == 480
 
 
 def test_a_blind_drain_towards_max_relays_keeps_the_relays_the_last_count_needs() -> None:
@@ -518,11 +520,14 @@ def test_a_blind_drain_towards_max_relays_keeps_the_relays_the_last_count_needs(
     the busiest would carry 1,025 listeners, more than it may. Blind, maxRelays 100 is
     approached only down to 241 relays (17 shards at most, 872 listeners: 87%)."""
     lowered = spec(audience=0, maxRelays=100)
-    state = replace(ScalingState.initial(260), need=300)
+    state = replace(ScalingState.initial(260), need=300, peak=210_000)
     decisions = run(lowered, state, [(3600 + 60 * n, None) for n in range(4)])
     assert [d.relays for d in decisions] == [241, 241, 241, 241]
-    assert "keeping 241 to take the 210,000 listeners last counted" in decisions[0].reason
-    held = run(lowered, replace(ScalingState.initial(241), need=300), [(3600, None)])[0]
+    assert "keeping 241 to take the 210,000 listeners of the largest audience known" in (
+        decisions[0].reason
+    )
+    counted = replace(ScalingState.initial(241), need=300, peak=210_000)
+    held = run(lowered, counted, [(3600, None)])[0]
     assert held.relays == 241 and "holding them" in held.reason
     assert held.towards_limit is not None and held.towards_limit.held
 
