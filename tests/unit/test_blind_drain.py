@@ -93,31 +93,34 @@ def drain_blind(
     drain_timeout: str,
     *,
     counted: tuple[int, ...] = (700,),
+    every: timedelta = timedelta(minutes=1),
     real: int = 700,
-    since_start: timedelta = timedelta(minutes=5),
 ) -> tuple[Relays, Outcome]:
-    """A room live on `relays` relays, counted at `counted` listeners a relay (one count a
-    minute, the last `counted` ending at `since_start`) while `real` a relay are on them
-    when Prometheus goes away and the producer lowers maxRelays. Runs the passes until 3
-    minutes after drainTimeout."""
+    """A room live on `relays` relays from 5 minutes after its start, counted at `counted`
+    listeners a relay, one count `every`, while `real` a relay are on them when Prometheus
+    goes away and the producer lowers maxRelays. Runs the passes until 3 minutes after
+    drainTimeout."""
     spec = room(relays, relays, drain_timeout, 700)
-    at = START + since_start - timedelta(minutes=len(counted) - 1)
-    outcome = None
+    at = START + timedelta(minutes=5)
+    ready = frozenset(range(relays))
+    outcome: Outcome | None = None
+    published = at
     for per_relay in counted:
-        metrics = Metrics(
-            listeners=relays * per_relay,
-            by_relay=dict.fromkeys(range(relays), per_relay),
-            sampled_at=at,
-        )
-        seen = Observed(at, 1, relays, ready_ordinals=frozenset(range(relays)), metrics=metrics)
+        by_relay = dict.fromkeys(range(relays), per_relay)
+        metrics = Metrics(listeners=relays * per_relay, by_relay=by_relay, sampled_at=at)
+        seen = Observed(at, 1, relays, ready_ordinals=ready, metrics=metrics)
         if outcome is None:
             outcome = reconcile("r", spec, AudioRoomStatus(), seen)
         else:
+            before = outcome.shard_map.generation
             outcome = reconcile(
-                "r", spec, outcome.status, seen, outcome.scaling_state, outcome.shard_map, at
-            )
-        at += timedelta(minutes=1)
-    at -= timedelta(minutes=1)
+                "r", spec, outcome.status, seen, outcome.scaling_state, outcome.shard_map,
+                published,
+            )  # fmt: skip
+            if outcome.shard_map.generation != before:
+                published = at
+        at += every
+    at -= every
     assert outcome is not None
     assert outcome.status.phase == "Live" and outcome.desired_relays == relays
     return _lowered_blind(spec, outcome, at, lowered_to, real)
@@ -129,6 +132,7 @@ def _lowered_blind(
     """`real` listeners a relay placed by the map; then maxRelays lowered to `lowered_to`
     while no count comes, until 3 minutes after drainTimeout."""
     relays = outcome.desired_relays
+    assert set(outcome.shard_map.assignment) == set(range(relays)), "the map spans the relays"
     model = Relays(capacity=spec.relay.listeners_per_relay)
     model.on = {r: Counter() for r in range(relays)}
     for listener in range(relays * real):
@@ -286,14 +290,15 @@ def test_an_audience_that_grew_while_blind_within_the_plan_hold_is_carried() -> 
 
 
 def test_a_low_last_count_after_the_hold_drains_only_to_the_peak() -> None:
-    """Long after the plan hold, counted at 700 a relay and then, a minute later, at 300 (a
-    count that understates: relays missed by a scrape), then blind. The old code sized the
-    relays kept for the 60,000 last counted; now for the 140,000 of the peak this
-    occurrence, the busiest at 90% of its capacity (ceil(4,096 / kept) shards of 34
-    listeners each within 900: 158 relays)."""
+    """Counted at 700 a relay every 5 minutes for two hours, long after the plan hold, and
+    then at 300 (a count that understates: relays missed by a scrape), then blind. The old
+    code sized the relays kept for the 60,000 last counted and dropped 16,449; now they are
+    sized for the 140,000 of the peak this occurrence, the busiest at 90% of its capacity
+    (ceil(4,096 / kept) shards of 34 listeners each within 900: 158 relays)."""
     model, outcome = drain_blind(
-        200, 100, "30m", counted=(700, 700, 300), real=700, since_start=timedelta(hours=2)
+        200, 100, "30m", counted=(700,) * 24 + (300,), every=timedelta(minutes=5), real=700
     )
     assert model.dropped == 0
     assert 158 <= outcome.desired_relays < 200, "drained, keeping room for the peak"
+    assert max(model.load(r) for r in model.on) <= 1000
     assert sum(model.load(r) for r in model.on) == 200 * 700
