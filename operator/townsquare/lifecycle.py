@@ -52,6 +52,7 @@ from townsquare.sharding import (
     Consolidation,
     ShardMap,
     consolidate,
+    in_transit_by_shard,
     moved_share,
     new_map,
     rebalance,
@@ -567,17 +568,20 @@ def reconcile(
     else:
         receivers = tuple(sorted(o for o in ready if o < accepting and o not in rolling))
         draining = drain_order(ready, receivers, replicas, rolling)
+    by_relay = _relay_listeners(seen)
+    weights = None if by_relay is None else shard_listeners_from_relays(current_map, by_relay)
+    in_transit = None if by_relay is None else in_transit_by_shard(current_map, by_relay)
     rebalanced = rebalance(
         current_map,
         active=receivers,
         draining=draining,
         held=held,
-        shard_listeners=_shard_listeners(current_map, seen),
+        shard_listeners=weights,
         demand=None if closed else _admission_demand(seen, decision),
         fanout=spec.sharding.fanout,
         budget=_migration_budget(spec, seen.now, shard_map_at),
         closed=closed,
-        in_transit=_in_transit(current_map, seen),
+        in_transit=in_transit,
     )
     if relays_changed(shard_map or current_map, rebalanced.map):
         # Listeners may be between relays a while: an empty reading before now proves nothing
@@ -821,6 +825,7 @@ def _fit_map(current: ShardMap, spec: AudioRoomSpec, was: Phase | None, draft: _
         generation=current.generation + 1,
         assignment=assignment,
         capacity=capacity,
+        former_shards=current.former_shards if old == shards else {},  # other shards now
     )
 
 
@@ -1014,22 +1019,11 @@ def _observation(seen: Observed, running: int) -> Observation:
     )
 
 
-def _shard_listeners(current: ShardMap, seen: Observed) -> list[float] | None:
+def _relay_listeners(seen: Observed) -> dict[int, float] | None:
+    """Listeners counted on each relay; None without a reading."""
     if seen.metrics is None or seen.metrics.listeners is None:
         return None
-    by_relay = {relay: float(n) for relay, n in seen.metrics.by_relay.items()}
-    return shard_listeners_from_relays(current, by_relay)
-
-
-def _in_transit(current: ShardMap, seen: Observed) -> float:
-    """Listeners counted on relays of the map that hold none of their shards: a draining
-    relay's last ones, on their way to their shards' relays (see `rebalance`)."""
-    if seen.metrics is None or seen.metrics.listeners is None:
-        return 0.0
-    held = current.counts()
-    return float(
-        sum(n for relay, n in seen.metrics.by_relay.items() if held.get(relay) == 0 and n > 0)
-    )
+    return {relay: float(n) for relay, n in seen.metrics.by_relay.items()}
 
 
 def _held(current: ShardMap, seen: Observed, replicas: int) -> list[int]:

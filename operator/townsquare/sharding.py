@@ -66,6 +66,11 @@ class ShardMap:
     not known, a map from before this was published). A relay judges an admit ticket by it:
     one issued on a generation in which the relay already drained is the edge's fault, one
     from before it began draining only crossed the new map on its way."""
+    former_shards: Mapping[int, tuple[int, ...]] = field(default_factory=dict, compare=False)
+    """The shards each draining relay held when it began draining: its last listeners belong
+    to them, and go wherever the map now sends them (see `in_transit_by_shard`). Kept in the
+    operator's memory only, not published (the ConfigMap's size is bounded without it): a
+    map read back after an operator restart has none, and `in_transit_by_shard` then guesses."""
 
     @property
     def shards(self) -> int:
@@ -220,7 +225,7 @@ def rebalance(
     fanout: int,
     budget: float = math.inf,
     closed: bool = False,
-    in_transit: float = 0.0,
+    in_transit: Sequence[float] | None = None,
 ) -> Rebalance:
     """Assign shards to the `active` relays, moving as few listeners as possible.
 
@@ -236,10 +241,12 @@ def rebalance(
     `draining` relays are emptied in the order given (the caller knows which relay's
     emptying frees a pod soonest). `closed`: the room takes no new joins (its event is
     over, or it is being deleted); the active relays only take the listeners moved off
-    the others. `in_transit`: listeners still on relays that hold none of their shards (a
-    draining relay's last ones, told to move): while any are, a full relay sheds a shard
-    too, not only one above capacity, as its shards' listeners on their way would find no
-    seat there and stay where they are until their relay's drain times out.
+    the others. `in_transit`: per shard, its listeners still on a relay that holds none of
+    their shards (a draining relay's last ones, told to move; see `in_transit_by_shard`). A
+    relay that cannot seat the ones on their way to it sheds a shard too, not only one
+    above capacity, as they would otherwise stay where they are until their relay's drain
+    times out; it sheds only to a relay left clearly below full (ADMISSION_MARGIN), so the
+    next pass, over the loads after the move, moves nothing back.
     """
     shards = current.shards
     weights = shard_listeners if shard_listeners is not None else (0.0,) * shards
@@ -311,7 +318,7 @@ def rebalance(
             migrated += 0.0 if orphan else weights[shard]  # paced by the relays if free
         shed_moved, shed_migrated, budget, shed_pending = _shed_overload(
             assignment, weights, load, sorted(active_set), current.capacity, budget,
-            full_sheds=in_transit > 0,
+            in_transit=in_transit,
         )  # fmt: skip
         moved += shed_moved
         migrated += shed_migrated
@@ -363,6 +370,7 @@ def rebalance(
             else generation
             for relay, state in states.items()
         },
+        former_shards=_former_shards(current, assignment, states),
     )
     return Rebalance(map=new, moved=moved, migrated=migrated, pending=pending)
 
@@ -560,14 +568,29 @@ def _shed_overload(
     capacity: int,
     budget: float,
     *,
-    full_sheds: bool = False,
+    in_transit: Sequence[float] | None = None,
 ) -> tuple[int, float, float, bool]:
-    """Move shards off relays above capacity (or, `full_sheds`, at it) to the least loaded
-    relay with room."""
+    """Move shards off relays above capacity, or unable to seat the listeners on their way
+    to them (`in_transit`, per shard), to the relay with the most room.
+
+    A shed for listeners on their way leaves its receiver at most at ADMISSION_MARGIN of
+    capacity, counting those on their way to it: one left exactly full would, on the next
+    pass, shed a shard back (each such move reconnects the shard's listeners)."""
     moved, migrated, pending = 0, 0.0, False
+    transit = in_transit if in_transit is not None else (0.0,) * len(assignment)
+    coming = dict.fromkeys(active, 0.0)
+    for shard, relay in enumerate(assignment):
+        if relay in coming and transit[shard] > 0:
+            coming[relay] += transit[shard]
+
+    def demand(relay: int) -> float:
+        return load[relay] + coming[relay]
+
+    def overloaded(relay: int) -> bool:
+        return load[relay] > capacity
 
     def over(relay: int) -> bool:
-        return load[relay] > capacity or (full_sheds and load[relay] >= capacity - 1e-9)
+        return overloaded(relay) or (coming[relay] > 0 and demand(relay) > capacity + 1e-9)
 
     hot = [r for r in active if over(r)]
     if not hot:
@@ -583,8 +606,9 @@ def _shed_overload(
             weight = weights[shard]
             if weight <= 0:
                 continue  # moves nobody off it
-            coolest = min(active, key=lambda r: (load[r], r))
-            if coolest == relay or load[coolest] + weight > capacity:
+            limit = capacity if overloaded(relay) else capacity * ADMISSION_MARGIN
+            coolest = min(active, key=lambda r: (demand(r), r))
+            if coolest == relay or demand(coolest) + weight + transit[shard] > limit:
                 break
             if weight > budget:
                 pending = True
@@ -592,10 +616,29 @@ def _shed_overload(
             assignment[shard] = coolest
             load[relay] -= weight
             load[coolest] += weight
+            coming[relay] -= transit[shard]
+            coming[coolest] += transit[shard]
             budget -= weight
             moved += 1
             migrated += weight
     return moved, migrated, budget, pending
+
+
+def _former_shards(
+    current: ShardMap, assignment: Sequence[int | None], states: Mapping[int, RelayState]
+) -> dict[int, tuple[int, ...]]:
+    """`ShardMap.former_shards` after a pass: a draining relay adds the shards it gave away
+    in it; a relay no longer draining is forgotten."""
+    former: dict[int, tuple[int, ...]] = {}
+    pairs = list(zip(current.assignment, assignment, strict=True))
+    for relay, state in states.items():
+        if state != "draining":
+            continue
+        gone = {s for s, (before, after) in enumerate(pairs) if before == relay != after}
+        kept = current.former_shards.get(relay, ()) if current.relays.get(relay) == state else ()
+        if gone or kept:
+            former[relay] = tuple(sorted({*kept, *gone}))
+    return former
 
 
 def fanout_parents(
@@ -696,3 +739,24 @@ def shard_listeners_from_relays(
     """
     share = {r: relay_listeners.get(r, 0.0) / k for r, k in current.counts().items() if k}
     return [share.get(r, 0.0) if r is not None else 0.0 for r in current.assignment]
+
+
+def in_transit_by_shard(current: ShardMap, relay_listeners: Mapping[int, float]) -> list[float]:
+    """Per shard, its listeners counted on relays of the map that hold none of their shards:
+    a draining relay's last ones, on their way to their shards' relays (see `rebalance`).
+
+    Which shard each of them is in is not measured (the counts are per relay), so they are
+    spread evenly over the shards their relay held when it began draining
+    (`ShardMap.former_shards`), as hashing spread them. A relay the map has no such record
+    for (a map read back after an operator restart, or an active relay given no shard) has
+    its listeners spread over every assigned shard: the least that is known."""
+    transit = [0.0] * current.shards
+    assigned = [s for s, relay in enumerate(current.assignment) if relay is not None]
+    for relay, held in current.counts().items():
+        listeners = relay_listeners.get(relay, 0.0)
+        if held or listeners <= 0:
+            continue
+        shards = current.former_shards.get(relay) or assigned
+        for shard in shards:
+            transit[shard] += listeners / len(shards)
+    return transit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from townsquare.sharding import (
     Rebalance,
     ShardMap,
     fanout_parents,
+    in_transit_by_shard,
     moved_share,
     new_map,
     place,
@@ -453,7 +455,8 @@ def test_a_full_relay_sheds_a_shard_while_a_drained_relay_s_last_listeners_wait(
     assert drained.counts()[2] == 0
     weights = shard_listeners_from_relays(drained, {0: 100, 1: 40, 2: 1})
 
-    def again(in_transit: float) -> Rebalance:
+    def again(on_drained: float) -> Rebalance:
+        in_transit = in_transit_by_shard(drained, {0: 100, 1: 40, 2: on_drained})
         return rebalance(
             drained, active=[0, 1], draining=[2], shard_listeners=weights, fanout=4,
             budget=1000, in_transit=in_transit,
@@ -466,3 +469,123 @@ def test_a_full_relay_sheds_a_shard_while_a_drained_relay_s_last_listeners_wait(
     assert len(moved) == 1 and drained.assignment[moved[0]] == 0
     assert freed.map.assignment[moved[0]] == 1
     assert freed.migrated == pytest.approx(100 / drained.counts()[0])
+
+
+def _moves(before: ShardMap, after: ShardMap) -> list[tuple[int, int | None, int | None]]:
+    """(shard, from, to) for every shard the second map gives another relay."""
+    pairs = zip(before.assignment, after.assignment, strict=True)
+    return [(shard, a, b) for shard, (a, b) in enumerate(pairs) if a != b]
+
+
+def test_a_shed_for_listeners_on_their_way_is_never_undone_by_the_next_pass() -> None:
+    """3 shards of 5 listeners, capacity 10: relay 0 holds two (full), relay 1 one, and the
+    drained relay 2 still has 1 listener, of the shard that went to relay 0. Moving a shard
+    to relay 1 would leave it exactly full, so the next pass would shed it back, and so on
+    every pass (5 listeners reconnected each time). A shed must leave its receiver clearly
+    below full: over six passes, with the loads each map leads to, no shard goes back."""
+    first = rebalance(new_map(3, 10), active=[0, 1, 2], fanout=4).map
+    shard_map = rebalance(first, active=[0, 1], draining=[2], fanout=4).map
+    history = [shard_map]
+    for _ in range(6):
+        counts = shard_map.counts()
+        by_relay = {0: 5.0 * counts[0], 1: 5.0 * counts[1], 2: 1.0}
+        shard_map = rebalance(
+            shard_map, active=[0, 1], draining=[2], fanout=4, budget=1200,
+            shard_listeners=shard_listeners_from_relays(shard_map, by_relay),
+            in_transit=in_transit_by_shard(shard_map, by_relay),
+        ).map  # fmt: skip
+        history.append(shard_map)
+    moves = [m for before, after in itertools.pairwise(history) for m in _moves(before, after)]
+    assert len(moves) <= 1, moves
+    assert max(history[-1].counts()[r] * 5 for r in (0, 1)) <= 10
+
+
+def test_a_full_relay_the_listeners_on_their_way_do_not_need_sheds_nothing() -> None:
+    """The drained relay's shards went to the other relays, not to the full one: its last
+    30 listeners find seats where they go, so moving a shard off the full relay would only
+    reconnect its listeners for nothing."""
+    first = rebalance(new_map(11, 100), active=[0, 1, 2, 3], fanout=4).map
+    drained_one = min(first.counts(), key=lambda r: (first.counts()[r], -r))
+    active = [r for r in range(4) if r != drained_one]
+    drained = rebalance(first, active=active, draining=[drained_one], fanout=4).map
+    gained = {drained.assignment[s] for s in drained.former_shards[drained_one]}
+    full = next(r for r in active if r not in gained)
+    by_relay = {r: 100.0 if r == full else 40.0 for r in active} | {drained_one: 30.0}
+    again = rebalance(
+        drained, active=active, draining=[drained_one], fanout=4, budget=1200,
+        shard_listeners=shard_listeners_from_relays(drained, by_relay),
+        in_transit=in_transit_by_shard(drained, by_relay),
+    )  # fmt: skip
+    assert _moves(drained, again.map) == []
+    assert again.migrated == 0
+
+
+def test_after_a_shed_for_listeners_on_their_way_the_next_pass_moves_nothing() -> None:
+    """Relay 0 full, a listener of one of its shards still on drained relay 2: one shard
+    sheds to relay 1. Read again once the shed shard's listeners have moved, before and
+    after the waiting one has (on either relay), the map stays as it is."""
+    first = rebalance(new_map(16, 100), active=[0, 1, 2], fanout=4).map
+    drained = rebalance(first, active=[0, 1], draining=[2], fanout=4).map
+    by_relay = {0: 100.0, 1: 40.0, 2: 1.0}
+    shed = rebalance(
+        drained, active=[0, 1], draining=[2], fanout=4, budget=1200,
+        shard_listeners=shard_listeners_from_relays(drained, by_relay),
+        in_transit=in_transit_by_shard(drained, by_relay),
+    )  # fmt: skip
+    (moved,) = _moves(drained, shed.map)
+    per_shard = 100.0 / drained.counts()[0]
+    for arrived_on in (None, 0, 1):  # read before the last listener moved, and after
+        after = {0: 100.0 - per_shard, 1: 40.0 + per_shard, 2: 1.0}
+        if arrived_on is not None:
+            after[arrived_on] += 1
+            after[2] = 0.0
+        second = rebalance(
+            shed.map, active=[0, 1], draining=[2], fanout=4, budget=1200,
+            shard_listeners=shard_listeners_from_relays(shed.map, after),
+            in_transit=in_transit_by_shard(shed.map, after),
+        )  # fmt: skip
+        assert _moves(shed.map, second.map) == [], moved
+
+
+def test_listeners_in_transit_are_counted_on_their_relay_s_former_shards() -> None:
+    """A drained relay's listeners are spread over the shards it held, wherever those are
+    now; a relay that still holds shards has nobody in transit."""
+    first = rebalance(new_map(12, 100), active=[0, 1, 2], fanout=4).map
+    drained = rebalance(first, active=[0, 1], draining=[2], fanout=4).map
+    former = drained.former_shards[2]
+    assert sorted(former) == [s for s, r in enumerate(first.assignment) if r == 2]
+    transit = in_transit_by_shard(drained, {0: 50.0, 1: 50.0, 2: 8.0})
+    assert sum(transit) == pytest.approx(8.0)
+    assert all(transit[s] == pytest.approx(8.0 / len(former)) for s in former)
+    assert all(transit[s] == 0 for s in range(12) if s not in former)
+    assert sum(in_transit_by_shard(first, {0: 50.0, 1: 50.0, 2: 8.0})) == 0
+    back = rebalance(drained, active=[0, 1, 2], fanout=4).map
+    assert back.former_shards == {}, "a relay active again has no listeners in transit"
+
+
+def test_joins_on_a_receiver_never_send_a_shed_shard_back() -> None:
+    """6 shards, capacity 20: relay 0 full (20), relay 1 at 12, and 2 listeners of the
+    drained relay 2 on their way, one to each. Had relay 0's shard gone to relay 1 up to
+    full, a join there would make relay 1 the one that cannot seat its arrival, and it
+    would shed back. Over six passes with a join on relay 1 each, no shard moves twice."""
+    first = rebalance(new_map(6, 20), active=[0, 1, 2], fanout=4).map
+    shard_map = rebalance(first, active=[0, 1], draining=[2], fanout=4).map
+    assert {shard_map.assignment[s] for s in shard_map.former_shards[2]} == {0, 1}
+    loads = {0: 20.0, 1: 12.0}
+    history = [shard_map]
+    for _ in range(6):
+        by_relay = loads | {2: 2.0}
+        weights = shard_listeners_from_relays(shard_map, by_relay)
+        after = rebalance(
+            shard_map, active=[0, 1], draining=[2], fanout=4, budget=1200,
+            shard_listeners=weights, in_transit=in_transit_by_shard(shard_map, by_relay),
+        ).map  # fmt: skip
+        for shard, source, target in _moves(shard_map, after):
+            assert source is not None and target is not None
+            loads[source] -= weights[shard]
+            loads[target] += weights[shard]
+        loads[1] += 1  # a join
+        shard_map = after
+        history.append(shard_map)
+    moved = Counter(m[0] for a, b in itertools.pairwise(history) for m in _moves(a, b))
+    assert all(n == 1 for n in moved.values()), moved
