@@ -629,15 +629,20 @@ def _former_shards(
 ) -> dict[int, tuple[int, ...]]:
     """`ShardMap.former_shards` after a pass: a draining relay adds the shards it gave away
     in it; a relay no longer draining is forgotten."""
+    draining = {relay for relay, state in states.items() if state == "draining"}
+    if not draining:
+        return {}
+    gone: dict[int, set[int]] = {}
+    for shard, (before, after) in enumerate(zip(current.assignment, assignment, strict=True)):
+        if before != after and before in draining:
+            gone.setdefault(before, set()).add(shard)
     former: dict[int, tuple[int, ...]] = {}
-    pairs = list(zip(current.assignment, assignment, strict=True))
-    for relay, state in states.items():
-        if state != "draining":
-            continue
-        gone = {s for s, (before, after) in enumerate(pairs) if before == relay != after}
-        kept = current.former_shards.get(relay, ()) if current.relays.get(relay) == state else ()
-        if gone or kept:
-            former[relay] = tuple(sorted({*kept, *gone}))
+    for relay in sorted(draining):
+        kept = (
+            current.former_shards.get(relay, ()) if current.relays.get(relay) == "draining" else ()
+        )
+        if kept or relay in gone:
+            former[relay] = tuple(sorted({*kept, *gone.get(relay, ())}))
     return former
 
 
