@@ -577,11 +577,14 @@ def _shed_overload(
     capacity, counting those on their way to it: one left exactly full would, on the next
     pass, shed a shard back (each such move reconnects the shard's listeners)."""
     moved, migrated, pending = 0, 0.0, False
-    transit = in_transit if in_transit is not None else (0.0,) * len(assignment)
     coming = dict.fromkeys(active, 0.0)
-    for shard, relay in enumerate(assignment):
-        if relay in coming and transit[shard] > 0:
-            coming[relay] += transit[shard]
+    if in_transit is None:
+        transit: Sequence[float] = (0.0,) * len(assignment)
+    else:
+        transit = in_transit
+        for shard, relay in enumerate(assignment):
+            if relay in coming and transit[shard] > 0:
+                coming[relay] += transit[shard]
 
     def demand(relay: int) -> float:
         return load[relay] + coming[relay]
@@ -746,21 +749,28 @@ def shard_listeners_from_relays(
     return [share.get(r, 0.0) if r is not None else 0.0 for r in current.assignment]
 
 
-def in_transit_by_shard(current: ShardMap, relay_listeners: Mapping[int, float]) -> list[float]:
+def in_transit_by_shard(
+    current: ShardMap, relay_listeners: Mapping[int, float]
+) -> list[float] | None:
     """Per shard, its listeners counted on relays of the map that hold none of their shards:
-    a draining relay's last ones, on their way to their shards' relays (see `rebalance`).
+    a draining relay's last ones, on their way to their shards' relays (see `rebalance`);
+    None when there are none.
 
     Which shard each of them is in is not measured (the counts are per relay), so they are
     spread evenly over the shards their relay held when it began draining
     (`ShardMap.former_shards`), as hashing spread them. A relay the map has no such record
     for (a map read back after an operator restart, or an active relay given no shard) has
     its listeners spread over every assigned shard: the least that is known."""
+    shardless = {
+        relay: listeners
+        for relay, held in current.counts().items()
+        if not held and (listeners := relay_listeners.get(relay, 0.0)) > 0
+    }
+    if not shardless:
+        return None
     transit = [0.0] * current.shards
     assigned = [s for s, relay in enumerate(current.assignment) if relay is not None]
-    for relay, held in current.counts().items():
-        listeners = relay_listeners.get(relay, 0.0)
-        if held or listeners <= 0:
-            continue
+    for relay, listeners in shardless.items():
         shards = current.former_shards.get(relay) or assigned
         for shard in shards:
             transit[shard] += listeners / len(shards)

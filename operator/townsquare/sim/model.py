@@ -31,6 +31,7 @@ from townsquare.scaling import Observation, ScalingState, decide, startup_estima
 from townsquare.sharding import (
     ADMISSION_MARGIN,
     ShardMap,
+    in_transit_by_shard,
     new_map,
     rebalance,
     shard_listeners_from_relays,
@@ -486,9 +487,9 @@ class _Townsquare:
         scrape: _Scrape | None,
     ) -> None:
         """Rebalance from what the operator read, exactly as the lifecycle does."""
-        weights = (
-            None if scrape is None else shard_listeners_from_relays(self.map, scrape.by_relay())
-        )
+        by_relay = None if scrape is None else scrape.by_relay()
+        weights = None if by_relay is None else shard_listeners_from_relays(self.map, by_relay)
+        in_transit = None if by_relay is None else in_transit_by_shard(self.map, by_relay)
         demand = None if scrape is None else self.expected(scrape)
         # As the lifecycle does: the per-minute cap times the time since the last publication.
         since = t - self.published_at if self.published_at is not None else 60
@@ -501,6 +502,7 @@ class _Townsquare:
             demand=demand,
             fanout=self.spec.sharding.fanout,
             budget=budget / 60,
+            in_transit=in_transit,
         )
         if change.map.generation != self.map.generation:
             self.publish(t, change.map)
