@@ -91,7 +91,7 @@ from townsquare.partitions import (
     slot_of,
 )
 from townsquare.passes import PassScheduler
-from townsquare.policy import TenantPolicy, violations, within_policy
+from townsquare.policy import TenantPolicy, listener_source
 from townsquare.scaling import ScalingState
 from townsquare.sharding import ShardMap
 from townsquare.telemetry import release_free_heap, room_logger
@@ -427,15 +427,8 @@ class Runtime:
     def metrics_read_for(
         self, namespace: str, spec: AudioRoomSpec, accepted: AudioRoomSpec | None = None
     ) -> MetricsSpec:
-        """Where a room's listeners are read: as its spec says, except for a room outside the
-        tenant policy (nothing of a refused spec is used): as the last spec `accepted` said,
-        with the platform's default (the metric contract on the operator's own Prometheus)
-        only for a part the policy refuses now, so a refused room that ran drains by its
-        relays' counts, read as it read them (a `livekit` room is not left blind)."""
-        policy = self.settings.policy
-        if policy and violations(spec, namespace, policy):
-            return within_policy(accepted.metrics if accepted else spec.metrics, namespace, policy)
-        return spec.metrics
+        """Where a room's listeners are read (decided by `policy.listener_source`)."""
+        return listener_source(spec, namespace, self.settings.policy, accepted)
 
     def pause(self) -> None:
         """Another replica acts: no pass starts until `resume`, and the rooms leave this

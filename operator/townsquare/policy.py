@@ -84,3 +84,19 @@ def within_policy(metrics: MetricsSpec, namespace: str, policy: TenantPolicy) ->
         if url is None or allowed_urls is None or url in allowed_urls
         else default.prometheus_url,
     )
+
+
+def listener_source(
+    spec: AudioRoomSpec,
+    namespace: str,
+    policy: TenantPolicy | None,
+    accepted: AudioRoomSpec | None = None,
+) -> MetricsSpec:
+    """Where a room's listeners are read: as its spec says, except for a room outside the
+    tenant policy (nothing of a refused spec is used): as the last spec `accepted` said,
+    with the platform's default (the metric contract on the operator's own Prometheus)
+    only for a part the policy refuses now, so a refused room that ran drains by its
+    relays' counts, read as it read them (a `livekit` room is not left blind)."""
+    if policy and violations(spec, namespace, policy):
+        return within_policy(accepted.metrics if accepted else spec.metrics, namespace, policy)
+    return spec.metrics
