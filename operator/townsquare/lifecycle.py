@@ -57,6 +57,7 @@ from townsquare.sharding import (
     new_map,
     rebalance,
     relays_changed,
+    relays_moved,
     resize,
     shard_listeners_from_relays,
 )
@@ -586,6 +587,7 @@ def reconcile(
         closed=closed,
         in_transit=in_transit,
     )
+    state = _track_relay_moves(state, shard_map or current_map, rebalanced.map, seen.now, closed)
     if relays_changed(shard_map or current_map, rebalanced.map):
         # Listeners may be between relays a while: an empty reading before now proves nothing
         # (cleared here, not by comparing this pass time with a sample's, on another clock).
@@ -1292,10 +1294,13 @@ def _carrying(
     """StatefulSet size that keeps every relay that may still carry listeners.
 
     A relay is empty only by a sample taken a moment (DRAIN_SETTLE) after the drain began
-    and after the map that last moved shards was published (`ScalingState.moved_at`): a
-    listener the map moved may be on its way. One
-    without a series of its own is empty when every counted listener is on another relay.
-    Without a count, all are kept.
+    and after the map that last moved shards onto or off it was published
+    (`ScalingState.relays_moved_at`; `moved_at`, the room's last move, where that is not
+    known): a listener the map moved may be on its way, or sent back by an edge that has not
+    read the map yet. Moves among other relays do not hold it: before, every move of the
+    drain set every relay's clock back, and a relay emptied early went 20-40 s later, with
+    the last (e2e). One without a series of its own is empty when every counted listener is
+    on another relay. Without a count, all are kept.
 
     A relay the map sends moved listeners to (`receiving`: active in the map) is empty only
     once the whole room has read empty twice: in a reading taken after the last move, and
@@ -1315,18 +1320,44 @@ def _carrying(
         return _Kept("Draining", 0, None, unsure=False)
     if metrics is None or metrics.listeners is None or metrics.sampled_at is None:
         return _Kept("Draining", running, first, unsure=False)
-    settled = max(began, state.moved_at or began) + DRAIN_SETTLE
-    if metrics.sampled_at <= settled:
-        return _Kept("Draining", running, first, unsure=running > 0)
+    sampled = metrics.sampled_at
+    relay_moves = dict(state.relays_moved_at or ())
+
+    def settled(relay: int) -> datetime:
+        moved = state.moved_at if relay in receiving else relay_moves.get(relay, state.moved_at)
+        return max(began, moved or began) + DRAIN_SETTLE
+
+    fresh = sampled > max(began, state.moved_at or began) + DRAIN_SETTLE
     unattributed = metrics.listeners > sum(metrics.by_relay.values())
-    room_empty = metrics.listeners == 0
-    confirmed = room_empty and first is not None and metrics.sampled_at > first + DRAIN_SETTLE
+    room_empty = fresh and metrics.listeners == 0
+    confirmed = room_empty and first is not None and sampled > first + DRAIN_SETTLE
     carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]
+    unsettled = [o for o in range(running) if sampled <= settled(o)]
     waiting = [o for o in range(running) if o in receiving and not confirmed]
-    keep = max(carrying + waiting) + 1 if carrying or waiting else 0
-    empty_sampled_at = (first or metrics.sampled_at) if room_empty else None
-    unsure = bool(waiting) and (not carrying or max(waiting) > max(carrying))
+    blind = sorted({*unsettled, *waiting})
+    keep = max(carrying + blind) + 1 if carrying or blind else 0
+    # A reading from before the room's last move settled neither starts nor ends a pair.
+    empty_sampled_at = ((first or sampled) if room_empty else None) if fresh else first
+    unsure = bool(blind) and (not carrying or max(blind) > max(carrying))
     return _Kept("Draining", keep, empty_sampled_at, unsure)
+
+
+def _track_relay_moves(
+    state: ScalingState, before: ShardMap, after: ShardMap, now: datetime, closed: bool
+) -> ScalingState:
+    """Stamp `now` on each relay this pass's map moves shards onto or off, while the room is
+    closed (see `ScalingState.relays_moved_at`). The first closed pass starts every relay
+    the maps name at the room's last move: none of them moved later."""
+    if not closed:
+        return state if state.relays_moved_at is None else replace(state, relays_moved_at=None)
+    named = set(before.relays) | set(after.relays)
+    if state.relays_moved_at is None:
+        last = now if state.moved_unpublished or state.moved_at is None else state.moved_at
+        known = dict.fromkeys(named, last)
+    else:
+        known = {o: t for o, t in state.relays_moved_at if o in named}
+    known |= dict.fromkeys(relays_moved(before, after), now)
+    return replace(state, relays_moved_at=tuple(sorted(known.items())))
 
 
 def _dated_move(state: ScalingState, published_at: datetime | None) -> ScalingState:
@@ -1335,7 +1366,11 @@ def _dated_move(state: ScalingState, published_at: datetime | None) -> ScalingSt
     handed that map's publication time (see `reconcile`'s `shard_map_at`)."""
     if not state.moved_unpublished or published_at is None or state.moved_at is None:
         return state
-    return replace(state, moved_at=max(state.moved_at, published_at), moved_unpublished=False)
+    moved = max(state.moved_at, published_at)
+    relays = state.relays_moved_at
+    if relays is not None:  # the relays that pass moved were stamped with its time too
+        relays = tuple((o, moved if t == state.moved_at else t) for o, t in relays)
+    return replace(state, moved_at=moved, moved_unpublished=False, relays_moved_at=relays)
 
 
 def _listeners_since(seen: Observed, began: datetime) -> float | None:
@@ -1393,10 +1428,12 @@ def _next_deadline(
     return deadline if deadline > now else now + timedelta(seconds=5)
 
 
-VOLATILE_STATE = ("samples", "targets")
-"""Scaling memory kept only in the process: it moves every tick, and storing it would write
-status every tick. Losing it in a restart is safe: the join rate is relearned within a
-minute, and a scale-down waits for a whole new stabilization window."""
+VOLATILE_STATE = ("samples", "targets", "relaysMovedAt")
+"""Scaling memory kept only in the process: the samples move every tick, and storing them
+would write status every tick; a closed room's moves by relay would make the status grow
+with its relays. Losing them in a restart is safe: the join rate is relearned within a
+minute, a scale-down waits for a whole new stabilization window, and the room's last move
+stands for every relay's."""
 
 
 def _persisted(state: ScalingState) -> dict[str, Any]:

@@ -194,6 +194,20 @@ def relays_changed(before: ShardMap, after: ShardMap) -> bool:
     )
 
 
+def relays_moved(before: ShardMap, after: ShardMap) -> frozenset[int]:
+    """Relays listeners move off or onto from the first map to the second, as
+    `relays_changed` counts moves (with another shard count, every relay either map names:
+    their listeners may all move)."""
+    if before.shards != after.shards:
+        return frozenset(o for o in (*before.assignment, *after.assignment) if o is not None)
+    return frozenset(
+        relay
+        for old, new in zip(before.assignment, after.assignment, strict=True)
+        if old is not None and new is not None and old != new
+        for relay in (old, new)
+    )
+
+
 @dataclass(frozen=True)
 class Rebalance:
     """The new map and what changing to it costs, for the `Resharded` Event."""

@@ -4,6 +4,7 @@ them by the shard map the operator publishes and reports them per relay pod."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -44,11 +45,18 @@ class PodWatch(Sampler):
     counts on each (and the real listeners, each by the relay that welcomed it)."""
 
     def __init__(
-        self, rooms: Rooms, load: LoadGenerator, real: Callable[[], dict[str, int]] | None = None
+        self,
+        rooms: Rooms,
+        room: str,
+        load: LoadGenerator,
+        real: Callable[[], dict[str, int]] | None = None,
     ) -> None:
-        self.rooms, self.load, self.real = rooms, load, real
+        self.rooms, self.room, self.load, self.real = rooms, room, load, real
         self.samples: list[tuple[float, dict[str, str], dict[str, float]]] = []
         """(time, pod name -> uid of pods not being deleted, listeners by pod name)."""
+        self.map_moves: list[tuple[float, str]] = []
+        """(time first seen, the room's stored `movedAt`): when its map last moved shards,
+        for failure messages."""
         super().__init__()
 
     def sample(self) -> None:
@@ -61,6 +69,11 @@ class PodWatch(Sampler):
             ).items
         )
         self.samples.append((time.time(), {p.metadata.name: p.metadata.uid for p in pods}, counted))
+        with contextlib.suppress(ApiException):
+            status = self.rooms.get(self.room).get("status", {})
+            moved = str((status.get("scalingState") or {}).get("movedAt"))
+            if not self.map_moves or self.map_moves[-1][1] != moved:
+                self.map_moves.append((time.time(), moved))
 
     def removals(self) -> list[tuple[float, str, dict[str, float]]]:
         """(when, pod, listeners counted just before) for every pod that went away."""
@@ -70,6 +83,15 @@ class PodWatch(Sampler):
                 if after[1].get(pod) != uid:
                     found.append((after[0], pod, before[2]))
         return found
+
+    def history(self, pod: str, until: float, seconds: float = 8.0) -> str:
+        """The pod's count in each sample of the last `seconds` before `until` (s before
+        it, count; '-' once the pod was gone): for a failure message."""
+        return ", ".join(
+            f"{t - until:.1f}s: {counted.get(pod, 0):g}{'' if pod in pods else ' (gone)'}"
+            for t, pods, counted in self.samples
+            if until - seconds <= t <= until
+        )
 
 
 def test_an_ended_room_re_armed_by_a_new_start_time_runs_again(
@@ -176,7 +198,7 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     load = LoadGenerator(kubeconfig, namespace, "leaving", trace, edges, real_listeners=0)
     prometheus.add_target(load.address, {"source": "loadgen"})
     lingering = Audience(edges.urls[0], namespace, "leaving")
-    watch = PodWatch(rooms, load, lambda: (relay_pods(), lingering.by_pod())[1])
+    watch = PodWatch(rooms, "leaving", load, lambda: (relay_pods(), lingering.by_pod())[1])
     try:
         wait_until(lambda: "origin started" in origin_process.tail(), 60, "the origin")
         wait_until(lambda: (listeners_by_pod(load), True)[1], 60, "the load generator")
@@ -253,8 +275,10 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
         if sampled
         else "no sample"
     )
-    for _, pod, counted in removals:
-        assert counted.get(pod, 0) == 0, f"{pod} went with {counted.get(pod)} listeners on it"
+    for when, pod, counted in removals:
+        assert counted.get(pod, 0) == 0, (
+            f"{pod} went with {counted.get(pod)} listeners on it: {watch.history(pod, when)}"
+        )
     last_full = max(t for t, _, counted in watch.samples if sum(counted.values()) >= 300)
     assert last_full > deleted_at + 5, "listeners stayed connected well after the deletion"
     at_deletion = max(
@@ -345,7 +369,12 @@ def _relays_go_as_the_lingering_listeners_move_down(watch: PodWatch, start: floa
     late = {
         o: round(lag, 1) for o, lag in lags.items() if o in before_leaving and lag > EMPTY_TO_GONE
     }
-    assert not late, f"relays went well after they emptied (s after the last listener): {late}"
+    moves = [round(t - start, 1) for t, _ in watch.map_moves if t > start]
+    assert not late, (
+        f"relays went well after they emptied (s after the last listener): {late}; removals "
+        f"(s after the start, relay) {[(round(t - start, 1), o) for t, o in gone]}; the map "
+        f"moved shards at (s after the start) {moves}"
+    )
     print(
         f"lingering on relays {carrying} at the fall; relays {before_leaving} removed "
         + ", ".join(f"{t - start:.1f}" for t, o in gone if o in before_leaving)

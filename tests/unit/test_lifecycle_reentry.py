@@ -10,7 +10,7 @@ from townsquare import headroom
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
 from townsquare.lifecycle import Metrics, Observed, Outcome, occurrence_start, reconcile
 from townsquare.policy import TenantPolicy
-from townsquare.sharding import ShardMap
+from townsquare.sharding import ShardMap, relays_changed
 
 START = datetime(2026, 12, 3, 16, 0, tzinfo=UTC)  # a Thursday, 17:00 in Paris
 
@@ -303,6 +303,54 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
     )  # fmt: skip
     assert gone.desired_relays == 0
     assert "DrainTimedOut" not in reasons(gone)
+
+
+def test_a_relay_emptied_early_in_the_end_drain_goes_while_the_relays_below_still_move() -> None:
+    """30 listeners linger over 10 relays; a pass comes every second (as in a busy room),
+    each moving the next relay's last listeners down within the budget, and each reading
+    was sampled half a second before its pass. The old rule dated every relay's settling
+    from the room's last move: no reading came 2 s after one while the drain kept moving
+    listeners, so relay 9, empty after the first pass, stayed until every relay below it
+    had moved, then went with them (20-40 s late on the real cluster). Now a relay goes by a
+    reading taken a moment after its own last move."""
+    spec = room(sharding={"maxMigrationsPerMinute": 240})
+    outcome = live_map(spec, START + timedelta(minutes=10))
+    lingering = [f"listener-{i}" for i in range(30)]
+    where = {who: outcome.shard_map.relay_for(who) for who in lingering}
+    end = START + timedelta(hours=1)
+    published, ready = end, 10
+    moving, emptied, gone = [], {}, {}
+    for second in range(1, 40):
+        moment = end + timedelta(seconds=second)
+        by_relay = dict.fromkeys(range(ready), 0)
+        for relay in where.values():
+            by_relay[relay] += 1
+        emptied |= {o: second for o, n in by_relay.items() if n == 0 and o not in emptied}
+        metrics = counted(len(lingering), moment - timedelta(seconds=0.5), by_relay)
+        before = outcome.shard_map
+        outcome = reconcile(
+            "r", spec, outcome.status, seen(moment, ready, metrics=metrics),
+            outcome.scaling_state, outcome.shard_map, published,
+        )  # fmt: skip
+        if relays_changed(before, outcome.shard_map):
+            moving.append(second)
+        if outcome.shard_map.generation != before.generation:
+            published = moment  # the shell's write returned at once
+        removed = range(outcome.desired_relays, ready)
+        assert not [o for o in removed if by_relay[o]], "no relay goes with listeners on it"
+        gone |= dict.fromkeys(removed, second)
+        ready = outcome.desired_relays
+        for who in lingering:  # the edge moves each listener whose shard went elsewhere
+            relay = outcome.shard_map.relay_for(who)
+            if relay is not None and outcome.shard_map.relays.get(relay) == "active":
+                where[who] = relay
+    assert ready == 1 and set(where.values()) == {0}, "relay 0 carries the 30 who linger"
+    assert len(moving) >= 5, f"the drain moved listeners pass after pass: {moving}"
+    assert gone[9] < moving[-1], f"relay 9 went while relays below still moved: {gone}"
+    # A StatefulSet removes its highest ordinal: a relay can go once those above it have.
+    free = {o: max(emptied[p] for p in range(o, 10)) for o in gone}
+    late = {o: gone[o] - free[o] for o in gone if gone[o] - free[o] > 3}
+    assert not late, f"each relay went within 3 passes of it and those above emptying: {late}"
 
 
 def test_the_end_drain_empties_the_highest_relay_first_within_the_budget() -> None:
