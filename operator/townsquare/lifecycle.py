@@ -587,7 +587,8 @@ def reconcile(
         closed=closed,
         in_transit=in_transit,
     )
-    state = _track_relay_moves(state, shard_map or current_map, rebalanced.map, seen.now, closed)
+    before = shard_map or current_map
+    state = _track_relay_moves(state, before, rebalanced.map, max(running, replicas), closed)
     if relays_changed(shard_map or current_map, rebalanced.map):
         # Listeners may be between relays a while: an empty reading before now proves nothing
         # (cleared here, not by comparing this pass time with a sample's, on another clock).
@@ -1324,7 +1325,10 @@ def _carrying(
     relay_moves = dict(state.relays_moved_at or ())
 
     def settled(relay: int) -> datetime:
-        moved = state.moved_at if relay in receiving else relay_moves.get(relay, state.moved_at)
+        if relay in receiving or relay not in relay_moves:
+            moved = state.moved_at
+        elif (moved := relay_moves[relay]) is None:  # by a map not out yet
+            return datetime.max.replace(tzinfo=UTC)
         return max(began, moved or began) + DRAIN_SETTLE
 
     fresh = sampled > max(began, state.moved_at or began) + DRAIN_SETTLE
@@ -1343,20 +1347,22 @@ def _carrying(
 
 
 def _track_relay_moves(
-    state: ScalingState, before: ShardMap, after: ShardMap, now: datetime, closed: bool
+    state: ScalingState, before: ShardMap, after: ShardMap, relays: int, closed: bool
 ) -> ScalingState:
-    """Stamp `now` on each relay this pass's map moves shards onto or off, while the room is
-    closed (see `ScalingState.relays_moved_at`). The first closed pass starts every relay
-    the maps name at the room's last move: none of them moved later."""
+    """Mark each relay this pass's map moves shards onto or off as moved by a map not yet
+    published, while the room is closed (see `ScalingState.relays_moved_at`; `_dated_move`
+    dates them). The first closed pass starts every relay, `relays` of them and any a map
+    names, at the room's last move: none of them moved later. A relay that leaves the map
+    keeps its time: the edge sends nobody to it."""
     if not closed:
         return state if state.relays_moved_at is None else replace(state, relays_moved_at=None)
-    named = set(before.relays) | set(after.relays)
+    known: dict[int, datetime | None]
     if state.relays_moved_at is None:
-        last = now if state.moved_unpublished or state.moved_at is None else state.moved_at
-        known = dict.fromkeys(named, last)
+        last = None if state.moved_unpublished else state.moved_at
+        known = dict.fromkeys({*range(relays), *before.relays, *after.relays}, last)
     else:
-        known = {o: t for o, t in state.relays_moved_at if o in named}
-    known |= dict.fromkeys(relays_moved(before, after), now)
+        known = dict(state.relays_moved_at)
+    known |= dict.fromkeys(relays_moved(before, after), None)
     return replace(state, relays_moved_at=tuple(sorted(known.items())))
 
 
@@ -1366,11 +1372,12 @@ def _dated_move(state: ScalingState, published_at: datetime | None) -> ScalingSt
     handed that map's publication time (see `reconcile`'s `shard_map_at`)."""
     if not state.moved_unpublished or published_at is None or state.moved_at is None:
         return state
-    moved = max(state.moved_at, published_at)
+    if published_at <= state.moved_at:
+        return state  # the moving map's write has not returned (it failed): not out yet
     relays = state.relays_moved_at
-    if relays is not None:  # the relays that pass moved were stamped with its time too
-        relays = tuple((o, moved if t == state.moved_at else t) for o, t in relays)
-    return replace(state, moved_at=moved, moved_unpublished=False, relays_moved_at=relays)
+    if relays is not None:  # every relay moved since the last publication: this map has it
+        relays = tuple((o, published_at if t is None else t) for o, t in relays)
+    return replace(state, moved_at=published_at, moved_unpublished=False, relays_moved_at=relays)
 
 
 def _listeners_since(seen: Observed, began: datetime) -> float | None:
@@ -1428,12 +1435,10 @@ def _next_deadline(
     return deadline if deadline > now else now + timedelta(seconds=5)
 
 
-VOLATILE_STATE = ("samples", "targets", "relaysMovedAt")
-"""Scaling memory kept only in the process: the samples move every tick, and storing them
-would write status every tick; a closed room's moves by relay would make the status grow
-with its relays. Losing them in a restart is safe: the join rate is relearned within a
-minute, a scale-down waits for a whole new stabilization window, and the room's last move
-stands for every relay's."""
+VOLATILE_STATE = ("samples", "targets")
+"""Scaling memory kept only in the process: it moves every tick, and storing it would write
+status every tick. Losing it in a restart is safe: the join rate is relearned within a
+minute, and a scale-down waits for a whole new stabilization window."""
 
 
 def _persisted(state: ScalingState) -> dict[str, Any]:

@@ -191,13 +191,14 @@ class ScalingState:
     arrived_at: datetime | None = None
     """When the announced crowd was seen to have come (see `plan_floor`): from then on the
     plan floor is gone."""
-    relays_moved_at: tuple[tuple[int, datetime], ...] | None = None
+    relays_moved_at: tuple[tuple[int, datetime | None], ...] | None = None
     """While the room is closed (its end drain): when the map last moved shards onto or off
-    each relay, dated as `moved_at` is. A relay the map drains is empty by a reading taken a
-    moment after its own last move, whatever moves other relays make later: the drain's
-    later moves go to the relays that receive, never to it. None: not tracked (the room is
-    open, or its closed passes have not begun); the room's `moved_at` stands for every
-    relay then."""
+    each relay, dated as `moved_at` is (None: by a map not published yet). A relay the map
+    drains is empty by a reading taken a moment after its own last move, whatever moves
+    other relays make later: the drain's later moves go to the relays that receive, never
+    to it. None: not tracked (the room is open, or its closed passes have not begun); the
+    room's `moved_at` stands for every relay then. Kept in the process only (not in
+    `to_dict`): it grows with the relays, and after a restart `moved_at` stands in."""
     empty_sampled_at: datetime | None = None
     """When the first reading of the whole room empty since the map last moved shards was
     sampled, on the metrics source's clock (the end drain confirms it with a reading sampled
@@ -232,9 +233,6 @@ class ScalingState:
             "emptySampledAt": None
             if self.empty_sampled_at is None
             else _iso(self.empty_sampled_at),
-            "relaysMovedAt": None
-            if self.relays_moved_at is None
-            else [[ordinal, _iso(moved)] for ordinal, moved in self.relays_moved_at],
         }
 
     @classmethod
@@ -255,11 +253,6 @@ class ScalingState:
             moved_unpublished=bool(data.get("movedUnpublished", False)),
             empty_sampled_at=(
                 _parse(data["emptySampledAt"]) if data.get("emptySampledAt") else None
-            ),
-            relays_moved_at=(
-                tuple((int(o), _parse(t)) for o, t in data["relaysMovedAt"])
-                if data.get("relaysMovedAt") is not None
-                else None
             ),
         )
 

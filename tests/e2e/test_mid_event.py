@@ -55,8 +55,9 @@ class PodWatch(Sampler):
         self.samples: list[tuple[float, dict[str, str], dict[str, float]]] = []
         """(time, pod name -> uid of pods not being deleted, listeners by pod name)."""
         self.map_moves: list[tuple[float, str]] = []
-        """(time first seen, the room's stored `movedAt`): when its map last moved shards,
-        for failure messages."""
+        """(time first seen, the room's stored `movedAt`) for each new value: when its map
+        moved shards (a move shows twice when re-dated to its map's publication), for
+        failure messages."""
         super().__init__()
 
     def sample(self) -> None:
@@ -71,8 +72,8 @@ class PodWatch(Sampler):
         self.samples.append((time.time(), {p.metadata.name: p.metadata.uid for p in pods}, counted))
         with contextlib.suppress(ApiException):
             status = self.rooms.get(self.room).get("status", {})
-            moved = str((status.get("scalingState") or {}).get("movedAt"))
-            if not self.map_moves or self.map_moves[-1][1] != moved:
+            moved = (status.get("scalingState") or {}).get("movedAt")
+            if moved and (not self.map_moves or self.map_moves[-1][1] != moved):
                 self.map_moves.append((time.time(), moved))
 
     def removals(self) -> list[tuple[float, str, dict[str, float]]]:
@@ -86,7 +87,7 @@ class PodWatch(Sampler):
 
     def history(self, pod: str, until: float, seconds: float = 8.0) -> str:
         """The pod's count in each sample of the last `seconds` before `until` (s before
-        it, count; '-' once the pod was gone): for a failure message."""
+        it, count, and "(gone)" once the pod was): for a failure message."""
         return ", ".join(
             f"{t - until:.1f}s: {counted.get(pod, 0):g}{'' if pod in pods else ' (gone)'}"
             for t, pods, counted in self.samples
@@ -216,11 +217,13 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
         wait_until(lambda: time.time() > start + 12, 30, "mid-event")
         map_before = rooms.core.read_namespaced_config_map("leaving-shards", namespace)
         deleted_at = time.time()
-        rooms.custom.delete_namespaced_custom_object(
+        marked = rooms.custom.delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "leaving",
             body=client.V1DeleteOptions(propagation_policy=cascade),
         )  # fmt: skip
-        finalizers = rooms.get("leaving")["metadata"].get("finalizers", [])
+        # The room as the deletion left it (a later read may come after the garbage
+        # collector has already taken `foregroundDeletion` off again).
+        finalizers = marked["metadata"].get("finalizers", [])
         assert ("foregroundDeletion" in finalizers) == (cascade == "Foreground")
 
         # The edge places and moves listeners by the shard map all through the drain. In the

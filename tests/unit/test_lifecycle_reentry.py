@@ -10,9 +10,12 @@ from townsquare import headroom
 from townsquare.api.models import AudioRoomSpec, AudioRoomStatus
 from townsquare.lifecycle import Metrics, Observed, Outcome, occurrence_start, reconcile
 from townsquare.policy import TenantPolicy
+from townsquare.scaling import DRAIN_SETTLE
 from townsquare.sharding import ShardMap, relays_changed
 
 START = datetime(2026, 12, 3, 16, 0, tzinfo=UTC)  # a Thursday, 17:00 in Paris
+WRITE = timedelta(seconds=0.2)
+"""A map's write returns this long after the pass that decided it: its publication."""
 
 
 def room(**spec: Any) -> AudioRoomSpec:
@@ -307,39 +310,47 @@ def test_the_end_drain_moves_the_last_listeners_down_so_each_relay_goes_as_it_em
 
 def test_a_relay_emptied_early_in_the_end_drain_goes_while_the_relays_below_still_move() -> None:
     """30 listeners linger over 10 relays; a pass comes every second (as in a busy room),
-    each moving the next relay's last listeners down within the budget, and each reading
-    was sampled half a second before its pass. The old rule dated every relay's settling
-    from the room's last move: no reading came 2 s after one while the drain kept moving
-    listeners, so relay 9, empty after the first pass, stayed until every relay below it
-    had moved, then went with them (20-40 s late on the real cluster). Now a relay goes by a
-    reading taken a moment after its own last move."""
+    each moving the next relay's last listeners down within the budget; each map is out
+    0.7 s after its pass, and each reading was sampled half a second before its pass. The
+    old rule dated every relay's settling from the room's last move: no reading came 2 s
+    after one while the drain kept moving listeners, so relay 9, empty after the first
+    moves, stayed until every relay below it had moved, then went with them (20-40 s late
+    on the real cluster). Now a relay goes by a reading sampled a moment after the
+    publication of the last map that moved listeners onto or off it, and no sooner."""
     spec = room(sharding={"maxMigrationsPerMinute": 240})
     outcome = live_map(spec, START + timedelta(minutes=10))
     lingering = [f"listener-{i}" for i in range(30)]
     where = {who: outcome.shard_map.relay_for(who) for who in lingering}
     end = START + timedelta(hours=1)
-    published, ready = end, 10
+    published, ready, lag = end, 10, timedelta(seconds=0.7)
     moving, emptied, gone = [], {}, {}
+    last_move: dict[int, datetime] = {}  # the publication of the last map moving a relay
     for second in range(1, 40):
         moment = end + timedelta(seconds=second)
+        sampled = moment - timedelta(seconds=0.5)
         by_relay = dict.fromkeys(range(ready), 0)
         for relay in where.values():
             by_relay[relay] += 1
         emptied |= {o: second for o, n in by_relay.items() if n == 0 and o not in emptied}
-        metrics = counted(len(lingering), moment - timedelta(seconds=0.5), by_relay)
         before = outcome.shard_map
         outcome = reconcile(
-            "r", spec, outcome.status, seen(moment, ready, metrics=metrics),
+            "r", spec, outcome.status,
+            seen(moment, ready, metrics=counted(len(lingering), sampled, by_relay)),
             outcome.scaling_state, outcome.shard_map, published,
         )  # fmt: skip
-        if relays_changed(before, outcome.shard_map):
-            moving.append(second)
-        if outcome.shard_map.generation != before.generation:
-            published = moment  # the shell's write returned at once
         removed = range(outcome.desired_relays, ready)
         assert not [o for o in removed if by_relay[o]], "no relay goes with listeners on it"
+        early = [o for o in removed if o in last_move and sampled <= last_move[o] + DRAIN_SETTLE]
+        assert not early, f"{early} went by a reading within the settle of their last move"
         gone |= dict.fromkeys(removed, second)
         ready = outcome.desired_relays
+        if outcome.shard_map.generation != before.generation:
+            published = moment + lag
+        if relays_changed(before, outcome.shard_map):
+            moving.append(second)
+            for old, new in zip(before.assignment, outcome.shard_map.assignment, strict=True):
+                if old != new:
+                    last_move |= {o: published for o in (old, new) if o is not None}
         for who in lingering:  # the edge moves each listener whose shard went elsewhere
             relay = outcome.shard_map.relay_for(who)
             if relay is not None and outcome.shard_map.relays.get(relay) == "active":
@@ -349,8 +360,40 @@ def test_a_relay_emptied_early_in_the_end_drain_goes_while_the_relays_below_stil
     assert gone[9] < moving[-1], f"relay 9 went while relays below still moved: {gone}"
     # A StatefulSet removes its highest ordinal: a relay can go once those above it have.
     free = {o: max(emptied[p] for p in range(o, 10)) for o in gone}
-    late = {o: gone[o] - free[o] for o in gone if gone[o] - free[o] > 3}
-    assert not late, f"each relay went within 3 passes of it and those above emptying: {late}"
+    late = {o: gone[o] - free[o] for o in gone if gone[o] - free[o] > 4}
+    assert not late, f"each relay went within 4 passes of it and those above emptying: {late}"
+    stored = outcome.status.scaling_state or {}
+    assert "relaysMovedAt" not in stored, "the moves by relay stay in memory, not in status"
+
+
+def test_a_relay_drained_by_a_map_whose_write_failed_waits_for_its_publication() -> None:
+    """The pass 10 s after the end drains relays 1-9 (every listener to relay 0), and its
+    map's write fails: the edges still place by the old map, where those relays take
+    listeners, and the shell hands the next pass that pass's own time. The old code took
+    that for the publication, and a reading 2.5 s later removed relays 1-9 while the edges
+    could still send listeners there. Now they wait for a reading a moment after the map
+    is really out (the retry's write, at 14 s)."""
+    spec = room()
+    live = live_map(spec, START + timedelta(minutes=10))
+    end = START + timedelta(hours=1)
+    failed = end + timedelta(seconds=10)
+    moved = reconcile(
+        "r", spec, live.status,
+        seen(failed, 10, metrics=counted(30, failed, {**dict.fromkeys(range(10), 0), 9: 30})),
+        live.scaling_state, live.shard_map, START + timedelta(minutes=10),
+    )  # fmt: skip
+    assert [o for o, s in moved.shard_map.relays.items() if s == "active"] == [0]
+    empty_above = {**dict.fromkeys(range(10), 0), 0: 30}
+    outcome = moved  # the shell hands on the failed write's pass time, then the retry's
+    for seconds, out in ((12.5, failed), (13.5, failed), (16.5, end + timedelta(seconds=14))):
+        at = end + timedelta(seconds=seconds)
+        outcome = reconcile(
+            "r", spec, outcome.status, seen(at, 10, metrics=counted(30, at, empty_above)),
+            outcome.scaling_state, outcome.shard_map, out,
+        )  # fmt: skip
+        if out == failed:
+            assert outcome.desired_relays == 10, f"kept at {seconds}s: the map is not out"
+    assert outcome.desired_relays == 1, "2.5 s after the retry published it, they go"
 
 
 def test_the_end_drain_empties_the_highest_relay_first_within_the_budget() -> None:
@@ -1219,7 +1262,7 @@ def test_a_room_refused_mid_event_keeps_its_listeners_until_the_end_then_drains(
     draining = reconcile(
         "r", spec, draining.status,
         seen(next_pass, 10, metrics=counted(30, next_pass, lingering), namespace="t"),
-        draining.scaling_state, draining.shard_map, after, policy=policy,
+        draining.scaling_state, draining.shard_map, after + WRITE, policy=policy,
     )  # fmt: skip
     assert draining.refused and draining.children
     assert draining.desired_relays == 1, "the empty relays go; relay 0 keeps its listeners"
@@ -1314,14 +1357,18 @@ def test_a_refused_room_deleted_mid_event_winds_down_without_its_refused_spec() 
     accepted = next(c for c in draining.status.conditions if c.type == "Accepted")
     assert accepted.status == "False"
     gone, later = draining, deleted_at + timedelta(seconds=20)  # every listener left
+    published = deleted_at + WRITE
     while gone.desired_relays and later < deleted_at + timedelta(minutes=2):
         later += timedelta(seconds=10)
+        before = gone.shard_map.generation
         gone = reconcile(
             "r", spec, gone.status,
             seen(later, gone.desired_relays, generation=2, deleting_since=deleted_at,
                  namespace="t", metrics=counted(0, later, dict.fromkeys(range(10), 0))),
-            gone.scaling_state, gone.shard_map, deleted_at, policy=policy,
+            gone.scaling_state, gone.shard_map, published, policy=policy,
         )  # fmt: skip
+        if gone.shard_map.generation != before:
+            published = later + WRITE
         assert gone.refused
     assert gone.desired_relays == 0, "emptied well before the drain timeout"
     done = reconcile(
