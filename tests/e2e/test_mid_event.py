@@ -362,12 +362,18 @@ def _relays_go_as_the_lingering_listeners_move_down(watch: PodWatch, start: floa
         f"every relay above relay 0 ({sorted(above)}) went while the {LINGERING} listeners "
         f"still listened, long before the drain timeout: only {before_leaving} did"
     )
-    # Each went as it emptied: soon after the listeners' side last saw anyone on it (a
-    # scrape, a count and a pass later), not when the relays below it emptied too.
+    # Each went as it emptied: soon after the listeners' side last saw anyone on it or on a
+    # relay above it (a StatefulSet removes its highest ordinal first; a relay whose only
+    # listeners were the simulated ones empties when they leave, and waits for those above
+    # it), a scrape, a count and a pass later; not when the relays below it emptied too.
     lags = {}
     for removed_at, ordinal in gone:
-        pod = next(p for p in at_fall[1] if _ordinal(p) == ordinal)
-        held = [t for t, _, counted in watch.samples if t < removed_at and counted.get(pod, 0)]
+        above = [p for p in at_fall[1] if _ordinal(p) >= ordinal]
+        held = [
+            t
+            for t, _, counted in watch.samples
+            if t < removed_at and any(counted.get(pod, 0) for pod in above)
+        ]
         lags[ordinal] = removed_at - max(held, default=at_fall[0])
     late = {
         o: round(lag, 1) for o, lag in lags.items() if o in before_leaving and lag > EMPTY_TO_GONE
