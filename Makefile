@@ -57,7 +57,8 @@ bench-operator: e2e-prerequisites
 	$(RUN) pytest -q -s -m bench tests/e2e/test_bench_operator.py
 
 # Needs the local cluster; long (the 10,000-room run takes most of an hour on 2 cores).
-# BENCH_ROOMS="1000 10000" picks the sizes; writes docs/benchmarks-scale.md.
+# BENCH_ROOMS="1000 10000" picks the sizes; rewrites docs/benchmarks-scale.md whole (the
+# hand-written analysis is docs/benchmarks-scale-analysis.md, never touched).
 bench-scale: e2e-prerequisites
 	$(RUN) pytest -q -s -m bench tests/e2e/test_bench_scale.py
 
