@@ -589,7 +589,7 @@ def reconcile(
     )
     before = shard_map or current_map
     state = _track_relay_moves(state, before, rebalanced.map, max(running, replicas), closed)
-    if relays_changed(shard_map or current_map, rebalanced.map):
+    if relays_changed(before, rebalanced.map):
         # Listeners may be between relays a while: an empty reading before now proves nothing
         # (cleared here, not by comparing this pass time with a sample's, on another clock).
         state = replace(state, moved_at=seen.now, empty_sampled_at=None, moved_unpublished=True)

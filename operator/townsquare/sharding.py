@@ -199,6 +199,8 @@ def relays_moved(before: ShardMap, after: ShardMap) -> frozenset[int]:
     `relays_changed` counts moves (with another shard count, every relay either map names:
     their listeners may all move)."""
     if before.shards != after.shards:
+        if moved_share(before.assignment, after.assignment) == 0:
+            return frozenset()  # resized in place: every listener keeps its relay
         return frozenset(o for o in (*before.assignment, *after.assignment) if o is not None)
     return frozenset(
         relay

@@ -32,6 +32,7 @@ from townsquare.sharding import (
     new_map,
     place,
     rebalance,
+    relays_moved,
     resize,
     shard_listeners_from_relays,
     shard_of,
@@ -589,3 +590,17 @@ def test_joins_on_a_receiver_never_send_a_shed_shard_back() -> None:
         history.append(shard_map)
     moved = Counter(m[0] for a, b in itertools.pairwise(history) for m in _moves(a, b))
     assert all(n == 1 for n in moved.values()), moved
+
+
+def test_relays_moved_names_the_relays_listeners_leave_and_join_and_nothing_else() -> None:
+    """The end drain holds a relay by its own last move: a move names its two relays; a
+    map that moves nobody names none, a shard count changed in place included (a name
+    there would hold its relays until the next move dates it)."""
+    before = balanced(64, 4)
+    moved = replace(before, assignment=(3, *before.assignment[1:]))
+    assert before.assignment[0] != 3
+    assert relays_moved(before, moved) == {before.assignment[0], 3}
+    assert relays_moved(before, before) == frozenset()
+    doubled = replace(before, assignment=resize(before.assignment, 128))
+    assert moved_share(before.assignment, doubled.assignment) == 0
+    assert relays_moved(before, doubled) == frozenset()
