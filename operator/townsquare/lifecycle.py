@@ -1338,11 +1338,11 @@ def _carrying(
     carrying = [o for o in range(running) if metrics.by_relay.get(o, int(unattributed)) > 0]
     unsettled = [o for o in range(running) if sampled <= settled(o)]
     waiting = [o for o in range(running) if o in receiving and not confirmed]
-    blind = sorted({*unsettled, *waiting})
-    keep = max(carrying + blind) + 1 if carrying or blind else 0
+    unproven = sorted({*unsettled, *waiting})  # not shown empty yet: kept, looked at soon
+    keep = max(carrying + unproven) + 1 if carrying or unproven else 0
     # A reading from before the room's last move settled neither starts nor ends a pair.
     empty_sampled_at = ((first or sampled) if room_empty else None) if fresh else first
-    unsure = bool(blind) and (not carrying or max(blind) > max(carrying))
+    unsure = bool(unproven) and (not carrying or max(unproven) > max(carrying))
     return _Kept("Draining", keep, empty_sampled_at, unsure)
 
 
