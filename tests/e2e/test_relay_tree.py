@@ -213,7 +213,9 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         audience.add(FIRST - len(homed_there))
         wait_until(lambda: audience.hearing(10), 60, "every listener hearing frames")
         # An edge that read the map a moment before the test did seats them by the one
-        # before; their relay then tells them to move (within the budget), and they do.
+        # before, and one that has not read the second tier's first report yet seats them
+        # on the others as guests; either way their relay then tells them to move (within
+        # the budget), and they do.
         wait_until(
             lambda: [lst for lst in audience.listeners if lst.pod == f"{ROOM}-relay-{tier_two[0]}"],
             30,
@@ -346,6 +348,9 @@ def test_a_two_tier_tree_carries_a_room_through_scaling_draining_and_a_killed_re
         if audience is not None:
             for lst in audience.listeners[:5]:
                 print("listener", lst.name, lst.pod, lst.stats)
+            for record in audience.joiner.record:  # where the edge seated them, and by which map
+                if record["listener"].startswith("second-tier-"):
+                    print("admitted", record)
             print("queued answers", audience.joiner.queued)
         print("prometheus", prometheus_listeners(prometheus, namespace), pods.scraped)
         print("status", json.dumps(rooms.get(ROOM).get("status")))

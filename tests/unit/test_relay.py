@@ -364,6 +364,59 @@ def test_a_guest_ticket_names_no_shard_so_a_relay_lets_it_in_whatever_its_map_sa
     run_room(tmp_path, body)
 
 
+class GuestFirst(MapJoiner):
+    """A joiner whose edge seats every join on relay 1 as a guest (its ticket names no
+    shard), as the edge does when the shard's relay is full or has not reported yet; asked
+    again, it answers from the map, as the edge does once that relay has room."""
+
+    async def join(self, listener: str) -> Admission:
+        address = await self.resolver.relay_address(1)
+        assert address is not None
+        host, port = address
+        claims = {"listener": listener, "room": f"{self.namespace}/{self.room}",
+                  "pod": f"{self.room}-relay-1", "shard": None, "generation": 1}  # fmt: skip
+        ticket = sign(self.key, "admit", claims, expires=time.time() + self.ticket_seconds)
+        return Admission(host, port, ticket, f"{self.room}-relay-1")
+
+    async def relocate(self, listener: str, current: Admission) -> Admission | None:
+        home = await super().join(listener)
+        return None if home.pod == current.pod else home
+
+
+def test_a_guest_is_sent_home_once_its_shards_relay_can_take_it(tmp_path: Path) -> None:
+    """A guest used to stay on the relay that seated it until that relay drained: no relay
+    ever asked it to go, so the edge never sent it home, and its shard's relay stayed short
+    of the listeners the map gives it (the two-tier e2e found its second tier empty). Now
+    its relay asks, and it moves make-before-break, hearing every frame; listeners seated by
+    their shard are not asked."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        await room.start(first)
+        joiner = GuestFirst(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
+        away = [n for n in NAMES if first.relay_for(n) == 0][:3]
+        settled = [n for n in NAMES if first.relay_for(n) == 1][:2]
+        assert away and settled
+        listeners = [Listener(n, joiner) for n in away + settled]
+        room.listeners += listeners
+        tasks = [asyncio.create_task(lst.run(room.stop)) for lst in listeners]
+        await until(lambda: {lst.name for lst in room.on(0)} == set(away), 10,
+                    "the guests at home on relay 0")  # fmt: skip
+        await frames_flow(listeners, 20)
+        for listener in listeners:
+            stats = listener.stats
+            assert stats.lost == 0 and stats.disconnects == 0 and stats.joins == 1
+            if listener.name in away:
+                assert set(stats.moves) == {"guest"} and stats.relocations == 1
+                assert stats.relays == ["r-relay-1", "r-relay-0"]
+            else:
+                assert not stats.moves and listener.pod == "r-relay-1"
+        room.stop.set()
+        await asyncio.gather(*tasks)
+
+    run_room(tmp_path, body)
+
+
 def test_a_draining_relay_keeps_the_listeners_whose_shard_has_not_moved_yet(
     tmp_path: Path,
 ) -> None:

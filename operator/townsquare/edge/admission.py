@@ -26,8 +26,9 @@ Four rules make that enough:
 - Seats: a queued join takes any free seat. Its shard's relay when that relay has room,
   otherwise the active relay with the most room, as a guest: an older join whose relay is
   full does not wait while younger joins of other shards take the new relays. A guest's
-  ticket names no shard, so its relay keeps it until it drains; asked where its relay is,
-  the edge sends it home when its shard's relay has room, as any move.
+  ticket names no shard, so its relay never refuses it by its map; the relay asks it to
+  go home while its shard's relay is active and the room takes joins, and the edge sends
+  it there when that relay has room, as any move.
 - Moves: a listener whose shard the map moved (or a guest) is sent to its shard's relay
   while this replica has spent less than `maxMigrationsPerMinute // replicas` moves in the
   last minute, and, off a relay that is not draining, only once no join waits here: while
@@ -677,7 +678,7 @@ class Gate:
         self, room: Room, listener: str, shard: int | None, pod: str, now: float
     ) -> str:
         """A relay checks the shard a ticket names against its map; a guest's names none,
-        so the relay keeps it whatever its map says until it drains."""
+        so the relay lets it in whatever its map says (and asks it to go home later)."""
         claims = {
             "listener": listener,
             "room": room.key,

@@ -251,6 +251,8 @@ class Relay(Hub):
             return "draining"
         if self._moved_away(admitted.name, admitted.shard, admitted.generation):
             return "shard-moved"
+        if admitted.shard is None and self._home_elsewhere(admitted.name):
+            return "guest"
         return None
 
     def _placed_elsewhere(self, listener: str) -> bool:
@@ -258,6 +260,18 @@ class Relay(Hub):
         Until then a draining relay keeps it (asked to move, the edge would say stay)."""
         home = self.map.relay_for(listener) if self.map is not None else None
         return home is not None and home != self.ordinal
+
+    def _home_elsewhere(self, listener: str) -> bool:
+        """A guest (seated here because its shard's relay had no seat for it then: full, or
+        not reported yet) whose shard's relay is active, in a room that takes joins: the
+        edge sends it home once that relay has room and no join waits. Unasked, it never
+        went, and its shard's relay stayed short of the listeners the map gives it while
+        this one carried them. A room closed to joins takes no more, so nothing is gained
+        by moving its guests between relays that stay."""
+        if self.map is None or self._closed_to_joins():
+            return False
+        home = self.map.relay_for(listener)
+        return home is not None and home != self.ordinal and self.map.relays.get(home) == "active"
 
     def _closed_to_joins(self) -> bool:
         return self.map is not None and self.map.admission == "closed"
