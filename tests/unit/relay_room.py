@@ -82,8 +82,11 @@ class LoopbackRoom:
     def join(self) -> MapJoiner:
         return MapJoiner(FileMapSource(self.map_file), self.resolver, KEY, NAMESPACE, ROOM)
 
-    async def add_listeners(self, names: list[str]) -> list[Listener]:
-        join = self.join()
+    async def add_listeners(
+        self, names: list[str], joiner: MapJoiner | None = None
+    ) -> list[Listener]:
+        """Listeners joined by `joiner` (the map's answer by default), once they hear."""
+        join = joiner or self.join()
         added = [Listener(name, join) for name in names]
         for listener in added:
             self._tasks.append(asyncio.create_task(listener.run(self.stop)))

@@ -23,7 +23,7 @@ from townsquare.edge.admission import (
     line_of,
 )
 from townsquare.edge.admission import Settings as EdgeSettings
-from townsquare.sharding import Admission, ShardMap, new_map, rebalance, shard_of
+from townsquare.sharding import Admission, RelayState, ShardMap, new_map, rebalance, shard_of
 
 KEY = b"k" * 32
 NS, ROOM = "spaces", "launch"
@@ -56,9 +56,10 @@ def room_map(
     )
 
 
-def seat_at(listener: str, pod: str, *, at: float = 90.0) -> str:
-    """The admit ticket an edge gave `listener` for `pod` at `at` (expired by now=101)."""
-    claims = {"listener": listener, "room": f"{NS}/{ROOM}", "pod": pod, "shard": None}
+def seat_at(listener: str, pod: str, *, at: float = 90.0, shard: int | None = None) -> str:
+    """The admit ticket an edge gave `listener` for `pod` at `at` (expired by now=101); a
+    guest's (no `shard`) unless told otherwise."""
+    claims = {"listener": listener, "room": f"{NS}/{ROOM}", "pod": pod, "shard": shard}
     return tickets.sign(KEY, "admit", {**claims, "generation": 1}, expires=at + 5.0)
 
 
@@ -484,6 +485,28 @@ def test_a_guest_goes_home_once_no_join_waits_and_within_the_budget() -> None:
     home = gate.locate(room, guest, seat_at(guest, other), now=101.0)
     assert isinstance(home, Location) and home.moved and home.pod == f"{ROOM}-relay-0"
     assert tickets.verify(KEY, home.ticket or "", "admit", now=101.0)["shard"] == home.shard
+
+
+def test_a_guest_off_a_relay_that_stays_waits_while_a_relay_drains() -> None:
+    """The operator paces a drain as if the whole migration budget were its own: a guest
+    going home would spend it, so it waits (room and budget there for it) until no relay
+    drains; a listener whose shard moved, and a guest on the draining relay, still move."""
+    shard_map = room_map(relays=3, capacity=10, draining=(2,), budget=60)
+    gate = gate_for(shard_map)
+    room = gate.rooms[(NS, ROOM)]
+    guest, moved, later = listeners_of(shard_map, 0, 3, prefix="g")
+    stays, leaves = f"{ROOM}-relay-1", f"{ROOM}-relay-2"
+    held = gate.locate(room, guest, seat_at(guest, stays), now=101.0)
+    assert isinstance(held, Held) and "drains" in held.reason
+    shard = shard_of(moved, shard_map.shards)
+    by_shard = gate.locate(room, moved, seat_at(moved, stays, shard=shard), now=101.0)
+    assert isinstance(by_shard, Location) and by_shard.moved
+    drained = gate.locate(room, guest, seat_at(guest, leaves), now=101.0)
+    assert isinstance(drained, Location) and drained.moved and drained.pod == f"{ROOM}-relay-0"
+    over: dict[int, RelayState] = {o: "active" for o in shard_map.relays}  # drain called off
+    gate.set_map(NS, ROOM, dataclasses.replace(shard_map, generation=9, relays=over))
+    home = gate.locate(room, later, seat_at(later, stays), now=101.0)
+    assert isinstance(home, Location) and home.moved and home.pod == f"{ROOM}-relay-0"
 
 
 def test_listeners_leave_a_draining_relay_even_while_joins_wait() -> None:

@@ -16,9 +16,10 @@ from relay_room import KEY, LoopbackRoom, frames_flow, tree, until
 from townsquare.relay.hub import RefusedError
 from townsquare.relay.listener import Admission, Listener, MapJoiner
 from townsquare.relay.metrics import serve_metrics
+from townsquare.relay.server import move_reason_for
 from townsquare.relay.topology import FileMapSource
 from townsquare.relay.upstream import feed_ticket
-from townsquare.sharding import ShardMap, rebalance, resize, shard_of
+from townsquare.sharding import RelayState, ShardMap, rebalance, resize, shard_of
 from townsquare.tickets import sign
 
 NAMES = [f"listener-{i}" for i in range(20)]
@@ -491,3 +492,185 @@ def test_a_draining_relays_listener_held_past_the_grace_period_stays(
         await asyncio.gather(*tasks)
 
     run_room(tmp_path, body)
+
+
+class HeldGuests(GuestFirst):
+    """A joiner whose edge seats `guests` on relay 1 as guests (their tickets name no shard)
+    and everyone else by the map, and, like `Stubborn`'s, holds every move: the guests'
+    home is full, or not Ready, or the edge's share of the budget is nil."""
+
+    def __init__(self, room: LoopbackRoom, guests: list[str]) -> None:
+        super().__init__(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
+        self.guests = set(guests)
+
+    async def join(self, listener: str) -> Admission:
+        if listener in self.guests:
+            return await super().join(listener)
+        return await MapJoiner.join(self, listener)
+
+    async def relocate(self, listener: str, current: Admission) -> None:
+        return None
+
+
+def named_for(shard_map: ShardMap, relays: set[int], count: int, prefix: str) -> list[str]:
+    """`count` listener ids whose shard the map gives to one of `relays`."""
+    names = (f"{prefix}-{i}" for i in range(10_000))
+    return [n for n in names if shard_map.relay_for(n) in relays][:count]
+
+
+def moved_shard(shard_map: ShardMap, listener: str, to: int) -> ShardMap:
+    """The next map, which gives only `listener`'s shard to relay `to`."""
+    assignment = list(shard_map.assignment)
+    assignment[shard_of(listener, shard_map.shards)] = to
+    return replace(shard_map, generation=shard_map.generation + 1, assignment=tuple(assignment))
+
+
+async def held_guests_beside(
+    room: LoopbackRoom, movers: int
+) -> tuple[ShardMap, list[Listener], list[Listener]]:
+    """Two relays that re-notify every 0.2 s with a 0.5 s grace; on relay 1, four guests
+    whose home is relay 0 and `movers` listeners seated by their shard, all moves held."""
+    first = tree(2, fanout=8)
+    await room.start(first)
+    for relay in room.relays.values():
+        relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
+    guests = named_for(first, {0}, 4, "guest")
+    joiner = HeldGuests(room, guests)
+    held = await room.add_listeners(guests, joiner)
+    seated = await room.add_listeners(named_for(first, {1}, movers, "mover"), joiner)
+    return first, held, seated
+
+
+def test_a_moved_shards_listener_is_told_first_while_many_guests_are_held(
+    tmp_path: Path,
+) -> None:
+    """All notices used to share one line paced by the budget: with many guests held (their
+    home full) a listener whose shard moved waited behind every guest's notice, and guests
+    were queued again every 3 s for good. Now shard moves go first and guests take only
+    the slots left over: the moved listener hears within `renotify_seconds`, although the
+    guests' round alone takes 10 s at this relay's 2 notices a second."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = replace(tree(3, fanout=8), migrations_per_minute=360)  # 2/s for each relay
+        await room.start(first)
+        guests = named_for(first, {0, 2}, 20, "guest")
+        mover = named_for(first, {1}, 1, "mover")
+        joiner = HeldGuests(room, guests)
+        await room.add_listeners(guests, joiner)
+        (moving,) = await room.add_listeners(mover, joiner)
+        relay = room.relays[1]
+        await until(lambda: relay.moves["guest"] >= 2, 10, "the guests' round to begin")
+        moved = moved_shard(first, mover[0], 0)
+        room.publish(moved)
+        published = time.monotonic()
+        await until(lambda: moving.stats.moves["shard-moved"] >= 1, 15, "the shard move's notice")
+        waited = time.monotonic() - published
+        assert waited < relay.config.renotify_seconds, (waited, dict(relay.moves))
+        assert relay.moves["guest"] < len(guests), "it did not wait for the guests' round"
+
+    run_room(tmp_path, body)
+
+
+def test_held_guests_are_told_again_ever_more_rarely(tmp_path: Path) -> None:
+    """A guest the edge holds is told again after `renotify_seconds`, then twice as long each
+    time (its home may stay full all event, and each notice takes a slot of the budget);
+    a listener whose shard moved is still told every `renotify_seconds`."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first, held, (moving,) = await held_guests_beside(room, movers=1)
+        room.publish(moved_shard(first, moving.name, 0))
+        await until(lambda: moving.stats.moves["shard-moved"] >= 1, 10, "the shard move")
+        told = {lst.name: lst.stats.moves["guest"] for lst in held}
+        await asyncio.sleep(3.0)  # 15 rounds of 0.2 s; doubling from 0.2 s fits 4 in 3 s
+        for listener in held:
+            again = listener.stats.moves["guest"] - told[listener.name]
+            assert 2 <= again <= 5, (listener.name, again)
+            assert listener.pod == "r-relay-1" and listener.stats.joins == 1
+        assert moving.stats.moves["shard-moved"] >= 8, dict(moving.stats.moves)
+
+    run_room(tmp_path, body)
+
+
+@pytest.mark.parametrize("why", ["closed to joins", "home drains"])
+def test_a_guest_is_not_asked_home_in_a_closed_room_nor_while_its_home_drains(
+    tmp_path: Path, why: str
+) -> None:
+    """Closed to joins, no join needs the guest's seat back; a draining home takes nobody.
+    Either way its relay does not ask it, and does once the map lets it go home."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first = tree(2, fanout=8)
+        weights = [1.0] * first.shards
+        if why == "closed to joins":
+            kept = replace(first, admission="closed")
+        else:  # relay 0 drains; the budget has moved none of its shards yet
+            kept = rebalance(first, active=[1], draining=[0], fanout=8, shard_listeners=weights,
+                             budget=0.0).map  # fmt: skip
+            assert kept.relays[0] == "draining" and kept.counts()[0] == first.counts()[0]
+        await room.start(kept)
+        for relay in room.relays.values():
+            relay.config = replace(relay.config, move_grace=0.5, renotify_seconds=0.2)
+        joiner = GuestFirst(FileMapSource(room.map_file), room.resolver, KEY, "ns", "r")
+        (guest,) = await room.add_listeners(named_for(first, {0}, 1, "guest"), joiner)
+        await asyncio.sleep(1.0)  # five renotify periods
+        assert not guest.stats.moves and guest.pod == "r-relay-1", dict(guest.stats.moves)
+        active: dict[int, RelayState] = {0: "active", 1: "active"}
+        room.publish(replace(kept, generation=kept.generation + 1, relays=active,
+                             admission="open"))  # fmt: skip
+        await until(lambda: guest.pod == "r-relay-0" and guest.stats.relocations, 10, "home")
+        assert dict(guest.stats.moves) == {"guest": 1}
+
+    run_room(tmp_path, body)
+
+
+def test_a_relay_above_capacity_keeps_its_guests_past_the_grace(tmp_path: Path) -> None:
+    """`listenersPerRelay` lowered mid-event: a relay above its new capacity closes the
+    held listeners whose shard moved after the grace (they join again where the map
+    sends them), but keeps its guests, as it keeps the listeners of its own shards: a
+    guest's home had no seat for it, and closed it would join at the back of the line."""
+
+    async def body(room: LoopbackRoom) -> None:
+        first, held, moving = await held_guests_beside(room, movers=2)
+        lowered = moved_shard(moved_shard(first, moving[0].name, 0), moving[1].name, 0)
+        room.publish(replace(lowered, capacity=3))  # relay 1 holds 6
+        await until(lambda: all(lst.stats.moves["shard-moved-grace-over"] for lst in moving),
+                    10, "the moved listeners cut after the grace")  # fmt: skip
+        await asyncio.sleep(1.5)  # three more grace periods, relay 1 still above capacity
+        assert len(room.relays[1].listeners) == len(held) > room.relays[1].capacity
+        for listener in held:
+            assert listener.stats.moves["guest"] >= 1, "asked home, held by the edge"
+            assert listener.stats.moves["guest-grace-over"] == 0
+            assert listener.pod == "r-relay-1" and listener.stats.joins == 1
+            assert listener.stats.disconnects == 0 and listener.stats.lost == 0
+
+    run_room(tmp_path, body)
+
+
+def test_the_move_reason_is_judged_from_the_listeners_home_in_the_map() -> None:
+    """One place decides why a listener should be elsewhere: its home under the live map."""
+    first = tree(3, fanout=8)
+    home0, home1 = named_for(first, {0}, 1, "a")[0], named_for(first, {1}, 1, "b")[0]
+    shard = shard_of(home0, first.shards)
+    weights = [1.0] * first.shards
+    drains_0 = rebalance(first, active=[1, 2], draining=[0], fanout=8, shard_listeners=weights,
+                         budget=0.0).map  # fmt: skip
+    drains_2 = rebalance(first, active=[0, 1], draining=[2], fanout=8, shard_listeners=weights,
+                         budget=0.0).map  # fmt: skip
+    closed = replace(first, admission="closed")
+    g = first.generation
+    cases = [
+        (None, 1, False, home0, None, g, None),
+        (first, 0, False, home0, shard, g, None),  # at home
+        (first, 1, False, home1, None, g, None),  # a guest at home is no guest
+        (first, 1, True, home0, shard, g, "draining"),
+        (first, 1, False, home0, shard, g, "shard-moved"),
+        (first, 1, False, home0, shard, g + 1, None),  # a ticket newer than the map
+        (first, 1, False, home0, None, g, "guest"),
+        (closed, 1, False, home0, None, g, None),
+        (drains_0, 1, False, home0, None, g, None),  # its home drains
+        (drains_2, 1, False, home0, None, g, None),  # another relay drains
+        (drains_2, 2, True, home0, None, g, "draining"),  # a guest on the draining relay
+    ]
+    for shard_map, ordinal, draining, name, ticket_shard, generation, expected in cases:
+        got = move_reason_for(shard_map, ordinal, draining, name, ticket_shard, generation)
+        assert got == expected, (ordinal, draining, name, ticket_shard, generation)

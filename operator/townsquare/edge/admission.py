@@ -32,7 +32,9 @@ Four rules make that enough:
 - Moves: a listener whose shard the map moved (or a guest) is sent to its shard's relay
   while this replica has spent less than `maxMigrationsPerMinute // replicas` moves in the
   last minute, and, off a relay that is not draining, only once no join waits here: while
-  joins wait, a move would only take the seat of one.
+  joins wait, a move would only take the seat of one. A guest off a relay that stays also
+  waits while any relay of the room drains, so that drains keep the budget they are
+  planned with.
 
 Time is a parameter everywhere; the shell passes the clock in.
 """
@@ -584,14 +586,19 @@ class Gate:
     def locate(self, room: Room, listener: str, seat: str | None, now: float) -> Location | Held:
         """Where the listener's relay is; when it holds a seat elsewhere (its shard moved,
         or it is a guest there), a ticket for its relay, within the migration budget and
-        the relay's room, once no join waits here (unless its seat's relay drains).
+        the relay's room, once no join waits here (unless its seat's relay drains). A guest
+        off a relay that stays also waits while any relay of the room drains: the operator
+        paces a drain as if the whole budget were its own, and a guest loses nothing by
+        staying where it is.
 
         `seat` is the listener's latest admit ticket: the only proof of where it sits, so
         a move cannot be had by naming a relay. A forged ticket, one for another listener
         or room, one superseded by a move this replica gave, or one whose relay left the
         map raises TicketError (the caller answers 400); an expired one still proves the
         seat, since listeners stay long after they connected."""
-        current = None if seat is None else self._seated_at(room, listener, seat, now)
+        current, guest = (
+            (None, False) if seat is None else self._seated_at(room, listener, seat, now)
+        )
         shard, pod = room.target(listener)
         generation = room.shard_map.generation
         retry = max(1, math.ceil(self.settings.retry_after))
@@ -606,8 +613,11 @@ class Gate:
         if reason is None and room.spare(pod, self.settings) <= 0:
             reason = f"relay {pod} is full"
         waits = room.oldest(now) is not None and not room.closed
-        if reason is None and waits and not _drains(room, current):
+        leaving = _drains(room, current)
+        if reason is None and waits and not leaving:
             reason = f"{len(room.waiters)} joins wait for a seat; moves come after them"
+        if reason is None and guest and not leaving and _any_drains(room):
+            reason = f"a relay drains; a guest on {current} goes home after the drain"
         budget = room.shard_map.migrations_per_minute
         if reason is None and budget is not None:
             room.forget_moves(now)
@@ -622,8 +632,9 @@ class Gate:
         ticket = self._admit_ticket(room, listener, shard, pod, now)
         return Location(relay, pod, shard, generation, moved=True, ticket=ticket)
 
-    def _seated_at(self, room: Room, listener: str, seat: str, now: float) -> str:
-        """The pod a genuine admit ticket of this listener seats it at, or TicketError.
+    def _seated_at(self, room: Room, listener: str, seat: str, now: float) -> tuple[str, bool]:
+        """The pod a genuine admit ticket of this listener seats it at, and whether as a
+        guest (the ticket names no shard), or TicketError.
 
         A ticket issued before a move this replica gave is spent while the move's own ticket
         is valid; once that expired, the listener either connected with it (and asks with
@@ -644,7 +655,7 @@ class Gate:
             raise tickets.TicketError(
                 "ticket: superseded by the move this edge gave; send the newest admit ticket"
             )
-        return pod
+        return pod, claims.get("shard") is None
 
     def _first_attempt(self, room: Room, listener: str, ticket: str, now: float) -> float:
         try:
@@ -719,6 +730,10 @@ def _ordinal(pod: str) -> int | None:
         return int(pod.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return None
+
+
+def _any_drains(room: Room) -> bool:
+    return any(state != "active" for state in room.shard_map.relays.values())
 
 
 def _drains(room: Room, pod: str) -> bool:

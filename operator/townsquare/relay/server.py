@@ -5,20 +5,22 @@ origin); its `relays` say whether it drains; its `assignment` says which shards 
 It accepts a listener only with an `admit` ticket for this pod and room, refuses at
 capacity, and when a listener's shard moves (the map gives it to another relay, whether or
 not this one drains) it tells the listener to ask the edge again, paced by its share of the
-room's migration budget; a draining relay takes no new listener. If its parent is
-unreachable it feeds from the nearest reachable ancestor (finally the origin) until the
-parent answers again, re-attaching make-before-break so that no frame is lost on the way.
+room's migration budget; a draining relay takes no new listener. It also asks guests (seated
+here while their shard's relay had no seat) to go home, but only with the notices that the
+moves the map or a drain asks for leave over, and ever more rarely while the edge holds
+them. If its parent is unreachable it feeds from the nearest reachable ancestor (finally the
+origin) until the parent answers again, re-attaching make-before-break so that no frame is
+lost on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -31,6 +33,61 @@ from townsquare.sharding import ShardMap
 from townsquare.tickets import TicketError, verify
 
 log = structlog.get_logger("townsquare.relay")
+
+MoveReason = Literal["draining", "shard-moved", "guest"]
+NOTICE_ORDER: tuple[MoveReason, ...] = ("draining", "shard-moved", "guest")
+"""Whose notice goes first when the budget binds: a draining relay's listeners (the operator
+plans the drain as if the whole budget were its own), then listeners whose shard the map
+moved, then guests, with what is left over."""
+
+
+@dataclass
+class Notices:
+    """The move notices one listener was sent while it should be elsewhere (monotonic s)."""
+
+    first: float
+    last: float
+    count: int = 0
+
+
+def move_reason_for(
+    shard_map: ShardMap | None,
+    ordinal: int | None,
+    draining: bool,
+    listener: str,
+    shard: object,
+    generation: int,
+) -> MoveReason | None:
+    """Why a listener on relay `ordinal` (its ticket naming `shard` and `generation`) should
+    be elsewhere under `shard_map`, if it should; its home, the relay the map gives its
+    shard, is computed once, from the listener under the map's own shard count (the count
+    may have changed since the ticket was signed; the ticket's shard only says whether the
+    edge seated it by its shard, a guest's names none).
+
+    - draining: this relay drains and the map has a place elsewhere (until it has, the edge
+      would only say stay);
+    - shard-moved: seated by its shard, and the map, at least as new as the ticket, gives
+      that shard to another relay;
+    - guest: seated here while its home had no seat for it (full, not Ready, not reported
+      yet), its home is active, the room takes joins (closed to joins, no join needs the
+      seat back) and no relay drains (the edge holds guests then, so that the drain keeps
+      the budget the operator planned it with). The edge grants the move once its home is
+      Ready with room, its share of the budget is not spent and no join waits there.
+    """
+    if shard_map is None:
+        return None
+    home = shard_map.relay_for(listener)
+    if home == ordinal:
+        return None
+    if draining and home is not None:
+        return "draining"
+    if isinstance(shard, int):
+        return "shard-moved" if generation <= shard_map.generation else None
+    home_active = home is not None and shard_map.relays.get(home) == "active"
+    drains = "draining" in shard_map.relays.values()
+    if shard is None and home_active and shard_map.admission != "closed" and not drains:
+        return "guest"
+    return None
 
 
 @dataclass(frozen=True)
@@ -52,6 +109,10 @@ class RelayConfig:
     its move: closing it would only turn a held move into a join at the back of a queue)."""
     renotify_seconds: float = 3.0
     """A listener still here this long after a move notice (the edge held it) is told again."""
+    guest_renotify_max: float = 60.0
+    """A held guest is told again after `renotify_seconds`, then twice as long each time, up
+    to this: its home is full, or not Ready, or the edge's share of the budget is nil, and
+    may stay so for the whole event, while every notice takes a slot of the budget."""
     map_interval: float = 1.0
     """Seconds between reads of the shard map."""
     retry_seconds: float = 0.5
@@ -101,10 +162,10 @@ class Relay(Hub):
         self.upstream_changed = asyncio.Event()
         self.frames_lost_upstream = 0
         self.reattachments = 0
-        self._move_queue: deque[str] = deque()
-        self._queued: set[str] = set()
-        self._notified: dict[str, tuple[float, float]] = {}
-        """Listener -> (first notice, last notice), monotonic seconds."""
+        self._move_queues: dict[MoveReason, deque[str]] = {r: deque() for r in NOTICE_ORDER}
+        self._queued: dict[str, MoveReason] = {}
+        """Listener -> the queue it waits in; an entry in any other queue is stale."""
+        self._notified: dict[str, Notices] = {}
         self._move_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -150,7 +211,8 @@ class Relay(Hub):
             if placed_on is None:
                 self.drains.judge_later(generation, "refused")
             raise RefusedError("draining", "this relay is draining: ask the edge again")
-        if self._moved_away(listener, shard, generation):
+        reason = move_reason_for(self.map, self.ordinal, False, listener, shard, generation)
+        if reason == "shard-moved":
             raise RefusedError("shard-moved", f"shard {shard} moved: ask the edge again")
         capacity = self.capacity
         if listener not in self.listeners and len(self.listeners) >= capacity:
@@ -174,17 +236,6 @@ class Relay(Hub):
             raise RefusedError("wrong-relay", "feed ticket for another room or upstream")
         name = str(claims.get("downstream") or "?")
         return Admitted(role="relay", name=name, welcome={"pod": self.config.pod})
-
-    def _moved_away(self, listener: str, shard: object, generation: int) -> bool:
-        """The map, at least as new as the ticket, gives the listener to another relay.
-
-        The ticket's shard only says the listener was seated by its shard (a guest's names
-        none): the shard is recomputed from the listener under the map's own shard count,
-        since the count may have changed since the ticket was signed."""
-        shard_map = self.map
-        if shard_map is None or not isinstance(shard, int) or generation > shard_map.generation:
-            return False
-        return shard_map.relay_for(listener) != self.ordinal
 
     # -- running --------------------------------------------------------------------------
 
@@ -241,37 +292,20 @@ class Relay(Hub):
 
     # -- moves, paced by the migration budget -----------------------------------------------
 
-    def move_reason(self, name: str) -> str | None:
+    def move_reason(self, name: str) -> MoveReason | None:
         """Why a connected listener should be elsewhere now, if it should."""
         connection = self.listeners.get(name)
         admitted = connection.admitted if connection else None
         if admitted is None:
             return None
-        if self.draining and self._placed_elsewhere(admitted.name):
-            return "draining"
-        if self._moved_away(admitted.name, admitted.shard, admitted.generation):
-            return "shard-moved"
-        if admitted.shard is None and self._home_elsewhere(admitted.name):
-            return "guest"
-        return None
-
-    def _placed_elsewhere(self, listener: str) -> bool:
-        """The map gives the listener's shard to another relay: the edge has a place for it.
-        Until then a draining relay keeps it (asked to move, the edge would say stay)."""
-        home = self.map.relay_for(listener) if self.map is not None else None
-        return home is not None and home != self.ordinal
-
-    def _home_elsewhere(self, listener: str) -> bool:
-        """A guest (seated here because its shard's relay had no seat for it then: full, or
-        not reported yet) whose shard's relay is active, in a room that takes joins: the
-        edge sends it home once that relay has room and no join waits. Unasked, it never
-        went, and its shard's relay stayed short of the listeners the map gives it while
-        this one carried them. A room closed to joins takes no more, so nothing is gained
-        by moving its guests between relays that stay."""
-        if self.map is None or self._closed_to_joins():
-            return False
-        home = self.map.relay_for(listener)
-        return home is not None and home != self.ordinal and self.map.relays.get(home) == "active"
+        return move_reason_for(
+            self.map,
+            self.ordinal,
+            self.draining,
+            admitted.name,
+            admitted.shard,
+            admitted.generation,
+        )
 
     def _closed_to_joins(self) -> bool:
         return self.map is not None and self.map.admission == "closed"
@@ -286,23 +320,52 @@ class Relay(Hub):
         again until the edge finds room: closing it would cut its audio and send it to the
         back of the queue, and its join again would spend no budget (the binding-budget e2e
         test lost 2 of 50 listeners that way). A draining relay still goes: the operator
-        removes it once it is empty, or at drainTimeout."""
+        removes it once it is empty, or at drainTimeout. A guest is never closed: it holds a
+        seat the edge gave it, as this relay's own listeners do (who are not closed above
+        capacity either), and its home had no seat for it; the relay sheds its excess
+        through the listeners the map moves off it."""
         closed = self._closed_to_joins()
         for name in list(self._notified):
             if name not in self.listeners or self.move_reason(name) is None:
                 del self._notified[name]
+        must_go = len(self.listeners) > self.capacity and not closed
         for name, connection in list(self.listeners.items()):
             reason = self.move_reason(name)
             if reason is None:
                 continue
-            first, last = self._notified.get(name, (now, -math.inf))
-            must_go = len(self.listeners) > self.capacity
-            if now - first > self.config.move_grace and must_go and not closed:
+            notices = self._notified.get(name)
+            overstayed = notices is not None and now - notices.first > self.config.move_grace
+            if overstayed and must_go and reason != "guest":
                 connection.move(f"{reason}-grace-over")
-            elif now - last >= self.config.renotify_seconds and name not in self._queued:
-                self._queued.add(name)
-                self._move_queue.append(name)
-                self._move_wakeup.set()
+            elif notices is None or now - notices.last >= self._renotify_after(reason, notices):
+                self._enqueue(name, reason)
+
+    def _renotify_after(self, reason: MoveReason, notices: Notices) -> float:
+        base = self.config.renotify_seconds
+        if reason != "guest":
+            return base
+        return min(base * 2.0 ** (notices.count - 1), max(base, self.config.guest_renotify_max))
+
+    def _enqueue(self, name: str, reason: MoveReason) -> None:
+        """Queue `name` by its reason; one already queued lower moves up (its old entry goes
+        stale), one queued as high or higher stays where it is."""
+        queued = self._queued.get(name)
+        if queued is not None and NOTICE_ORDER.index(queued) <= NOTICE_ORDER.index(reason):
+            return
+        self._queued[name] = reason
+        self._move_queues[reason].append(name)
+        self._move_wakeup.set()
+
+    def _next_to_notify(self) -> str | None:
+        """The first listener of the highest queue that holds anyone, or None."""
+        for reason in NOTICE_ORDER:
+            queue = self._move_queues[reason]
+            while queue:
+                name = queue.popleft()
+                if self._queued.get(name) == reason:
+                    del self._queued[name]
+                    return name
+        return None
 
     def moves_per_second(self) -> float:
         budget = self.map.migrations_per_minute if self.map else None
@@ -313,9 +376,10 @@ class Relay(Hub):
     async def _pace_moves(self) -> None:
         tokens, last = 1.0, time.monotonic()
         while True:
-            if not self._move_queue:
+            if not self._queued:
                 self._move_wakeup.clear()
                 await self._move_wakeup.wait()
+                continue
             rate = self.moves_per_second()
             burst = max(1.0, rate * 0.1)
             now = time.monotonic()
@@ -324,15 +388,17 @@ class Relay(Hub):
             if tokens < 1:
                 await asyncio.sleep((1 - tokens) / rate)
                 continue
-            name = self._move_queue.popleft()
-            self._queued.discard(name)
+            name = self._next_to_notify()
+            if name is None:
+                continue
             reason = self.move_reason(name)
             connection = self.listeners.get(name)
             if connection is not None and reason is not None:
-                first, _ = self._notified.get(name, (now, now))
-                self._notified[name] = (first, now)
-                grace = self.config.move_grace - (now - first)
-                if self._closed_to_joins():  # no grace-over: it stays until it can move
+                notices = self._notified.get(name) or Notices(first=now, last=now)
+                notices.last, notices.count = now, notices.count + 1
+                self._notified[name] = notices
+                grace = self.config.move_grace - (now - notices.first)
+                if self._closed_to_joins() or reason == "guest":  # never cut: stays until it can
                     grace = self.config.move_grace
                 # Past the grace, a listener allowed to stay hears of it again, with time.
                 connection.notify_move(reason, max(grace, self.config.renotify_seconds))
