@@ -11,10 +11,14 @@ on listeners as a fluid:
 - The relay itself refuses a join at capacity (a glitched report cannot overfill it).
 - While the map says `queueing`, a first attempt is queued and admitted on its retry a
   second later, however much room there is.
+- A join whose shard's relay has no seat (full, not Ready, draining, or no relay at all)
+  sits as a guest on a relay that has one, as the edge's `seat` does; it moves to its own
+  relay once that has a seat left after the joins.
 - A listener whose shard moved stays on its old relay (held) until the new relay has room;
   moves are served before queued joins, as a move asks for no place in line.
-- A relay that crashes loses its listeners: they join again, and wait until their shard's
-  relay is Ready (the operator moves a dead relay's shards at once).
+- A relay that crashes loses its listeners, its guests too: they join again, as guests
+  where a seat is free, else waiting until their shard's relay is Ready (the operator
+  moves a dead relay's shards at once).
 
 Relays holding the same number of shards in the same mode are one group whose figures are
 per relay; a regroup (a new map, a relay Ready or gone) averages the members' figures,
@@ -28,10 +32,12 @@ from collections.abc import Container, Mapping
 
 ADMITS, SERVES, DOWN = 0, 1, 2
 """A relay's mode: takes joins; Ready but takes none (draining, or not reported yet); down."""
-OWN, HELD, REPORT, COUNTED, RECENT = range(5)
+OWN, HELD, REPORT, COUNTED, RECENT, GUESTS_ON, GUESTS_OF = range(7)
 """Per relay of a group: listeners of its own shards; listeners held for shards that moved
 away; its last report; joins counted against that report; joins since the next report's
-admission window began."""
+admission window began; guests it seats (listeners of other relays' shards); listeners of
+its shards seated as guests elsewhere."""
+FIGURES = 7
 
 Key = tuple[int, int]
 """(shards held in the edge's map, mode)."""
@@ -109,10 +115,10 @@ class Edge:
 
     def _move(self, ordinal: int, key: Key) -> None:
         old_key = self.member.get(ordinal)
-        figures = [0.0] * 5 if old_key is None else self._leave(old_key)
+        figures = [0.0] * FIGURES if old_key is None else self._leave(old_key)
         k, mode = key
         if mode == DOWN:
-            figures[OWN] = figures[HELD] = 0.0  # a crash drops every connection
+            figures[OWN] = figures[HELD] = figures[GUESTS_ON] = 0.0  # a crash drops them all
         elif old_key is not None and old_key[0] > k:
             kept = figures[OWN] * k / old_key[0]
             figures[HELD] += figures[OWN] - kept  # moved away: held until the move is served
@@ -133,8 +139,10 @@ class Edge:
         rise = max(0.0, p - self.per_shard) if queueing else 0.0
         self.per_shard = p
         cap = self.capacity
+        self._match_homes(sum(self.sizes[key] * g[GUESTS_ON] for key, g in self.groups.items()))
         not_own = self.unplaced * p
-        admitted = overloaded = 0.0
+        admitted = overloaded = guests = homed = 0.0
+        spare: list[tuple[list[float], int, float]] = []
         for key, g in self.groups.items():
             k, mode = key
             n = self.sizes[key]
@@ -145,22 +153,35 @@ class Edge:
             own = g[OWN]
             if own > d:
                 own = d  # listeners left
+            if own + g[GUESTS_OF] > d:
+                g[GUESTS_OF] = d - own  # guests left too
             if mode == ADMITS:
-                want = d - own - k * rise
-                if want > 0:
-                    edge_room = cap - g[REPORT] - g[COUNTED]
-                    relay_room = cap - own - g[HELD]
-                    room = edge_room if edge_room < relay_room else relay_room
-                    if room > 0:
-                        took = want if want < room else room
-                        own += took
-                        g[COUNTED] += took
-                        g[RECENT] += took
-                        admitted += n * took
+                want = d - own - g[GUESTS_OF] - k * rise
+                edge_room = cap - g[REPORT] - g[COUNTED]
+                relay_room = cap - own - g[HELD] - g[GUESTS_ON]
+                room = edge_room if edge_room < relay_room else relay_room
+                if room > 0 and want > 0:
+                    took = want if want < room else room
+                    own += took
+                    g[COUNTED] += took
+                    g[RECENT] += took
+                    admitted += n * took
+                    room -= took
+                if room > 0 and g[GUESTS_OF] > 0:  # joins first, then guests come home
+                    home = min(g[GUESTS_OF], room)
+                    own += home
+                    g[GUESTS_OF] -= home
+                    g[COUNTED] += home
+                    g[RECENT] += home
+                    homed += n * home
+                    room -= home
+                if room > 0:
+                    spare.append((g, n, room))
             g[OWN] = own
             not_own += n * (d - own)
-            if own + g[HELD] > cap + 1e-9:
-                overloaded += n * (own + g[HELD])
+            guests += n * g[GUESTS_ON]
+            if own + g[HELD] + g[GUESTS_ON] > cap + 1e-9:
+                overloaded += n * (own + g[HELD] + g[GUESTS_ON])
         held = self.held
         if held > 0:
             # Held listeners are among those whose shard's relay does not carry them yet;
@@ -172,8 +193,54 @@ class Edge:
                 for g in self.groups.values():
                     g[HELD] *= scale
                 self.held = held = after
-        waiting = max(0.0, not_own - held)
+        seated = min(guests - homed, max(0.0, not_own - held))
+        self._guests(guests, max(0.0, seated))
+        waiting = max(0.0, not_own - held - seated)
+        joining = waiting - self.shards * rise
+        if joining > 0 and spare:
+            # A join whose shard's relay has no seat sits as a guest on one that has
+            # (the edge's `seat`), held there until its own relay has a seat.
+            free = sum(n * room for _, n, room in spare)
+            took = joining if joining < free else free
+            for g, _, room in spare:
+                share = room * took / free
+                g[GUESTS_ON] += share
+                g[COUNTED] += share
+                g[RECENT] += share
+            self._homes(took)
+            waiting -= took
         return wanted - waiting, waiting, overloaded
+
+    def _guests(self, before: float, after: float) -> None:
+        """Scale the seats guests hold from `before` to `after` in all (some left, some
+        went home), and their homes' count of them to match."""
+        if before > 0 and after != before:
+            scale = after / before
+            for g in self.groups.values():
+                g[GUESTS_ON] *= scale
+        self._match_homes(after)
+
+    def _match_homes(self, guests: float) -> None:
+        """Count as many guests to their home relays as `guests` sit anywhere: a crash or a
+        relay removed drops the guests it seated, who are then homeless joins again."""
+        homes = sum(self.sizes[key] * g[GUESTS_OF] for key, g in self.groups.items())
+        if homes > guests:
+            scale = guests / homes
+            for g in self.groups.values():
+                g[GUESTS_OF] *= scale
+
+    def _homes(self, seated: float) -> None:
+        """`seated` new guests, counted to the relays whose shards they belong to in
+        proportion to the joins those relays leave waiting."""
+        unmet = {
+            key: max(0.0, key[0] * self.per_shard - g[OWN] - g[GUESTS_OF])
+            for key, g in self.groups.items()
+        }
+        total = sum(self.sizes[key] * left for key, left in unmet.items())
+        if total <= 0:
+            return
+        for key, left in unmet.items():
+            self.groups[key][GUESTS_OF] += left * seated / total
 
     def window_opens(self) -> None:
         """`admit_ttl` before a scrape: joins from now on count against its report."""
@@ -186,7 +253,7 @@ class Edge:
         True when relays that could not take joins before may now (a regroup is due).
         """
         for g in self.groups.values():
-            g[REPORT] = (g[OWN] + g[HELD]) * factor
+            g[REPORT] = (g[OWN] + g[HELD] + g[GUESTS_ON]) * factor
             g[COUNTED] = g[RECENT]
         if not self.unreported:
             return False
@@ -196,7 +263,7 @@ class Edge:
 
     def loads(self) -> RelayLoads:
         """Listeners per relay pod now, as each relay counts them."""
-        per_group = {key: g[OWN] + g[HELD] for key, g in self.groups.items()}
+        per_group = {key: g[OWN] + g[HELD] + g[GUESTS_ON] for key, g in self.groups.items()}
         return RelayLoads(per_group, dict(self.member))
 
 

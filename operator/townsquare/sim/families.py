@@ -223,7 +223,7 @@ def flash_crowd(rng: random.Random, seed: int) -> Case:
         return (level + surge) * (1 - _ramp(t, duration - 300, 300))
 
     facts = {"declared": declared, "crowd": crowd, "storm_s": storm, "peak": crowd}
-    facts |= {"since": -30 * 60, "ends": duration}
+    facts |= {"since": -30 * 60, "ends": duration, "flash_at_s": flash_at}
     return draw.case("flash-crowd", seed, curve, facts)
 
 

@@ -12,8 +12,9 @@ assumption for them), so when demand exceeds what the Ready relays carry, every 
 is overloaded. townsquare's listeners are placed by the shard map as the edge sees it: the
 edge reads a published map `edge_delay` seconds late, sends each shard's listeners to its
 relay while that map's admission is open (overloading the relay if the demand outgrew it
-meanwhile) and queues what does not fit once the map says `queueing`; listeners of shards
-without a Ready relay wait. Overload is computed from those relay loads, never assumed 0.
+meanwhile) and queues what does not fit once the map says `queueing`; a join whose shard's
+relay has no seat (full, not Ready, or none) sits as a guest on a relay that has one, and
+waits only when no relay has. Overload is computed from those relay loads, never assumed 0.
 """
 
 from __future__ import annotations
