@@ -42,7 +42,8 @@ The rules, each for a reason a person on call would give:
   guess undone, not a drop, and they go however few they are. A drain goes down to the top
   of the resting band (RESTING_TOLERANCE above the target), as the HPA rests anywhere
   within its tolerance; only a room whose demand held steady over the window drains for
-  that band alone, so a swinging audience is not drained at every crest. Near the declared end the
+  that band alone, so a swinging audience is not drained at every crest. Nothing drains
+  while joins wait in the admission queue. Near the declared end the
   window shortens to END_STABILIZATION: an audience leaving at the end does not come back.
 - Fail-static: without a fresh listener count the size is held, never lowered, except
   towards a maxRelays lowered below it, and then only where no listener is dropped on the
@@ -512,7 +513,10 @@ def decide(
         deep = lower * (1 + RESTING_TOLERANCE) < current * (1 - DOWN_TOLERANCE)
         settled = min(n for _, n in targets) >= highest * (1 - DOWN_TOLERANCE)
         worth = unused or (drop and (deep or settled))
-        relays = lower if lower < current and worth else current
+        # Never while joins wait: relays still starting will seat them, and listeners moved
+        # off a drained relay would race the queue for the seats left.
+        queued = observation.waiting > 0
+        relays = lower if lower < current and worth and not queued else current
     else:
         relays = current
     if unused and relays <= current:

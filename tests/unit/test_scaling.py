@@ -699,3 +699,21 @@ def test_after_a_crowd_settles_the_room_drains_to_the_top_of_the_band_not_its_bo
     assert len(downs) == 1, "one drain, then rest: no flapping at the band's edge"
     utilization = 100_000 / (decisions[-1].relays * 1000)
     assert 0.7 < utilization <= 0.77
+
+
+def test_no_relay_drains_while_joins_wait_in_the_queue() -> None:
+    """300 relays, 50,000 listeners connected and 20,000 waiting (relays still starting, or
+    the edge's seats not counted yet) for longer than the window: 70,000 need 91 relays at
+    the band's top, yet none drains while anyone waits. Draining then moved listeners into
+    the seats the queue was waiting for (a demo relay went to 116 of 100). Once nobody
+    waits, the drain comes."""
+    room = spec(audience=0)  # scaleDownStabilization 10m
+    plan = plan_room(room, EARLY)
+    state = ScalingState.initial(300)
+    for i in range(60):
+        seen = Observation(listeners=50_000, waiting=20_000, sampled_at=at(3600 + 15 * i))
+        decision = decide(room, plan, seen, state, at(3600 + 15 * i))
+        assert decision.relays == 300, f"drained at {15 * i}s with 20,000 waiting"
+        state = decision.state
+    free = Observation(listeners=70_000, sampled_at=at(4500))
+    assert decide(room, plan, free, state, at(4500)).relays == resting(70_000) == 91
