@@ -39,11 +39,7 @@ The rules, each for a reason a person on call would give:
   holds observed demand, not forecasts: a forecast that did not come true is not kept.
   Small drops (under DOWN_TOLERANCE) are not worth a drain, except once, a window after
   demand last grew the room: relays the forecast added and the demand never used are a
-  guess undone, not a drop, and they go however few they are. A drain goes down to the top
-  of the resting band (RESTING_TOLERANCE above the target), as the HPA rests anywhere
-  within its tolerance; only a room whose demand held steady over the window drains for
-  that band alone, so a swinging audience is not drained at every crest. Nothing drains
-  while joins wait in the admission queue. Near the declared end the
+  guess undone, not a drop, and they go however few they are. Near the declared end the
   window shortens to END_STABILIZATION: an audience leaving at the end does not come back.
 - Fail-static: without a fresh listener count the size is held, never lowered, except
   towards a maxRelays lowered below it, and then only where no listener is dropped on the
@@ -106,17 +102,6 @@ DOWN_TOLERANCE = 0.1
 """Relays are drained only when the room can shrink by more than 10%. 3% cost launches 2-3%
 less on tuning seeds 0-19, but drained oscillating rooms in many small steps: on tuning seeds
 80-229, 3 of 150 oscillating rooms made more scale events than the HPA (none at 10%)."""
-RESTING_TOLERANCE = UP_TOLERANCE
-"""A room drains only down to the relays that carry its demand within this much above the
-target utilization: the band in which it does not grow either (UP_TOLERANCE). Like the HPA,
-it rests anywhere in the band, not at its bottom, so a crowd that settled a few percent
-above what its relays carry at the target keeps them instead of one more. The HPA's 10%,
-not a tuned figure; on tuning seeds 0-119 (p95, with the simulator's edge seating guests):
-late host against keda-style's cost 1.059x -> 1.007x (within the hold) and 1.030x ->
-1.005x (start moved), on-time cost 1.246x -> 1.186x the oracle's, waiting after a crash
-0.0029% -> 0.05% (target 0.1%). Draining for the band alone also at every crest of a
-swinging audience doubled its scale events (0.66x -> 1.27x reactive's): only a room whose
-demand held steady over the window drains for the band alone (0.68x)."""
 END_STABILIZATION = timedelta(minutes=2)
 """Within one stabilization window of the declared end, a drop is the audience leaving,
 not a swing that comes back: relays drain after this much lower demand, not a full window.
@@ -192,8 +177,7 @@ class ScalingState:
     asked: int = 0
     """Relays the newest sample asked for: the next sample may go one bounded step past it."""
     need: int = 0
-    """Relays the newest sample's observed demand needs at the top of the resting band
-    (RESTING_TOLERANCE above the target utilization; no forecast)."""
+    """Relays the newest sample's observed demand needs (no forecast)."""
     prewarmed: bool = False
     """The plan floor has been in force: a start moved later keeps the relays."""
     grown_at: datetime | None = None
@@ -463,7 +447,7 @@ def decide(
             rate = min(_join_rate(samples), rate)
         rate = max(0.0, rate)
         forecast = _forecast(demand, rate, lead, spec, arriving=arriving)
-        need = _relays_resting(demand, spec)
+        need = _relays_for(demand, spec)
     else:  # the same scrape again: nothing new is known, so nothing moves
         forecast, need = state.forecast, state.need
     peak = max(state.peak, demand)
@@ -503,20 +487,12 @@ def decide(
     if grow_to > current:
         relays = grow_to
         grown_at = now if grow_to > declared else grown_at
-    elif _covers_window(targets, now, window):
-        highest = max(n for _, n in targets)
-        rest = _relays_resting(forecast, spec)
-        lower = min(scaling.max_relays, max(rest, highest, floor, scaling.min_relays))
+    elif target < current and _covers_window(targets, now, window):
+        lower = max(target, max(n for _, n in targets))
         # Otherwise, like the HPA's tolerance: a drop of a few percent is not worth a drain
         # and, when demand swings, a re-grow a minute later.
-        drop = lower < current * (1 - DOWN_TOLERANCE)
-        deep = lower * (1 + RESTING_TOLERANCE) < current * (1 - DOWN_TOLERANCE)
-        settled = min(n for _, n in targets) >= highest * (1 - DOWN_TOLERANCE)
-        worth = unused or (drop and (deep or settled))
-        # Never while joins wait: relays still starting will seat them, and listeners moved
-        # off a drained relay would race the queue for the seats left.
-        queued = observation.waiting > 0
-        relays = lower if lower < current and worth and not queued else current
+        worth = unused or lower < current * (1 - DOWN_TOLERANCE)
+        relays = lower if lower < current and worth else current
     else:
         relays = current
     if unused and relays <= current:
@@ -756,11 +732,6 @@ def _finish(
 def _relays_for(listeners: float, spec: AudioRoomSpec) -> int:
     per_relay = spec.relay.listeners_per_relay * spec.scaling.target_utilization
     return math.ceil(listeners / per_relay - 1e-9) if listeners > 0 else 0
-
-
-def _relays_resting(listeners: float, spec: AudioRoomSpec) -> int:
-    """Relays that carry `listeners` at most RESTING_TOLERANCE above the target utilization."""
-    return _relays_for(listeners / (1 + RESTING_TOLERANCE), spec)
 
 
 def _grow(current: int, target: int, floor: int, spec: AudioRoomSpec) -> int:

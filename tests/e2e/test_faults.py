@@ -30,9 +30,8 @@ from rooms import PHASES, LoadGenerator, Recorder, Rooms, room_manifest, scaling
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FAST_METRICS = ("--metrics-interval", "1", "--metrics-max-age", "5")
-STEADY = 330
-"""Listeners in the steady rooms: 5 relays of 100, both at the 70% target (a growing room's
-size) and at the 77% top of the resting band (a settled room's), so the room stays at 5."""
+STEADY = 300
+"""Listeners in the steady rooms: 5 relays of 100 at 70% utilization."""
 
 
 def _condition(rooms: Rooms, name: str, kind: str) -> dict[str, Any]:

@@ -194,8 +194,7 @@ class ScalingSpec(ApiModel):
     """How many relays, and how fast the count may change."""
 
     target_utilization: float = Field(default=0.7, gt=0, le=1)
-    """Share of a relay's capacity a growing room is sized to; a settled room rests up to 10%
-    above it (the HPA's tolerance); the rest is headroom for joins and a failed relay."""
+    """Share of a relay's capacity to fill in steady state; the rest is headroom for joins."""
     min_relays: int = Field(default=2, ge=0, le=100_000)
     max_relays: int = Field(default=1000, ge=1, le=100_000)
     prewarm_lead: Duration | None = None
