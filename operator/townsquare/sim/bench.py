@@ -119,23 +119,26 @@ def least_cost_holding_the_plan(case: Case) -> float:
 
 def least_unserved_seeing_the_surge(case: Case, settings: Settings) -> float:
     """Unserved listener-seconds of a flash crowd under a policy better than any that
-    reacts to evidence can be: until the surge begins its relays follow the demand as the
-    oracle's do, and at the first scrape after it begins it orders every relay the crowd's
-    peak will need, knowing it exactly; each is Ready after the shortest start-up the world
-    gives (STARTUP_JITTER's lower end) and takes joins up to its capacity at once, without
-    waiting for a report. Listeners beyond what the relays carry wait. What the flash-crowd
-    target is up against: start-up alone, however early and well the relays are ordered."""
-    spec = case.spec
+    reacts to evidence (and holds no more relays than the oracle before the surge) can be:
+    until the trace begins to rise its relays follow the demand as the oracle's do; from
+    then it keeps them, and at the first scrape after the rise began it orders every relay
+    the crowd's peak will need, knowing it exactly; each is Ready after the shortest
+    start-up the world gives (STARTUP_JITTER's lower end) and takes joins up to its capacity
+    at once, without waiting for a report. Listeners beyond what the relays carry wait.
+    What the flash-crowd target is up against: start-up alone, however early and well the
+    relays are ordered."""
+    spec, trace = case.spec, case.trace
     capacity = spec.relay.listeners_per_relay
     interval = settings.scrape_interval
-    start = case.trace.start
-    seen = start + math.floor((case.facts["flash_at_s"] - start) / interval + 1) * interval
+    demand = trace.per_second()
+    rises = max(t for t in trace.times if t <= case.facts["flash_at_s"])  # rows are joined
+    seen = trace.start + (math.floor((rises - trace.start) / interval) + 1) * interval
     startup = (settings.relay_startup or spec.relay.startup_seconds) * STARTUP_JITTER[0]
     peak_relays = oracle_relays(case.facts["crowd"], spec)
-    before = oracle_relays(case.trace.per_second()[seen - start - interval], spec)
+    before = oracle_relays(demand[math.floor(rises) - trace.start], spec)
     unserved = 0.0
-    for t, wanted in zip(range(start, case.trace.end + 1), case.trace.per_second(), strict=True):
-        if t < seen:
+    for t, wanted in zip(range(trace.start, trace.end + 1), demand, strict=True):
+        if t < rises:
             relays = oracle_relays(wanted, spec)
         elif t < seen + startup:
             relays = before
