@@ -154,7 +154,7 @@ def test_every_listener_counted_connected_sits_on_exactly_one_relay_within_capac
         states = {o: "draining" if o in draining else "active" for o in counts}
         edge.regroup(counts, states, pods, down)
         connected, waiting, overloaded = edge.step(wanted, queueing=queueing)
-        assert -1e-6 <= waiting and -1e-6 <= connected <= wanted + 1e-6
+        assert waiting >= -1e-6 and -1e-6 <= connected <= wanted + 1e-6
         assert overloaded == 0
         loads = _loads(edge)
         assert sum(loads.values()) == pytest.approx(connected, abs=1e-6)
