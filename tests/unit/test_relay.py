@@ -618,7 +618,10 @@ def test_a_guest_is_not_asked_home_in_a_closed_room_nor_while_its_home_drains(
         room.publish(replace(kept, generation=kept.generation + 1, relays=active,
                              admission="open"))  # fmt: skip
         await until(lambda: guest.pod == "r-relay-0" and guest.stats.relocations, 10, "home")
-        assert dict(guest.stats.moves) == {"guest": 1}
+        # Asked only as a guest; asked again if its move was still under way after a
+        # renotify period (0.2 s here: a loaded machine, as in CI, takes that long).
+        assert set(guest.stats.moves) == {"guest"}, dict(guest.stats.moves)
+        assert guest.stats.relocations == 1 and guest.stats.disconnects == 0
 
     run_room(tmp_path, body)
 
