@@ -9,7 +9,7 @@ import pytest
 
 from townsquare.relay.drains import DrainLedger
 from townsquare.relay.hub import RefusedError
-from townsquare.relay.server import Relay, RelayConfig
+from townsquare.relay.server import Notices, Relay, RelayConfig
 from townsquare.relay.topology import StaticResolver
 from townsquare.sharding import ShardMap, new_map, rebalance
 from townsquare.tickets import sign
@@ -101,3 +101,13 @@ def test_a_relay_behind_the_edge_counts_a_listener_it_seated_on_a_draining_map()
     assert not relay.drains.misplaced
     relay.apply_map(still)
     assert relay.drains.misplaced == {"seated": 1}
+
+
+def test_a_guest_held_all_day_is_still_asked_at_the_cap() -> None:
+    """A guest whose home stays full is asked at most every guest_renotify_max, however
+    many times it was asked: the interval's doubling stops (2.0 ** 1,025 overflowed and
+    stopped the relay's notices)."""
+    relay = _relay(1)
+    held = Notices(first=0.0, last=0.0, count=5_000)
+    assert relay._renotify_after("guest", held) == relay.config.guest_renotify_max
+    assert relay._renotify_after("draining", held) == relay.config.renotify_seconds

@@ -41,6 +41,11 @@ plans the drain as if the whole budget were its own), then listeners whose shard
 moved, then guests, with what is left over."""
 
 
+GUEST_DOUBLINGS_MAX = 30
+"""A held guest's re-notice interval doubles at most this often (far past any cap): a guest
+held all day would otherwise reach 2.0 ** 1,025, which overflows and stops every notice."""
+
+
 @dataclass
 class Notices:
     """The move notices one listener was sent while it should be elsewhere (monotonic s)."""
@@ -344,7 +349,8 @@ class Relay(Hub):
         base = self.config.renotify_seconds
         if reason != "guest":
             return base
-        return min(base * 2.0 ** (notices.count - 1), max(base, self.config.guest_renotify_max))
+        doublings = min(notices.count - 1, GUEST_DOUBLINGS_MAX)  # 2.0 ** 1,025 overflows
+        return min(base * 2.0**doublings, max(base, self.config.guest_renotify_max))
 
     def _enqueue(self, name: str, reason: MoveReason) -> None:
         """Queue `name` by its reason; one already queued lower moves up (its old entry goes
