@@ -163,16 +163,14 @@ class Edge:
                 if room > 0 and want > 0:
                     took = want if want < room else room
                     own += took
-                    g[COUNTED] += took
-                    g[RECENT] += took
+                    _count_joins(g, took)
                     admitted += n * took
                     room -= took
                 if room > 0 and g[GUESTS_OF] > 0:  # joins first, then guests come home
                     home = min(g[GUESTS_OF], room)
                     own += home
                     g[GUESTS_OF] -= home
-                    g[COUNTED] += home
-                    g[RECENT] += home
+                    _count_joins(g, home)
                     homed += n * home
                     room -= home
                 if room > 0:
@@ -180,8 +178,8 @@ class Edge:
             g[OWN] = own
             not_own += n * (d - own)
             guests += n * g[GUESTS_ON]
-            if own + g[HELD] + g[GUESTS_ON] > cap + 1e-9:
-                overloaded += n * (own + g[HELD] + g[GUESTS_ON])
+            if _load(g) > cap + 1e-9:
+                overloaded += n * _load(g)
         held = self.held
         if held > 0:
             # Held listeners are among those whose shard's relay does not carry them yet;
@@ -205,8 +203,7 @@ class Edge:
             for g, _, room in spare:
                 share = room * took / free
                 g[GUESTS_ON] += share
-                g[COUNTED] += share
-                g[RECENT] += share
+                _count_joins(g, share)
             self._homes(took)
             waiting -= took
         return wanted - waiting, waiting, overloaded
@@ -253,7 +250,7 @@ class Edge:
         True when relays that could not take joins before may now (a regroup is due).
         """
         for g in self.groups.values():
-            g[REPORT] = (g[OWN] + g[HELD] + g[GUESTS_ON]) * factor
+            g[REPORT] = _load(g) * factor
             g[COUNTED] = g[RECENT]
         if not self.unreported:
             return False
@@ -263,8 +260,20 @@ class Edge:
 
     def loads(self) -> RelayLoads:
         """Listeners per relay pod now, as each relay counts them."""
-        per_group = {key: g[OWN] + g[HELD] + g[GUESTS_ON] for key, g in self.groups.items()}
+        per_group = {key: _load(g) for key, g in self.groups.items()}
         return RelayLoads(per_group, dict(self.member))
+
+
+def _load(g: list[float]) -> float:
+    """Listeners on one relay of a group, as the relay counts them: its own shards', those
+    held for shards that moved away, and its guests."""
+    return g[OWN] + g[HELD] + g[GUESTS_ON]
+
+
+def _count_joins(g: list[float], joins: float) -> None:
+    """Joins the edge sent one relay of a group: against its report, and the next one's."""
+    g[COUNTED] += joins
+    g[RECENT] += joins
 
 
 class RelayLoads:
