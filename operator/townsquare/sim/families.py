@@ -37,6 +37,8 @@ STEP = 30
 """Seconds between the rows of a generated trace (linear between them)."""
 TAIL = 15 * 60
 """The trace goes on this long after the audience has left: draining costs too."""
+GLITCH_FACTOR_MAX = 10.0
+"""A glitched scrape reads up to this many times too high or too low (the issue's range)."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ def glitch(rng: random.Random, seed: int) -> Case:
     last = max(case.trace.times) - TAIL
     glitches = []
     for _ in range(rng.randint(1, 3)):
-        factor = rng.uniform(2, 10)
+        factor = rng.uniform(2, GLITCH_FACTOR_MAX)
         glitches.append((rng.uniform(0, last), factor if rng.random() < 0.5 else 1 / factor))
     trace = replace(case.trace, glitches=tuple(sorted(glitches)))
     return Case(case.family, seed, case.spec, trace, case.settings, case.facts)
