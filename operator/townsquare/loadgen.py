@@ -13,7 +13,9 @@ local cluster yet: every Ready relay pod's `audioroom_relay_listeners` counts ex
 listeners that connected to it with an admit ticket the edge signed for that pod (checked
 with the shared key when one is given), so what Prometheus shows is what the edge admitted.
 Every admission and move is also written, one JSON line each, to `--record`, so a test can
-measure the order of admissions and the rate of moves without asking the edge.
+measure the order of admissions and the rate of moves without asking the edge; and so is
+every listener a relay still held when it went (`dropped`: its pod stopped being Ready),
+the relay's own count at its end, which no sample taken a moment before can stand for.
 
 When the room's relays are real processes (the pod runner's: a loopback pod IP and an origin
 annotation), up to `--real-listeners` of the audience are real listeners instead
@@ -167,6 +169,21 @@ class Relays:
         if self.only_placed:
             return {pod: n for pod, n in counts.items() if pod in self.placed}
         return counts
+
+
+@dataclass
+class RelayIdentities:
+    """Ready relay pods by name, told apart from a pod back under the same name: a relay
+    replaced between two looks is a new relay, and its listeners went with the old one."""
+
+    uids: dict[str, str] = field(default_factory=dict)
+
+    def ready(self, seen: Mapping[str, str]) -> set[str]:
+        """The Ready pods (name -> uid) this look; one whose uid changed since the last look
+        is left out once, so that its old listeners are dropped (it counts from the next)."""
+        renewed = {name for name, uid in seen.items() if self.uids.get(name, uid) != uid}
+        self.uids = dict(seen)
+        return set(seen) - renewed
 
 
 def runs_real_relays(pods: Sequence[Mapping[str, Any]]) -> bool:
@@ -356,6 +373,7 @@ class Audience:
         dropped = self.relays.set_ready(ready)
         for listener in self.listeners:
             if listener.state == "connected" and listener.id in dropped:
+                self._write(event="dropped", listener=listener.id, pod=listener.pod, at=now)
                 listener.state, listener.pod, listener.due = "idle", None, now
                 listener.seat = None
 
@@ -718,12 +736,16 @@ def run(
     spec = cluster.read_room(namespace, room).get("spec", {})
     capacity = spec.get("relay", {}).get("listenersPerRelay")
 
+    identities = RelayIdentities()
+
     def ready_pods() -> set[str]:
-        return {
-            f"{relay_set_name(room)}-{pod.ordinal}"
-            for pod in cluster.relay_pods(namespace, room)
-            if pod.ready
-        }
+        return identities.ready(
+            {
+                f"{relay_set_name(room)}-{pod.ordinal}": pod.uid
+                for pod in cluster.relay_pods(namespace, room)
+                if pod.ready
+            }
+        )
 
     def relays_real() -> bool:
         response = cluster.core.list_namespaced_pod(

@@ -3,8 +3,9 @@ load generator plays the listeners and the relays they hold): a new relay image 
 drained in a room with no relay to spare, and a doubled relay capacity.
 
 The verdicts come from the listeners' side (the load generator's own count per relay pod,
-as the relays report it to Prometheus) and from the API server (pods, their images and
-readiness, the published shard map), not from the operator's account of what it did."""
+as the relays report it to Prometheus, and the listeners each relay held when it went) and
+from the API server (pods, their images and readiness, the published shard map), not from
+the operator's account of what it did."""
 
 from __future__ import annotations
 
@@ -238,20 +239,34 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
         finally:
             arrivals.stop()
         moves = [e for e in load.events() if e["event"] == "moved" and e["at"] >= began]
-        joined = [e for e in load.events() if e["event"] != "moved" and e["at"] >= began]
+        joined = [
+            e for e in load.events() if e["event"] not in ("moved", "dropped") and e["at"] >= began
+        ]
+        # What each relay still held when it went, by the relays' own count (the load
+        # generators play the relays, and record every listener a relay held at its end).
+        dropped = [
+            e for e in [*load.events(), *newcomers] if e["event"] == "dropped" and e["at"] >= began
+        ]
 
     samples = watch.samples
     old = {uid for name, (uid, image, _) in samples[0].pods.items() if image.endswith(":test")}
     assert len(old) == RELAYS
     out_at_once, drained_at_once, pods_at_once = [], [], []
-    removed = set()
+    removed, counted_before_removal = set(), []
     for before, after in pairwise(samples):
         for name, (uid, _, _) in before.pods.items():
             if after.pods.get(name, ("",))[0] != uid:
-                on_it = before.listeners.get(name, 0)
-                assert on_it == 0, f"{name} was removed with {on_it} listeners on it"
                 removed.add(uid)
-    assert old <= removed, "every old relay was removed, each seen empty just before"
+                if before.listeners.get(name, 0):
+                    counted_before_removal.append(name)
+    assert old <= removed, "every old relay was removed"
+    # Not a sample's count just before a removal: a sample reads the listeners before the
+    # pods, and in between the last listener may move off, a scrape show its relay empty
+    # and the operator remove it (under a second on a quiet machine), which read as
+    # "removed with 1 listener on it" when nobody was.
+    assert not dropped, "relays went with listeners on them: " + ", ".join(
+        f"{e['listener']} on {e['pod']} at {e['at'] - began:.1f}s" for e in dropped[:5]
+    )
     carried = {name for name, count in samples[0].listeners.items() if count > 0}
     assert len(carried) == RELAYS, "listeners were on every relay: they moved before it went"
     for sample in samples:
@@ -321,7 +336,9 @@ def test_an_image_change_mid_event_replaces_relays_a_few_at_a_time_drained_first
         f"at most {most_moves} in a minute (budget {BUDGET}); the map queued joins in "
         f"{queueing} of {len(samples)} samples; nobody waited or lost a relay. "
         f"{ARRIVALS} newcomers all let in: {queued_once} queued first, waits median "
-        f"{waits[len(waits) // 2]:.1f}s, longest {waits[-1]:.1f}s"
+        f"{waits[len(waits) // 2]:.1f}s, longest {waits[-1]:.1f}s. Samples up to "
+        f"{max(b.at - a.at for a, b in pairwise(samples)):.1f}s apart; relays a sample counted "
+        f"listeners on just before they went (who had all moved off): {counted_before_removal}"
     )
 
 

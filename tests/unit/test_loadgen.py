@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import math
 from typing import Any
 
@@ -10,7 +12,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from townsquare import tickets
-from townsquare.loadgen import Audience, RealListeners, Relays, demand_at, runs_real_relays
+from townsquare.loadgen import (
+    Audience,
+    RealListeners,
+    RelayIdentities,
+    Relays,
+    demand_at,
+    runs_real_relays,
+)
 from townsquare.relay.listener import Admission, NoRelayYetError
 from townsquare.sim.trace import parse_trace
 
@@ -69,7 +78,8 @@ def test_beside_real_relays_only_relays_with_simulated_listeners_are_counted() -
 def test_a_relay_that_is_gone_sends_its_listeners_back_to_join_again() -> None:
     relays = Relays("ns/r", KEY)
     relays.set_ready({"r-relay-0"})
-    audience = Audience("ns", "r", ["http://127.0.0.1:1"], relays)
+    record = io.StringIO()
+    audience = Audience("ns", "r", ["http://127.0.0.1:1"], relays, record=record)
     due = audience.step(2, now=10.0)
     assert [listener.id for listener in due] == ["listener-0", "listener-1"]
     first = audience.listeners[0]
@@ -78,6 +88,27 @@ def test_a_relay_that_is_gone_sends_its_listeners_back_to_join_again() -> None:
     audience.relays_changed(set(), now=11.0)
     assert (first.state, first.pod, first.due) == ("idle", None, 11.0)
     assert relays.counts() == {}
+    # the relay's count at its end, in the record: who it still held when it went
+    dropped = [json.loads(line) for line in record.getvalue().splitlines()]
+    assert dropped == [
+        {"event": "dropped", "listener": "listener-0", "pod": "r-relay-0", "at": 11.0}
+    ]
+
+
+def test_a_relay_replaced_between_two_looks_drops_its_listeners_all_the_same() -> None:
+    relays = Relays("ns/r", KEY)
+    identities = RelayIdentities()
+    audience = Audience("ns", "r", ["http://127.0.0.1:1"], relays)
+    audience.relays_changed(identities.ready({"r-relay-0": "old"}), now=10.0)
+    audience.step(1, now=10.0)
+    first = audience.listeners[0]
+    assert relays.connect(first.id, "r-relay-0", admit(first.id, "r-relay-0"), now=10.0)
+    first.state, first.pod = "connected", "r-relay-0"
+    # the pod went and came back under its name before the next look: a new relay
+    audience.relays_changed(identities.ready({"r-relay-0": "new"}), now=11.0)
+    assert first.state == "idle"
+    audience.relays_changed(identities.ready({"r-relay-0": "new"}), now=12.0)
+    assert relays.counts() == {"r-relay-0": 0}
 
 
 def test_the_last_to_join_leave_first_and_free_their_seat() -> None:
