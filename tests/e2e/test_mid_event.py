@@ -169,9 +169,9 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
 
     And the drain removes each relay as it empties: when the audience has fallen to a few
     listeners spread over the relays, those on the higher relays are moved down (within
-    the migration budget), and the relays go one by one from the top, each counted empty
-    by the listeners' side just before it goes, long before the lingering listeners leave
-    and the drain timeout; nobody lingering is dropped. The relays are real processes and
+    the migration budget), and the relays go one by one from the top, each with nobody on
+    it when it goes, long before the lingering listeners leave and the drain timeout;
+    nobody lingering is dropped. The relays are real processes and
     the 20 lingering listeners real connections to them, which judge that themselves."""
     rooms = Rooms(api_client, namespace)
     edges = EdgeFleet(kubeconfig, namespace, prometheus, tmp_path, replicas=1)
@@ -278,10 +278,15 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
         if sampled
         else "no sample"
     )
-    for when, pod, counted in removals:
-        assert counted.get(pod, 0) == 0, (
-            f"{pod} went with {counted.get(pod)} listeners on it: {watch.history(pod, when)}"
-        )
+    # Who a relay still held when it went is the relays' own count at their end, not a
+    # sample's count just before: a sample reads the listeners before the pods, and in
+    # between the last listener may move off, a scrape show its relay empty and the operator
+    # remove it. The simulated listeners by the load generator's record (it plays their
+    # side of the relays); the real ones judge it themselves (none lost its relay, below).
+    dropped = [e for e in load.events() if e["event"] == "dropped"]
+    assert not dropped, "relays went with listeners on them: " + "; ".join(
+        f"{e['listener']} on {e['pod']}: {watch.history(e['pod'], e['at'])}" for e in dropped[:5]
+    )
     last_full = max(t for t, _, counted in watch.samples if sum(counted.values()) >= 300)
     assert last_full > deleted_at + 5, "listeners stayed connected well after the deletion"
     at_deletion = max(
@@ -291,9 +296,8 @@ def test_a_room_deleted_mid_event_drains_before_its_relays_go(
     carrying = {pod for pod in at_deletion[1] if at_deletion[2].get(pod, 0) > 0}
     assert carrying, "listeners were on relays when the room was deleted"
     early = [pod for t, pod, _ in removals if pod in carrying and t <= deleted_at + 5]
-    # A relay an ordinary scale-down was already draining may empty and go at once (each
-    # removal was counted empty just before, above); the garbage collector would take every
-    # relay, listeners and all.
+    # A relay an ordinary scale-down was already draining may empty and go at once (nobody
+    # was on it, above); the garbage collector would take every relay, listeners and all.
     assert len(early) < len(carrying), f"{early} went at the deletion: every relay carrying"
     draining = [e for e in rooms.events("leaving") if e.reason == "Draining"]
     assert draining and "the room was deleted" in draining[0].message
