@@ -73,6 +73,7 @@ def measure(family: str, seed: int) -> tuple[str, int, Figures]:
         figures[f"{name}.scale events"] = run.scale_events
     ours, reactive, keda = runs["townsquare"], runs["reactive"], runs["keda"]
     figures["cost vs keda"] = ours.relay_seconds / max(1, keda.relay_seconds)
+    figures["oracle cost vs keda"] = oracle.relay_seconds / max(1, keda.relay_seconds)
     figures["unserved vs reactive"] = ours.unserved_listener_seconds / max(
         1.0, reactive.unserved_listener_seconds
     )
@@ -225,6 +226,16 @@ REFERENCES = (
         "(which a glitch could have made), the whole peak need at the next, over reactive's",
         "least unserved under the glitch rule/reactive",
         "x",
+    ),
+    *(
+        (
+            family,
+            "the oracle's cost over keda-style's (the oracle keeps every relay at the target "
+            "utilization; keda-style's HPA rests up to its 10% tolerance above it)",
+            "oracle cost vs keda",
+            "x",
+        )
+        for family in ("launch-late-within-hold", "launch-late-moved")
     ),
     (
         "slow-burn",
